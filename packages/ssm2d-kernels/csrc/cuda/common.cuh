@@ -1,0 +1,45 @@
+// Error checks and the current-device guard shared by every CUDA source.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace ssm2d::cuda {
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line) {
+  throw std::runtime_error(std::string("CUDA error in ") + what + " (" + file + ":" + std::to_string(line) +
+                           "): " + cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+}
+
+#define SSM2D_CUDA_CHECK(expr)                                                           \
+  do {                                                                                   \
+    cudaError_t _ssm2d_err = (expr);                                                     \
+    if (_ssm2d_err != cudaSuccess) ::ssm2d::cuda::throw_cuda_error(_ssm2d_err, #expr, __FILE__, __LINE__); \
+  } while (0)
+
+// Checks the launch that was just issued (configuration errors surface here, not at sync).
+#define SSM2D_CUDA_CHECK_LAUNCH(name) SSM2D_CUDA_CHECK(cudaPeekAtLastError())
+
+// Makes `device` current for the scope and restores the previous device after, so that a
+// call never leaves the caller's thread on another GPU.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    SSM2D_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (device != previous_) SSM2D_CUDA_CHECK(cudaSetDevice(device));
+    changed_ = device != previous_;
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool changed_ = false;
+};
+
+}  // namespace ssm2d::cuda

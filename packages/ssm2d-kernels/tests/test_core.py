@@ -1,0 +1,91 @@
+"""ssm2d_kernels on its own: build facts, the CPU thread pool, error behaviour. No torch needed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import ssm2d_kernels as k
+
+
+def test_build_info_is_self_consistent():
+    info = k.build_info()
+    assert info["version"] == k.__version__
+    assert isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert info["cuda_architectures"], "a CUDA build must list its architectures"
+        assert all(re.fullmatch(r"(sm|compute)_\d+[a-z]?", a) for a in info["cuda_architectures"])
+        assert re.fullmatch(r"\d+\.\d+", info["cuda_runtime_version"])
+    else:
+        assert info["cuda_architectures"] == [] and info["cuda_runtime_version"] is None
+
+
+@pytest.mark.parametrize(
+    "cmake,expected",
+    [
+        ("90", ["sm_90", "compute_90"]),
+        ("80-real;86-real;120-virtual", ["sm_80", "sm_86", "compute_120"]),
+        ("", []),
+    ],
+)
+def test_architecture_names(cmake, expected):
+    assert k._architectures(cmake) == expected
+
+
+def test_cuda_version_encoding():
+    assert k._version_string(13000) == "13.0"
+    assert k._version_string(12080) == "12.8"
+    assert k._version_string(0) is None
+
+
+def test_device_count_is_a_non_negative_int_and_never_raises():
+    n = k.cuda_device_count()
+    assert isinstance(n, int) and n >= 0
+    if not os.path.exists("/dev/nvidia0") and not os.path.exists("/dev/nvidiactl"):
+        assert n == 0
+
+
+def test_device_index_out_of_range_is_a_clear_error():
+    n = k.cuda_device_count()
+    if k.build_info()["cuda"]:
+        with pytest.raises(ValueError, match=rf"device must be in \[0, {n}\), got {n + 3}"):
+            k.cuda_device_properties(n + 3)
+        with pytest.raises(ValueError, match="device must be in"):
+            k.cuda_selftest(-1)
+    else:
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            k.cuda_device_properties(0)
+
+
+@pytest.mark.parametrize("elements", [1, 7, 1000, 3_000_001])
+def test_cpu_selftest_matches_closed_form(elements):
+    r = k.cpu_selftest(elements)
+    assert r["ok"] and r["elements"] == elements
+    assert 1 <= r["threads"] <= k.get_num_threads()
+
+
+def test_cpu_selftest_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="elements must be in"):
+        k.cpu_selftest(0)
+
+
+def test_set_num_threads_round_trip():
+    default = k.get_num_threads()
+    try:
+        k.set_num_threads(3)
+        assert k.get_num_threads() == 3
+        assert k.cpu_selftest(1 << 20)["threads"] == 3
+    finally:
+        k.set_num_threads(0)
+    assert k.get_num_threads() == default
+
+
+def test_env_var_sets_threads():
+    code = "import ssm2d_kernels as k; print(k.get_num_threads(), k.cpu_selftest(1 << 20)['threads'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "SSM2D_NUM_THREADS": "5"}).stdout.split()
+    assert out == ["5", "5"]

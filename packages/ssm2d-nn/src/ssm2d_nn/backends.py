@@ -1,0 +1,79 @@
+"""Which implementation of an op runs: the compiled kernels or the pure-PyTorch reference.
+
+Every op takes ``backend="auto" | "kernel" | "reference"``:
+
+* ``"kernel"``: ssm2d-kernels for the tensors' device; raises BackendUnavailableError, saying why,
+  when it cannot run there (never a silent fallback).
+* ``"reference"``: the pure-PyTorch implementation (the test oracle; slow, memory-hungry).
+* ``"auto"``: the kernel when it can run, else the reference; logs once per (op, device type)
+  which one it uses, as a warning when it falls back to the slow reference.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import _kernels
+
+BACKENDS = ("auto", "kernel", "reference")
+logger = logging.getLogger("ssm2d_nn")
+_announced: set[tuple[str, str, str]] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """backend='kernel' was asked for but the compiled kernel cannot run on this device."""
+
+
+def kernel_unavailable_reason(device: torch.device) -> str | None:
+    """None when ssm2d-kernels can run on ``device``, else a sentence saying why not."""
+    status = _kernels.STATUS
+    if not status.available:
+        return f"{status.problem} (fix: {status.hint})"
+    import ssm2d_kernels
+
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        info = ssm2d_kernels.build_info()
+        if not info["cuda"]:
+            return (
+                f"the installed ssm2d-kernels {info['version']} was built without CUDA; "
+                "install a CUDA build of ssm2d-kernels"
+            )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        count = ssm2d_kernels.cuda_device_count()
+        if index >= count:
+            return f"ssm2d-kernels sees {count} CUDA device(s), so cuda:{index} is out of reach"
+        return None
+    return f"ssm2d-kernels has no kernels for device type '{device.type}'"
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """Returns "kernel" or "reference" for running ``op`` on ``device``.
+
+    Raises ValueError for an unknown ``backend`` name and BackendUnavailableError for
+    ``backend="kernel"`` where the kernel cannot run.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    reason = kernel_unavailable_reason(device)
+    if backend == "kernel":
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend='kernel' cannot run on {device}: {reason}")
+        return "kernel"
+    chosen = "kernel" if reason is None else "reference"
+    key = (op, device.type, chosen)
+    if key not in _announced:
+        _announced.add(key)
+        if chosen == "kernel":
+            logger.info("%s on %s: backend='auto' uses the ssm2d-kernels kernel", op, device.type)
+        else:
+            logger.warning(
+                "%s on %s: backend='auto' uses the pure-PyTorch reference (slow) because %s",
+                op, device.type, reason,
+            )
+    return chosen

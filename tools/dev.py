@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Development tasks of the ssm2d mono-repo; needs only Python >= 3.10 and pip.
+
+    python3 tools/dev.py setup          create .venv and install all four packages editable
+    python3 tools/dev.py test [ARGS]    setup, then the whole test suite (ARGS go to pytest)
+    python3 tools/dev.py demo           setup, then the main job
+    python3 tools/dev.py dist           setup, then every package's wheel and sdist into dist/, checked
+    python3 tools/dev.py gpu-wheel      build the kernel wheel for the GPU test machines into dist/gpu/
+
+Environment:
+    SSM2D_VENV                 where the development environment lives (default: .venv)
+    SSM2D_TORCH                the torch requirement pinned in every pip call (default: tools/constraints.txt)
+    SSM2D_WITH_CUDA            AUTO / ON / OFF for the kernel build (default: ON when nvcc is found, else OFF)
+    SSM2D_CUDA_ARCHITECTURES   CMake architecture list for the development build (default: the local
+                               GPU's, or 90 without a GPU); `dist` builds the release set unless set
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ["ssm2d-kernels", "ssm2d-nn", "ssm2d-vision", "ssm2d-path"]
+PURE_PACKAGES = PACKAGES[1:]
+DEV_REQUIREMENTS = [
+    "pytest>=8",
+    "build>=1.2",
+    "twine>=5",
+    "hatch>=1.16",
+    "hatchling>=1.26",
+    "editables>=0.5",
+    "scikit-build-core>=0.10",
+    "pybind11>=2.13",
+    "ninja>=1.10",
+    "cmake>=3.24",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[dev] {msg}", flush=True)
+
+
+def run(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> None:
+    log("$ " + " ".join(str(c) for c in cmd))
+    subprocess.run([str(c) for c in cmd], check=True, env=env, cwd=cwd)
+
+
+def venv_dir() -> Path:
+    return Path(os.environ.get("SSM2D_VENV", ROOT / ".venv")).resolve()
+
+
+def venv_python() -> Path:
+    return venv_dir() / "bin" / "python"
+
+
+def constraints_file() -> Path:
+    """The torch pin as a pip constraints file (pip resolves torch together with timm/torchvision)."""
+    torch_req = os.environ.get("SSM2D_TORCH")
+    if not torch_req:
+        return ROOT / "tools" / "constraints.txt"
+    path = venv_dir() / "constraints-override.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(torch_req + "\n")
+    return path
+
+
+def kernel_build_env() -> dict:
+    """CUDA on when nvcc is there (so a kernel that does not compile fails the build), one arch."""
+    env = dict(os.environ)
+    if "SSM2D_WITH_CUDA" not in env:
+        env["SSM2D_WITH_CUDA"] = "ON" if shutil.which("nvcc") else "OFF"
+    if env["SSM2D_WITH_CUDA"].upper() != "OFF" and not env.get("SSM2D_CUDA_ARCHITECTURES"):
+        env["SSM2D_CUDA_ARCHITECTURES"] = local_cuda_arch() or "90"
+    what = env["SSM2D_WITH_CUDA"]
+    if what.upper() == "OFF":
+        log("kernel build: CPU only (no nvcc found or SSM2D_WITH_CUDA=OFF)")
+    else:
+        log(f"kernel build: CUDA {what}, architectures {env['SSM2D_CUDA_ARCHITECTURES']}")
+    return env
+
+
+def local_cuda_arch() -> str | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    caps = sorted({line.strip().replace(".", "") for line in out.splitlines() if line.strip()})
+    return ";".join(caps) or None
+
+
+def setup_stamp() -> str:
+    h = hashlib.sha256()
+    for rel in ["tools/dev.py", "tools/constraints.txt"] + [f"packages/{p}/pyproject.toml" for p in PACKAGES]:
+        h.update((ROOT / rel).read_bytes())
+    h.update(os.environ.get("SSM2D_TORCH", "").encode())
+    return h.hexdigest()
+
+
+def setup() -> Path:
+    """Creates the environment (idempotent) and (re)builds the kernel package incrementally."""
+    t0 = time.time()
+    vdir, py = venv_dir(), venv_python()
+    if not py.exists():
+        log(f"creating virtual environment {vdir}")
+        venv.EnvBuilder(with_pip=True, clear=False).create(vdir)
+    pip = [py, "-m", "pip", "--disable-pip-version-check"]
+    constraints = constraints_file()
+    stamp_path = vdir / ".ssm2d-setup"
+    stamp = setup_stamp()
+    fresh = not stamp_path.exists() or stamp_path.read_text() != stamp
+    if fresh:
+        run(pip + ["install", "-q", "--upgrade", "pip>=23.1"])
+        # torch first, alone with its pin, so nothing else can pull a different build.
+        run(pip + ["install", "-q", "-c", constraints, "torch"] + DEV_REQUIREMENTS)
+    # The kernel package: editable, built with the tools above (no isolation: nothing downloaded),
+    # in a fixed build folder so that C++/CUDA edits rebuild incrementally.
+    run(pip + ["install", "-q", "--no-build-isolation", "--no-deps", "-e", ROOT / "packages/ssm2d-kernels"],
+        env=kernel_build_env())
+    if fresh:
+        editable = []
+        for p in PURE_PACKAGES:
+            editable += ["-e", ROOT / "packages" / p]
+        run(pip + ["install", "-q", "--no-build-isolation", "-c", constraints] + editable)
+        stamp_path.write_text(stamp)
+    log(f"environment ready in {time.time() - t0:.0f} s: {vdir}")
+    return py
+
+
+def cmd_test(args: list[str]) -> int:
+    py = setup()
+    return subprocess.run([str(py), "-m", "pytest", *args], cwd=ROOT).returncode
+
+
+def cmd_demo(args: list[str]) -> int:
+    py = setup()
+    return subprocess.run([str(py), "-m", "ssm2d_path.cli", "info", "--selftest", *args], cwd=ROOT).returncode
+
+
+def build_package(py: Path, package: str, outdir: Path, env: dict | None = None, sdist: bool = True) -> None:
+    kinds = ["--sdist", "--wheel"] if sdist else ["--wheel"]
+    run([py, "-m", "build", "--no-isolation", *kinds, "--outdir", outdir, ROOT / "packages" / package], env=env)
+
+
+def cmd_dist(args: list[str]) -> int:
+    py = setup()
+    out = ROOT / "dist"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir()
+    env = dict(os.environ)
+    env.setdefault("SSM2D_WITH_CUDA", "ON" if shutil.which("nvcc") else "OFF")
+    for package in PACKAGES:
+        build_package(py, package, out, env=env if package == "ssm2d-kernels" else None)
+    run([py, "-m", "twine", "check", "--strict", *sorted(out.iterdir())])
+    run([py, str(ROOT / "tools" / "check_dist.py"), out])
+    return 0
+
+
+def cmd_gpu_wheel(args: list[str]) -> int:
+    """The kernel wheel for the GPU machines (Python 3.12 there), sm_90 only unless told otherwise."""
+    target_python = args[0] if args else shutil.which("python3.12") or str(Path.home() / ".pyenv/versions/3.12.1/bin/python")
+    out = ROOT / "dist" / "gpu"
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("ssm2d_kernels-*.whl"):
+        old.unlink()
+    with tempfile.TemporaryDirectory() as tmp:
+        builder = Path(tmp) / "venv"
+        run([target_python, "-m", "venv", builder])
+        bpy = builder / "bin" / "python"
+        run([bpy, "-m", "pip", "install", "-q", "scikit-build-core>=0.10", "pybind11>=2.13", "ninja"])
+        env = dict(os.environ, SSM2D_WITH_CUDA="ON")
+        env.setdefault("SSM2D_CUDA_ARCHITECTURES", "90")
+        run([bpy, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", out,
+             ROOT / "packages/ssm2d-kernels"], env=env)
+    log(f"GPU wheel: {[p.name for p in out.glob('*.whl')]}")
+    return 0
+
+
+COMMANDS = {"setup": lambda a: (setup(), 0)[1], "test": cmd_test, "demo": cmd_demo, "dist": cmd_dist,
+            "gpu-wheel": cmd_gpu_wheel}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        return 2
+    if sys.version_info < (3, 10):
+        print("ssm2d needs Python >= 3.10", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[sys.argv[1]](sys.argv[2:])
+    except subprocess.CalledProcessError as exc:
+        print(f"[dev] failed ({exc.returncode}): {' '.join(map(str, exc.cmd))}", file=sys.stderr)
+        return exc.returncode or 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
