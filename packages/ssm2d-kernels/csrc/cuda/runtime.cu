@@ -42,6 +42,14 @@ static void check_device_index(int device) {
     throw std::invalid_argument("device must be in [0, " + std::to_string(n) + "), got " + std::to_string(device));
 }
 
+int pointer_device(const void* ptr) {
+  cudaPointerAttributes attr{};
+  SSM2D_CUDA_CHECK(cudaPointerGetAttributes(&attr, ptr));
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw std::invalid_argument("the array's pointer is not CUDA device memory");
+  return attr.device;
+}
+
 DeviceProperties device_properties(int device) {
   check_device_index(device);
   cudaDeviceProp p{};

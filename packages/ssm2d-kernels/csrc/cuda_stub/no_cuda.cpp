@@ -2,6 +2,7 @@
 #include <stdexcept>
 
 #include "ssm2d/cuda_api.h"
+#include "ssm2d/scan2d.h"
 
 namespace ssm2d::cuda {
 
@@ -11,6 +12,10 @@ int runtime_version() { return 0; }
 int driver_version() { return 0; }
 int device_count() { return 0; }
 
+int pointer_device(const void*) {
+  throw std::runtime_error("ssm2d_kernels was built without CUDA; it cannot take CUDA device pointers");
+}
+
 DeviceProperties device_properties(int device) {
   throw std::runtime_error("ssm2d_kernels was built without CUDA; device " + std::to_string(device) +
                            " cannot be queried (rebuild with SSM2D_WITH_CUDA=ON)");
@@ -19,5 +24,15 @@ DeviceProperties device_properties(int device) {
 SelftestResult selftest(int, long long) {
   throw std::runtime_error("ssm2d_kernels was built without CUDA (rebuild with SSM2D_WITH_CUDA=ON)");
 }
+
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  throw std::runtime_error(std::string(what) + ": ssm2d_kernels was built without CUDA (rebuild with SSM2D_WITH_CUDA=ON)");
+}
+}  // namespace
+
+int64_t scan2d_carry_floats(const Scan2dProblem&) { return 0; }
+void scan2d_forward(const Scan2dProblem&, const Scan2dForwardOutputs&) { no_cuda("scan2d_forward"); }
+void scan2d_backward(const Scan2dProblem&, const Scan2dBackwardArgs&) { no_cuda("scan2d_backward"); }
 
 }  // namespace ssm2d::cuda

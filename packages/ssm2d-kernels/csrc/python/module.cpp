@@ -6,12 +6,53 @@
 #include "ssm2d/cuda_api.h"
 #include "ssm2d/ops.h"
 #include "ssm2d/parallel.h"
+#include "ssm2d/scan2d.h"
 
 #ifndef SSM2D_VERSION
 #define SSM2D_VERSION "0+unknown"
 #endif
 
 namespace py = pybind11;
+
+namespace {
+
+// Descriptors arrive from ssm2d_kernels/scan2d.py as plain tuples and ints (already validated
+// there): a grid is (data_ptr, sb, sc, sn, si, sj) in elements, or None.
+ssm2d::Grid to_grid(py::handle h) {
+  ssm2d::Grid g;
+  if (h.is_none()) return g;
+  auto t = h.cast<py::tuple>();
+  if (t.size() != 6) throw ssm2d::ArgumentError("internal: a grid descriptor has 6 fields");
+  g.data = reinterpret_cast<void*>(t[0].cast<std::uintptr_t>());
+  g.sb = t[1].cast<int64_t>(); g.sc = t[2].cast<int64_t>(); g.sn = t[3].cast<int64_t>();
+  g.si = t[4].cast<int64_t>(); g.sj = t[5].cast<int64_t>();
+  return g;
+}
+
+template <typename T = void>
+T* to_ptr(py::handle h) {
+  return h.is_none() ? nullptr : reinterpret_cast<T*>(h.cast<std::uintptr_t>());
+}
+
+ssm2d::Scan2dProblem to_problem(const py::dict& d) {
+  ssm2d::Scan2dProblem p;
+  p.batch = d["batch"].cast<int64_t>(); p.dim = d["dim"].cast<int64_t>(); p.dstate = d["dstate"].cast<int64_t>();
+  p.groups = d["groups"].cast<int64_t>(); p.height = d["height"].cast<int64_t>(); p.width = d["width"].cast<int64_t>();
+  p.dtype = static_cast<ssm2d::DType>(d["dtype"].cast<int>());
+  p.param_dtype = static_cast<ssm2d::DType>(d["param_dtype"].cast<int>());
+  p.softplus = d["softplus"].cast<bool>();
+  p.u = to_grid(d["u"]); p.delta = to_grid(d["delta"]); p.z = to_grid(d["z"]);
+  p.B = to_grid(d["B"]); p.C = to_grid(d["C"]);
+  p.A = to_ptr(d["A"]); p.A_sd = d["A_sd"].cast<int64_t>(); p.A_sn = d["A_sn"].cast<int64_t>();
+  p.D = to_ptr(d["D"]); p.delta_bias = to_ptr(d["delta_bias"]);
+  p.device.index = d["device"].cast<int>();
+  p.stream = d["stream"].cast<std::uintptr_t>();
+  if (p.batch < 0 || p.dim < 1 || p.dstate < 1 || p.groups < 1 || p.dim % p.groups || p.height < 1 || p.width < 1)
+    throw ssm2d::ArgumentError("internal: inconsistent scan2d sizes");
+  return p;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ssm2d-kernels compiled core (C++ CPU kernels and, when built with CUDA, CUDA kernels)";
@@ -33,6 +74,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cuda_device_count", &ssm2d::cuda::device_count,
         "Number of usable CUDA devices; 0 without a GPU, a driver or a CUDA build (never raises).");
+  m.def("cuda_pointer_device", [](std::uintptr_t ptr) { return ssm2d::cuda::pointer_device(reinterpret_cast<const void*>(ptr)); });
   m.def("cuda_driver_version", &ssm2d::cuda::driver_version, "CUDA driver version (e.g. 13000), 0 without a driver.");
 
   m.def(
@@ -82,6 +124,33 @@ PYBIND11_MODULE(_C, m) {
         return d;
       },
       py::arg("elements") = 1 << 22);
+
+  m.def("scan2d_carry_floats", [](const py::dict& d) { return ssm2d::cuda::scan2d_carry_floats(to_problem(d)); });
+
+  m.def("scan2d_forward", [](const py::dict& d, const py::dict& o) {
+    const auto p = to_problem(d);
+    ssm2d::Scan2dForwardOutputs out;
+    out.out = to_grid(o["out"]); out.y = to_grid(o["y"]); out.carries = to_ptr<float>(o["carries"]);
+    if (p.batch == 0) return;
+    py::gil_scoped_release nogil;
+    if (p.device.is_cuda()) ssm2d::cuda::scan2d_forward(p, out);
+    else ssm2d::cpu::scan2d_forward(p, out);
+  });
+
+  m.def("scan2d_backward", [](const py::dict& d, const py::dict& g) {
+    const auto p = to_problem(d);
+    ssm2d::Scan2dBackwardArgs a;
+    a.dout = to_grid(g["dout"]); a.y = to_grid(g["y"]); a.carries = to_ptr<const float>(g["carries"]);
+    a.du = to_grid(g["du"]); a.ddelta = to_grid(g["ddelta"]); a.dz = to_grid(g["dz"]);
+    a.dB = to_grid(g["dB"]); a.dC = to_grid(g["dC"]);
+    a.dA_part = to_ptr(g["dA_part"]); a.dD_part = to_ptr(g["dD_part"]); a.ddelta_bias_part = to_ptr(g["ddelta_bias_part"]);
+    a.deterministic = g["deterministic"].cast<bool>();
+    a.d_begin = g["d_begin"].cast<int64_t>(); a.d_end = g["d_end"].cast<int64_t>();
+    if (p.batch == 0) return;
+    py::gil_scoped_release nogil;
+    if (p.device.is_cuda()) ssm2d::cuda::scan2d_backward(p, a);
+    else ssm2d::cpu::scan2d_backward(p, a);
+  });
 
   m.def("get_num_threads", &ssm2d::cpu::get_num_threads, "Threads the CPU kernels use.");
   m.def("set_num_threads", &ssm2d::cpu::set_num_threads, py::arg("n"),

@@ -19,6 +19,9 @@ int driver_version();
 // Number of usable CUDA devices; 0 on a machine without a GPU or driver, never an error.
 int device_count();
 
+// Device ordinal that owns a device pointer (from __cuda_array_interface__); throws for host memory.
+int pointer_device(const void* ptr);
+
 struct DeviceProperties {
   int index = 0;
   std::string name;

@@ -70,4 +70,60 @@ class ArgumentError : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// ---- scan2d (2DMamba): see the package docs / SCANS.md section 1 ---------------------------------
+//
+// Every operand on the H x W grid is described in the scan's LOGICAL frame: rows first from the
+// top-left. The caller maps the requested origin (flips) and order (transpose) onto the pointer and
+// strides (negative strides allowed), so kernels never copy or flip anything.
+
+// A grid operand: element (b, c, n, i, j) lives at data + b*sb + c*sc + n*sn + i*si + j*sj
+// (c = channel for u-like operands, group for B/C; n = state, unused for u-like operands).
+struct Grid {
+  void* data = nullptr;
+  int64_t sb = 0, sc = 0, sn = 0, si = 0, sj = 0;
+  bool defined() const { return data != nullptr; }
+};
+
+struct Scan2dProblem {
+  int64_t batch = 0, dim = 0, dstate = 0, groups = 1, height = 0, width = 0;  // logical H x W
+  DType dtype = DType::kFloat32;        // u, delta, z, B, C and the grid outputs
+  DType param_dtype = DType::kFloat32;  // A, D, delta_bias (float64 only with float64 inputs)
+  bool softplus = false;
+  Grid u, delta, z, B, C;               // z may be undefined
+  const void* A = nullptr;              // (dim, dstate), strides A_sd, A_sn
+  int64_t A_sd = 0, A_sn = 0;
+  const void* D = nullptr;              // (dim,) contiguous or null
+  const void* delta_bias = nullptr;     // (dim,) contiguous or null
+  Device device{};
+  StreamHandle stream = 0;
+};
+
+// Forward outputs. `y` (pre-gate output, dtype of u) is written only when defined and z is given:
+// the backward of the gate needs it. `carries` (CUDA only) receives the per-tile carries the
+// backward recomputes from: float32, scan2d_carry_floats() elements.
+struct Scan2dForwardOutputs {
+  Grid out;
+  Grid y;
+  float* carries = nullptr;
+};
+
+// Backward: `dout` in, then the gradients. du, ddelta, dz are grids of the input dtype. dB, dC are
+// grids (b, g, n, i, j) of the accumulation type (float32; float64 for float64 inputs) that the
+// kernel ADDS into (zero them first). With `deterministic` on CUDA they are instead per-channel
+// partials (b, d - d_begin, n, i, j) for the channels [d_begin, d_end) of this call, which the
+// caller sums over each group's channels in a fixed order. dA_part (batch, dim, dstate), dD_part
+// and ddelta_bias_part (batch, dim), contiguous, of the accumulation type, receive per-batch
+// partial sums the caller reduces over the batch. Null pointers / undefined grids: not wanted.
+struct Scan2dBackwardArgs {
+  Grid dout;
+  Grid y;                    // pre-gate output saved by the forward (needed when z is given)
+  const float* carries = nullptr;
+  Grid du, ddelta, dz, dB, dC;
+  void* dA_part = nullptr;
+  void* dD_part = nullptr;
+  void* ddelta_bias_part = nullptr;
+  bool deterministic = false;
+  int64_t d_begin = 0, d_end = -1;  // channel range of this call (CUDA deterministic chunks); -1: all
+};
+
 }  // namespace ssm2d

@@ -1,0 +1,25 @@
+// scan2d entry points of the CPU and CUDA implementations (same descriptors, see ops.h).
+#pragma once
+
+#include "ssm2d/ops.h"
+
+namespace ssm2d {
+
+namespace cpu {
+// Forward: writes out (and y when requested). Memory beyond the outputs: per worker thread, one
+// float grid of the accumulation type per state (the G row and h column carries are O(W)).
+void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o);
+// Backward: recomputes the forward per (batch, channel); per worker thread it holds G and h of
+// every state of one channel (2 * N * H * W values) plus private dB/dC accumulators that are
+// summed in thread order at the end (deterministic for a given thread count).
+void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& g);
+}  // namespace cpu
+
+namespace cuda {
+// Floats of per-tile carries the CUDA forward saves for the backward (N/16 of u's elements).
+int64_t scan2d_carry_floats(const Scan2dProblem& p);
+void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o);
+void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& g);
+}  // namespace cuda
+
+}  // namespace ssm2d

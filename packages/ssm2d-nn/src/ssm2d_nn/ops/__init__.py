@@ -1,0 +1,5 @@
+"""Functional ops (torch.library custom ops with fake kernels and autograd) and their references."""
+
+from .scan2d import scan2d, scan2d_reference
+
+__all__ = ["scan2d", "scan2d_reference"]

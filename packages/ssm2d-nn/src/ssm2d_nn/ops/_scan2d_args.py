@@ -1,0 +1,74 @@
+"""Argument checks and the origin/order frame mapping shared by both scan2d backends."""
+
+from __future__ import annotations
+
+import torch
+
+ORIGINS = ("tl", "tr", "bl", "br")
+ORDERS = ("hv", "vh")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def to_logical(t: torch.Tensor, origin: str, order: str) -> torch.Tensor:
+    """(..., H, W) physical -> the frame in which the scan runs rows first from the top-left."""
+    if origin in ("bl", "br"):
+        t = t.flip(-2)
+    if origin in ("tr", "br"):
+        t = t.flip(-1)
+    return t.transpose(-1, -2) if order == "vh" else t
+
+
+def from_logical(t: torch.Tensor, origin: str, order: str) -> torch.Tensor:
+    if order == "vh":
+        t = t.transpose(-1, -2)
+    if origin in ("tr", "br"):
+        t = t.flip(-1)
+    if origin in ("bl", "br"):
+        t = t.flip(-2)
+    return t
+
+
+def _shape(t: torch.Tensor, name: str, expected: tuple, what: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"scan2d: {name} must have shape {what} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order) -> None:
+    """Raises TypeError/ValueError naming the argument and what was expected."""
+    named = (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+             ("delta_bias", delta_bias))
+    for name, t in named:
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"scan2d: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t is not None and t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"scan2d: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    if origin not in ORIGINS:
+        raise ValueError(f"scan2d: origin must be one of {ORIGINS}, got {origin!r}")
+    if order not in ORDERS:
+        raise ValueError(f"scan2d: order must be one of {ORDERS}, got {order!r}")
+    if u.dim() != 4:
+        raise ValueError(f"scan2d: u must have shape (batch, D, H, W), got {tuple(u.shape)}")
+    b, d, h, w = u.shape
+    if h < 1 or w < 1:
+        raise ValueError(f"scan2d: u must have H >= 1 and W >= 1, got H={h}, W={w}")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"scan2d: A must have shape (D, N) with D={d}, got {tuple(A.shape)}")
+    if B.dim() != 5:
+        raise ValueError(f"scan2d: B must have shape (batch, G, N, H, W), got {tuple(B.shape)}")
+    g, n = B.shape[1], A.shape[1]
+    if g < 1 or d % g:
+        raise ValueError(f"scan2d: B has G={g} groups, which must divide D={d}")
+    _shape(B, "B", (b, g, n, h, w), "(batch, G, N, H, W)")
+    _shape(C, "C", (b, g, n, h, w), "(batch, G, N, H, W)")
+    _shape(delta, "delta", u.shape, "(batch, D, H, W) like u")
+    if z is not None:
+        _shape(z, "z", u.shape, "(batch, D, H, W) like u")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None:
+            _shape(t, name, (d,), "(D,)")
+    for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
+        if t is not None and t.dtype != u.dtype:
+            raise TypeError(f"scan2d: {name} must have the dtype of u ({u.dtype}), got {t.dtype}")
+    for name, t in named[1:]:
+        if t is not None and t.device != u.device:
+            raise ValueError(f"scan2d: {name} is on {t.device} but u is on {u.device}")

@@ -1,0 +1,187 @@
+"""scan2d, the 2DMamba selective scan, as a PyTorch op.
+
+``scan2d`` checks its arguments, picks the backend and runs either the compiled kernel (through the
+``ssm2d::scan2d_fwd`` / ``ssm2d::scan2d_bwd`` custom ops, with fake implementations so
+``torch.compile`` and export trace them, and registered autograd) or the pure-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ._scan2d_args import check_scan2d_args, to_logical
+from .scan2d_reference import scan2d_reference
+
+__all__ = ["scan2d", "scan2d_reference"]
+
+# Deterministic dB/dC on CUDA sum per-channel partials; this bounds their workspace per chunk.
+DETERMINISTIC_WORKSPACE_BYTES = 256 << 20
+
+
+def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+           z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = False, *,
+           origin: str = "tl", order: str = "hv", backend: str = "auto") -> Tensor:
+    """The 2DMamba selective scan: horizontal (along W) then vertical (along H) recurrences.
+
+    Args:
+        u, delta: (batch, D, H, W). ``delta`` is the step before ``delta_bias`` and softplus.
+        A: (D, N), real (negative in practice).
+        B, C: (batch, G, N, H, W); G divides D, channel d uses group d // (D // G).
+        D, delta_bias: (D,) or None.  z: (batch, D, H, W) gate or None (output multiplied by silu(z)).
+        delta_softplus: dt = softplus(delta + delta_bias) if True, else delta + delta_bias.
+        origin: corner the scan starts from, "tl", "tr", "bl" or "br".
+        order: "hv" rows first (2DMamba), "vh" columns first.
+        backend: "auto", "kernel" or "reference" (see :mod:`ssm2d_nn.backends`).
+
+    Returns:
+        (batch, D, H, W) in u's dtype; accumulation in float32 (float64 for float64 inputs).
+        A, D and delta_bias are used in float32 (float64 for float64 inputs) whatever their dtype.
+
+    Memory (kernel backend): the output, plus for the backward the pre-gate output when z is given
+    and, on CUDA, per-tile carries of N/16 times u's element count in float32. The N-times-larger
+    state is never stored. Gradients are exact for every G; on CUDA dB/dC use float32 atomics unless
+    ``torch.use_deterministic_algorithms(True)`` is on, which makes them bitwise reproducible
+    (per-channel partial sums, at most 256 MiB of workspace per chunk). The CPU kernel is always
+    deterministic for a fixed number of threads.
+    """
+    check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order)
+    which = backends.resolve_backend("scan2d", backend, u.device)
+    if which == "reference":
+        return scan2d_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin=origin, order=order)
+    pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    out, _, _ = torch.ops.ssm2d.scan2d_fwd(
+        u, delta, A.to(pdt), B, C, None if D is None else D.to(pdt), z,
+        None if delta_bias is None else delta_bias.to(pdt), delta_softplus, origin, order,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    return out
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _carry_count(u: Tensor, A: Tensor, order: str) -> int:
+    if not u.is_cuda:
+        return 0
+    from ssm2d_kernels.scan2d import scan2d_carry_floats
+
+    b, d, h, w = u.shape
+    return scan2d_carry_floats(b, d, A.shape[1], h, w, order)
+
+
+def _empty(t: Tensor, dtype=None) -> Tensor:
+    return t.new_empty(0, dtype=dtype)
+
+
+@torch.library.custom_op("ssm2d::scan2d_fwd", mutates_args=())
+def scan2d_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+               delta_bias: Optional[Tensor], delta_softplus: bool, origin: str, order: str,
+               deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Kernel forward: (out, y saved for the gate's backward or empty, CUDA carries or empty)."""
+    from ssm2d_kernels.scan2d import scan2d_forward
+
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    y = torch.empty_like(out) if z is not None else _empty(u)
+    carries = torch.empty(_carry_count(u, A, order), dtype=torch.float32, device=u.device)
+    scan2d_forward(u, delta, A, B, C, D, z, delta_bias, out=out, y=y if z is not None else None,
+                   carries=carries if u.is_cuda else None, softplus=delta_softplus, origin=origin, order=order,
+                   stream=_stream(u))
+    return out, y, carries
+
+
+@scan2d_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, deterministic):
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    y = torch.empty_like(out) if z is not None else _empty(u)
+    return out, y, torch.empty(_carry_count(u, A, order), dtype=torch.float32, device=u.device)
+
+
+@torch.library.custom_op("ssm2d::scan2d_bwd", mutates_args=())
+def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+               z: Optional[Tensor], delta_bias: Optional[Tensor], y: Tensor, carries: Tensor, delta_softplus: bool,
+               origin: str, order: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                       Tensor, Tensor]:
+    """Kernel backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); empty for absent D, z, delta_bias."""
+    from ssm2d_kernels.scan2d import scan2d_backward
+
+    acc = A.dtype
+    b, d, h, w = u.shape
+    g, n = B.shape[1], A.shape[1]
+    du, ddelta = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    dz = torch.empty(u.shape, dtype=u.dtype, device=u.device) if z is not None else _empty(u)
+    dB = torch.zeros(B.shape, dtype=acc, device=u.device)
+    dC = torch.zeros(C.shape, dtype=acc, device=u.device)
+    dA_part = torch.empty(b, d, n, dtype=acc, device=u.device)
+    dD_part = torch.empty(b, d, dtype=acc, device=u.device)
+    dbias_part = torch.empty(b, d, dtype=acc, device=u.device)
+    common = dict(y=y if z is not None else None, carries=carries if u.is_cuda else None, du=du, ddelta=ddelta,
+                  dz=dz if z is not None else None, softplus=delta_softplus, origin=origin, order=order,
+                  stream=_stream(u))
+    if deterministic and u.is_cuda:
+        # Per-channel partials of dB/dC, summed over each group's channels in a fixed order; chunks of
+        # whole groups (or of one group's channels) keep the workspace under the budget.
+        per_group = d // g
+        per_channel_bytes = 2 * b * n * h * w * 4
+        chunk = max(1, DETERMINISTIC_WORKSPACE_BYTES // per_channel_bytes)
+        chunk = (chunk // per_group) * per_group if chunk >= per_group else max(1, chunk)
+        for d0 in range(0, d, chunk):
+            d1 = min(d, d0 + chunk)
+            pB = torch.zeros(b, d1 - d0, n, h, w, dtype=acc, device=u.device)
+            pC = torch.zeros_like(pB)
+            scan2d_backward(dout, u, delta, A, B, C, D, z, delta_bias, dB=pB, dC=pC,
+                            dA_part=dA_part, dD_part=dD_part, ddelta_bias_part=dbias_part,
+                            deterministic=True, d_begin=d0, d_end=d1, **common)
+            _add_group_partials(dB, pB, d0, per_group)
+            _add_group_partials(dC, pC, d0, per_group)
+    else:
+        scan2d_backward(dout, u, delta, A, B, C, D, z, delta_bias, dB=dB, dC=dC, dA_part=dA_part,
+                        dD_part=dD_part, ddelta_bias_part=dbias_part, **common)
+    dA = dA_part.sum(0)
+    dD = dD_part.sum(0) if D is not None else _empty(u, acc)
+    dbias = dbias_part.sum(0) if delta_bias is not None else _empty(u, acc)
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias
+
+
+def _add_group_partials(total: Tensor, part: Tensor, d0: int, per_group: int) -> None:
+    """Adds per-channel partials (b, k, n, H, W) of channels d0.. into per-group totals, in channel order."""
+    k = part.shape[1]
+    c = 0
+    while c < k:
+        grp = (d0 + c) // per_group
+        end = min(k, (grp + 1) * per_group - d0)
+        total[:, grp] += part[:, c:end].sum(dim=1)
+        c = end
+
+
+@scan2d_bwd.register_fake
+def _(dout, u, delta, A, B, C, D, z, delta_bias, y, carries, delta_softplus, origin, order, deterministic):
+    acc = A.dtype
+    like = lambda: torch.empty(u.shape, dtype=u.dtype, device=u.device)  # noqa: E731
+    return (like(), like(), torch.empty(A.shape, dtype=acc, device=u.device), torch.empty_like(B),
+            torch.empty_like(C), torch.empty(u.shape[1], dtype=acc, device=u.device) if D is not None else _empty(u, acc),
+            like() if z is not None else _empty(u),
+            torch.empty(u.shape[1], dtype=acc, device=u.device) if delta_bias is not None else _empty(u, acc))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, softplus, origin, order, deterministic = inputs
+    _, y, carries = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y, carries)
+    ctx.flags = (softplus, origin, order, deterministic)
+
+
+def _backward(ctx, dout, _dy, _dcarries):
+    u, delta, A, B, C, D, z, delta_bias, y, carries = ctx.saved_tensors
+    softplus, origin, order, deterministic = ctx.flags
+    du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.ssm2d.scan2d_bwd(
+        dout, u, delta, A, B, C, D, z, delta_bias, y, carries, softplus, origin, order, deterministic)
+    return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+            dbias if delta_bias is not None else None, None, None, None, None)
+
+
+torch.library.register_autograd("ssm2d::scan2d_fwd", _backward, setup_context=_setup_context)
