@@ -126,6 +126,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("elements") = 1 << 22);
 
   m.def("scan2d_carry_floats", [](const py::dict& d) { return ssm2d::cuda::scan2d_carry_floats(to_problem(d)); });
+  m.def("scan2d_backward_workspace_floats",
+        [](const py::dict& d) { return ssm2d::cuda::scan2d_backward_workspace_floats(to_problem(d)); });
 
   m.def("scan2d_forward", [](const py::dict& d, const py::dict& o) {
     const auto p = to_problem(d);
@@ -146,6 +148,7 @@ PYBIND11_MODULE(_C, m) {
     a.dA_part = to_ptr(g["dA_part"]); a.dD_part = to_ptr(g["dD_part"]); a.ddelta_bias_part = to_ptr(g["ddelta_bias_part"]);
     a.deterministic = g["deterministic"].cast<bool>();
     a.d_begin = g["d_begin"].cast<int64_t>(); a.d_end = g["d_end"].cast<int64_t>();
+    a.workspace = to_ptr<float>(g["workspace"]);
     if (p.batch == 0) return;
     py::gil_scoped_release nogil;
     if (p.device.is_cuda()) ssm2d::cuda::scan2d_backward(p, a);

@@ -38,6 +38,11 @@ def scan2d_carry_floats(batch: int, dim: int, dstate: int, height: int, width: i
     return batch * dim * dstate * tiles * 2 * TILE
 
 
+def scan2d_backward_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int) -> int:
+    """float32 scratch values the CUDA backward needs (reverse carries): batch*dim*N*(H+W)."""
+    return batch * dim * dstate * (height + width)
+
+
 def _grid(a: Array | None, origin: str, order: str, has_state: bool):
     """(ptr, sb, sc, sn, si, sj) of ``a`` in the scan's logical frame (rows first from the origin)."""
     if a is None:
@@ -112,6 +117,9 @@ class _Checked:
             if v is not None and v.dtype != self.param_dtype:
                 raise TypeError(f"{name} must be {self.param_dtype} for {self.u.dtype} inputs, got {v.dtype}")
         self.device = self.u.device
+        if self.device >= 0 and self.u.dtype == "float64":
+            raise TypeError("u is float64 on CUDA: the CUDA kernel takes float32, float16 or bfloat16 "
+                            "(float64 runs on the CPU kernel)")
         for name, v in (("delta", self.delta), ("A", self.A), ("B", self.B), ("C", self.C), ("D", self.D),
                         ("z", self.z), ("delta_bias", self.delta_bias)):
             if v is not None and v.device != self.device:
@@ -184,12 +192,14 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
 def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *, y=None, carries=None,
                     du=None, ddelta=None, dz=None, dB=None, dC=None, dA_part=None, dD_part=None,
                     ddelta_bias_part=None, softplus: bool = False, origin: str = "tl", order: str = "hv",
-                    deterministic: bool = False, d_begin: int = 0, d_end: int = -1, stream: int = 0) -> None:
+                    deterministic: bool = False, d_begin: int = 0, d_end: int = -1, workspace=None,
+                    stream: int = 0) -> None:
     """Gradients of scan2d. du, ddelta, dz: like u. dB, dC: accumulation buffers (float32; float64
     for float64 inputs) of shape (batch, G, N, H, W) that are ADDED into; with ``deterministic`` on
     CUDA, per-channel partials (batch, d_end - d_begin, N, H, W) for channels [d_begin, d_end).
     dA_part (batch, D, N), dD_part and ddelta_bias_part (batch, D): per-batch partial sums.
-    Pass None for gradients that are not wanted.
+    Pass None for gradients that are not wanted. On CUDA ``workspace`` is float32 scratch of
+    ``scan2d_backward_workspace_floats`` values.
     """
     chk = _Checked(u, delta, A, B, C, D, z, delta_bias, origin, order)
     acc = chk.param_dtype
@@ -223,17 +233,19 @@ def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     ya = chk.same_as_u(y, "y")
     if chk.z is not None and chk.device >= 0 and ya is None:
         raise ValueError("y (the pre-gate output saved by the forward) is required on CUDA when z is given")
-    car = None
+    car = wsp = None
     if chk.device >= 0:
-        if carries is None:
-            raise ValueError("carries (saved by the forward) is required on CUDA")
+        if carries is None or workspace is None:
+            raise ValueError("carries (saved by the forward) and workspace are required on CUDA")
         car = as_array(carries, "carries")
         _check_buffer(car, "carries", (scan2d_carry_floats(b, d, n, h, w, order),), "float32", chk.device)
+        wsp = as_array(workspace, "workspace")
+        _check_buffer(wsp, "workspace", (scan2d_backward_workspace_floats(b, d, n, h, w),), "float32", chk.device)
     _C.scan2d_backward(
         chk.problem(softplus, stream),
         dict(dout=chk.grid(go), y=chk.grid(ya), carries=None if car is None else car.ptr,
              du=chk.grid(grads["du"]), ddelta=chk.grid(grads["ddelta"]), dz=chk.grid(grads["dz"]),
              dB=chk.grid(bc["dB"], True), dC=chk.grid(bc["dC"], True), deterministic=bool(per_channel),
-             d_begin=int(d_begin), d_end=int(d_end), **parts),
+             d_begin=int(d_begin), d_end=int(d_end), workspace=None if wsp is None else wsp.ptr, **parts),
     )
 

@@ -19,7 +19,7 @@ from . import _kernels
 
 BACKENDS = ("auto", "kernel", "reference")
 logger = logging.getLogger("ssm2d_nn")
-_announced: set[tuple[str, str, str]] = set()
+_announced: set[tuple] = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -50,9 +50,10 @@ def kernel_unavailable_reason(device: torch.device) -> str | None:
     return f"ssm2d-kernels has no kernels for device type '{device.type}'"
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+def resolve_backend(op: str, backend: str, device: torch.device, unsupported: str | None = None) -> str:
     """Returns "kernel" or "reference" for running ``op`` on ``device``.
 
+    ``unsupported``: a reason the kernel cannot take this particular call (e.g. its dtype), or None.
     Raises ValueError for an unknown ``backend`` name and BackendUnavailableError for
     ``backend="kernel"`` where the kernel cannot run.
     """
@@ -60,13 +61,13 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return "reference"
-    reason = kernel_unavailable_reason(device)
+    reason = unsupported or kernel_unavailable_reason(device)
     if backend == "kernel":
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend='kernel' cannot run on {device}: {reason}")
         return "kernel"
     chosen = "kernel" if reason is None else "reference"
-    key = (op, device.type, chosen)
+    key = (op, device.type, chosen, reason)
     if key not in _announced:
         _announced.add(key)
         if chosen == "kernel":

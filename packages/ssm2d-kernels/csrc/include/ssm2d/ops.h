@@ -11,6 +11,13 @@
 #include <stdexcept>
 #include <string>
 
+// Small accessors are usable in device code when the header is compiled by nvcc.
+#if defined(__CUDACC__)
+#define SSM2D_HD __host__ __device__
+#else
+#define SSM2D_HD
+#endif
+
 namespace ssm2d {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
@@ -52,7 +59,7 @@ struct TensorView {
   std::array<int64_t, kMaxDims> shape{};
   std::array<int64_t, kMaxDims> stride{};  // in elements, not bytes
 
-  bool defined() const { return data != nullptr; }
+  SSM2D_HD bool defined() const { return data != nullptr; }
   int64_t numel() const {
     int64_t n = 1;
     for (int i = 0; i < ndim; ++i) n *= shape[i];
@@ -81,7 +88,7 @@ class ArgumentError : public std::invalid_argument {
 struct Grid {
   void* data = nullptr;
   int64_t sb = 0, sc = 0, sn = 0, si = 0, sj = 0;
-  bool defined() const { return data != nullptr; }
+  SSM2D_HD bool defined() const { return data != nullptr; }
 };
 
 struct Scan2dProblem {
@@ -123,7 +130,10 @@ struct Scan2dBackwardArgs {
   void* dD_part = nullptr;
   void* ddelta_bias_part = nullptr;
   bool deterministic = false;
-  int64_t d_begin = 0, d_end = -1;  // channel range of this call (CUDA deterministic chunks); -1: all
+  int64_t d_begin = 0, d_end = -1;
+  // CUDA: float32 scratch of scan2d_backward_workspace_floats() elements for the reverse carries
+  // (batch * dim * N * (H + W)); contents on entry do not matter.
+  float* workspace = nullptr;  // channel range of this call (CUDA deterministic chunks); -1: all
 };
 
 }  // namespace ssm2d

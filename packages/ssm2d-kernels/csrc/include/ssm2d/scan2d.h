@@ -18,6 +18,8 @@ void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& g);
 namespace cuda {
 // Floats of per-tile carries the CUDA forward saves for the backward (N/16 of u's elements).
 int64_t scan2d_carry_floats(const Scan2dProblem& p);
+// Floats of scratch the CUDA backward needs: batch * dim * N * (H + W).
+int64_t scan2d_backward_workspace_floats(const Scan2dProblem& p);
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o);
 void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& g);
 }  // namespace cuda

@@ -49,7 +49,9 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     deterministic for a fixed number of threads.
     """
     check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order)
-    which = backends.resolve_backend("scan2d", backend, u.device)
+    unsupported = "the CUDA kernel takes float32, float16 or bfloat16, not float64" if (
+        u.is_cuda and u.dtype == torch.float64) else None
+    which = backends.resolve_backend("scan2d", backend, u.device, unsupported=unsupported)
     if which == "reference":
         return scan2d_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin=origin, order=order)
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -119,7 +121,13 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     dA_part = torch.empty(b, d, n, dtype=acc, device=u.device)
     dD_part = torch.empty(b, d, dtype=acc, device=u.device)
     dbias_part = torch.empty(b, d, dtype=acc, device=u.device)
+    workspace = None
+    if u.is_cuda:
+        from ssm2d_kernels.scan2d import scan2d_backward_workspace_floats
+
+        workspace = torch.empty(scan2d_backward_workspace_floats(b, d, n, h, w), dtype=torch.float32, device=u.device)
     common = dict(y=y if z is not None else None, carries=carries if u.is_cuda else None, du=du, ddelta=ddelta,
+                  workspace=workspace,
                   dz=dz if z is not None else None, softplus=delta_softplus, origin=origin, order=order,
                   stream=_stream(u))
     if deterministic and u.is_cuda:
