@@ -170,7 +170,10 @@ def cmd_dist(args: list[str]) -> int:
 
 def cmd_gpu_wheel(args: list[str]) -> int:
     """The kernel wheel for the GPU machines (Python 3.12 there), sm_90 only unless told otherwise."""
-    target_python = args[0] if args else shutil.which("python3.12") or str(Path.home() / ".pyenv/versions/3.12.1/bin/python")
+    target_python = args[0] if args else find_python("3.12")
+    if target_python is None:
+        log("no Python 3.12 found: pass one, e.g. tools/dev.py gpu-wheel /path/to/python3.12")
+        return 2
     out = ROOT / "dist" / "gpu"
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("ssm2d_kernels-*.whl"):
@@ -186,6 +189,17 @@ def cmd_gpu_wheel(args: list[str]) -> int:
              ROOT / "packages/ssm2d-kernels"], env=env)
     log(f"GPU wheel: {[p.name for p in out.glob('*.whl')]}")
     return 0
+
+
+def find_python(version: str) -> str | None:
+    """A working interpreter of `version` (pyenv installs first: its shims may not resolve)."""
+    candidates = sorted(Path.home().glob(f".pyenv/versions/{version}*/bin/python"), reverse=True)
+    which = shutil.which(f"python{version}")
+    for cand in [*map(str, candidates), *([which] if which else [])]:
+        ok = subprocess.run([cand, "-c", "import sys; print(sys.version)"], capture_output=True, text=True)
+        if ok.returncode == 0 and ok.stdout.startswith(version):
+            return cand
+    return None
 
 
 COMMANDS = {"setup": lambda a: (setup(), 0)[1], "test": cmd_test, "demo": cmd_demo, "dist": cmd_dist,

@@ -1,0 +1,200 @@
+"""scan2d on CUDA against the float64 reference; streams, graphs, devices, 64-bit offsets."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from scan2d_cases import ORDERS, ORIGINS, make_inputs, random_config, rel_err
+from ssm2d_nn import BackendUnavailableError
+from ssm2d_nn.ops import scan2d, scan2d_reference
+
+pytestmark = pytest.mark.gpu
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _to(inputs, device, dtype):
+    params = ("A", "D", "delta_bias")
+    return {k: None if v is None else v.detach().to(device=device, dtype=torch.float32 if k in params else dtype)
+            .requires_grad_(True) for k, v in inputs.items()}
+
+
+def _run(inputs, gout, **kw):
+    out = scan2d(**inputs, **kw)
+    leaves = [inputs[k] for k in NAMES if inputs[k] is not None]
+    return out, torch.autograd.grad(out, leaves, gout.to(out.device, out.dtype))
+
+
+def _check_against_float64(inputs64, dtype, fwd_tol, grad_tol, seed, **kw):
+    gout = torch.randn(inputs64["u"].shape, dtype=torch.float64)
+    ref_in = _to(inputs64, "cpu", torch.float64)
+    out_r, g_r = _run(ref_in, gout, backend="reference", **kw)
+    gpu_in = _to(inputs64, "cuda", dtype)
+    out_k, g_k = _run(gpu_in, gout, backend="kernel", **kw)
+    assert out_k.dtype == dtype and out_k.is_cuda
+    assert rel_err(out_k, out_r) < fwd_tol, f"forward seed={seed} {kw}"
+    names = [k for k in NAMES if inputs64[k] is not None]
+    for name, a, b in zip(names, g_k, g_r):
+        assert torch.isfinite(a).all(), f"d{name} not finite, seed={seed}"
+        assert rel_err(a, b) < grad_tol, f"d{name} seed={seed} {kw}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("origin,order", list(itertools.product(ORIGINS, ORDERS)))
+def test_float32_matches_float64_reference(origin, order):
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    for _ in range(4):
+        cfg = random_config(rng)
+        softplus = cfg.pop("softplus")
+        inputs = make_inputs(rng, **cfg, softplus=softplus)
+        _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, (seed, cfg), delta_softplus=softplus,
+                               origin=origin, order=order)
+
+
+@pytest.mark.parametrize("dtype,fwd_tol,grad_tol", [(torch.bfloat16, 2e-2, 5e-2), (torch.float16, 4e-3, 1e-2)])
+def test_half_precisions_against_float64(dtype, fwd_tol, grad_tol):
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    inputs = make_inputs(rng, batch=2, dim=8, dstate=16, groups=2, height=45, width=38)
+    _check_against_float64(inputs, dtype, fwd_tol, grad_tol, seed, delta_softplus=True, origin="br", order="vh")
+
+
+@pytest.mark.parametrize("h,w,n,g", [(128, 128, 16, 1), (67, 200, 16, 4), (1, 3000, 1, 4), (300, 1, 4, 2)])
+def test_larger_grids(h, w, n, g):
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    inputs = make_inputs(rng, batch=1, dim=8, dstate=n, groups=g, height=h, width=w)
+    _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, seed, delta_softplus=True)
+
+
+def test_deterministic_mode_is_bitwise_reproducible_and_agrees_with_atomics():
+    rng = random.Random()
+    inputs = make_inputs(rng, batch=2, dim=16, dstate=16, groups=2, height=70, width=45)
+    gout = torch.randn(inputs["u"].shape)
+    gpu = _to(inputs, "cuda", torch.float32)
+    _, fast = _run(gpu, gout, backend="kernel", delta_softplus=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_run(gpu, gout, backend="kernel", delta_softplus=True)[1] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+    for a, b in zip(runs[0], fast):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_non_default_stream():
+    rng = random.Random()
+    inputs = _to(make_inputs(rng, batch=2, dim=8, dstate=4, groups=2, height=50, width=60), "cuda", torch.float32)
+    expect = scan2d(**inputs, delta_softplus=True, backend="kernel").detach()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(10_000_000)  # keep the side stream busy: a launch on another stream would race ahead
+        out = scan2d(**inputs, delta_softplus=True, backend="kernel")
+        gout = torch.ones_like(out)
+        grads = torch.autograd.grad(out, [inputs["u"], inputs["B"]], gout)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.equal(out.detach(), expect)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_cuda_graph_capture_and_replay():
+    rng = random.Random()
+    static = _to(make_inputs(rng, batch=1, dim=8, dstate=16, groups=1, height=40, width=40), "cuda", torch.float32)
+    static = {k: None if v is None else v.detach() for k, v in static.items()}
+    gout = torch.randn_like(static["u"])
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+
+    def step():
+        out, _, carries = torch.ops.ssm2d.scan2d_fwd(static["u"], static["delta"], static["A"], static["B"],
+                                                     static["C"], static["D"], static["z"], static["delta_bias"],
+                                                     True, "tl", "hv", False)
+        y = scan2d(**static, delta_softplus=True, backend="kernel")
+        return out, y
+
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out, g_y = step()
+    fresh = make_inputs(rng, batch=1, dim=8, dstate=16, groups=1, height=40, width=40)
+    for k, v in static.items():
+        if v is not None:
+            v.copy_(fresh[k].to(v.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = scan2d_reference(**{k: None if v is None else v.double().cpu() for k, v in static.items()},
+                            delta_softplus=True)
+    assert rel_err(g_out, want) < 1e-5 and rel_err(g_y, want) < 1e-5
+
+
+def test_torch_compile_inductor_fullgraph():
+    rng = random.Random()
+    inputs = _to(make_inputs(rng, batch=2, dim=8, dstate=4, groups=4, height=24, width=31), "cuda", torch.float32)
+
+    def f(u, delta, A, B, C, D, z, delta_bias):
+        return (scan2d(u, delta, A, B, C, D, z, delta_bias, True, origin="bl", backend="kernel") ** 2).sum()
+
+    got = torch.compile(f, fullgraph=True)(**inputs)
+    g_got = torch.autograd.grad(got, list(inputs.values()))
+    want = f(**inputs)
+    g_want = torch.autograd.grad(want, list(inputs.values()))
+    assert rel_err(got, want) < 1e-5
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) < 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_second_device_is_used_and_current_device_restored():
+    rng = random.Random()
+    inputs = make_inputs(rng, batch=1, dim=4, dstate=4, groups=1, height=20, width=20)
+    torch.cuda.set_device(0)
+    out = scan2d(**_to(inputs, "cuda:1", torch.float32), delta_softplus=True, backend="kernel")
+    assert out.device == torch.device("cuda", 1) and torch.cuda.current_device() == 0
+    assert rel_err(out, scan2d_reference(**inputs, delta_softplus=True)) < 1e-5
+
+
+def test_more_than_2_31_elements():
+    # 524,289 x 64 x 64 = 2,147,549,184 elements per (batch, 1, H, W) tensor in float16: offsets past
+    # 2^31 are only right with 64-bit index arithmetic (and the batch exceeds one launch's grid).
+    b, h, w = 524_289, 64, 64
+    gen = torch.Generator(device="cuda").manual_seed(random.randrange(2**31))
+    u = torch.randn(b, 1, h, w, device="cuda", dtype=torch.float16, generator=gen)
+    delta = torch.rand(b, 1, h, w, device="cuda", dtype=torch.float16, generator=gen) * 0.5
+    B = torch.randn(b, 1, 1, h, w, device="cuda", dtype=torch.float16, generator=gen)
+    C = torch.randn(b, 1, 1, h, w, device="cuda", dtype=torch.float16, generator=gen)
+    A = -torch.rand(1, 1, device="cuda") - 0.1
+    assert u.numel() > 2**31
+    out = scan2d(u, delta, A, B, C, delta_softplus=True, backend="kernel")
+    for sl in (slice(0, 2), slice(b - 2, b)):
+        ref = scan2d_reference(u[sl].double().cpu(), delta[sl].double().cpu(), A.double().cpu(), B[sl].double().cpu(),
+                               C[sl].double().cpu(), delta_softplus=True)
+        assert rel_err(out[sl], ref) < 4e-3, sl
+    del u, delta, B, C, out
+    torch.cuda.empty_cache()
+
+
+def test_float64_on_cuda_is_refused_by_the_kernel_and_auto_uses_the_reference():
+    rng = random.Random()
+    inputs = {k: None if v is None else v.cuda() for k, v in make_inputs(rng, batch=1, dim=4, dstate=2, groups=1,
+                                                                          height=5, width=6).items()}
+    with pytest.raises(BackendUnavailableError, match="not float64"):
+        scan2d(**inputs, backend="kernel")
+    assert rel_err(scan2d(**inputs), scan2d_reference(**inputs)) < 1e-12
+
+
+def test_mixed_devices_raise():
+    u = torch.randn(1, 4, 5, 6, device="cuda")
+    with pytest.raises(ValueError, match="delta is on cpu but u is on cuda"):
+        scan2d(u, torch.randn(1, 4, 5, 6), -torch.rand(4, 2, device="cuda"), torch.randn(1, 1, 2, 5, 6, device="cuda"),
+               torch.randn(1, 1, 2, 5, 6, device="cuda"))
