@@ -55,8 +55,15 @@ def resolve_backend(op: str, backend: str, device: torch.device, unsupported: st
 
     ``unsupported``: a reason the kernel cannot take this particular call (e.g. its dtype), or None.
     Raises ValueError for an unknown ``backend`` name and BackendUnavailableError for
-    ``backend="kernel"`` where the kernel cannot run.
+    ``backend="kernel"`` where the kernel cannot run. Under torch.compile the decision is made once
+    at trace time and baked into the graph (it depends only on the installation and the device).
     """
+    return _resolve(op, backend, device.type, -1 if device.index is None else device.index, unsupported)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, backend: str, device_type: str, index: int, unsupported: str | None) -> str:
+    device = torch.device(device_type) if index < 0 else torch.device(device_type, index)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
