@@ -47,10 +47,15 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
 
 def header() -> str:
     props = torch.cuda.get_device_properties(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    import os
+
+    commit = os.environ.get("SSM2D_COMMIT", "")
+    if not commit:  # the GPU machine gets a copy of the tree without .git: pass SSM2D_COMMIT there
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = "unknown"
     import datetime
 
     return (f"device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "

@@ -60,8 +60,21 @@ struct Geometry {
       : H(p.height), W(p.width), nTi((p.height + kTile - 1) / kTile), nTj((p.width + kTile - 1) / kTile) {}
 };
 
-template <typename T, int NW>
-__global__ void __launch_bounds__(NW * 32) scan2d_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o, int64_t b0) {
+// Cells each thread stages per tile (the block's loops over a tile have a compile-time trip count,
+// so the compiler can keep many global loads in flight).
+template <int NW>
+constexpr int kCellsPerThread = kTile * kTile / (NW * 32);
+constexpr int kChunk = 8;  // scan steps whose loads and exps are issued before their dependent FMAs
+
+// Occupancy targets: the forward's single-state path fits 64 registers (32 warps per SM); paths that
+// keep per-cell accumulators in registers get 128.
+template <int NW, bool kWide>
+constexpr int kMinBlocks = (kWide ? 512 : 1024) / (NW * 32) > 0 ? (kWide ? 512 : 1024) / (NW * 32) : 1;
+
+template <typename T, int NW, bool kMulti>
+__global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, kMulti>)) scan2d_fwd_kernel(Scan2dProblem p,
+                                                                                     Scan2dForwardOutputs o,
+                                                                                     int64_t b0) {
   extern __shared__ float smem[];
   float(*s_dt)[kPad] = reinterpret_cast<float(*)[kPad]>(smem);
   float(*s_dtu)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + kTileFloats);
@@ -82,8 +95,9 @@ __global__ void __launch_bounds__(NW * 32) scan2d_fwd_kernel(Scan2dProblem p, Sc
   for (int64_t ti = 0; ti < geo.nTi; ++ti) {
     for (int64_t tj = 0; tj < geo.nTj; ++tj) {
       const int64_t i0 = ti * kTile, j0 = tj * kTile;
-      for (int e = threadIdx.x; e < kTile * kTile; e += NW * 32) {
-        const int r = e >> 5, c = e & 31;
+#pragma unroll 4
+      for (int k = 0; k < kCellsPerThread<NW>; ++k) {
+        const int e = threadIdx.x + k * NW * 32, r = e >> 5, c = e & 31;
         float dt = 0.f, uv = 0.f;
         if (i0 + r < geo.H && j0 + c < geo.W) {
           const float v = to_f(delta.at(i0 + r, j0 + c)) + bias;
@@ -96,16 +110,16 @@ __global__ void __launch_bounds__(NW * 32) scan2d_fwd_kernel(Scan2dProblem p, Sc
       }
       __syncthreads();
 
-      float yacc[kTile];
+      float yacc[kMulti ? kTile : 1];
 #pragma unroll
-      for (int r = 0; r < kTile; ++r) yacc[r] = 0.f;
+      for (int r = 0; r < (kMulti ? kTile : 1); ++r) yacc[r] = 0.f;
 
+      const bool col_in = j0 + lane < geo.W;
       for (int64_t n = warp; n < N; n += NW) {
         const float A2 = A[d * p.A_sd + n * p.A_sn] * kLog2e;
         const Plane<const T> Bn = plane<const T>(p.B, b, g, n), Cn = plane<const T>(p.C, b, g, n);
         float* cn = carries + (n * geo.nTi * geo.nTj + ti * geo.nTj + tj) * 2 * kTile;
-        const bool col_in = j0 + lane < geo.W;
-#pragma unroll 8
+#pragma unroll
         for (int r = 0; r < kTile; ++r)
           s_w[r][lane] = (col_in && i0 + r < geo.H) ? to_f(Bn.at(i0 + r, j0 + lane)) : 0.f;
         __syncwarp();
@@ -114,35 +128,59 @@ __global__ void __launch_bounds__(NW * 32) scan2d_fwd_kernel(Scan2dProblem p, Sc
         if (tj == 0) cn[lane] = 0.f;
         else G = cn[lane];
 #pragma unroll
-        for (int c = 0; c < kTile; ++c) {
-          const float a = exp2f(s_dt[lane][c] * A2);
-          G = fmaf(a, G, s_dtu[lane][c] * s_w[lane][c]);
-          s_w[lane][c] = G;
+        for (int c0 = 0; c0 < kTile; c0 += kChunk) {
+          float av[kChunk], xv[kChunk];
+#pragma unroll
+          for (int k = 0; k < kChunk; ++k) {
+            av[k] = exp2f(s_dt[lane][c0 + k] * A2);
+            xv[k] = s_dtu[lane][c0 + k] * s_w[lane][c0 + k];
+          }
+#pragma unroll
+          for (int k = 0; k < kChunk; ++k) {
+            G = fmaf(av[k], G, xv[k]);
+            s_w[lane][c0 + k] = G;
+          }
         }
         if (tj + 1 < geo.nTj) cn[2 * kTile + lane] = G;
         __syncwarp();
-        // Columns: lane = column.
+        // Columns: lane = column; C*h replaces G in the warp's tile (or accumulates over states).
         float h = 0.f;
         if (ti == 0) cn[kTile + lane] = 0.f;
         else h = cn[kTile + lane];
 #pragma unroll
-        for (int r = 0; r < kTile; ++r) {
-          const float a = exp2f(s_dt[r][lane] * A2);
-          h = fmaf(a, h, s_w[r][lane]);
-          const float cv = (col_in && i0 + r < geo.H) ? to_f(Cn.at(i0 + r, j0 + lane)) : 0.f;
-          yacc[r] = fmaf(cv, h, yacc[r]);
+        for (int r0 = 0; r0 < kTile; r0 += kChunk) {
+          float av[kChunk], gv[kChunk], cv[kChunk];
+#pragma unroll
+          for (int k = 0; k < kChunk; ++k) {
+            av[k] = exp2f(s_dt[r0 + k][lane] * A2);
+            gv[k] = s_w[r0 + k][lane];
+            cv[k] = (col_in && i0 + r0 + k < geo.H) ? to_f(Cn.at(i0 + r0 + k, j0 + lane)) : 0.f;
+          }
+#pragma unroll
+          for (int k = 0; k < kChunk; ++k) {
+            h = fmaf(av[k], h, gv[k]);
+            if constexpr (kMulti) yacc[r0 + k] = fmaf(cv[k], h, yacc[r0 + k]);
+            else s_w[r0 + k][lane] = cv[k] * h;
+          }
         }
         if (ti + 1 < geo.nTi) cn[geo.nTj * 2 * kTile + kTile + lane] = h;
         __syncwarp();
       }
+      if constexpr (kMulti) {
 #pragma unroll
-      for (int r = 0; r < kTile; ++r) s_w[r][lane] = yacc[r];
+        for (int r = 0; r < kTile; ++r) s_w[r][lane] = yacc[r];
+      } else if (warp >= N) {  // a warp without a state contributes zero
+#pragma unroll
+        for (int r = 0; r < kTile; ++r) s_w[r][lane] = 0.f;
+      }
       __syncthreads();
       const Plane<T> out = plane<T>(o.out, b, d, 0);
-      for (int e = threadIdx.x; e < kTile * kTile; e += NW * 32) {
-        const int r = e >> 5, c = e & 31;
+#pragma unroll 4
+      for (int k = 0; k < kCellsPerThread<NW>; ++k) {
+        const int e = threadIdx.x + k * NW * 32, r = e >> 5, c = e & 31;
         if (i0 + r >= geo.H || j0 + c >= geo.W) continue;
         float y = 0.f;
+#pragma unroll
         for (int w = 0; w < NW; ++w) y += smem[(3 + w) * kTileFloats + r * kPad + c];
         y = fmaf(Dd, s_u[r][c], y);
         if (gated) {
@@ -159,7 +197,9 @@ __global__ void __launch_bounds__(NW * 32) scan2d_fwd_kernel(Scan2dProblem p, Sc
 }
 
 template <typename T, int NW, bool kDeterministic>
-__global__ void __launch_bounds__(NW * 32) scan2d_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga, int64_t b0) {
+__global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, true>)) scan2d_bwd_kernel(Scan2dProblem p,
+                                                                                   Scan2dBackwardArgs ga,
+                                                                                   int64_t b0) {
   extern __shared__ float smem[];
   float(*s_dt)[kPad] = reinterpret_cast<float(*)[kPad]>(smem);
   float(*s_dtu)[kPad] = reinterpret_cast<float(*)[kPad]>(smem + kTileFloats);
@@ -190,8 +230,9 @@ __global__ void __launch_bounds__(NW * 32) scan2d_bwd_kernel(Scan2dProblem p, Sc
   for (int64_t ti = geo.nTi - 1; ti >= 0; --ti) {
     for (int64_t tj = geo.nTj - 1; tj >= 0; --tj) {
       const int64_t i0 = ti * kTile, j0 = tj * kTile;
-      for (int e = threadIdx.x; e < kTile * kTile; e += NW * 32) {
-        const int r = e >> 5, c = e & 31;
+#pragma unroll 4
+      for (int k = 0; k < kCellsPerThread<NW>; ++k) {
+        const int e = threadIdx.x + k * NW * 32, r = e >> 5, c = e & 31;
         float dt = 0.f, uv = 0.f, dy = 0.f;
         if (i0 + r < geo.H && j0 + c < geo.W) {
           const int64_t i = i0 + r, j = j0 + c;
@@ -232,7 +273,7 @@ __global__ void __launch_bounds__(NW * 32) scan2d_bwd_kernel(Scan2dProblem p, Sc
         float* wsH = wsV + geo.W;
         float dA_lane = 0.f;
         // 1. B tile (lane = column).
-#pragma unroll 8
+#pragma unroll
         for (int r = 0; r < kTile; ++r)
           bufA[r][lane] = (col_in && i0 + r < geo.H) ? to_f(Bn.at(i0 + r, j0 + lane)) : 0.f;
         __syncwarp();
@@ -240,10 +281,18 @@ __global__ void __launch_bounds__(NW * 32) scan2d_bwd_kernel(Scan2dProblem p, Sc
         {
           float G = cn[lane];
 #pragma unroll
-          for (int c = 0; c < kTile; ++c) {
-            const float a = exp2f(s_dt[lane][c] * A2);
-            G = fmaf(a, G, s_dtu[lane][c] * bufA[lane][c]);
-            bufB[lane][c] = G;
+          for (int c0 = 0; c0 < kTile; c0 += kChunk) {
+            float av[kChunk], xv[kChunk];
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              av[k] = exp2f(s_dt[lane][c0 + k] * A2);
+              xv[k] = s_dtu[lane][c0 + k] * bufA[lane][c0 + k];
+            }
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              G = fmaf(av[k], G, xv[k]);
+              bufB[lane][c0 + k] = G;
+            }
           }
         }
         __syncwarp();
@@ -251,10 +300,18 @@ __global__ void __launch_bounds__(NW * 32) scan2d_bwd_kernel(Scan2dProblem p, Sc
         {
           float h = cn[kTile + lane];
 #pragma unroll
-          for (int r = 0; r < kTile; ++r) {
-            const float a = exp2f(s_dt[r][lane] * A2);
-            h = fmaf(a, h, bufB[r][lane]);
-            bufA[r][lane] = h;
+          for (int r0 = 0; r0 < kTile; r0 += kChunk) {
+            float av[kChunk], gv[kChunk];
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              av[k] = exp2f(s_dt[r0 + k][lane] * A2);
+              gv[k] = bufB[r0 + k][lane];
+            }
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              h = fmaf(av[k], h, gv[k]);
+              bufA[r0 + k][lane] = h;
+            }
           }
         }
         __syncwarp();
@@ -262,22 +319,34 @@ __global__ void __launch_bounds__(NW * 32) scan2d_bwd_kernel(Scan2dProblem p, Sc
         {
           float cV = (ti + 1 < geo.nTi && col_in) ? wsV[j0 + lane] : 0.f;
 #pragma unroll
-          for (int r = kTile - 1; r >= 0; --r) {
-            const bool in = col_in && i0 + r < geo.H;
-            const float a = exp2f(s_dt[r][lane] * A2);
-            const float cv = in ? to_f(Cn.at(i0 + r, j0 + lane)) : 0.f;
-            const float lamV = fmaf(s_dy[r][lane], cv, cV);
-            cV = a * lamV;
-            const float h = bufA[r][lane], G = bufB[r][lane];
-            const float q1 = lamV * (h - G);
-            dA_lane = fmaf(q1, s_dt[r][lane], dA_lane);
-            ddt_acc[r] = fmaf(q1, An, ddt_acc[r]);
-            if (in && ga.dC.defined()) {
-              float* dst = &plane<float>(ga.dC, b, bc_c, n).at(i0 + r, j0 + lane);
-              if (kDeterministic) *dst = s_dy[r][lane] * h;
-              else atomicAdd(dst, s_dy[r][lane] * h);
+          for (int r1 = kTile - 1; r1 >= 0; r1 -= kChunk) {
+            float av[kChunk], lv[kChunk];
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              const int r = r1 - k;
+              const float cv = (col_in && i0 + r < geo.H) ? to_f(Cn.at(i0 + r, j0 + lane)) : 0.f;
+              av[k] = exp2f(s_dt[r][lane] * A2);
+              lv[k] = s_dy[r][lane] * cv;
             }
-            bufA[r][lane] = lamV;
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              lv[k] += cV;  // lamV at row r1 - k
+              cV = av[k] * lv[k];
+            }
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              const int r = r1 - k;
+              const float h = bufA[r][lane], G = bufB[r][lane];
+              const float q1 = lv[k] * (h - G);
+              dA_lane = fmaf(q1, s_dt[r][lane], dA_lane);
+              ddt_acc[r] = fmaf(q1, An, ddt_acc[r]);
+              if (col_in && i0 + r < geo.H && ga.dC.defined()) {
+                float* dst = &plane<float>(ga.dC, b, bc_c, n).at(i0 + r, j0 + lane);
+                if (kDeterministic) *dst = s_dy[r][lane] * h;
+                else atomicAdd(dst, s_dy[r][lane] * h);
+              }
+              bufA[r][lane] = lv[k];
+            }
           }
           if (col_in) wsV[j0 + lane] = cV;
         }
@@ -287,15 +356,28 @@ __global__ void __launch_bounds__(NW * 32) scan2d_bwd_kernel(Scan2dProblem p, Sc
         {
           float cH = (tj + 1 < geo.nTj && row_in) ? wsH[i0 + lane] : 0.f;
 #pragma unroll
-          for (int c = kTile - 1; c >= 0; --c) {
-            const float a = exp2f(s_dt[lane][c] * A2);
-            const float lamH = bufA[lane][c] + cH;
-            cH = a * lamH;
-            const float Gl = c > 0 ? bufB[lane][c - 1] : cn[lane];
-            const float q2 = lamH * a * Gl;
-            dA_lane = fmaf(q2, s_dt[lane][c], dA_lane);
-            bufA[lane][c] = q2;
-            bufB[lane][c] = lamH;
+          for (int c1 = kTile - 1; c1 >= 0; c1 -= kChunk) {
+            float av[kChunk], lv[kChunk];
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              av[k] = exp2f(s_dt[lane][c1 - k] * A2);
+              lv[k] = bufA[lane][c1 - k];
+            }
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              lv[k] += cH;  // lamH at column c1 - k
+              cH = av[k] * lv[k];
+            }
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) {
+              const int c = c1 - k;
+              const float Gl = c > 0 ? bufB[lane][c - 1] : cn[lane];
+              const float q2 = lv[k] * av[k] * Gl;
+              dA_lane = fmaf(q2, s_dt[lane][c], dA_lane);
+              bufA[lane][c] = q2;
+            }
+#pragma unroll
+            for (int k = 0; k < kChunk; ++k) bufB[lane][c1 - k] = lv[k];
           }
           if (row_in) wsH[i0 + lane] = cH;
         }
@@ -325,10 +407,12 @@ __global__ void __launch_bounds__(NW * 32) scan2d_bwd_kernel(Scan2dProblem p, Sc
         bufB[r][lane] = du_acc[r];
       }
       __syncthreads();
-      for (int e = threadIdx.x; e < kTile * kTile; e += NW * 32) {
-        const int r = e >> 5, c = e & 31;
+#pragma unroll 4
+      for (int k = 0; k < kCellsPerThread<NW>; ++k) {
+        const int e = threadIdx.x + k * NW * 32, r = e >> 5, c = e & 31;
         if (i0 + r >= geo.H || j0 + c >= geo.W) continue;
         float ddt = 0.f, du = 0.f;
+#pragma unroll
         for (int w = 0; w < NW; ++w) {
           ddt += smem[(4 + 2 * w) * kTileFloats + r * kPad + c];
           du += smem[(5 + 2 * w) * kTileFloats + r * kPad + c];
@@ -380,7 +464,8 @@ constexpr int64_t kMaxGridY = 65535;
 template <typename T, int NW>
 void launch_fwd(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(3 + NW) * kTileFloats * sizeof(float);
-  auto kernel = scan2d_fwd_kernel<T, NW>;
+  // One state per warp keeps C*h in the warp's tile; more states per warp accumulate in registers.
+  auto kernel = p.dstate <= NW ? scan2d_fwd_kernel<T, NW, false> : scan2d_fwd_kernel<T, NW, true>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
