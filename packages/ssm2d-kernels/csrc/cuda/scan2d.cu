@@ -52,6 +52,18 @@ __device__ __forceinline__ Plane<T> plane(const Grid& g, int64_t b, int64_t c, i
   return {static_cast<T*>(g.data) + b * g.sb + c * g.sc + n * g.sn, g.si, g.sj};
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
+
+// Asks L2 for row `lane` of a plane's tile at (i0, j0) (one line covers the row when sj == 1), so the
+// next tile's loads wait on L2 rather than on device memory.
+template <typename T>
+__device__ __forceinline__ void prefetch_tile_row(const Plane<const T>& pl, int64_t i0, int64_t j0, int lane,
+                                                  int64_t H) {
+  if (i0 + lane < H) prefetch_l2(&pl.at(i0 + lane, j0));
+}
+
 __device__ __forceinline__ float softplus_f(float v) { return v > 20.f ? v : log1pf(__expf(v)); }
 
 struct Geometry {
@@ -109,6 +121,19 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, kMulti>)) scan2d_fwd_
         s_u[r][c] = uv;
       }
       __syncthreads();
+      {  // warm L2 with the next tile's per-channel inputs while this one is scanned
+        const bool last_col = tj + 1 == geo.nTj;
+        const int64_t ni0 = last_col ? i0 + kTile : i0, nj0 = last_col ? 0 : j0 + kTile;
+        if (ni0 < geo.H) {
+          if (warp == 0) prefetch_tile_row(delta, ni0, nj0, lane, geo.H);
+          if (warp == (1 % NW)) prefetch_tile_row(u, ni0, nj0, lane, geo.H);
+          if (gated && warp == (2 % NW)) prefetch_tile_row(plane<const T>(p.z, b, d, 0), ni0, nj0, lane, geo.H);
+          for (int64_t n = warp; n < N; n += NW) {
+            prefetch_tile_row(plane<const T>(p.B, b, g, n), ni0, nj0, lane, geo.H);
+            prefetch_tile_row(plane<const T>(p.C, b, g, n), ni0, nj0, lane, geo.H);
+          }
+        }
+      }
 
       float yacc[kMulti ? kTile : 1];
 #pragma unroll
@@ -259,6 +284,20 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, true>)) scan2d_bwd_ke
         s_dy[r][c] = dy;
       }
       __syncthreads();
+      {  // warm L2 with the next tile (leftwards, then the tile row above)
+        const bool first_col = tj == 0;
+        const int64_t ni0 = first_col ? i0 - kTile : i0, nj0 = first_col ? (geo.nTj - 1) * kTile : j0 - kTile;
+        if (ni0 >= 0) {
+          if (warp == 0) prefetch_tile_row(delta, ni0, nj0, lane, geo.H);
+          if (warp == (1 % NW)) prefetch_tile_row(u, ni0, nj0, lane, geo.H);
+          if (warp == (2 % NW)) prefetch_tile_row(dout, ni0, nj0, lane, geo.H);
+          if (gated && warp == (3 % NW)) prefetch_tile_row(plane<const T>(p.z, b, d, 0), ni0, nj0, lane, geo.H);
+          for (int64_t n = warp; n < N; n += NW) {
+            prefetch_tile_row(plane<const T>(p.B, b, g, n), ni0, nj0, lane, geo.H);
+            prefetch_tile_row(plane<const T>(p.C, b, g, n), ni0, nj0, lane, geo.H);
+          }
+        }
+      }
 
       float ddt_acc[kTile], du_acc[kTile];
 #pragma unroll
