@@ -27,7 +27,20 @@ class BackendUnavailableError(RuntimeError):
 
 
 def kernel_unavailable_reason(device: torch.device) -> str | None:
-    """None when ssm2d-kernels can run on ``device``, else a sentence saying why not."""
+    """None when ssm2d-kernels can run on ``device``, else a sentence saying why not (cached: the
+    installation and the devices do not change while the process runs)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    if key not in _reasons:
+        _reasons[key] = _unavailable_reason(device)
+    return _reasons[key]
+
+
+_reasons: dict[tuple, str | None] = {}
+
+
+def _unavailable_reason(device: torch.device) -> str | None:
     status = _kernels.STATUS
     if not status.available:
         return f"{status.problem} (fix: {status.hint})"
@@ -42,7 +55,7 @@ def kernel_unavailable_reason(device: torch.device) -> str | None:
                 f"the installed ssm2d-kernels {info['version']} was built without CUDA; "
                 "install a CUDA build of ssm2d-kernels"
             )
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = device.index
         count = ssm2d_kernels.cuda_device_count()
         if index >= count:
             return f"ssm2d-kernels sees {count} CUDA device(s), so cuda:{index} is out of reach"

@@ -53,8 +53,39 @@ def collect(selftest: bool = False) -> dict:
     if selftest:
         kinfo["cpu_selftest"] = k.cpu_selftest()
         kinfo["cuda_selftest"] = [k.cuda_selftest(i) for i in range(kinfo["cuda_device_count"])]
+        info["scan2d_check"] = {str(dev): scan2d_check(dev) for dev in devices if kernel_unavailable_reason(dev) is None}
     info["kernels"] = kinfo
     return info
+
+
+def scan2d_check(device: torch.device, seed: int | None = None) -> dict:
+    """Runs scan2d's kernel on a random 24x31 problem (all options on) and compares its output and
+    input gradient with the float64 reference; returns relative errors and the kernel's time."""
+    import time
+
+    from .ops import scan2d, scan2d_reference
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+    b, d, n, g, h, w = 2, 16, 4, 2, 24, 31
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    args = dict(u=rnd(b, d, h, w), delta=rnd(b, d, h, w) * 0.5 - 1, A=-(rnd(d, n).abs() + 0.1), B=rnd(b, g, n, h, w),
+                C=rnd(b, g, n, h, w), D=rnd(d), z=rnd(b, d, h, w), delta_bias=rnd(d) * 0.3)
+    ref_u = args["u"].clone().requires_grad_(True)
+    ref = scan2d_reference(**dict(args, u=ref_u), delta_softplus=True, origin="br", order="vh")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_u)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    dev_args = {k: v.to(device, dtype if k not in ("A", "D", "delta_bias") or dtype == torch.float64 else torch.float32)
+                for k, v in args.items()}
+    dev_args["u"].requires_grad_(True)
+    t0 = time.perf_counter()
+    out = scan2d(**dev_args, delta_softplus=True, origin="br", order="vh", backend="kernel")
+    (grad,) = torch.autograd.grad(out.sum(), dev_args["u"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    rel = lambda a, r: float((a.double().cpu() - r).norm() / r.norm())  # noqa: E731
+    return {"dtype": str(dtype).removeprefix("torch."), "out_rel_err": rel(out.detach(), ref.detach()),
+            "grad_rel_err": rel(grad, ref_grad), "seconds": elapsed}
 
 
 def format_report(info: dict, extra_rows: list[tuple[str, str]] | None = None) -> str:
@@ -90,6 +121,12 @@ def format_report(info: dict, extra_rows: list[tuple[str, str]] | None = None) -
                 rows.append(
                     (f"CUDA self-test cuda:{i}", f"{'passed' if s['ok'] else 'FAILED'} (max error {s['max_abs_error']:.1e})")
                 )
+    for dev, r in info.get("scan2d_check", {}).items():
+        ok = r["out_rel_err"] < (1e-10 if r["dtype"] == "float64" else 1e-4) and r["grad_rel_err"] < (
+            1e-10 if r["dtype"] == "float64" else 1e-3)
+        rows.append((f"scan2d kernel on {dev}", f"{'passed' if ok else 'FAILED'}: {r['dtype']} vs float64 reference, "
+                     f"output error {r['out_rel_err']:.1e}, du error {r['grad_rel_err']:.1e}, "
+                     f"{r['seconds'] * 1e3:.1f} ms fwd+bwd"))
     rows += [(f"backend on {dev}", choice) for dev, choice in info["backends"].items()]
     rows += extra_rows or []
     width = max(len(r[0]) for r in rows)
@@ -105,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     k = info["kernels"]
     failed = k is not None and args.selftest and (
         not k["cpu_selftest"]["ok"] or not all(s["ok"] for s in k["cuda_selftest"])
+        or "FAILED" in format_report(info)
     )
     return 1 if failed else 0
 

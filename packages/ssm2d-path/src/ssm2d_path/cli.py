@@ -22,7 +22,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(info.format_report(report, extra_rows=extra))
     k = report["kernels"]
     if args.selftest and k is not None:
-        if not k["cpu_selftest"]["ok"] or not all(s["ok"] for s in k["cuda_selftest"]):
+        if (not k["cpu_selftest"]["ok"] or not all(s["ok"] for s in k["cuda_selftest"])
+                or "FAILED" in info.format_report(report)):
             print("self-test FAILED", file=sys.stderr)
             return 1
     return 0
