@@ -3,6 +3,7 @@
 
 #include "ssm2d/cuda_api.h"
 #include "ssm2d/scan2d.h"
+#include "ssm2d/wavefront2d.h"
 
 namespace ssm2d::cuda {
 
@@ -35,5 +36,9 @@ int64_t scan2d_carry_floats(const Scan2dProblem&) { return 0; }
 int64_t scan2d_backward_workspace_floats(const Scan2dProblem&) { return 0; }
 void scan2d_forward(const Scan2dProblem&, const Scan2dForwardOutputs&) { no_cuda("scan2d_forward"); }
 void scan2d_backward(const Scan2dProblem&, const Scan2dBackwardArgs&) { no_cuda("scan2d_backward"); }
+
+int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem&) { return 0; }
+void wavefront2d_forward(const Wave2dProblem&, const Grid&) { no_cuda("wavefront2d_forward"); }
+void wavefront2d_backward(const Wave2dProblem&, const Wave2dBackwardArgs&) { no_cuda("wavefront2d_backward"); }
 
 }  // namespace ssm2d::cuda

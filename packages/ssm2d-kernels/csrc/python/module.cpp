@@ -7,6 +7,7 @@
 #include "ssm2d/ops.h"
 #include "ssm2d/parallel.h"
 #include "ssm2d/scan2d.h"
+#include "ssm2d/wavefront2d.h"
 
 #ifndef SSM2D_VERSION
 #define SSM2D_VERSION "0+unknown"
@@ -49,6 +50,24 @@ ssm2d::Scan2dProblem to_problem(const py::dict& d) {
   p.stream = d["stream"].cast<std::uintptr_t>();
   if (p.batch < 0 || p.dim < 1 || p.dstate < 1 || p.groups < 1 || p.dim % p.groups || p.height < 1 || p.width < 1)
     throw ssm2d::ArgumentError("internal: inconsistent scan2d sizes");
+  return p;
+}
+
+ssm2d::Wave2dProblem to_wave_problem(const py::dict& d) {
+  ssm2d::Wave2dProblem p;
+  p.batch = d["batch"].cast<int64_t>(); p.dim = d["dim"].cast<int64_t>(); p.dstate = d["dstate"].cast<int64_t>();
+  p.groups = d["groups"].cast<int64_t>(); p.height = d["height"].cast<int64_t>(); p.width = d["width"].cast<int64_t>();
+  p.dtype = static_cast<ssm2d::DType>(d["dtype"].cast<int>());
+  p.param_dtype = static_cast<ssm2d::DType>(d["param_dtype"].cast<int>());
+  p.u = to_grid(d["u"]); p.dT = to_grid(d["dT"]); p.dL = to_grid(d["dL"]);
+  p.BT = to_grid(d["BT"]); p.BL = to_grid(d["BL"]); p.C = to_grid(d["C"]);
+  p.AT = to_ptr(d["AT"]); p.A_sd = d["AT_sd"].cast<int64_t>(); p.A_sn = d["AT_sn"].cast<int64_t>();
+  p.AL = to_ptr(d["AL"]); p.AL_sd = d["AL_sd"].cast<int64_t>(); p.AL_sn = d["AL_sn"].cast<int64_t>();
+  p.D = to_ptr(d["D"]);
+  p.device.index = d["device"].cast<int>();
+  p.stream = d["stream"].cast<std::uintptr_t>();
+  if (p.batch < 0 || p.dim < 1 || p.dstate < 1 || p.groups < 1 || p.dim % p.groups || p.height < 1 || p.width < 1)
+    throw ssm2d::ArgumentError("internal: inconsistent wavefront2d sizes");
   return p;
 }
 
@@ -153,6 +172,34 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     if (p.device.is_cuda()) ssm2d::cuda::scan2d_backward(p, a);
     else ssm2d::cpu::scan2d_backward(p, a);
+  });
+
+  m.def("wavefront2d_backward_workspace_floats",
+        [](const py::dict& d) { return ssm2d::cuda::wavefront2d_backward_workspace_floats(to_wave_problem(d)); });
+
+  m.def("wavefront2d_forward", [](const py::dict& d, py::handle out) {
+    const auto p = to_wave_problem(d);
+    const auto o = to_grid(out);
+    if (p.batch == 0) return;
+    py::gil_scoped_release nogil;
+    if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_forward(p, o);
+    else ssm2d::cpu::wavefront2d_forward(p, o);
+  });
+
+  m.def("wavefront2d_backward", [](const py::dict& d, const py::dict& g) {
+    const auto p = to_wave_problem(d);
+    ssm2d::Wave2dBackwardArgs a;
+    a.dout = to_grid(g["dout"]);
+    a.du = to_grid(g["du"]); a.ddT = to_grid(g["ddT"]); a.ddL = to_grid(g["ddL"]);
+    a.dBT = to_grid(g["dBT"]); a.dBL = to_grid(g["dBL"]); a.dC = to_grid(g["dC"]);
+    a.dAT_part = to_ptr(g["dAT_part"]); a.dAL_part = to_ptr(g["dAL_part"]); a.dD_part = to_ptr(g["dD_part"]);
+    a.deterministic = g["deterministic"].cast<bool>();
+    a.e_begin = g["e_begin"].cast<int64_t>(); a.e_end = g["e_end"].cast<int64_t>();
+    a.workspace = to_ptr<float>(g["workspace"]);
+    if (p.batch == 0) return;
+    py::gil_scoped_release nogil;
+    if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_backward(p, a);
+    else ssm2d::cpu::wavefront2d_backward(p, a);
   });
 
   m.def("get_num_threads", &ssm2d::cpu::get_num_threads, "Threads the CPU kernels use.");

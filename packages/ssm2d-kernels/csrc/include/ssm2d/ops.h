@@ -136,4 +136,40 @@ struct Scan2dBackwardArgs {
   float* workspace = nullptr;  // channel range of this call (CUDA deterministic chunks); -1: all
 };
 
+// ---- wavefront2d (Mamba2D M2D-SSM): SCANS.md section 2 ------------------------------------------
+//
+// Channels-last operands are described with the same Grid: u, dT, dL, out are (b, c = channel e,
+// -, i, j); BT, BL, C are (b, c = group, n, i, j). The logical frame is rows first from the
+// top-left; the caller maps origins onto strides. The recurrence is symmetric under transposing the
+// grid while exchanging the T and L operands, which the caller may do to scan a long physical row
+// as a column.
+struct Wave2dProblem {
+  int64_t batch = 0, dim = 0, dstate = 0, groups = 1, height = 0, width = 0;  // logical H x W
+  DType dtype = DType::kFloat32;
+  DType param_dtype = DType::kFloat32;
+  Grid u, dT, dL, BT, BL, C;
+  const void* AT = nullptr;  // (dim, dstate) strides A_sd, A_sn (same for AL)
+  const void* AL = nullptr;
+  int64_t A_sd = 0, A_sn = 0;
+  int64_t AL_sd = 0, AL_sn = 0;
+  const void* D = nullptr;  // (dim,) contiguous or null
+  Device device{};
+  StreamHandle stream = 0;
+};
+
+// Backward of wavefront2d: du, ddT, ddL are grids of the input dtype; dBT, dBL, dC grids of the
+// accumulation type that are ADDED into (per-channel partials (b, e - e_begin, n, i, j) with
+// `deterministic` on CUDA); dAT_part, dAL_part (batch, dim, dstate) and dD_part (batch, dim) are
+// per-batch partial sums. `workspace` (CUDA): wavefront2d_backward_workspace_floats() floats.
+struct Wave2dBackwardArgs {
+  Grid dout;
+  Grid du, ddT, ddL, dBT, dBL, dC;
+  void* dAT_part = nullptr;
+  void* dAL_part = nullptr;
+  void* dD_part = nullptr;
+  bool deterministic = false;
+  int64_t e_begin = 0, e_end = -1;
+  float* workspace = nullptr;
+};
+
 }  // namespace ssm2d

@@ -1,0 +1,24 @@
+// wavefront2d entry points of the CPU and CUDA implementations (descriptors in ops.h).
+#pragma once
+
+#include "ssm2d/ops.h"
+
+namespace ssm2d {
+
+namespace cpu {
+// Forward: one (batch, channel) per task; per state two rows of h (O(W)) per worker thread.
+void wavefront2d_forward(const Wave2dProblem& p, const Grid& out);
+// Backward: recomputes h of one state at a time (H * W values per worker thread); private
+// dBT/dBL/dC accumulators per thread summed in task order (deterministic for a thread count).
+void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& g);
+}  // namespace cpu
+
+namespace cuda {
+// Longest logical row the CUDA kernels hold in registers (32 lanes x 64 columns).
+constexpr int64_t kWave2dMaxWidth = 2048;
+int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p);
+void wavefront2d_forward(const Wave2dProblem& p, const Grid& out);
+void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& g);
+}  // namespace cuda
+
+}  // namespace ssm2d
