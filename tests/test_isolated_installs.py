@@ -121,7 +121,9 @@ _CHECKS = {
         "import ssm2d_path, h5py, lifelines\n"
         "out = subprocess.run([shutil.which('ssm2d-path', path=sys.prefix + '/bin'), 'info', '--selftest'],\n"
         "                     capture_output=True, text=True, check=True).stdout\n"
-        "assert 'CPU self-test        passed' in out, out\n"
+        "import re\n"
+        "assert re.search(r'CPU self-test +passed', out), out\n"
+        "assert re.search(r'scan2d kernel on cpu +passed', out), out\n"
         "import importlib.util; assert importlib.util.find_spec('ssm2d_vision') is None\n"
     ),
 }

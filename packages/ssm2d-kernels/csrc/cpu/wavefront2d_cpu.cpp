@@ -83,7 +83,7 @@ void forward_impl(const Wave2dProblem& p, const Grid& out) {
   parallel_for(0, p.batch * p.dim, 1, [&](int64_t lo, int64_t hi) {
     Cells<T, Acc> c;
     std::vector<Acc> h, y;
-    At<T, Acc> gC{p.C}, gout{out};
+    At<T, Acc> gC{p.C};
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / p.dim, e = task % p.dim, g = e / per_group;
       c.load(p, b, e);
@@ -95,8 +95,9 @@ void forward_impl(const Wave2dProblem& p, const Grid& out) {
         for (int64_t i = 0; i < H; ++i)
           for (int64_t j = 0; j < W; ++j) y[i * W + j] += gC.load(b, g, n, i, j) * h[i * W + j];
       }
-      for (int64_t i = 0; i < H; ++i)
-        for (int64_t j = 0; j < W; ++j) gout.store(b, e, 0, i, j, y[i * W + j]);
+      for (int64_t i = 0; i < H; ++i)  // out is an accumulation buffer: add
+        for (int64_t j = 0; j < W; ++j)
+          static_cast<Acc*>(out.data)[b * out.sb + e * out.sc + i * out.si + j * out.sj] += y[i * W + j];
     }
   });
 }
@@ -175,13 +176,15 @@ void backward_impl(const Wave2dProblem& p, const Wave2dBackwardArgs& ga) {
         if (ga.dAL_part) static_cast<Acc*>(ga.dAL_part)[(b * p.dim + e) * N + n] = dAL;
       }
       if (ga.dD_part) static_cast<Acc*>(ga.dD_part)[b * p.dim + e] = dD;
-      for (int64_t i = 0; i < H; ++i)
-        for (int64_t j = 0; j < W; ++j) {
-          const int64_t x = i * W + j;
-          if (ga.du.defined()) At<T, Acc>{ga.du}.store(b, e, 0, i, j, du[x]);
-          if (ga.ddT.defined()) At<T, Acc>{ga.ddT}.store(b, e, 0, i, j, ddT[x]);
-          if (ga.ddL.defined()) At<T, Acc>{ga.ddL}.store(b, e, 0, i, j, ddL[x]);
-        }
+      const Grid* cell_outs[3] = {&ga.du, &ga.ddT, &ga.ddL};
+      const std::vector<Acc>* cell_vals[3] = {&du, &ddT, &ddL};
+      for (int k = 0; k < 3; ++k) {  // accumulation buffers: add
+        const Grid& o = *cell_outs[k];
+        if (!o.defined()) continue;
+        for (int64_t i = 0; i < H; ++i)
+          for (int64_t j = 0; j < W; ++j)
+            static_cast<Acc*>(o.data)[b * o.sb + e * o.sc + i * o.si + j * o.sj] += (*cell_vals[k])[i * W + j];
+      }
     }
     if (want_bc) {
       std::lock_guard<std::mutex> lock(m);

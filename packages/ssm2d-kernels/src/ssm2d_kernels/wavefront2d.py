@@ -13,6 +13,11 @@ Shapes: u, dT, dL, out: (batch, H, W, E); AT, AL: (E, N); BT, BL, C: (batch, H, 
 ``MAX_CUDA_WIDTH`` is scanned transposed (T and L exchanged: the same function), and a grid with
 both sides longer is refused.
 
+``out`` (and the backward's du, ddT, ddL) are accumulation buffers of float32 (float64 for float64
+inputs) that the kernels ADD into: the caller zeroes them, may run the states in chunks (the CUDA
+kernel takes at most ``MAX_CUDA_STATES`` per call, one warp each; pass D with the first chunk only)
+and casts once at the end.
+
 Memory: the forward writes only ``out``; the (batch, H, W, E, N) state never reaches global memory.
 The CUDA backward recomputes h from row checkpoints in a scratch buffer of
 ``wavefront2d_workspace_floats`` float32 values: batch*E*N*(ceil(H/32) + 32)*W.
@@ -25,6 +30,7 @@ from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array
 
 ORIGINS = ("tl", "tr", "bl", "br")
 MAX_CUDA_WIDTH = 2048  # keep equal to kWave2dMaxWidth in csrc/include/ssm2d/wavefront2d.h
+MAX_CUDA_STATES = 16  # states per CUDA call (one warp each)
 CHECKPOINT = 32  # rows between checkpoints in the CUDA backward; keep equal to kCheckpoint in the .cu
 
 
@@ -95,6 +101,9 @@ class _Checked:
         for name, a in list(arrays.items()) + [("D", self.D)]:
             if a is not None and a.device != self.device:
                 raise ValueError(f"{name} is on device {_dev(a.device)} but u is on {_dev(self.device)}")
+        if self.device >= 0 and n > MAX_CUDA_STATES:
+            raise ValueError(f"the CUDA kernel takes at most {MAX_CUDA_STATES} states per call, got N={n}: "
+                             "run the states in chunks (the outputs accumulate)")
         if self.device >= 0 and self.u.dtype == "float64":
             raise TypeError("u is float64 on CUDA: the CUDA kernel takes float32, float16 or bfloat16 "
                             "(float64 runs on the CPU kernel)")
@@ -128,6 +137,19 @@ class _Checked:
         if self.transpose:
             si, sj = sj, si
         return (a.ptr + offset * ITEMSIZE[a.dtype], sb, sc, sn, si, sj)
+
+    def accumulator(self, arr, name: str) -> Array | None:
+        """A per-cell output: u's shape, the accumulation dtype, u's device."""
+        if arr is None:
+            return None
+        a = as_array(arr, name)
+        if tuple(a.shape) != tuple(self.u.shape):
+            raise ValueError(f"{name} must have shape (batch, H, W, E) = {tuple(self.u.shape)}, got {tuple(a.shape)}")
+        if a.dtype != self.param_dtype:
+            raise TypeError(f"{name} must be a {self.param_dtype} accumulation buffer, got {a.dtype}")
+        if a.device != self.device:
+            raise ValueError(f"{name} is on device {_dev(a.device)} but u is on {_dev(self.device)}")
+        return a
 
     def same_as_u(self, arr, name: str) -> Array | None:
         if arr is None:
@@ -170,9 +192,10 @@ def _check_buffer(a: Array, name: str, shape: tuple, dtype: str, device: int) ->
 
 
 def wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D=None, *, out, origin: str = "tl", stream: int = 0) -> None:
-    """Writes ``out`` (batch, H, W, E) in u's dtype. ``stream``: the caller's CUDA stream handle."""
+    """Adds y into ``out`` (batch, H, W, E), an accumulation buffer (float32; float64 for float64
+    inputs). ``stream``: the caller's CUDA stream handle."""
     chk = _Checked(u, dT, dL, AT, AL, BT, BL, C, D, origin)
-    o = chk.same_as_u(out, "out")
+    o = chk.accumulator(out, "out")
     _C.wavefront2d_forward(chk.problem(stream), chk.grid(o, "x"))
 
 
@@ -180,7 +203,8 @@ def wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D=None, *, du=None,
                          dBL=None, dC=None, dAT_part=None, dAL_part=None, dD_part=None, origin: str = "tl",
                          deterministic: bool = False, e_begin: int = 0, e_end: int = -1, workspace=None,
                          stream: int = 0) -> None:
-    """Gradients of wavefront2d. du, ddT, ddL: like u. dBT, dBL, dC: accumulation buffers (float32;
+    """Gradients of wavefront2d, all ADDED into accumulation buffers (float32; float64 for float64
+    inputs). du, ddT, ddL: shaped like u. dBT, dBL, dC: accumulation buffers (float32;
     float64 for float64 inputs) shaped like BT (with a G axis: (batch, H, W, G, N)) that are ADDED
     into; with ``deterministic`` on CUDA, per-channel partials (batch, H, W, e_end - e_begin, N).
     dAT_part, dAL_part (batch, E, N) and dD_part (batch, E): per-batch partial sums. On CUDA
@@ -189,7 +213,7 @@ def wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D=None, *, du=None,
     chk = _Checked(u, dT, dL, AT, AL, BT, BL, C, D, origin)
     acc = chk.param_dtype
     go = chk.same_as_u(dout, "dout")
-    grads = {name: chk.same_as_u(v, name) for name, v in (("du", du), ("ddT", ddT), ("ddL", ddL))}
+    grads = {name: chk.accumulator(v, name) for name, v in (("du", du), ("ddT", ddT), ("ddL", ddL))}
     e_end = chk.e if e_end < 0 else e_end
     if not 0 <= e_begin < e_end <= chk.e:
         raise ValueError(f"need 0 <= e_begin < e_end <= E={chk.e}, got e_begin={e_begin}, e_end={e_end}")

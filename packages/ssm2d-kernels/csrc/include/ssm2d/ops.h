@@ -157,8 +157,9 @@ struct Wave2dProblem {
   StreamHandle stream = 0;
 };
 
-// Backward of wavefront2d: du, ddT, ddL are grids of the input dtype; dBT, dBL, dC grids of the
-// accumulation type that are ADDED into (per-channel partials (b, e - e_begin, n, i, j) with
+// wavefront2d's per-cell outputs (out; du, ddT, ddL) are grids of the accumulation type (float32;
+// float64 for float64 inputs on the CPU) that the kernels ADD into, so states can run in chunks.
+// Backward of wavefront2d: dBT, dBL, dC grids of the accumulation type that are also ADDED into (per-channel partials (b, e - e_begin, n, i, j) with
 // `deterministic` on CUDA); dAT_part, dAL_part (batch, dim, dstate) and dD_part (batch, dim) are
 // per-batch partial sums. `workspace` (CUDA): wavefront2d_backward_workspace_floats() floats.
 struct Wave2dBackwardArgs {

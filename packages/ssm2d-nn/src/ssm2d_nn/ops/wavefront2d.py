@@ -99,14 +99,27 @@ def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
+def _state_chunks(u: Tensor, n: int):
+    """State ranges per kernel call: all at once on the CPU, at most 16 (a warp each) on CUDA."""
+    step = 16 if u.is_cuda else n
+    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
+
+
+def _states(t: Tensor, n0: int, n1: int) -> Tensor:
+    return t[..., n0:n1]  # a strided view: the kernels take any strides
+
+
 @torch.library.custom_op("ssm2d::wavefront2d_fwd", mutates_args=())
 def wavefront2d_fwd(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: Tensor, BL: Tensor, C: Tensor,
                     D: Optional[Tensor], origin: str, deterministic: bool) -> Tensor:
     from ssm2d_kernels.wavefront2d import wavefront2d_forward
 
-    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D, out=out, origin=origin, stream=_stream(u))
-    return out
+    acc = torch.zeros(u.shape, dtype=AT.dtype, device=u.device)  # the kernels add into it
+    for k, (n0, n1) in enumerate(_state_chunks(u, AT.shape[1])):
+        wavefront2d_forward(u, dT, dL, _states(AT, n0, n1), _states(AL, n0, n1), _states(BT, n0, n1),
+                            _states(BL, n0, n1), _states(C, n0, n1), D if k == 0 else None, out=acc, origin=origin,
+                            stream=_stream(u))
+    return acc.to(u.dtype)
 
 
 @wavefront2d_fwd.register_fake
@@ -130,38 +143,52 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
     b, h, w, e = u.shape
     n = AT.shape[1]
     g = 1 if BT.dim() == 4 else BT.shape[3]
-    like = lambda: torch.empty(u.shape, dtype=u.dtype, device=u.device)  # noqa: E731
-    du, ddT, ddL = like(), like(), like()
+    cell = lambda: torch.zeros(u.shape, dtype=acc, device=u.device)  # noqa: E731  (added into)
+    du, ddT, ddL = cell(), cell(), cell()
     dB = [torch.zeros(_bn_shape(BT, g), dtype=acc, device=u.device) for _ in range(3)]
-    dAT_part = torch.empty(b, e, n, dtype=acc, device=u.device)
-    dAL_part = torch.empty(b, e, n, dtype=acc, device=u.device)
-    dD_part = torch.empty(b, e, dtype=acc, device=u.device)
-    workspace = None
-    if u.is_cuda:
-        workspace = torch.empty(wavefront2d_workspace_floats(b, e, n, h, w), dtype=torch.float32, device=u.device)
-    common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_part, dAL_part=dAL_part, dD_part=dD_part, origin=origin,
-                  workspace=workspace, stream=_stream(u))
-    if deterministic and u.is_cuda:
-        per_group = e // g
-        chunk = max(1, DETERMINISTIC_WORKSPACE_BYTES // (3 * b * h * w * n * 4))
-        chunk = (chunk // per_group) * per_group if chunk >= per_group else chunk
-        for e0 in range(0, e, chunk):
-            e1 = min(e, e0 + chunk)
-            parts = [torch.zeros(b, h, w, e1 - e0, n, dtype=acc, device=u.device) for _ in range(3)]
-            wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D, dBT=parts[0], dBL=parts[1], dC=parts[2],
-                                 deterministic=True, e_begin=e0, e_end=e1, **common)
-            for total, part in zip(dB, parts):
-                c = 0
-                while c < e1 - e0:  # channels of this chunk, group by group, in channel order
-                    grp = (e0 + c) // per_group
-                    end = min(e1 - e0, (grp + 1) * per_group - e0)
-                    total[:, :, :, grp] += part[:, :, :, c:end].sum(dim=3)
-                    c = end
-    else:
-        wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D, dBT=dB[0], dBL=dB[1], dC=dB[2], **common)
+    dAT_parts, dAL_parts = [], []
+    dD_part = torch.zeros(b, e, dtype=acc, device=u.device)
+    stream = _stream(u)
+    for k, (n0, n1) in enumerate(_state_chunks(u, n)):
+        ins = [_states(x, n0, n1) for x in (AT, AL, BT, BL, C)]
+        dAT_p = torch.empty(b, e, n1 - n0, dtype=acc, device=u.device)
+        dAL_p = torch.empty(b, e, n1 - n0, dtype=acc, device=u.device)
+        workspace = None
+        if u.is_cuda:
+            workspace = torch.empty(wavefront2d_workspace_floats(b, e, n1 - n0, h, w), dtype=torch.float32,
+                                    device=u.device)
+        common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_p, dAL_part=dAL_p,
+                      dD_part=dD_part if (k == 0 and D is not None) else None, origin=origin, workspace=workspace,
+                      stream=stream)
+        Dk = D if k == 0 else None
+        outs = [_states(x, n0, n1) for x in dB]
+        if deterministic and u.is_cuda:
+            # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
+            per_group = e // g
+            chunk = max(1, DETERMINISTIC_WORKSPACE_BYTES // (3 * b * h * w * (n1 - n0) * 4))
+            chunk = (chunk // per_group) * per_group if chunk >= per_group else chunk
+            for e0 in range(0, e, chunk):
+                e1 = min(e, e0 + chunk)
+                parts = [torch.zeros(b, h, w, e1 - e0, n1 - n0, dtype=acc, device=u.device) for _ in range(3)]
+                wavefront2d_backward(dout, u, dT, dL, *ins[:2], *ins[2:], Dk, dBT=parts[0], dBL=parts[1],
+                                     dC=parts[2], deterministic=True, e_begin=e0, e_end=e1,
+                                     **common)
+                for total, part in zip(outs, parts):
+                    c = 0
+                    while c < e1 - e0:
+                        grp = (e0 + c) // per_group
+                        end_c = min(e1 - e0, (grp + 1) * per_group - e0)
+                        total[:, :, :, grp] += part[:, :, :, c:end_c].sum(dim=3)
+                        c = end_c
+        else:
+            wavefront2d_backward(dout, u, dT, dL, *ins[:2], *ins[2:], Dk, dBT=outs[0], dBL=outs[1], dC=outs[2],
+                                 **common)
+        dAT_parts.append(dAT_p)
+        dAL_parts.append(dAL_p)
     shaped = [x.reshape(BT.shape).to(BT.dtype) for x in dB]
     dD = dD_part.sum(0) if D is not None else u.new_empty(0, dtype=acc)
-    return du, ddT, ddL, dAT_part.sum(0), dAL_part.sum(0), shaped[0], shaped[1], shaped[2], dD
+    return (du.to(u.dtype), ddT.to(u.dtype), ddL.to(u.dtype), torch.cat(dAT_parts, -1).sum(0),
+            torch.cat(dAL_parts, -1).sum(0), shaped[0], shaped[1], shaped[2], dD)
 
 
 @wavefront2d_bwd.register_fake

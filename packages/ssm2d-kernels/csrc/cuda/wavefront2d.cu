@@ -1,0 +1,469 @@
+// wavefront2d (Mamba2D M2D-SSM) on CUDA.
+//
+// Row i given row i-1 is a linear recurrence along the row:
+//     h[i,j] = alpha_j h[i,j-1] + beta_j,  alpha_j = cL aL,  beta_j = cL vL + cT (aT h[i-1,j] + vT)
+// (cL, cT = 1/2 in the interior, the border rules of SCANS.md otherwise). One block per (batch,
+// channel); warp w owns state n0 + w; lane l owns the S consecutive columns [l*S, l*S + S) and
+// keeps its part of the previous row in registers. Per row: each lane composes its S steps into one
+// affine map, a 5-step shuffle scan composes the lanes' maps, and a second pass writes the row. So
+// the grid is swept in H dependent row steps with the state on chip, one launch per pass, and the
+// (batch, H, W, E, N) state never reaches global memory. C*h is reduced over the warps in a fixed
+// order through shared memory.
+//
+// The backward sweeps rows upwards with the adjoint, a reverse recurrence along each row:
+//     lam[i,j] = dy C + (cL aL)[i,j+1] lam[i,j+1] + (cT aT)[i+1,j] lam[i+1,j]
+// It needs h of rows i and i-1: a first forward sweep stores every 32nd row (checkpoints), then
+// each 32-row segment is recomputed from its checkpoint into scratch and walked bottom-up.
+//
+// Per-cell outputs (out; du, ddT, ddL) are float32 buffers that the kernels ADD into, so the
+// caller can run the states in chunks of at most 16 (one warp each) and cast once at the end.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "ssm2d/wavefront2d.h"
+
+namespace ssm2d::cuda {
+namespace {
+
+constexpr int kCheckpoint = 32;  // keep equal to CHECKPOINT in ssm2d_kernels/wavefront2d.py
+constexpr int kMaxWarps = 16;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T> __device__ __forceinline__ float ld(const T* p);
+template <> __device__ __forceinline__ float ld<float>(const float* p) { return *p; }
+template <> __device__ __forceinline__ float ld<__half>(const __half* p) { return __half2float(*p); }
+template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+struct Strided {
+  const char* base;  // byte pointer of element (0, 0)
+  int64_t si, sj;    // element strides
+  int esize;
+  template <typename T>
+  __device__ __forceinline__ const T* at(int64_t i, int64_t j) const {
+    return reinterpret_cast<const T*>(base) + i * si + j * sj;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ Strided plane_of(const Grid& g, int64_t b, int64_t c, int64_t n) {
+  return {reinterpret_cast<const char*>(static_cast<const T*>(g.data) + b * g.sb + c * g.sc + n * g.sn), g.si, g.sj,
+          static_cast<int>(sizeof(T))};
+}
+
+__device__ __forceinline__ float* fplane(const Grid& g, int64_t b, int64_t c, int64_t n, int64_t i, int64_t j) {
+  return static_cast<float*>(g.data) + b * g.sb + c * g.sc + n * g.sn + i * g.si + j * g.sj;
+}
+
+__device__ __forceinline__ int padded(int64_t j) { return static_cast<int>(j + (j >> 5)); }
+
+__device__ __forceinline__ void coefficients(int64_t i, int64_t j, float& cL, float& cT) {
+  if (i == 0) { cL = 1.f; cT = 0.f; }
+  else if (j == 0) { cL = 0.f; cT = 1.f; }
+  else { cL = 0.5f; cT = 0.5f; }
+}
+
+// Stages row i of u, dT, dL (converted to float) in shared memory, padded against bank conflicts.
+template <typename T>
+__device__ void stage_row(const Strided& u, const Strided& dT, const Strided& dL, int64_t i, int64_t W, float* s_u,
+                          float* s_dT, float* s_dL) {
+  for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
+    const int pj = padded(j);
+    s_u[pj] = ld<T>(u.at<T>(i, j));
+    s_dT[pj] = ld<T>(dT.at<T>(i, j));
+    s_dL[pj] = ld<T>(dL.at<T>(i, j));
+  }
+}
+
+// One forward row for this lane's S columns: hprev (row i-1) in, h (row i) out in place.
+template <typename T, int S>
+__device__ __forceinline__ void forward_row(int64_t i, int64_t W, int lane, float AT2, float AL2, const Strided& BT,
+                                            const Strided& BL, const float* s_u, const float* s_dT, const float* s_dL,
+                                            float (&hrow)[S]) {
+  float alpha[S], beta[S];
+  float A = 1.f, B = 0.f;
+#pragma unroll
+  for (int k = 0; k < S; ++k) {
+    const int64_t j = static_cast<int64_t>(lane) * S + k;
+    alpha[k] = 1.f;
+    beta[k] = 0.f;
+    if (j < W) {
+      const int pj = padded(j);
+      const float uu = s_u[pj], t = s_dT[pj], l = s_dL[pj];
+      float cL, cT;
+      coefficients(i, j, cL, cT);
+      const float aL = exp2f(l * AL2), aT = exp2f(t * AT2);
+      alpha[k] = cL * aL;
+      beta[k] = cL * (l * ld<T>(BL.at<T>(i, j)) * uu) + cT * fmaf(aT, hrow[k], t * ld<T>(BT.at<T>(i, j)) * uu);
+    }
+    B = fmaf(alpha[k], B, beta[k]);
+    A *= alpha[k];
+  }
+  // Compose the lanes' affine maps left to right; lane l needs the composite of lanes < l applied to 0.
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float Ap = __shfl_up_sync(0xffffffffu, A, off), Bp = __shfl_up_sync(0xffffffffu, B, off);
+    if (lane >= off) {
+      B = fmaf(A, Bp, B);
+      A *= Ap;
+    }
+  }
+  float h = __shfl_up_sync(0xffffffffu, B, 1);
+  if (lane == 0) h = 0.f;
+#pragma unroll
+  for (int k = 0; k < S; ++k) {
+    h = fmaf(alpha[k], h, beta[k]);
+    hrow[k] = h;
+  }
+}
+
+template <typename T, int S>
+__global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem p, Grid out, int64_t n0, int64_t b0) {
+  extern __shared__ float smem[];
+  const int NW = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t e = blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, n = n0 + warp;
+  const int64_t g = e / (p.dim / p.groups);
+  const int Wp = padded(W) + 1;
+  float *s_u = smem, *s_dT = s_u + Wp, *s_dL = s_dT + Wp, *s_y = s_dL + Wp;  // s_y: NW rows of Wp
+  const Strided u = plane_of<T>(p.u, b, e, 0), dT = plane_of<T>(p.dT, b, e, 0), dL = plane_of<T>(p.dL, b, e, 0);
+  const Strided BT = plane_of<T>(p.BT, b, g, n), BL = plane_of<T>(p.BL, b, g, n), C = plane_of<T>(p.C, b, g, n);
+  const float* ATp = static_cast<const float*>(p.AT);
+  const float* ALp = static_cast<const float*>(p.AL);
+  const float AT2 = ATp[e * p.A_sd + n * p.A_sn] * kLog2e, AL2 = ALp[e * p.AL_sd + n * p.AL_sn] * kLog2e;
+  const float Dd = p.D ? static_cast<const float*>(p.D)[e] : 0.f;
+  float hrow[S];
+#pragma unroll
+  for (int k = 0; k < S; ++k) hrow[k] = 0.f;
+
+  for (int64_t i = 0; i < H; ++i) {
+    stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
+    __syncthreads();
+    forward_row<T, S>(i, W, lane, AT2, AL2, BT, BL, s_u, s_dT, s_dL, hrow);
+#pragma unroll
+    for (int k = 0; k < S; ++k) {
+      const int64_t j = static_cast<int64_t>(lane) * S + k;
+      if (j < W) s_y[warp * Wp + padded(j)] = ld<T>(C.at<T>(i, j)) * hrow[k];
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
+      const int pj = padded(j);
+      float y = Dd * s_u[pj];
+      for (int w = 0; w < NW; ++w) y += s_y[w * Wp + pj];
+      *fplane(out, b, e, 0, i, j) += y;
+    }
+    __syncthreads();
+  }
+}
+
+// Sums a per-warp per-cell value over the warps in index order and adds it to a float32 grid.
+__device__ __forceinline__ void reduce_row_into(float* s_y, int Wp, int NW, int64_t W, const Grid& dst, int64_t b,
+                                                int64_t e, int64_t i) {
+  __syncthreads();
+  if (dst.defined())
+    for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
+      const int pj = padded(j);
+      float s = 0.f;
+      for (int w = 0; w < NW; ++w) s += s_y[w * Wp + pj];
+      *fplane(dst, b, e, 0, i, j) += s;
+    }
+  __syncthreads();
+}
+
+template <typename T, int S, bool kDeterministic>
+__global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t n0,
+                                                                  int64_t b0) {
+  extern __shared__ float smem[];
+  const int NW = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t e = ga.e_begin + blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, n = n0 + warp;
+  const int64_t g = e / (p.dim / p.groups), bc_c = kDeterministic ? e - ga.e_begin : g;
+  const int Wp = padded(W) + 1;
+  float *s_u = smem, *s_dT = s_u + Wp, *s_dL = s_dT + Wp, *s_dy = s_dL + Wp, *s_y = s_dy + Wp;
+  __shared__ float s_red[kMaxWarps];
+  const Strided u = plane_of<T>(p.u, b, e, 0), dT = plane_of<T>(p.dT, b, e, 0), dL = plane_of<T>(p.dL, b, e, 0);
+  const Strided dout = plane_of<T>(ga.dout, b, e, 0);
+  const Strided BT = plane_of<T>(p.BT, b, g, n), BL = plane_of<T>(p.BL, b, g, n), C = plane_of<T>(p.C, b, g, n);
+  const float AT = static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn];
+  const float AL = static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn];
+  const float AT2 = AT * kLog2e, AL2 = AL * kLog2e;
+  const float Dd = p.D ? static_cast<const float*>(p.D)[e] : 0.f;
+  const int64_t nseg = (H + kCheckpoint - 1) / kCheckpoint;
+  // Scratch of this (b, e, n): checkpoint rows (slot s = h of row s*K - 1), then one segment.
+  float* ck = ga.workspace + ((b * p.dim + e) * p.dstate + n) * (nseg + kCheckpoint) * W;
+  float* seg = ck + nseg * W;
+
+  // 1. Forward sweep keeping only the checkpoint rows.
+  float hrow[S];
+#pragma unroll
+  for (int k = 0; k < S; ++k) hrow[k] = 0.f;
+  for (int64_t i = 0; i + 1 < H; ++i) {  // the last row is never a checkpoint
+    stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
+    __syncthreads();
+    forward_row<T, S>(i, W, lane, AT2, AL2, BT, BL, s_u, s_dT, s_dL, hrow);
+    if ((i + 1) % kCheckpoint == 0)
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        const int64_t j = static_cast<int64_t>(lane) * S + k;
+        if (j < W) ck[((i + 1) / kCheckpoint) * W + j] = hrow[k];
+      }
+    __syncthreads();
+  }
+
+  float down[S];  // (cT aT lam) of the row below, per column
+#pragma unroll
+  for (int k = 0; k < S; ++k) down[k] = 0.f;
+  float dAT_acc = 0.f, dAL_acc = 0.f, dD_acc = 0.f;
+
+  for (int64_t s = nseg - 1; s >= 0; --s) {
+    const int64_t r0 = s * kCheckpoint, r1 = min(H, r0 + kCheckpoint);
+    // 2. Recompute the segment's rows from its checkpoint.
+#pragma unroll
+    for (int k = 0; k < S; ++k) {
+      const int64_t j = static_cast<int64_t>(lane) * S + k;
+      hrow[k] = (s > 0 && j < W) ? ck[s * W + j] : 0.f;
+    }
+    for (int64_t i = r0; i < r1; ++i) {
+      stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
+      __syncthreads();
+      forward_row<T, S>(i, W, lane, AT2, AL2, BT, BL, s_u, s_dT, s_dL, hrow);
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        const int64_t j = static_cast<int64_t>(lane) * S + k;
+        if (j < W) seg[(i - r0) * W + j] = hrow[k];
+      }
+      __syncthreads();
+    }
+    // 3. The adjoint, bottom-up through the segment.
+    for (int64_t i = r1 - 1; i >= r0; --i) {
+      for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
+        const int pj = padded(j);
+        s_u[pj] = ld<T>(u.at<T>(i, j));
+        s_dT[pj] = ld<T>(dT.at<T>(i, j));
+        s_dL[pj] = ld<T>(dL.at<T>(i, j));
+        s_dy[pj] = ld<T>(dout.at<T>(i, j));
+      }
+      __syncthreads();
+      const float* hcur = seg + (i - r0) * W;
+      const float* hup = i == r0 ? (s > 0 ? ck + s * W : nullptr) : seg + (i - 1 - r0) * W;
+      // Reverse recurrence along the row: lam_j = beta_j + c_j lam_{j+1}, c_j = (cL aL) at j + 1.
+      float coef[S], beta[S];
+      float gL0 = 0.f;  // (cL aL) of this lane's first column, passed to the lane on the left
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        const int64_t j = static_cast<int64_t>(lane) * S + k;
+        float gL = 0.f;
+        beta[k] = 0.f;
+        if (j < W) {
+          const int pj = padded(j);
+          float cL, cT;
+          coefficients(i, j, cL, cT);
+          gL = cL * exp2f(s_dL[pj] * AL2);
+          beta[k] = fmaf(s_dy[pj], ld<T>(C.at<T>(i, j)), down[k]);
+        }
+        if (k == 0) gL0 = gL;
+        else coef[k - 1] = gL;
+      }
+      coef[S - 1] = __shfl_down_sync(0xffffffffu, gL0, 1);
+      if (lane == 31) coef[S - 1] = 0.f;
+      float A = 1.f, B = 0.f;  // lam at this lane's first column = A * lam_right + B
+#pragma unroll
+      for (int k = S - 1; k >= 0; --k) {
+        B = fmaf(coef[k], B, beta[k]);
+        A *= coef[k];
+      }
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float An = __shfl_down_sync(0xffffffffu, A, off), Bn = __shfl_down_sync(0xffffffffu, B, off);
+        if (lane + off < 32) {
+          B = fmaf(A, Bn, B);
+          A *= An;
+        }
+      }
+      float lam = __shfl_down_sync(0xffffffffu, B, 1);
+      if (lane == 31) lam = 0.f;
+      const int64_t last = static_cast<int64_t>(lane) * S + S - 1;
+      float hleft = __shfl_up_sync(0xffffffffu, last < W ? hcur[last] : 0.f, 1);  // h[i, lane*S - 1]
+      if (lane == 0) hleft = 0.f;
+      float du_c[S], ddT_c[S], ddL_c[S];
+#pragma unroll
+      for (int k = S - 1; k >= 0; --k) {
+        lam = fmaf(coef[k], lam, beta[k]);
+        const int64_t j = static_cast<int64_t>(lane) * S + k;
+        du_c[k] = ddT_c[k] = ddL_c[k] = 0.f;
+        if (j >= W) {
+          down[k] = 0.f;
+          continue;
+        }
+        const int pj = padded(j);
+        float cL, cT;
+        coefficients(i, j, cL, cT);
+        const float uu = s_u[pj], t = s_dT[pj], l = s_dL[pj], dy = s_dy[pj];
+        const float h = hcur[j];
+        const float hl = k > 0 ? hcur[j - 1] : hleft;
+        const float ht = hup ? hup[j] : 0.f;
+        const float aT = exp2f(t * AT2), aL = exp2f(l * AL2);
+        const float bt = ld<T>(BT.at<T>(i, j)), bl = ld<T>(BL.at<T>(i, j));
+        const float wL = cL * lam, wT = cT * lam;
+        const float qL = wL * aL * hl, qT = wT * aT * ht;  // a * dL/da
+        dAL_acc = fmaf(qL, l, dAL_acc);
+        dAT_acc = fmaf(qT, t, dAT_acc);
+        ddL_c[k] = fmaf(qL, AL, wL * bl * uu);
+        ddT_c[k] = fmaf(qT, AT, wT * bt * uu);
+        du_c[k] = fmaf(wL * bl, l, wT * bt * t);
+        down[k] = aT * wT;
+        if (ga.dBL.defined()) {
+          float* dst = fplane(ga.dBL, b, bc_c, n, i, j);
+          if (kDeterministic) *dst = wL * l * uu; else atomicAdd(dst, wL * l * uu);
+        }
+        if (ga.dBT.defined()) {
+          float* dst = fplane(ga.dBT, b, bc_c, n, i, j);
+          if (kDeterministic) *dst = wT * t * uu; else atomicAdd(dst, wT * t * uu);
+        }
+        if (ga.dC.defined()) {
+          float* dst = fplane(ga.dC, b, bc_c, n, i, j);
+          if (kDeterministic) *dst = dy * h; else atomicAdd(dst, dy * h);
+        }
+      }
+      // Per-cell sums over states, warps in index order; D * dy and dD from the first state chunk.
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        const int64_t j = static_cast<int64_t>(lane) * S + k;
+        if (j < W) s_y[warp * Wp + padded(j)] = du_c[k] + (warp == 0 ? Dd * s_dy[padded(j)] : 0.f);
+      }
+      if (warp == 0 && p.D)
+        for (int64_t j = lane; j < W; j += 32) dD_acc = fmaf(s_dy[padded(j)], s_u[padded(j)], dD_acc);
+      reduce_row_into(s_y, Wp, NW, W, ga.du, b, e, i);
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        const int64_t j = static_cast<int64_t>(lane) * S + k;
+        if (j < W) s_y[warp * Wp + padded(j)] = ddT_c[k];
+      }
+      reduce_row_into(s_y, Wp, NW, W, ga.ddT, b, e, i);
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        const int64_t j = static_cast<int64_t>(lane) * S + k;
+        if (j < W) s_y[warp * Wp + padded(j)] = ddL_c[k];
+      }
+      reduce_row_into(s_y, Wp, NW, W, ga.ddL, b, e, i);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    dAT_acc += __shfl_xor_sync(0xffffffffu, dAT_acc, off);
+    dAL_acc += __shfl_xor_sync(0xffffffffu, dAL_acc, off);
+    dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, off);
+  }
+  if (lane == 0) {
+    if (ga.dAT_part) static_cast<float*>(ga.dAT_part)[(b * p.dim + e) * p.dstate + n] = dAT_acc;
+    if (ga.dAL_part) static_cast<float*>(ga.dAL_part)[(b * p.dim + e) * p.dstate + n] = dAL_acc;
+    if (warp == 0 && p.D && ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + e] = dD_acc;
+  }
+  (void)s_red;
+}
+
+constexpr int64_t kMaxGridY = 65535;
+
+int segment_for(int64_t W) {
+  if (W <= 32 * 4) return 4;
+  if (W <= 32 * 16) return 16;
+  if (W <= 32 * 32) return 32;
+  return 64;
+}
+
+void check_problem(const Wave2dProblem& p, const char* what) {
+  if (p.dtype == DType::kFloat64 || p.param_dtype != DType::kFloat32)
+    throw ArgumentError(std::string(what) + ": the CUDA kernel takes float32, float16 or bfloat16 inputs with "
+                        "float32 AT, AL and D; float64 runs on the CPU kernel");
+  if (p.width > kWave2dMaxWidth)
+    throw ArgumentError(std::string(what) + ": the CUDA kernel scans rows of at most " +
+                        std::to_string(kWave2dMaxWidth) + " cells (the caller transposes longer ones)");
+  if (p.dstate > kMaxWarps)
+    throw ArgumentError(std::string(what) + ": at most 16 states per launch (the caller runs state chunks)");
+}
+
+template <typename T, int S>
+void fwd_launch(const Wave2dProblem& p, const Grid& out, cudaStream_t stream) {
+  const int nw = static_cast<int>(p.dstate);
+  const size_t Wp = static_cast<size_t>(p.width + (p.width >> 5) + 1);
+  const size_t smem = (3 + nw) * Wp * sizeof(float);
+  auto kernel = wave_fwd_kernel<T, S>;
+  SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+    dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    kernel<<<grid, nw * 32, smem, stream>>>(p, out, 0, b0);
+    SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_kernel");
+  }
+}
+
+template <typename T, int S, bool Det>
+void bwd_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t stream) {
+  const int nw = static_cast<int>(p.dstate);
+  const size_t Wp = static_cast<size_t>(p.width + (p.width >> 5) + 1);
+  const size_t smem = (4 + nw) * Wp * sizeof(float);
+  auto kernel = wave_bwd_kernel<T, S, Det>;
+  SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+    dim3 grid(static_cast<unsigned>(a.e_end - a.e_begin), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    kernel<<<grid, nw * 32, smem, stream>>>(p, a, 0, b0);
+    SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_kernel");
+  }
+}
+
+template <typename T>
+void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
+  switch (segment_for(p.width)) {
+    case 4: fwd_launch<T, 4>(p, out, s); break;
+    case 16: fwd_launch<T, 16>(p, out, s); break;
+    case 32: fwd_launch<T, 32>(p, out, s); break;
+    default: fwd_launch<T, 64>(p, out, s); break;
+  }
+}
+
+template <typename T, bool Det>
+void bwd_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) {
+  switch (segment_for(p.width)) {
+    case 4: bwd_launch<T, 4, Det>(p, a, s); break;
+    case 16: bwd_launch<T, 16, Det>(p, a, s); break;
+    case 32: bwd_launch<T, 32, Det>(p, a, s); break;
+    default: bwd_launch<T, 64, Det>(p, a, s); break;
+  }
+}
+
+}  // namespace
+
+int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p) {
+  return p.batch * p.dim * p.dstate * ((p.height + kCheckpoint - 1) / kCheckpoint + kCheckpoint) * p.width;
+}
+
+void wavefront2d_forward(const Wave2dProblem& p, const Grid& out) {
+  check_problem(p, "wavefront2d_forward");
+  DeviceGuard guard(p.device.index);
+  auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  switch (p.dtype) {
+    case DType::kFloat32: fwd_t<float>(p, out, stream); break;
+    case DType::kFloat16: fwd_t<__half>(p, out, stream); break;
+    case DType::kBFloat16: fwd_t<__nv_bfloat16>(p, out, stream); break;
+    default: break;
+  }
+}
+
+void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& a_in) {
+  check_problem(p, "wavefront2d_backward");
+  if (!a_in.workspace) throw ArgumentError("wavefront2d_backward: workspace is required on CUDA");
+  Wave2dBackwardArgs a = a_in;
+  if (a.e_end < 0) a.e_end = p.dim;
+  DeviceGuard guard(p.device.index);
+  auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  const bool det = a.deterministic;
+  switch (p.dtype) {
+    case DType::kFloat32: det ? bwd_t<float, true>(p, a, stream) : bwd_t<float, false>(p, a, stream); break;
+    case DType::kFloat16: det ? bwd_t<__half, true>(p, a, stream) : bwd_t<__half, false>(p, a, stream); break;
+    case DType::kBFloat16:
+      det ? bwd_t<__nv_bfloat16, true>(p, a, stream) : bwd_t<__nv_bfloat16, false>(p, a, stream);
+      break;
+    default: break;
+  }
+}
+
+}  // namespace ssm2d::cuda
