@@ -21,6 +21,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pytest -q -m gpu -p no:cacheprovider ${1:+-k "$1"} tests packages/ssm2d-kernels/tests packages/ssm2d-nn/tests \
   2>&1 | tee -a "$OUT/gpu_tests.log"
 status=${PIPESTATUS[0]}
-python3 benchmarks/bench_scan2d.py --out "$OUT" 2>&1 | tail -n 20
-python3 benchmarks/profile_scan2d.py --cases 0,2,3 2>&1 | grep -v Warning | tee "$OUT/profile_scan2d.txt" | tail -n 30
+[ -n "${SKIP_SCAN2D_BENCH:-}" ] || python3 benchmarks/bench_scan2d.py --out "$OUT" 2>&1 | tail -n 20
+python3 benchmarks/bench_wavefront2d.py --out "$OUT" 2>&1 | tail -n 16
+[ -n "${SKIP_SCAN2D_BENCH:-}" ] || python3 benchmarks/profile_scan2d.py --cases 0,2,3 2>&1 | grep -v Warning | tee "$OUT/profile_scan2d.txt" | tail -n 30
 exit $status

@@ -1,0 +1,154 @@
+"""wavefront2d on CUDA against the float64 reference; chunks, transposes, streams, graphs, offsets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from wavefront2d_cases import NAMES, ORIGINS, make_wave_inputs, random_wave_config, rel_err
+from ssm2d_nn import BackendUnavailableError
+from ssm2d_nn.ops import wavefront2d, wavefront2d_reference
+
+pytestmark = pytest.mark.gpu
+
+
+def _to(inputs, device, dtype):
+    return {k: None if v is None else v.detach().to(device=device, dtype=torch.float32 if k in ("AT", "AL", "D") else dtype)
+            .requires_grad_(True) for k, v in inputs.items()}
+
+
+def _run(inputs, gout, **kw):
+    out = wavefront2d(**inputs, **kw)
+    return out, torch.autograd.grad(out, [inputs[k] for k in NAMES if inputs[k] is not None],
+                                    gout.to(out.device, out.dtype))
+
+
+def _check(inputs64, dtype, fwd_tol, grad_tol, ctx, **kw):
+    gout = torch.randn(inputs64["u"].shape, dtype=torch.float64)
+    out_r, g_r = _run(_to(inputs64, "cpu", torch.float64), gout, backend="reference", **kw)
+    out_k, g_k = _run(_to(inputs64, "cuda", dtype), gout, backend="kernel", **kw)
+    assert out_k.is_cuda and out_k.dtype == dtype
+    assert rel_err(out_k, out_r) < fwd_tol, f"forward {ctx}: {rel_err(out_k, out_r):.2e}"
+    for name, a, b in zip([k for k in NAMES if inputs64[k] is not None], g_k, g_r):
+        assert torch.isfinite(a).all(), f"d{name} {ctx}"
+        if b.abs().max() == 0:
+            assert a.abs().max() == 0, f"d{name} should be zero {ctx}"
+        else:
+            assert rel_err(a, b) < grad_tol, f"d{name} {ctx}: {rel_err(a, b):.2e}"
+
+
+@pytest.mark.parametrize("origin", ORIGINS)
+def test_float32_matches_float64_reference(origin):
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    for _ in range(4):
+        cfg = random_wave_config(rng)
+        _check(make_wave_inputs(rng, **cfg), torch.float32, 1e-5, 1e-4, (seed, cfg), origin=origin)
+
+
+@pytest.mark.parametrize("dtype,fwd_tol,grad_tol", [(torch.bfloat16, 2e-2, 5e-2), (torch.float16, 4e-3, 1e-2)])
+def test_half_precisions(dtype, fwd_tol, grad_tol):
+    rng = random.Random()
+    _check(make_wave_inputs(rng, batch=2, height=40, width=33, dim=8, dstate=16, groups=2), dtype, fwd_tol, grad_tol,
+           dtype, origin="br")
+
+
+@pytest.mark.parametrize("h,w,n", [(130, 120, 16), (3, 700, 20), (200, 1, 4), (2, 2100, 2), (70, 1025, 2)])
+def test_shapes_state_chunks_and_long_rows(h, w, n):
+    # N = 20 runs as two state chunks; W = 2100 is scanned transposed; W = 1025 uses the widest rows.
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    _check(make_wave_inputs(rng, batch=1, height=h, width=w, dim=2, dstate=n), torch.float32, 1e-5, 1e-4, seed)
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    rng = random.Random()
+    inputs = _to(make_wave_inputs(rng, batch=2, height=37, width=45, dim=8, dstate=16, groups=1), "cuda", torch.float32)
+    gout = torch.randn(inputs["u"].shape, device="cuda")
+    _, fast = _run(inputs, gout, backend="kernel")
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_run(inputs, gout, backend="kernel")[1] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+    for a, b in zip(runs[0], fast):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_non_default_stream_and_graph_replay():
+    rng = random.Random()
+    static = {k: v.detach() for k, v in _to(make_wave_inputs(rng, batch=1, height=30, width=50, dim=4, dstate=16),
+                                            "cuda", torch.float32).items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(10_000_000)
+        out_side = wavefront2d(**static, backend="kernel")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out_side, wavefront2d(**static, backend="kernel"))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            wavefront2d(**static, backend="kernel")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_out = wavefront2d(**static, backend="kernel")
+    fresh = make_wave_inputs(rng, batch=1, height=30, width=50, dim=4, dstate=16)
+    for k, v in static.items():
+        v.copy_(fresh[k].to(v.dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(g_out, wavefront2d_reference(**fresh)) < 1e-5
+
+
+def test_torch_compile_inductor_fullgraph():
+    rng = random.Random()
+    inputs = _to(make_wave_inputs(rng, batch=2, height=12, width=19, dim=4, dstate=4), "cuda", torch.float32)
+
+    def f(**kw):
+        return (wavefront2d(**kw, origin="br", backend="kernel") ** 2).sum()
+
+    got = torch.compile(f, fullgraph=True)(**inputs)
+    g_got = torch.autograd.grad(got, list(inputs.values()))
+    g_want = torch.autograd.grad(f(**inputs), list(inputs.values()))
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_more_than_2_31_elements():
+    # u, dT, dL of 1 x 1024 x 1024 x 2049 half values: offsets of the last rows pass 2^31.
+    b, h, w, e = 1, 1024, 1024, 2049
+    gen = torch.Generator(device="cuda").manual_seed(random.randrange(2**31))
+    u = torch.randn(b, h, w, e, device="cuda", dtype=torch.float16, generator=gen)
+    dT = (torch.rand(b, h, w, e, device="cuda", dtype=torch.float16, generator=gen) * 0.5 + 0.05)
+    dL = (torch.rand(b, h, w, e, device="cuda", dtype=torch.float16, generator=gen) * 0.5 + 0.05)
+    BT, BL, C = (torch.randn(b, h, w, 1, device="cuda", dtype=torch.float16, generator=gen) for _ in range(3))
+    AT = -torch.rand(e, 1, device="cuda") - 0.5
+    AL = -torch.rand(e, 1, device="cuda") - 0.5
+    assert u.numel() > 2**31
+    out = wavefront2d(u, dT, dL, AT, AL, BT, BL, C, backend="kernel")
+    sl = slice(e - 2, e)  # channels are independent: check the last ones against the reference
+    rows = slice(h - 64, h)  # rows far from the top only depend on nearby rows through decaying paths...
+    ref = wavefront2d_reference(*(x[..., sl].double().cpu() for x in (u, dT, dL)), AT[sl].double().cpu(),
+                                AL[sl].double().cpu(), BT.double().cpu(), BL.double().cpu(), C.double().cpu())
+    assert rel_err(out[..., sl], ref) < 4e-3
+    assert rel_err(out[:, rows, :, sl], ref[:, rows]) < 4e-3
+    del u, dT, dL, out
+    torch.cuda.empty_cache()
+
+
+def test_float64_refused_by_the_kernel_and_mixed_devices_raise():
+    rng = random.Random()
+    inputs = {k: v.cuda() for k, v in make_wave_inputs(rng, batch=1, height=4, width=5, dim=2, dstate=2).items()}
+    with pytest.raises(BackendUnavailableError, match="not float64"):
+        wavefront2d(**inputs, backend="kernel")
+    assert rel_err(wavefront2d(**inputs), wavefront2d_reference(**inputs)) < 1e-12
+    inputs32 = {k: v.float() for k, v in inputs.items()}
+    inputs32["dL"] = inputs32["dL"].cpu()
+    with pytest.raises(ValueError, match="dL is on cpu but u is on cuda"):
+        wavefront2d(**inputs32)
