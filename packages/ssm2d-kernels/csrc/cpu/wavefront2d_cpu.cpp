@@ -28,8 +28,9 @@ struct At {
 // Border rule: the first row takes only its left term, the first column only its top term (the
 // origin its left input), the interior averages the two.
 template <typename Acc>
-inline void coefficients(int64_t i, int64_t j, Acc& cL, Acc& cT) {
-  if (i == 0) { cL = 1; cT = 0; }
+inline void coefficients(int64_t i, int64_t j, bool origin_top, Acc& cL, Acc& cT) {
+  if (i == 0 && j == 0 && origin_top) { cL = 0; cT = 1; }  // a transposed call (see ops.h)
+  else if (i == 0) { cL = 1; cT = 0; }
   else if (j == 0) { cL = 0; cT = 1; }
   else { cL = Acc(0.5); cT = Acc(0.5); }
 }
@@ -63,7 +64,7 @@ void forward_state(const Wave2dProblem& p, const Cells<T, Acc>& c, int64_t b, in
     for (int64_t j = 0; j < W; ++j) {
       const int64_t x = i * W + j;
       Acc cL, cT;
-      coefficients(i, j, cL, cT);
+      coefficients(i, j, p.origin_top, cL, cT);
       Acc v = 0;
       if (cL != 0) {
         const Acc left = j > 0 ? h[x - 1] : Acc(0);
@@ -143,7 +144,7 @@ void backward_impl(const Wave2dProblem& p, const Wave2dBackwardArgs& ga) {
           for (int64_t j = W - 1; j >= 0; --j) {
             const int64_t x = i * W + j;
             Acc cL, cT;
-            coefficients(i, j, cL, cT);
+            coefficients(i, j, p.origin_top, cL, cT);
             const Acc Cv = gC.load(b, g, n, i, j);
             const Acc lam = dy[x] * Cv + row + col[j];
             if (aC) aC[x] += dy[x] * h[x];

@@ -59,13 +59,23 @@ __device__ __forceinline__ float* fplane(const Grid& g, int64_t b, int64_t c, in
 
 __device__ __forceinline__ int padded(int64_t j) { return static_cast<int>(j + (j >> 5)); }
 
-__device__ __forceinline__ void coefficients(int64_t i, int64_t j, float& cL, float& cT) {
-  if (i == 0) { cL = 1.f; cT = 0.f; }
+// Border rule. The origin takes its left input; in a transposed call (origin_top) the physical
+// left is the scanned top.
+__device__ __forceinline__ void coefficients(int64_t i, int64_t j, bool origin_top, float& cL, float& cT) {
+  if (i == 0 && j == 0 && origin_top) { cL = 0.f; cT = 1.f; }
+  else if (i == 0) { cL = 1.f; cT = 0.f; }
   else if (j == 0) { cL = 0.f; cT = 1.f; }
   else { cL = 0.5f; cT = 0.5f; }
 }
 
-// Stages row i of u, dT, dL (converted to float) in shared memory, padded against bank conflicts.
+// Shared-memory rows are indexed padded(j) = j + j/32 and have a pitch of 1 mod 32 words: a lane
+// walking its S consecutive columns and a thread per column both hit distinct banks.
+__host__ __device__ __forceinline__ int row_pitch(int64_t W) {
+  const int64_t p = W + ((W - 1) >> 5) + 1;
+  return static_cast<int>(((p + 31) / 32) * 32 + 1);
+}
+
+// Stages row i of u, dT, dL (converted to float).
 template <typename T>
 __device__ void stage_row(const Strided& u, const Strided& dT, const Strided& dL, int64_t i, int64_t W, float* s_u,
                           float* s_dT, float* s_dL) {
@@ -77,11 +87,33 @@ __device__ void stage_row(const Strided& u, const Strided& dT, const Strided& dL
   }
 }
 
-// One forward row for this lane's S columns: hprev (row i-1) in, h (row i) out in place.
-template <typename T, int S>
-__device__ __forceinline__ void forward_row(int64_t i, int64_t W, int lane, float AT2, float AL2, const Strided& BT,
-                                            const Strided& BL, const float* s_u, const float* s_dT, const float* s_dL,
-                                            float (&hrow)[S]) {
+// Stages row i of a (b, H, W, [G,] N) operand for the block's NW states, as [state][padded column]:
+// consecutive threads take consecutive states of one cell, so the global reads are coalesced.
+template <typename T>
+__device__ void stage_states(const Grid& g, int64_t b, int64_t grp, int64_t n0, int NW, int64_t i, int64_t W, int Wp,
+                             float* dst) {
+  const T* base = static_cast<const T*>(g.data) + b * g.sb + grp * g.sc + n0 * g.sn + i * g.si;
+  const int64_t total = W * NW;
+  for (int64_t x = threadIdx.x; x < total; x += blockDim.x) {
+    const int64_t j = x / NW;
+    const int w = static_cast<int>(x - j * NW);
+    dst[w * Wp + padded(j)] = ld<T>(base + w * g.sn + j * g.sj);
+  }
+}
+
+// Asks L2 for row i of the block's inputs, so the next row's staging waits on L2, not memory.
+template <typename T>
+__device__ __forceinline__ void prefetch_row(const Strided& x, int64_t i, int64_t W) {
+  for (int64_t j = threadIdx.x * 16; j < W; j += static_cast<int64_t>(blockDim.x) * 16)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(x.at<T>(i, j)));
+}
+
+// One forward row for this lane's S columns: hrow holds row i-1 on entry and row i on return.
+// s_BT / s_BL point at this warp's staged state row.
+template <int S>
+__device__ __forceinline__ void forward_row(int64_t i, int64_t W, bool origin_top, int lane, float AT2, float AL2,
+                                            const float* s_BT, const float* s_BL, const float* s_u, const float* s_dT,
+                                            const float* s_dL, float (&hrow)[S]) {
   float alpha[S], beta[S];
   float A = 1.f, B = 0.f;
 #pragma unroll
@@ -93,10 +125,10 @@ __device__ __forceinline__ void forward_row(int64_t i, int64_t W, int lane, floa
       const int pj = padded(j);
       const float uu = s_u[pj], t = s_dT[pj], l = s_dL[pj];
       float cL, cT;
-      coefficients(i, j, cL, cT);
+      coefficients(i, j, origin_top, cL, cT);
       const float aL = exp2f(l * AL2), aT = exp2f(t * AT2);
       alpha[k] = cL * aL;
-      beta[k] = cL * (l * ld<T>(BL.at<T>(i, j)) * uu) + cT * fmaf(aT, hrow[k], t * ld<T>(BT.at<T>(i, j)) * uu);
+      beta[k] = cL * (l * s_BL[pj] * uu) + cT * fmaf(aT, hrow[k], t * s_BT[pj] * uu);
     }
     B = fmaf(alpha[k], B, beta[k]);
     A *= alpha[k];
@@ -120,18 +152,17 @@ __device__ __forceinline__ void forward_row(int64_t i, int64_t W, int lane, floa
 }
 
 template <typename T, int S>
-__global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem p, Grid out, int64_t n0, int64_t b0) {
+__global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem p, Grid out, int64_t b0) {
   extern __shared__ float smem[];
   const int NW = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t e = blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, n = n0 + warp;
+  const int64_t e = blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, n = warp;
   const int64_t g = e / (p.dim / p.groups);
-  const int Wp = padded(W) + 1;
-  float *s_u = smem, *s_dT = s_u + Wp, *s_dL = s_dT + Wp, *s_y = s_dL + Wp;  // s_y: NW rows of Wp
+  const int Wp = row_pitch(W);
+  float *s_u = smem, *s_dT = s_u + Wp, *s_dL = s_dT + Wp;
+  float *s_BT = s_dL + Wp, *s_BL = s_BT + NW * Wp, *s_C = s_BL + NW * Wp;  // [state][column]
   const Strided u = plane_of<T>(p.u, b, e, 0), dT = plane_of<T>(p.dT, b, e, 0), dL = plane_of<T>(p.dL, b, e, 0);
-  const Strided BT = plane_of<T>(p.BT, b, g, n), BL = plane_of<T>(p.BL, b, g, n), C = plane_of<T>(p.C, b, g, n);
-  const float* ATp = static_cast<const float*>(p.AT);
-  const float* ALp = static_cast<const float*>(p.AL);
-  const float AT2 = ATp[e * p.A_sd + n * p.A_sn] * kLog2e, AL2 = ALp[e * p.AL_sd + n * p.AL_sn] * kLog2e;
+  const float AT2 = static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn] * kLog2e;
+  const float AL2 = static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn] * kLog2e;
   const float Dd = p.D ? static_cast<const float*>(p.D)[e] : 0.f;
   float hrow[S];
 #pragma unroll
@@ -139,51 +170,45 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem 
 
   for (int64_t i = 0; i < H; ++i) {
     stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
+    stage_states<T>(p.BT, b, g, 0, NW, i, W, Wp, s_BT);
+    stage_states<T>(p.BL, b, g, 0, NW, i, W, Wp, s_BL);
+    stage_states<T>(p.C, b, g, 0, NW, i, W, Wp, s_C);
     __syncthreads();
-    forward_row<T, S>(i, W, lane, AT2, AL2, BT, BL, s_u, s_dT, s_dL, hrow);
+    if (i + 1 < H) {
+      if (warp == 0) prefetch_row<T>(u, i + 1, W);
+      if (warp == 1 % NW) prefetch_row<T>(dT, i + 1, W);
+      if (warp == 2 % NW) prefetch_row<T>(dL, i + 1, W);
+    }
+    forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, s_BT + warp * Wp, s_BL + warp * Wp, s_u, s_dT, s_dL, hrow);
+    float* yw = s_C + warp * Wp;  // C*h replaces this warp's C
 #pragma unroll
     for (int k = 0; k < S; ++k) {
       const int64_t j = static_cast<int64_t>(lane) * S + k;
-      if (j < W) s_y[warp * Wp + padded(j)] = ld<T>(C.at<T>(i, j)) * hrow[k];
+      if (j < W) yw[padded(j)] *= hrow[k];
     }
     __syncthreads();
     for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
       const int pj = padded(j);
       float y = Dd * s_u[pj];
-      for (int w = 0; w < NW; ++w) y += s_y[w * Wp + pj];
+      for (int w = 0; w < NW; ++w) y += s_C[w * Wp + pj];
       *fplane(out, b, e, 0, i, j) += y;
     }
     __syncthreads();
   }
 }
 
-// Sums a per-warp per-cell value over the warps in index order and adds it to a float32 grid.
-__device__ __forceinline__ void reduce_row_into(float* s_y, int Wp, int NW, int64_t W, const Grid& dst, int64_t b,
-                                                int64_t e, int64_t i) {
-  __syncthreads();
-  if (dst.defined())
-    for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
-      const int pj = padded(j);
-      float s = 0.f;
-      for (int w = 0; w < NW; ++w) s += s_y[w * Wp + pj];
-      *fplane(dst, b, e, 0, i, j) += s;
-    }
-  __syncthreads();
-}
-
 template <typename T, int S, bool kDeterministic>
-__global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t n0,
-                                                                  int64_t b0) {
+__global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t b0) {
   extern __shared__ float smem[];
   const int NW = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t e = ga.e_begin + blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, n = n0 + warp;
+  const int64_t e = ga.e_begin + blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, n = warp;
   const int64_t g = e / (p.dim / p.groups), bc_c = kDeterministic ? e - ga.e_begin : g;
-  const int Wp = padded(W) + 1;
-  float *s_u = smem, *s_dT = s_u + Wp, *s_dL = s_dT + Wp, *s_dy = s_dL + Wp, *s_y = s_dy + Wp;
-  __shared__ float s_red[kMaxWarps];
+  const int Wp = row_pitch(W);
+  float *s_u = smem, *s_dT = s_u + Wp, *s_dL = s_dT + Wp, *s_dy = s_dL + Wp;
+  float *s_BT = s_dy + Wp, *s_BL = s_BT + NW * Wp, *s_C = s_BL + NW * Wp;  // [state][column]
+  float *w_BT = s_BT + warp * Wp, *w_BL = s_BL + warp * Wp, *w_C = s_C + warp * Wp;
   const Strided u = plane_of<T>(p.u, b, e, 0), dT = plane_of<T>(p.dT, b, e, 0), dL = plane_of<T>(p.dL, b, e, 0);
   const Strided dout = plane_of<T>(ga.dout, b, e, 0);
-  const Strided BT = plane_of<T>(p.BT, b, g, n), BL = plane_of<T>(p.BL, b, g, n), C = plane_of<T>(p.C, b, g, n);
   const float AT = static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn];
   const float AL = static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn];
   const float AT2 = AT * kLog2e, AL2 = AL * kLog2e;
@@ -193,14 +218,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
   float* ck = ga.workspace + ((b * p.dim + e) * p.dstate + n) * (nseg + kCheckpoint) * W;
   float* seg = ck + nseg * W;
 
+  auto stage_forward_inputs = [&](int64_t i) {
+    stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
+    stage_states<T>(p.BT, b, g, 0, NW, i, W, Wp, s_BT);
+    stage_states<T>(p.BL, b, g, 0, NW, i, W, Wp, s_BL);
+    __syncthreads();
+  };
+
   // 1. Forward sweep keeping only the checkpoint rows.
   float hrow[S];
 #pragma unroll
   for (int k = 0; k < S; ++k) hrow[k] = 0.f;
   for (int64_t i = 0; i + 1 < H; ++i) {  // the last row is never a checkpoint
-    stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
-    __syncthreads();
-    forward_row<T, S>(i, W, lane, AT2, AL2, BT, BL, s_u, s_dT, s_dL, hrow);
+    stage_forward_inputs(i);
+    forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, w_BT, w_BL, s_u, s_dT, s_dL, hrow);
     if ((i + 1) % kCheckpoint == 0)
 #pragma unroll
       for (int k = 0; k < S; ++k) {
@@ -215,18 +246,17 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
   for (int k = 0; k < S; ++k) down[k] = 0.f;
   float dAT_acc = 0.f, dAL_acc = 0.f, dD_acc = 0.f;
 
-  for (int64_t s = nseg - 1; s >= 0; --s) {
-    const int64_t r0 = s * kCheckpoint, r1 = min(H, r0 + kCheckpoint);
+  for (int64_t sgi = nseg - 1; sgi >= 0; --sgi) {
+    const int64_t r0 = sgi * kCheckpoint, r1 = min(H, r0 + kCheckpoint);
     // 2. Recompute the segment's rows from its checkpoint.
 #pragma unroll
     for (int k = 0; k < S; ++k) {
       const int64_t j = static_cast<int64_t>(lane) * S + k;
-      hrow[k] = (s > 0 && j < W) ? ck[s * W + j] : 0.f;
+      hrow[k] = (sgi > 0 && j < W) ? ck[sgi * W + j] : 0.f;
     }
     for (int64_t i = r0; i < r1; ++i) {
-      stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
-      __syncthreads();
-      forward_row<T, S>(i, W, lane, AT2, AL2, BT, BL, s_u, s_dT, s_dL, hrow);
+      stage_forward_inputs(i);
+      forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, w_BT, w_BL, s_u, s_dT, s_dL, hrow);
 #pragma unroll
       for (int k = 0; k < S; ++k) {
         const int64_t j = static_cast<int64_t>(lane) * S + k;
@@ -236,16 +266,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
     }
     // 3. The adjoint, bottom-up through the segment.
     for (int64_t i = r1 - 1; i >= r0; --i) {
-      for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
-        const int pj = padded(j);
-        s_u[pj] = ld<T>(u.at<T>(i, j));
-        s_dT[pj] = ld<T>(dT.at<T>(i, j));
-        s_dL[pj] = ld<T>(dL.at<T>(i, j));
-        s_dy[pj] = ld<T>(dout.at<T>(i, j));
-      }
+      for (int64_t j = threadIdx.x; j < W; j += blockDim.x) s_dy[padded(j)] = ld<T>(dout.at<T>(i, j));
+      stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
+      stage_states<T>(p.BT, b, g, 0, NW, i, W, Wp, s_BT);
+      stage_states<T>(p.BL, b, g, 0, NW, i, W, Wp, s_BL);
+      stage_states<T>(p.C, b, g, 0, NW, i, W, Wp, s_C);
       __syncthreads();
+      if (i > 0) {
+        if (warp == 0) prefetch_row<T>(dout, i - 1, W);
+        if (warp == 1 % NW) prefetch_row<T>(u, i - 1, W);
+      }
       const float* hcur = seg + (i - r0) * W;
-      const float* hup = i == r0 ? (s > 0 ? ck + s * W : nullptr) : seg + (i - 1 - r0) * W;
+      const float* hup = i == r0 ? (sgi > 0 ? ck + sgi * W : nullptr) : seg + (i - 1 - r0) * W;
       // Reverse recurrence along the row: lam_j = beta_j + c_j lam_{j+1}, c_j = (cL aL) at j + 1.
       float coef[S], beta[S];
       float gL0 = 0.f;  // (cL aL) of this lane's first column, passed to the lane on the left
@@ -257,9 +289,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
         if (j < W) {
           const int pj = padded(j);
           float cL, cT;
-          coefficients(i, j, cL, cT);
+          coefficients(i, j, p.origin_top, cL, cT);
           gL = cL * exp2f(s_dL[pj] * AL2);
-          beta[k] = fmaf(s_dy[pj], ld<T>(C.at<T>(i, j)), down[k]);
+          beta[k] = fmaf(s_dy[pj], w_C[pj], down[k]);
         }
         if (k == 0) gL0 = gL;
         else coef[k - 1] = gL;
@@ -285,32 +317,27 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
       const int64_t last = static_cast<int64_t>(lane) * S + S - 1;
       float hleft = __shfl_up_sync(0xffffffffu, last < W ? hcur[last] : 0.f, 1);  // h[i, lane*S - 1]
       if (lane == 0) hleft = 0.f;
-      float du_c[S], ddT_c[S], ddL_c[S];
 #pragma unroll
       for (int k = S - 1; k >= 0; --k) {
         lam = fmaf(coef[k], lam, beta[k]);
         const int64_t j = static_cast<int64_t>(lane) * S + k;
-        du_c[k] = ddT_c[k] = ddL_c[k] = 0.f;
         if (j >= W) {
           down[k] = 0.f;
           continue;
         }
         const int pj = padded(j);
         float cL, cT;
-        coefficients(i, j, cL, cT);
+        coefficients(i, j, p.origin_top, cL, cT);
         const float uu = s_u[pj], t = s_dT[pj], l = s_dL[pj], dy = s_dy[pj];
         const float h = hcur[j];
         const float hl = k > 0 ? hcur[j - 1] : hleft;
         const float ht = hup ? hup[j] : 0.f;
         const float aT = exp2f(t * AT2), aL = exp2f(l * AL2);
-        const float bt = ld<T>(BT.at<T>(i, j)), bl = ld<T>(BL.at<T>(i, j));
+        const float bt = w_BT[pj], bl = w_BL[pj];
         const float wL = cL * lam, wT = cT * lam;
         const float qL = wL * aL * hl, qT = wT * aT * ht;  // a * dL/da
         dAL_acc = fmaf(qL, l, dAL_acc);
         dAT_acc = fmaf(qT, t, dAT_acc);
-        ddL_c[k] = fmaf(qL, AL, wL * bl * uu);
-        ddT_c[k] = fmaf(qT, AT, wT * bt * uu);
-        du_c[k] = fmaf(wL * bl, l, wT * bt * t);
         down[k] = aT * wT;
         if (ga.dBL.defined()) {
           float* dst = fplane(ga.dBL, b, bc_c, n, i, j);
@@ -324,28 +351,28 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
           float* dst = fplane(ga.dC, b, bc_c, n, i, j);
           if (kDeterministic) *dst = dy * h; else atomicAdd(dst, dy * h);
         }
-      }
-      // Per-cell sums over states, warps in index order; D * dy and dD from the first state chunk.
-#pragma unroll
-      for (int k = 0; k < S; ++k) {
-        const int64_t j = static_cast<int64_t>(lane) * S + k;
-        if (j < W) s_y[warp * Wp + padded(j)] = du_c[k] + (warp == 0 ? Dd * s_dy[padded(j)] : 0.f);
+        // Per-cell contributions replace this warp's staged inputs, which are no longer needed.
+        w_BT[pj] = fmaf(wL * bl, l, wT * bt * t);   // du
+        w_BL[pj] = fmaf(qT, AT, wT * bt * uu);      // ddT
+        w_C[pj] = fmaf(qL, AL, wL * bl * uu);       // ddL
       }
       if (warp == 0 && p.D)
         for (int64_t j = lane; j < W; j += 32) dD_acc = fmaf(s_dy[padded(j)], s_u[padded(j)], dD_acc);
-      reduce_row_into(s_y, Wp, NW, W, ga.du, b, e, i);
-#pragma unroll
-      for (int k = 0; k < S; ++k) {
-        const int64_t j = static_cast<int64_t>(lane) * S + k;
-        if (j < W) s_y[warp * Wp + padded(j)] = ddT_c[k];
+      __syncthreads();
+      // Sums over the states (warps in index order); D * dy goes with the first state chunk's D.
+      for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
+        const int pj = padded(j);
+        float du = Dd * s_dy[pj], ddt = 0.f, ddl = 0.f;
+        for (int w = 0; w < NW; ++w) {
+          du += s_BT[w * Wp + pj];
+          ddt += s_BL[w * Wp + pj];
+          ddl += s_C[w * Wp + pj];
+        }
+        if (ga.du.defined()) *fplane(ga.du, b, e, 0, i, j) += du;
+        if (ga.ddT.defined()) *fplane(ga.ddT, b, e, 0, i, j) += ddt;
+        if (ga.ddL.defined()) *fplane(ga.ddL, b, e, 0, i, j) += ddl;
       }
-      reduce_row_into(s_y, Wp, NW, W, ga.ddT, b, e, i);
-#pragma unroll
-      for (int k = 0; k < S; ++k) {
-        const int64_t j = static_cast<int64_t>(lane) * S + k;
-        if (j < W) s_y[warp * Wp + padded(j)] = ddL_c[k];
-      }
-      reduce_row_into(s_y, Wp, NW, W, ga.ddL, b, e, i);
+      __syncthreads();
     }
   }
 #pragma unroll
@@ -359,7 +386,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
     if (ga.dAL_part) static_cast<float*>(ga.dAL_part)[(b * p.dim + e) * p.dstate + n] = dAL_acc;
     if (warp == 0 && p.D && ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + e] = dD_acc;
   }
-  (void)s_red;
 }
 
 constexpr int64_t kMaxGridY = 65535;
@@ -378,20 +404,20 @@ void check_problem(const Wave2dProblem& p, const char* what) {
   if (p.width > kWave2dMaxWidth)
     throw ArgumentError(std::string(what) + ": the CUDA kernel scans rows of at most " +
                         std::to_string(kWave2dMaxWidth) + " cells (the caller transposes longer ones)");
-  if (p.dstate > kMaxWarps)
-    throw ArgumentError(std::string(what) + ": at most 16 states per launch (the caller runs state chunks)");
+  if (p.dstate > wavefront2d_max_states(p.width))
+    throw ArgumentError(std::string(what) + ": at most " + std::to_string(wavefront2d_max_states(p.width)) +
+                        " states per launch at W=" + std::to_string(p.width) + " (the caller runs state chunks)");
 }
 
 template <typename T, int S>
 void fwd_launch(const Wave2dProblem& p, const Grid& out, cudaStream_t stream) {
   const int nw = static_cast<int>(p.dstate);
-  const size_t Wp = static_cast<size_t>(p.width + (p.width >> 5) + 1);
-  const size_t smem = (3 + nw) * Wp * sizeof(float);
+  const size_t smem = (3 + 3 * nw) * static_cast<size_t>(row_pitch(p.width)) * sizeof(float);
   auto kernel = wave_fwd_kernel<T, S>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, nw * 32, smem, stream>>>(p, out, 0, b0);
+    kernel<<<grid, nw * 32, smem, stream>>>(p, out, b0);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_kernel");
   }
 }
@@ -399,13 +425,12 @@ void fwd_launch(const Wave2dProblem& p, const Grid& out, cudaStream_t stream) {
 template <typename T, int S, bool Det>
 void bwd_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t stream) {
   const int nw = static_cast<int>(p.dstate);
-  const size_t Wp = static_cast<size_t>(p.width + (p.width >> 5) + 1);
-  const size_t smem = (4 + nw) * Wp * sizeof(float);
+  const size_t smem = (4 + 3 * nw) * static_cast<size_t>(row_pitch(p.width)) * sizeof(float);
   auto kernel = wave_bwd_kernel<T, S, Det>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(a.e_end - a.e_begin), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, nw * 32, smem, stream>>>(p, a, 0, b0);
+    kernel<<<grid, nw * 32, smem, stream>>>(p, a, b0);
     SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_kernel");
   }
 }
@@ -431,6 +456,14 @@ void bwd_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) 
 }
 
 }  // namespace
+
+int wavefront2d_max_states(int64_t width) {
+  // Shared memory holds 4 rows plus 3 rows per state (the backward's need; the forward's is smaller).
+  const int64_t row = static_cast<int64_t>(row_pitch(width)) * 4;
+  const int64_t budget = 227 * 1024;
+  const int64_t fit = (budget - 4 * row) / (3 * row);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, fit)));
+}
 
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p) {
   return p.batch * p.dim * p.dstate * ((p.height + kCheckpoint - 1) / kCheckpoint + kCheckpoint) * p.width;

@@ -15,8 +15,8 @@ both sides longer is refused.
 
 ``out`` (and the backward's du, ddT, ddL) are accumulation buffers of float32 (float64 for float64
 inputs) that the kernels ADD into: the caller zeroes them, may run the states in chunks (the CUDA
-kernel takes at most ``MAX_CUDA_STATES`` per call, one warp each; pass D with the first chunk only)
-and casts once at the end.
+kernel takes at most ``cuda_max_states(H, W)`` per call, one warp each, at most 16; pass D with the
+first chunk only) and casts once at the end.
 
 Memory: the forward writes only ``out``; the (batch, H, W, E, N) state never reaches global memory.
 The CUDA backward recomputes h from row checkpoints in a scratch buffer of
@@ -30,12 +30,21 @@ from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array
 
 ORIGINS = ("tl", "tr", "bl", "br")
 MAX_CUDA_WIDTH = 2048  # keep equal to kWave2dMaxWidth in csrc/include/ssm2d/wavefront2d.h
-MAX_CUDA_STATES = 16  # states per CUDA call (one warp each)
 CHECKPOINT = 32  # rows between checkpoints in the CUDA backward; keep equal to kCheckpoint in the .cu
 
 
 def _dev(index: int) -> str:
     return "cpu" if index < 0 else f"cuda:{index}"
+
+
+def scanned_hw(height: int, width: int, device: int = 0) -> tuple[int, int]:
+    """(rows, row length) as the CUDA kernel scans the grid: transposed when rows are too long."""
+    return (width, height) if device >= 0 and width > MAX_CUDA_WIDTH else (height, width)
+
+
+def cuda_max_states(height: int, width: int) -> int:
+    """States one CUDA call takes for this grid (shared memory holds 3 staged rows per state)."""
+    return int(_C.wavefront2d_max_states(scanned_hw(height, width)[1]))
 
 
 def wavefront2d_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int) -> int:
@@ -101,9 +110,9 @@ class _Checked:
         for name, a in list(arrays.items()) + [("D", self.D)]:
             if a is not None and a.device != self.device:
                 raise ValueError(f"{name} is on device {_dev(a.device)} but u is on {_dev(self.device)}")
-        if self.device >= 0 and n > MAX_CUDA_STATES:
-            raise ValueError(f"the CUDA kernel takes at most {MAX_CUDA_STATES} states per call, got N={n}: "
-                             "run the states in chunks (the outputs accumulate)")
+        if self.device >= 0 and n > cuda_max_states(h, w):
+            raise ValueError(f"the CUDA kernel takes at most {cuda_max_states(h, w)} states per call here, got "
+                             f"N={n}: run the states in chunks (the outputs accumulate)")
         if self.device >= 0 and self.u.dtype == "float64":
             raise TypeError("u is float64 on CUDA: the CUDA kernel takes float32, float16 or bfloat16 "
                             "(float64 runs on the CPU kernel)")
@@ -179,7 +188,8 @@ class _Checked:
                     BT=self.grid(a[bt], "bn"), BL=self.grid(a[bl], "bn"), C=self.grid(a["C"], "bn"),
                     AT=a[at].ptr, AT_sd=a[at].strides[0], AT_sn=a[at].strides[1],
                     AL=a[al].ptr, AL_sd=a[al].strides[0], AL_sn=a[al].strides[1],
-                    D=None if self.D is None else self.D.ptr, device=self.device, stream=int(stream))
+                    D=None if self.D is None else self.D.ptr, origin_top=bool(self.transpose),
+                    device=self.device, stream=int(stream))
 
 
 def _check_buffer(a: Array, name: str, shape: tuple, dtype: str, device: int) -> None:

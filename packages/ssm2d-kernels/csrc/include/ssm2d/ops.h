@@ -140,9 +140,9 @@ struct Scan2dBackwardArgs {
 //
 // Channels-last operands are described with the same Grid: u, dT, dL, out are (b, c = channel e,
 // -, i, j); BT, BL, C are (b, c = group, n, i, j). The logical frame is rows first from the
-// top-left; the caller maps origins onto strides. The recurrence is symmetric under transposing the
-// grid while exchanging the T and L operands, which the caller may do to scan a long physical row
-// as a column.
+// top-left; the caller maps origins onto strides. Transposing the grid while exchanging the T and L
+// operands gives the same recurrence except at the origin, which takes its (physical) left input:
+// a transposed call sets origin_top, so a long physical row can be scanned as a column.
 struct Wave2dProblem {
   int64_t batch = 0, dim = 0, dstate = 0, groups = 1, height = 0, width = 0;  // logical H x W
   DType dtype = DType::kFloat32;
@@ -153,6 +153,7 @@ struct Wave2dProblem {
   int64_t A_sd = 0, A_sn = 0;
   int64_t AL_sd = 0, AL_sn = 0;
   const void* D = nullptr;  // (dim,) contiguous or null
+  bool origin_top = false;  // the origin cell takes the top input (a transposed call), else the left
   Device device{};
   StreamHandle stream = 0;
 };

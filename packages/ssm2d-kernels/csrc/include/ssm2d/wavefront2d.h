@@ -17,6 +17,8 @@ namespace cuda {
 // Longest logical row the CUDA kernels hold in registers (32 lanes x 64 columns).
 constexpr int64_t kWave2dMaxWidth = 2048;
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p);
+// States one CUDA call takes (one warp each): at most 16, fewer for long rows (shared memory).
+int wavefront2d_max_states(int64_t width);
 void wavefront2d_forward(const Wave2dProblem& p, const Grid& out);
 void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& g);
 }  // namespace cuda

@@ -100,8 +100,15 @@ def _stream(t: Tensor) -> int:
 
 
 def _state_chunks(u: Tensor, n: int):
-    """State ranges per kernel call: all at once on the CPU, at most 16 (a warp each) on CUDA."""
-    step = 16 if u.is_cuda else n
+    """State ranges per kernel call: all at once on the CPU; on CUDA as many as one block holds
+    (a warp each, at most 16, fewer for long rows), in equal-sized chunks."""
+    if not u.is_cuda:
+        return [(0, n)]
+    from ssm2d_kernels.wavefront2d import cuda_max_states
+
+    cap = cuda_max_states(u.shape[1], u.shape[2])
+    chunks = -(-n // cap)
+    step = -(-n // chunks)
     return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
 
