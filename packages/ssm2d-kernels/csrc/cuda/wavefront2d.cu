@@ -93,11 +93,10 @@ template <typename T>
 __device__ void stage_states(const Grid& g, int64_t b, int64_t grp, int64_t n0, int NW, int64_t i, int64_t W, int Wp,
                              float* dst) {
   const T* base = static_cast<const T*>(g.data) + b * g.sb + grp * g.sc + n0 * g.sn + i * g.si;
-  const int64_t total = W * NW;
-  for (int64_t x = threadIdx.x; x < total; x += blockDim.x) {
-    const int64_t j = x / NW;
-    const int w = static_cast<int>(x - j * NW);
-    dst[w * Wp + padded(j)] = ld<T>(base + w * g.sn + j * g.sj);
+  const int total = static_cast<int>(W) * NW;  // W <= 2048, NW <= 16: 32-bit index math
+  for (int x = threadIdx.x; x < total; x += blockDim.x) {
+    const int j = x / NW, w = x - j * NW;
+    dst[w * Wp + padded(j)] = ld<T>(base + w * g.sn + static_cast<int64_t>(j) * g.sj);
   }
 }
 
