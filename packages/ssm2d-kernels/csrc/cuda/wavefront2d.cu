@@ -57,6 +57,13 @@ __device__ __forceinline__ float* fplane(const Grid& g, int64_t b, int64_t c, in
   return static_cast<float*>(g.data) + b * g.sb + c * g.sc + n * g.sn + i * g.si + j * g.sj;
 }
 
+// 2^x with the MUFU unit alone (relative error ~2^-22: far below float32 accumulation error here).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ int padded(int64_t j) { return static_cast<int>(j + (j >> 5)); }
 
 // Border rule. The origin takes its left input; in a transposed call (origin_top) the physical
@@ -89,14 +96,36 @@ __device__ void stage_row(const Strided& u, const Strided& dT, const Strided& dL
 
 // Stages row i of a (b, H, W, [G,] N) operand for the block's NW states, as [state][padded column]:
 // consecutive threads take consecutive states of one cell, so the global reads are coalesced.
+// NW is a power of two (lg = log2 NW); only the first `count` states exist.
 template <typename T>
-__device__ void stage_states(const Grid& g, int64_t b, int64_t grp, int64_t n0, int NW, int64_t i, int64_t W, int Wp,
-                             float* dst) {
+__device__ void stage_states(const Grid& g, int64_t b, int64_t grp, int64_t n0, int lg, int count, int64_t i,
+                             int64_t W, int Wp, float* dst) {
   const T* base = static_cast<const T*>(g.data) + b * g.sb + grp * g.sc + n0 * g.sn + i * g.si;
-  const int total = static_cast<int>(W) * NW;  // W <= 2048, NW <= 16: 32-bit index math
+  const int total = static_cast<int>(W) << lg;  // W <= 2048, NW <= 16: 32-bit index math
   for (int x = threadIdx.x; x < total; x += blockDim.x) {
-    const int j = x / NW, w = x - j * NW;
-    dst[w * Wp + padded(j)] = ld<T>(base + w * g.sn + static_cast<int64_t>(j) * g.sj);
+    const int j = x >> lg, w = x & ((1 << lg) - 1);
+    if (w < count) dst[w * Wp + padded(j)] = ld<T>(base + w * g.sn + static_cast<int64_t>(j) * g.sj);
+  }
+}
+
+// Per-cell outputs of state chunk z > 0 go to float32 scratch laid out (b, e, i, j) contiguous.
+__device__ __forceinline__ float* cell_out(const Grid& g, float* scratch, int64_t z, int64_t b, int64_t e, int64_t i,
+                                           int64_t j, const Wave2dProblem& p) {
+  if (z == 0) return fplane(g, b, e, 0, i, j);
+  const int64_t cells = p.batch * p.dim * p.height * p.width;
+  return scratch + (z - 1) * cells + ((b * p.dim + e) * p.height + i) * p.width + j;
+}
+
+// out += sum over chunks z >= 1 of their scratch, in chunk order (deterministic).
+__global__ void add_chunks_kernel(Wave2dProblem p, Grid out, const float* scratch, int64_t chunks) {
+  const int64_t cells = p.batch * p.dim * p.height * p.width;
+  for (int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; x < cells;
+       x += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = x % p.width, i = (x / p.width) % p.height, e = (x / (p.width * p.height)) % p.dim,
+                  b = x / (p.width * p.height * p.dim);
+    float s = 0.f;
+    for (int64_t z = 1; z < chunks; ++z) s += scratch[(z - 1) * cells + x];
+    *fplane(out, b, e, 0, i, j) += s;
   }
 }
 
@@ -125,7 +154,7 @@ __device__ __forceinline__ void forward_row(int64_t i, int64_t W, bool origin_to
       const float uu = s_u[pj], t = s_dT[pj], l = s_dL[pj];
       float cL, cT;
       coefficients(i, j, origin_top, cL, cT);
-      const float aL = exp2f(l * AL2), aT = exp2f(t * AT2);
+      const float aL = fast_exp2(l * AL2), aT = fast_exp2(t * AT2);
       alpha[k] = cL * aL;
       beta[k] = cL * (l * s_BL[pj] * uu) + cT * fmaf(aT, hrow[k], t * s_BT[pj] * uu);
     }
@@ -153,44 +182,49 @@ __device__ __forceinline__ void forward_row(int64_t i, int64_t W, bool origin_to
 template <typename T, int S>
 __global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem p, Grid out, int64_t b0) {
   extern __shared__ float smem[];
-  const int NW = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t e = blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, n = warp;
+  const int NW = blockDim.x >> 5, lg = __ffs(NW) - 1, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t e = blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, z = blockIdx.z;
+  const int64_t n0 = z * NW, n = n0 + warp;
+  const int count = static_cast<int>(min(static_cast<int64_t>(NW), p.dstate - n0));  // states of this chunk
+  const bool active = warp < count;
   const int64_t g = e / (p.dim / p.groups);
   const int Wp = row_pitch(W);
   float *s_u = smem, *s_dT = s_u + Wp, *s_dL = s_dT + Wp;
   float *s_BT = s_dL + Wp, *s_BL = s_BT + NW * Wp, *s_C = s_BL + NW * Wp;  // [state][column]
   const Strided u = plane_of<T>(p.u, b, e, 0), dT = plane_of<T>(p.dT, b, e, 0), dL = plane_of<T>(p.dL, b, e, 0);
-  const float AT2 = static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn] * kLog2e;
-  const float AL2 = static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn] * kLog2e;
-  const float Dd = p.D ? static_cast<const float*>(p.D)[e] : 0.f;
+  const float AT2 = active ? static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn] * kLog2e : 0.f;
+  const float AL2 = active ? static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn] * kLog2e : 0.f;
+  const float Dd = (p.D && z == 0) ? static_cast<const float*>(p.D)[e] : 0.f;
   float hrow[S];
 #pragma unroll
   for (int k = 0; k < S; ++k) hrow[k] = 0.f;
 
   for (int64_t i = 0; i < H; ++i) {
     stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
-    stage_states<T>(p.BT, b, g, 0, NW, i, W, Wp, s_BT);
-    stage_states<T>(p.BL, b, g, 0, NW, i, W, Wp, s_BL);
-    stage_states<T>(p.C, b, g, 0, NW, i, W, Wp, s_C);
+    stage_states<T>(p.BT, b, g, n0, lg, count, i, W, Wp, s_BT);
+    stage_states<T>(p.BL, b, g, n0, lg, count, i, W, Wp, s_BL);
+    stage_states<T>(p.C, b, g, n0, lg, count, i, W, Wp, s_C);
     __syncthreads();
     if (i + 1 < H) {
       if (warp == 0) prefetch_row<T>(u, i + 1, W);
       if (warp == 1 % NW) prefetch_row<T>(dT, i + 1, W);
       if (warp == 2 % NW) prefetch_row<T>(dL, i + 1, W);
     }
-    forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, s_BT + warp * Wp, s_BL + warp * Wp, s_u, s_dT, s_dL, hrow);
-    float* yw = s_C + warp * Wp;  // C*h replaces this warp's C
+    if (active) {
+      forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, s_BT + warp * Wp, s_BL + warp * Wp, s_u, s_dT, s_dL, hrow);
+      float* yw = s_C + warp * Wp;  // C*h replaces this warp's C
 #pragma unroll
-    for (int k = 0; k < S; ++k) {
-      const int64_t j = static_cast<int64_t>(lane) * S + k;
-      if (j < W) yw[padded(j)] *= hrow[k];
+      for (int k = 0; k < S; ++k) {
+        const int64_t j = static_cast<int64_t>(lane) * S + k;
+        if (j < W) yw[padded(j)] *= hrow[k];
+      }
     }
     __syncthreads();
     for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
       const int pj = padded(j);
       float y = Dd * s_u[pj];
-      for (int w = 0; w < NW; ++w) y += s_C[w * Wp + pj];
-      *fplane(out, b, e, 0, i, j) += y;
+      for (int w = 0; w < count; ++w) y += s_C[w * Wp + pj];
+      *cell_out(out, p.workspace, z, b, e, i, j, p) += y;
     }
     __syncthreads();
   }
@@ -199,8 +233,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem 
 template <typename T, int S, bool kDeterministic>
 __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t b0) {
   extern __shared__ float smem[];
-  const int NW = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t e = ga.e_begin + blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, n = warp;
+  const int NW = blockDim.x >> 5, lg = __ffs(NW) - 1, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t e = ga.e_begin + blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, z = blockIdx.z;
+  const int64_t n0 = z * NW, n = n0 + warp;
+  const int count = static_cast<int>(min(static_cast<int64_t>(NW), p.dstate - n0));
+  const bool active = warp < count;
   const int64_t g = e / (p.dim / p.groups), bc_c = kDeterministic ? e - ga.e_begin : g;
   const int Wp = row_pitch(W);
   float *s_u = smem, *s_dT = s_u + Wp, *s_dL = s_dT + Wp, *s_dy = s_dL + Wp;
@@ -208,19 +245,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
   float *w_BT = s_BT + warp * Wp, *w_BL = s_BL + warp * Wp, *w_C = s_C + warp * Wp;
   const Strided u = plane_of<T>(p.u, b, e, 0), dT = plane_of<T>(p.dT, b, e, 0), dL = plane_of<T>(p.dL, b, e, 0);
   const Strided dout = plane_of<T>(ga.dout, b, e, 0);
-  const float AT = static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn];
-  const float AL = static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn];
+  const float AT = active ? static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn] : 0.f;
+  const float AL = active ? static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn] : 0.f;
   const float AT2 = AT * kLog2e, AL2 = AL * kLog2e;
-  const float Dd = p.D ? static_cast<const float*>(p.D)[e] : 0.f;
+  const float Dd = (p.D && z == 0) ? static_cast<const float*>(p.D)[e] : 0.f;
   const int64_t nseg = (H + kCheckpoint - 1) / kCheckpoint;
-  // Scratch of this (b, e, n): checkpoint rows (slot s = h of row s*K - 1), then one segment.
-  float* ck = ga.workspace + ((b * p.dim + e) * p.dstate + n) * (nseg + kCheckpoint) * W;
+  // Scratch: per-cell partials of chunks z >= 1 (du, ddT, ddL), then per (b, e, n) the checkpoint
+  // rows (slot s = h of row s*K - 1) and one segment.
+  const int64_t cells = p.batch * p.dim * H * W, zs = (p.dstate + NW - 1) / NW - 1;
+  float* part = ga.workspace;  // 3 * zs * cells
+  float* ck = ga.workspace + 3 * zs * cells + ((b * p.dim + e) * p.dstate + min(n, p.dstate - 1)) *
+                                                   (nseg + kCheckpoint) * W;
   float* seg = ck + nseg * W;
 
   auto stage_forward_inputs = [&](int64_t i) {
     stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
-    stage_states<T>(p.BT, b, g, 0, NW, i, W, Wp, s_BT);
-    stage_states<T>(p.BL, b, g, 0, NW, i, W, Wp, s_BL);
+    stage_states<T>(p.BT, b, g, n0, lg, count, i, W, Wp, s_BT);
+    stage_states<T>(p.BL, b, g, n0, lg, count, i, W, Wp, s_BL);
     __syncthreads();
   };
 
@@ -230,8 +271,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
   for (int k = 0; k < S; ++k) hrow[k] = 0.f;
   for (int64_t i = 0; i + 1 < H; ++i) {  // the last row is never a checkpoint
     stage_forward_inputs(i);
-    forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, w_BT, w_BL, s_u, s_dT, s_dL, hrow);
-    if ((i + 1) % kCheckpoint == 0)
+    if (active) forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, w_BT, w_BL, s_u, s_dT, s_dL, hrow);
+    if (active && (i + 1) % kCheckpoint == 0)
 #pragma unroll
       for (int k = 0; k < S; ++k) {
         const int64_t j = static_cast<int64_t>(lane) * S + k;
@@ -255,11 +296,13 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
     }
     for (int64_t i = r0; i < r1; ++i) {
       stage_forward_inputs(i);
-      forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, w_BT, w_BL, s_u, s_dT, s_dL, hrow);
+      if (active) {
+        forward_row<S>(i, W, p.origin_top, lane, AT2, AL2, w_BT, w_BL, s_u, s_dT, s_dL, hrow);
 #pragma unroll
-      for (int k = 0; k < S; ++k) {
-        const int64_t j = static_cast<int64_t>(lane) * S + k;
-        if (j < W) seg[(i - r0) * W + j] = hrow[k];
+        for (int k = 0; k < S; ++k) {
+          const int64_t j = static_cast<int64_t>(lane) * S + k;
+          if (j < W) seg[(i - r0) * W + j] = hrow[k];
+        }
       }
       __syncthreads();
     }
@@ -267,14 +310,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
     for (int64_t i = r1 - 1; i >= r0; --i) {
       for (int64_t j = threadIdx.x; j < W; j += blockDim.x) s_dy[padded(j)] = ld<T>(dout.at<T>(i, j));
       stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
-      stage_states<T>(p.BT, b, g, 0, NW, i, W, Wp, s_BT);
-      stage_states<T>(p.BL, b, g, 0, NW, i, W, Wp, s_BL);
-      stage_states<T>(p.C, b, g, 0, NW, i, W, Wp, s_C);
+      stage_states<T>(p.BT, b, g, n0, lg, count, i, W, Wp, s_BT);
+      stage_states<T>(p.BL, b, g, n0, lg, count, i, W, Wp, s_BL);
+      stage_states<T>(p.C, b, g, n0, lg, count, i, W, Wp, s_C);
       __syncthreads();
       if (i > 0) {
         if (warp == 0) prefetch_row<T>(dout, i - 1, W);
         if (warp == 1 % NW) prefetch_row<T>(u, i - 1, W);
       }
+      if (active) {
       const float* hcur = seg + (i - r0) * W;
       const float* hup = i == r0 ? (sgi > 0 ? ck + sgi * W : nullptr) : seg + (i - 1 - r0) * W;
       // Reverse recurrence along the row: lam_j = beta_j + c_j lam_{j+1}, c_j = (cL aL) at j + 1.
@@ -289,7 +333,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
           const int pj = padded(j);
           float cL, cT;
           coefficients(i, j, p.origin_top, cL, cT);
-          gL = cL * exp2f(s_dL[pj] * AL2);
+          gL = cL * fast_exp2(s_dL[pj] * AL2);
           beta[k] = fmaf(s_dy[pj], w_C[pj], down[k]);
         }
         if (k == 0) gL0 = gL;
@@ -331,7 +375,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
         const float h = hcur[j];
         const float hl = k > 0 ? hcur[j - 1] : hleft;
         const float ht = hup ? hup[j] : 0.f;
-        const float aT = exp2f(t * AT2), aL = exp2f(l * AL2);
+        const float aT = fast_exp2(t * AT2), aL = fast_exp2(l * AL2);
         const float bt = w_BT[pj], bl = w_BL[pj];
         const float wL = cL * lam, wT = cT * lam;
         const float qL = wL * aL * hl, qT = wT * aT * ht;  // a * dL/da
@@ -355,21 +399,22 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
         w_BL[pj] = fmaf(qT, AT, wT * bt * uu);      // ddT
         w_C[pj] = fmaf(qL, AL, wL * bl * uu);       // ddL
       }
-      if (warp == 0 && p.D)
+      }
+      if (warp == 0 && z == 0 && p.D)
         for (int64_t j = lane; j < W; j += 32) dD_acc = fmaf(s_dy[padded(j)], s_u[padded(j)], dD_acc);
       __syncthreads();
       // Sums over the states (warps in index order); D * dy goes with the first state chunk's D.
       for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
         const int pj = padded(j);
         float du = Dd * s_dy[pj], ddt = 0.f, ddl = 0.f;
-        for (int w = 0; w < NW; ++w) {
+        for (int w = 0; w < count; ++w) {
           du += s_BT[w * Wp + pj];
           ddt += s_BL[w * Wp + pj];
           ddl += s_C[w * Wp + pj];
         }
-        if (ga.du.defined()) *fplane(ga.du, b, e, 0, i, j) += du;
-        if (ga.ddT.defined()) *fplane(ga.ddT, b, e, 0, i, j) += ddt;
-        if (ga.ddL.defined()) *fplane(ga.ddL, b, e, 0, i, j) += ddl;
+        if (ga.du.defined()) *cell_out(ga.du, part, z, b, e, i, j, p) += du;
+        if (ga.ddT.defined()) *cell_out(ga.ddT, part + zs * cells, z, b, e, i, j, p) += ddt;
+        if (ga.ddL.defined()) *cell_out(ga.ddL, part + 2 * zs * cells, z, b, e, i, j, p) += ddl;
       }
       __syncthreads();
     }
@@ -380,10 +425,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
     dAL_acc += __shfl_xor_sync(0xffffffffu, dAL_acc, off);
     dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, off);
   }
-  if (lane == 0) {
+  if (lane == 0 && active) {
     if (ga.dAT_part) static_cast<float*>(ga.dAT_part)[(b * p.dim + e) * p.dstate + n] = dAT_acc;
     if (ga.dAL_part) static_cast<float*>(ga.dAL_part)[(b * p.dim + e) * p.dstate + n] = dAL_acc;
-    if (warp == 0 && p.D && ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + e] = dD_acc;
+    if (warp == 0 && z == 0 && p.D && ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + e] = dD_acc;
   }
 }
 
@@ -396,6 +441,9 @@ int segment_for(int64_t W) {
   return 64;
 }
 
+int64_t chunks_of(const Wave2dProblem& p) { return (p.dstate + p.states_per_block - 1) / p.states_per_block; }
+int64_t cells_of(const Wave2dProblem& p) { return p.batch * p.dim * p.height * p.width; }
+
 void check_problem(const Wave2dProblem& p, const char* what) {
   if (p.dtype == DType::kFloat64 || p.param_dtype != DType::kFloat32)
     throw ArgumentError(std::string(what) + ": the CUDA kernel takes float32, float16 or bfloat16 inputs with "
@@ -403,35 +451,56 @@ void check_problem(const Wave2dProblem& p, const char* what) {
   if (p.width > kWave2dMaxWidth)
     throw ArgumentError(std::string(what) + ": the CUDA kernel scans rows of at most " +
                         std::to_string(kWave2dMaxWidth) + " cells (the caller transposes longer ones)");
-  if (p.dstate > wavefront2d_max_states(p.width))
-    throw ArgumentError(std::string(what) + ": at most " + std::to_string(wavefront2d_max_states(p.width)) +
-                        " states per launch at W=" + std::to_string(p.width) + " (the caller runs state chunks)");
+  const int64_t spb = p.states_per_block;
+  if (spb < 1 || (spb & (spb - 1)) || spb > wavefront2d_max_states(p.width))
+    throw ArgumentError(std::string(what) + ": states_per_block must be a power of two <= " +
+                        std::to_string(wavefront2d_max_states(p.width)) + " at W=" + std::to_string(p.width) +
+                        ", got " + std::to_string(spb));
+  if (chunks_of(p) > 1 && !p.workspace)
+    throw ArgumentError(std::string(what) + ": the forward needs its float32 workspace when states run in chunks");
+}
+
+void add_chunks(const Wave2dProblem& p, const Grid& out, const float* scratch, cudaStream_t stream) {
+  if (!out.defined() || chunks_of(p) <= 1) return;
+  const int64_t blocks = std::min<int64_t>((cells_of(p) + 255) / 256, 65535);
+  add_chunks_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(p, out, scratch, chunks_of(p));
+  SSM2D_CUDA_CHECK_LAUNCH("add_chunks_kernel");
 }
 
 template <typename T, int S>
 void fwd_launch(const Wave2dProblem& p, const Grid& out, cudaStream_t stream) {
-  const int nw = static_cast<int>(p.dstate);
+  const int nw = static_cast<int>(p.states_per_block);
   const size_t smem = (3 + 3 * nw) * static_cast<size_t>(row_pitch(p.width)) * sizeof(float);
   auto kernel = wave_fwd_kernel<T, S>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  if (chunks_of(p) > 1)
+    SSM2D_CUDA_CHECK(cudaMemsetAsync(p.workspace, 0, (chunks_of(p) - 1) * cells_of(p) * sizeof(float), stream));
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
-    dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)),
+              static_cast<unsigned>(chunks_of(p)));
     kernel<<<grid, nw * 32, smem, stream>>>(p, out, b0);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_kernel");
   }
+  add_chunks(p, out, p.workspace, stream);
 }
 
 template <typename T, int S, bool Det>
 void bwd_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t stream) {
-  const int nw = static_cast<int>(p.dstate);
+  const int nw = static_cast<int>(p.states_per_block);
   const size_t smem = (4 + 3 * nw) * static_cast<size_t>(row_pitch(p.width)) * sizeof(float);
   auto kernel = wave_bwd_kernel<T, S, Det>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const int64_t zs = chunks_of(p) - 1, cells = cells_of(p);
+  if (zs > 0) SSM2D_CUDA_CHECK(cudaMemsetAsync(a.workspace, 0, 3 * zs * cells * sizeof(float), stream));
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
-    dim3 grid(static_cast<unsigned>(a.e_end - a.e_begin), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    dim3 grid(static_cast<unsigned>(a.e_end - a.e_begin), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)),
+              static_cast<unsigned>(chunks_of(p)));
     kernel<<<grid, nw * 32, smem, stream>>>(p, a, b0);
     SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_kernel");
   }
+  add_chunks(p, a.du, a.workspace, stream);
+  add_chunks(p, a.ddT, a.workspace + zs * cells, stream);
+  add_chunks(p, a.ddL, a.workspace + 2 * zs * cells, stream);
 }
 
 template <typename T>
@@ -464,8 +533,13 @@ int wavefront2d_max_states(int64_t width) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, fit)));
 }
 
+int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p) {
+  return p.states_per_block > 0 ? (chunks_of(p) - 1) * cells_of(p) : 0;
+}
+
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p) {
-  return p.batch * p.dim * p.dstate * ((p.height + kCheckpoint - 1) / kCheckpoint + kCheckpoint) * p.width;
+  const int64_t parts = p.states_per_block > 0 ? 3 * (chunks_of(p) - 1) * cells_of(p) : 0;
+  return parts + p.batch * p.dim * p.dstate * ((p.height + kCheckpoint - 1) / kCheckpoint + kCheckpoint) * p.width;
 }
 
 void wavefront2d_forward(const Wave2dProblem& p, const Grid& out) {

@@ -37,6 +37,7 @@ int64_t scan2d_backward_workspace_floats(const Scan2dProblem&) { return 0; }
 void scan2d_forward(const Scan2dProblem&, const Scan2dForwardOutputs&) { no_cuda("scan2d_forward"); }
 void scan2d_backward(const Scan2dProblem&, const Scan2dBackwardArgs&) { no_cuda("scan2d_backward"); }
 
+int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem&) { return 0; }
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem&) { return 0; }
 int wavefront2d_max_states(int64_t) { return 0; }
 void wavefront2d_forward(const Wave2dProblem&, const Grid&) { no_cuda("wavefront2d_forward"); }

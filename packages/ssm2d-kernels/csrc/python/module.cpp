@@ -65,6 +65,8 @@ ssm2d::Wave2dProblem to_wave_problem(const py::dict& d) {
   p.AL = to_ptr(d["AL"]); p.AL_sd = d["AL_sd"].cast<int64_t>(); p.AL_sn = d["AL_sn"].cast<int64_t>();
   p.D = to_ptr(d["D"]);
   p.origin_top = d["origin_top"].cast<bool>();
+  p.states_per_block = d["states_per_block"].cast<int64_t>();
+  p.workspace = to_ptr<float>(d["workspace"]);
   p.device.index = d["device"].cast<int>();
   p.stream = d["stream"].cast<std::uintptr_t>();
   if (p.batch < 0 || p.dim < 1 || p.dstate < 1 || p.groups < 1 || p.dim % p.groups || p.height < 1 || p.width < 1)
@@ -177,6 +179,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("wavefront2d_max_states", &ssm2d::cuda::wavefront2d_max_states, py::arg("width"),
         "States one CUDA wavefront2d call takes (one warp each) for rows of this width.");
+  m.def("wavefront2d_forward_workspace_floats",
+        [](const py::dict& d) { return ssm2d::cuda::wavefront2d_forward_workspace_floats(to_wave_problem(d)); });
   m.def("wavefront2d_backward_workspace_floats",
         [](const py::dict& d) { return ssm2d::cuda::wavefront2d_backward_workspace_floats(to_wave_problem(d)); });
 

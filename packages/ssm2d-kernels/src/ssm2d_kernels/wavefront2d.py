@@ -14,13 +14,16 @@ Shapes: u, dT, dL, out: (batch, H, W, E); AT, AL: (E, N); BT, BL, C: (batch, H, 
 both sides longer is refused.
 
 ``out`` (and the backward's du, ddT, ddL) are accumulation buffers of float32 (float64 for float64
-inputs) that the kernels ADD into: the caller zeroes them, may run the states in chunks (the CUDA
-kernel takes at most ``cuda_max_states(H, W)`` per call, one warp each, at most 16; pass D with the
-first chunk only) and casts once at the end.
+inputs) that the kernels ADD into: the caller zeroes them and casts once at the end.
 
-Memory: the forward writes only ``out``; the (batch, H, W, E, N) state never reaches global memory.
-The CUDA backward recomputes h from row checkpoints in a scratch buffer of
-``wavefront2d_workspace_floats`` float32 values: batch*E*N*(ceil(H/32) + 32)*W.
+On CUDA one block per (batch, channel) runs ``states_per_block(...)`` states (one warp each, a power
+of two, at most 16); the other state chunks run in blocks side by side and add their per-cell
+results through float32 scratch in ``workspace`` (``wavefront2d_workspace_floats``).
+
+Memory: the forward writes only ``out`` (plus (chunks - 1) per-cell float32 partials on CUDA); the
+(batch, H, W, E, N) state never reaches global memory. The CUDA backward recomputes h from row
+checkpoints: its scratch is batch*E*N*(ceil(H/32) + 32)*W float32 values plus 3 (chunks - 1)
+per-cell partials.
 """
 
 from __future__ import annotations
@@ -42,16 +45,37 @@ def scanned_hw(height: int, width: int, device: int = 0) -> tuple[int, int]:
     return (width, height) if device >= 0 and width > MAX_CUDA_WIDTH else (height, width)
 
 
-def cuda_max_states(height: int, width: int) -> int:
-    """States one CUDA call takes for this grid (shared memory holds 3 staged rows per state)."""
-    return int(_C.wavefront2d_max_states(scanned_hw(height, width)[1]))
+_SM_COUNT: dict[int, int] = {}
 
 
-def wavefront2d_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int) -> int:
-    """float32 scratch of the CUDA backward for a grid of (height, width) as scanned (after any
-    transpose): checkpoint rows every CHECKPOINT rows plus one segment of rows."""
-    h, w = (width, height) if width > MAX_CUDA_WIDTH else (height, width)
-    return batch * dim * dstate * (-(-h // CHECKPOINT) + CHECKPOINT) * w
+def states_per_block(batch: int, dim: int, dstate: int, height: int, width: int, device: int) -> int:
+    """States one CUDA block runs (a warp each): a power of two that fits shared memory (3 staged rows
+    per state), halved while that leaves multiprocessors idle (down to 4). 0 on the CPU."""
+    if device < 0:
+        return 0
+    cap = int(_C.wavefront2d_max_states(scanned_hw(height, width, device)[1]))
+    cap = 1 << (cap.bit_length() - 1)
+    nw = min(cap, 1 << max(0, (dstate - 1).bit_length()))
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = int(_C.cuda_device_properties(device)["multiprocessors"])
+    while nw > 4 and batch * dim * -(-dstate // nw) < _SM_COUNT[device]:
+        nw //= 2
+    return nw
+
+
+def wavefront2d_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int, device: int = 0,
+                                 backward: bool = True) -> int:
+    """float32 scratch of a CUDA call: (chunks - 1) per-cell partials per per-cell output (1 in the
+    forward, 3 in the backward), plus in the backward the row checkpoints (every CHECKPOINT rows) and
+    one segment of rows per (batch, channel, state), for the grid as scanned (after any transpose)."""
+    if device < 0:
+        return 0
+    rows, w = scanned_hw(height, width, device)
+    chunks = -(-dstate // states_per_block(batch, dim, dstate, height, width, device))
+    parts = (chunks - 1) * batch * dim * height * width
+    if not backward:
+        return parts
+    return 3 * parts + batch * dim * dstate * (-(-rows // CHECKPOINT) + CHECKPOINT) * w
 
 
 class _Checked:
@@ -110,9 +134,6 @@ class _Checked:
         for name, a in list(arrays.items()) + [("D", self.D)]:
             if a is not None and a.device != self.device:
                 raise ValueError(f"{name} is on device {_dev(a.device)} but u is on {_dev(self.device)}")
-        if self.device >= 0 and n > cuda_max_states(h, w):
-            raise ValueError(f"the CUDA kernel takes at most {cuda_max_states(h, w)} states per call here, got "
-                             f"N={n}: run the states in chunks (the outputs accumulate)")
         if self.device >= 0 and self.u.dtype == "float64":
             raise TypeError("u is float64 on CUDA: the CUDA kernel takes float32, float16 or bfloat16 "
                             "(float64 runs on the CPU kernel)")
@@ -176,7 +197,18 @@ class _Checked:
         """The operands that play T and L in the scanned frame (exchanged when transposed)."""
         return (l_name, t_name) if self.transpose else (t_name, l_name)
 
-    def problem(self, stream: int) -> dict:
+    def workspace(self, workspace, backward: bool):
+        """The CUDA scratch, checked against its required size (None on the CPU or when not needed)."""
+        need = wavefront2d_workspace_floats(self.b, self.e, self.n, self.h, self.w, self.device, backward)
+        if need == 0:
+            return None
+        if workspace is None:
+            raise ValueError(f"workspace (float32, {need} values) is required on CUDA here")
+        wsp = as_array(workspace, "workspace")
+        _check_buffer(wsp, "workspace", (need,), "float32", self.device)
+        return wsp.ptr
+
+    def problem(self, stream: int, workspace_ptr=None) -> dict:
         a = self.arrays
         t, l = self.tl("dT", "dL")
         bt, bl = self.tl("BT", "BL")
@@ -189,7 +221,8 @@ class _Checked:
                     AT=a[at].ptr, AT_sd=a[at].strides[0], AT_sn=a[at].strides[1],
                     AL=a[al].ptr, AL_sd=a[al].strides[0], AL_sn=a[al].strides[1],
                     D=None if self.D is None else self.D.ptr, origin_top=bool(self.transpose),
-                    device=self.device, stream=int(stream))
+                    states_per_block=states_per_block(self.b, self.e, self.n, self.h, self.w, self.device),
+                    workspace=workspace_ptr, device=self.device, stream=int(stream))
 
 
 def _check_buffer(a: Array, name: str, shape: tuple, dtype: str, device: int) -> None:
@@ -201,12 +234,13 @@ def _check_buffer(a: Array, name: str, shape: tuple, dtype: str, device: int) ->
         raise ValueError(f"{name} is on device {_dev(a.device)}, expected {_dev(device)}")
 
 
-def wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D=None, *, out, origin: str = "tl", stream: int = 0) -> None:
+def wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D=None, *, out, origin: str = "tl", workspace=None,
+                        stream: int = 0) -> None:
     """Adds y into ``out`` (batch, H, W, E), an accumulation buffer (float32; float64 for float64
     inputs). ``stream``: the caller's CUDA stream handle."""
     chk = _Checked(u, dT, dL, AT, AL, BT, BL, C, D, origin)
     o = chk.accumulator(out, "out")
-    _C.wavefront2d_forward(chk.problem(stream), chk.grid(o, "x"))
+    _C.wavefront2d_forward(chk.problem(stream, chk.workspace(workspace, backward=False)), chk.grid(o, "x"))
 
 
 def wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D=None, *, du=None, ddT=None, ddL=None, dBT=None,
@@ -244,13 +278,7 @@ def wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D=None, *, du=None,
             if v.strides != _contiguous_strides(shape):
                 raise ValueError(f"{name} must be contiguous")
         parts[name] = v
-    wsp = None
-    if chk.device >= 0:
-        if workspace is None:
-            raise ValueError("workspace is required on CUDA")
-        wsp = as_array(workspace, "workspace")
-        _check_buffer(wsp, "workspace", (wavefront2d_workspace_floats(chk.b, chk.e, chk.n, chk.h, chk.w),),
-                      "float32", chk.device)
+    wsp = chk.workspace(workspace, backward=True)
     dt_name, dl_name = chk.tl("ddT", "ddL")
     bt_name, bl_name = chk.tl("dBT", "dBL")
     at_name, al_name = chk.tl("dAT_part", "dAL_part")
@@ -261,5 +289,5 @@ def wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D=None, *, du=None,
              ddL=chk.grid(grads[dl_name], "x"), dBT=chk.grid(bufs[bt_name], "bn"), dBL=chk.grid(bufs[bl_name], "bn"),
              dC=chk.grid(bufs["dC"], "bn"), dAT_part=ptr(parts[at_name]), dAL_part=ptr(parts[al_name]),
              dD_part=ptr(parts["dD_part"]), deterministic=bool(per_channel), e_begin=int(e_begin),
-             e_end=int(e_end), workspace=ptr(wsp)),
+             e_end=int(e_end), workspace=wsp),
     )

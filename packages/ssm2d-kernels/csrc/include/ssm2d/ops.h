@@ -154,6 +154,10 @@ struct Wave2dProblem {
   int64_t AL_sd = 0, AL_sn = 0;
   const void* D = nullptr;  // (dim,) contiguous or null
   bool origin_top = false;  // the origin cell takes the top input (a transposed call), else the left
+  // CUDA: states per block (a power of two, one warp each); blocks of the other state chunks run
+  // side by side and add their per-cell outputs through float32 scratch in the workspace.
+  int64_t states_per_block = 0;
+  float* workspace = nullptr;  // forward scratch (CUDA): (chunks - 1) * batch * H * W * E floats
   Device device{};
   StreamHandle stream = 0;
 };

@@ -16,6 +16,9 @@ void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& g);
 namespace cuda {
 // Longest logical row the CUDA kernels hold in registers (32 lanes x 64 columns).
 constexpr int64_t kWave2dMaxWidth = 2048;
+// float32 scratch of a CUDA call: the forward's holds the per-cell partials of state chunks after
+// the first; the backward's three such partials plus row checkpoints and one 32-row segment per state.
+int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p);
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p);
 // States one CUDA call takes (one warp each): at most 16, fewer for long rows (shared memory).
 int wavefront2d_max_states(int64_t width);

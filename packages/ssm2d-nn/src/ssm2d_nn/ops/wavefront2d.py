@@ -99,21 +99,14 @@ def _stream(t: Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
 
 
-def _state_chunks(u: Tensor, n: int):
-    """State ranges per kernel call: all at once on the CPU; on CUDA as many as one block holds
-    (a warp each, at most 16, fewer for long rows), in equal-sized chunks."""
+def _workspace(u: Tensor, AT: Tensor, backward: bool) -> Optional[Tensor]:
     if not u.is_cuda:
-        return [(0, n)]
-    from ssm2d_kernels.wavefront2d import cuda_max_states
+        return None
+    from ssm2d_kernels.wavefront2d import wavefront2d_workspace_floats
 
-    cap = cuda_max_states(u.shape[1], u.shape[2])
-    chunks = -(-n // cap)
-    step = -(-n // chunks)
-    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
-
-
-def _states(t: Tensor, n0: int, n1: int) -> Tensor:
-    return t[..., n0:n1]  # a strided view: the kernels take any strides
+    b, h, w, e = u.shape
+    n = wavefront2d_workspace_floats(b, e, AT.shape[1], h, w, u.device.index or 0, backward)
+    return torch.empty(n, dtype=torch.float32, device=u.device) if n else None
 
 
 @torch.library.custom_op("ssm2d::wavefront2d_fwd", mutates_args=())
@@ -121,11 +114,9 @@ def wavefront2d_fwd(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, B
                     D: Optional[Tensor], origin: str, deterministic: bool) -> Tensor:
     from ssm2d_kernels.wavefront2d import wavefront2d_forward
 
-    acc = torch.zeros(u.shape, dtype=AT.dtype, device=u.device)  # the kernels add into it
-    for k, (n0, n1) in enumerate(_state_chunks(u, AT.shape[1])):
-        wavefront2d_forward(u, dT, dL, _states(AT, n0, n1), _states(AL, n0, n1), _states(BT, n0, n1),
-                            _states(BL, n0, n1), _states(C, n0, n1), D if k == 0 else None, out=acc, origin=origin,
-                            stream=_stream(u))
+    acc = torch.zeros(u.shape, dtype=AT.dtype, device=u.device)  # the kernel adds into it
+    wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D, out=acc, origin=origin,
+                        workspace=_workspace(u, AT, backward=False), stream=_stream(u))
     return acc.to(u.dtype)
 
 
@@ -144,7 +135,7 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
                     C: Tensor, D: Optional[Tensor], origin: str, deterministic: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD); dD empty when D is None."""
-    from ssm2d_kernels.wavefront2d import wavefront2d_backward, wavefront2d_workspace_floats
+    from ssm2d_kernels.wavefront2d import wavefront2d_backward
 
     acc = AT.dtype
     b, h, w, e = u.shape
@@ -153,49 +144,35 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
     cell = lambda: torch.zeros(u.shape, dtype=acc, device=u.device)  # noqa: E731  (added into)
     du, ddT, ddL = cell(), cell(), cell()
     dB = [torch.zeros(_bn_shape(BT, g), dtype=acc, device=u.device) for _ in range(3)]
-    dAT_parts, dAL_parts = [], []
+    dAT_part = torch.empty(b, e, n, dtype=acc, device=u.device)
+    dAL_part = torch.empty(b, e, n, dtype=acc, device=u.device)
     dD_part = torch.zeros(b, e, dtype=acc, device=u.device)
-    stream = _stream(u)
-    for k, (n0, n1) in enumerate(_state_chunks(u, n)):
-        ins = [_states(x, n0, n1) for x in (AT, AL, BT, BL, C)]
-        dAT_p = torch.empty(b, e, n1 - n0, dtype=acc, device=u.device)
-        dAL_p = torch.empty(b, e, n1 - n0, dtype=acc, device=u.device)
-        workspace = None
-        if u.is_cuda:
-            workspace = torch.empty(wavefront2d_workspace_floats(b, e, n1 - n0, h, w), dtype=torch.float32,
-                                    device=u.device)
-        common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_p, dAL_part=dAL_p,
-                      dD_part=dD_part if (k == 0 and D is not None) else None, origin=origin, workspace=workspace,
-                      stream=stream)
-        Dk = D if k == 0 else None
-        outs = [_states(x, n0, n1) for x in dB]
-        if deterministic and u.is_cuda:
-            # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
-            per_group = e // g
-            chunk = max(1, DETERMINISTIC_WORKSPACE_BYTES // (3 * b * h * w * (n1 - n0) * 4))
-            chunk = (chunk // per_group) * per_group if chunk >= per_group else chunk
-            for e0 in range(0, e, chunk):
-                e1 = min(e, e0 + chunk)
-                parts = [torch.zeros(b, h, w, e1 - e0, n1 - n0, dtype=acc, device=u.device) for _ in range(3)]
-                wavefront2d_backward(dout, u, dT, dL, *ins[:2], *ins[2:], Dk, dBT=parts[0], dBL=parts[1],
-                                     dC=parts[2], deterministic=True, e_begin=e0, e_end=e1,
-                                     **common)
-                for total, part in zip(outs, parts):
-                    c = 0
-                    while c < e1 - e0:
-                        grp = (e0 + c) // per_group
-                        end_c = min(e1 - e0, (grp + 1) * per_group - e0)
-                        total[:, :, :, grp] += part[:, :, :, c:end_c].sum(dim=3)
-                        c = end_c
-        else:
-            wavefront2d_backward(dout, u, dT, dL, *ins[:2], *ins[2:], Dk, dBT=outs[0], dBL=outs[1], dC=outs[2],
-                                 **common)
-        dAT_parts.append(dAT_p)
-        dAL_parts.append(dAL_p)
+    common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_part, dAL_part=dAL_part,
+                  dD_part=dD_part if D is not None else None, origin=origin,
+                  workspace=_workspace(u, AT, backward=True), stream=_stream(u))
+    if deterministic and u.is_cuda:
+        # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
+        per_group = e // g
+        chunk = max(1, DETERMINISTIC_WORKSPACE_BYTES // (3 * b * h * w * n * 4))
+        chunk = (chunk // per_group) * per_group if chunk >= per_group else chunk
+        for e0 in range(0, e, chunk):
+            e1 = min(e, e0 + chunk)
+            parts = [torch.zeros(b, h, w, e1 - e0, n, dtype=acc, device=u.device) for _ in range(3)]
+            wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D, dBT=parts[0], dBL=parts[1], dC=parts[2],
+                                 deterministic=True, e_begin=e0, e_end=e1, **common)
+            for total, part in zip(dB, parts):
+                c = 0
+                while c < e1 - e0:
+                    grp = (e0 + c) // per_group
+                    end_c = min(e1 - e0, (grp + 1) * per_group - e0)
+                    total[:, :, :, grp] += part[:, :, :, c:end_c].sum(dim=3)
+                    c = end_c
+    else:
+        wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D, dBT=dB[0], dBL=dB[1], dC=dB[2], **common)
     shaped = [x.reshape(BT.shape).to(BT.dtype) for x in dB]
     dD = dD_part.sum(0) if D is not None else u.new_empty(0, dtype=acc)
-    return (du.to(u.dtype), ddT.to(u.dtype), ddL.to(u.dtype), torch.cat(dAT_parts, -1).sum(0),
-            torch.cat(dAL_parts, -1).sum(0), shaped[0], shaped[1], shaped[2], dD)
+    return (du.to(u.dtype), ddT.to(u.dtype), ddL.to(u.dtype), dAT_part.sum(0), dAL_part.sum(0), shaped[0], shaped[1],
+            shaped[2], dD)
 
 
 @wavefront2d_bwd.register_fake
