@@ -456,8 +456,7 @@ void check_problem(const Wave2dProblem& p, const char* what) {
     throw ArgumentError(std::string(what) + ": states_per_block must be a power of two <= " +
                         std::to_string(wavefront2d_max_states(p.width)) + " at W=" + std::to_string(p.width) +
                         ", got " + std::to_string(spb));
-  if (chunks_of(p) > 1 && !p.workspace)
-    throw ArgumentError(std::string(what) + ": the forward needs its float32 workspace when states run in chunks");
+
 }
 
 void add_chunks(const Wave2dProblem& p, const Grid& out, const float* scratch, cudaStream_t stream) {
@@ -544,6 +543,8 @@ int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p) {
 
 void wavefront2d_forward(const Wave2dProblem& p, const Grid& out) {
   check_problem(p, "wavefront2d_forward");
+  if (chunks_of(p) > 1 && !p.workspace)
+    throw ArgumentError("wavefront2d_forward: the float32 workspace is required when states run in chunks");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   switch (p.dtype) {
