@@ -82,15 +82,35 @@ __host__ __device__ __forceinline__ int row_pitch(int64_t W) {
   return static_cast<int>(((p + 31) / 32) * 32 + 1);
 }
 
-// Stages row i of u, dT, dL (converted to float).
+constexpr int kBatch = 8;  // loads a thread issues before its first shared-memory store
+
+// Stages row i of u, dT, dL (converted to float). Loads go out in batches so their latencies
+// overlap instead of alternating with the stores.
 template <typename T>
 __device__ void stage_row(const Strided& u, const Strided& dT, const Strided& dL, int64_t i, int64_t W, float* s_u,
                           float* s_dT, float* s_dL) {
-  for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
-    const int pj = padded(j);
-    s_u[pj] = ld<T>(u.at<T>(i, j));
-    s_dT[pj] = ld<T>(dT.at<T>(i, j));
-    s_dL[pj] = ld<T>(dL.at<T>(i, j));
+  const int stride = blockDim.x;
+  for (int j0 = threadIdx.x; j0 < W; j0 += kBatch * stride) {
+    float vu[kBatch], vt[kBatch], vl[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int j = j0 + k * stride;
+      if (j < W) {
+        vu[k] = ld<T>(u.at<T>(i, j));
+        vt[k] = ld<T>(dT.at<T>(i, j));
+        vl[k] = ld<T>(dL.at<T>(i, j));
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int j = j0 + k * stride;
+      if (j < W) {
+        const int pj = padded(j);
+        s_u[pj] = vu[k];
+        s_dT[pj] = vt[k];
+        s_dL[pj] = vl[k];
+      }
+    }
   }
 }
 
@@ -102,9 +122,19 @@ __device__ void stage_states(const Grid& g, int64_t b, int64_t grp, int64_t n0, 
                              int64_t W, int Wp, float* dst) {
   const T* base = static_cast<const T*>(g.data) + b * g.sb + grp * g.sc + n0 * g.sn + i * g.si;
   const int total = static_cast<int>(W) << lg;  // W <= 2048, NW <= 16: 32-bit index math
-  for (int x = threadIdx.x; x < total; x += blockDim.x) {
-    const int j = x >> lg, w = x & ((1 << lg) - 1);
-    if (w < count) dst[w * Wp + padded(j)] = ld<T>(base + w * g.sn + static_cast<int64_t>(j) * g.sj);
+  const int stride = blockDim.x;
+  for (int x0 = threadIdx.x; x0 < total; x0 += kBatch * stride) {
+    float v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int x = x0 + k * stride, j = x >> lg, w = x & ((1 << lg) - 1);
+      if (x < total && w < count) v[k] = ld<T>(base + w * g.sn + static_cast<int64_t>(j) * g.sj);
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int x = x0 + k * stride, j = x >> lg, w = x & ((1 << lg) - 1);
+      if (x < total && w < count) dst[w * Wp + padded(j)] = v[k];
+    }
   }
 }
 
@@ -220,11 +250,23 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem 
       }
     }
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < W; j += blockDim.x) {
-      const int pj = padded(j);
-      float y = Dd * s_u[pj];
-      for (int w = 0; w < count; ++w) y += s_C[w * Wp + pj];
-      *cell_out(out, p.workspace, z, b, e, i, j, p) += y;
+    for (int j0 = threadIdx.x; j0 < W; j0 += kBatch * blockDim.x) {  // batched read-modify-writes
+      float* dst[kBatch];
+      float old[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int j = j0 + k * blockDim.x;
+        dst[k] = j < W ? cell_out(out, p.workspace, z, b, e, i, j, p) : nullptr;
+        old[k] = dst[k] ? *dst[k] : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        if (!dst[k]) continue;
+        const int pj = padded(j0 + k * blockDim.x);
+        float y = Dd * s_u[pj];
+        for (int w = 0; w < count; ++w) y += s_C[w * Wp + pj];
+        *dst[k] = old[k] + y;
+      }
     }
     __syncthreads();
   }
@@ -308,7 +350,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem 
     }
     // 3. The adjoint, bottom-up through the segment.
     for (int64_t i = r1 - 1; i >= r0; --i) {
-      for (int64_t j = threadIdx.x; j < W; j += blockDim.x) s_dy[padded(j)] = ld<T>(dout.at<T>(i, j));
+      for (int j0 = threadIdx.x; j0 < W; j0 += kBatch * blockDim.x) {
+        float v[kBatch];
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k)
+          if (j0 + k * static_cast<int>(blockDim.x) < W) v[k] = ld<T>(dout.at<T>(i, j0 + k * blockDim.x));
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k)
+          if (j0 + k * static_cast<int>(blockDim.x) < W) s_dy[padded(j0 + k * blockDim.x)] = v[k];
+      }
       stage_row<T>(u, dT, dL, i, W, s_u, s_dT, s_dL);
       stage_states<T>(p.BT, b, g, n0, lg, count, i, W, Wp, s_BT);
       stage_states<T>(p.BL, b, g, n0, lg, count, i, W, Wp, s_BL);
