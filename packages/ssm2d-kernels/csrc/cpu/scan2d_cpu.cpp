@@ -5,25 +5,13 @@
 #include <mutex>
 #include <vector>
 
+#include "grid_access.h"
 #include "ssm2d/half.h"
 #include "ssm2d/parallel.h"
 #include "ssm2d/scan2d.h"
 
 namespace ssm2d::cpu {
 namespace {
-
-template <typename T, typename Acc>
-struct GridAccess {
-  const Grid& g;
-  Acc load(int64_t b, int64_t c, int64_t n, int64_t i, int64_t j) const {
-    return static_cast<Acc>(Convert<T>::load(
-        static_cast<const T*>(g.data)[b * g.sb + c * g.sc + n * g.sn + i * g.si + j * g.sj]));
-  }
-  void store(int64_t b, int64_t c, int64_t n, int64_t i, int64_t j, Acc v) const {
-    static_cast<T*>(g.data)[b * g.sb + c * g.sc + n * g.sn + i * g.si + j * g.sj] =
-        Convert<T>::store(static_cast<decltype(Convert<T>::load(T{}))>(v));
-  }
-};
 
 template <typename Acc>
 inline Acc softplus(Acc v) { return v > Acc(20) ? v : std::log1p(std::exp(v)); }

@@ -5,6 +5,7 @@
 #include <mutex>
 #include <vector>
 
+#include "grid_access.h"
 #include "ssm2d/half.h"
 #include "ssm2d/parallel.h"
 #include "ssm2d/wavefront2d.h"
@@ -13,17 +14,7 @@ namespace ssm2d::cpu {
 namespace {
 
 template <typename T, typename Acc>
-struct At {
-  const Grid& g;
-  Acc load(int64_t b, int64_t c, int64_t n, int64_t i, int64_t j) const {
-    return static_cast<Acc>(Convert<T>::load(
-        static_cast<const T*>(g.data)[b * g.sb + c * g.sc + n * g.sn + i * g.si + j * g.sj]));
-  }
-  void store(int64_t b, int64_t c, int64_t n, int64_t i, int64_t j, Acc v) const {
-    static_cast<T*>(g.data)[b * g.sb + c * g.sc + n * g.sn + i * g.si + j * g.sj] =
-        Convert<T>::store(static_cast<decltype(Convert<T>::load(T{}))>(v));
-  }
-};
+using At = GridAccess<T, Acc>;
 
 // Border rule: the first row takes only its left term, the first column only its top term (the
 // origin its left input), the interior averages the two.

@@ -77,3 +77,17 @@ def _cuda_pointer_device(ptr: int, name: str) -> int:
     if ptr == 0:
         return 0
     return int(_C.cuda_pointer_device(ptr))
+
+
+def device_name(index: int) -> str:
+    return "cpu" if index < 0 else f"cuda:{index}"
+
+
+def check_buffer(a: Array, name: str, shape: tuple, dtype: str, device: int) -> None:
+    """A caller-provided output or scratch array: exact shape, dtype and device, else a clear error."""
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {a.dtype}")
+    if a.device != device:
+        raise ValueError(f"{name} is on device {device_name(a.device)}, expected {device_name(device)}")

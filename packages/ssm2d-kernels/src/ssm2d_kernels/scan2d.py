@@ -20,7 +20,7 @@ needs it); on CUDA it also saves per-tile carries, ``scan2d_carry_floats(...)`` 
 from __future__ import annotations
 
 from . import _C
-from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array
+from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array, check_buffer, device_name
 
 ORIGINS = ("tl", "tr", "bl", "br")
 ORDERS = ("hv", "vh")
@@ -123,7 +123,7 @@ class _Checked:
         for name, v in (("delta", self.delta), ("A", self.A), ("B", self.B), ("C", self.C), ("D", self.D),
                         ("z", self.z), ("delta_bias", self.delta_bias)):
             if v is not None and v.device != self.device:
-                raise ValueError(f"{name} is on device {_dev(v.device)} but u is on {_dev(self.device)}")
+                raise ValueError(f"{name} is on device {device_name(v.device)} but u is on {device_name(self.device)}")
         self.sizes = dict(batch=b, dim=d, dstate=n, groups=g)
         self.height, self.width = h, w
         self.origin, self.order = origin, order
@@ -134,7 +134,7 @@ class _Checked:
         a = as_array(arr, name)
         _expect(a, name, self.u.shape, "(batch, D, H, W) like u")
         if a.device != self.device:
-            raise ValueError(f"{name} is on device {_dev(a.device)} but u is on {_dev(self.device)}")
+            raise ValueError(f"{name} is on device {device_name(a.device)} but u is on {device_name(self.device)}")
         return a
 
     def grid(self, a: Array | None, has_state: bool = False):
@@ -152,16 +152,6 @@ class _Checked:
         )
 
 
-def _dev(index: int) -> str:
-    return "cpu" if index < 0 else f"cuda:{index}"
-
-
-def _check_buffer(a: Array, name: str, shape: tuple, dtype: str, device: int) -> None:
-    _expect(a, name, shape, "")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {a.dtype}")
-    if a.device != device:
-        raise ValueError(f"{name} is on device {_dev(a.device)}, expected {_dev(device)}")
 
 
 def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y=None, carries=None,
@@ -183,7 +173,7 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
         car = as_array(carries, "carries")
         need = scan2d_carry_floats(chk.sizes["batch"], chk.sizes["dim"], chk.sizes["dstate"], chk.height,
                                    chk.width, order)
-        _check_buffer(car, "carries", (need,), "float32", chk.device)
+        check_buffer(car, "carries", (need,), "float32", chk.device)
     _C.scan2d_forward(chk.problem(softplus, stream),
                       dict(out=chk.grid(o), y=chk.grid(ya) if chk.z is not None else None,
                            carries=None if car is None else car.ptr))
@@ -219,14 +209,14 @@ def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     for name, v in (("dB", dB), ("dC", dC)):
         if v is not None:
             v = as_array(v, name)
-            _check_buffer(v, name, bc_shape, acc, chk.device)
+            check_buffer(v, name, bc_shape, acc, chk.device)
         bc[name] = v
     parts = {}
     for name, v, shape in (("dA_part", dA_part, (b, d, n)), ("dD_part", dD_part, (b, d)),
                            ("ddelta_bias_part", ddelta_bias_part, (b, d))):
         if v is not None:
             v = as_array(v, name)
-            _check_buffer(v, name, shape, acc, chk.device)
+            check_buffer(v, name, shape, acc, chk.device)
             if v.strides != _contiguous_strides(shape):
                 raise ValueError(f"{name} must be contiguous")
         parts[name] = None if v is None else v.ptr
@@ -238,9 +228,9 @@ def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
         if carries is None or workspace is None:
             raise ValueError("carries (saved by the forward) and workspace are required on CUDA")
         car = as_array(carries, "carries")
-        _check_buffer(car, "carries", (scan2d_carry_floats(b, d, n, h, w, order),), "float32", chk.device)
+        check_buffer(car, "carries", (scan2d_carry_floats(b, d, n, h, w, order),), "float32", chk.device)
         wsp = as_array(workspace, "workspace")
-        _check_buffer(wsp, "workspace", (scan2d_backward_workspace_floats(b, d, n, h, w),), "float32", chk.device)
+        check_buffer(wsp, "workspace", (scan2d_backward_workspace_floats(b, d, n, h, w),), "float32", chk.device)
     _C.scan2d_backward(
         chk.problem(softplus, stream),
         dict(dout=chk.grid(go), y=chk.grid(ya), carries=None if car is None else car.ptr,

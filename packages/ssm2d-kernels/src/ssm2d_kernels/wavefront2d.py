@@ -29,15 +29,12 @@ per-cell partials.
 from __future__ import annotations
 
 from . import _C
-from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array
+from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array, check_buffer, device_name
 
 ORIGINS = ("tl", "tr", "bl", "br")
 MAX_CUDA_WIDTH = 2048  # keep equal to kWave2dMaxWidth in csrc/include/ssm2d/wavefront2d.h
 CHECKPOINT = 32  # rows between checkpoints in the CUDA backward; keep equal to kCheckpoint in the .cu
 
-
-def _dev(index: int) -> str:
-    return "cpu" if index < 0 else f"cuda:{index}"
 
 
 def scanned_hw(height: int, width: int, device: int = 0) -> tuple[int, int]:
@@ -133,7 +130,7 @@ class _Checked:
         self.device = self.u.device
         for name, a in list(arrays.items()) + [("D", self.D)]:
             if a is not None and a.device != self.device:
-                raise ValueError(f"{name} is on device {_dev(a.device)} but u is on {_dev(self.device)}")
+                raise ValueError(f"{name} is on device {device_name(a.device)} but u is on {device_name(self.device)}")
         if self.device >= 0 and self.u.dtype == "float64":
             raise TypeError("u is float64 on CUDA: the CUDA kernel takes float32, float16 or bfloat16 "
                             "(float64 runs on the CPU kernel)")
@@ -178,7 +175,7 @@ class _Checked:
         if a.dtype != self.param_dtype:
             raise TypeError(f"{name} must be a {self.param_dtype} accumulation buffer, got {a.dtype}")
         if a.device != self.device:
-            raise ValueError(f"{name} is on device {_dev(a.device)} but u is on {_dev(self.device)}")
+            raise ValueError(f"{name} is on device {device_name(a.device)} but u is on {device_name(self.device)}")
         return a
 
     def same_as_u(self, arr, name: str) -> Array | None:
@@ -190,7 +187,7 @@ class _Checked:
         if a.dtype != self.u.dtype:
             raise TypeError(f"{name} must have the dtype of u ({self.u.dtype}), got {a.dtype}")
         if a.device != self.device:
-            raise ValueError(f"{name} is on device {_dev(a.device)} but u is on {_dev(self.device)}")
+            raise ValueError(f"{name} is on device {device_name(a.device)} but u is on {device_name(self.device)}")
         return a
 
     def tl(self, t_name: str, l_name: str) -> tuple[str, str]:
@@ -205,7 +202,7 @@ class _Checked:
         if workspace is None:
             raise ValueError(f"workspace (float32, {need} values) is required on CUDA here")
         wsp = as_array(workspace, "workspace")
-        _check_buffer(wsp, "workspace", (need,), "float32", self.device)
+        check_buffer(wsp, "workspace", (need,), "float32", self.device)
         return wsp.ptr
 
     def problem(self, stream: int, workspace_ptr=None) -> dict:
@@ -224,14 +221,6 @@ class _Checked:
                     states_per_block=states_per_block(self.b, self.e, self.n, self.h, self.w, self.device),
                     workspace=workspace_ptr, device=self.device, stream=int(stream))
 
-
-def _check_buffer(a: Array, name: str, shape: tuple, dtype: str, device: int) -> None:
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {a.dtype}")
-    if a.device != device:
-        raise ValueError(f"{name} is on device {_dev(a.device)}, expected {_dev(device)}")
 
 
 def wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D=None, *, out, origin: str = "tl", workspace=None,
@@ -267,14 +256,14 @@ def wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D=None, *, du=None,
     for name, v in (("dBT", dBT), ("dBL", dBL), ("dC", dC)):
         if v is not None:
             v = as_array(v, name)
-            _check_buffer(v, name, bn_shape, acc, chk.device)
+            check_buffer(v, name, bn_shape, acc, chk.device)
         bufs[name] = v
     parts = {}
     for name, v, shape in (("dAT_part", dAT_part, (chk.b, chk.e, chk.n)), ("dAL_part", dAL_part, (chk.b, chk.e, chk.n)),
                            ("dD_part", dD_part, (chk.b, chk.e))):
         if v is not None:
             v = as_array(v, name)
-            _check_buffer(v, name, shape, acc, chk.device)
+            check_buffer(v, name, shape, acc, chk.device)
             if v.strides != _contiguous_strides(shape):
                 raise ValueError(f"{name} must be contiguous")
         parts[name] = v

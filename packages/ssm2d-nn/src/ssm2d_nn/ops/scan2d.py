@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._scan2d_args import check_scan2d_args, to_logical
+from ._common import add_group_partials, stream_of
+from ._scan2d_args import check_scan2d_args
 from .scan2d_reference import scan2d_reference
 
 __all__ = ["scan2d", "scan2d_reference"]
@@ -63,10 +64,6 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     return out
 
 
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-
-
 def _carry_count(u: Tensor, A: Tensor, order: str) -> int:
     if not u.is_cuda:
         return 0
@@ -92,7 +89,7 @@ def scan2d_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
     carries = torch.empty(_carry_count(u, A, order), dtype=torch.float32, device=u.device)
     scan2d_forward(u, delta, A, B, C, D, z, delta_bias, out=out, y=y if z is not None else None,
                    carries=carries if u.is_cuda else None, softplus=delta_softplus, origin=origin, order=order,
-                   stream=_stream(u))
+                   stream=stream_of(u))
     return out, y, carries
 
 
@@ -129,7 +126,7 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     common = dict(y=y if z is not None else None, carries=carries if u.is_cuda else None, du=du, ddelta=ddelta,
                   workspace=workspace,
                   dz=dz if z is not None else None, softplus=delta_softplus, origin=origin, order=order,
-                  stream=_stream(u))
+                  stream=stream_of(u))
     if deterministic and u.is_cuda:
         # Per-channel partials of dB/dC, summed over each group's channels in a fixed order; chunks of
         # whole groups (or of one group's channels) keep the workspace under the budget.
@@ -144,8 +141,8 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
             scan2d_backward(dout, u, delta, A, B, C, D, z, delta_bias, dB=pB, dC=pC,
                             dA_part=dA_part, dD_part=dD_part, ddelta_bias_part=dbias_part,
                             deterministic=True, d_begin=d0, d_end=d1, **common)
-            _add_group_partials(dB, pB, d0, per_group)
-            _add_group_partials(dC, pC, d0, per_group)
+            add_group_partials(dB, pB, d0, per_group, dim=1)
+            add_group_partials(dC, pC, d0, per_group, dim=1)
     else:
         scan2d_backward(dout, u, delta, A, B, C, D, z, delta_bias, dB=dB, dC=dC, dA_part=dA_part,
                         dD_part=dD_part, ddelta_bias_part=dbias_part, **common)
@@ -153,17 +150,6 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     dD = dD_part.sum(0) if D is not None else _empty(u, acc)
     dbias = dbias_part.sum(0) if delta_bias is not None else _empty(u, acc)
     return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias
-
-
-def _add_group_partials(total: Tensor, part: Tensor, d0: int, per_group: int) -> None:
-    """Adds per-channel partials (b, k, n, H, W) of channels d0.. into per-group totals, in channel order."""
-    k = part.shape[1]
-    c = 0
-    while c < k:
-        grp = (d0 + c) // per_group
-        end = min(k, (grp + 1) * per_group - d0)
-        total[:, grp] += part[:, c:end].sum(dim=1)
-        c = end
 
 
 @scan2d_bwd.register_fake

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._common import add_group_partials, stream_of
 from .wavefront2d_reference import ORIGINS, wavefront2d_reference
 
 __all__ = ["wavefront2d", "wavefront2d_reference"]
@@ -95,10 +96,6 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
                                           torch.are_deterministic_algorithms_enabled())
 
 
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-
-
 def _workspace(u: Tensor, AT: Tensor, backward: bool) -> Optional[Tensor]:
     if not u.is_cuda:
         return None
@@ -116,7 +113,7 @@ def wavefront2d_fwd(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, B
 
     acc = torch.zeros(u.shape, dtype=AT.dtype, device=u.device)  # the kernel adds into it
     wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D, out=acc, origin=origin,
-                        workspace=_workspace(u, AT, backward=False), stream=_stream(u))
+                        workspace=_workspace(u, AT, backward=False), stream=stream_of(u))
     return acc.to(u.dtype)
 
 
@@ -149,7 +146,7 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
     dD_part = torch.zeros(b, e, dtype=acc, device=u.device)
     common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_part, dAL_part=dAL_part,
                   dD_part=dD_part if D is not None else None, origin=origin,
-                  workspace=_workspace(u, AT, backward=True), stream=_stream(u))
+                  workspace=_workspace(u, AT, backward=True), stream=stream_of(u))
     if deterministic and u.is_cuda:
         # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
         per_group = e // g
@@ -161,12 +158,7 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
             wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D, dBT=parts[0], dBL=parts[1], dC=parts[2],
                                  deterministic=True, e_begin=e0, e_end=e1, **common)
             for total, part in zip(dB, parts):
-                c = 0
-                while c < e1 - e0:
-                    grp = (e0 + c) // per_group
-                    end_c = min(e1 - e0, (grp + 1) * per_group - e0)
-                    total[:, :, :, grp] += part[:, :, :, c:end_c].sum(dim=3)
-                    c = end_c
+                add_group_partials(total, part, e0, per_group, dim=3)
     else:
         wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D, dBT=dB[0], dBL=dB[1], dC=dB[2], **common)
     shaped = [x.reshape(BT.shape).to(BT.dtype) for x in dB]
