@@ -209,8 +209,9 @@ __device__ __forceinline__ void forward_row(int64_t i, int64_t W, bool origin_to
   }
 }
 
+// Short rows (S = 4) fit 64 registers: two 16-warp blocks per SM for the many small grids of a batch.
 template <typename T, int S>
-__global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem p, Grid out, int64_t b0) {
+__global__ void __launch_bounds__(kMaxWarps * 32, S <= 4 ? 2 : 1) wave_fwd_kernel(Wave2dProblem p, Grid out, int64_t b0) {
   extern __shared__ float smem[];
   const int NW = blockDim.x >> 5, lg = __ffs(NW) - 1, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t e = blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, z = blockIdx.z;
@@ -251,21 +252,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem 
     }
     __syncthreads();
     for (int j0 = threadIdx.x; j0 < W; j0 += kBatch * blockDim.x) {  // batched read-modify-writes
-      float* dst[kBatch];
       float old[kBatch];
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
         const int j = j0 + k * blockDim.x;
-        dst[k] = j < W ? cell_out(out, p.workspace, z, b, e, i, j, p) : nullptr;
-        old[k] = dst[k] ? *dst[k] : 0.f;
+        old[k] = j < W ? *cell_out(out, p.workspace, z, b, e, i, j, p) : 0.f;
       }
 #pragma unroll
       for (int k = 0; k < kBatch; ++k) {
-        if (!dst[k]) continue;
-        const int pj = padded(j0 + k * blockDim.x);
+        const int j = j0 + k * blockDim.x;
+        if (j >= W) continue;
+        const int pj = padded(j);
         float y = Dd * s_u[pj];
         for (int w = 0; w < count; ++w) y += s_C[w * Wp + pj];
-        *dst[k] = old[k] + y;
+        *cell_out(out, p.workspace, z, b, e, i, j, p) = old[k] + y;
       }
     }
     __syncthreads();
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) wave_fwd_kernel(Wave2dProblem 
 }
 
 template <typename T, int S, bool kDeterministic>
-__global__ void __launch_bounds__(kMaxWarps * 32) wave_bwd_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t b0) {
+__global__ void __launch_bounds__(kMaxWarps * 32, S <= 4 ? 2 : 1) wave_bwd_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t b0) {
   extern __shared__ float smem[];
   const int NW = blockDim.x >> 5, lg = __ffs(NW) - 1, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t e = ga.e_begin + blockIdx.x, b = blockIdx.y + b0, H = p.height, W = p.width, z = blockIdx.z;
