@@ -40,7 +40,6 @@ template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat
 struct Strided {
   const char* base;  // byte pointer of element (0, 0)
   int64_t si, sj;    // element strides
-  int esize;
   template <typename T>
   __device__ __forceinline__ const T* at(int64_t i, int64_t j) const {
     return reinterpret_cast<const T*>(base) + i * si + j * sj;
@@ -49,8 +48,7 @@ struct Strided {
 
 template <typename T>
 __device__ __forceinline__ Strided plane_of(const Grid& g, int64_t b, int64_t c, int64_t n) {
-  return {reinterpret_cast<const char*>(static_cast<const T*>(g.data) + b * g.sb + c * g.sc + n * g.sn), g.si, g.sj,
-          static_cast<int>(sizeof(T))};
+  return {reinterpret_cast<const char*>(static_cast<const T*>(g.data) + b * g.sb + c * g.sc + n * g.sn), g.si, g.sj};
 }
 
 __device__ __forceinline__ float* fplane(const Grid& g, int64_t b, int64_t c, int64_t n, int64_t i, int64_t j) {
