@@ -124,6 +124,7 @@ _CHECKS = {
         "import re\n"
         "assert re.search(r'CPU self-test +passed', out), out\n"
         "assert re.search(r'scan2d kernel on cpu +passed', out), out\n"
+        "assert re.search(r'wavefront2d kernel on cpu +passed', out), out\n"
         "import importlib.util; assert importlib.util.find_spec('ssm2d_vision') is None\n"
     ),
 }

@@ -70,4 +70,5 @@ def test_info_report_lists_every_package_and_the_cpu_backend():
         assert name in text
     assert report["backends"]["cpu"] == "kernel"
     assert report["kernels"]["cpu_selftest"]["ok"]
-    assert "CPU self-test" in text and "passed" in text
+    assert "CPU self-test" in text and "passed" in text and "FAILED" not in text
+    assert {"scan2d kernel on cpu", "wavefront2d kernel on cpu"} <= set(report["kernel_checks"])

@@ -53,7 +53,9 @@ def collect(selftest: bool = False) -> dict:
     if selftest:
         kinfo["cpu_selftest"] = k.cpu_selftest()
         kinfo["cuda_selftest"] = [k.cuda_selftest(i) for i in range(kinfo["cuda_device_count"])]
-        info["scan2d_check"] = {str(dev): scan2d_check(dev) for dev in devices if kernel_unavailable_reason(dev) is None}
+        ok_devices = [dev for dev in devices if kernel_unavailable_reason(dev) is None]
+        info["kernel_checks"] = {f"{name} kernel on {dev}": check(dev) for dev in ok_devices
+                                 for name, check in (("scan2d", scan2d_check), ("wavefront2d", wavefront2d_check))}
     info["kernels"] = kinfo
     return info
 
@@ -79,6 +81,37 @@ def scan2d_check(device: torch.device, seed: int | None = None) -> dict:
     dev_args["u"].requires_grad_(True)
     t0 = time.perf_counter()
     out = scan2d(**dev_args, delta_softplus=True, origin="br", order="vh", backend="kernel")
+    (grad,) = torch.autograd.grad(out.sum(), dev_args["u"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    rel = lambda a, r: float((a.double().cpu() - r).norm() / r.norm())  # noqa: E731
+    return {"dtype": str(dtype).removeprefix("torch."), "out_rel_err": rel(out.detach(), ref.detach()),
+            "grad_rel_err": rel(grad, ref_grad), "seconds": elapsed}
+
+
+def wavefront2d_check(device: torch.device, seed: int | None = None) -> dict:
+    """Runs wavefront2d's kernel on a random 19x23 problem (groups, D, origin "br") and compares its
+    output and input gradient with the float64 reference; returns relative errors and the time."""
+    import time
+
+    from .ops import wavefront2d, wavefront2d_reference
+
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+    b, h, w, e, n, g = 2, 19, 23, 8, 4, 2
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    pos = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64) * 0.5 + 0.05  # noqa: E731
+    args = dict(u=rnd(b, h, w, e), dT=pos(b, h, w, e), dL=pos(b, h, w, e), AT=-(rnd(e, n).abs() + 0.1),
+                AL=-(rnd(e, n).abs() + 0.1), BT=rnd(b, h, w, g, n), BL=rnd(b, h, w, g, n), C=rnd(b, h, w, g, n), D=rnd(e))
+    ref_u = args["u"].clone().requires_grad_(True)
+    ref = wavefront2d_reference(**dict(args, u=ref_u), origin="br")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_u)
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    dev_args = {k: v.to(device, dtype if k not in ("AT", "AL", "D") or dtype == torch.float64 else torch.float32)
+                for k, v in args.items()}
+    dev_args["u"].requires_grad_(True)
+    t0 = time.perf_counter()
+    out = wavefront2d(**dev_args, origin="br", backend="kernel")
     (grad,) = torch.autograd.grad(out.sum(), dev_args["u"])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,10 +154,10 @@ def format_report(info: dict, extra_rows: list[tuple[str, str]] | None = None) -
                 rows.append(
                     (f"CUDA self-test cuda:{i}", f"{'passed' if s['ok'] else 'FAILED'} (max error {s['max_abs_error']:.1e})")
                 )
-    for dev, r in info.get("scan2d_check", {}).items():
+    for label, r in info.get("kernel_checks", {}).items():
         ok = r["out_rel_err"] < (1e-10 if r["dtype"] == "float64" else 1e-4) and r["grad_rel_err"] < (
             1e-10 if r["dtype"] == "float64" else 1e-3)
-        rows.append((f"scan2d kernel on {dev}", f"{'passed' if ok else 'FAILED'}: {r['dtype']} vs float64 reference, "
+        rows.append((label, f"{'passed' if ok else 'FAILED'}: {r['dtype']} vs float64 reference, "
                      f"output error {r['out_rel_err']:.1e}, du error {r['grad_rel_err']:.1e}, "
                      f"{r['seconds'] * 1e3:.1f} ms fwd+bwd"))
     rows += [(f"backend on {dev}", choice) for dev, choice in info["backends"].items()]
