@@ -60,27 +60,20 @@ def collect(selftest: bool = False) -> dict:
     return info
 
 
-def scan2d_check(device: torch.device, seed: int | None = None) -> dict:
-    """Runs scan2d's kernel on a random 24x31 problem (all options on) and compares its output and
-    input gradient with the float64 reference; returns relative errors and the kernel's time."""
+def _check_against_reference(op, reference, args: dict, params: tuple, device: torch.device, **kw) -> dict:
+    """Runs ``op`` (kernel backend) on ``device`` and ``reference`` in float64 on the CPU; returns the
+    relative errors of the output and of the gradient of its sum w.r.t. u, and the kernel's time."""
     import time
 
-    from .ops import scan2d, scan2d_reference
-
-    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
-    b, d, n, g, h, w = 2, 16, 4, 2, 24, 31
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    args = dict(u=rnd(b, d, h, w), delta=rnd(b, d, h, w) * 0.5 - 1, A=-(rnd(d, n).abs() + 0.1), B=rnd(b, g, n, h, w),
-                C=rnd(b, g, n, h, w), D=rnd(d), z=rnd(b, d, h, w), delta_bias=rnd(d) * 0.3)
     ref_u = args["u"].clone().requires_grad_(True)
-    ref = scan2d_reference(**dict(args, u=ref_u), delta_softplus=True, origin="br", order="vh")
+    ref = reference(**dict(args, u=ref_u), **kw)
     (ref_grad,) = torch.autograd.grad(ref.sum(), ref_u)
     dtype = torch.float64 if device.type == "cpu" else torch.float32
-    dev_args = {k: v.to(device, dtype if k not in ("A", "D", "delta_bias") or dtype == torch.float64 else torch.float32)
+    dev_args = {k: v.to(device, torch.float32 if (k in params and dtype != torch.float64) else dtype)
                 for k, v in args.items()}
     dev_args["u"].requires_grad_(True)
     t0 = time.perf_counter()
-    out = scan2d(**dev_args, delta_softplus=True, origin="br", order="vh", backend="kernel")
+    out = op(**dev_args, **kw, backend="kernel")
     (grad,) = torch.autograd.grad(out.sum(), dev_args["u"])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,35 +83,38 @@ def scan2d_check(device: torch.device, seed: int | None = None) -> dict:
             "grad_rel_err": rel(grad, ref_grad), "seconds": elapsed}
 
 
-def wavefront2d_check(device: torch.device, seed: int | None = None) -> dict:
-    """Runs wavefront2d's kernel on a random 19x23 problem (groups, D, origin "br") and compares its
-    output and input gradient with the float64 reference; returns relative errors and the time."""
+def _generator(seed: int | None) -> torch.Generator:
     import time
 
+    return torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+
+
+def scan2d_check(device: torch.device, seed: int | None = None) -> dict:
+    """scan2d's kernel on a random 24x31 problem (all options on, origin "br", columns first) against
+    the float64 reference."""
+    from .ops import scan2d, scan2d_reference
+
+    gen = _generator(seed)
+    b, d, n, g, h, w = 2, 16, 4, 2, 24, 31
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    args = dict(u=rnd(b, d, h, w), delta=rnd(b, d, h, w) * 0.5 - 1, A=-(rnd(d, n).abs() + 0.1), B=rnd(b, g, n, h, w),
+                C=rnd(b, g, n, h, w), D=rnd(d), z=rnd(b, d, h, w), delta_bias=rnd(d) * 0.3)
+    return _check_against_reference(scan2d, scan2d_reference, args, ("A", "D", "delta_bias"), device,
+                                    delta_softplus=True, origin="br", order="vh")
+
+
+def wavefront2d_check(device: torch.device, seed: int | None = None) -> dict:
+    """wavefront2d's kernel on a random 19x23 problem (groups, D, origin "br") against the float64
+    reference."""
     from .ops import wavefront2d, wavefront2d_reference
 
-    gen = torch.Generator().manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+    gen = _generator(seed)
     b, h, w, e, n, g = 2, 19, 23, 8, 4, 2
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     pos = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64) * 0.5 + 0.05  # noqa: E731
     args = dict(u=rnd(b, h, w, e), dT=pos(b, h, w, e), dL=pos(b, h, w, e), AT=-(rnd(e, n).abs() + 0.1),
                 AL=-(rnd(e, n).abs() + 0.1), BT=rnd(b, h, w, g, n), BL=rnd(b, h, w, g, n), C=rnd(b, h, w, g, n), D=rnd(e))
-    ref_u = args["u"].clone().requires_grad_(True)
-    ref = wavefront2d_reference(**dict(args, u=ref_u), origin="br")
-    (ref_grad,) = torch.autograd.grad(ref.sum(), ref_u)
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
-    dev_args = {k: v.to(device, dtype if k not in ("AT", "AL", "D") or dtype == torch.float64 else torch.float32)
-                for k, v in args.items()}
-    dev_args["u"].requires_grad_(True)
-    t0 = time.perf_counter()
-    out = wavefront2d(**dev_args, origin="br", backend="kernel")
-    (grad,) = torch.autograd.grad(out.sum(), dev_args["u"])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - t0
-    rel = lambda a, r: float((a.double().cpu() - r).norm() / r.norm())  # noqa: E731
-    return {"dtype": str(dtype).removeprefix("torch."), "out_rel_err": rel(out.detach(), ref.detach()),
-            "grad_rel_err": rel(grad, ref_grad), "seconds": elapsed}
+    return _check_against_reference(wavefront2d, wavefront2d_reference, args, ("AT", "AL", "D"), device, origin="br")
 
 
 def format_report(info: dict, extra_rows: list[tuple[str, str]] | None = None) -> str:
