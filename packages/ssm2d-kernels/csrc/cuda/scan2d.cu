@@ -83,6 +83,28 @@ constexpr int kChunk = 8;  // scan steps whose loads and exps are issued before 
 template <int NW, bool kWide>
 constexpr int kMinBlocks = (kWide ? 512 : 1024) / (NW * 32) > 0 ? (kWide ? 512 : 1024) / (NW * 32) : 1;
 
+// G along one tile row (lane = row): G = a G + dt*u*B, a = 2^(dt*A2), from the carry G entering on
+// the left; writes each G to g_out (which may be b_row itself: a chunk is read before it is written).
+// Loads and exps of a chunk are issued before its dependent FMAs. Returns the G leaving on the right.
+__device__ __forceinline__ float scan_tile_row(float G, const float* dt_row, const float* dtu_row,
+                                               const float* b_row, float* g_out, float A2) {
+#pragma unroll
+  for (int c0 = 0; c0 < kTile; c0 += kChunk) {
+    float av[kChunk], xv[kChunk];
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      av[k] = exp2f(dt_row[c0 + k] * A2);
+      xv[k] = dtu_row[c0 + k] * b_row[c0 + k];
+    }
+#pragma unroll
+    for (int k = 0; k < kChunk; ++k) {
+      G = fmaf(av[k], G, xv[k]);
+      g_out[c0 + k] = G;
+    }
+  }
+  return G;
+}
+
 template <typename T, int NW, bool kMulti>
 __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, kMulti>)) scan2d_fwd_kernel(Scan2dProblem p,
                                                                                      Scan2dForwardOutputs o,
@@ -152,20 +174,7 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, kMulti>)) scan2d_fwd_
         float G = 0.f;
         if (tj == 0) cn[lane] = 0.f;
         else G = cn[lane];
-#pragma unroll
-        for (int c0 = 0; c0 < kTile; c0 += kChunk) {
-          float av[kChunk], xv[kChunk];
-#pragma unroll
-          for (int k = 0; k < kChunk; ++k) {
-            av[k] = exp2f(s_dt[lane][c0 + k] * A2);
-            xv[k] = s_dtu[lane][c0 + k] * s_w[lane][c0 + k];
-          }
-#pragma unroll
-          for (int k = 0; k < kChunk; ++k) {
-            G = fmaf(av[k], G, xv[k]);
-            s_w[lane][c0 + k] = G;
-          }
-        }
+        G = scan_tile_row(G, s_dt[lane], s_dtu[lane], s_w[lane], s_w[lane], A2);
         if (tj + 1 < geo.nTj) cn[2 * kTile + lane] = G;
         __syncwarp();
         // Columns: lane = column; C*h replaces G in the warp's tile (or accumulates over states).
@@ -317,23 +326,7 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, true>)) scan2d_bwd_ke
           bufA[r][lane] = (col_in && i0 + r < geo.H) ? to_f(Bn.at(i0 + r, j0 + lane)) : 0.f;
         __syncwarp();
         // 2. Recompute G (lane = row) from the saved left carry.
-        {
-          float G = cn[lane];
-#pragma unroll
-          for (int c0 = 0; c0 < kTile; c0 += kChunk) {
-            float av[kChunk], xv[kChunk];
-#pragma unroll
-            for (int k = 0; k < kChunk; ++k) {
-              av[k] = exp2f(s_dt[lane][c0 + k] * A2);
-              xv[k] = s_dtu[lane][c0 + k] * bufA[lane][c0 + k];
-            }
-#pragma unroll
-            for (int k = 0; k < kChunk; ++k) {
-              G = fmaf(av[k], G, xv[k]);
-              bufB[lane][c0 + k] = G;
-            }
-          }
-        }
+        scan_tile_row(cn[lane], s_dt[lane], s_dtu[lane], bufA[lane], bufB[lane], A2);
         __syncwarp();
         // 3. Recompute h (lane = column) from the saved top carry.
         {

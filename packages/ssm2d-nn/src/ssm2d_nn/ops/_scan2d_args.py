@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ._common import check_devices, check_tensors
+
 ORIGINS = ("tl", "tr", "bl", "br")
 ORDERS = ("hv", "vh")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def to_logical(t: torch.Tensor, origin: str, order: str) -> torch.Tensor:
@@ -37,11 +38,7 @@ def check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order) -> Non
     """Raises TypeError/ValueError naming the argument and what was expected."""
     named = (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
              ("delta_bias", delta_bias))
-    for name, t in named:
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"scan2d: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t is not None and t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"scan2d: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    check_tensors("scan2d", named)
     if origin not in ORIGINS:
         raise ValueError(f"scan2d: origin must be one of {ORIGINS}, got {origin!r}")
     if order not in ORDERS:
@@ -69,6 +66,4 @@ def check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order) -> Non
     for name, t in (("delta", delta), ("B", B), ("C", C), ("z", z)):
         if t is not None and t.dtype != u.dtype:
             raise TypeError(f"scan2d: {name} must have the dtype of u ({u.dtype}), got {t.dtype}")
-    for name, t in named[1:]:
-        if t is not None and t.device != u.device:
-            raise ValueError(f"scan2d: {name} is on {t.device} but u is on {u.device}")
+    check_devices("scan2d", named[1:], u)

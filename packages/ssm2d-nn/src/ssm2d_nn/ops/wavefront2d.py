@@ -13,22 +13,17 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import add_group_partials, stream_of
+from ._common import add_group_partials, check_devices, check_tensors, stream_of
 from .wavefront2d_reference import ORIGINS, wavefront2d_reference
 
 __all__ = ["wavefront2d", "wavefront2d_reference"]
 
 DETERMINISTIC_WORKSPACE_BYTES = 256 << 20
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check(u, dT, dL, AT, AL, BT, BL, C, D, origin):
     named = (("u", u), ("dT", dT), ("dL", dL), ("AT", AT), ("AL", AL), ("BT", BT), ("BL", BL), ("C", C), ("D", D))
-    for name, t in named:
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"wavefront2d: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t is not None and t.dtype not in _FLOATS:
-            raise TypeError(f"wavefront2d: {name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    check_tensors("wavefront2d", named)
     if origin not in ORIGINS:
         raise ValueError(f"wavefront2d: origin must be one of {ORIGINS}, got {origin!r}")
     if u.dim() != 4:
@@ -59,9 +54,7 @@ def _check(u, dT, dL, AT, AL, BT, BL, C, D, origin):
     for name, t in (("dT", dT), ("dL", dL), ("BT", BT), ("BL", BL), ("C", C)):
         if t.dtype != u.dtype:
             raise TypeError(f"wavefront2d: {name} must have the dtype of u ({u.dtype}), got {t.dtype}")
-    for name, t in named[1:]:
-        if t is not None and t.device != u.device:
-            raise ValueError(f"wavefront2d: {name} is on {t.device} but u is on {u.device}")
+    check_devices("wavefront2d", named[1:], u)
 
 
 def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: Tensor, BL: Tensor, C: Tensor,
