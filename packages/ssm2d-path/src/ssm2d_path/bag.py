@@ -1,0 +1,161 @@
+"""The canonical in-memory bag: what every reader produces and every MIL model consumes.
+
+A slide is a set of N patches with features (N, F), their level-0 top-left coordinates (x, y) and
+the slide's own level-0 stride between neighbouring patches. Its 2D grid is cropped to the tissue:
+``row = (y - min y) / stride``, ``col = (x - min x) / stride``, shape ``(max row + 1, max col + 1)``;
+a cell holds at most one patch and ``mask`` marks the cells that hold one. Nothing is ever padded to
+a dataset-wide canvas: a model that needs a dense grid builds one of ``rows * cols`` cells per slide
+(see :meth:`SlideGrid.scatter`), and its memory follows the tissue's bounding box, not a canvas.
+
+A bag is one or more slides (several slides of one patient form one patient bag when the task is
+per patient); the patches of a bag are the concatenation of its slides' patches, in slide order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["Bag", "SlideGrid", "grid_indices"]
+
+
+def grid_indices(coords: np.ndarray, stride: int, *, name: str = "coords") -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Grid (row, col) of each patch and the grid shape, cropped to the patches' bounding box.
+
+    Args:
+        coords: (N, 2) level-0 top-left corners (x, y), N >= 1.
+        stride: level-0 pixels between neighbouring patches (> 0).
+    Returns:
+        rows (N,) int64, cols (N,) int64, (H, W).
+    Raises:
+        ValueError naming ``name`` when coordinates are off the stride lattice or two patches share a cell.
+    """
+    coords = np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] == 0:
+        raise ValueError(f"{name}: expected an (N, 2) array of (x, y) with N >= 1, got shape {coords.shape}")
+    if stride <= 0:
+        raise ValueError(f"{name}: stride must be positive, got {stride}")
+    origin = coords.min(axis=0)
+    offset = coords - origin
+    cells = np.rint(offset / stride).astype(np.int64)
+    # Tolerate rounding of float coordinates (STAMP stores micrometres) but not an off-lattice layout.
+    if np.abs(offset - cells * stride).max() > 0.25 * stride:
+        raise ValueError(f"{name}: coordinates are not on a lattice of stride {stride} (level-0 px)")
+    cols, rows = cells[:, 0], cells[:, 1]
+    shape = (int(rows.max()) + 1, int(cols.max()) + 1)
+    flat = rows * shape[1] + cols
+    if np.unique(flat).size != flat.size:
+        raise ValueError(f"{name}: two patches fall into the same grid cell at stride {stride}")
+    return rows, cols, shape
+
+
+@dataclass
+class SlideGrid:
+    """One slide: features, level-0 coordinates and its tissue-cropped grid.
+
+    Attributes:
+        slide_id: the slide's id (file stem).
+        features: (N, F) float tensor.
+        coords: (N, 2) int64 level-0 (x, y) of each patch's top-left corner.
+        stride: level-0 pixels between neighbouring patches of this slide.
+        rows, cols: (N,) int64 grid position of each patch.
+        shape: (H, W) of the grid cropped to the tissue bounding box.
+        patch_size_level0: level-0 size of one patch (equals stride without overlap).
+        meta: reader-specific attributes kept for provenance (source format, encoder, mpp...).
+    """
+
+    slide_id: str
+    features: Tensor
+    coords: np.ndarray
+    stride: int
+    rows: np.ndarray
+    cols: np.ndarray
+    shape: tuple[int, int]
+    patch_size_level0: Optional[int] = None
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_coords(cls, slide_id: str, features: Tensor, coords: np.ndarray, stride: int, **kw) -> "SlideGrid":
+        """Build the grid from coordinates and the slide's level-0 stride (see :func:`grid_indices`)."""
+        if features.ndim != 2 or features.shape[0] != len(coords):
+            raise ValueError(f"{slide_id}: features {tuple(features.shape)} do not match {len(coords)} coordinates")
+        rows, cols, shape = grid_indices(coords, stride, name=f"{slide_id}: coords")
+        return cls(slide_id, features, np.asarray(coords).astype(np.int64), int(stride), rows, cols, shape, **kw)
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def mask(self) -> Tensor:
+        """(H, W) bool, True where a cell holds a patch (on the features' device)."""
+        m = torch.zeros(self.shape, dtype=torch.bool, device=self.features.device)
+        m[self.index_tensor(0), self.index_tensor(1)] = True
+        return m
+
+    def index_tensor(self, axis: int) -> Tensor:
+        """rows (axis 0) or cols (axis 1) as an int64 tensor on the features' device."""
+        a = self.rows if axis == 0 else self.cols
+        return torch.as_tensor(a, dtype=torch.long, device=self.features.device)
+
+    def flat_index(self) -> Tensor:
+        """(N,) row-major cell index ``row * W + col`` on the features' device."""
+        return self.index_tensor(0) * self.shape[1] + self.index_tensor(1)
+
+    def scatter(self, x: Tensor, fill: float = 0.0) -> Tensor:
+        """Patches to a dense grid: (N, C) -> (C, H, W); empty cells get ``fill``. Memory: C*H*W."""
+        h, w = self.shape
+        out = x.new_full((h * w, x.shape[1]), fill)
+        out[self.flat_index()] = x
+        return out.t().reshape(x.shape[1], h, w)
+
+    def gather(self, grid: Tensor) -> Tensor:
+        """Dense grid back to patches: (C, H, W) -> (N, C)."""
+        c = grid.shape[0]
+        return grid.reshape(c, -1)[:, self.flat_index()].t()
+
+    def to(self, device, dtype: Optional[torch.dtype] = None) -> "SlideGrid":
+        return replace(self, features=self.features.to(device=device, dtype=dtype or self.features.dtype))
+
+
+@dataclass
+class Bag:
+    """One training example: a slide, or all slides of a patient.
+
+    Attributes:
+        bag_id: slide id or case (patient) id.
+        slides: the slides, each with its own grid (at least one).
+    """
+
+    bag_id: str
+    slides: list[SlideGrid]
+
+    def __post_init__(self):
+        if not self.slides:
+            raise ValueError(f"bag {self.bag_id!r} has no slides")
+
+    @property
+    def features(self) -> Tensor:
+        """(N_total, F): the slides' features concatenated in slide order."""
+        if len(self.slides) == 1:
+            return self.slides[0].features
+        return torch.cat([s.features for s in self.slides])
+
+    @property
+    def num_patches(self) -> int:
+        return sum(s.num_patches for s in self.slides)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.slides[0].features.shape[1])
+
+    def to(self, device, dtype: Optional[torch.dtype] = None) -> "Bag":
+        return Bag(self.bag_id, [s.to(device, dtype) for s in self.slides])
+
+    def split(self, x: Tensor) -> Sequence[Tensor]:
+        """Split a per-patch tensor (N_total, ...) into per-slide pieces."""
+        return torch.split(x, [s.num_patches for s in self.slides])
