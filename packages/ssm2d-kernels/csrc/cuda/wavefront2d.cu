@@ -482,6 +482,156 @@ __global__ void __launch_bounds__(kMaxWarps * 32, S <= 4 ? 2 : 1) wave_bwd_kerne
 
 constexpr int64_t kMaxGridY = 65535;
 
+// ---- Short rows (W <= 64, N <= 16): the model shapes (M2D stages 1-2 are 56x56 and 28x28). ----
+// The general kernel above spends its time on per-row block phases that a 56-wide row cannot fill.
+// Here a half-warp runs one (batch, channel) and a lane one state, walking the grid in raster order
+// with its whole previous row in registers: no shuffle scan, no reduction over warps, one barrier
+// per row. A block of 256 threads takes 16 channels of one batch item, so it stages each row of
+// u, dT, dL (16 adjacent channels: coalesced in the channels-last layout) and of BT, BL, C (shared
+// by all 16 channels, which must lie in one group) once, double-buffered: row i+1 is loaded into
+// registers while row i is scanned. y = sum_n C h is reduced with 4 xor-shuffles in the half-warp.
+constexpr int kSmallChannels = 16;
+constexpr int kSmallThreads = 256;
+constexpr int kSmallArrays = 8;  // dT, dL, dT*u, dL*u, D*u (per channel); BT, BL, C (per state)
+
+__host__ __device__ __forceinline__ int small_pitch(int wmax) { return wmax + 4; }  // 16-byte rows, banks shifted
+
+template <typename T, int WMAX>
+__global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2dProblem p, Grid out, int64_t b0) {
+  constexpr int WP = WMAX + 4, ROWS = kSmallChannels * WP, BUF = kSmallArrays * ROWS;
+  constexpr int PER = (kSmallChannels * WMAX + kSmallThreads - 1) / kSmallThreads;  // staged values per thread
+  extern __shared__ __align__(16) float smem[];
+  float* s_y = smem + 2 * BUF;  // [2][channel][column]
+  const int tid = threadIdx.x, lane = tid & 31, n = lane & 15, c = tid >> 4;
+  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kSmallChannels, b = blockIdx.y + b0;
+  const int64_t H = p.height, W = p.width, E = p.dim, N = p.dstate;
+  const int64_t e = e0 + c;
+  const bool has_e = e < E, active = has_e && n < N;
+  const int64_t g = e0 / (E / p.groups);
+  const float AT2 = active ? static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn] * kLog2e : 0.f;
+  const float AL2 = active ? static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn] * kLog2e : 0.f;
+
+  // Staging: thread t handles (column j, index k) pairs x = t + r*256 with k = x % 16 (a channel for
+  // u/dT/dL, a state for BT/BL/C) and j = x / 16, so 16 adjacent channels / states are read together.
+  float r_u[PER], r_t[PER], r_l[PER], r_bt[PER], r_bl[PER], r_c[PER];
+  auto load_row = [&](int64_t i) {
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+      const int64_t ek = e0 + k;
+      const bool okc = j < W && ek < E, oks = j < W && k < N;
+      r_u[r] = okc ? ld<T>(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + j * p.u.sj) : 0.f;
+      r_t[r] = okc ? ld<T>(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + j * p.dT.sj) : 0.f;
+      r_l[r] = okc ? ld<T>(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + j * p.dL.sj) : 0.f;
+      r_bt[r] = oks ? ld<T>(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + j * p.BT.sj) : 0.f;
+      r_bl[r] = oks ? ld<T>(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + j * p.BL.sj) : 0.f;
+      r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + j * p.C.sj) : 0.f;
+    }
+  };
+  auto store_row = [&](float* buf) {
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+      if (j >= WMAX) continue;
+      const int64_t ek = e0 + k;
+      const float Dk = (p.D && ek < E) ? static_cast<const float*>(p.D)[ek] : 0.f;
+      const int at = k * WP + j;
+      buf[0 * ROWS + at] = r_t[r];
+      buf[1 * ROWS + at] = r_l[r];
+      buf[2 * ROWS + at] = r_t[r] * r_u[r];
+      buf[3 * ROWS + at] = r_l[r] * r_u[r];
+      buf[4 * ROWS + at] = Dk * r_u[r];
+      buf[5 * ROWS + at] = r_bt[r];
+      buf[6 * ROWS + at] = r_bl[r];
+      buf[7 * ROWS + at] = r_c[r];
+    }
+  };
+
+  float hrow[WMAX];
+#pragma unroll
+  for (int j = 0; j < WMAX; ++j) hrow[j] = 0.f;
+  load_row(0);
+  store_row(smem);
+  __syncthreads();
+  for (int64_t i = 0; i < H; ++i) {
+    const float* buf = smem + (i & 1) * BUF;
+    float* ybuf = s_y + (i & 1) * ROWS;
+    if (i + 1 < H) load_row(i + 1);
+    // Border rule of SCANS.md: first row left only, first column top only, else the average.
+    const float cLr = i == 0 ? 1.f : 0.5f, cTr = i == 0 ? 0.f : 0.5f;
+    const bool origin_top = i == 0 && p.origin_top;
+    float hl = 0.f;
+#pragma unroll
+    for (int j0 = 0; j0 < WMAX; j0 += 4) {
+      float t[4], l[4], tu[4], lu[4], bt[4], bl[4], cc[4];
+      *reinterpret_cast<float4*>(t) = *reinterpret_cast<const float4*>(buf + 0 * ROWS + c * WP + j0);
+      *reinterpret_cast<float4*>(l) = *reinterpret_cast<const float4*>(buf + 1 * ROWS + c * WP + j0);
+      *reinterpret_cast<float4*>(tu) = *reinterpret_cast<const float4*>(buf + 2 * ROWS + c * WP + j0);
+      *reinterpret_cast<float4*>(lu) = *reinterpret_cast<const float4*>(buf + 3 * ROWS + c * WP + j0);
+      *reinterpret_cast<float4*>(bt) = *reinterpret_cast<const float4*>(buf + 5 * ROWS + n * WP + j0);
+      *reinterpret_cast<float4*>(bl) = *reinterpret_cast<const float4*>(buf + 6 * ROWS + n * WP + j0);
+      *reinterpret_cast<float4*>(cc) = *reinterpret_cast<const float4*>(buf + 7 * ROWS + n * WP + j0);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int j = j0 + k;
+        float cL = cLr, cT = cTr;
+        if (j == 0) {
+          cL = origin_top ? 0.f : (i == 0 ? 1.f : 0.f);
+          cT = origin_top ? 1.f : (i == 0 ? 0.f : 1.f);
+        }
+        const float aL = fast_exp2(l[k] * AL2), aT = fast_exp2(t[k] * AT2);
+        const float h = cL * fmaf(aL, hl, lu[k] * bl[k]) + cT * fmaf(aT, hrow[j], tu[k] * bt[k]);
+        hrow[j] = h;
+        hl = h;
+        float y = active ? cc[k] * h : 0.f;
+        y += __shfl_xor_sync(0xffffffffu, y, 8);
+        y += __shfl_xor_sync(0xffffffffu, y, 4);
+        y += __shfl_xor_sync(0xffffffffu, y, 2);
+        y += __shfl_xor_sync(0xffffffffu, y, 1);
+        if (n == (j & 15)) ybuf[c * WP + j] = y + buf[4 * ROWS + c * WP + j];
+      }
+    }
+    if (i + 1 < H) store_row(smem + ((i + 1) & 1) * BUF);
+    __syncthreads();
+    // out += y for row i, 16 adjacent channels per column together.
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+      const int64_t ek = e0 + k;
+      if (j < W && ek < E) {
+        float* o = fplane(out, b, ek, 0, i, j);
+        *o += ybuf[k * WP + j];
+      }
+    }
+  }
+}
+
+bool small_rows_fit(const Wave2dProblem& p) {
+  return p.width <= 64 && p.dstate <= 16 &&
+         (p.groups == 1 || (p.dim / p.groups) % kSmallChannels == 0);
+}
+
+template <typename T, int WMAX>
+void fwd_small_launch(const Wave2dProblem& p, const Grid& out, cudaStream_t stream) {
+  const size_t smem = (2 * kSmallArrays + 2) * static_cast<size_t>(kSmallChannels * small_pitch(WMAX)) * sizeof(float);
+  auto kernel = wave_fwd_small_kernel<T, WMAX>;
+  SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const unsigned ch_blocks = static_cast<unsigned>((p.dim + kSmallChannels - 1) / kSmallChannels);
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+    dim3 grid(ch_blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0);
+    SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
+  }
+}
+
+template <typename T>
+void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
+  if (p.width <= 16) fwd_small_launch<T, 16>(p, out, s);
+  else if (p.width <= 32) fwd_small_launch<T, 32>(p, out, s);
+  else fwd_small_launch<T, 64>(p, out, s);
+}
+
+
 int segment_for(int64_t W) {
   if (W <= 32 * 4) return 4;
   if (W <= 32 * 16) return 16;
@@ -552,6 +702,7 @@ void bwd_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_
 
 template <typename T>
 void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
+  if (small_rows_fit(p)) return fwd_small_t<T>(p, out, s);
   switch (segment_for(p.width)) {
     case 4: fwd_launch<T, 4>(p, out, s); break;
     case 16: fwd_launch<T, 16>(p, out, s); break;
