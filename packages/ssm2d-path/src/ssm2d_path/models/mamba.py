@@ -70,6 +70,8 @@ class _SSMMIL(MILModel):
     def forward(self, bag: Bag) -> MILOutput:
         check_bag(self, bag)
         h = self.embed(bag.features)
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
         h = torch.cat([self._mix(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
         scores, pooled = self.pool(self.norm(h))
         return MILOutput(self.classifier(pooled)[None], scores)
