@@ -9,7 +9,8 @@ logits.
 
 Memory: the dense grid of a slide is its tissue bounding box only (H*W cells, not a canvas). With
 the defaults (dim 128, d_inner 256) and bf16 autocast, a slide of M = H*W cells costs, between
-forward and backward, the patch tensors (a few N x 128) plus, per layer, the checkpointed grid input
+forward and backward, the patch tensors (a few N x 128; the embedding keeps a reference to the input
+features, not a bf16 copy) plus, per layer, the checkpointed grid input
 M x 128 x 2 bytes; the layer's own activations (~7 M x 256 x 2 bytes) exist only while that layer
 runs forward or backward (see :class:`ssm2d_nn.layers.TwoDMambaLayer`). At 150k patches and 60%
 fill (M = 250k): ~64 MB kept per layer, ~1.2 GB transient peak during the layer's backward.
@@ -69,8 +70,17 @@ class _SSMMIL(MILModel):
 
     def forward(self, bag: Bag) -> MILOutput:
         check_bag(self, bag)
-        h = self.embed(bag.features)
-        if torch.is_autocast_enabled(h.device.type):
+        x = bag.features
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.dtype == self.embed[0].weight.dtype:
+            # Under autocast the Linear would save a bf16 copy of the features for its weight
+            # gradient (N x in_dim x 2 bytes, ~300 MB at 150k x 1024); in the features' own dtype
+            # it keeps a reference to the input tensor instead.
+            with torch.autocast(dev, enabled=False):
+                h = self.embed(x)
+        else:
+            h = self.embed(x)
+        if torch.is_autocast_enabled(dev):
             h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
         h = torch.cat([self._mix(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
         scores, pooled = self.pool(self.norm(h))
