@@ -1,0 +1,184 @@
+"""One MIL training step (forward, cross-entropy, backward, AdamW step, zero_grad) on synthetic slides.
+
+For each model x slide size x precision: median step time (CUDA events on GPU, perf_counter on CPU;
+warm-up first; the inputs rotate through fresh random bags, never zeros) and, on GPU, the peak memory
+of the step beyond what was allocated before it (model, AdamW state and the input bag are counted
+separately: the input features are listed in their own column). Slides are blob-shaped tissue masks
+(not rectangles) on a grid whose tissue-cropped fill is ~50-70%; features are 1024-dim like
+UNI-class encoders. Prints a Markdown table.
+
+    python benchmarks/bench_mil.py                              # GPU: 10k, 50k, 150k patches
+    python benchmarks/bench_mil.py --device cpu --sizes 2000    # CPU smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ssm2d_path.bag import Bag, SlideGrid  # noqa: E402
+from ssm2d_path.models import build_model, param_groups  # noqa: E402
+
+
+def blob_cells(n: int, fill: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exactly n (row, col) cells forming a blob: a smooth random field plus a radial falloff,
+    thresholded at its n-th largest value on a box of ~n/fill cells."""
+    g = torch.Generator().manual_seed(seed)
+    area = n / fill
+    h = int(math.ceil(math.sqrt(area / 1.25)))
+    w = int(math.ceil(area / h))
+    low = torch.randn(1, 1, 6, 6, generator=g)
+    field = F.interpolate(low, size=(h, w), mode="bicubic", align_corners=False)[0, 0]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    field = field * 0.5 - 2.0 * (xx ** 2 + yy ** 2) + 0.05 * torch.randn(h, w, generator=g)
+    flat = torch.topk(field.flatten(), n).indices.numpy()
+    return flat // w, flat % w
+
+
+def make_bag(n: int, fill: float, in_dim: int, seed: int, device: str, stride: int = 256) -> Bag:
+    rows, cols = blob_cells(n, fill, seed)
+    coords = np.stack([cols * stride, rows * stride], axis=1)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    feats = torch.randn(n, in_dim, generator=g)
+    slide = SlideGrid.from_coords(f"synthetic{n}_{seed}", feats, coords, stride)
+    return Bag(slide.slide_id, [slide]).to(device)
+
+
+def model_kwargs(name: str, backend: str) -> dict:
+    return {"backend": backend} if name in ("2dmambamil", "m2dmil", "mambamil") else {}
+
+
+def make_step(model, opt, device: str, amp: bool):
+    def step(inputs):
+        bag, label = inputs
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            out = model(bag)
+        loss = F.cross_entropy(out.logits.float(), label)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def time_step(step, inputs, device: str, warmup: int, reps: int) -> float:
+    for i in range(warmup):
+        step(inputs[i % len(inputs)])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(inputs[i % len(inputs)])
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step(inputs[i % len(inputs)])
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_step_mib(step, inputs) -> float:
+    """Peak allocated during one step beyond what was live before it (model, AdamW state, inputs)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(inputs)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def header(device: str) -> str:
+    commit = os.environ.get("SSM2D_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            commit = ""
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        dev = f"{p.name} ({p.multi_processor_count} SMs), CUDA {torch.version.cuda}"
+    else:
+        dev = f"CPU ({torch.get_num_threads()} threads)"
+    return f"device: {dev}, torch {torch.__version__}, date {datetime.date.today()}, commit {commit or 'unknown'}"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--models", default="2dmambamil,abmil,transmil")
+    ap.add_argument("--sizes", default="10000,50000,150000", help="patches per slide, comma-separated")
+    ap.add_argument("--precision", default="bf16,fp32", help="bf16 (autocast) and/or fp32")
+    ap.add_argument("--fill", type=float, default=0.6, help="target tissue fill of the cropped grid (0.5-0.7)")
+    ap.add_argument("--in-dim", type=int, default=1024)
+    ap.add_argument("--n-outputs", type=int, default=2)
+    ap.add_argument("--backend", default="auto", help="scan backend of the SSM models")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--inputs", type=int, default=3, help="distinct random bags the repeats cycle through")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device (use --device cpu for the smoke check)")
+    if not 0.3 <= args.fill <= 0.9:
+        ap.error(f"--fill must be in [0.3, 0.9], got {args.fill}")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    models = args.models.split(",")
+    precisions = args.precision.split(",")
+    for p in precisions:
+        if p not in ("bf16", "fp32"):
+            ap.error(f"--precision: expected bf16 and/or fp32, got {p!r}")
+
+    print(header(args.device))
+    print(f"one training step = forward + cross-entropy + backward + AdamW step + zero_grad; batch = one bag; "
+          f"features {args.in_dim}-d float32; median of {args.reps} after {args.warmup} warm-up steps, "
+          f"{args.inputs} rotating random bags; peak = beyond model + optimizer state + inputs\n")
+    print("| model | patches | grid (H x W) | fill | precision | step ms | peak MiB | inputs MiB | params | scan backend |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n in sizes:
+        bags = [make_bag(n, args.fill, args.in_dim, seed, args.device) for seed in range(args.inputs)]
+        shape = bags[0].slides[0].shape
+        fill = n / (shape[0] * shape[1])
+        inputs_mib = bags[0].features.numel() * bags[0].features.element_size() / 2**20
+        for name in models:
+            for prec in precisions:
+                torch.manual_seed(0)
+                model = build_model(name, args.in_dim, args.n_outputs, **model_kwargs(name, args.backend)).to(args.device)
+                model.train()
+                opt = torch.optim.AdamW(param_groups(model, 1e-5), lr=1e-4)
+                g = torch.Generator().manual_seed(n)
+                labels = [torch.randint(0, args.n_outputs, (1,), generator=g).to(args.device) for _ in bags]
+                inputs = list(zip(bags, labels))
+                step = make_step(model, opt, args.device, prec == "bf16")
+                try:
+                    ms = time_step(step, inputs, args.device, args.warmup, args.reps)
+                    peak = f"{peak_step_mib(step, inputs[0]):.0f}" if args.device == "cuda" else "n/a"
+                    ms_s = f"{ms:.2f}"
+                except torch.OutOfMemoryError:
+                    ms_s, peak = "OOM", "OOM"
+                params = sum(p.numel() for p in model.parameters())
+                print(f"| {name} | {n} | {shape[0]} x {shape[1]} | {fill:.2f} | {prec} | {ms_s} | {peak} | "
+                      f"{inputs_mib:.0f} | {params:,} | {getattr(model, 'scan_backend', None) or '-'} |", flush=True)
+                del model, opt, step
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
