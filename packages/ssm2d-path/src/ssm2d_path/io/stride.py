@@ -17,6 +17,8 @@ from ..bag import grid_indices
 
 __all__ = ["infer_stride", "infer_spacing", "fits_lattice"]
 
+_MAX_REFINE = 4
+
 
 def _axis_diffs(c: np.ndarray, axis: int, tol: float) -> np.ndarray:
     """Positive differences along ``axis`` between consecutive patches of the same line."""
@@ -67,10 +69,13 @@ def infer_spacing(coords) -> Optional[float]:
     mode = float(values[np.argmax(counts)])  # ties -> the smallest value (np.unique sorts)
     if _all_multiples(d, mode, tol):
         return mode
+    # A common step much finer than the mode is a glitch, not a lattice (and its grid could be huge):
+    # keep the mode then, and let the grid builder reject the off-lattice patches.
     if integer:
-        return float(reduce(math.gcd, (int(v) for v in values)))
+        g = float(reduce(math.gcd, (int(v) for v in values)))
+        return g if mode / g <= _MAX_REFINE else mode
     smallest = float(values[0])
-    if _all_multiples(d, smallest, tol):
+    if mode / smallest <= _MAX_REFINE and _all_multiples(d, smallest, tol):
         return smallest
     return mode
 
