@@ -76,6 +76,8 @@ def test_infer_stride_with_missing_patches(rng, stride):
         x = _coords(r, c, stride, tuple(rng.integers(0, 5000, 2)))
         assert infer_stride(x) == stride
         assert infer_spacing(x.astype(np.float64) * 0.2525) == pytest.approx(stride * 0.2525, rel=1e-6)
+        noisy = x * 0.2525 + rng.uniform(-0.02, 0.02, x.shape)  # micrometres with rounding noise
+        assert infer_spacing(noisy) == pytest.approx(stride * 0.2525, abs=0.02)
 
 
 def test_infer_stride_when_most_neighbours_are_two_cells_apart():
@@ -165,14 +167,16 @@ def test_clam_pt_with_patches(tmp_path, rng):
 
 
 @pytest.mark.parametrize("mpp", [None, 0.25])
-def test_stamp_micrometre_coordinates(tmp_path, rng, mpp):
+def test_stamp_micrometre_coordinates(tmp_path, rng, mpp, caplog):
     r, c = ff.lattice(rng, 5, 7)
     tile_um, tile_px = 256.0, 224
     um = _coords(r, c, tile_um, (1234.5, 987.25)) + rng.uniform(-0.01, 0.01, (len(r), 2))  # float noise
     feats = rng.standard_normal((len(r), 12))
     p = ff.write_stamp(tmp_path / "st.h5", feats, um, tile_um=tile_um, tile_px=tile_px)
     assert detect_format(p) == "stamp"
-    g = read_slide(p, mpp=mpp)
+    with caplog.at_level("WARNING"):
+        g = read_slide(p, mpp=mpp)
+    assert g.meta["stride_source"] == "attribute" and caplog.text == ""
     _assert_grid(g, r, c)
     np.testing.assert_array_equal(g.meta["coords_um"], um)
     np.testing.assert_array_equal(g.features.numpy(), feats.astype(np.float16).astype(np.float32))

@@ -30,6 +30,19 @@ def _axis_diffs(c: np.ndarray, axis: int, tol: float) -> np.ndarray:
     return d[same_line & (d > tol)]
 
 
+def _line_tolerance(c: np.ndarray) -> float:
+    """A quarter of the smallest real gap between distinct coordinate values (0 if all coincide).
+
+    Gaps below 1e-3 of the largest one are rounding noise (micrometre coordinates), not lattice steps;
+    patches closer than the tolerance along an axis share a row/column.
+    """
+    g = np.concatenate([np.diff(np.sort(c[:, a])) for a in (0, 1)])
+    g = g[g > 0]
+    if g.size == 0:
+        return 0.0
+    return 0.25 * float(g[g > 1e-3 * g.max()].min())
+
+
 def _all_multiples(d: np.ndarray, step: float, tol: float) -> bool:
     q = d / step
     return bool(np.all(np.abs(q - np.rint(q)) * step <= max(tol, 0.01 * step)))
@@ -41,7 +54,8 @@ def infer_spacing(coords) -> Optional[float]:
     The spacing is the most common positive difference between nearest neighbours along x (patches of
     one row) and along y (patches of one column). Missing patches only add larger multiples of it, so
     the mode survives them; if some differences are not multiples of the mode (e.g. a slide where most
-    neighbours are two cells apart) the greatest common step of all differences is used instead.
+    neighbours are two cells apart) the greatest common step of all differences is used instead, when
+    it is at least a quarter of the mode.
 
     Args:
         coords: (N, 2) (x, y), integer or float.
@@ -53,20 +67,23 @@ def infer_spacing(coords) -> Optional[float]:
         raise ValueError(f"coords: expected an (N, 2) array of (x, y), got shape {c.shape}")
     if len(c) < 2:
         return None
-    scale = float(np.abs(c).max()) or 1.0
-    tol = 1e-6 * scale
+    tol = _line_tolerance(c)
+    if tol == 0.0:
+        return None
     d = np.concatenate([_axis_diffs(c, 0, tol), _axis_diffs(c, 1, tol)])
     if d.size == 0:
         # No two patches share a row or a column: fall back to the gaps between distinct columns/rows.
-        gaps = [np.diff(np.unique(np.round(c[:, a] / tol) * tol)) for a in (0, 1)]
+        gaps = [np.diff(np.sort(c[:, a])) for a in (0, 1)]
         d = np.concatenate(gaps)
         d = d[d > tol]
         if d.size == 0:
             return None
     integer = bool(np.all(c == np.rint(c)))
-    rounded = np.rint(d) if integer else np.round(d, 6)
+    # Float coordinates (micrometres) carry rounding noise: count differences on a 1 % grid of the median.
+    rounded = np.rint(d) if integer else np.round(d / (0.01 * np.median(d))) * (0.01 * np.median(d))
     values, counts = np.unique(rounded, return_counts=True)
-    mode = float(values[np.argmax(counts)])  # ties -> the smallest value (np.unique sorts)
+    top = values[np.argmax(counts)]  # ties -> the smallest value (np.unique sorts)
+    mode = float(top) if integer else float(d[rounded == top].mean())
     if _all_multiples(d, mode, tol):
         return mode
     # A common step much finer than the mode is a glitch, not a lattice (and its grid could be huge):
