@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import h5py
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 
 from ..__about__ import __version__
 from .errors import SlideFileError
-from .readers import PathLike, read_slide, slide_id_of
+from .readers import PathLike, read_slide
 
 __all__ = ["write_trident", "trident_folder", "convert_slide"]
 
