@@ -182,14 +182,15 @@ def axial_rope_cos_sin(height: int, width: int, head_dim: int, base: float = 100
 
     The first head_dim/2 channels rotate by the row index i, the next head_dim/2 by the column index
     j; within each half, channel pair (2k, 2k+1) turns by angle pos * base**(-k / (head_dim/4)).
-    Computed in float32, then cast to ``dtype``.
+    Computed in float32 (as released; float64 for a float64 ``dtype``), then cast to ``dtype``.
     """
     if head_dim % 4:
         raise ValueError(f"head_dim must be a multiple of 4 for 2D axial RoPE, got {head_dim}")
     half = head_dim // 2
-    inv_freq = 1.0 / (base ** (torch.arange(half // 2, device=device, dtype=torch.float32) / (half // 2)))
-    i = torch.arange(height, device=device, dtype=torch.float32).repeat_interleave(width)
-    j = torch.arange(width, device=device, dtype=torch.float32).repeat(height)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (base ** (torch.arange(half // 2, device=device, dtype=acc) / (half // 2)))
+    i = torch.arange(height, device=device, dtype=acc).repeat_interleave(width)
+    j = torch.arange(width, device=device, dtype=acc).repeat(height)
     ang = torch.cat([i[:, None] * inv_freq, j[:, None] * inv_freq], dim=-1).repeat_interleave(2, dim=-1)
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
