@@ -214,3 +214,13 @@ def test_rope_attention_any_grid_and_gradients():
         m(x).sum().backward()
         assert torch.isfinite(x.grad).all()
     assert sum(p.numel() for p in RoPEAttention2d(160).parameters()) == 102528  # M2D-N stage-3 attention
+
+
+def test_star_relu_keeps_dtype_and_gradients():
+    act = StarReLU()
+    x = torch.randn(50, dtype=torch.bfloat16, requires_grad=True)
+    y = act(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert act.scale.grad.item() == pytest.approx(torch.relu(x.detach().float()).square().sum().item(), rel=1e-2)
+    assert act.bias.grad.item() == 50

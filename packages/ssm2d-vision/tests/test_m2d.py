@@ -152,7 +152,12 @@ def test_head_api_and_intermediates():
     with pytest.raises(ValueError, match="global_pool"):
         m.reset_classifier(5, global_pool="max")
     assert m.prune_intermediate_layers(indices=[0, 1]) == [0, 1] and len(m.stages) == 2
-    assert m.num_features == 32
+    assert m.num_features == 32 and isinstance(m.head.norm, torch.nn.Identity)
+    full = tiny_config()
+    w = full.head.norm.weight
+    assert full.prune_intermediate_layers(indices=4, prune_norm=False) == [0, 1, 2, 3]
+    assert full.head.norm.weight is w and isinstance(full.head.fc, torch.nn.Identity) and full.num_classes == 0
+    assert full(x).shape == (2, 64)
 
 
 def test_no_weight_decay_group_matcher_grad_checkpointing():
@@ -205,7 +210,7 @@ def test_features_only_out_indices_prunes():
 
 def test_torch_compile_aot_eager_small():
     torch.manual_seed(5)
-    m = tiny_config().eval()
+    m = tiny_config(depths=(2, 1, 1, 1)).eval()
     x = torch.randn(2, 3, 64, 64)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)  # one graph: no breaks
     with torch.no_grad():

@@ -29,7 +29,7 @@ _ORIGINS = ("tl", "br")
 
 class StarReLU(nn.Module):
     """``scale * relu(x)**2 + bias`` with learnable scalar ``scale`` (init 1) and ``bias`` (init 0),
-    as in MetaFormer. Any shape in, same shape out."""
+    as in MetaFormer. Any shape in, same shape and dtype out."""
 
     def __init__(self, scale_value: float = 1.0, bias_value: float = 0.0, *, device=None, dtype=None):
         super().__init__()
@@ -38,7 +38,9 @@ class StarReLU(nn.Module):
         self.bias = nn.Parameter(torch.full((1,), float(bias_value), **dd))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.scale * F.relu(x).square() + self.bias
+        # In x's dtype: the float32 scalars would otherwise promote a bfloat16 activation to float32
+        # under autocast (twice the memory traffic, and a cast back before the next conv/linear).
+        return torch.addcmul(self.bias.to(x.dtype), F.relu(x).square(), self.scale.to(x.dtype))
 
 
 class SepConvLocal(nn.Module):

@@ -281,10 +281,11 @@ class Mamba2D(nn.Module):
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
             prune_head = True
         if prune_head:
-            self.head.norm = nn.LayerNorm(self.num_features, device=self.head.norm.weight.device,
-                                          dtype=self.head.norm.weight.dtype) if not prune_norm and isinstance(
-                self.head.norm, nn.LayerNorm) and self.head.norm.normalized_shape[0] == self.num_features \
-                else nn.Identity()
+            norm = self.head.norm
+            keep_norm = (not prune_norm and isinstance(norm, nn.LayerNorm)
+                         and norm.normalized_shape[0] == self.num_features)
+            if not keep_norm:
+                self.head.norm = nn.Identity()
             self.num_classes = 0
             self.head.fc = nn.Identity()
         return take_indices
