@@ -166,6 +166,10 @@ def test_no_weight_decay_group_matcher_grad_checkpointing():
     nwd = m.no_weight_decay()
     assert "stages.0.blocks.1.token_mixer.AT_log" in nwd and "stages.1.blocks.0.token_mixer.D" in nwd
     assert all(n.endswith(("AT_log", "AL_log", ".D")) for n in nwd) and len(nwd) == 4 * 3
+    params = dict(m.named_parameters())
+    assert nwd <= set(params) and nwd == {n for n, p in params.items() if getattr(p, "_no_weight_decay", False)}
+    import copy
+    assert copy.deepcopy(m).no_weight_decay() == nwd
     gm = m.group_matcher()
     assert gm["stem"] == r"^stem"
     x = torch.randn(1, 3, 64, 64)

@@ -207,8 +207,10 @@ class Mamba2D(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        """The SSM's A logs and D (as released); timm also skips every 1-D parameter."""
-        return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        """The SSM's A logs and D (as released); timm also skips every 1-D parameter. Found by module
+        type, not by the parameters' ``_no_weight_decay`` flag, which a deepcopy (e.g. EMA) drops."""
+        return {f"{name}.{p}" for name, mod in self.named_modules() if isinstance(mod, M2DMixer)
+                for p in ("AT_log", "AL_log", "D")}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
