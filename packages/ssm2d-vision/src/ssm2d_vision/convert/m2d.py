@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["MODEL_NAMES", "load_released", "ours_to_released", "released_to_ours"]
+__all__ = ["MODEL_NAMES", "load_released", "ours_to_released", "released_to_ours", "save_state_dict"]
 
 logger = logging.getLogger("ssm2d_vision")
 
