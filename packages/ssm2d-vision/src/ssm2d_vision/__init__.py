@@ -15,5 +15,6 @@ import timm  # noqa: E402  (after the torchvision repair above)
 import ssm2d_nn  # noqa: E402
 
 from .__about__ import __version__  # noqa: E402
+from . import models  # noqa: E402,F401  (registers the models with timm)
 
 __all__ = ["__version__", "timm"]
