@@ -147,9 +147,11 @@ class SS2D(nn.Module):
         y = self._scan_cross1d(u) if self.scan == "cross1d" else self._scan_2d(u)
         return self.dropout(self.out_proj(self.out_norm(y)))
 
-    def _ssm_params(self):
-        A = -torch.exp(self.A_logs.float())
-        return A, self.Ds.float(), self.dt_projs_bias.float().reshape(-1)
+    def _ssm_params(self, like: Tensor):
+        """A = -exp(A_logs), D, dt bias in float32 (float64 for float64 inputs), as scan2d uses them."""
+        pdt = torch.float64 if like.dtype == torch.float64 else torch.float32
+        A = -torch.exp(self.A_logs.to(pdt))
+        return A, self.Ds.to(pdt), self.dt_projs_bias.to(pdt).reshape(-1)
 
     def _scan_cross1d(self, u: Tensor) -> Tensor:
         """The four 1D routes in two scan2d calls on a 1 x (H*W) grid.
@@ -174,7 +176,7 @@ class SS2D(nn.Module):
         dt_in = x_dbl[:, :, :, :r].transpose(1, 2).reshape(b, 4 * r, L)
         w_dt = self.dt_projs_weight.reshape(4 * d, r, 1).to(u.dtype)
         delta = F.conv1d(dt_in, w_dt, groups=4).view(b, 2, 2 * d, 1, L)
-        A, D, bias = self._ssm_params()
+        A, D, bias = self._ssm_params(u)
         ys = []
         for s, origin in enumerate(("tl", "tr")):
             sl = slice(2 * s * d, 2 * (s + 1) * d)
@@ -199,7 +201,7 @@ class SS2D(nn.Module):
         dt_in = x_dbl[:, :, :r].reshape(b, 4 * r, h, w)
         delta = F.conv2d(dt_in, self.dt_projs_weight.reshape(4 * d, r, 1, 1).to(u.dtype), groups=4)
         delta = delta.view(b, 4, d, h, w)
-        A, D, bias = self._ssm_params()
+        A, D, bias = self._ssm_params(u)
         y: Optional[Tensor] = None
         for k, (origin, order) in enumerate(ROUTES_2D):
             sl = slice(k * d, (k + 1) * d)
