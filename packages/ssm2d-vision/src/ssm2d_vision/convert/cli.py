@@ -26,8 +26,6 @@ def _atomic_save(obj, dst: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import ssm2d_vision  # noqa: F401  (registers the models; needed to check the converted keys)
-
     from . import CONVERTERS, converter_for
 
     parser = argparse.ArgumentParser(prog="ssm2d-vision-convert",
@@ -38,6 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("src", help="released checkpoint (.pth)")
     parser.add_argument("dst", help="output file (our state dict, torch.save)")
     args = parser.parse_args(argv)
+    import ssm2d_vision  # noqa: F401  (registers the models; needed to check the converted keys)
+
     if not os.path.isfile(args.src):
         parser.error(f"SRC {args.src!r} is not a file")
     try:
