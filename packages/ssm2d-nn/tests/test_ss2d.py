@@ -97,3 +97,12 @@ def test_compile_aot_eager_fullgraph():
         x = torch.randn(2, 8, 4, 5)
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), m(x))
+
+
+@pytest.mark.parametrize("scan", ["cross1d", "2d"])
+def test_channels_last_input_same_result(scan):
+    torch.manual_seed(7)
+    m = _randomised(SS2D(8, scan=scan), seed=8).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 5, 7)
+    out = m(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out.double(), ss2d_reference(m, x), rtol=1e-4, atol=1e-5)

@@ -142,9 +142,13 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.d_model:
             raise ValueError(f"SS2D: x must have shape (B, {self.d_model}, H, W), got {tuple(x.shape)}")
-        # The scan kernel walks each (batch, channel) plane: unit-stride rows keep its loads coalesced.
-        u = self.act(self.conv2d(self.in_proj(x))).contiguous()
-        y = self._scan_cross1d(u) if self.scan == "cross1d" else self._scan_2d(u)
+        u = self.act(self.conv2d(self.in_proj(x)))
+        if self.scan == "cross1d":
+            y = self._scan_cross1d(u)
+        else:
+            # The scan kernel walks each (batch, channel) plane: unit-stride rows keep its loads
+            # coalesced (a no-op unless the model runs channels-last).
+            y = self._scan_2d(u.contiguous())
         return self.dropout(self.out_proj(self.out_norm(y)))
 
     def _ssm_params(self, like: Tensor):
@@ -165,8 +169,8 @@ class SS2D(nn.Module):
         b, d, h, w = u.shape
         n, r, L = self.d_state, self.dt_rank, h * w
         c = r + 2 * n
-        xs = u.new_empty((b, 2, d, L))
-        xs[:, 0] = u.reshape(b, d, L)
+        xs = u.new_empty((b, 2, d, L))  # filled by one copy per layout, whatever u's memory format
+        xs[:, 0].view(b, d, h, w).copy_(u)
         xs[:, 1].view(b, d, w, h).copy_(u.transpose(2, 3))
         # x_proj grouped by layout j: its outputs come out as (b, j, s, c, L).
         w_x = self.x_proj_weight.view(2, 2, c, d).transpose(0, 1).reshape(4 * c, d, 1).to(u.dtype)

@@ -17,7 +17,6 @@ stage outputs instead. Released checkpoints convert with :mod:`ssm2d_vision.conv
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
