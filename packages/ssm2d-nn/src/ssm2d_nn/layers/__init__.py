@@ -1,6 +1,7 @@
-"""nn.Module layers built on the ssm2d ops: the 2DMamba layer, the M2D mixer and its attention."""
+"""nn.Module layers built on the ssm2d ops: VMamba's SS2D, the 2DMamba layer, the M2D mixer and its attention."""
 
 from .m2d import M2DMixer, RoPEAttention2d, SepConvLocal, StarReLU
 from .mamba2d import TwoDMambaLayer
+from .ss2d import SS2D
 
-__all__ = ["M2DMixer", "RoPEAttention2d", "SepConvLocal", "StarReLU", "TwoDMambaLayer"]
+__all__ = ["M2DMixer", "RoPEAttention2d", "SS2D", "SepConvLocal", "StarReLU", "TwoDMambaLayer"]

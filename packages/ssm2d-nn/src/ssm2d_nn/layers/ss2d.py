@@ -1,0 +1,261 @@
+"""SS2D, the selective-scan mixer of VMamba v2 ("v05_noz", channel-first), with 1D or 2D routes.
+
+The module maps (B, C, H, W) to (B, C, H, W):
+
+    x  = SiLU(dwconv3x3(in_proj(x)))                      in_proj: 1x1, C -> d_inner, no gate branch
+    for each route k of K = 4:
+        [dt_r, B_k, C_k] = x_proj[k] x                     per position: (R + 2N) values
+        delta_k = dt_proj[k] dt_r                           (d_inner values), bias added in the scan
+        y_k = selective scan of x along route k, dt = softplus(delta_k + dt_bias[k]), A_k, D_k
+    y = out_proj(LayerNorm2d(sum_k y_k))
+
+``scan="cross1d"`` (VMamba): the routes are 1D scans over the H*W positions in row-major order,
+column-major order and both reversed (Mamba's selective scan, i.e. ``scan2d`` on a 1 x (H*W) grid).
+``scan="2d"`` (2DVMamba): the routes are the 2D scans of 2DMamba from the top-left rows first,
+top-left columns first, bottom-right rows first and bottom-right columns first (SCANS.md section 1).
+Both modes have exactly the same parameters, with the released names and shapes, so one checkpoint
+layout serves both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import scan2d, scan2d_reference
+
+__all__ = ["SS2D", "LayerNorm2d", "SCAN_MODES", "ROUTES_2D", "ss2d_reference"]
+
+SCAN_MODES = ("cross1d", "2d")
+K_ROUTES = 4
+# 2DVMamba's routes in the order of the released parameter groups k = 0..3: (origin, order).
+ROUTES_2D = (("tl", "hv"), ("tl", "vh"), ("br", "hv"), ("br", "vh"))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) tensor.
+
+    On a channels-last tensor the permute is free; on a channels-first one F.layer_norm copies it
+    once. Under autocast it runs in float32 like nn.LayerNorm (the released models were trained so).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, floor: float) -> Tensor:
+    """Mamba's dt bias: inverse softplus of dt drawn log-uniformly in [dt_min, dt_max]."""
+    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+class SS2D(nn.Module):
+    """VMamba v2's SS2D mixer ("v05_noz"), channel-first, with the 1D cross-scan or 2DVMamba's 2D scans.
+
+    Args:
+        d_model: channels C of the input and output.
+        d_state: N, the state size per channel (1 in VMamba v2).
+        ssm_ratio: d_inner = int(ssm_ratio * C).
+        dt_rank: R; "auto" = ceil(C / 16).
+        d_conv: depthwise conv kernel (3); conv_bias: its bias (False in VMamba v2).
+        bias: bias of in_proj and out_proj (False in VMamba v2).
+        dt_min, dt_max, dt_init_floor, dt_scale: Mamba's dt initialisation.
+        scan: "cross1d" (VMamba) or "2d" (2DVMamba).
+        backend: passed to :func:`ssm2d_nn.ops.scan2d` ("auto", "kernel" or "reference").
+        dropout: dropout after out_proj.
+
+    Parameters (K = 4 routes, released names): in_proj.weight (d_inner, C, 1, 1), conv2d.weight
+    (d_inner, 1, d_conv, d_conv), x_proj_weight (K, R + 2N, d_inner), dt_projs_weight (K, d_inner, R),
+    dt_projs_bias (K, d_inner), A_logs (K * d_inner, N), Ds (K * d_inner), out_norm.{weight,bias}
+    (d_inner,), out_proj.weight (C, d_inner, 1, 1).
+
+    Shapes: (B, C, H, W) -> (B, C, H, W), any H, W >= 1. Extra memory of the scan part in the
+    forward: the route inputs (cross1d: one stacked copy of x and of its transpose, 2 * d_inner*H*W
+    per image; 2d: none), the K deltas (K * d_inner*H*W) and the K outputs.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 1, ssm_ratio: float = 1.0, dt_rank="auto", d_conv: int = 3,
+                 conv_bias: bool = False, bias: bool = False, dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0, scan: str = "cross1d", backend: str = "auto",
+                 dropout: float = 0.0):
+        super().__init__()
+        if scan not in SCAN_MODES:
+            raise ValueError(f"SS2D: scan must be one of {SCAN_MODES}, got {scan!r}")
+        if d_model < 1 or d_state < 1:
+            raise ValueError(f"SS2D: d_model and d_state must be >= 1, got {d_model}, {d_state}")
+        self.d_model = int(d_model)
+        self.d_state = int(d_state)
+        self.d_inner = int(ssm_ratio * d_model)
+        if self.d_inner < 1:
+            raise ValueError(f"SS2D: ssm_ratio * d_model must be >= 1, got {ssm_ratio} * {d_model}")
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.scan = scan
+        self.backend = backend
+        self._dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
+        d, n, r, k = self.d_inner, self.d_state, self.dt_rank, K_ROUTES
+
+        self.in_proj = nn.Conv2d(d_model, d, 1, bias=bias)
+        self.conv2d = nn.Conv2d(d, d, d_conv, padding=(d_conv - 1) // 2, groups=d, bias=conv_bias)
+        self.act = nn.SiLU()
+        self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d, r))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d))
+        self.A_logs = nn.Parameter(torch.empty(k * d, n))
+        self.Ds = nn.Parameter(torch.empty(k * d))
+        self.out_norm = LayerNorm2d(d)
+        self.out_proj = nn.Conv2d(d, d_model, 1, bias=bias)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialisation of the released model (Mamba's dt/A/D init, trunc-normal projections)."""
+        dt_min, dt_max, floor, dt_scale = self._dt_init
+        d, r = self.d_inner, self.dt_rank
+        for proj in (self.in_proj, self.out_proj):
+            nn.init.trunc_normal_(proj.weight, std=0.02)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        self.conv2d.reset_parameters()
+        bound = d ** -0.5  # nn.Linear(d_inner, R + 2N)'s default init, as the released x_proj
+        self.x_proj_weight.uniform_(-bound, bound)
+        std = r ** -0.5 * dt_scale
+        self.dt_projs_weight.uniform_(-std, std)
+        for k in range(K_ROUTES):
+            self.dt_projs_bias[k].copy_(_dt_bias_init(d, dt_min, dt_max, floor))
+        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
+        self.Ds.fill_(1.0)
+        self.out_norm.reset_parameters()
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_inner={self.d_inner}, d_state={self.d_state}, dt_rank={self.dt_rank}, "
+                f"scan={self.scan!r}, backend={self.backend!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.d_model:
+            raise ValueError(f"SS2D: x must have shape (B, {self.d_model}, H, W), got {tuple(x.shape)}")
+        u = self.act(self.conv2d(self.in_proj(x)))
+        if self.scan == "cross1d":
+            y = self._scan_cross1d(u)
+        else:
+            # The scan kernel walks each (batch, channel) plane: unit-stride rows keep its loads
+            # coalesced (a no-op unless the model runs channels-last).
+            y = self._scan_2d(u.contiguous())
+        return self.dropout(self.out_proj(self.out_norm(y)))
+
+    def _ssm_params(self, like: Tensor):
+        """A = -exp(A_logs), D, dt bias in float32 (float64 for float64 inputs), as scan2d uses them."""
+        pdt = torch.float64 if like.dtype == torch.float64 else torch.float32
+        A = -torch.exp(self.A_logs.to(pdt))
+        return A, self.Ds.to(pdt), self.dt_projs_bias.to(pdt).reshape(-1)
+
+    def _scan_cross1d(self, u: Tensor) -> Tensor:
+        """The four 1D routes in two scan2d calls on a 1 x (H*W) grid.
+
+        A scan2d call has one scan direction for all its channels, so the four routes cannot share
+        one call without flipped copies of the input. Instead the two layouts (row-major x and its
+        transpose, column-major) are stacked once as G = 2 channel groups, and the same buffer is
+        scanned forwards (origin "tl") and backwards (origin "tr", a negative stride, no copy).
+        Route k = 2*s + j of the released parameters is direction s, layout j.
+        """
+        b, d, h, w = u.shape
+        n, r, L = self.d_state, self.dt_rank, h * w
+        c = r + 2 * n
+        xs = u.new_empty((b, 2, d, L))  # filled by one copy per layout, whatever u's memory format
+        xs[:, 0].view(b, d, h, w).copy_(u)
+        xs[:, 1].view(b, d, w, h).copy_(u.transpose(2, 3))
+        # x_proj grouped by layout j: its outputs come out as (b, j, s, c, L).
+        w_x = self.x_proj_weight.view(2, 2, c, d).transpose(0, 1).reshape(4 * c, d, 1).to(u.dtype)
+        x_dbl = F.conv1d(xs.view(b, 2 * d, L), w_x, groups=2).view(b, 2, 2, c, L)
+        # dt_proj grouped by route (s, j), so delta comes out as (b, s, j, d, L): each direction's
+        # (j, d) channels are one contiguous block for its scan2d call.
+        dt_in = x_dbl[:, :, :, :r].transpose(1, 2).reshape(b, 4 * r, L)
+        w_dt = self.dt_projs_weight.reshape(4 * d, r, 1).to(u.dtype)
+        delta = F.conv1d(dt_in, w_dt, groups=4).view(b, 2, 2 * d, 1, L)
+        A, D, bias = self._ssm_params(u)
+        ys = []
+        for s, origin in enumerate(("tl", "tr")):
+            sl = slice(2 * s * d, 2 * (s + 1) * d)
+            Bs = x_dbl[:, :, s, r:r + n].unsqueeze(3)          # (b, 2, N, 1, L), strided view
+            Cs = x_dbl[:, :, s, r + n:].unsqueeze(3)
+            ys.append(scan2d(xs.view(b, 2 * d, 1, L), delta[:, s], A[sl], Bs, Cs, D[sl], None, bias[sl], True,
+                             origin=origin, order="hv", backend=self.backend))
+        y = (ys[0] + ys[1]).view(b, 2, d, L)
+        return y[:, 0].view(b, d, h, w) + y[:, 1].view(b, d, w, h).transpose(2, 3)
+
+    def _scan_2d(self, u: Tensor) -> Tensor:
+        """The four 2D routes, one scan2d call each, all reading u in place.
+
+        The routes differ in origin and order, which are per call; stacking them would need a
+        transposed (and for H != W differently shaped) copy of u, so each route gets its own call
+        with the projections of all four computed at once in u's own layout.
+        """
+        b, d, h, w = u.shape
+        n, r = self.d_state, self.dt_rank
+        c = r + 2 * n
+        x_dbl = F.conv2d(u, self.x_proj_weight.reshape(4 * c, d, 1, 1).to(u.dtype)).view(b, 4, c, h, w)
+        dt_in = x_dbl[:, :, :r].reshape(b, 4 * r, h, w)
+        delta = F.conv2d(dt_in, self.dt_projs_weight.reshape(4 * d, r, 1, 1).to(u.dtype), groups=4)
+        delta = delta.view(b, 4, d, h, w)
+        A, D, bias = self._ssm_params(u)
+        y: Optional[Tensor] = None
+        for k, (origin, order) in enumerate(ROUTES_2D):
+            sl = slice(k * d, (k + 1) * d)
+            yk = scan2d(u, delta[:, k], A[sl], x_dbl[:, k:k + 1, r:r + n], x_dbl[:, k:k + 1, r + n:], D[sl], None,
+                        bias[sl], True, origin=origin, order=order, backend=self.backend)
+            y = yk if y is None else y + yk
+        return y
+
+
+def ss2d_reference(module: SS2D, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Slow reference of ``SS2D.forward`` in ``dtype`` (float64 by default), written like the released
+    code: the routes are built with explicit flips and transposes (a (B, 4, d, L) cross-scan for
+    "cross1d", re-laid copies for "2d"), projected with einsum, scanned one by one with
+    :func:`scan2d_reference` from the top-left rows first, and mapped back before the sum.
+    Dropout is not applied. Returns (B, C, H, W) in ``dtype``.
+    """
+    p = {name: t.detach().to(dtype) for name, t in module.named_parameters()}
+    x = x.detach().to(dtype)
+    d, n, r = module.d_inner, module.d_state, module.dt_rank
+    u = F.conv2d(x, p["in_proj.weight"], p.get("in_proj.bias"))
+    u = F.conv2d(u, p["conv2d.weight"], p.get("conv2d.bias"), padding=module.conv2d.padding, groups=d)
+    u = F.silu(u)
+    b, _, h, w = u.shape
+    A = -torch.exp(p["A_logs"]).view(K_ROUTES, d, n)
+    Ds = p["Ds"].view(K_ROUTES, d)
+    bias = p["dt_projs_bias"]
+
+    def route(k: int, xk: Tensor) -> Tensor:
+        """Scans xk (b, d, hh, ww) with route k's parameters, top-left, rows first."""
+        x_dbl = torch.einsum("bdhw,cd->bchw", xk, p["x_proj_weight"][k])
+        dts, Bk, Ck = torch.split(x_dbl, [r, n, n], dim=1)
+        delta = torch.einsum("brhw,dr->bdhw", dts, p["dt_projs_weight"][k])
+        return scan2d_reference(xk, delta, A[k], Bk.unsqueeze(1), Ck.unsqueeze(1), Ds[k], None, bias[k], True)
+
+    if module.scan == "cross1d":
+        L = h * w
+        xs = torch.stack([u.reshape(b, d, L), u.transpose(2, 3).reshape(b, d, L)], dim=1)
+        xs = torch.cat([xs, xs.flip(-1)], dim=1)                        # (b, 4, d, L)
+        ys = [route(k, xs[:, k].reshape(b, d, 1, L)).reshape(b, d, L) for k in range(K_ROUTES)]
+        y_row = ys[0] + ys[2].flip(-1)
+        y_col = ys[1] + ys[3].flip(-1)
+        y = y_row.reshape(b, d, h, w) + y_col.reshape(b, d, w, h).transpose(2, 3)
+    else:
+        y = torch.zeros_like(u)
+        for k, (origin, order) in enumerate(ROUTES_2D):
+            xk = u.flip(2, 3) if origin == "br" else u
+            xk = xk.transpose(2, 3) if order == "vh" else xk
+            yk = route(k, xk.contiguous())
+            yk = yk.transpose(2, 3) if order == "vh" else yk
+            y = y + (yk.flip(2, 3) if origin == "br" else yk)
+    y = F.layer_norm(y.permute(0, 2, 3, 1), (d,), p["out_norm.weight"], p["out_norm.bias"], module.out_norm.eps)
+    y = y.permute(0, 3, 1, 2)
+    return F.conv2d(y, p["out_proj.weight"], p.get("out_proj.bias"))

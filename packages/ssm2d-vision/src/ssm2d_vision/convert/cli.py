@@ -1,0 +1,51 @@
+"""``python -m ssm2d_vision.convert --model NAME SRC DST``: a released checkpoint -> our state dict."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+import torch
+
+
+def _atomic_save(obj, dst: str) -> None:
+    folder = os.path.dirname(os.path.abspath(dst))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".convert-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from . import CONVERTERS, converter_for
+
+    parser = argparse.ArgumentParser(prog="ssm2d-vision-convert",
+                                     description="Convert a released checkpoint to an ssm2d-vision state dict.")
+    parser.add_argument("--model", required=True, help=f"our model name (families: {', '.join(sorted(CONVERTERS))})")
+    parser.add_argument("--no-strict", action="store_true",
+                        help="warn about missing/unexpected keys instead of failing")
+    parser.add_argument("src", help="released checkpoint (.pth)")
+    parser.add_argument("dst", help="output file (our state dict, torch.save)")
+    args = parser.parse_args(argv)
+    import ssm2d_vision  # noqa: F401  (registers the models; needed to check the converted keys)
+
+    if not os.path.isfile(args.src):
+        parser.error(f"SRC {args.src!r} is not a file")
+    try:
+        conv = converter_for(args.model)
+        sd = conv.load_released(args.src, args.model, strict=not args.no_strict)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _atomic_save(sd, args.dst)
+    print(f"wrote {len(sd)} tensors for {args.model} to {args.dst}")
+    return 0
