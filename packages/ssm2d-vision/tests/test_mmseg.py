@@ -59,7 +59,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     path = tmp_path / "ck.pth"
     torch.save({"state_dict": {"backbone." + k: v for k, v in full.state_dict().items()}}, path)
     model = SSM2DBackbone(**BACKBONE, checkpoint=str(path))
-    loaded = model.model.state_dict()
+    loaded = {k: v.clone() for k, v in model.model.state_dict().items()}
     source = full.state_dict()
     # every backbone tensor equals the classification model's tensor of the same role
     feats_full = timm.create_model(BACKBONE["model_name"], features_only=True, out_indices=BACKBONE["out_indices"])
@@ -72,6 +72,10 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         expected = full.forward_features(x)
     torch.testing.assert_close(last, expected)
     assert len(loaded) < len(source)  # the classifier was ignored
+    # the Runner calls init_weights() before training: it must not re-initialise the loaded weights
+    model.init_weights()
+    for key, value in model.model.state_dict().items():
+        assert torch.equal(value, loaded[key]), key
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         SSM2DBackbone(**BACKBONE, checkpoint=str(tmp_path / "missing.pth"))
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "bad.pth")

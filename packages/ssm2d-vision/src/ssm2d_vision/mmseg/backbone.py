@@ -71,6 +71,16 @@ class SSM2DBackbone(BaseModule):
             load_backbone_checkpoint(self.model, checkpoint, model_name)
         self._freeze_stages()
 
+    def init_weights(self) -> None:
+        """Keeps the weights as built. timm initialised the model at construction and ``checkpoint``
+        was loaded then; mmengine's default recursion would call a wrapped timm model's own
+        ``init_weights()`` (the Runner does so before training) and undo both. An explicit
+        ``init_cfg`` still applies."""
+        if self.init_cfg is None:
+            self._is_init = True
+            return
+        super().init_weights()
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(self.model(x))
 
