@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ["ssm2d-kernels", "ssm2d-nn", "ssm2d-vision", "ssm2d-path"]
 PURE_PACKAGES = PACKAGES[1:]
+# Extras installed with a package in the development environment.
+EXTRAS = {"ssm2d-vision": "[mmseg]"}
 DEV_REQUIREMENTS = [
     "pytest>=8",
     "build>=1.2",
@@ -131,7 +133,9 @@ def setup() -> Path:
     if fresh:
         editable = []
         for p in PURE_PACKAGES:
-            editable += ["-e", ROOT / "packages" / p]
+            # ssm2d-vision with its mmseg extra, so the mmsegmentation integration is tested too.
+            extra = EXTRAS.get(p, "")
+            editable += ["-e", f"{ROOT / 'packages' / p}{extra}"]
         run(pip + ["install", "-q", "--no-build-isolation", "-c", constraints] + editable)
         stamp_path.write_text(stamp)
     log(f"environment ready in {time.time() - t0:.0f} s: {vdir}")
