@@ -34,19 +34,24 @@ def test_backbone_is_registered_and_returns_four_maps():
 
 
 def test_frozen_stages_and_norm_eval():
-    model = SSM2DBackbone(**BACKBONE, frozen_stages=1, norm_eval=True)
+    model = SSM2DBackbone(**BACKBONE, frozen_stages=1)
     names = [n for n, _ in model.model.named_parameters()]
     frozen = [n for n, p in model.model.named_parameters() if not p.requires_grad]
-    first_level = model.model.feature_info.module_name()[0]
-    second_level = model.model.feature_info.module_name()[1]
-    third_level = model.model.feature_info.module_name()[2]
+    levels = model.model.feature_info.module_name()
+
+    def in_level(name, level):
+        return f"{level}." in name or f"{level.replace('.', '_')}." in name
+
     # stem and the first two levels frozen, everything after trainable
     assert frozen == names[:len(frozen)] and names[0] in frozen
-    assert any(n.startswith(first_level.replace(".", "_")) or n.startswith(first_level) for n in frozen)
-    assert any(second_level.replace(".", "_") in n or second_level in n for n in frozen)
-    assert not any(third_level.replace(".", "_") in n or third_level in n for n in frozen)
-    model.train()
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert any(in_level(n, levels[0]) for n in frozen)
+    assert any(in_level(n, levels[1]) for n in frozen)
+    assert not any(in_level(n, levels[2]) for n in frozen)
+    # norm_eval keeps BatchNorm statistics fixed; the project's backbones use LayerNorm, so check it on a
+    # timm backbone that has BatchNorm (SSM2DBackbone takes any features_only timm model).
+    bn_model = SSM2DBackbone(model_name="resnet18", out_indices=(-4, -3, -2, -1), norm_eval=True)
+    bn_model.train()
+    bns = [m for m in bn_model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns and not any(m.training for m in bns)
     with pytest.raises(ValueError, match="frozen_stages"):
         SSM2DBackbone(**BACKBONE, frozen_stages=7)
@@ -189,3 +194,25 @@ def test_shipped_config_loads_and_builds(name):
 def test_config_path_rejects_unknown():
     with pytest.raises(ValueError, match="no shipped config"):
         config_path("resnet50")
+
+
+def test_released_checkpoint_is_converted_on_load(tmp_path):
+    # A checkpoint in the authors' released layout (mmseg: state_dict with backbone.* keys) loads through
+    # the converter; the loaded features equal those of the model the checkpoint was made from.
+    import timm
+
+    from ssm2d_vision.convert import m2d as conv
+
+    source = timm.create_model("m2d_nano", num_classes=10)
+    released = conv.ours_to_released(source.state_dict(), "m2d_nano")
+    path = tmp_path / "released.pth"
+    torch.save({"state_dict": {k: v for k, v in released.items() if k.startswith("backbone.")}}, path)
+    model = SSM2DBackbone(model_name="m2d_nano", out_indices=(0, 1, 2, 3), checkpoint=str(path))
+    x = torch.randn(1, 3, 64, 64)
+    source.eval()
+    model.eval()
+    with torch.no_grad():
+        expected = source.forward_intermediates(x, intermediates_only=True)
+        got = model(x)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)

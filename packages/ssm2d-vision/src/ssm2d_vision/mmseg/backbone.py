@@ -183,7 +183,14 @@ def load_backbone_checkpoint(model: nn.Module, path: str | os.PathLike, model_na
                 f"{len(model.state_dict())} backbone tensors not found (e.g. {missing[:3]}); converting the "
                 f"authors' released checkpoints needs ssm2d_vision.convert, which this installation lacks"
             ) from None
-        converted = _strip_prefixes(_unwrap(convert.load_released(path, model_name)))
+        try:
+            released = convert.converter_for(model_name).load_released(path, model_name, strict=True)
+        except ValueError as exc:
+            raise ValueError(
+                f"checkpoint {path!r} does not fit {model_name}: {len(missing)} of {len(model.state_dict())} "
+                f"backbone tensors not found (e.g. {missing[:3]}), and it is not a released checkpoint of "
+                f"{model_name} either: {exc}") from None
+        converted = _strip_prefixes(_unwrap(released))
         matched, missing = _match(model, converted)
         how = "released format, converted"
         if missing:
