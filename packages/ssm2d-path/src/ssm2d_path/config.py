@@ -152,6 +152,12 @@ def _coerce(value: Any, tp, key: str):
             raise ConfigError(f"{key}: expected null, got {value!r}")
         return None
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads YAML 1.1, where "1e-4" (no dot) is a string: accept what float() parses.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -365,13 +365,13 @@ class Trainer:
                 if last_in_window:
                     loss = self.task.loss(torch.cat(window_logits), window_targets)
                     loss.backward()
-                    total_loss += float(loss) * len(window_targets)
+                    total_loss += float(loss.detach()) * len(window_targets)
                     count += len(window_targets)
                     window_logits, window_targets = [], []
             else:
                 loss = self.task.loss(out.logits.float(), [target])
                 (loss / window_len).backward()
-                total_loss += float(loss)
+                total_loss += float(loss.detach())
                 count += 1
             if last_in_window:
                 if cfg.max_grad_norm:
