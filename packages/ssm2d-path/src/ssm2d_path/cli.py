@@ -7,6 +7,7 @@ import importlib.metadata as md
 import sys
 
 from .__about__ import __version__
+from .commands import convert as _convert, inspect as _inspect
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print versions, the kernels build and the backend per device")
     p.add_argument("--selftest", action="store_true", help="also run the CPU and CUDA kernel self-tests")
     p.set_defaults(func=_cmd_info)
+    _inspect.register(sub)
+    _convert.register(sub)
     return parser
 
 

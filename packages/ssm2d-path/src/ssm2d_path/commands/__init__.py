@@ -1,0 +1,1 @@
+"""Subcommands of ``ssm2d-path``: each module has ``register(subparsers)``."""
