@@ -80,7 +80,9 @@ def task_for(cfg: Config, table, dataset) -> Task:
     d, t = cfg.data, cfg.train
     if d.task == "classification":
         return build_task("classification", n_classes=len(table.classes), class_names=table.classes)
-    surv = [table.survival_of(i) for i in dataset.ids]
+    # One (time, censorship) per patient, as the field computes the bins.
+    cases = list(dataset.ids) if d.level == "patient" else list(dict.fromkeys(table.case_of(s) for s in dataset.ids))
+    surv = [table.survival_of(c, level="patient") for c in cases]
     return build_task("survival", times=[s[0] for s in surv], censorship=[s[1] for s in surv], n_bins=d.n_bins,
                       alpha=t.alpha, loss=t.loss)
 
