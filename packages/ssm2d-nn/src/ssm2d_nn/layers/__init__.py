@@ -1,0 +1,5 @@
+"""nn.Module layers built on the ops."""
+
+from .mamba2d import TwoDMambaLayer
+
+__all__ = ["TwoDMambaLayer"]

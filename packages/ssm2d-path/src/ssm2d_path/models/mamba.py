@@ -1,0 +1,139 @@
+"""2DMambaMIL, its Mamba2D variant (M2DMIL) and the 1D MambaMIL baseline.
+
+All three: Linear(in_dim, dim) - ReLU - dropout per patch; then, per slide of the bag, n_layers
+pre-norm residual SSM layers ``h = h + layer(RMSNorm(h))`` run on the slide's own tissue-cropped grid
+(2D models) or on its tissue patches in raster order (MambaMIL); a final LayerNorm; gated attention
+pooling over the tissue patches of all slides of the bag (empty grid cells never reach the
+pooling: the grid is gathered back to patches first); a linear classifier. Scores: the attention
+logits.
+
+Memory: the dense grid of a slide is its tissue bounding box only (H*W cells, not a canvas). With
+the defaults (dim 128, d_inner 256) and bf16 autocast, a slide of M = H*W cells costs, between
+forward and backward, the patch tensors (a few N x 128) plus, per layer, the checkpointed grid input
+M x 128 x 2 bytes; the layer's own activations (~7 M x 256 x 2 bytes) exist only while that layer
+runs forward or backward (see :class:`ssm2d_nn.layers.TwoDMambaLayer`). At 150k patches and 60%
+fill (M = 250k): ~64 MB kept per layer, ~1.2 GB transient peak during the layer's backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ssm2d_nn.layers import TwoDMambaLayer
+
+from ..bag import Bag, SlideGrid
+from .base import MILModel, MILOutput
+from .common import GatedAttention, check_bag, embedding, init_linear_
+
+__all__ = ["M2DMIL", "MambaMIL", "TwoDMambaMIL"]
+
+
+def _to_autocast_dtype(x: Tensor) -> Tensor:
+    """Under autocast, hand the SSM layer a low-precision grid: norms return float32 under autocast,
+    and a float32 (cells x dim) grid would be the largest thing the checkpoint keeps."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
+class _SSMMIL(MILModel):
+    layout = "grid"
+
+    def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
+                 n_layers: int = 1, dropout: float = 0.25, *, scan: str = "scan2d", dt_rank: Optional[int] = None,
+                 d_conv: Union[int, tuple[int, int]] = 3, attn_dim: int = 128, backend: str = "auto",
+                 checkpoint: Union[bool, str] = "auto"):
+        super().__init__()
+        if n_layers < 1:
+            raise ValueError(f"{type(self).__name__}: n_layers must be >= 1, got {n_layers}")
+        self.in_dim, self.n_outputs = in_dim, n_outputs
+        self.embed = embedding(in_dim, dim, dropout)
+        self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=1e-5) for _ in range(n_layers))
+        self.layers = nn.ModuleList(
+            TwoDMambaLayer(dim, d_inner, d_state, dt_rank, d_conv, scan=scan, backend=backend, checkpoint=checkpoint)
+            for _ in range(n_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.pool = GatedAttention(dim, attn_dim)
+        self.classifier = nn.Linear(dim, n_outputs)
+        init_linear_(self.embed, self.pool, self.classifier)
+
+    @property
+    def scan_backend(self) -> Optional[str]:
+        """"kernel" or "reference": the backend the scan ran on in the last forward (None before)."""
+        return self.layers[0].last_backend
+
+    def forward(self, bag: Bag) -> MILOutput:
+        check_bag(self, bag)
+        h = self.embed(bag.features)
+        h = torch.cat([self._mix(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
+        scores, pooled = self.pool(self.norm(h))
+        return MILOutput(self.classifier(pooled)[None], scores)
+
+    def _mix(self, slide: SlideGrid, h: Tensor) -> Tensor:
+        """(N, dim) patches of one slide -> (N, dim) after the residual SSM layers."""
+        mask = slide.mask[None]
+        for norm, layer in zip(self.norms, self.layers):
+            grid = slide.scatter(_to_autocast_dtype(norm(h)))[None]  # (1, dim, H, W), empty cells 0
+            out = layer(grid, mask)
+            del grid  # the checkpoint keeps its own reference; nothing else needs the dense grid
+            h = h + slide.gather(out[0])
+        return h
+
+
+class TwoDMambaMIL(_SSMMIL):
+    """2DMambaMIL: the 2DMamba scan (rows then columns) on each slide's tissue-cropped grid.
+
+    Args: in_dim (encoder feature dim), n_outputs (classes, or time bins for survival), dim 128,
+    d_inner 256, d_state 16, n_layers 1, dropout 0.25 (the published setting); keyword-only:
+    dt_rank (ceil(dim/16)), d_conv 3 (depthwise 3x3), attn_dim 128, backend ("auto"/"kernel"/
+    "reference"), checkpoint (True/False/"auto": recompute each layer in the backward when its grid
+    has >= 65536 cells). forward(bag) -> MILOutput(logits (1, n_outputs), scores (N_total,)).
+    """
+
+    def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
+                 n_layers: int = 1, dropout: float = 0.25, **kwargs):
+        kwargs.setdefault("scan", "scan2d")
+        if kwargs["scan"] != "scan2d":
+            raise ValueError("TwoDMambaMIL: scan is 'scan2d' (use M2DMIL for the Mamba2D scan)")
+        super().__init__(in_dim, n_outputs, dim, d_inner, d_state, n_layers, dropout, **kwargs)
+
+
+class M2DMIL(_SSMMIL):
+    """TwoDMambaMIL with the Mamba2D (wavefront2d) scan; same arguments. The grid is the
+    tissue-cropped one (that scan is not transparent to empty rows/columns before the tissue)."""
+
+    def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
+                 n_layers: int = 1, dropout: float = 0.25, **kwargs):
+        if kwargs.setdefault("scan", "wavefront2d") != "wavefront2d":
+            raise ValueError("M2DMIL: scan is 'wavefront2d'")
+        super().__init__(in_dim, n_outputs, dim, d_inner, d_state, n_layers, dropout, **kwargs)
+
+
+class MambaMIL(_SSMMIL):
+    """The 1D baseline: Mamba's selective scan over each slide's tissue patches in raster order
+    (row, then column), i.e. scan2d on a 1 x N grid with no empty cells; depthwise conv (1, 3) along
+    the sequence. Same arguments and pooling as TwoDMambaMIL."""
+
+    layout = "sequence"
+
+    def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
+                 n_layers: int = 1, dropout: float = 0.25, **kwargs):
+        kwargs.setdefault("d_conv", (1, 3))
+        if kwargs.setdefault("scan", "scan2d") != "scan2d":
+            raise ValueError("MambaMIL: scan is 'scan2d' (on a 1 x N grid)")
+        super().__init__(in_dim, n_outputs, dim, d_inner, d_state, n_layers, dropout, **kwargs)
+
+    def _mix(self, slide: SlideGrid, h: Tensor) -> Tensor:
+        order = torch.as_tensor(np.lexsort((slide.cols, slide.rows)), device=h.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=h.device)
+        for norm, layer in zip(self.norms, self.layers):
+            seq = _to_autocast_dtype(norm(h))[order].t()[None, :, None, :]  # (1, dim, 1, N) raster order
+            out = layer(seq, None)
+            h = h + out[0, :, 0, :].t()[inverse]
+        return h

@@ -1,0 +1,265 @@
+"""The MIL models: interface, invariances, pooling semantics, closed-form checks, parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ssm2d_path.bag import Bag, SlideGrid
+from ssm2d_path.models import (ABMIL, M2DMIL, MODEL_NAMES, MambaMIL, MaxMIL, MeanMIL, TransMIL, TwoDMambaMIL,
+                               build_model, param_groups)
+from ssm2d_path.models.transmil import NystromAttention, iterative_pinv
+
+F_DIM = 24
+SMALL = {"2dmambamil": dict(dim=16, d_inner=32, d_state=4), "m2dmil": dict(dim=16, d_inner=32, d_state=4),
+         "mambamil": dict(dim=16, d_inner=32, d_state=4), "abmil": dict(dim=32, attn_dim=16),
+         "transmil": dict(dim=32), "mean": dict(dim=32), "max": dict(dim=32)}
+
+
+def make_slide(h, w, fill, seed, stride=256, feature_dim=F_DIM, dtype=torch.float32):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((h, w)) < fill
+    mask[0, rng.integers(w)] = mask[-1, rng.integers(w)] = True
+    mask[rng.integers(h), 0] = mask[rng.integers(h), -1] = True
+    rows, cols = np.nonzero(mask)
+    perm = rng.permutation(len(rows))  # files list patches in no particular order
+    rows, cols = rows[perm], cols[perm]
+    coords = np.stack([cols * stride + 3 * stride, rows * stride + 7 * stride], axis=1)
+    feats = torch.from_numpy(rng.standard_normal((len(rows), feature_dim))).to(dtype)
+    return SlideGrid.from_coords(f"slide{seed}", feats, coords, stride)
+
+
+def make_bag(seed=0, dtype=torch.float32):
+    return Bag(f"bag{seed}", [make_slide(6, 8, 0.6, seed, dtype=dtype), make_slide(5, 4, 0.7, seed + 1, 512, dtype=dtype)])
+
+
+def small(name, **kw):
+    torch.manual_seed(0)
+    return build_model(name, F_DIM, 3, **{**SMALL[name], **kw})
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_backward_shapes_and_finite_gradients(name):
+    model = small(name)
+    bag = make_bag()
+    out = model(bag)
+    assert out.logits.shape == (1, 3)
+    assert out.scores.shape == (bag.num_patches,)
+    torch.nn.functional.cross_entropy(out.logits, torch.tensor([1])).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    if name in ("2dmambamil", "m2dmil", "mambamil"):
+        assert model.scan_backend in ("kernel", "reference")
+    else:
+        assert model.scan_backend is None
+
+
+def _permuted(slide: SlideGrid, perm: np.ndarray) -> SlideGrid:
+    return SlideGrid.from_coords(slide.slide_id, slide.features[perm], slide.coords[perm], slide.stride)
+
+
+@pytest.mark.parametrize("name", ["2dmambamil", "m2dmil", "mambamil"])
+def test_patch_order_does_not_matter_but_layout_does(name):
+    model = small(name).eval()
+    bag = make_bag(3)
+    out = model(bag)
+    rng = np.random.default_rng(5)
+    perms = [rng.permutation(s.num_patches) for s in bag.slides]
+    shuffled = model(Bag(bag.bag_id, [_permuted(s, p) for s, p in zip(bag.slides, perms)]))
+    torch.testing.assert_close(shuffled.logits, out.logits, rtol=1e-5, atol=1e-6)
+    expected = torch.cat([sc[torch.as_tensor(p)] for sc, p in zip(bag.split(out.scores), perms)])
+    torch.testing.assert_close(shuffled.scores, expected, rtol=1e-5, atol=1e-6)
+    # same features and same set of occupied cells, but patches moved to other cells: a different slide
+    s0 = bag.slides[0]
+    moved = SlideGrid.from_coords(s0.slide_id, s0.features, s0.coords[rng.permutation(s0.num_patches)], s0.stride)
+    other = model(Bag(bag.bag_id, [moved, bag.slides[1]]))
+    assert not torch.allclose(other.logits, out.logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["2dmambamil", "m2dmil"])
+def test_empty_cells_contents_change_nothing(name, monkeypatch):
+    """Whatever the dense grid holds in empty cells, logits and scores are unchanged: the layer
+    masks them and pooling only sees the tissue patches gathered back from the grid."""
+    model = small(name).eval()
+    bag = make_bag(4)
+    ref = model(bag)
+    original = SlideGrid.scatter
+
+    def noisy_scatter(self, x, fill=0.0):
+        grid = original(self, x, fill)
+        noise = torch.randn_like(grid) * 10
+        return torch.where(self.mask[None], grid, noise)
+
+    monkeypatch.setattr(SlideGrid, "scatter", noisy_scatter)
+    out = model(bag)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.scores, ref.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_2dmambamil_slide_position_and_stride_do_not_matter():
+    model = small("2dmambamil").eval()
+    s = make_slide(6, 7, 0.6, 11)
+    moved = SlideGrid.from_coords("x", s.features, s.coords * 2 + 10_000, s.stride * 2)
+    torch.testing.assert_close(model(Bag("a", [moved])).logits, model(Bag("a", [s])).logits, rtol=0, atol=0)
+
+
+def test_2dmambamil_cuts_to_a_hand_pipeline():
+    """The model's forward equals embed -> per slide [scatter, layer, gather, residual] -> pooling
+    assembled by hand from its parts (in float64), so slides are mixed separately."""
+    model = small("2dmambamil").double().eval()
+    bag = make_bag(6, dtype=torch.float64)
+    out = model(bag)
+    h = model.embed(bag.features)
+    pieces = []
+    for slide, hs in zip(bag.slides, bag.split(h)):
+        grid = slide.scatter(model.norms[0](hs))[None]
+        pieces.append(hs + slide.gather(model.layers[0](grid, slide.mask[None])[0]))
+    hn = model.norm(torch.cat(pieces))
+    a = model.pool.attention_w(torch.tanh(model.pool.attention_v(hn)) * torch.sigmoid(model.pool.attention_u(hn)))[:, 0]
+    logits = model.classifier(torch.softmax(a, 0) @ hn)
+    torch.testing.assert_close(out.scores, a)
+    torch.testing.assert_close(out.logits[0], logits)
+
+
+def test_abmil_attention_by_hand():
+    model = small("abmil", dropout=0.0).double().eval()
+    bag = make_bag(7, dtype=torch.float64)
+    out = model(bag)
+    x = bag.features.numpy()
+    p = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    h = np.maximum(x @ p["embed.0.weight"].T + p["embed.0.bias"], 0)
+    v = np.tanh(h @ p["pool.attention_v.weight"].T + p["pool.attention_v.bias"])
+    u = 1 / (1 + np.exp(-(h @ p["pool.attention_u.weight"].T + p["pool.attention_u.bias"])))
+    a = (v * u) @ p["pool.attention_w.weight"][0] + p["pool.attention_w.bias"][0]
+    w = np.exp(a - a.max())
+    w /= w.sum()
+    logits = (w @ h) @ p["classifier.weight"].T + p["classifier.bias"]
+    np.testing.assert_allclose(out.scores.detach().numpy(), a, rtol=1e-10)
+    np.testing.assert_allclose(out.logits.detach().numpy()[0], logits, rtol=1e-10)
+
+
+def test_mean_and_max_pool_instance_logits():
+    bag = make_bag(8, dtype=torch.float64)
+    for cls, pool in ((MeanMIL, lambda t: t.mean(0)), (MaxMIL, lambda t: t.max(0).values)):
+        torch.manual_seed(0)
+        model = cls(F_DIM, 3, dim=16).double().eval()
+        out = model(bag)
+        inst = model.classifier(torch.relu(model.embed[0](bag.features)))
+        torch.testing.assert_close(out.logits[0], pool(inst))
+        torch.testing.assert_close(out.scores, inst[:, out.logits.argmax()])
+
+
+def test_iterative_pinv_converges_to_the_pseudo_inverse():
+    torch.manual_seed(0)
+    x = torch.softmax(torch.randn(12, 12, dtype=torch.float64) * 3, -1)
+    torch.testing.assert_close(iterative_pinv(x, 40), torch.linalg.pinv(x), rtol=1e-7, atol=1e-8)
+
+
+def test_nystrom_attention_is_exact_when_every_token_is_a_landmark():
+    """landmarks = sequence length: each landmark is one token, softmax(QK~)pinv(softmax(Q~K~))
+    softmax(Q~K) = S S^+ S = S, the exact attention matrix; compare output and CLS row in closed form."""
+    torch.manual_seed(0)
+    n, dim, heads, dh = 10, 12, 2, 6
+    att = NystromAttention(dim, heads=heads, dim_head=dh, num_landmarks=n, pinv_iterations=40, residual=False).double()
+    with torch.no_grad():  # Q = K: a diagonally dominant, well-conditioned softmax kernel
+        att.to_qkv.weight[heads * dh:2 * heads * dh] = att.to_qkv.weight[:heads * dh]
+    x = torch.randn(1, n, dim, dtype=torch.float64)
+    out, cls = att(x, return_cls_attention=True)
+    q, k, v = (x[0] @ w.T for w in att.to_qkv.weight.chunk(3, 0))
+    q, k, v = (t.reshape(n, heads, dh).transpose(0, 1) for t in (q, k, v))
+    s = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1)  # (heads, n, n)
+    exact = att.to_out((s @ v).transpose(0, 1).reshape(n, heads * dh))
+    assert torch.linalg.cond(s).max() < 1e3
+    torch.testing.assert_close(out[0], exact, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(cls[0], s[:, 0], rtol=1e-9, atol=1e-10)
+    # with fewer landmarks it is only an approximation (the check above is not trivially satisfied)
+    att.num_landmarks = 5
+    assert not torch.allclose(att(x), out, rtol=1e-3, atol=1e-4)
+
+
+def test_transmil_scores_are_the_cls_attention_over_patches():
+    model = small("transmil").eval()
+    bag = make_bag(9)
+    out = model(bag)
+    assert out.scores.shape == (bag.num_patches,)
+    assert (out.scores > -1).all() and torch.isfinite(out.scores).all()
+
+
+def test_param_groups_split():
+    model = small("2dmambamil")
+    groups = param_groups(model, 1e-5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = sorted(names[id(p)] for p in groups[0]["params"])
+    no_decay = sorted(names[id(p)] for p in groups[1]["params"])
+    assert groups[0]["weight_decay"] == 1e-5 and groups[1]["weight_decay"] == 0.0
+    assert decay == sorted(["embed.0.weight", "layers.0.in_proj.weight", "layers.0.conv.weight",
+                            "layers.0.x_proj.weight", "layers.0.dt_proj.weight", "layers.0.out_proj.weight",
+                            "pool.attention_v.weight", "pool.attention_u.weight", "pool.attention_w.weight",
+                            "classifier.weight"])
+    assert no_decay == sorted(["embed.0.bias", "norms.0.weight", "layers.0.conv.bias", "layers.0.dt_proj.bias",
+                               "layers.0.A_log", "layers.0.D", "norm.weight", "norm.bias", "pool.attention_v.bias",
+                               "pool.attention_u.bias", "pool.attention_w.bias", "classifier.bias"])
+    m2d = {n for n, p in small("m2dmil").named_parameters()}
+    m2d_groups = param_groups(small("m2dmil"), 0.1)
+    assert len(m2d_groups[1]["params"]) + len(m2d_groups[0]["params"]) == len(m2d)
+    tm = small("transmil")
+    tm_no = {id(p) for p in param_groups(tm, 0.1)[1]["params"]}
+    assert id(tm.cls_token) in tm_no and id(tm.layer1.norm.weight) in tm_no and id(tm.layer1.attn.to_qkv.weight) not in tm_no
+    torch.optim.AdamW(param_groups(model, 1e-5), lr=1e-4)  # accepted as is
+
+
+def test_2dmambamil_parameter_count_published_defaults():
+    """dim 128, d_inner 256, d_state 16, one layer, dt_rank ceil(128/16) = 8, 1024-dim features, 4 outputs."""
+    model = TwoDMambaMIL(1024, 4)
+    c, e, n, r = 128, 256, 16, 8
+    embed = 1024 * c + c
+    layer = c + (c * 2 * e) + (e * 9 + e) + e * (r + 2 * n) + (r * e + e) + e * n + e + e * c  # RMSNorm .. out_proj
+    head = 2 * c + 2 * (c * 128 + 128) + (128 + 1) + (c * 4 + 4)  # LayerNorm, V, U, w, classifier
+    assert sum(p.numel() for p in model.parameters()) == embed + layer + head == 283_013
+
+
+def test_build_model_errors_and_classes():
+    assert isinstance(build_model("ABMIL", 8, 2), ABMIL)
+    assert isinstance(build_model("m2dmil", 8, 2, dim=16, d_inner=32), M2DMIL)
+    assert isinstance(build_model("mambamil", 8, 2, dim=16, d_inner=32), MambaMIL)
+    assert isinstance(build_model("transmil", 8, 2, dim=32), TransMIL)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("clam", 8, 2)
+    with pytest.raises(ValueError, match="in_dim"):
+        build_model("abmil", 0, 2)
+    with pytest.raises(TypeError, match="abmil"):
+        build_model("abmil", 8, 2, d_state=4)
+    with pytest.raises(ValueError, match="in_dim=32"):
+        build_model("2dmambamil", 32, 2, dim=16, d_inner=32)(make_bag())
+
+
+@pytest.mark.gpu
+def test_2dmambamil_cuda_kernel_vs_reference_and_bf16():
+    torch.manual_seed(0)
+    model = TwoDMambaMIL(F_DIM, 3, dim=32, d_inner=64, dropout=0.0).cuda().eval()
+    bag = Bag("g", [make_slide(30, 40, 0.6, 1), make_slide(12, 9, 0.7, 2)]).to("cuda")
+    res = {}
+    for backend in ("kernel", "reference"):
+        for layer in model.layers:
+            layer.backend = backend
+        model.zero_grad()
+        out = model(bag)
+        assert model.scan_backend == backend
+        out.logits.square().sum().backward()
+        res[backend] = (out.logits.detach(), out.scores.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(res["kernel"][0], res["reference"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(res["kernel"][1], res["reference"][1], rtol=1e-4, atol=1e-5)
+    for a, b in zip(res["kernel"][2], res["reference"][2]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-5)
+    for layer in model.layers:
+        layer.backend = "kernel"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(bag)
+    rel = (out.logits.float() - res["kernel"][0]).norm() / res["kernel"][0].norm()
+    assert rel < 5e-2, rel
+    out.logits.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
