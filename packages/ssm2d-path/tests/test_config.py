@@ -92,3 +92,13 @@ def test_manifest_contents(tmp_path):
     assert f[1]["missing"] is True
     assert m["start"] == "s" and m["end"]
     assert file_record(labels)["sha256"] == hashlib.sha256(labels.read_bytes()).hexdigest()
+
+
+def test_real_model_kwargs_follow_kwargs_to_the_base_class():
+    cfg = parse_config({"model": {"name": "2dmambamil", "dim": 16, "d_state": 4, "backend": "reference"}})
+    assert cfg.model.kwargs == {"dim": 16, "d_state": 4, "backend": "reference"}
+    with pytest.raises(ConfigError, match=r"model\.dimm: unknown argument of TwoDMambaMIL; allowed keys of model: "
+                                          r"name, dim, d_inner, d_state"):
+        parse_config({"model": {"name": "2dmambamil", "dimm": 16}})
+    with pytest.raises(ConfigError, match=r"model\.name: unknown model 'resnet'"):
+        parse_config({"model": {"name": "resnet"}})

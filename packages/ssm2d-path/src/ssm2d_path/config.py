@@ -210,20 +210,37 @@ def model_class(name: str):
     return registry[name]
 
 
+def _constructor_keys(cls) -> Optional[list[str]]:
+    """Keyword names the constructor of ``cls`` accepts, following ``**kwargs`` up the MRO to the base
+    class that receives them; None when they end in a constructor that takes anything."""
+    keys: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass.__module__.startswith("torch."):
+            return None if not keys else keys  # nn.Module takes no keyword arguments of its own
+        params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+        for p in params:
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) \
+                    and p.name not in keys:
+                keys.append(p.name)
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return keys
+    return None
+
+
 def check_model_kwargs(name: str, kwargs: dict, cls=None) -> None:
     """Reject keyword arguments the model's constructor does not take (``in_dim``/``n_outputs`` are
     set by the run). Raises ConfigError naming ``model.<key>`` and the allowed keys."""
     cls = cls or model_class(name)
-    sig = inspect.signature(cls.__init__)
-    params = [p for p in list(sig.parameters.values())[1:]]
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return
-    allowed = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                     inspect.Parameter.KEYWORD_ONLY)
-               and p.name not in ("in_dim", "n_outputs")]
     for key in kwargs:
         if key in ("in_dim", "n_outputs"):
             raise ConfigError(f"model.{key}: set by the run (feature dimension / task), do not give it")
+    keys = _constructor_keys(cls)
+    if keys is None:
+        return
+    allowed = [k for k in keys if k not in ("in_dim", "n_outputs")]
+    for key in kwargs:
         if key not in allowed:
             raise ConfigError(f"model.{key}: unknown argument of {cls.__name__}; allowed keys of model: "
                               f"name, {', '.join(allowed)}")
