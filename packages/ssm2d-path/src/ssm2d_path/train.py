@@ -380,7 +380,8 @@ class Trainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
             if count:
-                bar.set_postfix(loss=f"{total_loss / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(loss=f"{total_loss / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                refresh=False)
         bar.close()
         return total_loss / max(count, 1)
 
