@@ -28,7 +28,7 @@ def _read_cohort(root: Path):
             stride = int(h["coords"].attrs["patch_size_level0"])
         kind = np.argmin(((x[:, None, :] - protos[None]) ** 2).sum(-1), axis=1)
         cells = {(int(a), int(b)): int(k) for (a, b), k in zip((xy - xy.min(0)) // stride, kind)}
-        contacts = sum(1 for (cx, cy), k in cells.items() if k == 1 and cells.get((cx, cy + stride // stride)) == 2)
+        contacts = sum(1 for (cx, cy), k in cells.items() if k == 1 and cells.get((cx, cy + 1)) == 2)
         out[f.stem] = (len(x), int((kind == 1).sum()), int((kind == 2).sum()), contacts)
     return out
 

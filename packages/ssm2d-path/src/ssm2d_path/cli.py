@@ -82,6 +82,15 @@ def _cmd_crossval(args: argparse.Namespace) -> int:
     return _report(crossval(cfg, folds=args.folds, devices=devices))
 
 
+def _split_files(split) -> list:
+    from pathlib import Path
+
+    if not split:
+        return []
+    p = Path(split)
+    return sorted(p.glob("splits_*.csv")) if p.is_dir() else [p]
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -119,7 +128,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     write_json_atomic(out / "metrics.json", {k: float(v) for k, v in metrics.items()})
     write_manifest(out, config=cfg.to_dict(), device=device, seeds={"train": cfg.train.seed},
                    scan_backend=getattr(model, "scan_backend", None), label_files=[cfg.data.label_csv],
-                   split_files=[args.split] if args.split else [], feature_files=sorted(
+                   split_files=_split_files(args.split), feature_files=sorted(
                        str(p) for ps in ds.files.values() for p in ps), start=start,
                    extra={"checkpoint": str(args.checkpoint), "bags": len(data)})
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
