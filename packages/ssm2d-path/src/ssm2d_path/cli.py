@@ -30,6 +30,119 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_cfg(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the run's YAML config")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.epochs=5")
+
+
+def _report(res) -> int:
+    if res.markdown:
+        print(res.markdown)
+    for f, tb in sorted(res.failures.items()):
+        print(f"fold {f} FAILED:\n{tb}", file=sys.stderr)
+    if res.failures:
+        print(f"{len(res.failures)} fold(s) failed: {sorted(res.failures)} (see fold_<i>/error.txt)", file=sys.stderr)
+        return 1
+    print(f"results in {res.out_dir}")
+    return 0
+
+
+def _cmd_splits(args: argparse.Namespace) -> int:
+    from .data import LabelTable, make_splits, write_splits
+
+    table = LabelTable.read(args.labels, task=args.task, label_col=args.label_col, time_col=args.time_col,
+                            censorship_col=args.censorship_col, event_col=args.event_col)
+    splits = make_splits(table, k=args.k, seed=args.seed, val_fraction=args.val_fraction, level=args.level)
+    paths = write_splits(args.out, splits)
+    for i, s in enumerate(splits):
+        print(f"fold {i}: train {len(s.train)}, val {len(s.val)}, test {len(s.test)}")
+    print(f"wrote {len(paths)} split files to {args.out}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .crossval import crossval
+
+    cfg = _load_cfg(args)
+    return _report(crossval(cfg, folds=[args.fold]))
+
+
+def _cmd_crossval(args: argparse.Namespace) -> int:
+    from .crossval import crossval
+
+    cfg = _load_cfg(args)
+    devices = None if args.gpus is None else [int(g) for g in args.gpus.split(",") if g.strip()]
+    return _report(crossval(cfg, folds=args.folds, devices=devices))
+
+
+def _split_files(split) -> list:
+    from pathlib import Path
+
+    if not split:
+        return []
+    p = Path(split)
+    return sorted(p.glob("splits_*.csv")) if p.is_dir() else [p]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .crossval import build_dataset, task_for
+    from .data import read_splits
+    from .manifest import now, write_json_atomic, write_manifest
+    from .models import build_model
+    from .train import SplitView, evaluate, load_checkpoint, resolve_device
+
+    start = now()
+    cfg = _load_cfg(args)
+    table, ds = build_dataset(cfg)
+    task = task_for(cfg, table, ds)
+    if args.split:
+        splits = read_splits(args.split)
+        if not 0 <= args.fold < len(splits):
+            raise ValueError(f"--fold {args.fold}: {args.split} holds {len(splits)} split(s)")
+        ids = getattr(splits[args.fold], args.part)
+        data = SplitView(ds, ids)
+    else:
+        data = SplitView(ds, ds.ids)
+    state = load_checkpoint(args.checkpoint)
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # a last.pt checkpoint: its current weights
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg.model.name, ds.feature_dim, task.n_outputs, **cfg.model.kwargs)
+    model.load_state_dict(state)
+    model.to(device)
+    df, metrics = evaluate(model, task, data, device, progress=cfg.train.progress, desc="eval")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "predictions.csv", index=False)
+    write_json_atomic(out / "metrics.json", {k: float(v) for k, v in metrics.items()})
+    write_manifest(out, config=cfg.to_dict(), device=device, seeds={"train": cfg.train.seed},
+                   scan_backend=getattr(model, "scan_backend", None), label_files=[cfg.data.label_csv],
+                   split_files=_split_files(args.split), feature_files=sorted(
+                       str(p) for ps in ds.files.values() for p in ps), start=start,
+                   extra={"checkpoint": str(args.checkpoint), "bags": len(data)})
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"{len(df)} predictions in {out / 'predictions.csv'}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    res = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device)
+    return 1 if res["failures"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssm2d-path",
@@ -42,12 +155,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     _inspect.register(sub)
     _convert.register(sub)
+
+    p = sub.add_parser("splits", help="write k patient-level stratified split files from a label table")
+    p.add_argument("--labels", required=True, help="label CSV (case_id, slide_id, label | time, censorship)")
+    p.add_argument("--out", required=True, help="folder for splits_<i>.csv")
+    p.add_argument("--task", choices=("classification", "survival"), default="classification")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--level", choices=("patient", "slide"), default="patient",
+                   help="ids in the files: case ids (patient) or slide ids")
+    p.add_argument("--label-col", default="label")
+    p.add_argument("--time-col", default="survival_months")
+    p.add_argument("--censorship-col", default="censorship", help="1 = censored (CLAM convention)")
+    p.add_argument("--event-col", default=None, help="read this 1 = event column instead (e.g. STAMP status)")
+    p.set_defaults(func=_cmd_splits)
+
+    p = sub.add_parser("train", help="train and evaluate one fold of a config")
+    _add_config_args(p)
+    p.add_argument("--fold", type=int, default=0, help="which split (default 0)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("crossval", help="train and evaluate every fold, then the mean +- std table")
+    _add_config_args(p)
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="only these folds")
+    p.add_argument("--gpus", default=None, help="comma-separated CUDA devices for parallel folds "
+                   "(default: all visible when there are several; '' for sequential)")
+    p.set_defaults(func=_cmd_crossval)
+
+    p = sub.add_parser("eval", help="evaluate a trained model on a split or on every bag")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="model.pt (or last.pt) of a run")
+    p.add_argument("--split", default=None, help="a splits_<i>.csv file or a folder of them (default: all bags)")
+    p.add_argument("--fold", type=int, default=0, help="which split of --split (default 0)")
+    p.add_argument("--part", choices=("test", "val", "train"), default="test")
+    p.add_argument("--out", required=True, help="folder for predictions.csv, metrics.json, manifest.json")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="synthetic 2D-arrangement cohorts: cross-validate 2DMambaMIL, MambaMIL, ABMIL")
+    p.add_argument("--out", default="ssm2d-demo", help="output folder (default ./ssm2d-demo)")
+    p.add_argument("--quick", action="store_true", help="a tiny cohort and one epoch (seconds; for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:<i>")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    from .config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    if args.command in ("train", "crossval", "eval", "demo", "splits"):
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        if args.command not in ("train", "crossval", "eval", "demo", "splits"):
+            raise
+        print(f"ssm2d-path {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

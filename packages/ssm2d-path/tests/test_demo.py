@@ -1,0 +1,91 @@
+"""The demo cohort (checked from its files, independently of the generator's own bookkeeping), the
+``demo --quick`` command end to end, and the splits/crossval/train/eval commands on its data."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from ssm2d_path import cli
+from ssm2d_path.demo import DemoSettings, generate_cohort
+
+
+def _read_cohort(root: Path):
+    """Per slide from the h5 files: (N, n_A, n_B, vertical A-over-B contacts), patch types taken as the
+    nearest of the three prototypes."""
+    protos = np.array(json.loads((root / "cohort.json").read_text())["prototypes"])
+    out = {}
+    for f in sorted((root / "20x_256px_0px_overlap" / "features_synthetic").glob("*.h5")):
+        with h5py.File(f, "r") as h:
+            x = h["features"][:]
+            xy = h["coords"][:]
+            stride = int(h["coords"].attrs["patch_size_level0"])
+        kind = np.argmin(((x[:, None, :] - protos[None]) ** 2).sum(-1), axis=1)
+        cells = {(int(a), int(b)): int(k) for (a, b), k in zip((xy - xy.min(0)) // stride, kind)}
+        contacts = sum(1 for (cx, cy), k in cells.items() if k == 1 and cells.get((cx, cy + 1)) == 2)
+        out[f.stem] = (len(x), int((kind == 1).sum()), int((kind == 2).sum()), contacts)
+    return out
+
+
+def test_classification_cohort_has_identical_bag_statistics_per_class(tmp_path):
+    paths = generate_cohort(tmp_path, DemoSettings(n_pairs=12, n_patients=60, grid=(12, 16)), seed=3)
+    stats = _read_cohort(paths["classification"]["root"])
+    labels = pd.read_csv(paths["classification"]["labels"]).set_index("slide_id")["label"]
+    per_class = {c: Counter(stats[s][:3] for s in labels.index if labels[s] == c) for c in (0, 1)}
+    assert sum(per_class[0].values()) == sum(per_class[1].values()) == 12
+    assert per_class[0] == per_class[1]  # same multiset of (patches, A, B)
+    for s, lab in labels.items():
+        n, a, b, contacts = stats[s]
+        assert a == b and a >= 5
+        assert contacts == (a if lab == 1 else 0)  # class 1: every A above a B; class 0: none
+
+    surv = _read_cohort(paths["survival"]["root"])
+    df = pd.read_csv(paths["survival"]["labels"]).set_index("slide_id")
+    assert all(v[1] == v[2] == 6 for v in surv.values())  # counts do not depend on the risk
+    assert 0.15 < df["censorship"].mean() < 0.45
+    contacts = np.array([surv[s][3] for s in df.index])
+    t, e = df["survival_months"].to_numpy(), 1 - df["censorship"].to_numpy()
+    assert t[(contacts >= 4) & (e == 1)].mean() < t[(contacts <= 2) & (e == 1)].mean()
+
+
+def test_demo_quick_end_to_end_and_commands_on_its_data(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "2dmambamil" in text and "abmil" in text and "test_cindex" in text and "test_auc" in text
+    for cohort in ("classification", "survival"):
+        df = pd.read_csv(out / f"results_{cohort}.csv")
+        assert set(df["model"]) == {"2dmambamil", "mambamil", "abmil"} and (df["n_folds"] == 3).all()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config"]["demo"] is True and m["seeds"]["demo"] == 0 and len(m["inputs"]["labels"]) == 2
+    fold = json.loads((out / "classification" / "2dmambamil" / "fold_0" / "manifest.json").read_text())
+    assert fold["scan_backend"] in ("kernel", "reference")
+    pred = pd.read_csv(out / "survival" / "abmil" / "fold_0" / "predictions_test.csv")
+    assert {"bag_id", "time", "censorship", "risk", "surv_3"} <= set(pred.columns)
+
+    # splits / crossval / train / eval on the demo's classification data.
+    data = out / "data" / "classification"
+    assert cli.main(["splits", "--labels", str(data / "labels.csv"), "--out", str(tmp_path / "sp"), "--k", "2"]) == 0
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  feature_dir: {data / '20x_256px_0px_overlap' / 'features_synthetic'}\n"
+                   f"  label_csv: {data / 'labels.csv'}\n  split_dir: {tmp_path / 'sp'}\n"
+                   f"model:\n  name: abmil\n  dim: 8\n  attn_dim: 8\n"
+                   f"train:\n  epochs: 1\n  progress: false\n  device: cpu\noutput:\n  dir: {tmp_path / 'run'}\n")
+    assert cli.main(["crossval", "--config", str(cfg), "--set", "train.lr=1e-3"]) == 0
+    assert (tmp_path / "run" / "results.md").is_file() and (tmp_path / "run" / "fold_1" / "results.json").is_file()
+    assert cli.main(["train", "--config", str(cfg), "--fold", "1", "--set", f"output.dir={tmp_path / 'one'}"]) == 0
+    assert not (tmp_path / "one" / "fold_0").exists() and (tmp_path / "one" / "fold_1" / "model.pt").is_file()
+    assert cli.main(["eval", "--config", str(cfg), "--checkpoint", str(tmp_path / "run" / "fold_0" / "model.pt"),
+                     "--split", str(tmp_path / "sp"), "--fold", "0", "--out", str(tmp_path / "ev")]) == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    ref = json.loads((tmp_path / "run" / "fold_0" / "results.json").read_text())["test"]
+    assert ev["auc"] == pytest.approx(ref["auc"]) and ev["acc"] == pytest.approx(ref["acc"])
+    capsys.readouterr()
+    assert cli.main(["crossval", "--config", str(cfg), "--set", "train.epoch=3"]) == 2
+    assert "train.epoch: unknown key" in capsys.readouterr().err
