@@ -198,3 +198,32 @@ def test_mixed_devices_raise():
     with pytest.raises(ValueError, match="delta is on cpu but u is on cuda"):
         scan2d(u, torch.randn(1, 4, 5, 6), -torch.rand(4, 2, device="cuda"), torch.randn(1, 1, 2, 5, 6, device="cuda"),
                torch.randn(1, 1, 2, 5, 6, device="cuda"))
+
+
+@pytest.mark.parametrize("origin,order", list(itertools.product(ORIGINS, ORDERS)))
+def test_inference_kernel_matches_float64_reference(origin, order):
+    # Without a backward to follow, thin problems (scanned H == 1 or W <= 64, N <= 16) run the
+    # inference kernel (a lane per state, no carries); it must compute the same function.
+    from ssm2d_kernels.scan2d import scan2d_inference_fits
+
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    shapes = [(1, 1), (1, 7), (1, 1000), (1, 3137), (56, 56), (5, 33), (100, 17), (9, 64), (64, 9), (3, 1)]
+    for (h, w), dstate in zip(shapes, itertools.cycle([1, 3, 16, 4, 1, 16, 2, 1, 16, 8])):
+        dim = rng.choice([4, 8, 130])
+        groups = rng.choice([g for g in (1, 2, dim) if dim % g == 0])
+        cfg = dict(batch=rng.randint(1, 2), dim=dim, dstate=dstate, groups=groups, height=h, width=w,
+                   with_D=rng.random() < 0.7, with_z=rng.random() < 0.6, with_bias=rng.random() < 0.6,
+                   softplus=rng.random() < 0.7)
+        inputs = make_inputs(rng, **cfg)
+        softplus = inputs.pop("softplus", cfg["softplus"])
+        ref = scan2d(**_to(inputs, "cpu", torch.float64), delta_softplus=softplus, origin=origin, order=order,
+                     backend="reference")
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            gpu = {k: None if v is None else v.to("cuda", torch.float32 if k in ("A", "D", "delta_bias") else dtype)
+                   for k, v in inputs.items()}
+            with torch.no_grad():
+                out = scan2d(**gpu, delta_softplus=softplus, origin=origin, order=order, backend="kernel")
+            assert rel_err(out, ref) < tol, f"seed={seed} {cfg} {dtype}: {rel_err(out, ref):.2e}"
+        lh, lw = (w, h) if order == "vh" else (h, w)
+        assert scan2d_inference_fits(dstate, h, w, order) == (lh == 1 or lw <= 64)

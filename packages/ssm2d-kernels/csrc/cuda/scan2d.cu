@@ -491,6 +491,118 @@ int warps_for(int64_t N, int cap) {
   return w;
 }
 
+
+// ---- Inference forward for thin problems: H == 1 (VMamba's 1D routes over H*W cells) or W <= 64
+// (the 2D routes at model shapes). The tiled kernel above walks 1x32 tiles one after another for
+// H == 1 and fills a 56-wide grid with two mostly idle tiles per row. Here a group of NP lanes (NP a
+// power of two >= N) runs one (batch, channel) and a lane one state, walking the scanned grid in
+// raster order: G along the row in a register, the previous row's h in registers (none when
+// H == 1). No tiles, no shared memory, no barriers; y = sum_n C h is reduced with log2(NP)
+// xor-shuffles. It saves no carries, so it runs only when no backward follows (the caller passes
+// no carries buffer).
+constexpr int kLaneThreads = 128;
+constexpr int kLaneUnroll = 8;  // cells whose loads are issued before their dependent recurrences
+
+template <typename T, int NP, int WMAX>  // WMAX == 0: H == 1, any W; else W <= WMAX
+__global__ void __launch_bounds__(kLaneThreads) scan2d_fwd_lane_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
+                                                                     int64_t b0) {
+  constexpr int CH = kLaneThreads / NP;  // channels per block
+  const int n = threadIdx.x % NP;
+  const int64_t dd = static_cast<int64_t>(blockIdx.x) * CH + threadIdx.x / NP, b = blockIdx.y + b0;
+  const bool has_d = dd < p.dim, active = has_d && n < p.dstate;
+  const int64_t d = has_d ? dd : p.dim - 1, nn = n < p.dstate ? n : 0;  // clamped: loads stay in range
+  const int64_t g = d / (p.dim / p.groups), H = p.height, W = p.width;
+  const float A2 = active ? static_cast<const float*>(p.A)[d * p.A_sd + nn * p.A_sn] * kLog2e : 0.f;
+  const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
+  const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
+  const Plane<const T> u = plane<const T>(p.u, b, d, 0), delta = plane<const T>(p.delta, b, d, 0);
+  const Plane<const T> Bn = plane<const T>(p.B, b, g, nn), Cn = plane<const T>(p.C, b, g, nn);
+  const bool gated = p.z.defined(), keep_y = gated && o.y.defined();
+  const Plane<const T> z = gated ? plane<const T>(p.z, b, d, 0) : u;
+  const Plane<T> out = plane<T>(o.out, b, d, 0);
+  const Plane<T> yout = keep_y ? plane<T>(o.y, b, d, 0) : out;
+
+  float hrow[WMAX > 0 ? WMAX : 1];
+#pragma unroll
+  for (int k = 0; k < (WMAX > 0 ? WMAX : 1); ++k) hrow[k] = 0.f;
+
+  // One chunk of kLaneUnroll cells of row i starting at j0: loads first (clamped into the row),
+  // then the recurrences; cells beyond the row are skipped (the condition is warp-uniform).
+  auto chunk = [&](int64_t i, int64_t j0, float& G, float* hr) {
+    float dt[kLaneUnroll], x[kLaneUnroll], cv[kLaneUnroll], uv[kLaneUnroll];
+#pragma unroll
+    for (int k = 0; k < kLaneUnroll; ++k) {
+      const int64_t j = min(j0 + k, W - 1);
+      const float v = to_f(delta.at(i, j)) + bias;
+      dt[k] = p.softplus ? softplus_f(v) : v;
+      uv[k] = to_f(u.at(i, j));
+      x[k] = dt[k] * to_f(Bn.at(i, j)) * uv[k];
+      cv[k] = active ? to_f(Cn.at(i, j)) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < kLaneUnroll; ++k) {
+      const int64_t j = j0 + k;
+      if (j >= W) break;
+      const float a = exp2f(dt[k] * A2);
+      G = fmaf(a, G, x[k]);
+      float h = G;  // H == 1: nothing enters from the top
+      if constexpr (WMAX > 0) {
+        h = fmaf(a, hr[k], G);
+        hr[k] = h;
+      }
+      float y = cv[k] * h;
+#pragma unroll
+      for (int off = NP / 2; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off);
+      if (has_d && n == static_cast<int>(j % NP)) {  // one lane of the group writes the cell
+        y = fmaf(Dd, uv[k], y);
+        if (gated) {
+          const float zv = to_f(z.at(i, j));
+          out.at(i, j) = from_f<T>(y * zv / (1.f + __expf(-zv)));
+          if (keep_y) yout.at(i, j) = from_f<T>(y);
+        } else {
+          out.at(i, j) = from_f<T>(y);
+        }
+      }
+    }
+  };
+
+  for (int64_t i = 0; i < H; ++i) {
+    float G = 0.f;
+    if constexpr (WMAX > 0) {
+#pragma unroll
+      for (int j0 = 0; j0 < WMAX; j0 += kLaneUnroll)
+        if (j0 < W) chunk(i, j0, G, hrow + j0);
+    } else {
+      for (int64_t j0 = 0; j0 < W; j0 += kLaneUnroll) chunk(i, j0, G, hrow);
+    }
+  }
+}
+
+template <typename T, int NP, int WMAX>
+void launch_fwd_lane(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStream_t stream) {
+  constexpr int CH = kLaneThreads / NP;
+  const unsigned blocks = static_cast<unsigned>((p.dim + CH - 1) / CH);
+  for (int64_t b0 = 0; b0 < p.batch; b0 += 65535) {
+    dim3 grid(blocks, static_cast<unsigned>(std::min<int64_t>(65535, p.batch - b0)));
+    scan2d_fwd_lane_kernel<T, NP, WMAX><<<grid, kLaneThreads, 0, stream>>>(p, o, b0);
+    SSM2D_CUDA_CHECK_LAUNCH("scan2d_fwd_lane_kernel");
+  }
+}
+
+template <typename T, int NP>
+void fwd_lane_w(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStream_t s) {
+  if (p.height == 1) launch_fwd_lane<T, NP, 0>(p, o, s);
+  else if (p.width <= 32) launch_fwd_lane<T, NP, 32>(p, o, s);
+  else launch_fwd_lane<T, NP, 64>(p, o, s);
+}
+
+template <typename T>
+void forward_lane_t(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStream_t s) {
+  if (p.dstate == 1) fwd_lane_w<T, 1>(p, o, s);
+  else if (p.dstate <= 4) fwd_lane_w<T, 4>(p, o, s);
+  else fwd_lane_w<T, 16>(p, o, s);
+}
+
 constexpr int64_t kMaxGridY = 65535;
 
 template <typename T, int NW>
@@ -560,9 +672,20 @@ int64_t scan2d_backward_workspace_floats(const Scan2dProblem& p) {
 
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
   check_cuda_problem(p, "scan2d_forward");
-  if (!o.carries) throw ArgumentError("scan2d_forward: carries is required on CUDA");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  if (!o.carries) {  // no backward follows: the inference kernel, which saves nothing
+    if (!scan2d_inference_fits(p.dstate, p.height, p.width))
+      throw ArgumentError("scan2d_forward: carries is required on CUDA unless N <= 16 and (H == 1 or W <= 64) "
+                          "(see scan2d_inference_fits)");
+    switch (p.dtype) {
+      case DType::kFloat32: forward_lane_t<float>(p, o, stream); break;
+      case DType::kFloat16: forward_lane_t<__half>(p, o, stream); break;
+      case DType::kBFloat16: forward_lane_t<__nv_bfloat16>(p, o, stream); break;
+      default: break;
+    }
+    return;
+  }
   switch (p.dtype) {
     case DType::kFloat32: forward_t<float>(p, o, stream); break;
     case DType::kFloat16: forward_t<__half>(p, o, stream); break;

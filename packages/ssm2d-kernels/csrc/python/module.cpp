@@ -147,6 +147,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("elements") = 1 << 22);
 
+  m.def("scan2d_inference_fits", &ssm2d::cuda::scan2d_inference_fits, py::arg("dstate"), py::arg("height"),
+        py::arg("width"), "Whether the CUDA forward runs without carries (no backward) on the scanned H x W.");
   m.def("scan2d_carry_floats", [](const py::dict& d) { return ssm2d::cuda::scan2d_carry_floats(to_problem(d)); });
   m.def("scan2d_backward_workspace_floats",
         [](const py::dict& d) { return ssm2d::cuda::scan2d_backward_workspace_floats(to_problem(d)); });

@@ -14,7 +14,10 @@ onto pointers and strides, never copied.
 
 Memory: the forward writes only ``out`` (and ``y``, the pre-gate output, when the backward of a gate
 needs it); on CUDA it also saves per-tile carries, ``scan2d_carry_floats(...)`` float32 values
-(N/16 of u's elements for 32x32 tiles), from which the backward recomputes the states.
+(N/16 of u's elements for 32x32 tiles), from which the backward recomputes the states. When no
+backward follows (inference) and ``scan2d_inference_fits(...)``, pass ``carries=None``: a kernel that
+saves nothing runs instead (N <= 16 and, on the scanned grid, H == 1 or W <= 64: VMamba's 1D routes
+and the 2D routes at model shapes).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ def scan2d_carry_floats(batch: int, dim: int, dstate: int, height: int, width: i
     lh, lw = logical_hw(height, width, order)
     tiles = -(-lh // TILE) * -(-lw // TILE)
     return batch * dim * dstate * tiles * 2 * TILE
+
+
+def scan2d_inference_fits(dstate: int, height: int, width: int, order: str = "hv") -> bool:
+    """Whether the CUDA forward runs without a carries buffer (no backward follows)."""
+    lh, lw = logical_hw(height, width, order)
+    return bool(_C.scan2d_inference_fits(dstate, lh, lw))
 
 
 def scan2d_backward_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int) -> int:
@@ -158,6 +167,7 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
                    softplus: bool = False, origin: str = "tl", order: str = "hv", stream: int = 0) -> None:
     """Writes ``out`` (and ``y`` = pre-gate output, when given and z is given; and, on CUDA, the
     ``carries`` buffer of ``scan2d_carry_floats`` float32 values, which the backward needs).
+    ``carries=None`` on CUDA: inference, allowed where ``scan2d_inference_fits(N, H, W, order)``.
 
     ``stream``: the caller's CUDA stream handle (e.g. ``torch.cuda.current_stream().cuda_stream``).
     """
@@ -169,11 +179,14 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
     car = None
     if chk.device >= 0:
         if carries is None:
-            raise ValueError("carries is required on CUDA (the backward recomputes from it)")
-        car = as_array(carries, "carries")
-        need = scan2d_carry_floats(chk.sizes["batch"], chk.sizes["dim"], chk.sizes["dstate"], chk.height,
-                                   chk.width, order)
-        check_buffer(car, "carries", (need,), "float32", chk.device)
+            if not scan2d_inference_fits(chk.sizes["dstate"], chk.height, chk.width, order):
+                raise ValueError("carries is required on CUDA (the backward recomputes from it) unless "
+                                 "scan2d_inference_fits(N, H, W, order): N <= 16 and, scanned, H == 1 or W <= 64")
+        else:
+            car = as_array(carries, "carries")
+            need = scan2d_carry_floats(chk.sizes["batch"], chk.sizes["dim"], chk.sizes["dstate"], chk.height,
+                                       chk.width, order)
+            check_buffer(car, "carries", (need,), "float32", chk.device)
     _C.scan2d_forward(chk.problem(softplus, stream),
                       dict(out=chk.grid(o), y=chk.grid(ya) if chk.z is not None else None,
                            carries=None if car is None else car.ptr))

@@ -1,6 +1,8 @@
 // scan2d entry points of the CPU and CUDA implementations (same descriptors, see ops.h).
 #pragma once
 
+#include <cstdint>
+
 #include "ssm2d/ops.h"
 
 namespace ssm2d {
@@ -16,6 +18,11 @@ void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& g);
 }  // namespace cpu
 
 namespace cuda {
+// Whether the CUDA forward can run without a carries buffer (inference: no backward follows), on
+// the scanned (height, width): N <= 16 and (H == 1 or W <= 64).
+inline bool scan2d_inference_fits(int64_t dstate, int64_t height, int64_t width) {
+  return dstate <= 16 && (height == 1 || width <= 64);
+}
 // Floats of per-tile carries the CUDA forward saves for the backward (N/16 of u's elements).
 int64_t scan2d_carry_floats(const Scan2dProblem& p);
 // Floats of scratch the CUDA backward needs: batch * dim * N * (H + W).

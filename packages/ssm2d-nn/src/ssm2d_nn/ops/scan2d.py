@@ -42,6 +42,10 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
         (batch, D, H, W) in u's dtype; accumulation in float32 (float64 for float64 inputs).
         A, D and delta_bias are used in float32 (float64 for float64 inputs) whatever their dtype.
 
+    Without a backward to follow (no input requires grad, or grad mode off) on CUDA with N <= 16 and,
+    on the scanned grid, H == 1 or W <= 64 (VMamba's 1D routes, 2D routes at model shapes), an
+    inference kernel runs that saves nothing: a lane per state walks its (batch, channel) grid.
+
     Memory (kernel backend): the output, plus for the backward the pre-gate output when z is given
     and, on CUDA, per-tile carries of N/16 times u's element count in float32. The N-times-larger
     state is never stored. Gradients are exact for every G; on CUDA dB/dC use float32 atomics unless
@@ -56,6 +60,11 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     if which == "reference":
         return scan2d_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin=origin, order=order)
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    if not _needs_backward(u, delta, A, B, C, D, z, delta_bias) and _inference_fits(u, A, order):
+        # No backward will run: the CUDA inference kernel, which saves no carries.
+        return torch.ops.ssm2d.scan2d_infer(
+            u, delta, A.to(pdt), B, C, None if D is None else D.to(pdt), z,
+            None if delta_bias is None else delta_bias.to(pdt), delta_softplus, origin, order)
     out, _, _ = torch.ops.ssm2d.scan2d_fwd(
         u, delta, A.to(pdt), B, C, None if D is None else D.to(pdt), z,
         None if delta_bias is None else delta_bias.to(pdt), delta_softplus, origin, order,
@@ -71,6 +80,42 @@ def _carry_count(u: Tensor, A: Tensor, order: str) -> int:
 
     b, d, h, w = u.shape
     return scan2d_carry_floats(b, d, A.shape[1], h, w, order)
+
+
+def _needs_backward(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _inference_fits(u: Tensor, A: Tensor, order: str) -> bool:
+    if not u.is_cuda:
+        return False  # the CPU kernel saves nothing either way
+    return _inference_fits_shape(int(A.shape[1]), int(u.shape[2]), int(u.shape[3]), order)
+
+
+@torch.compiler.assume_constant_result  # a plain function of the (static) shape: decided at trace time
+def _inference_fits_shape(dstate: int, height: int, width: int, order: str) -> bool:
+    from ssm2d_kernels.scan2d import scan2d_inference_fits
+
+    return scan2d_inference_fits(dstate, height, width, order)
+
+
+@torch.library.custom_op("ssm2d::scan2d_infer", mutates_args=())
+def scan2d_infer(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, origin: str,
+                 order: str) -> Tensor:
+    """Kernel forward when no backward follows (CUDA, N <= 16, scanned H == 1 or W <= 64): the
+    output only; nothing is saved (no carries, no pre-gate y). Not differentiable."""
+    from ssm2d_kernels.scan2d import scan2d_forward
+
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    scan2d_forward(u, delta, A, B, C, D, z, delta_bias, out=out, carries=None, softplus=delta_softplus,
+                   origin=origin, order=order, stream=stream_of(u))
+    return out
+
+
+@scan2d_infer.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order):
+    return torch.empty(u.shape, dtype=u.dtype, device=u.device)
 
 
 def _empty(t: Tensor, dtype=None) -> Tensor:
