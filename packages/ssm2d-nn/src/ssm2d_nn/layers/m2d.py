@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..backends import BACKENDS
 from ..ops import wavefront2d
+from .norms import LayerNorm
 
 __all__ = ["M2DMixer", "RoPEAttention2d", "SepConvLocal", "StarReLU", "axial_rope_cos_sin", "apply_rope"]
 
@@ -111,7 +112,7 @@ class M2DMixer(nn.Module):
         self._dt = (dt_min, dt_max, dt_init_floor, dt_scale)
         e, n, r = self.d_inner, d_state, self.dt_rank
 
-        self.local_norm = nn.LayerNorm(dim, **dd) if local_path else None
+        self.local_norm = LayerNorm(dim, **dd) if local_path else None
         self.local_path = SepConvLocal(dim, 2, 3, **dd) if local_path else None
         self.in_proj = nn.Linear(dim, e, **dd)
         self.x_proj = nn.Linear(e, 2 * r + 3 * n, bias=False, **dd)
@@ -232,8 +233,8 @@ class RoPEAttention2d(nn.Module):
         if head_dim % 4:
             raise ValueError(f"head_dim must be a multiple of 4 for 2D axial RoPE, got {head_dim}")
         self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
-        self.q_norm = nn.LayerNorm(head_dim, **dd)
-        self.k_norm = nn.LayerNorm(head_dim, **dd)
+        self.q_norm = LayerNorm(head_dim, **dd)
+        self.k_norm = LayerNorm(head_dim, **dd)
         self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norms import LayerNorm2d
+
 from ..ops import scan2d, scan2d_reference
 
 __all__ = ["SS2D", "LayerNorm2d", "SCAN_MODES", "ROUTES_2D", "ss2d_reference"]
@@ -34,18 +36,6 @@ SCAN_MODES = ("cross1d", "2d")
 K_ROUTES = 4
 # 2DVMamba's routes in the order of the released parameter groups k = 0..3: (origin, order).
 ROUTES_2D = (("tl", "hv"), ("tl", "vh"), ("br", "hv"), ("br", "vh"))
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) tensor.
-
-    On a channels-last tensor the permute is free; on a channels-first one F.layer_norm copies it
-    once. Under autocast it runs in float32 like nn.LayerNorm (the released models were trained so).
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, floor: float) -> Tensor:

@@ -28,6 +28,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ssm2d_nn.layers import M2DMixer, RoPEAttention2d
+from ssm2d_nn.layers.norms import LayerNorm
 
 __all__ = ["Mamba2D", "M2DBlock", "M2DStage", "MlpHead", "Scale"]
 
@@ -42,7 +43,8 @@ class Scale(nn.Module):
         self.scale = nn.Parameter(torch.full((dim,), float(init_value), device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale
+        # In x's dtype: a float32 scale would promote a bf16 residual stream to float32 under autocast.
+        return x * self.scale.to(x.dtype)
 
 
 class M2DBlock(nn.Module):
@@ -55,14 +57,14 @@ class M2DBlock(nn.Module):
         dd = dict(device=device, dtype=dtype)
         if mixer not in MIXERS:
             raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-        self.norm1 = nn.LayerNorm(dim, **dd)
+        self.norm1 = LayerNorm(dim, **dd)
         if mixer == "m2d":
             self.token_mixer = M2DMixer(dim, d_state=d_state, local_path=True, origin=origin, backend=backend, **dd)
         else:
             self.token_mixer = RoPEAttention2d(dim, head_dim=head_dim, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.res_scale1 = Scale(dim, res_scale_init_value, **dd) if res_scale_init_value else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, **dd)
+        self.norm2 = LayerNorm(dim, **dd)
         self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.res_scale2 = Scale(dim, res_scale_init_value, **dd) if res_scale_init_value else nn.Identity()
@@ -99,7 +101,7 @@ class M2DStage(nn.Module):
                      **block_kwargs, **dd)
             for i in range(depth)
         ])
-        self.norm = nn.LayerNorm(dim, **dd)
+        self.norm = LayerNorm(dim, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
@@ -116,7 +118,7 @@ class Stem(nn.Module):
     def __init__(self, in_chs: int, dim: int, *, device=None, dtype=None):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, dim, 7, stride=4, padding=2, device=device, dtype=dtype)
-        self.norm = nn.LayerNorm(dim, device=device, dtype=dtype)
+        self.norm = LayerNorm(dim, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         # A channels-last input makes the conv write channels last: the permute is then free.
@@ -133,7 +135,7 @@ class MlpHead(nn.Module):
         hidden = int(mlp_ratio * dim)
         self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.act = nn.GELU()
-        self.norm = nn.LayerNorm(hidden, device=device, dtype=dtype)
+        self.norm = LayerNorm(hidden, device=device, dtype=dtype)
         self.head_drop = nn.Dropout(drop_rate)
         self.fc2 = nn.Linear(hidden, num_classes, device=device, dtype=dtype)
 
@@ -146,7 +148,7 @@ class _Head(nn.Module):
 
     def __init__(self, dim: int, fc: nn.Module, *, device=None, dtype=None):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, device=device, dtype=dtype)
+        self.norm = LayerNorm(dim, device=device, dtype=dtype)
         self.fc = fc
 
 

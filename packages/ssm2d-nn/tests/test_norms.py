@@ -1,0 +1,41 @@
+"""Low-precision LayerNorms: nn.LayerNorm outside autocast; the autocast dtype (close to float32) inside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ssm2d_nn.layers.norms import LayerNorm, LayerNorm2d
+
+
+def _randomized(norm: nn.LayerNorm) -> nn.LayerNorm:
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+def test_layer_norm_equals_torch_outside_autocast():
+    ours, ref = _randomized(LayerNorm(24, eps=1e-6)), nn.LayerNorm(24, eps=1e-6)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    ours, ref = ours.double(), ref.double()
+    assert torch.equal(ours(x), ref(x))
+    x2 = torch.randn(2, 24, 6, 7, dtype=torch.float64)
+    n2 = _randomized(LayerNorm2d(24)).double()
+    expected = torch.nn.functional.layer_norm(x2.permute(0, 2, 3, 1), (24,), n2.weight, n2.bias, n2.eps)
+    assert torch.equal(n2(x2), expected.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("cls,shape", [(LayerNorm, (4, 9, 32)), (LayerNorm2d, (2, 32, 5, 6))])
+def test_layer_norm_stays_low_precision_under_autocast(cls, shape):
+    norm = _randomized(cls(32))
+    x = torch.randn(*shape) * 3 + 1
+    with torch.no_grad():
+        full = norm(x)  # float32, no autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = norm(x)
+    assert low.dtype == torch.bfloat16
+    err = float((low.float() - full).norm() / full.norm())
+    assert err < 1e-2, err
