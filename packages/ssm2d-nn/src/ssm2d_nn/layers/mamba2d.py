@@ -108,6 +108,156 @@ def _cf_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     return y if bias is None else y + bias[:, None]
 
 
+# The chunked scan2d layer (checkpoint on) runs d_inner channels in chunks of about this many
+# elements (chunk channels x batch*H*W cells), so that one chunk's scan workspace lives at a time.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _chunk_channels(e: int, cells: int, chunk: Optional[int]) -> int:
+    """Channels per chunk: the given count, or CHUNK_ELEMENTS // cells rounded down to a multiple of
+    8 (GEMM-friendly), at least 8 (or E), at most E."""
+    if chunk is not None:
+        return max(1, min(e, int(chunk)))
+    k = CHUNK_ELEMENTS // max(cells, 1)
+    return max(min(8, e), min(e, k // 8 * 8 if k >= 8 else k))
+
+
+def _autocast_state(device_type: str):
+    """The ambient autocast (enabled, dtype) for ``device_type``, to re-enter it in a backward."""
+    if torch.is_autocast_enabled(device_type):
+        return True, torch.get_autocast_dtype(device_type)
+    return False, None
+
+
+class _ChunkedScan2dLayer(torch.autograd.Function):
+    """The scan2d layer's math from its (B, C, L) input to its (B, C, L) output, run over the E inner
+    channels in chunks, saving only the input and the (B, R + 2N, L) x_proj output for the backward.
+
+    Every inner channel is independent given dt's low-rank input r and the shared B, C, except
+    through x_proj (proj = W_xp @ u sums over all channels), so:
+
+    forward:  pass 1 per chunk: u_c = silu(conv_c(mask * W_x[c] @ x)); proj += W_xp[:, c] @ u_c.
+              pass 2 per chunk: z_c, dt_c = masked_softplus(W_dt[c] @ r + b_c), y_c = scan2d(...,
+              z=z_c), out += W_out[:, c] @ y_c (float32 accumulation).
+    backward: pass 1 per chunk: recompute u_c, z_c, dt_c and the scan (its carries), back-propagate
+              dout through out_proj, the gated scan, the softplus and z's projection: du_c (stored,
+              E x L in u's dtype), and the sums dr, dB, dC, dx, parameter gradients.
+              pass 2 per chunk: recompute u_c with a graph and back-propagate du_c plus x_proj's
+              share W_xp[:, c]^T @ dproj into dx, W_x, the conv.
+
+    Per-chunk graphs are built with the same ops as the unchunked forward, so values and gradients
+    are those of the plain layer up to float rounding (sums over chunks instead of one GEMM).
+    Memory: between forward and backward, x (C*L) and proj ((R+2N)*L) in the grid dtype; in the
+    backward, du (E*L, u's dtype), dx and dproj (float32) and one chunk's activations, scan carries
+    and gradients (~16 chunk x L elements), instead of ~10 full E*L tensors and E*L carries.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out, cfg):
+        ctx.cfg = cfg
+        ctx.autocast = _autocast_state(x.device.type)
+        with torch.no_grad():
+            us = [_u_chunk(cfg, x, mask, w_in, conv_w, conv_b, sl) for sl in cfg["slices"]]
+            proj = _sum_chunks(_cf_linear(u, w_xp[:, sl]) for u, sl in zip(us, cfg["slices"]))
+            r_, bm, cm = _split_proj(cfg, proj)
+            out = _sum_chunks(_scan_chunk(cfg, u, x, mask, r_, bm, cm, w_in, w_dt, b_dt, a_log, d_skip, w_out, sl)
+                              for u, sl in zip(us, cfg["slices"]))
+            del us
+        ctx.save_for_backward(x, mask, w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out, proj)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        cfg = ctx.cfg
+        x, mask, *params, proj = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        leaves = [p.detach().requires_grad_() for p in params]
+        w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out = leaves
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        grads = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in params]
+        x_l = x.detach().requires_grad_()
+        dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+        r_, bm, cm = (t.detach().requires_grad_() for t in _split_proj(cfg, proj))
+        dproj_parts = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (r_, bm, cm)]
+        du = None
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            for sl in cfg["slices"]:
+                with torch.no_grad():
+                    u = _u_chunk(cfg, x, mask, w_in, conv_w, conv_b, sl)
+                u.requires_grad_()
+                out = _scan_chunk(cfg, u, x_l, mask, r_, bm, cm, w_in, w_dt, b_dt, a_log, d_skip, w_out, sl)
+                g = torch.autograd.grad(out, [u, x_l, r_, bm, cm, w_in, w_dt, b_dt, a_log, d_skip, w_out],
+                                        dout.to(out.dtype), allow_unused=True)
+                del out
+                if du is None:
+                    du = torch.empty((u.shape[0], cfg["e"]) + tuple(u.shape[2:]), dtype=g[0].dtype, device=u.device)
+                du[:, sl] = g[0]
+                _accumulate([dx] + dproj_parts, g[1:5])
+                _accumulate([grads[i] for i in (0, 4, 5, 6, 7, 8)], g[5:])
+            dproj = _join_proj(cfg, *dproj_parts)
+            del dproj_parts
+            for sl in cfg["slices"]:
+                u = _u_chunk(cfg, x_l, mask, w_in, conv_w, conv_b, sl)
+                pc = _cf_linear(u, w_xp[:, sl])
+                g = torch.autograd.grad([u, pc], [x_l, w_in, conv_w, conv_b, w_xp],
+                                        [du[:, sl].to(u.dtype), dproj.to(pc.dtype)], allow_unused=True)
+                _accumulate([dx] + [grads[i] for i in (0, 1, 2, 3)], g)
+        out_grads = [gr.to(p.dtype) if ctx.needs_input_grad[i + 2] else None for i, (gr, p) in enumerate(zip(grads, params))]
+        return (dx.to(x.dtype) if ctx.needs_input_grad[0] else None, None, *out_grads, None)
+
+
+def _accumulate(accs, grads) -> None:
+    for a, g in zip(accs, grads):
+        if g is not None:
+            a += g
+
+
+def _sum_chunks(parts) -> Tensor:
+    """Sum of per-chunk (B, k, L) partial products in float32 (float64 for float64), returned in
+    the parts' dtype (what the single GEMM over all channels would return)."""
+    total, dtype = None, None
+    for p in parts:
+        dtype = p.dtype
+        p = p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+        total = p if total is None else total.add_(p)
+    return total.to(dtype)
+
+
+def _split_proj(cfg, proj: Tensor):
+    """proj (B, R + 2N, L) -> r (B, R, L), B and C (B, 1, N, H, W) contiguous."""
+    b, h, w, n, r = cfg["b"], cfg["h"], cfg["w"], cfg["n"], cfg["r"]
+    return (proj[:, :r], proj[:, r:r + n].reshape(b, 1, n, h, w).contiguous(),
+            proj[:, r + n:].reshape(b, 1, n, h, w).contiguous())
+
+
+def _join_proj(cfg, dr: Tensor, db: Tensor, dc: Tensor) -> Tensor:
+    b, n = cfg["b"], cfg["n"]
+    return torch.cat([dr, db.reshape(b, n, -1), dc.reshape(b, n, -1)], dim=1)
+
+
+def _u_chunk(cfg, x, mask, w_in, conv_w, conv_b, sl) -> Tensor:
+    """u for channels ``sl``: silu(depthwise conv(mask * W_x[sl] @ x)) as (B, k, L)."""
+    b, h, w = cfg["b"], cfg["h"], cfg["w"]
+    xi = _cf_linear(x, w_in[sl])
+    if mask is not None:
+        xi = xi * mask.to(xi.dtype)
+    k = xi.shape[1]
+    u = F.silu(F.conv2d(xi.view(b, k, h, w), conv_w[sl], conv_b[sl], padding=cfg["padding"], groups=k))
+    return u.view(b, k, h * w)
+
+
+def _scan_chunk(cfg, u, x, mask, r_, bm, cm, w_in, w_dt, b_dt, a_log, d_skip, w_out, sl) -> Tensor:
+    """out_proj's share of channels ``sl``: W_out[:, sl] @ (scan2d(u, dt, ...) * silu(z)), (B, C, L)."""
+    b, h, w, e = cfg["b"], cfg["h"], cfg["w"], cfg["e"]
+    k = u.shape[1]
+    z = _cf_linear(x, w_in[e + sl.start:e + sl.stop])
+    dt = masked_softplus(_cf_linear(r_, w_dt[sl]), b_dt[sl][:, None], mask)
+    y = scan2d(u.view(b, k, h, w), dt.view(b, k, h, w), -torch.exp(_acc(a_log[sl])), bm.to(u.dtype), cm.to(u.dtype),
+               _acc(d_skip[sl]), z=z.view(b, k, h, w).to(u.dtype), delta_softplus=False, origin=cfg["origin"],
+               order=cfg["order"], backend=cfg["backend"])
+    return _cf_linear(y.view(b, k, h * w), w_out[:, sl])
+
+
 class TwoDMambaLayer(nn.Module):
     """The 2DMamba selective-SSM layer on a dense grid (see the module docstring for the math).
 
@@ -148,8 +298,12 @@ class TwoDMambaLayer(nn.Module):
     def __init__(self, dim: int, d_inner: Optional[int] = None, d_state: int = 16, dt_rank: Optional[int] = None,
                  d_conv: Union[int, tuple[int, int]] = 3, *, scan: str = "scan2d", origin: str = "tl",
                  order: str = "hv", backend: str = "auto", checkpoint: Union[bool, str] = "auto",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4):
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
+                 chunk_channels: Optional[int] = None):
         super().__init__()
+        if chunk_channels is not None and (not isinstance(chunk_channels, int) or chunk_channels < 1):
+            raise ValueError(f"TwoDMambaLayer: chunk_channels must be a positive int or None, got {chunk_channels!r}")
+        self.chunk_channels = chunk_channels
         if scan not in SCANS:
             raise ValueError(f"TwoDMambaLayer: scan must be one of {SCANS}, got {scan!r}")
         if checkpoint not in (True, False, "auto"):
@@ -199,6 +353,8 @@ class TwoDMambaLayer(nn.Module):
                 raise ValueError(f"TwoDMambaLayer: mask is on {mask.device} but x is on {x.device}")
         self.last_backend = self._resolve(x)
         if self._use_checkpoint(x):
+            if self.scan == "scan2d":
+                return self._forward_scan2d_chunked(x, mask)
             return _checkpoint(self._forward, x, mask, use_reentrant=False)
         return self._forward(x, mask)
 
@@ -246,6 +402,22 @@ class TwoDMambaLayer(nn.Module):
                    z=z.view(b, e, h, w).to(u.dtype), delta_softplus=False, origin=self.origin, order=self.order,
                    backend=self.last_backend)
         return _cf_linear(y.view(b, e, h * w), self.out_proj.weight).view(b, c, h, w)
+
+    def _forward_scan2d_chunked(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        # Replaces torch.utils.checkpoint for scan2d: the checkpoint kept only the input too, but its
+        # backward re-ran the whole layer at once (~8 E x cells activations, the E x cells float32
+        # carries and the float32 softplus temporaries alive together, then du, ddt, dz); here one
+        # chunk of channels is alive at a time and dt, z, y are never stored (_ChunkedScan2dLayer).
+        b, c, h, w = x.shape
+        cfg = dict(b=b, h=h, w=w, e=self.d_inner, n=self.d_state, r=self.dt_rank, padding=self.conv.padding,
+                   origin=self.origin, order=self.order, backend=self.last_backend)
+        k = _chunk_channels(self.d_inner, b * h * w, self.chunk_channels)
+        cfg["slices"] = [slice(i, min(i + k, self.d_inner)) for i in range(0, self.d_inner, k)]
+        m = None if mask is None else mask.reshape(b, 1, h * w)
+        out = _ChunkedScan2dLayer.apply(
+            x.reshape(b, c, h * w), m, self.in_proj.weight, self.conv.weight, self.conv.bias, self.x_proj.weight,
+            self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, cfg)
+        return out.view(b, c, h, w)
 
     def _forward_wavefront(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         # wavefront2d is channels last. One permute of the (narrow, C-channel) input; the conv runs

@@ -28,7 +28,7 @@ from ssm2d_nn.layers import TwoDMambaLayer
 
 from ..bag import Bag, SlideGrid
 from .base import MILModel, MILOutput
-from .common import GatedAttention, check_bag, embedding, init_linear_
+from .common import GatedAttention, check_bag, embed_patches, embedding, init_linear_
 
 __all__ = ["M2DMIL", "MambaMIL", "TwoDMambaMIL"]
 
@@ -70,20 +70,14 @@ class _SSMMIL(MILModel):
 
     def forward(self, bag: Bag) -> MILOutput:
         check_bag(self, bag)
-        x = bag.features
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev) and x.dtype == self.embed[0].weight.dtype:
-            # Under autocast the Linear would save a bf16 copy of the features for its weight
-            # gradient (N x in_dim x 2 bytes, ~300 MB at 150k x 1024); in the features' own dtype
-            # it keeps a reference to the input tensor instead.
-            with torch.autocast(dev, enabled=False):
-                h = self.embed(x)
-        else:
-            h = self.embed(x)
+        dev = bag.features.device.type
+        h = embed_patches(self.embed, bag.features)
         if torch.is_autocast_enabled(dev):
             h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
         h = torch.cat([self._mix(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
-        scores, pooled = self.pool(self.norm(h))
+        # One low-precision copy of the normed patches under autocast: attention_v, attention_u and
+        # the pooling matmul would each cast (and save) their own bf16 copy of a float32 input.
+        scores, pooled = self.pool(_to_autocast_dtype(self.norm(h)))
         return MILOutput(self.classifier(pooled)[None], scores)
 
     def _mix(self, slide: SlideGrid, h: Tensor) -> Tensor:
