@@ -137,73 +137,126 @@ class _ChunkedScan2dLayer(torch.autograd.Function):
     through x_proj (proj = W_xp @ u sums over all channels), so:
 
     forward:  pass 1 per chunk: u_c = silu(conv_c(mask * W_x[c] @ x)); proj += W_xp[:, c] @ u_c.
-              pass 2 per chunk: z_c, dt_c = masked_softplus(W_dt[c] @ r + b_c), y_c = scan2d(...,
-              z=z_c), out += W_out[:, c] @ y_c (float32 accumulation).
-    backward: pass 1 per chunk: recompute u_c, z_c, dt_c and the scan (its carries), back-propagate
-              dout through out_proj, the gated scan, the softplus and z's projection: du_c (stored,
-              E x L in u's dtype), and the sums dr, dB, dC, dx, parameter gradients.
-              pass 2 per chunk: recompute u_c with a graph and back-propagate du_c plus x_proj's
-              share W_xp[:, c]^T @ dproj into dx, W_x, the conv.
+              pass 2 per chunk: z_c = W_z[c] @ x, dt_c = masked_softplus(W_dt[c] @ r + b_c),
+              y_c = scan2d(u_c, dt_c, ..., z=z_c); out += W_out[:, c] @ y_c.
+    backward: pass 1 per chunk: recompute u_c, z_c and the gated scan (a small graph: softplus,
+              scan2d with its carries), feed it dy_c = W_out[:, c]^T @ dout: du_c (kept, E x L in
+              u's dtype), dz_c (into dx at once), and the sums dr, dB, dC and parameter gradients.
+              pass 2 per chunk: recompute xi_c -> u_c with a graph and back-propagate du_c plus
+              x_proj's share (dproj through W_xp[:, c]) into dxi_c, then into dx.
 
-    Per-chunk graphs are built with the same ops as the unchunked forward, so values and gradients
-    are those of the plain layer up to float rounding (sums over chunks instead of one GEMM).
-    Memory: between forward and backward, x (C*L) and proj ((R+2N)*L) in the grid dtype; in the
-    backward, du (E*L, u's dtype), dx and dproj (float32) and one chunk's activations, scan carries
-    and gradients (~16 chunk x L elements), instead of ~10 full E*L tensors and E*L carries.
+    The sums over chunks that the plain layer does inside one GEMM (proj, out, dx) accumulate in
+    float32 (float64 for float64) with the weights rounded to the autocast dtype first, as autocast's
+    GEMM would: values and gradients are the plain layer's up to summation order. The per-chunk
+    graphs use the plain layer's ops (masked_softplus, scan2d, conv2d, silu).
+
+    Memory (L = B*H*W cells, k = channels per chunk): saved between forward and backward: x (C*L)
+    and proj ((R+2N)*L) in the grid dtype. Backward peak: dout (C*L), du (E*L, u's dtype), dx
+    (C*L float32), dproj ((R+2N)*L float32) and one chunk's tensors (~16 k*L elements: u, z, xi,
+    conv output, dt and its float32 temporaries, y, the scan's k*N/16*L float32 carries, du, dz,
+    ddt), instead of ~10 E*L activations plus E*N/16*L float32 carries all at once.
     """
 
     @staticmethod
     def forward(ctx, x, mask, w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out, cfg):
         ctx.cfg = cfg
         ctx.autocast = _autocast_state(x.device.type)
+        e, slices = cfg["e"], cfg["slices"]
         with torch.no_grad():
-            us = [_u_chunk(cfg, x, mask, w_in, conv_w, conv_b, sl) for sl in cfg["slices"]]
-            proj = _sum_chunks(_cf_linear(u, w_xp[:, sl]) for u, sl in zip(us, cfg["slices"]))
+            us = [_u_from_xi(cfg, _cf_linear(x, w_in[sl]), mask, conv_w, conv_b, sl) for sl in slices]
+            proj = _sum_chunks(_cf_linear(u, w_xp[:, sl]) for u, sl in zip(us, slices))
             r_, bm, cm = _split_proj(cfg, proj)
-            out = _sum_chunks(_scan_chunk(cfg, u, x, mask, r_, bm, cm, w_in, w_dt, b_dt, a_log, d_skip, w_out, sl)
-                              for u, sl in zip(us, cfg["slices"]))
-            del us
+            out = None
+            for i, sl in enumerate(slices):
+                u, us[i] = us[i], None  # each u dies after its chunk's scan
+                z = _cf_linear(x, w_in[e + sl.start:e + sl.stop])
+                y = _gated_scan(cfg, u, z, mask, r_, bm, cm, w_dt, b_dt, a_log, d_skip, sl)
+                if len(slices) == 1:  # one chunk: the plain layer's GEMM, bit for bit
+                    out = _cf_linear(y, w_out)
+                    break
+                if out is None:
+                    out = torch.zeros(x.shape[0], w_out.shape[0], x.shape[2], dtype=_acc_dtype(y), device=x.device)
+                _gemm_acc_(out, w_out[:, sl], y, ctx.autocast)
+                del u, z, y
         ctx.save_for_backward(x, mask, w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out, proj)
-        return out
+        return out if len(slices) == 1 else out.to(_gemm_dtype(proj, ctx.autocast))
 
     @staticmethod
     def backward(ctx, dout):
         cfg = ctx.cfg
+        e, slices = cfg["e"], cfg["slices"]
         x, mask, *params, proj = ctx.saved_tensors
         enabled, dtype = ctx.autocast
-        leaves = [p.detach().requires_grad_() for p in params]
-        w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out = leaves
+        w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out = params
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        grads = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in params]
-        x_l = x.detach().requires_grad_()
+        d_in, d_conv_w, d_conv_b, d_xp, d_dt, d_bdt, d_alog, d_d, d_out = (
+            torch.zeros(p.shape, dtype=acc, device=p.device) for p in params)
+        leaves = [t.detach().requires_grad_() for t in (conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip)]
+        conv_w_l, conv_b_l, w_xp_l, w_dt_l, b_dt_l, a_log_l, d_l = leaves
         dx = torch.zeros(x.shape, dtype=acc, device=x.device)
         r_, bm, cm = (t.detach().requires_grad_() for t in _split_proj(cfg, proj))
-        dproj_parts = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in (r_, bm, cm)]
+        dr, dbm, dcm = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (r_, bm, cm))
+        xt = x.transpose(1, 2)
         du = None
         with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-            for sl in cfg["slices"]:
+            for sl in slices:  # pass 1: out_proj, gated scan, softplus, z
+                zsl = slice(e + sl.start, e + sl.stop)
                 with torch.no_grad():
-                    u = _u_chunk(cfg, x, mask, w_in, conv_w, conv_b, sl)
+                    u = _u_from_xi(cfg, _cf_linear(x, w_in[sl]), mask, conv_w, conv_b, sl)
+                    z = _cf_linear(x, w_in[zsl])
+                    dy = _cf_linear(dout, w_out[:, sl].t())
                 u.requires_grad_()
-                out = _scan_chunk(cfg, u, x_l, mask, r_, bm, cm, w_in, w_dt, b_dt, a_log, d_skip, w_out, sl)
-                g = torch.autograd.grad(out, [u, x_l, r_, bm, cm, w_in, w_dt, b_dt, a_log, d_skip, w_out],
-                                        dout.to(out.dtype), allow_unused=True)
-                del out
+                z.requires_grad_()
+                y = _gated_scan(cfg, u, z, mask, r_, bm, cm, w_dt_l, b_dt_l, a_log_l, d_l, sl)
+                d_out[:, sl] += torch.matmul(dout, y.detach().transpose(1, 2)).sum(0)
+                g = torch.autograd.grad(y, [u, z, r_, bm, cm, w_dt_l, b_dt_l, a_log_l, d_l], dy.to(y.dtype),
+                                        allow_unused=True)
+                del y, dy
                 if du is None:
-                    du = torch.empty((u.shape[0], cfg["e"]) + tuple(u.shape[2:]), dtype=g[0].dtype, device=u.device)
+                    du = torch.empty((x.shape[0], e, x.shape[2]), dtype=g[0].dtype, device=x.device)
                 du[:, sl] = g[0]
-                _accumulate([dx] + dproj_parts, g[1:5])
-                _accumulate([grads[i] for i in (0, 4, 5, 6, 7, 8)], g[5:])
-            dproj = _join_proj(cfg, *dproj_parts)
-            del dproj_parts
-            for sl in cfg["slices"]:
-                u = _u_chunk(cfg, x_l, mask, w_in, conv_w, conv_b, sl)
-                pc = _cf_linear(u, w_xp[:, sl])
-                g = torch.autograd.grad([u, pc], [x_l, w_in, conv_w, conv_b, w_xp],
+                _gemm_acc_(dx, w_in[zsl].t(), g[1], ctx.autocast)
+                d_in[zsl] += torch.matmul(g[1], xt).sum(0)
+                _accumulate([dr, dbm, dcm, d_dt, d_bdt, d_alog, d_d], g[2:])
+                del g, u, z
+            dproj = _join_proj(cfg, dr, dbm, dcm)
+            del dr, dbm, dcm
+            for sl in slices:  # pass 2: x_proj, silu, conv, mask, x's projection
+                with torch.no_grad():
+                    xi = _cf_linear(x, w_in[sl])
+                xi.requires_grad_()
+                u = _u_from_xi(cfg, xi, mask, conv_w_l, conv_b_l, sl)
+                pc = _cf_linear(u, w_xp_l[:, sl])
+                g = torch.autograd.grad([u, pc], [xi, conv_w_l, conv_b_l, w_xp_l],
                                         [du[:, sl].to(u.dtype), dproj.to(pc.dtype)], allow_unused=True)
-                _accumulate([dx] + [grads[i] for i in (0, 1, 2, 3)], g)
-        out_grads = [gr.to(p.dtype) if ctx.needs_input_grad[i + 2] else None for i, (gr, p) in enumerate(zip(grads, params))]
+                del u, pc
+                _gemm_acc_(dx, w_in[sl].t(), g[0], ctx.autocast)
+                d_in[sl] += torch.matmul(g[0], xt).sum(0)
+                _accumulate([d_conv_w, d_conv_b, d_xp], g[1:])
+                del g, xi
+        grads = [d_in, d_conv_w, d_conv_b, d_xp, d_dt, d_bdt, d_alog, d_d, d_out]
+        out_grads = [gr.to(p.dtype) if ctx.needs_input_grad[i + 2] else None
+                     for i, (gr, p) in enumerate(zip(grads, params))]
         return (dx.to(x.dtype) if ctx.needs_input_grad[0] else None, None, *out_grads, None)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _gemm_dtype(t: Tensor, autocast) -> torch.dtype:
+    """The dtype a GEMM on ``t`` runs in: autocast's when it is on, else t's."""
+    enabled, dtype = autocast
+    return dtype if enabled and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.dtype
+
+
+def _gemm_acc_(acc: Tensor, weight: Tensor, v: Tensor, autocast) -> None:
+    """acc (B, M, L) += weight (M, K) @ v (B, K, L), in place in acc's dtype (no (B, M, L) temporary).
+    Operands are rounded to the GEMM dtype first (as autocast's GEMM would), so the products are
+    those of the plain layer and only the summation is in acc's precision."""
+    dt = _gemm_dtype(v, autocast)
+    w = weight.to(dt).to(acc.dtype)
+    acc.baddbmm_(w.expand(v.shape[0], -1, -1), v.to(dt).to(acc.dtype))
 
 
 def _accumulate(accs, grads) -> None:
@@ -213,12 +266,12 @@ def _accumulate(accs, grads) -> None:
 
 
 def _sum_chunks(parts) -> Tensor:
-    """Sum of per-chunk (B, k, L) partial products in float32 (float64 for float64), returned in
+    """Sum of per-chunk (B, M, L) partial products in float32 (float64 for float64), returned in
     the parts' dtype (what the single GEMM over all channels would return)."""
     total, dtype = None, None
     for p in parts:
         dtype = p.dtype
-        p = p.to(torch.float64 if p.dtype == torch.float64 else torch.float32)
+        p = p.to(_acc_dtype(p))
         total = p if total is None else total.add_(p)
     return total.to(dtype)
 
@@ -235,10 +288,9 @@ def _join_proj(cfg, dr: Tensor, db: Tensor, dc: Tensor) -> Tensor:
     return torch.cat([dr, db.reshape(b, n, -1), dc.reshape(b, n, -1)], dim=1)
 
 
-def _u_chunk(cfg, x, mask, w_in, conv_w, conv_b, sl) -> Tensor:
-    """u for channels ``sl``: silu(depthwise conv(mask * W_x[sl] @ x)) as (B, k, L)."""
+def _u_from_xi(cfg, xi, mask, conv_w, conv_b, sl) -> Tensor:
+    """u for channels ``sl`` from their in_proj rows xi (B, k, L): silu(depthwise conv(mask * xi))."""
     b, h, w = cfg["b"], cfg["h"], cfg["w"]
-    xi = _cf_linear(x, w_in[sl])
     if mask is not None:
         xi = xi * mask.to(xi.dtype)
     k = xi.shape[1]
@@ -246,16 +298,15 @@ def _u_chunk(cfg, x, mask, w_in, conv_w, conv_b, sl) -> Tensor:
     return u.view(b, k, h * w)
 
 
-def _scan_chunk(cfg, u, x, mask, r_, bm, cm, w_in, w_dt, b_dt, a_log, d_skip, w_out, sl) -> Tensor:
-    """out_proj's share of channels ``sl``: W_out[:, sl] @ (scan2d(u, dt, ...) * silu(z)), (B, C, L)."""
-    b, h, w, e = cfg["b"], cfg["h"], cfg["w"], cfg["e"]
+def _gated_scan(cfg, u, z, mask, r_, bm, cm, w_dt, b_dt, a_log, d_skip, sl) -> Tensor:
+    """scan2d(u, dt, ...) * silu(z) for channels ``sl``, (B, k, L); dt = masked_softplus(W_dt[sl] @ r + b)."""
+    b, h, w = cfg["b"], cfg["h"], cfg["w"]
     k = u.shape[1]
-    z = _cf_linear(x, w_in[e + sl.start:e + sl.stop])
     dt = masked_softplus(_cf_linear(r_, w_dt[sl]), b_dt[sl][:, None], mask)
     y = scan2d(u.view(b, k, h, w), dt.view(b, k, h, w), -torch.exp(_acc(a_log[sl])), bm.to(u.dtype), cm.to(u.dtype),
                _acc(d_skip[sl]), z=z.view(b, k, h, w).to(u.dtype), delta_softplus=False, origin=cfg["origin"],
                order=cfg["order"], backend=cfg["backend"])
-    return _cf_linear(y.view(b, k, h * w), w_out[:, sl])
+    return y.view(b, k, h * w)
 
 
 class TwoDMambaLayer(nn.Module):
