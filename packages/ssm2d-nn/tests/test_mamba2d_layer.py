@@ -313,6 +313,8 @@ def test_chunked_scan2d_bf16_autocast_on_cpu_matches_the_plain_layer():
         grads = torch.autograd.grad(out.float().pow(2).sum(), [x] + list(layer.parameters()))
         res.append((out, grads))
     assert res[1][0].dtype == res[0][0].dtype == torch.bfloat16
+    # the hand-written accumulations of the backward build no graph (it would keep every chunk alive)
+    assert all(g.grad_fn is None and not g.requires_grad for g in res[1][1])
     torch.testing.assert_close(res[1][0].float(), res[0][0].float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(res[1][1], res[0][1]):
         assert a.dtype == b.dtype
@@ -361,7 +363,7 @@ def test_cuda_chunked_scan2d_matches_the_plain_layer_and_saves_memory():
             assert err < tol, (amp, err)
     peaks = {}
     for mode in ("checkpoint", "chunked"):
-        layer.checkpoint, layer.chunk_channels = True, (None if mode == "chunked" else 64)
+        layer.checkpoint, layer.chunk_channels = True, (8 if mode == "chunked" else 64)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

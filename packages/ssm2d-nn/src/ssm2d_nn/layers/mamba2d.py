@@ -186,6 +186,10 @@ class _ChunkedScan2dLayer(torch.autograd.Function):
         cfg = ctx.cfg
         e, slices = cfg["e"], cfg["slices"]
         x, mask, *params, proj = ctx.saved_tensors
+        # Detached: the hand-written products below (dx, dW) run under enable_grad for the
+        # per-chunk graphs and must not grow a graph of their own through the saved parameters.
+        x, proj = x.detach(), proj.detach()
+        params = [p.detach() for p in params]
         enabled, dtype = ctx.autocast
         w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out = params
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
