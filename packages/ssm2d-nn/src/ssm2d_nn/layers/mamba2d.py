@@ -260,7 +260,8 @@ def _gemm_acc_(acc: Tensor, weight: Tensor, v: Tensor, autocast) -> None:
     those of the plain layer and only the summation is in acc's precision."""
     dt = _gemm_dtype(v, autocast)
     w = weight.to(dt).to(acc.dtype)
-    acc.baddbmm_(w.expand(v.shape[0], -1, -1), v.to(dt).to(acc.dtype))
+    with torch.autocast(acc.device.type, enabled=False):  # the sum stays in acc's dtype
+        acc.baddbmm_(w.expand(v.shape[0], -1, -1), v.to(dt).to(acc.dtype))
 
 
 def _accumulate(accs, grads) -> None:
@@ -327,10 +328,13 @@ class TwoDMambaLayer(nn.Module):
         origin, order: the scan's start corner and, for scan2d, "hv" rows first or "vh".
         backend: "auto", "kernel" or "reference", passed to the op; ``last_backend`` records which
             one the last forward ran ("kernel" or "reference").
-        checkpoint: True, False or "auto" (on when gradients are needed and batch*H*W >= 65536 cells):
-            recompute the layer in the backward so that between forward and backward it keeps only
-            its input (B, C, H, W) instead of ~8 (B, E, H, W) activations (memory note below).
+        checkpoint: True, False or "auto" (on when gradients are needed and batch*H*W >= 65536 cells).
+            On, scan2d runs the channel-chunked layer (_ChunkedScan2dLayer), wavefront2d recomputes
+            the layer with torch.utils.checkpoint; either way only the input (and for scan2d the
+            narrow x_proj output) is kept between forward and backward (memory note below).
         dt_min, dt_max, dt_init_floor: Mamba's dt init range.
+        chunk_channels: inner channels per chunk of the chunked scan2d path; None (default) picks
+            CHUNK_ELEMENTS (4M) // (batch*H*W), a multiple of 8, at least 8, at most E.
 
     Parameters (scan2d): in_proj (2E, C), conv (E, 1, k, k) + (E,), x_proj (R + 2N, E),
     dt_proj (E, R) + (E,), A_log (E, N) = log(1..N), D (E,) = 1, out_proj (C, E).
@@ -340,14 +344,18 @@ class TwoDMambaLayer(nn.Module):
     in x's dtype (or autocast's). Any memory layout of x is accepted.
 
     Memory (scan2d, M = B*H*W cells, E = d_inner, s = bytes per element: 2 under bf16 autocast,
-    4 in fp32). Without checkpointing the autograd graph keeps, per layer: the input (C*M*s), the
-    masked x (conv input), conv output, u, z, dt, the op's pre-gate output y, and the gated output
-    (out_proj input): 7 tensors of E*M*s, plus x_proj's (R+2N)*M*s. dt's softplus keeps only its
-    output, which the scan saves anyway. E = 256, M = 250k cells, bf16: 7 * 128 MB ~ 0.9 GB;
-    the CUDA scan kernel adds N/16 * E*M float32 carries (256 MB). With checkpointing only the
-    input (C*M*s, 64 MB) stays until the backward, which recomputes the rest; the backward's peak is
-    then the recomputed activations plus the op's gradients du, ddt, dz and the output gradient
-    (~10 E*M*s, ~1.3 GB at that size in bf16), but it is reached inside one layer at a time.
+    4 in fp32; E = 256, C = 128, N = 16, M = 237k cells (150k patches at 63% fill), bf16).
+    Without checkpointing the autograd graph keeps, per layer: the input (C*M*s), the masked x
+    (conv input), conv output, u, z, dt, the op's pre-gate output y and the gated output (out_proj
+    input): 7 tensors of E*M*s (7 x 116 MiB), x_proj's (R+2N)*M*s, and on CUDA the scan's
+    N/16 * E*M float32 tile carries (252 MiB): ~1.1 GiB kept, more in the backward.
+    With checkpointing (scan2d: the chunked path) the layer keeps only its input C*M*s (58 MiB)
+    and the x_proj output (R+2N)*M*s (18 MiB). Its backward holds the output gradient C*M*s
+    (58 MiB), du E*M*s (116 MiB), dx C*M*4 (116 MiB), dproj (R+2N)*M*4 (36 MiB) and one chunk of
+    k channels at a time (~16 k*M elements with carries and float32 softplus temporaries; k = 16
+    at this size: ~60 MiB): ~0.45 GiB at the peak, where torch.utils.checkpoint re-ran the whole
+    layer (~1.5 GiB: all activations, the E*M carries, then du, ddt, dz together).
+    ``benchmarks/mil_memory.py`` counts these bytes for a given grid.
     """
 
     def __init__(self, dim: int, d_inner: Optional[int] = None, d_state: int = 16, dt_rank: Optional[int] = None,
