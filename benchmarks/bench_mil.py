@@ -137,6 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--inputs", type=int, default=3, help="distinct random bags the repeats cycle through")
+    ap.add_argument("--chunk-channels", type=int, default=None,
+                    help="channels per chunk of the SSM layers' chunked scan2d path (default: the layer's auto)")
     ap.add_argument("--breakdown", action="store_true", help="print mil_memory.py's byte count for each row")
     ap.add_argument("--top", type=int, default=10, help="rows of the --breakdown tables")
     args = ap.parse_args(argv)
@@ -167,6 +169,9 @@ def main(argv=None) -> None:
             for prec in precisions:
                 torch.manual_seed(0)
                 model = build_model(name, args.in_dim, args.n_outputs, **model_kwargs(name, args.backend)).to(args.device)
+                if args.chunk_channels is not None:
+                    for layer in getattr(model, "layers", []):
+                        layer.chunk_channels = args.chunk_channels
                 model.train()
                 opt = torch.optim.AdamW(param_groups(model, 1e-5), lr=1e-4)
                 g = torch.Generator().manual_seed(n)

@@ -110,7 +110,9 @@ def _cf_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
 
 # The chunked scan2d layer (checkpoint on) runs d_inner channels in chunks of about this many
 # elements (chunk channels x batch*H*W cells), so that one chunk's scan workspace lives at a time.
-CHUNK_ELEMENTS = 1 << 22
+# 8M: 32 channels at 237k cells (150k patches), one chunk's tensors ~0.2 GiB; 16 channels would
+# save ~0.1 GiB more at twice the kernel launches (benchmarks/mil_memory.py --chunk-channels).
+CHUNK_ELEMENTS = 1 << 23
 
 
 def _chunk_channels(e: int, cells: int, chunk: Optional[int]) -> int:
@@ -334,7 +336,7 @@ class TwoDMambaLayer(nn.Module):
             narrow x_proj output) is kept between forward and backward (memory note below).
         dt_min, dt_max, dt_init_floor: Mamba's dt init range.
         chunk_channels: inner channels per chunk of the chunked scan2d path; None (default) picks
-            CHUNK_ELEMENTS (4M) // (batch*H*W), a multiple of 8, at least 8, at most E.
+            CHUNK_ELEMENTS (8M) // (batch*H*W), a multiple of 8, at least 8, at most E.
 
     Parameters (scan2d): in_proj (2E, C), conv (E, 1, k, k) + (E,), x_proj (R + 2N, E),
     dt_proj (E, R) + (E,), A_log (E, N) = log(1..N), D (E,) = 1, out_proj (C, E).
@@ -351,10 +353,11 @@ class TwoDMambaLayer(nn.Module):
     N/16 * E*M float32 tile carries (252 MiB): ~1.1 GiB kept, more in the backward.
     With checkpointing (scan2d: the chunked path) the layer keeps only its input C*M*s (58 MiB)
     and the x_proj output (R+2N)*M*s (18 MiB). Its backward holds the output gradient C*M*s
-    (58 MiB), du E*M*s (116 MiB), dx C*M*4 (116 MiB), dproj (R+2N)*M*4 (36 MiB) and one chunk of
-    k channels at a time (~16 k*M elements with carries and float32 softplus temporaries; k = 16
-    at this size: ~60 MiB): ~0.45 GiB at the peak, where torch.utils.checkpoint re-ran the whole
-    layer (~1.5 GiB: all activations, the E*M carries, then du, ddt, dz together).
+    (58 MiB), du E*M*s (116 MiB), dx C*M*4 (116 MiB), dproj (R+2N)*M*4 and one chunk of k
+    channels at a time (k*M-element tensors: u, z, xi, conv output, dt with its float32
+    temporaries, y, dy, du, dz, ddt, and the k*N/16*M float32 carries; k = 32 at this size,
+    ~0.2 GiB): ~0.55 GiB at the peak, where torch.utils.checkpoint re-ran the whole layer at once
+    (~1.4 GiB: every activation, the E*M carries, float32 softplus temporaries, then du, ddt, dz).
     ``benchmarks/mil_memory.py`` counts these bytes for a given grid.
     """
 
