@@ -376,3 +376,16 @@ def test_cuda_chunked_scan2d_matches_the_plain_layer_and_saves_memory():
         layer.zero_grad(set_to_none=True)
     # chunk_channels=64 = E is one chunk: the whole layer's scan workspace at once
     assert peaks["chunked"] < 0.8 * peaks["checkpoint"], peaks
+
+
+def test_chunked_scan2d_on_a_sequence_grid_with_a_1x3_conv():
+    """MambaMIL's use: a 1 x L grid, (1, 3) conv, no mask; chunked equals plain."""
+    layer = _layer("scan2d", d_inner=8, d_conv=(1, 3), chunk_channels=3)
+    x = torch.randn(1, 4, 1, 17, dtype=torch.float64, requires_grad=True)
+    res = []
+    for ck in (False, True):
+        layer.checkpoint = ck
+        out = layer(x, None)
+        res.append((out.detach(), torch.autograd.grad(out.square().sum(), [x] + list(layer.parameters()))))
+    for a, b in zip([res[1][0], *res[1][1]], [res[0][0], *res[0][1]]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
