@@ -20,7 +20,8 @@ models the CUDA step. Other differences from a CUDA run: the caching allocator r
 ops to bf16 as CUDA autocast for everything these models run (linear, matmul, conv; norms and
 softmax in float32); CPU dropout keeps its mask in the input's dtype where CUDA keeps a bool mask.
 Checked against the GPU: at 150k patches ABMIL counts 1246 MiB (GPU 1195 MiB with its bool mask),
-2DMambaMIL before the chunked layer 1998 MiB (GPU 2157 MiB); the allocator adds up to ~10%. ``bench_mil.py --breakdown`` prints the same table on the GPU next to
+2DMambaMIL before the chunked layer 1998 MiB (GPU 2157 MiB); the allocator adds up to ~10%.
+``bench_mil.py --breakdown`` prints the same table on the GPU next to
 ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/mil_memory.py --patches 150000              # 2dmambamil, bf16 autocast
@@ -34,7 +35,7 @@ import sys
 import weakref
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -194,8 +195,7 @@ def _shape_str(shape: tuple) -> str:
     return "x".join(str(s) for s in shape) if shape else "-"
 
 
-def count_step(step: Callable[[], None], preexisting, add_cuda_scan_buffers: bool = True,
-               phases: Optional[Callable[[MemoryCounter], dict]] = None) -> MemoryCounter:
+def count_step(step: Callable[[MemoryCounter], None], preexisting, add_cuda_scan_buffers: bool = True) -> MemoryCounter:
     """Runs ``step(counter)`` under a MemoryCounter; ``step`` calls counter.phase(...) between phases."""
     counter = MemoryCounter(add_cuda_scan_buffers)
     with counter:
