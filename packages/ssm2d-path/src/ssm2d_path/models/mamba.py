@@ -125,8 +125,9 @@ class _SSMMIL(MILModel):
         for norm, layer in zip(self.norms, self.layers):
             grid = slide.scatter(_norm_to_grid(norm, h))[None]  # (1, dim, H, W), empty cells 0
             out = layer(grid, mask)
-            del grid  # the checkpoint keeps its own reference; nothing else needs the dense grid
+            del grid  # the layer keeps its own reference; nothing else needs the dense grid
             h = h + slide.gather(out[0])
+            del out  # the dense output grid (C x H x W) is not needed once gathered (next layer's peak)
         return h
 
 
