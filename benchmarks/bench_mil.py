@@ -9,6 +9,10 @@ UNI-class encoders. Prints a Markdown table.
 
     python benchmarks/bench_mil.py                              # GPU: 10k, 50k, 150k patches
     python benchmarks/bench_mil.py --device cpu --sizes 2000    # CPU smoke check
+    python benchmarks/bench_mil.py --models 2dmambamil --sizes 150000 --precision bf16 --breakdown
+
+``--breakdown`` also prints, per row, the byte count of ``mil_memory.py`` (saved tensors by op, the
+largest tensors alive at the peak) taken on the same device, next to the allocator's peak.
 """
 
 from __future__ import annotations
@@ -133,6 +137,10 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--inputs", type=int, default=3, help="distinct random bags the repeats cycle through")
+    ap.add_argument("--chunk-channels", type=int, default=None,
+                    help="channels per chunk of the SSM layers' chunked scan2d path (default: the layer's auto)")
+    ap.add_argument("--breakdown", action="store_true", help="print mil_memory.py's byte count for each row")
+    ap.add_argument("--top", type=int, default=10, help="rows of the --breakdown tables")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device (use --device cpu for the smoke check)")
@@ -149,6 +157,7 @@ def main(argv=None) -> None:
     print(f"one training step = forward + cross-entropy + backward + AdamW step + zero_grad; batch = one bag; "
           f"features {args.in_dim}-d float32; median of {args.reps} after {args.warmup} warm-up steps, "
           f"{args.inputs} rotating random bags; peak = beyond model + optimizer state + inputs\n")
+    breakdowns: list[str] = []
     print("| model | patches | grid (H x W) | fill | precision | step ms | peak MiB | inputs MiB | params | scan backend |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in sizes:
@@ -160,6 +169,9 @@ def main(argv=None) -> None:
             for prec in precisions:
                 torch.manual_seed(0)
                 model = build_model(name, args.in_dim, args.n_outputs, **model_kwargs(name, args.backend)).to(args.device)
+                if args.chunk_channels is not None:
+                    for layer in getattr(model, "layers", []):
+                        layer.chunk_channels = args.chunk_channels
                 model.train()
                 opt = torch.optim.AdamW(param_groups(model, 1e-5), lr=1e-4)
                 g = torch.Generator().manual_seed(n)
@@ -175,9 +187,25 @@ def main(argv=None) -> None:
                 params = sum(p.numel() for p in model.parameters())
                 print(f"| {name} | {n} | {shape[0]} x {shape[1]} | {fill:.2f} | {prec} | {ms_s} | {peak} | "
                       f"{inputs_mib:.0f} | {params:,} | {getattr(model, 'scan_backend', None) or '-'} |", flush=True)
+                if args.breakdown and ms_s != "OOM":
+                    breakdowns.append(f"### {name}, {n} patches, {prec} (allocator peak {peak} MiB)\n\n"
+                                      + count_breakdown(model, opt, inputs[0], args.device, prec == "bf16", args.top))
                 del model, opt, step
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
+    for b in breakdowns:
+        print("\n" + b)
+
+
+def count_breakdown(model, opt, inputs, device: str, amp: bool, top: int) -> str:
+    """mil_memory.py's byte count of one step (after the timed ones: the AdamW state exists)."""
+    from mil_memory import breakdown, count_step, training_step
+
+    bag, label = inputs
+    pre = [bag.features, label, *model.parameters(), *model.buffers()]
+    pre += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    counter = count_step(training_step(model, opt, bag, label, device, amp), pre)
+    return breakdown(counter, top)
 
 
 if __name__ == "__main__":

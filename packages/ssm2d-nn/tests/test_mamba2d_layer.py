@@ -274,3 +274,118 @@ def test_cuda_kernel_vs_reference_and_bf16_autocast(scan):
     assert err < 3e-2, err
     out.float().square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("chunk", [1, 3, 8, None])
+@pytest.mark.parametrize("masked", [True, False])
+def test_chunked_scan2d_matches_the_plain_layer(backend, chunk, masked):
+    """checkpoint=True runs scan2d over channel chunks (forward and a two-pass backward): same
+    output and gradients as the plain graph, in float64, for chunks that do and do not divide E."""
+    layer = _layer("scan2d", backend=backend, d_inner=8, chunk_channels=chunk)
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 5, 6) > 0.4 if masked else None
+    g = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    res = []
+    for ck in (False, True):
+        layer.checkpoint = ck
+        out = layer(x, mask)
+        res.append((out.detach(), torch.autograd.grad(out, [x] + list(layer.parameters()), g)))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-12, atol=1e-13)
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, res[1][1], res[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_chunked_scan2d_bf16_autocast_on_cpu_matches_the_plain_layer():
+    """Under bf16 autocast the chunked path keeps the plain layer's dtypes (bf16 output, float32
+    parameter gradients) and agrees with it to bf16 rounding."""
+    torch.manual_seed(3)
+    layer = TwoDMambaLayer(8, 16, 4, chunk_channels=5)
+    x = torch.randn(1, 8, 6, 7, requires_grad=True)
+    mask = torch.rand(1, 6, 7) > 0.3
+    res = []
+    for ck in (False, True):
+        layer.checkpoint = ck
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x, mask)
+        grads = torch.autograd.grad(out.float().pow(2).sum(), [x] + list(layer.parameters()))
+        res.append((out, grads))
+    assert res[1][0].dtype == res[0][0].dtype == torch.bfloat16
+    # the hand-written accumulations of the backward build no graph (it would keep every chunk alive)
+    assert all(g.grad_fn is None and not g.requires_grad for g in res[1][1])
+    torch.testing.assert_close(res[1][0].float(), res[0][0].float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(res[1][1], res[0][1]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
+def test_chunk_channels_argument_checked():
+    with pytest.raises(ValueError, match="chunk_channels"):
+        TwoDMambaLayer(4, 8, chunk_channels=0)
+
+
+def test_chunked_scan2d_matches_the_loop_reference():
+    layer = _layer("scan2d", backend="kernel", checkpoint=True, chunk_channels=4)
+    torch.manual_seed(4)
+    x = torch.randn(1, 4, 4, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(1, 4, 5) > 0.3
+    out = layer(x, mask)
+    ref = reference_scan2d_layer(layer, x, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x] + list(layer.parameters()), g)
+    ref_grads = torch.autograd.grad(ref, [x] + list(layer.parameters()), g, allow_unused=True)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_cuda_chunked_scan2d_matches_the_plain_layer_and_saves_memory():
+    """On CUDA (kernel backend): the chunked path agrees with the plain graph in float32 and under
+    bf16 autocast, and its step peak (forward + backward) is well below the checkpointed plain one."""
+    torch.manual_seed(0)
+    layer = TwoDMambaLayer(32, 64, 16, checkpoint=False).cuda()
+    x = torch.randn(1, 32, 150, 200, device="cuda", requires_grad=True)
+    mask = torch.rand(1, 150, 200, device="cuda") > 0.4
+    for amp in (False, True):
+        res = []
+        for mode in ("plain", "chunked"):
+            layer.checkpoint, layer.chunk_channels = (False, None) if mode == "plain" else (True, 8)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out = layer(x, mask)
+            grads = torch.autograd.grad(out.float().square().sum(), [x] + list(layer.parameters()))
+            res.append((out.float().detach(), grads))
+        tol = 3e-2 if amp else 1e-4
+        for a, b in zip([res[1][0], *res[1][1]], [res[0][0], *res[0][1]]):
+            err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)
+            assert err < tol, (amp, err)
+    peaks = {}
+    for mode in ("checkpoint", "chunked"):
+        layer.checkpoint, layer.chunk_channels = True, (8 if mode == "chunked" else 64)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x, mask)
+        out.float().square().sum().backward()
+        torch.cuda.synchronize()
+        peaks[mode] = torch.cuda.max_memory_allocated() - base
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    # chunk_channels=64 = E is one chunk: the whole layer's scan workspace at once
+    assert peaks["chunked"] < 0.8 * peaks["checkpoint"], peaks
+
+
+def test_chunked_scan2d_on_a_sequence_grid_with_a_1x3_conv():
+    """MambaMIL's use: a 1 x L grid, (1, 3) conv, no mask; chunked equals plain."""
+    layer = _layer("scan2d", d_inner=8, d_conv=(1, 3), chunk_channels=3)
+    x = torch.randn(1, 4, 1, 17, dtype=torch.float64, requires_grad=True)
+    res = []
+    for ck in (False, True):
+        layer.checkpoint = ck
+        out = layer(x, None)
+        res.append((out.detach(), torch.autograd.grad(out.square().sum(), [x] + list(layer.parameters()))))
+    for a, b in zip([res[1][0], *res[1][1]], [res[0][0], *res[0][1]]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)

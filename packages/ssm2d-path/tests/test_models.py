@@ -263,3 +263,96 @@ def test_2dmambamil_cuda_kernel_vs_reference_and_bf16():
     assert rel < 5e-2, rel
     out.logits.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_relu_dropout_equals_relu_then_dropout_with_the_same_mask():
+    from ssm2d_path.models.common import relu_dropout
+
+    torch.manual_seed(5)
+    v = torch.randn(40, 9, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(40, 9) > 0.25
+    g = torch.randn(40, 9, dtype=torch.float64)
+    out = relu_dropout(v, 0.25, True, keep)
+    ref = torch.relu(v) * keep / 0.75
+    torch.testing.assert_close(out, ref, rtol=1e-15, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(out, v, g)[0], torch.autograd.grad(ref, v, g)[0], rtol=1e-15, atol=0)
+    # eval / p = 0: plain ReLU, gradient included
+    for args in ((0.25, False), (0.0, True)):
+        out = relu_dropout(v, *args)
+        torch.testing.assert_close(out, torch.relu(v), rtol=0, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(out, v, g)[0], g * (v > 0), rtol=0, atol=0)
+
+
+def test_relu_dropout_draws_a_bernoulli_mask_with_the_dropout_scale():
+    from ssm2d_path.models.common import relu_dropout
+
+    v = torch.rand(200, 100, dtype=torch.float64) + 0.1  # all positive: zeros are the dropped cells
+    out = relu_dropout(v, 0.25, True)
+    dropped = (out == 0).double().mean().item()
+    assert 0.22 < dropped < 0.28
+    kept = out != 0
+    torch.testing.assert_close(out[kept], v[kept] / 0.75, rtol=1e-15, atol=0)
+
+
+def test_ssm_mil_embedding_and_training_forward_match_the_modules():
+    """embed_patches (fused ReLU+dropout, plain-dtype Linear) equals the Sequential in eval, and a
+    training forward with dropout 0 equals the eval forward (nothing else depends on the mode)."""
+    from ssm2d_path.models.common import embed_patches
+
+    model = small("2dmambamil").double()
+    bag = make_bag(3, dtype=torch.float64)
+    model.eval()
+    torch.testing.assert_close(embed_patches(model.embed, bag.features), model.embed(bag.features), rtol=0, atol=0)
+    model0 = small("2dmambamil", dropout=0.0).double()
+    ev = model0.eval()(bag)
+    tr = model0.train()(bag)
+    torch.testing.assert_close(tr.logits, ev.logits, rtol=1e-12, atol=1e-13)
+
+
+def test_scatter_and_gather_by_hand():
+    s = make_slide(5, 7, 0.6, 4)
+    x = torch.randn(s.num_patches, 3)
+    grid = s.scatter(x, fill=-1.0)
+    h, w = s.shape
+    ref = torch.full((3, h, w), -1.0)
+    for i, (r, c) in enumerate(zip(s.index_tensor(0).tolist(), s.index_tensor(1).tolist())):
+        ref[:, r, c] = x[i]
+    torch.testing.assert_close(grid, ref, rtol=0, atol=0)
+    torch.testing.assert_close(s.gather(grid), x, rtol=0, atol=0)
+
+
+def test_rms_norm_lowp_matches_nn_rmsnorm():
+    from ssm2d_path.models.mamba import _RMSNormLowp
+
+    torch.manual_seed(6)
+    norm = torch.nn.RMSNorm(7, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    h = torch.randn(30, 7, dtype=torch.float64, requires_grad=True) * 3
+    g = torch.randn(30, 7, dtype=torch.float64)
+    out = _RMSNormLowp.apply(h, norm.weight, 1e-5, torch.float64)
+    ref = norm(h)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(out, [h, norm.weight], g), torch.autograd.grad(ref, [h, norm.weight], g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    low = _RMSNormLowp.apply(h.float(), norm.weight.float(), 1e-5, torch.bfloat16)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_2dmambamil_bf16_autocast_training_step_matches_float32():
+    """A bf16-autocast forward/backward of the whole model (fused embedding, low-precision norm,
+    chunked layer) agrees with the float32 one to bf16 rounding."""
+    model = small("2dmambamil", dropout=0.0, checkpoint=True)
+    for layer in model.layers:
+        layer.chunk_channels = 8
+    bag = make_bag(2)
+    res = []
+    for amp in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(bag)
+        grads = torch.autograd.grad(out.logits.float().sum(), list(model.parameters()))
+        res.append((out.logits.float(), grads))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=5e-2, atol=5e-2)
+    for a, b in zip(res[1][1], res[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-1, atol=5e-2 * b.abs().max().item() + 1e-3)

@@ -109,9 +109,11 @@ class SlideGrid:
     def scatter(self, x: Tensor, fill: float = 0.0) -> Tensor:
         """Patches to a dense grid: (N, C) -> (C, H, W); empty cells get ``fill``. Memory: C*H*W."""
         h, w = self.shape
-        out = x.new_full((h * w, x.shape[1]), fill)
-        out[self.flat_index()] = x
-        return out.t().reshape(x.shape[1], h, w)
+        # Written straight into the channels-first layout: filling (H*W, C) and transposing would
+        # allocate and copy a second C*H*W grid.
+        out = x.new_full((x.shape[1], h * w), fill)
+        out[:, self.flat_index()] = x.t()
+        return out.view(x.shape[1], h, w)
 
     def gather(self, grid: Tensor) -> Tensor:
         """Dense grid back to patches: (C, H, W) -> (N, C)."""

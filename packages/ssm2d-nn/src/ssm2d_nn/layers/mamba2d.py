@@ -108,6 +108,214 @@ def _cf_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     return y if bias is None else y + bias[:, None]
 
 
+# The chunked scan2d layer (checkpoint on) runs d_inner channels in chunks of about this many
+# elements (chunk channels x batch*H*W cells), so that one chunk's scan workspace lives at a time.
+# 8M: 32 channels at 237k cells (150k patches), one chunk's tensors ~0.2 GiB; 16 channels would
+# save ~0.1 GiB more at twice the kernel launches (benchmarks/mil_memory.py --chunk-channels).
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _chunk_channels(e: int, cells: int, chunk: Optional[int]) -> int:
+    """Channels per chunk: the given count, or CHUNK_ELEMENTS // cells rounded down to a multiple of
+    8 (GEMM-friendly), at least 8 (or E), at most E."""
+    if chunk is not None:
+        return max(1, min(e, int(chunk)))
+    k = CHUNK_ELEMENTS // max(cells, 1)
+    return max(min(8, e), min(e, k // 8 * 8 if k >= 8 else k))
+
+
+def _autocast_state(device_type: str):
+    """The ambient autocast (enabled, dtype) for ``device_type``, to re-enter it in a backward."""
+    if torch.is_autocast_enabled(device_type):
+        return True, torch.get_autocast_dtype(device_type)
+    return False, None
+
+
+class _ChunkedScan2dLayer(torch.autograd.Function):
+    """The scan2d layer's math from its (B, C, L) input to its (B, C, L) output, run over the E inner
+    channels in chunks, saving only the input and the (B, R + 2N, L) x_proj output for the backward.
+
+    Every inner channel is independent given dt's low-rank input r and the shared B, C, except
+    through x_proj (proj = W_xp @ u sums over all channels), so:
+
+    forward:  pass 1 per chunk: u_c = silu(conv_c(mask * W_x[c] @ x)); proj += W_xp[:, c] @ u_c.
+              pass 2 per chunk: z_c = W_z[c] @ x, dt_c = masked_softplus(W_dt[c] @ r + b_c),
+              y_c = scan2d(u_c, dt_c, ..., z=z_c); out += W_out[:, c] @ y_c.
+    backward: pass 1 per chunk: recompute u_c, z_c and the gated scan (a small graph: softplus,
+              scan2d with its carries), feed it dy_c = W_out[:, c]^T @ dout: du_c (kept, E x L in
+              u's dtype), dz_c (into dx at once), and the sums dr, dB, dC and parameter gradients.
+              pass 2 per chunk: recompute xi_c -> u_c with a graph and back-propagate du_c plus
+              x_proj's share (dproj through W_xp[:, c]) into dxi_c, then into dx.
+
+    The sums over chunks that the plain layer does inside one GEMM (proj, out, dx) accumulate in
+    float32 (float64 for float64) with the weights rounded to the autocast dtype first, as autocast's
+    GEMM would: values and gradients are the plain layer's up to summation order. The per-chunk
+    graphs use the plain layer's ops (masked_softplus, scan2d, conv2d, silu).
+
+    Memory (L = B*H*W cells, k = channels per chunk): saved between forward and backward: x (C*L)
+    and proj ((R+2N)*L) in the grid dtype. Backward peak: dout (C*L), du (E*L, u's dtype), dx
+    (C*L float32), dproj ((R+2N)*L float32) and one chunk's tensors (~16 k*L elements: u, z, xi,
+    conv output, dt and its float32 temporaries, y, the scan's k*N/16*L float32 carries, du, dz,
+    ddt), instead of ~10 E*L activations plus E*N/16*L float32 carries all at once.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out, cfg):
+        ctx.cfg = cfg
+        ctx.autocast = _autocast_state(x.device.type)
+        e, slices = cfg["e"], cfg["slices"]
+        with torch.no_grad():
+            us = [_u_from_xi(cfg, _cf_linear(x, w_in[sl]), mask, conv_w, conv_b, sl) for sl in slices]
+            proj = _sum_chunks(_cf_linear(u, w_xp[:, sl]) for u, sl in zip(us, slices))
+            r_, bm, cm = _split_proj(cfg, proj)
+            out = None
+            for i, sl in enumerate(slices):
+                u, us[i] = us[i], None  # each u dies after its chunk's scan
+                z = _cf_linear(x, w_in[e + sl.start:e + sl.stop])
+                y = _gated_scan(cfg, u, z, mask, r_, bm, cm, w_dt, b_dt, a_log, d_skip, sl)
+                if len(slices) == 1:  # one chunk: the plain layer's GEMM, bit for bit
+                    out = _cf_linear(y, w_out)
+                    break
+                if out is None:
+                    out = torch.zeros(x.shape[0], w_out.shape[0], x.shape[2], dtype=_acc_dtype(y), device=x.device)
+                _gemm_acc_(out, w_out[:, sl], y, ctx.autocast)
+                del u, z, y
+        ctx.save_for_backward(x, mask, w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out, proj)
+        return out if len(slices) == 1 else out.to(_gemm_dtype(proj, ctx.autocast))
+
+    @staticmethod
+    def backward(ctx, dout):
+        cfg = ctx.cfg
+        e, slices = cfg["e"], cfg["slices"]
+        x, mask, *params, proj = ctx.saved_tensors
+        # Detached: the hand-written products below (dx, dW) run under enable_grad for the
+        # per-chunk graphs and must not grow a graph of their own through the saved parameters.
+        x, proj = x.detach(), proj.detach()
+        params = [p.detach() for p in params]
+        enabled, dtype = ctx.autocast
+        w_in, conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip, w_out = params
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        d_in, d_conv_w, d_conv_b, d_xp, d_dt, d_bdt, d_alog, d_d, d_out = (
+            torch.zeros(p.shape, dtype=acc, device=p.device) for p in params)
+        leaves = [t.detach().requires_grad_() for t in (conv_w, conv_b, w_xp, w_dt, b_dt, a_log, d_skip)]
+        conv_w_l, conv_b_l, w_xp_l, w_dt_l, b_dt_l, a_log_l, d_l = leaves
+        dx = torch.zeros(x.shape, dtype=acc, device=x.device)
+        r_, bm, cm = (t.detach().requires_grad_() for t in _split_proj(cfg, proj))
+        dr, dbm, dcm = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (r_, bm, cm))
+        xt = x.transpose(1, 2)
+        du = None
+        with torch.enable_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            for sl in slices:  # pass 1: out_proj, gated scan, softplus, z
+                zsl = slice(e + sl.start, e + sl.stop)
+                with torch.no_grad():
+                    u = _u_from_xi(cfg, _cf_linear(x, w_in[sl]), mask, conv_w, conv_b, sl)
+                    z = _cf_linear(x, w_in[zsl])
+                    dy = _cf_linear(dout, w_out[:, sl].t())
+                u.requires_grad_()
+                z.requires_grad_()
+                y = _gated_scan(cfg, u, z, mask, r_, bm, cm, w_dt_l, b_dt_l, a_log_l, d_l, sl)
+                d_out[:, sl] += torch.matmul(dout, y.detach().transpose(1, 2)).sum(0)
+                g = torch.autograd.grad(y, [u, z, r_, bm, cm, w_dt_l, b_dt_l, a_log_l, d_l], dy.to(y.dtype),
+                                        allow_unused=True)
+                del y, dy
+                if du is None:
+                    du = torch.empty((x.shape[0], e, x.shape[2]), dtype=g[0].dtype, device=x.device)
+                du[:, sl] = g[0]
+                _gemm_acc_(dx, w_in[zsl].t(), g[1], ctx.autocast)
+                d_in[zsl] += torch.matmul(g[1], xt).sum(0)
+                _accumulate([dr, dbm, dcm, d_dt, d_bdt, d_alog, d_d], g[2:])
+                del g, u, z
+            dproj = _join_proj(cfg, dr, dbm, dcm)
+            del dr, dbm, dcm
+            for sl in slices:  # pass 2: x_proj, silu, conv, mask, x's projection
+                with torch.no_grad():
+                    xi = _cf_linear(x, w_in[sl])
+                xi.requires_grad_()
+                u = _u_from_xi(cfg, xi, mask, conv_w_l, conv_b_l, sl)
+                pc = _cf_linear(u, w_xp_l[:, sl])
+                g = torch.autograd.grad([u, pc], [xi, conv_w_l, conv_b_l, w_xp_l],
+                                        [du[:, sl].to(u.dtype), dproj.to(pc.dtype)], allow_unused=True)
+                del u, pc
+                _gemm_acc_(dx, w_in[sl].t(), g[0], ctx.autocast)
+                d_in[sl] += torch.matmul(g[0], xt).sum(0)
+                _accumulate([d_conv_w, d_conv_b, d_xp], g[1:])
+                del g, xi
+        grads = [d_in, d_conv_w, d_conv_b, d_xp, d_dt, d_bdt, d_alog, d_d, d_out]
+        out_grads = [gr.to(p.dtype) if ctx.needs_input_grad[i + 2] else None
+                     for i, (gr, p) in enumerate(zip(grads, params))]
+        return (dx.to(x.dtype) if ctx.needs_input_grad[0] else None, None, *out_grads, None)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _gemm_dtype(t: Tensor, autocast) -> torch.dtype:
+    """The dtype a GEMM on ``t`` runs in: autocast's when it is on, else t's."""
+    enabled, dtype = autocast
+    return dtype if enabled and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.dtype
+
+
+def _gemm_acc_(acc: Tensor, weight: Tensor, v: Tensor, autocast) -> None:
+    """acc (B, M, L) += weight (M, K) @ v (B, K, L), in place in acc's dtype (no (B, M, L) temporary).
+    Operands are rounded to the GEMM dtype first (as autocast's GEMM would), so the products are
+    those of the plain layer and only the summation is in acc's precision."""
+    dt = _gemm_dtype(v, autocast)
+    w = weight.to(dt).to(acc.dtype)
+    with torch.autocast(acc.device.type, enabled=False):  # the sum stays in acc's dtype
+        acc.baddbmm_(w.expand(v.shape[0], -1, -1), v.to(dt).to(acc.dtype))
+
+
+def _accumulate(accs, grads) -> None:
+    for a, g in zip(accs, grads):
+        if g is not None:
+            a += g
+
+
+def _sum_chunks(parts) -> Tensor:
+    """Sum of per-chunk (B, M, L) partial products in float32 (float64 for float64), returned in
+    the parts' dtype (what the single GEMM over all channels would return)."""
+    total, dtype = None, None
+    for p in parts:
+        dtype = p.dtype
+        p = p.to(_acc_dtype(p))
+        total = p if total is None else total.add_(p)
+    return total.to(dtype)
+
+
+def _split_proj(cfg, proj: Tensor):
+    """proj (B, R + 2N, L) -> r (B, R, L), B and C (B, 1, N, H, W) contiguous."""
+    b, h, w, n, r = cfg["b"], cfg["h"], cfg["w"], cfg["n"], cfg["r"]
+    return (proj[:, :r], proj[:, r:r + n].reshape(b, 1, n, h, w).contiguous(),
+            proj[:, r + n:].reshape(b, 1, n, h, w).contiguous())
+
+
+def _join_proj(cfg, dr: Tensor, db: Tensor, dc: Tensor) -> Tensor:
+    b, n = cfg["b"], cfg["n"]
+    return torch.cat([dr, db.reshape(b, n, -1), dc.reshape(b, n, -1)], dim=1)
+
+
+def _u_from_xi(cfg, xi, mask, conv_w, conv_b, sl) -> Tensor:
+    """u for channels ``sl`` from their in_proj rows xi (B, k, L): silu(depthwise conv(mask * xi))."""
+    b, h, w = cfg["b"], cfg["h"], cfg["w"]
+    if mask is not None:
+        xi = xi * mask.to(xi.dtype)
+    k = xi.shape[1]
+    u = F.silu(F.conv2d(xi.view(b, k, h, w), conv_w[sl], conv_b[sl], padding=cfg["padding"], groups=k))
+    return u.view(b, k, h * w)
+
+
+def _gated_scan(cfg, u, z, mask, r_, bm, cm, w_dt, b_dt, a_log, d_skip, sl) -> Tensor:
+    """scan2d(u, dt, ...) * silu(z) for channels ``sl``, (B, k, L); dt = masked_softplus(W_dt[sl] @ r + b)."""
+    b, h, w = cfg["b"], cfg["h"], cfg["w"]
+    k = u.shape[1]
+    dt = masked_softplus(_cf_linear(r_, w_dt[sl]), b_dt[sl][:, None], mask)
+    y = scan2d(u.view(b, k, h, w), dt.view(b, k, h, w), -torch.exp(_acc(a_log[sl])), bm.to(u.dtype), cm.to(u.dtype),
+               _acc(d_skip[sl]), z=z.view(b, k, h, w).to(u.dtype), delta_softplus=False, origin=cfg["origin"],
+               order=cfg["order"], backend=cfg["backend"])
+    return y.view(b, k, h * w)
+
+
 class TwoDMambaLayer(nn.Module):
     """The 2DMamba selective-SSM layer on a dense grid (see the module docstring for the math).
 
@@ -122,10 +330,13 @@ class TwoDMambaLayer(nn.Module):
         origin, order: the scan's start corner and, for scan2d, "hv" rows first or "vh".
         backend: "auto", "kernel" or "reference", passed to the op; ``last_backend`` records which
             one the last forward ran ("kernel" or "reference").
-        checkpoint: True, False or "auto" (on when gradients are needed and batch*H*W >= 65536 cells):
-            recompute the layer in the backward so that between forward and backward it keeps only
-            its input (B, C, H, W) instead of ~8 (B, E, H, W) activations (memory note below).
+        checkpoint: True, False or "auto" (on when gradients are needed and batch*H*W >= 65536 cells).
+            On, scan2d runs the channel-chunked layer (_ChunkedScan2dLayer), wavefront2d recomputes
+            the layer with torch.utils.checkpoint; either way only the input (and for scan2d the
+            narrow x_proj output) is kept between forward and backward (memory note below).
         dt_min, dt_max, dt_init_floor: Mamba's dt init range.
+        chunk_channels: inner channels per chunk of the chunked scan2d path; None (default) picks
+            CHUNK_ELEMENTS (8M) // (batch*H*W), a multiple of 8, at least 8, at most E.
 
     Parameters (scan2d): in_proj (2E, C), conv (E, 1, k, k) + (E,), x_proj (R + 2N, E),
     dt_proj (E, R) + (E,), A_log (E, N) = log(1..N), D (E,) = 1, out_proj (C, E).
@@ -135,21 +346,30 @@ class TwoDMambaLayer(nn.Module):
     in x's dtype (or autocast's). Any memory layout of x is accepted.
 
     Memory (scan2d, M = B*H*W cells, E = d_inner, s = bytes per element: 2 under bf16 autocast,
-    4 in fp32). Without checkpointing the autograd graph keeps, per layer: the input (C*M*s), the
-    masked x (conv input), conv output, u, z, dt, the op's pre-gate output y, and the gated output
-    (out_proj input): 7 tensors of E*M*s, plus x_proj's (R+2N)*M*s. dt's softplus keeps only its
-    output, which the scan saves anyway. E = 256, M = 250k cells, bf16: 7 * 128 MB ~ 0.9 GB;
-    the CUDA scan kernel adds N/16 * E*M float32 carries (256 MB). With checkpointing only the
-    input (C*M*s, 64 MB) stays until the backward, which recomputes the rest; the backward's peak is
-    then the recomputed activations plus the op's gradients du, ddt, dz and the output gradient
-    (~10 E*M*s, ~1.3 GB at that size in bf16), but it is reached inside one layer at a time.
+    4 in fp32; E = 256, C = 128, N = 16, M = 237k cells (150k patches at 63% fill), bf16).
+    Without checkpointing the autograd graph keeps, per layer: the input (C*M*s), the masked x
+    (conv input), conv output, u, z, dt, the op's pre-gate output y and the gated output (out_proj
+    input): 7 tensors of E*M*s (7 x 116 MiB), x_proj's (R+2N)*M*s, and on CUDA the scan's
+    N/16 * E*M float32 tile carries (252 MiB): ~1.1 GiB kept, more in the backward.
+    With checkpointing (scan2d: the chunked path) the layer keeps only its input C*M*s (58 MiB)
+    and the x_proj output (R+2N)*M*s (18 MiB). Its backward holds the output gradient C*M*s
+    (58 MiB), du E*M*s (116 MiB), dx C*M*4 (116 MiB), dproj (R+2N)*M*4 and one chunk of k
+    channels at a time (k*M-element tensors: u, z, xi, conv output, dt with its float32
+    temporaries, y, dy, du, dz, ddt, and the k*N/16*M float32 carries; k = 32 at this size,
+    ~0.2 GiB): ~0.55 GiB at the peak, where torch.utils.checkpoint re-ran the whole layer at once
+    (~1.4 GiB: every activation, the E*M carries, float32 softplus temporaries, then du, ddt, dz).
+    ``benchmarks/mil_memory.py`` counts these bytes for a given grid.
     """
 
     def __init__(self, dim: int, d_inner: Optional[int] = None, d_state: int = 16, dt_rank: Optional[int] = None,
                  d_conv: Union[int, tuple[int, int]] = 3, *, scan: str = "scan2d", origin: str = "tl",
                  order: str = "hv", backend: str = "auto", checkpoint: Union[bool, str] = "auto",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4):
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
+                 chunk_channels: Optional[int] = None):
         super().__init__()
+        if chunk_channels is not None and (not isinstance(chunk_channels, int) or chunk_channels < 1):
+            raise ValueError(f"TwoDMambaLayer: chunk_channels must be a positive int or None, got {chunk_channels!r}")
+        self.chunk_channels = chunk_channels
         if scan not in SCANS:
             raise ValueError(f"TwoDMambaLayer: scan must be one of {SCANS}, got {scan!r}")
         if checkpoint not in (True, False, "auto"):
@@ -199,6 +419,8 @@ class TwoDMambaLayer(nn.Module):
                 raise ValueError(f"TwoDMambaLayer: mask is on {mask.device} but x is on {x.device}")
         self.last_backend = self._resolve(x)
         if self._use_checkpoint(x):
+            if self.scan == "scan2d":
+                return self._forward_scan2d_chunked(x, mask)
             return _checkpoint(self._forward, x, mask, use_reentrant=False)
         return self._forward(x, mask)
 
@@ -246,6 +468,22 @@ class TwoDMambaLayer(nn.Module):
                    z=z.view(b, e, h, w).to(u.dtype), delta_softplus=False, origin=self.origin, order=self.order,
                    backend=self.last_backend)
         return _cf_linear(y.view(b, e, h * w), self.out_proj.weight).view(b, c, h, w)
+
+    def _forward_scan2d_chunked(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
+        # Replaces torch.utils.checkpoint for scan2d: the checkpoint kept only the input too, but its
+        # backward re-ran the whole layer at once (~8 E x cells activations, the E x cells float32
+        # carries and the float32 softplus temporaries alive together, then du, ddt, dz); here one
+        # chunk of channels is alive at a time and dt, z, y are never stored (_ChunkedScan2dLayer).
+        b, c, h, w = x.shape
+        cfg = dict(b=b, h=h, w=w, e=self.d_inner, n=self.d_state, r=self.dt_rank, padding=self.conv.padding,
+                   origin=self.origin, order=self.order, backend=self.last_backend)
+        k = _chunk_channels(self.d_inner, b * h * w, self.chunk_channels)
+        cfg["slices"] = [slice(i, min(i + k, self.d_inner)) for i in range(0, self.d_inner, k)]
+        m = None if mask is None else mask.reshape(b, 1, h * w)
+        out = _ChunkedScan2dLayer.apply(
+            x.reshape(b, c, h * w), m, self.in_proj.weight, self.conv.weight, self.conv.bias, self.x_proj.weight,
+            self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D, self.out_proj.weight, cfg)
+        return out.view(b, c, h, w)
 
     def _forward_wavefront(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
         # wavefront2d is channels last. One permute of the (narrow, C-channel) input; the conv runs

@@ -7,13 +7,17 @@ pooling over the tissue patches of all slides of the bag (empty grid cells never
 pooling: the grid is gathered back to patches first); a linear classifier. Scores: the attention
 logits.
 
-Memory: the dense grid of a slide is its tissue bounding box only (H*W cells, not a canvas). With
-the defaults (dim 128, d_inner 256) and bf16 autocast, a slide of M = H*W cells costs, between
-forward and backward, the patch tensors (a few N x 128; the embedding keeps a reference to the input
-features, not a bf16 copy) plus, per layer, the checkpointed grid input
-M x 128 x 2 bytes; the layer's own activations (~7 M x 256 x 2 bytes) exist only while that layer
-runs forward or backward (see :class:`ssm2d_nn.layers.TwoDMambaLayer`). At 150k patches and 60%
-fill (M = 250k): ~64 MB kept per layer, ~1.2 GB transient peak during the layer's backward.
+Memory: the dense grid of a slide is its tissue bounding box only (M = H*W cells, not a canvas).
+With the defaults (dim 128, d_inner 256) and bf16 autocast, one training step at N = 150k patches
+(M = 237k cells, 63% fill) keeps between forward and backward (``benchmarks/mil_memory.py``):
+the embedding output N x 128 float32 (73 MiB; the Linear keeps a reference to the input
+features, not a bf16 copy; ReLU and dropout are fused and save nothing more), the residual sum
+before the LayerNorm (73 MiB), one bf16 copy of the normed patches and the gated attention's
+tanh, sigmoid and product (4 x 37 MiB), and per layer its grid input M x 128 bf16 (58 MiB) and
+x_proj output M x 40 bf16 (18 MiB): ~374 MiB. The peak, ~0.77 GiB beyond the inputs, is reached
+in the layer's backward (see :class:`ssm2d_nn.layers.TwoDMambaLayer`: its channel-chunked scan2d
+path holds one chunk of 32 inner channels at a time). Before these measures the count was 649 MiB
+kept and a ~2.0 GiB peak.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from ssm2d_nn.layers import TwoDMambaLayer
 
 from ..bag import Bag, SlideGrid
 from .base import MILModel, MILOutput
-from .common import GatedAttention, check_bag, embedding, init_linear_
+from .common import GatedAttention, check_bag, embed_patches, embedding, init_linear_
 
 __all__ = ["M2DMIL", "MambaMIL", "TwoDMambaMIL"]
 
@@ -40,6 +44,41 @@ def _to_autocast_dtype(x: Tensor) -> Tensor:
     if torch.is_autocast_enabled(dev):
         return x.to(torch.get_autocast_dtype(dev))
     return x
+
+
+class _RMSNormLowp(torch.autograd.Function):
+    """RMSNorm in float32 (float64 for float64) returned in a lower dtype, saving only its input and
+    the (N, 1) inverse RMS. nn.RMSNorm under autocast keeps the float32 normalized x for the weight
+    gradient (N x dim x 4 bytes, 73 MiB at 150k x 128) besides its input; here the backward
+    recomputes x * rstd from the input, which the residual stream keeps anyway."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xa = x.to(acc)
+        rstd = torch.rsqrt(xa.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xa * rstd * weight.to(acc)).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        acc = rstd.dtype
+        xhat = x.to(acc) * rstd
+        gw = grad.to(acc) * weight.to(acc)
+        dx = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        dweight = (grad.to(acc) * xhat).sum(0) if weight.requires_grad else None
+        return dx.to(x.dtype), None if dweight is None else dweight.to(weight.dtype), None, None
+
+
+def _norm_to_grid(norm: nn.RMSNorm, h: Tensor) -> Tensor:
+    """norm(h) (N, dim) in the dtype the SSM grid runs in: autocast's under autocast (see
+    _RMSNormLowp), else h's."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev) and h.dim() == 2 and norm.weight is not None:
+        return _RMSNormLowp.apply(h, norm.weight, norm.eps if norm.eps is not None else torch.finfo(h.dtype).eps,
+                                  torch.get_autocast_dtype(dev))
+    return norm(h)
 
 
 class _SSMMIL(MILModel):
@@ -70,30 +109,25 @@ class _SSMMIL(MILModel):
 
     def forward(self, bag: Bag) -> MILOutput:
         check_bag(self, bag)
-        x = bag.features
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev) and x.dtype == self.embed[0].weight.dtype:
-            # Under autocast the Linear would save a bf16 copy of the features for its weight
-            # gradient (N x in_dim x 2 bytes, ~300 MB at 150k x 1024); in the features' own dtype
-            # it keeps a reference to the input tensor instead.
-            with torch.autocast(dev, enabled=False):
-                h = self.embed(x)
-        else:
-            h = self.embed(x)
+        dev = bag.features.device.type
+        h = embed_patches(self.embed, bag.features)
         if torch.is_autocast_enabled(dev):
             h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
         h = torch.cat([self._mix(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
-        scores, pooled = self.pool(self.norm(h))
+        # One low-precision copy of the normed patches under autocast: attention_v, attention_u and
+        # the pooling matmul would each cast (and save) their own bf16 copy of a float32 input.
+        scores, pooled = self.pool(_to_autocast_dtype(self.norm(h)))
         return MILOutput(self.classifier(pooled)[None], scores)
 
     def _mix(self, slide: SlideGrid, h: Tensor) -> Tensor:
         """(N, dim) patches of one slide -> (N, dim) after the residual SSM layers."""
         mask = slide.mask[None]
         for norm, layer in zip(self.norms, self.layers):
-            grid = slide.scatter(_to_autocast_dtype(norm(h)))[None]  # (1, dim, H, W), empty cells 0
+            grid = slide.scatter(_norm_to_grid(norm, h))[None]  # (1, dim, H, W), empty cells 0
             out = layer(grid, mask)
-            del grid  # the checkpoint keeps its own reference; nothing else needs the dense grid
+            del grid  # the layer keeps its own reference; nothing else needs the dense grid
             h = h + slide.gather(out[0])
+            del out  # the dense output grid (C x H x W) is not needed once gathered (next layer's peak)
         return h
 
 
@@ -145,7 +179,7 @@ class MambaMIL(_SSMMIL):
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=h.device)
         for norm, layer in zip(self.norms, self.layers):
-            seq = _to_autocast_dtype(norm(h))[order].t()[None, :, None, :]  # (1, dim, 1, N) raster order
+            seq = _norm_to_grid(norm, h)[order].t()[None, :, None, :]  # (1, dim, 1, N) raster order
             out = layer(seq, None)
             h = h + out[0, :, 0, :].t()[inverse]
         return h
