@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from ssm2d_path import cli
-from ssm2d_path.demo import DemoSettings, generate_cohort
+from ssm2d_path.demo import DemoSettings, generate_cohort, run_demo
 
 
 def _read_cohort(root: Path):
@@ -99,3 +99,9 @@ def test_demo_quick_end_to_end_and_commands_on_its_data(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["crossval", "--config", str(cfg), "--set", "train.epoch=3"]) == 2
     assert "train.epoch: unknown key" in capsys.readouterr().err
+
+
+def test_demo_rejects_unknown_cohorts_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="cohorts"):
+        run_demo(tmp_path / "d", quick=True, cohorts=["surv"])
+    assert not (tmp_path / "d").exists()

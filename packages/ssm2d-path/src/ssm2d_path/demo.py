@@ -248,6 +248,9 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
     from .metrics import write_results_table
     from .train import resolve_device
 
+    unknown = sorted(set(cohorts) - set(COHORTS))
+    if unknown or not cohorts:
+        raise ValueError(f"cohorts: expected a non-empty subset of {COHORTS}, got {list(cohorts)}")
     t0 = time.time()
     start = now()
     out = Path(out)
@@ -255,9 +258,6 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
     paths = generate_cohort(out / "data", settings, seed)
     t_data = time.time() - t0
     metrics = {"classification": ["auc", "acc", "bacc", "f1"], "survival": ["cindex", "logrank_p"]}
-    unknown = sorted(set(cohorts) - set(COHORTS))
-    if unknown or not cohorts:
-        raise ValueError(f"cohorts: expected a non-empty subset of {COHORTS}, got {list(cohorts)}")
     all_rows, failures, md_parts = {}, {}, []
     for cohort in (c for c in COHORTS if c in cohorts):
         rows = []
