@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from ssm2d_path import cli
-from ssm2d_path.demo import DemoSettings, generate_cohort
+from ssm2d_path.demo import DemoSettings, generate_cohort, run_demo
 
 
 def _read_cohort(root: Path):
@@ -33,8 +33,9 @@ def _read_cohort(root: Path):
     return out
 
 
-def test_classification_cohort_has_identical_bag_statistics_per_class(tmp_path):
-    paths = generate_cohort(tmp_path, DemoSettings(n_pairs=12, n_patients=60, grid=(12, 16)), seed=3)
+def test_cohorts_have_identical_bag_statistics_per_class_and_risk(tmp_path):
+    settings = DemoSettings(n_pairs=12, n_patients=80, grid=(12, 16))
+    paths = generate_cohort(tmp_path, settings, seed=3)
     stats = _read_cohort(paths["classification"]["root"])
     labels = pd.read_csv(paths["classification"]["labels"]).set_index("slide_id")["label"]
     per_class = {c: Counter(stats[s][:3] for s in labels.index if labels[s] == c) for c in (0, 1)}
@@ -47,11 +48,20 @@ def test_classification_cohort_has_identical_bag_statistics_per_class(tmp_path):
 
     surv = _read_cohort(paths["survival"]["root"])
     df = pd.read_csv(paths["survival"]["labels"]).set_index("slide_id")
-    assert all(v[1] == v[2] == 6 for v in surv.values())  # counts do not depend on the risk
-    assert 0.15 < df["censorship"].mean() < 0.45
+    m = settings.surv_motifs
+    # The A/B counts do not depend on the risk: every patient has exactly m of each, touching or not.
+    assert all(v[1] == v[2] == m for v in surv.values())
     contacts = np.array([surv[s][3] for s in df.index])
+    assert set(contacts) == set(range(m + 1))  # every level of the risk occurs
+    # The slide size does not follow the risk either (rank correlation near 0; 3 sigma for 80 patients).
+    n_patches = np.array([surv[s][0] for s in df.index], dtype=float)
+    rc, rn = np.argsort(np.argsort(contacts + 1e-6 * np.arange(len(contacts)))), np.argsort(np.argsort(n_patches))
+    assert abs(np.corrcoef(rc, rn)[0, 1]) < 3 / np.sqrt(len(df) - 1)
+    lo, hi = settings.surv_grid
+    assert all(v[0] <= hi * hi for v in surv.values())
+    assert abs(df["censorship"].mean() - settings.surv_censored) < 0.15
     t, e = df["survival_months"].to_numpy(), 1 - df["censorship"].to_numpy()
-    assert t[(contacts >= 4) & (e == 1)].mean() < t[(contacts <= 2) & (e == 1)].mean()
+    assert t[(contacts >= m - 1) & (e == 1)].mean() < t[(contacts <= 1) & (e == 1)].mean()
 
 
 def test_demo_quick_end_to_end_and_commands_on_its_data(tmp_path, capsys):
@@ -89,3 +99,9 @@ def test_demo_quick_end_to_end_and_commands_on_its_data(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["crossval", "--config", str(cfg), "--set", "train.epoch=3"]) == 2
     assert "train.epoch: unknown key" in capsys.readouterr().err
+
+
+def test_demo_rejects_unknown_cohorts_before_writing(tmp_path):
+    with pytest.raises(ValueError, match="cohorts"):
+        run_demo(tmp_path / "d", quick=True, cohorts=["surv"])
+    assert not (tmp_path / "d").exists()

@@ -139,7 +139,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    res = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device)
+    res = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, cohorts=args.cohorts)
     return 1 if res["failures"] else 0
 
 
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny cohort and one epoch (seconds; for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:<i>")
+    p.add_argument("--cohorts", nargs="+", choices=["classification", "survival"],
+                   default=["classification", "survival"], help="which cohorts to cross-validate (default both)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
