@@ -109,19 +109,23 @@ def _cf_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
 
 
 # The chunked scan2d layer (checkpoint on) runs d_inner channels in chunks of about this many
-# elements (chunk channels x batch*H*W cells), so that one chunk's scan workspace lives at a time.
-# 8M: 32 channels at 237k cells (150k patches), one chunk's tensors ~0.2 GiB; 16 channels would
-# save ~0.1 GiB more at twice the kernel launches (benchmarks/mil_memory.py --chunk-channels).
+# elements (chunk channels x batch*H*W cells), so that one chunk's scan workspace lives at a time,
+# but never fewer than MIN_CHUNK_CHANNELS: the CUDA scan runs one block per (batch, channel), so a
+# narrower chunk leaves most of the GPU idle. Measured on the H100 at 150k patches (237k cells,
+# bf16, benchmarks/results/2026-11-22-h100-models-mil-56bbd6b/bench_mil_chunks.md): 32 channels
+# 233 ms / 806 MiB peak, 64: 126 ms / 1016 MiB, 128: 79 ms / 1435 MiB, 256 (one chunk): 66 ms /
+# 2159 MiB, inputs (586 MiB of features) included.
 CHUNK_ELEMENTS = 1 << 23
+MIN_CHUNK_CHANNELS = 128
 
 
 def _chunk_channels(e: int, cells: int, chunk: Optional[int]) -> int:
     """Channels per chunk: the given count, or CHUNK_ELEMENTS // cells rounded down to a multiple of
-    8 (GEMM-friendly), at least 8 (or E), at most E."""
+    8 (GEMM-friendly), at least MIN_CHUNK_CHANNELS (or E), at most E."""
     if chunk is not None:
         return max(1, min(e, int(chunk)))
     k = CHUNK_ELEMENTS // max(cells, 1)
-    return max(min(8, e), min(e, k // 8 * 8 if k >= 8 else k))
+    return max(min(MIN_CHUNK_CHANNELS, e), min(e, k // 8 * 8 if k >= 8 else k))
 
 
 def _autocast_state(device_type: str):
@@ -336,7 +340,7 @@ class TwoDMambaLayer(nn.Module):
             narrow x_proj output) is kept between forward and backward (memory note below).
         dt_min, dt_max, dt_init_floor: Mamba's dt init range.
         chunk_channels: inner channels per chunk of the chunked scan2d path; None (default) picks
-            CHUNK_ELEMENTS (8M) // (batch*H*W), a multiple of 8, at least 8, at most E.
+            CHUNK_ELEMENTS (8M) // (batch*H*W), a multiple of 8, at least 128, at most E.
 
     Parameters (scan2d): in_proj (2E, C), conv (E, 1, k, k) + (E,), x_proj (R + 2N, E),
     dt_proj (E, R) + (E,), A_log (E, N) = log(1..N), D (E,) = 1, out_proj (C, E).

@@ -14,10 +14,11 @@ the embedding output N x 128 float32 (73 MiB; the Linear keeps a reference to th
 features, not a bf16 copy; ReLU and dropout are fused and save nothing more), the residual sum
 before the LayerNorm (73 MiB), one bf16 copy of the normed patches and the gated attention's
 tanh, sigmoid and product (4 x 37 MiB), and per layer its grid input M x 128 bf16 (58 MiB) and
-x_proj output M x 40 bf16 (18 MiB): ~374 MiB. The peak, ~0.77 GiB beyond the inputs, is reached
-in the layer's backward (see :class:`ssm2d_nn.layers.TwoDMambaLayer`: its channel-chunked scan2d
-path holds one chunk of 32 inner channels at a time). Before these measures the count was 649 MiB
-kept and a ~2.0 GiB peak.
+x_proj output M x 40 bf16 (18 MiB): ~374 MiB. The peak is reached in the layer's backward (see
+:class:`ssm2d_nn.layers.TwoDMambaLayer`: its channel-chunked scan2d path holds one chunk of inner
+channels at a time, 128 by default): measured on an H100, 849 MiB beyond the inputs (0.77 GiB
+counted with 32-channel chunks, which are 3x slower). Before these measures: 649 MiB kept and a
+~2.0 GiB peak.
 """
 
 from __future__ import annotations
