@@ -14,9 +14,9 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
+from ssm2d_nn.fileio import atomic_output
 
 __all__ = ["file_record", "package_versions", "write_json_atomic", "write_manifest", "now"]
 
@@ -81,17 +81,9 @@ def device_record(device) -> dict:
 def write_json_atomic(path: os.PathLike, obj) -> Path:
     """JSON with indent 2 to a temp file in the same folder, then os.replace (NaN written as NaN)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
     return path
 
 

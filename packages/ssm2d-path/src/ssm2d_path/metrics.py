@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from ssm2d_nn.fileio import atomic_output
 
 __all__ = [
     "accuracy",
@@ -261,16 +261,8 @@ def markdown_table(summary, group_keys: Sequence[str] = (), metric_keys: Optiona
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_results_table(rows: Sequence[Mapping], out_dir: os.PathLike, *, group_keys: Sequence[str] = (),

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time as _time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from torch import nn
 from .config import TrainConfig
 from .manifest import write_json_atomic
 from .tasks import SurvivalTask, Task
+from ssm2d_nn.fileio import atomic_output
 
 __all__ = ["SplitView", "Trainer", "evaluate", "load_checkpoint", "resolve_device", "rng_state", "set_rng_state",
            "seed_everything", "metrics_from_predictions", "SELECTION_RULES"]
@@ -120,28 +120,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------- I/O
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _atomic_csv(df, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_checkpoint(path: os.PathLike, map_location="cpu") -> dict:

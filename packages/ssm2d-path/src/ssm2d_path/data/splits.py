@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .labels import LabelTable
+from ssm2d_nn.fileio import atomic_output
 
 __all__ = ["Split", "make_splits", "read_splits", "write_splits"]
 
@@ -138,13 +138,8 @@ def make_splits(table: LabelTable, k: int = 5, *, seed: int = 0, val_fraction: f
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_splits(directory: Union[str, Path], splits: list[Split]) -> list[Path]:

@@ -14,6 +14,7 @@ import torch
 from ..__about__ import __version__
 from .errors import SlideFileError
 from .readers import PathLike, read_slide
+from ssm2d_nn.fileio import atomic_output
 
 __all__ = ["write_trident", "trident_folder", "convert_slide"]
 
@@ -64,27 +65,20 @@ def write_trident(path: PathLike, features, coords, *, patch_size: int, patch_si
         raise ValueError(f"patch_size ({patch_size}) and patch_size_level0 ({patch_size_level0}) must be positive")
     if not 0 <= overlap < patch_size:
         raise ValueError(f"overlap: expected 0 <= overlap < patch_size ({patch_size}), got {overlap}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            dset = f.create_dataset("features", data=feats.astype(np.float32, copy=False))
-            dset.attrs["encoder"] = str(encoder)
-            c = f.create_dataset("coords", data=np.rint(coords).astype(np.int64))
-            for k, v in {"patch_size": int(patch_size), "patch_size_level0": int(patch_size_level0),
-                         "level0_magnification": level0_magnification,
-                         "target_magnification": target_magnification, "overlap": int(overlap),
-                         "level0_width": int(level0_width), "level0_height": int(level0_height),
-                         "name": name or path.stem}.items():
-                c.attrs[k] = v
-            for k, v in (extra_attrs or {}).items():
-                f.attrs[k] = _attr_value(v)
-            for k, v in (extra_datasets or {}).items():
-                f.create_dataset(k, data=np.asarray(v))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        dset = f.create_dataset("features", data=feats.astype(np.float32, copy=False))
+        dset.attrs["encoder"] = str(encoder)
+        c = f.create_dataset("coords", data=np.rint(coords).astype(np.int64))
+        for k, v in {"patch_size": int(patch_size), "patch_size_level0": int(patch_size_level0),
+                     "level0_magnification": level0_magnification,
+                     "target_magnification": target_magnification, "overlap": int(overlap),
+                     "level0_width": int(level0_width), "level0_height": int(level0_height),
+                     "name": name or path.stem}.items():
+            c.attrs[k] = v
+        for k, v in (extra_attrs or {}).items():
+            f.attrs[k] = _attr_value(v)
+        for k, v in (extra_datasets or {}).items():
+            f.create_dataset(k, data=np.asarray(v))
     return path
 
 

@@ -5,24 +5,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 import torch
+from ssm2d_nn.fileio import atomic_output
 
 
 def _atomic_save(obj, dst: str) -> None:
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".convert-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(dst) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from ssm2d_nn.fileio import atomic_output
 
 __all__ = ["MODEL_NAMES", "load_released", "ours_to_released", "released_to_ours", "save_state_dict"]
 
@@ -226,10 +227,5 @@ def load_released(path: str, model_name: str, strict: bool = True) -> dict:
 
 def save_state_dict(sd: dict, path: str) -> None:
     """torch.save to a temporary file next to ``path``, then os.replace: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_output(path) as tmp:
         torch.save(sd, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
