@@ -378,3 +378,21 @@ def test_tiny_cuda_compile_inductor():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         torch.compile(m)(x[:2]).float().mean().backward()
     assert torch.isfinite(m.stages[0].blocks[0].token_mixer.AT_log.grad).all()
+
+
+def test_convert_command_line_writes_our_state_dict(tmp_path):
+    # The registry routes m2d_* to the M2D converter; the written file loads into the model exactly.
+    import timm
+
+    from ssm2d_vision.convert import cli
+    from ssm2d_vision.convert import m2d as conv
+
+    source = timm.create_model("m2d_nano")
+    src, dst = tmp_path / "M2D-N.ckpt", tmp_path / "m2d_nano.pth"
+    torch.save({"state_dict": conv.ours_to_released(source.state_dict(), "m2d_nano")}, src)
+    assert cli.main(["--model", "m2d_nano", str(src), str(dst)]) == 0
+    loaded = torch.load(dst, map_location="cpu", weights_only=True)
+    ref = source.state_dict()
+    assert loaded.keys() == ref.keys()
+    assert all(torch.equal(loaded[k], ref[k]) for k in ref)
+    assert cli.main(["--model", "m2d_nano", str(dst), str(tmp_path / "again.pth")]) == 1  # not a released file
