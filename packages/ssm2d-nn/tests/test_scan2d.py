@@ -213,21 +213,3 @@ def test_kernel_boundary_checks_without_torch_semantics():
                        torch.randn(1, 1, 2, 3, 3), out=u.clone())
     with pytest.raises(TypeError, match=r"u must be an array"):
         scan2d_forward("u", u, -torch.rand(4, 2), torch.randn(1, 1, 2, 3, 3), torch.randn(1, 1, 2, 3, 3), out=u)
-
-
-def test_scan2d_routes_equals_one_scan_per_route_and_checks_lengths():
-    from ssm2d_nn.ops import scan2d_routes
-
-    rng = random.Random()
-    routes = [("tl", "hv"), ("br", "vh")]
-    parts = [make_inputs(rng, batch=2, dim=4, dstate=2, groups=1, height=5, width=7, with_z=False) for _ in routes]
-    u = parts[0]["u"]
-    outs = scan2d_routes(u, [p["delta"] for p in parts], [p["A"] for p in parts], [p["B"] for p in parts],
-                         [p["C"] for p in parts], [p["D"] for p in parts], [p["delta_bias"] for p in parts], True,
-                         routes, backend="reference")
-    for out, p, (o, r) in zip(outs, parts, routes):
-        ref = scan2d_reference(u, p["delta"], p["A"], p["B"], p["C"], p["D"], None, p["delta_bias"], True,
-                               origin=o, order=r)
-        assert torch.equal(out, ref)
-    with pytest.raises(ValueError, match="one delta, A, B, C, D and delta_bias per route"):
-        scan2d_routes(u, [parts[0]["delta"]], [], [], [], [], [], True, routes)

@@ -504,7 +504,8 @@ constexpr int kLaneThreads = 128;
 constexpr int kLaneUnroll = 8;  // cells whose loads are issued before their dependent recurrences
 
 template <typename T, int NP, int WMAX>  // WMAX == 0: H == 1, any W; else W <= WMAX
-__device__ __forceinline__ void lane_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o, int64_t b0) {
+__global__ void __launch_bounds__(kLaneThreads) scan2d_fwd_lane_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
+                                                                     int64_t b0) {
   constexpr int CH = kLaneThreads / NP;  // channels per block
   const int n = threadIdx.x % NP;
   const int64_t dd = static_cast<int64_t>(blockIdx.x) * CH + threadIdx.x / NP, b = blockIdx.y + b0;
@@ -575,53 +576,6 @@ __device__ __forceinline__ void lane_forward(const Scan2dProblem& p, const Scan2
       for (int64_t j0 = 0; j0 < W; j0 += kLaneUnroll) chunk(i, j0, G, hrow);
     }
   }
-}
-
-template <typename T, int NP, int WMAX>
-__global__ void __launch_bounds__(kLaneThreads) scan2d_fwd_lane_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
-                                                                     int64_t b0) {
-  lane_forward<T, NP, WMAX>(p, o, b0);
-}
-
-// Several scans of the same sizes in one launch (blockIdx.z picks one): 2DVMamba's four routes
-// differ in origin and order, which are per problem; at N = 1 one route alone is one thread per
-// (batch, channel), too few to hide the walk's latencies, so they run side by side.
-constexpr int kMaxRoutes = 4;
-struct LaneRoutes {
-  Scan2dProblem p[kMaxRoutes];
-  Scan2dForwardOutputs o[kMaxRoutes];
-};
-
-template <typename T, int NP, int WMAX>
-__global__ void __launch_bounds__(kLaneThreads) scan2d_fwd_lane_routes_kernel(LaneRoutes r, int64_t b0) {
-  lane_forward<T, NP, WMAX>(r.p[blockIdx.z], r.o[blockIdx.z], b0);
-}
-
-template <typename T, int NP, int WMAX>
-void launch_fwd_lane_routes(const LaneRoutes& r, int count, cudaStream_t stream) {
-  constexpr int CH = kLaneThreads / NP;
-  const Scan2dProblem& p = r.p[0];
-  const unsigned blocks = static_cast<unsigned>((p.dim + CH - 1) / CH);
-  for (int64_t b0 = 0; b0 < p.batch; b0 += 65535) {
-    dim3 grid(blocks, static_cast<unsigned>(std::min<int64_t>(65535, p.batch - b0)), static_cast<unsigned>(count));
-    scan2d_fwd_lane_routes_kernel<T, NP, WMAX><<<grid, kLaneThreads, 0, stream>>>(r, b0);
-    SSM2D_CUDA_CHECK_LAUNCH("scan2d_fwd_lane_routes_kernel");
-  }
-}
-
-template <typename T, int NP>
-void fwd_lane_routes_w(const LaneRoutes& r, int count, int64_t max_width, bool rows, cudaStream_t s) {
-  if (rows) launch_fwd_lane_routes<T, NP, 0>(r, count, s);
-  else if (max_width <= 32) launch_fwd_lane_routes<T, NP, 32>(r, count, s);
-  else launch_fwd_lane_routes<T, NP, 64>(r, count, s);
-}
-
-template <typename T>
-void forward_lane_routes_t(const LaneRoutes& r, int count, int64_t max_width, bool rows, cudaStream_t s) {
-  const int64_t N = r.p[0].dstate;
-  if (N == 1) fwd_lane_routes_w<T, 1>(r, count, max_width, rows, s);
-  else if (N <= 4) fwd_lane_routes_w<T, 4>(r, count, max_width, rows, s);
-  else fwd_lane_routes_w<T, 16>(r, count, max_width, rows, s);
 }
 
 template <typename T, int NP, int WMAX>
@@ -714,39 +668,6 @@ int64_t scan2d_carry_floats(const Scan2dProblem& p) {
 
 int64_t scan2d_backward_workspace_floats(const Scan2dProblem& p) {
   return p.batch * p.dim * p.dstate * (p.height + p.width);
-}
-
-void scan2d_forward_routes(const Scan2dProblem* ps, const Scan2dForwardOutputs* os, int count) {
-  if (count < 1 || count > kMaxRoutes)
-    throw ArgumentError("scan2d_forward_routes: 1 to " + std::to_string(kMaxRoutes) + " scans, got " +
-                        std::to_string(count));
-  const Scan2dProblem& p0 = ps[0];
-  LaneRoutes r{};
-  int64_t max_width = 0;
-  bool rows = true;
-  for (int k = 0; k < count; ++k) {
-    const Scan2dProblem& p = ps[k];
-    check_cuda_problem(p, "scan2d_forward_routes");
-    if (p.batch != p0.batch || p.dim != p0.dim || p.dstate != p0.dstate || p.dtype != p0.dtype ||
-        p.device.index != p0.device.index || p.stream != p0.stream)
-      throw ArgumentError("scan2d_forward_routes: every scan must have the same batch, D, N, dtype, device "
-                          "and stream");
-    if (!scan2d_inference_fits(p.dstate, p.height, p.width))
-      throw ArgumentError("scan2d_forward_routes: each scan must fit the inference kernel (N <= 16 and, scanned, "
-                          "H == 1 or W <= 64)");
-    r.p[k] = p;
-    r.o[k] = os[k];
-    max_width = std::max(max_width, p.width);
-    rows = rows && p.height == 1;
-  }
-  DeviceGuard guard(p0.device.index);
-  auto stream = reinterpret_cast<cudaStream_t>(p0.stream);
-  switch (p0.dtype) {
-    case DType::kFloat32: forward_lane_routes_t<float>(r, count, max_width, rows, stream); break;
-    case DType::kFloat16: forward_lane_routes_t<__half>(r, count, max_width, rows, stream); break;
-    case DType::kBFloat16: forward_lane_routes_t<__nv_bfloat16>(r, count, max_width, rows, stream); break;
-    default: break;
-  }
 }
 
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {

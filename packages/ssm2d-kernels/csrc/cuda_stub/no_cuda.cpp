@@ -35,9 +35,6 @@ namespace {
 int64_t scan2d_carry_floats(const Scan2dProblem&) { return 0; }
 int64_t scan2d_backward_workspace_floats(const Scan2dProblem&) { return 0; }
 void scan2d_forward(const Scan2dProblem&, const Scan2dForwardOutputs&) { no_cuda("scan2d_forward"); }
-void scan2d_forward_routes(const Scan2dProblem*, const Scan2dForwardOutputs*, int) {
-  no_cuda("scan2d_forward_routes");
-}
 void scan2d_backward(const Scan2dProblem&, const Scan2dBackwardArgs&) { no_cuda("scan2d_backward"); }
 
 int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem&) { return 0; }

@@ -3,8 +3,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <vector>
-
 #include "ssm2d/cuda_api.h"
 #include "ssm2d/ops.h"
 #include "ssm2d/parallel.h"
@@ -163,22 +161,6 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     if (p.device.is_cuda()) ssm2d::cuda::scan2d_forward(p, out);
     else ssm2d::cpu::scan2d_forward(p, out);
-  });
-
-  m.def("scan2d_forward_routes", [](const py::list& calls) {
-    std::vector<ssm2d::Scan2dProblem> ps;
-    std::vector<ssm2d::Scan2dForwardOutputs> os;
-    for (const auto& item : calls) {
-      const auto pair = item.cast<py::tuple>();
-      ps.push_back(to_problem(pair[0].cast<py::dict>()));
-      const auto o = pair[1].cast<py::dict>();
-      ssm2d::Scan2dForwardOutputs out;
-      out.out = to_grid(o["out"]);
-      os.push_back(out);
-    }
-    if (ps.empty() || ps[0].batch == 0) return;
-    py::gil_scoped_release nogil;
-    ssm2d::cuda::scan2d_forward_routes(ps.data(), os.data(), static_cast<int>(ps.size()));
   });
 
   m.def("scan2d_backward", [](const py::dict& d, const py::dict& g) {

@@ -192,34 +192,6 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
                            carries=None if car is None else car.ptr))
 
 
-def scan2d_forward_routes(scans, *, stream: int = 0) -> None:
-    """Several inference scans in one CUDA launch (no carries): ``scans`` is a list of 1 to 4 dicts
-    of ``scan2d_forward`` arguments (u, delta, A, B, C, D, z, delta_bias, out, softplus, origin,
-    order), all with the same batch, D, N, dtype and device, each fitting ``scan2d_inference_fits``.
-    At N = 1 one scan runs one thread per (batch, channel); side by side they fill the GPU
-    (2DVMamba's four routes). Results equal separate ``scan2d_forward(..., carries=None)`` calls.
-    """
-    if not 1 <= len(scans) <= 4:
-        raise ValueError(f"scans: 1 to 4 scans, got {len(scans)}")
-    calls = []
-    for k, s in enumerate(scans):
-        unknown = set(s) - {"u", "delta", "A", "B", "C", "D", "z", "delta_bias", "out", "softplus", "origin", "order"}
-        if unknown:
-            raise ValueError(f"scans[{k}]: unknown keys {sorted(unknown)}")
-        origin, order = s.get("origin", "tl"), s.get("order", "hv")
-        chk = _Checked(s["u"], s["delta"], s["A"], s["B"], s["C"], s.get("D"), s.get("z"), s.get("delta_bias"),
-                       origin, order)
-        if chk.device < 0:
-            raise ValueError(f"scans[{k}]: scan2d_forward_routes runs on CUDA; u is on the CPU")
-        if not scan2d_inference_fits(chk.sizes["dstate"], chk.height, chk.width, order):
-            raise ValueError(f"scans[{k}]: does not fit the inference kernel (N <= 16 and, scanned, H == 1 or W <= 64)")
-        o = chk.same_as_u(s.get("out"), f"scans[{k}].out")
-        if o is None or o.dtype != chk.u.dtype:
-            raise TypeError(f"scans[{k}].out must be given with the dtype of u ({chk.u.dtype})")
-        calls.append((chk.problem(s.get("softplus", False), stream), dict(out=chk.grid(o))))
-    _C.scan2d_forward_routes(calls)
-
-
 def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *, y=None, carries=None,
                     du=None, ddelta=None, dz=None, dB=None, dC=None, dA_part=None, dD_part=None,
                     ddelta_bias_part=None, softplus: bool = False, origin: str = "tl", order: str = "hv",

@@ -28,9 +28,6 @@ int64_t scan2d_carry_floats(const Scan2dProblem& p);
 // Floats of scratch the CUDA backward needs: batch * dim * N * (H + W).
 int64_t scan2d_backward_workspace_floats(const Scan2dProblem& p);
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o);
-// Inference (no carries): 1 to 4 scans of the same batch, D, N, dtype, device and stream, each
-// fitting scan2d_inference_fits, in one launch (they may differ in origin, order and operands).
-void scan2d_forward_routes(const Scan2dProblem* problems, const Scan2dForwardOutputs* outs, int count);
 void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& g);
 }  // namespace cuda
 

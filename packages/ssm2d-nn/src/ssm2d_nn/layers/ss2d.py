@@ -20,13 +20,15 @@ layout serves both.
 from __future__ import annotations
 
 import math
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .norms import LayerNorm2d
 
-from ..ops import scan2d, scan2d_reference, scan2d_routes
+from ..ops import scan2d, scan2d_reference
 
 __all__ = ["SS2D", "LayerNorm2d", "SCAN_MODES", "ROUTES_2D", "ss2d_reference"]
 
@@ -184,8 +186,7 @@ class SS2D(nn.Module):
 
         The routes differ in origin and order, which are per call; stacking them would need a
         transposed (and for H != W differently shaped) copy of u, so each route gets its own call
-        with the projections of all four computed at once in u's own layout. In CUDA inference the
-        four run in one launch (:func:`ssm2d_nn.ops.scan2d_routes`).
+        with the projections of all four computed at once in u's own layout.
         """
         b, d, h, w = u.shape
         n, r = self.d_state, self.dt_rank
@@ -195,13 +196,12 @@ class SS2D(nn.Module):
         delta = F.conv2d(dt_in, self.dt_projs_weight.reshape(4 * d, r, 1, 1).to(u.dtype), groups=4)
         delta = delta.view(b, 4, d, h, w)
         A, D, bias = self._ssm_params(u)
-        ks, sl = range(len(ROUTES_2D)), [slice(k * d, (k + 1) * d) for k in range(len(ROUTES_2D))]
-        ys = scan2d_routes(u, [delta[:, k] for k in ks], [A[sl[k]] for k in ks],
-                           [x_dbl[:, k:k + 1, r:r + n] for k in ks], [x_dbl[:, k:k + 1, r + n:] for k in ks],
-                           [D[sl[k]] for k in ks], [bias[sl[k]] for k in ks], True, ROUTES_2D, backend=self.backend)
-        y = ys[0]
-        for yk in ys[1:]:
-            y = y + yk
+        y: Optional[Tensor] = None
+        for k, (origin, order) in enumerate(ROUTES_2D):
+            sl = slice(k * d, (k + 1) * d)
+            yk = scan2d(u, delta[:, k], A[sl], x_dbl[:, k:k + 1, r:r + n], x_dbl[:, k:k + 1, r + n:], D[sl], None,
+                        bias[sl], True, origin=origin, order=order, backend=self.backend)
+            y = yk if y is None else y + yk
         return y
 
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -17,7 +17,7 @@ from ._common import add_group_partials, stream_of
 from ._scan2d_args import check_scan2d_args
 from .scan2d_reference import scan2d_reference
 
-__all__ = ["scan2d", "scan2d_reference", "scan2d_routes"]
+__all__ = ["scan2d", "scan2d_reference"]
 
 # Deterministic dB/dC on CUDA sum per-channel partials; this bounds their workspace per chunk.
 DETERMINISTIC_WORKSPACE_BYTES = 256 << 20
@@ -80,59 +80,6 @@ def _carry_count(u: Tensor, A: Tensor, order: str) -> int:
 
     b, d, h, w = u.shape
     return scan2d_carry_floats(b, d, A.shape[1], h, w, order)
-
-
-def scan2d_routes(u: Tensor, deltas: Sequence[Tensor], As: Sequence[Tensor], Bs: Sequence[Tensor],
-                  Cs: Sequence[Tensor], Ds: Sequence[Tensor], delta_biases: Sequence[Tensor], delta_softplus: bool,
-                  routes: Sequence[tuple[str, str]], *, backend: str = "auto") -> list[Tensor]:
-    """Several scans of one input ``u`` that differ in (origin, order) and in their own operands:
-    ``[scan2d(u, deltas[k], As[k], Bs[k], Cs[k], Ds[k], None, delta_biases[k], delta_softplus,
-    origin=routes[k][0], order=routes[k][1]) for k]`` (2DVMamba's four 2D routes).
-
-    Shapes as in :func:`scan2d` per route. Where the CUDA inference kernel applies (no backward
-    follows, N <= 16, each scanned grid with H == 1 or W <= 64, at most 4 routes) all routes run in
-    one launch: at N = 1 a single route is one thread per (batch, channel), too few to fill the GPU.
-    Otherwise, and with the reference backend, the routes run one after another (same results).
-    """
-    n = len(routes)
-    if not (len(deltas) == len(As) == len(Bs) == len(Cs) == len(Ds) == len(delta_biases) == n) or n == 0:
-        raise ValueError(f"scan2d_routes: one delta, A, B, C, D and delta_bias per route ({n} routes), got "
-                         f"{[len(x) for x in (deltas, As, Bs, Cs, Ds, delta_biases)]}")
-    one_launch = (u.is_cuda and n <= 4 and u.dtype != torch.float64
-                  and not _needs_backward(u, *deltas, *As, *Bs, *Cs, *Ds, *delta_biases)
-                  and all(_inference_fits(u, A, order) for A, (_, order) in zip(As, routes)))
-    if one_launch:
-        for k in range(n):
-            check_scan2d_args(u, deltas[k], As[k], Bs[k], Cs[k], Ds[k], None, delta_biases[k], *routes[k])
-        one_launch = backends.resolve_backend("scan2d", backend, u.device) == "kernel"
-    if not one_launch:
-        return [scan2d(u, deltas[k], As[k], Bs[k], Cs[k], Ds[k], None, delta_biases[k], delta_softplus,
-                       origin=routes[k][0], order=routes[k][1], backend=backend) for k in range(n)]
-    return torch.ops.ssm2d.scan2d_infer_routes(
-        u, list(deltas), [A.float() for A in As], list(Bs), list(Cs), [D.float() for D in Ds],
-        [b.float() for b in delta_biases], delta_softplus, ",".join(f"{o}:{r}" for o, r in routes))
-
-
-@torch.library.custom_op("ssm2d::scan2d_infer_routes", mutates_args=())
-def scan2d_infer_routes(u: Tensor, deltas: list[Tensor], As: list[Tensor], Bs: list[Tensor], Cs: list[Tensor],
-                        Ds: list[Tensor], delta_biases: list[Tensor], delta_softplus: bool,
-                        routes: str) -> list[Tensor]:
-    """Kernel forward of :func:`scan2d_routes` in one launch (CUDA inference only; not differentiable).
-    ``routes``: "origin:order" per route, comma-separated (a custom op takes no list of strings)."""
-    from ssm2d_kernels.scan2d import scan2d_forward_routes
-
-    pairs = [r.split(":") for r in routes.split(",")]
-    origins, orders = [p[0] for p in pairs], [p[1] for p in pairs]
-    outs = [torch.empty(u.shape, dtype=u.dtype, device=u.device) for _ in origins]
-    scan2d_forward_routes([dict(u=u, delta=deltas[k], A=As[k], B=Bs[k], C=Cs[k], D=Ds[k], delta_bias=delta_biases[k],
-                                out=outs[k], softplus=delta_softplus, origin=origins[k], order=orders[k])
-                           for k in range(len(origins))], stream=stream_of(u))
-    return outs
-
-
-@scan2d_infer_routes.register_fake
-def _(u, deltas, As, Bs, Cs, Ds, delta_biases, delta_softplus, routes):
-    return [torch.empty(u.shape, dtype=u.dtype, device=u.device) for _ in routes.split(",")]
 
 
 def _needs_backward(*tensors: Optional[Tensor]) -> bool:
