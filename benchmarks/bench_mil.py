@@ -18,13 +18,8 @@ largest tensors alive at the peak) taken on the same device, next to the allocat
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import header, time_ms  # noqa: E402
 
 from ssm2d_path.bag import Bag, SlideGrid  # noqa: E402
 from ssm2d_path.models import build_model, param_groups  # noqa: E402
@@ -77,27 +73,6 @@ def make_step(model, opt, device: str, amp: bool):
     return step
 
 
-def time_step(step, inputs, device: str, warmup: int, reps: int) -> float:
-    for i in range(warmup):
-        step(inputs[i % len(inputs)])
-    if device == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for i in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(inputs[i % len(inputs)])
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step(inputs[i % len(inputs)])
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def peak_step_mib(step, inputs) -> float:
     """Peak allocated during one step beyond what was live before it (model, AdamW state, inputs)."""
     torch.cuda.synchronize()
@@ -107,21 +82,6 @@ def peak_step_mib(step, inputs) -> float:
     step(inputs)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def header(device: str) -> str:
-    commit = os.environ.get("SSM2D_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
-    if device == "cuda":
-        p = torch.cuda.get_device_properties(0)
-        dev = f"{p.name} ({p.multi_processor_count} SMs), CUDA {torch.version.cuda}"
-    else:
-        dev = f"CPU ({torch.get_num_threads()} threads)"
-    return f"device: {dev}, torch {torch.__version__}, date {datetime.date.today()}, commit {commit or 'unknown'}"
 
 
 def main(argv=None) -> None:
@@ -179,7 +139,7 @@ def main(argv=None) -> None:
                 inputs = list(zip(bags, labels))
                 step = make_step(model, opt, args.device, prec == "bf16")
                 try:
-                    ms = time_step(step, inputs, args.device, args.warmup, args.reps)
+                    ms = time_ms(step, inputs, args.device, args.warmup, args.reps)
                     peak = f"{peak_step_mib(step, inputs[0]):.0f}" if args.device == "cuda" else "n/a"
                     ms_s = f"{ms:.2f}"
                 except torch.OutOfMemoryError:

@@ -18,39 +18,21 @@ CPU smoke run: python benchmarks/bench_models.py --device cpu --batch 2 --train-
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import gpu_time_ms, header  # noqa: E402
+from harness import header, time_ms  # noqa: E402
 
 import ssm2d_vision  # noqa: E402,F401  (registers the project's models; before timm)
 import timm  # noqa: E402
+from ssm2d_nn.fileio import atomic_output  # noqa: E402
 
 DEFAULT_MODELS = ["vmamba_tiny", "vmamba2d_tiny", "vmamba_small", "m2d_nano", "m2d_tiny", "m2d_small",
                   "convnext_tiny", "swin_tiny_patch4_window7_224"]
 IMG = 224
-
-
-def time_ms(fn, input_sets, device: str, warmup: int, reps: int) -> float:
-    """Median ms of fn(inputs) over reps, inputs rotated; CUDA events on the GPU, perf_counter on CPU."""
-    if device == "cuda":
-        return gpu_time_ms(fn, input_sets, warmup=warmup, reps=reps)
-    for i in range(warmup):
-        fn(input_sets[i % len(input_sets)])
-    times = []
-    for i in range(reps):
-        t0 = time.perf_counter()
-        fn(input_sets[i % len(input_sets)])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def peak_gib(fn, inputs, device: str) -> float | None:
@@ -125,18 +107,6 @@ def bench_model(name: str, device: str, args) -> dict:
     return row
 
 
-def cpu_header() -> str:
-    commit = os.environ.get("SSM2D_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True).stdout.strip()
-        except OSError:
-            commit = ""
-    return (f"device: CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}, "
-            f"date {datetime.date.today()}, commit {commit or 'unknown'}")
-
-
 def fmt(pair) -> str:
     ips, peak = pair
     rate = f"{ips:,.0f}" if ips >= 100 else f"{ips:.3g}"
@@ -192,14 +162,12 @@ def main(argv=None) -> int:
     for name in names:
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         rows.append(bench_model(name, args.device, args))
-    head = header() if args.device == "cuda" else cpu_header()
+    head = header(args.device)
     text = table(rows, args, head, skipped)
     print(text)
     if args.out:
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.out)
+        with atomic_output(args.out) as tmp:
+            tmp.write_text(text)
     return 0
 
 

@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 import statistics
 import subprocess
+import time
 
 import torch
 
 
-def gpu_time_ms(fn, input_sets, warmup: int = 3, reps: int = 30) -> float:
-    """Median milliseconds of fn(inputs) over reps, cycling through input_sets (never one cached buffer)."""
+def time_ms(fn, input_sets, device: str = "cuda", warmup: int = 3, reps: int = 30) -> float:
+    """Median milliseconds of fn(inputs) over reps, cycling through input_sets (never one cached
+    buffer): CUDA events on the GPU, perf_counter on the CPU."""
     for i in range(warmup):
         fn(input_sets[i % len(input_sets)])
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     times = []
     for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(input_sets[i % len(input_sets)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(input_sets[i % len(input_sets)])
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(input_sets[i % len(input_sets)])
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def gpu_time_ms(fn, input_sets, warmup: int = 3, reps: int = 30) -> float:
+    """``time_ms`` on the GPU."""
+    return time_ms(fn, input_sets, "cuda", warmup, reps)
 
 
 def peak_mib(fn, inputs) -> tuple[float, float]:
@@ -45,18 +60,23 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def header() -> str:
-    props = torch.cuda.get_device_properties(0)
-    import os
-
+def commit_id() -> str:
+    """SSM2D_COMMIT (the GPU machine gets a copy of the tree without .git), else git's short HEAD."""
     commit = os.environ.get("SSM2D_COMMIT", "")
-    if not commit:  # the GPU machine gets a copy of the tree without .git: pass SSM2D_COMMIT there
+    if not commit:
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True).stdout.strip()
         except OSError:
-            commit = "unknown"
-    import datetime
+            commit = ""
+    return commit or "unknown"
 
-    return (f"device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda}, date {datetime.date.today()}, commit {commit or 'unknown'}")
+
+def header(device: str = "cuda") -> str:
+    """One line: device, torch (and CUDA) version, date, commit."""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        dev = f"{props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        dev = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    return f"device: {dev}, date {datetime.date.today()}, commit {commit_id()}"
