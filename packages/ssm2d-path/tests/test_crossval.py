@@ -4,8 +4,6 @@ resume from a checkpoint, a failing fold reported while the other finishes."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -16,7 +14,7 @@ from torch import nn
 from ssm2d_path.bag import Bag, SlideGrid
 from ssm2d_path.config import parse_config
 from ssm2d_path.crossval import crossval
-from ssm2d_path.data import Split
+from ssm2d_path.data import Example, Split
 from ssm2d_path.models.base import MILModel, MILOutput
 from ssm2d_path.tasks import ClassificationTask
 
@@ -40,14 +38,6 @@ def tiny_factory(name, in_dim, n_outputs, **kw):
     return TinyMIL(in_dim, n_outputs, **kw)
 
 
-@dataclass
-class Ex:
-    bag: Bag
-    label: Optional[int] = None
-    time: Optional[float] = None
-    censorship: Optional[int] = None
-
-
 class MemDataset:
     def __init__(self, n, broken=()):
         rng = np.random.default_rng(0)
@@ -57,7 +47,7 @@ class MemDataset:
             coords = np.array([[0, 0], [256, 0], [0, 256], [512, 256]])
             f = rng.normal(size=(4, 5)).astype(np.float32)
             f[:, 1] += 2.0 * (i % 2)
-            self.items[f"s{i}"] = Ex(Bag(f"s{i}", [SlideGrid.from_coords(f"s{i}", torch.from_numpy(f), coords, 256)]),
+            self.items[f"s{i}"] = Example(Bag(f"s{i}", [SlideGrid.from_coords(f"s{i}", torch.from_numpy(f), coords, 256)]),
                                      label=i % 2)
         self.ids = list(self.items)
         self.feature_dim = 5

@@ -4,8 +4,6 @@ weights_only=True. Tiny in-memory bags and a tiny attention MIL model keep it fa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -15,6 +13,7 @@ from torch import nn
 
 from ssm2d_path.bag import Bag, SlideGrid
 from ssm2d_path.config import TrainConfig
+from ssm2d_path.data import Example
 from ssm2d_path.models.base import MILModel, MILOutput
 from ssm2d_path.tasks import ClassificationTask, SurvivalTask, survival_bins
 from ssm2d_path.train import Trainer, epoch_order, load_checkpoint, rng_state, set_rng_state
@@ -40,14 +39,6 @@ class TinyMIL(MILModel):
         return MILOutput(self.head((w[:, None] * h).sum(0, keepdim=True)), a)
 
 
-@dataclass
-class Ex:
-    bag: Bag
-    label: Optional[int] = None
-    time: Optional[float] = None
-    censorship: Optional[int] = None
-
-
 def make_examples(n, seed=0, dim=6, survival=False):
     rng = np.random.default_rng(seed)
     out = []
@@ -60,9 +51,9 @@ def make_examples(n, seed=0, dim=6, survival=False):
         bag = Bag(f"b{i}", [SlideGrid.from_coords(f"b{i}", torch.from_numpy(f), coords, 256)])
         if survival:
             t = float(rng.exponential(10.0 / (1 + 2 * y)))
-            out.append(Ex(bag, time=t, censorship=int(rng.random() < 0.3)))
+            out.append(Example(bag, time=t, censorship=int(rng.random() < 0.3)))
         else:
-            out.append(Ex(bag, label=y))
+            out.append(Example(bag, label=y))
     return out
 
 
