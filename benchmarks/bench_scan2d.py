@@ -10,7 +10,6 @@ memory-traffic floor (bytes it must move / measured copy bandwidth) and the auth
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import copy_bandwidth_gbs, gpu_time_ms, header, peak_mib  # noqa: E402
+from harness import copy_bandwidth_gbs, gpu_time_ms, header, peak_mib, write_report  # noqa: E402
 
 from ssm2d_nn.ops import scan2d  # noqa: E402
 
@@ -118,11 +117,7 @@ def main():
         lines.append(f"| {r['case']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['authors_fwd_ms']} / "
                      f"{r['authors_fwd_bwd_ms']} | {r['speedup_fwd_bwd']:.1f}x | {r['peak_mib']:.0f} "
                      f"({r['authors_peak_mib']}) | {r['floor_fwd_ms']:.3f} ({r['fwd_pct_of_floor']:.0f}%) | {ref} |")
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "bench_scan2d.md").write_text(text + "\n")
-    Path(args.out, "bench_scan2d.json").write_text(json.dumps(rows, indent=1))
+    write_report(args.out, "bench_scan2d", lines, rows)
 
 
 if __name__ == "__main__":

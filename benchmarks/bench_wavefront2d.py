@@ -11,7 +11,6 @@ figures (H100) include their small x_proj/dt_proj projections; ours time the sca
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import copy_bandwidth_gbs, gpu_time_ms, header, peak_mib  # noqa: E402
+from harness import copy_bandwidth_gbs, gpu_time_ms, header, peak_mib, write_report  # noqa: E402
 
 from ssm2d_nn.ops import wavefront2d  # noqa: E402
 
@@ -99,11 +98,7 @@ def main():
         lines.append(f"| {r['case']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} | {fmt(r['authors_fwd_ms'], 2)} / "
                      f"{fmt(r['authors_fwd_bwd_ms'], 2)} | {sf} / {sfb} | {r['peak_mib']:.0f} ({r['authors_peak_mib']}) "
                      f"| {r['floor_fwd_ms']:.3f} | {fmt(r['ref_fwd_bwd_ms'], 1)} |")
-    text = "\n".join(lines)
-    print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "bench_wavefront2d.md").write_text(text + "\n")
-    Path(args.out, "bench_wavefront2d.json").write_text(json.dumps(rows, indent=1))
+    write_report(args.out, "bench_wavefront2d", lines, rows)
 
 
 if __name__ == "__main__":

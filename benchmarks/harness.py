@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import statistics
 import subprocess
 import time
+
+from pathlib import Path
 
 import torch
 
@@ -80,3 +83,12 @@ def header(device: str = "cuda") -> str:
     else:
         dev = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
     return f"device: {dev}, date {datetime.date.today()}, commit {commit_id()}"
+
+
+def write_report(out_dir, name: str, lines: list, rows: list) -> None:
+    """Prints the Markdown table and writes it as OUT/<name>.md, with the rows as OUT/<name>.json."""
+    text = "\n".join(lines)
+    print(text)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    Path(out_dir, f"{name}.md").write_text(text + "\n")
+    Path(out_dir, f"{name}.json").write_text(json.dumps(rows, indent=1))
