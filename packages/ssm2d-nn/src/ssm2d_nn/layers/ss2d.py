@@ -30,7 +30,7 @@ from .norms import LayerNorm2d
 
 from ..ops import scan2d, scan2d_reference
 
-__all__ = ["SS2D", "LayerNorm2d", "SCAN_MODES", "ROUTES_2D", "ss2d_reference"]
+__all__ = ["SS2D", "SCAN_MODES", "ROUTES_2D", "ss2d_reference"]
 
 SCAN_MODES = ("cross1d", "2d")
 K_ROUTES = 4

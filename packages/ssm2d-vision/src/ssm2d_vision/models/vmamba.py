@@ -28,7 +28,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from ssm2d_nn.layers.ss2d import SS2D, LayerNorm2d
+from ssm2d_nn.layers.norms import LayerNorm2d
+from ssm2d_nn.layers.ss2d import SS2D
 
 __all__ = ["VMamba", "VSSBlock", "VMambaStage", "Stem", "Downsample", "MODEL_ARGS"]
 
