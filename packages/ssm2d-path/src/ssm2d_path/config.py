@@ -1,6 +1,7 @@
 """One YAML config for a run, validated into dataclasses.
 
-Sections ``data``, ``model``, ``train``, ``output``. Every key is checked: an unknown key fails with
+Sections ``data``, ``model``, ``train``, ``output`` and the slide pipeline's ``slides``, ``patch``,
+``extract``, ``heatmap`` (:mod:`ssm2d_path.wsi.settings`). Every key is checked: an unknown key fails with
 its full path and the allowed keys, a value of the wrong type or outside its choices fails naming the
 key. ``model`` holds ``name`` plus the model's constructor arguments, checked against the signature of
 the model class (``in_dim`` and ``n_outputs`` come from the data and the task). Command-line overrides
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from .wsi.settings import ExtractConfig, HeatmapConfig, PatchConfig, SlidesConfig
 
 __all__ = [
     "Config",
@@ -107,6 +110,10 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    slides: SlidesConfig = field(default_factory=SlidesConfig)
+    patch: PatchConfig = field(default_factory=PatchConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
 
     def to_dict(self) -> dict:
         """Plain mapping in the YAML layout (model kwargs flattened next to ``name``)."""
@@ -121,7 +128,8 @@ class Config:
         return "val_auc" if self.data.task == "classification" else "val_cindex"
 
 
-_SECTIONS = {"data": DataConfig, "train": TrainConfig, "output": OutputConfig}
+_SECTIONS = {"data": DataConfig, "train": TrainConfig, "output": OutputConfig, "slides": SlidesConfig,
+             "patch": PatchConfig, "extract": ExtractConfig, "heatmap": HeatmapConfig}
 
 
 def _type_name(tp) -> str:
@@ -173,6 +181,10 @@ def _coerce(value: Any, tp, key: str):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return list(value)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -252,7 +264,7 @@ def parse_config(raw: Any, *, check_model: bool = True) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
-    allowed = ["data", "model", "train", "output"]
+    allowed = ["data", "model", "train", "output", "slides", "patch", "extract", "heatmap"]
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"{key}: unknown section; allowed sections: {', '.join(allowed)}")
@@ -272,6 +284,11 @@ def parse_config(raw: Any, *, check_model: bool = True) -> Config:
 
 
 def _check_values(cfg: Config) -> None:
+    for name in ("slides", "patch", "extract", "heatmap"):
+        try:
+            getattr(cfg, name).check()
+        except ValueError as e:
+            raise ConfigError(f"{name}.{e}") from None
     d, t = cfg.data, cfg.train
     for key, v, lo in (("data.k", d.k, 2), ("data.n_bins", d.n_bins, 1), ("train.epochs", t.epochs, 1),
                        ("train.accumulation", t.accumulation, 1)):

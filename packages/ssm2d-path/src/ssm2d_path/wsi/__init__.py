@@ -1,0 +1,8 @@
+"""Whole-slide images: reading slides (OpenSlide), tissue detection, patch grids, feature extraction,
+heatmaps. See :mod:`.slide` for the reader every stage shares."""
+
+from __future__ import annotations
+
+from .slide import MissingMPPError, Slide, SlideReadError, magnification_of_mpp, open_slide
+
+__all__ = ["MissingMPPError", "Slide", "SlideReadError", "magnification_of_mpp", "open_slide"]
