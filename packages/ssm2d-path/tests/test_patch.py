@@ -106,6 +106,14 @@ def test_tissue_size_thresholds_are_physical(slides):
     assert _at(m2, *SMALL_HOLE[:2]) and not _at(m2, *BIG_HOLE[:2]) and not _at(m2, *SPECK[:2])
 
 
+def test_tissue_at_the_picture_edge_is_kept():
+    img, truth = tissue_image(512, 512, seed=5, ellipses=[(0.5, 0.0, 0.3, 0.25), (0.0, 0.6, 0.2, 0.2)])
+    mask = detect_tissue(img[::4, ::4].copy(), 8.0, PatchConfig())
+    want = _block_mean(truth, 4) >= 0.5
+    assert mask[:, 0].sum() >= want[:, 0].sum() - 2 and mask[0].sum() >= want[0].sum() - 2
+    assert (mask & want).sum() / (mask | want).sum() > 0.9
+
+
 def test_all_glass_has_no_tissue():
     img, mask = tissue_image(512, 512, ellipses=[])
     assert not mask.any()

@@ -272,7 +272,7 @@ def draw_visualization(thumb: np.ndarray, downsample: float, tissue: np.ndarray,
         else:  # squares too small to outline: shade them
             draw.rectangle(box, fill=(0, 0, 255, 90))
     out = np.asarray(Image.alpha_composite(base, layer).convert("RGB")).copy()
-    width = max(1, int(round(max(h, w) / 700)))
+    width = max(2, int(round(max(h, w) / 700)))
     out[_contour(_mask_on(tissue, (h, w)), width)] = CONTOUR_RGB
     path = Path(path)
     with atomic_output(path) as tmp:
