@@ -38,10 +38,10 @@ def _slide_paths(args: argparse.Namespace, slides_cfg) -> list[Path]:
 
 
 def _summary(report, job_dir: Path, folder: str) -> None:
-    for path, out in report.written.items():
+    for path in report.written:
         n = report.num_patches.get(Path(path).stem, 0)
         print(f"  {Path(path).name}: {n} patches" + (" (no tissue: empty file)" if n == 0 else ""))
-    for path, out in report.skipped.items():
+    for path in report.skipped:
         n = report.num_patches.get(Path(path).stem)
         print(f"  {Path(path).name}: already done ({'?' if n is None else n} patches; --overwrite to redo)")
     for path, reason in report.failed.items():
