@@ -57,6 +57,7 @@ class PatchConfig:
     tissue_mpp: float = 8.0  # resolution (um/px) of the picture tissue is detected on
     threshold: Optional[float] = None  # saturation threshold 0..255; None = Otsu per slide
     min_saturation: float = 15.0  # floor of the threshold (a blank slide's Otsu is noise)
+    dark_value: float = 40.0  # pixels darker than this (HSV value 0..255: pen, scanner borders) are not tissue
     median_um: float = 56.0  # median-filter width before thresholding
     close_um: float = 32.0  # morphological closing radius (joins nearby tissue)
     open_um: float = 16.0  # morphological opening radius (removes thin debris)
@@ -78,6 +79,16 @@ class PatchConfig:
                 raise ValueError(f"{key}: must be > 0, got {v}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ValueError(f"min_tissue: must be in [0, 1], got {self.min_tissue}")
+        if not self.tissue_mpp > 0:
+            raise ValueError(f"tissue_mpp: must be > 0 micrometres per pixel, got {self.tissue_mpp}")
+        if self.threshold is not None and not 0 <= self.threshold <= 255:
+            raise ValueError(f"threshold: expected a saturation in [0, 255] or null (Otsu), got {self.threshold}")
+        for key in ("min_saturation", "dark_value", "median_um", "close_um", "open_um", "min_fragment_um2",
+                    "min_hole_um2"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.thumbnail_max_side < 16:
+            raise ValueError(f"thumbnail_max_side: must be >= 16 px, got {self.thumbnail_max_side}")
 
 
 @dataclass

@@ -34,7 +34,7 @@ class SlideReadError(SlideFileError):
 
 
 class MissingMPPError(SlideFileError):
-    """The slide records no micrometres per pixel and none was given (``mpp=`` / the config's ``patch.mpp``)."""
+    """The slide records no micrometres per pixel and none was given (``mpp=`` / the config's ``slides.mpp``)."""
 
 
 def magnification_of_mpp(mpp: float) -> float:
@@ -142,7 +142,7 @@ class Slide:
         v = self.mpp_or_none
         if v is None:
             raise MissingMPPError(f"{self.path}: the slide records no microns per pixel (openslide.mpp-x/y); "
-                                  "give it explicitly (patch.mpp in the config, or --mpp)")
+                                  "give it explicitly (slides.mpp in the config, or --mpp)")
         return v
 
     @property
