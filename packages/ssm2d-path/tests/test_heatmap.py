@@ -311,12 +311,15 @@ def test_heatmap_slides_reports_failures_and_goes_on(synth, tmp_path):
     good = _features_file(tmp_path / "f" / "synth.h5", coords, 8, slide_path="/nowhere/synth.tiff", w=1536, h=1024)
     lost = _features_file(tmp_path / "f" / "lost.h5", coords, 8, slide_path="/nowhere/lost.tiff", w=1536, h=1024)
     wrongdim = _features_file(tmp_path / "g" / "synth.h5", coords, 6, slide_path=synth["path"], w=1536, h=1024)
+    empty = _features_file(tmp_path / "e" / "empty.h5", np.zeros((0, 2), np.int64), 8, slide_path=synth["path"],
+                           w=1536, h=1024)
     _, ckpt = _save_model(tmp_path / "model")
     model, card = load_trained_model(ckpt)
     cfg = HeatmapConfig(top_k=0, downsample=16.0)
-    rep = heatmap_slides([lost, good, wrongdim], model, card, tmp_path / "out", cfg,
+    rep = heatmap_slides([lost, good, empty, wrongdim], model, card, tmp_path / "out", cfg,
                          slides_dir=synth["root"], progress=False)
     assert list(rep.written) == ["synth"]  # found by name in the slides folder
+    assert list(rep.skipped) == [str(empty)]
     assert set(rep.failed) == {str(lost), str(wrongdim)}
     assert "lost" in rep.failed[str(lost)] and "not found" in rep.failed[str(lost)]
     assert "dimension 6" in rep.failed[str(wrongdim)] and "in_dim=8" in rep.failed[str(wrongdim)]
@@ -362,3 +365,24 @@ def test_heatmap_on_the_real_slide(tmp_path):
     from PIL import Image
 
     np.testing.assert_array_equal(np.asarray(Image.open(top)), slide.read_region((int(x), int(y)), 0, (256, 256)))
+
+
+def test_heatmap_slide_survival_model(synth, tmp_path):
+    coords = synth["coords"]
+    feat = _features_file(tmp_path / "f" / "synth.h5", coords, 8, slide_path=synth["path"], w=1536, h=1024, seed=3)
+    _, ckpt = _save_model(tmp_path / "m", n_out=4, task="survival", n_bins=4)
+    model, card = load_trained_model(ckpt)
+    assert card["loss"] == "nll"
+    heatmap_slide(feat, model, card, tmp_path / "out", HeatmapConfig(method="gradient", top_k=1, downsample=16.0))
+    sdir = tmp_path / "out" / "synth"
+    bag = Bag("synth", [SlideGrid.from_coords("synth", torch.from_numpy(h5py.File(feat, "r")["features"][()]), coords, 256)])
+    with torch.no_grad():
+        risk = float(risk_from_logits(model(bag).logits.double())[0])
+    info = json.loads((sdir / "heatmap.json").read_text())
+    assert info["prediction"]["risk"] == pytest.approx(risk, rel=1e-6)
+    assert info["methods"] == ["gradient"] and (sdir / "heatmap_gradient.png").is_file()
+    assert not (sdir / "heatmap_attention.png").exists()
+    g = pd.read_csv(sdir / "scores.csv")["gradient"].to_numpy()
+    top = next((sdir / "top_k").glob("001_*.png"))
+    x, y = coords[int(np.argmax(g))]
+    assert top.name.endswith(f"_x{x}_y{y}.png")

@@ -77,9 +77,12 @@ def run(args: argparse.Namespace) -> int:
     for slide, paths in sorted(report.written.items()):
         print(f"{slide}: " + ", ".join(str(p) for p in paths if p.parent.name != "top_k")
               + (f" (+ {sum(p.parent.name == 'top_k' for p in paths)} top-k patches)" if paths else ""))
+    for f, reason in sorted(report.skipped.items()):
+        print(f"skipped (empty): {reason}", file=sys.stderr)
     for f, reason in sorted(report.failed.items()):
         print(f"FAILED {f}: {reason}", file=sys.stderr)
-    print(f"{len(report.written)} slide(s) written to {out}, {len(report.failed)} failed")
+    print(f"{len(report.written)} slide(s) written to {out}, {len(report.skipped)} empty skipped, "
+          f"{len(report.failed)} failed")
     return 1 if report.failed else 0
 
 

@@ -381,6 +381,7 @@ def find_slide_file(name: str, slides_dir: Optional[PathLike], *, extensions: Se
 class HeatmapReport:
     written: dict = field(default_factory=dict)  # slide -> list of written paths
     failed: dict = field(default_factory=dict)  # features file -> reason
+    skipped: dict = field(default_factory=dict)  # features file -> reason (empty slides: no tissue)
 
     @property
     def ok(self) -> bool:
@@ -487,15 +488,18 @@ def heatmap_slides(features_files: Sequence[PathLike], model: torch.nn.Module, c
                    cfg: Optional[HeatmapConfig] = None, *, slides_dir: Optional[PathLike] = None,
                    mpp: Optional[float] = None, progress: bool = True) -> HeatmapReport:
     """:func:`heatmap_slide` for every file with a progress bar; a failing slide is logged and reported
-    in ``failed`` (file -> reason) and the others go on."""
+    in ``failed`` (file -> reason) and the others go on; empty slides (no tissue) are listed in ``skipped``."""
     from tqdm.auto import tqdm
 
-    from ..io import SlideFileError
+    from ..io import EmptySlideError, SlideFileError
 
     report = HeatmapReport()
     for f in tqdm(list(features_files), desc="heatmap", unit="slide", disable=not progress):
         try:
             paths = heatmap_slide(f, model, card, out_dir, cfg, slides_dir=slides_dir, mpp=mpp)
+        except EmptySlideError as e:
+            report.skipped[str(f)] = str(e)
+            continue
         except (SlideFileError, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
             log.warning("heatmap of %s failed: %s", f, e)
             report.failed[str(f)] = f"{type(e).__name__}: {e}"
