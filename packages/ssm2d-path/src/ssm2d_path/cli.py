@@ -7,7 +7,7 @@ import importlib.metadata as md
 import sys
 
 from .__about__ import __version__
-from .commands import convert as _convert, inspect as _inspect, patch as _patch
+from .commands import convert as _convert, heatmap as _heatmap, inspect as _inspect, patch as _patch, plot as _plot
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect.register(sub)
     _convert.register(sub)
     _patch.register(sub)
+    _heatmap.register(sub)
+    _plot.register(sub)
 
     p = sub.add_parser("splits", help="write k patient-level stratified split files from a label table")
     p.add_argument("--labels", required=True, help="label CSV (case_id, slide_id, label | time, censorship)")

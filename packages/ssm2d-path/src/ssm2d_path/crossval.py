@@ -109,6 +109,8 @@ def run_fold(cfg: Config, fold: int, split, dataset, task: Task, *, out_dir: Pat
     done = fold_dir / RESULTS_FILE
     if done.is_file():
         log.info("fold %d: %s exists, skipped", fold, done)
+        if not (fold_dir / "model.json").is_file() and (fold_dir / "model.pt").is_file():
+            _write_card(fold_dir, cfg, dataset, task, fold)  # a run from before model cards existed
         return json.loads(done.read_text())
     start = now()
     device = torch.device(device) if device is not None else resolve_device(cfg.train.device)
@@ -118,12 +120,48 @@ def run_fold(cfg: Config, fold: int, split, dataset, task: Task, *, out_dir: Pat
                       SplitView(dataset, split.test), cfg=cfg.train, out_dir=fold_dir,
                       selection=cfg.resolved_selection(), device=device, callbacks=callbacks)
     results = trainer.fit(resume=True)
+    _write_card(fold_dir, cfg, dataset, task, fold)
     write_manifest(fold_dir, config=cfg.to_dict(), device=device,
                    seeds={"train": cfg.train.seed, "splits": cfg.data.seed}, scan_backend=results.get("scan_backend"),
                    label_files=label_files, split_files=split_files, feature_files=feature_files, start=start,
                    extra={"fold": fold, "selection": results["selection"],
                           "reported_epoch": results["reported_epoch"]})
     return results
+
+
+def _encoder_of(dataset) -> Optional[str]:
+    """The encoder's name from the dataset's first feature file (its ``encoder`` attribute, else a
+    TRIDENT ``features_<encoder>`` folder name), or None."""
+    files = _feature_files(dataset)
+    if not files:
+        return None
+    first = Path(files[0])
+    try:
+        import h5py
+
+        with h5py.File(first, "r") as f:
+            enc = f["features"].attrs.get("encoder") if "features" in f else None
+        if isinstance(enc, bytes):
+            enc = enc.decode()
+        if enc:
+            return str(enc)
+    except (OSError, ValueError):
+        pass
+    return first.parent.name[len("features_"):] if first.parent.name.startswith("features_") else None
+
+
+def _write_card(fold_dir: Path, cfg: Config, dataset, task: Task, fold: int) -> None:
+    """model.json next to model.pt: what :func:`ssm2d_path.models.saved.load_trained_model` needs."""
+    from .models.saved import write_model_card
+
+    edges = getattr(task, "edges", None)
+    write_model_card(fold_dir, name=cfg.model.name, kwargs=cfg.model.kwargs, in_dim=int(dataset.feature_dim),
+                     n_outputs=int(task.n_outputs), task=task.kind,
+                     classes=getattr(task, "class_names", None) if task.kind == "classification" else None,
+                     n_bins=getattr(task, "n_bins", None), encoder=_encoder_of(dataset),
+                     loss=getattr(task, "loss_name", None),
+                     edges=None if edges is None else [float(e) for e in edges],
+                     extra={"fold": fold, "level": cfg.data.level})
 
 
 def _feature_files(dataset) -> list:
