@@ -7,7 +7,7 @@ import importlib.metadata as md
 import sys
 
 from .__about__ import __version__
-from .commands import convert as _convert, inspect as _inspect
+from .commands import convert as _convert, extract as _extract, inspect as _inspect
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
     _inspect.register(sub)
     _convert.register(sub)
+    _extract.register(sub)
 
     p = sub.add_parser("splits", help="write k patient-level stratified split files from a label table")
     p.add_argument("--labels", required=True, help="label CSV (case_id, slide_id, label | time, censorship)")
