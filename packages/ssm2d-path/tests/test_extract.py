@@ -344,7 +344,7 @@ def test_cli_summary_and_exit_code(tmp_path):
 
 def test_torchrun_two_processes_write_every_slide_once(tmp_path):
     job, files, grids = make_job(tmp_path, n=3)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "ssm2d_path.cli", "extract", "--job-dir", str(job), "--encoder", ENC, "--device", "cpu",
            "--num-workers", "0", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)

@@ -270,7 +270,7 @@ def extract_slides(patch_files: Sequence[PathLike], job_dir: PathLike, cfg: Extr
             grids[pf] = read_coords(pf)
         except SlideFileError as e:
             report.failed[pf] = str(e)
-    bar = tqdm(total=sum(g.num_patches for g in grids.values()), unit="patch", unit_scale=True,
+    bar = tqdm(total=sum(g.num_patches for g in grids.values()), unit="patch",
                desc=f"extract[{r}/{w}]" if w > 1 else "extract", file=sys.stderr, dynamic_ncols=True,
                disable=not progress or r != 0, position=0)
     local_patches, seconds = 0, 0.0
