@@ -374,3 +374,25 @@ def test_bf16_autocast_on_cuda_close_to_fp32(tmp_path):
     assert cos.min() > 0.99, cos.min()
     rel = np.linalg.norm(bf - f32) / np.linalg.norm(f32)
     assert rel < 0.05, rel
+
+
+def test_cli_config_and_overrides(tmp_path, capsys):
+    from ssm2d_path.cli import main
+
+    job, files, grids = make_job(tmp_path, n=1)
+    (grid, _, sp), = grids.values()
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    sp.rename(moved / sp.name)
+    conf = tmp_path / "run.yaml"
+    conf.write_text(f"slides: {{dir: {moved}, job_dir: {job}}}\n"
+                    f"extract: {{encoder: {ENC}, name: small, batch_size: 8, num_workers: 0, device: cpu}}\n")
+    rc = main(["extract", "--config", str(conf), "--set", "extract.encoder_kwargs={img_size: 64}", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "1 written" in out
+    with h5py.File(features_path(job, grid, "small"), "r") as f:
+        assert '"img_size": 64' in f.attrs["encoder_kwargs"]
+        assert "(3, 64, 64)" in f.attrs["encoder_data_config"] or "[3, 64, 64]" in f.attrs["encoder_data_config"]
+        assert f["features"].shape == (grid.num_patches, 64)
+    assert main(["extract", "--config", str(conf), "--no-progress", "--set", "extract.batch_size=0"]) == 2
+    assert "batch_size" in capsys.readouterr().err
