@@ -16,7 +16,7 @@ import torch
 
 from _slides import tissue_image, write_pyramid_tiff
 from ssm2d_path.io import read_slide
-from ssm2d_path.wsi.coords import PatchGrid, patches_path, read_coords, write_coords
+from ssm2d_path.wsi.coords import PatchGrid, patches_path, write_coords
 from ssm2d_path.wsi.encoder import build_encoder, load_encoder_weights
 from ssm2d_path.wsi.extract import extract_slide, extract_slides, features_path, shard
 from ssm2d_path.wsi.settings import ExtractConfig
