@@ -7,7 +7,8 @@ import importlib.metadata as md
 import sys
 
 from .__about__ import __version__
-from .commands import convert as _convert, heatmap as _heatmap, inspect as _inspect, patch as _patch, plot as _plot
+from .commands import (convert as _convert, extract as _extract, heatmap as _heatmap, inspect as _inspect,
+                       patch as _patch, plot as _plot)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect.register(sub)
     _convert.register(sub)
     _patch.register(sub)
+    _extract.register(sub)
     _heatmap.register(sub)
     _plot.register(sub)
 
