@@ -100,7 +100,7 @@ def main() -> int:
     rows = []
     for enc in args.encoders:
         for g in args.gpus:
-            if g > torch.cuda.device_count():
+            if g > max(torch.cuda.device_count(), 1):
                 print(f"skipping {g} GPUs: {torch.cuda.device_count()} visible")
                 continue
             r = run_extract(job, g, enc, args.batch_size, args.workers)
