@@ -113,7 +113,8 @@ def extract_slide(encoder: Encoder, grid: PatchGrid, slide: Slide, *, device: Un
         progress: a tqdm bar advanced by the patches encoded (None: no bar).
     Returns:
         (N, D) float32 features in the order of ``grid.coords``; (0, D) for an empty grid.
-        Memory: N * D * 4 bytes plus ``(2 + 2 * num_workers) * batch_size`` preprocessed patches in flight.
+        Memory: N * D * 4 bytes plus a batch and ``4 * num_workers`` read chunks (:func:`read_chunk_size`)
+        of preprocessed patches in flight.
     """
     device = torch.device(device)
     prec = resolve_precision(precision, device)
@@ -122,21 +123,44 @@ def extract_slide(encoder: Encoder, grid: PatchGrid, slide: Slide, *, device: Un
     if n == 0:
         return out
     ds = PatchDataset(slide, grid, encoder.transform)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    # Workers hand over small chunks, not whole model batches: with batch-sized items a slide of a few
+    # hundred patches would keep only a few of the workers busy (the reading, not the GPU, is the limit).
+    chunk = read_chunk_size(n, batch_size, num_workers)
+    loader = DataLoader(ds, batch_size=chunk, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", drop_last=False,
                         prefetch_factor=4 if num_workers > 0 else None)
     use_autocast = prec != "fp32"
+
+    def encode(xs: list, idxs: list) -> None:
+        x = (xs[0] if len(xs) == 1 else torch.cat(xs)).to(device, non_blocking=True)
+        idx = idxs[0] if len(idxs) == 1 else torch.cat(idxs)
+        f = encoder.model(x)
+        if f.ndim != 2 or f.shape[1] != encoder.feature_dim:
+            raise RuntimeError(f"encoder {encoder.arch} returned shape {tuple(f.shape)}, expected "
+                               f"({x.shape[0]}, {encoder.feature_dim})")
+        out[idx.numpy()] = f.float().cpu().numpy()
+        if progress is not None:
+            progress.update(int(x.shape[0]))
+
     with torch.inference_mode(), torch.autocast(device.type, dtype=_DTYPES[prec], enabled=use_autocast):
+        xs, idxs, pending = [], [], 0
         for x, idx in loader:
-            x = x.to(device, non_blocking=True)
-            f = encoder.model(x)
-            if f.ndim != 2 or f.shape[1] != encoder.feature_dim:
-                raise RuntimeError(f"encoder {encoder.arch} returned shape {tuple(f.shape)}, expected "
-                                   f"({x.shape[0]}, {encoder.feature_dim})")
-            out[idx.numpy()] = f.float().cpu().numpy()
-            if progress is not None:
-                progress.update(int(x.shape[0]))
+            xs.append(x)
+            idxs.append(idx)
+            pending += int(idx.shape[0])
+            if pending >= batch_size:
+                encode(xs, idxs)
+                xs, idxs, pending = [], [], 0
+        if xs:
+            encode(xs, idxs)
     return out
+
+
+def read_chunk_size(n: int, batch_size: int, num_workers: int) -> int:
+    """Patches per worker item: about four items per worker for the slide, at most 64, at most a batch."""
+    if num_workers <= 0:
+        return batch_size
+    return max(1, min(batch_size, 64, -(-n // (4 * num_workers))))
 
 
 def features_path(job_dir: PathLike, grid: PatchGrid, name: str) -> Path:
