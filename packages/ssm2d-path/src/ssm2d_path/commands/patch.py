@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     job_dir = Path(args.job_dir or cfg.slides.job_dir)
     mpp = args.mpp if args.mpp is not None else cfg.slides.mpp
-    report = patch_slides(paths, job_dir, cfg.patch, mpp=mpp, overwrite=args.overwrite, progress=True)
+    report = patch_slides(paths, job_dir, cfg.patch, mpp=mpp, overwrite=args.overwrite,
+                          progress=not args.no_progress)
     folder = grid_folder(target_resolution(cfg.patch)[0], cfg.patch.patch_size, cfg.patch.overlap)
     _summary(report, job_dir, folder)
     return 1 if report.failed else 0
@@ -92,5 +93,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set patch.target_magnification=10")
     p.add_argument("--overwrite", action="store_true", help="redo slides whose patches file exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p
