@@ -79,24 +79,23 @@ def disk(radius: float) -> np.ndarray:
     return (yy * yy + xx * xx) <= radius * radius + 1e-9 if r > 0 else np.ones((1, 1), bool)
 
 
-def _closing(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    """Binary closing that does not eat tissue at the picture's edge: pad by the radius with the
-    edge values first (scipy's erosion treats the outside as background)."""
+def _morph(op, mask: np.ndarray, radius_px: float) -> np.ndarray:
+    """A binary morphology ``op`` (scipy's closing/opening) with a disk that does not eat tissue at the
+    picture's edge: pad by the radius with the edge values first (scipy treats the outside as background)."""
     se = disk(radius_px)
     r = se.shape[0] // 2
     if r == 0:
         return mask
     padded = np.pad(mask, r, mode="edge")
-    return ndi.binary_closing(padded, structure=se)[r:-r, r:-r]
+    return op(padded, structure=se)[r:-r, r:-r]
+
+
+def _closing(mask: np.ndarray, radius_px: float) -> np.ndarray:
+    return _morph(ndi.binary_closing, mask, radius_px)
 
 
 def _opening(mask: np.ndarray, radius_px: float) -> np.ndarray:
-    se = disk(radius_px)
-    r = se.shape[0] // 2
-    if r == 0:
-        return mask
-    padded = np.pad(mask, r, mode="edge")
-    return ndi.binary_opening(padded, structure=se)[r:-r, r:-r]
+    return _morph(ndi.binary_opening, mask, radius_px)
 
 
 def fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
