@@ -119,12 +119,14 @@ def read_model_card(path: PathLike) -> dict:
 
 
 def _state_dict(checkpoint: Path) -> dict:
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint: {checkpoint} does not exist")
+    from ..train import load_checkpoint
+
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # zip/pickle errors of a truncated or foreign file come in many types
-        raise ModelCardError(f"{checkpoint}: cannot be loaded as a state dict ({type(e).__name__}: {e})") from None
+        state = load_checkpoint(checkpoint)  # weights_only=True; FileNotFoundError when missing
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise ModelCardError(str(e)) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a training checkpoint (last.pt): its current weights
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
