@@ -1,15 +1,19 @@
-"""scan2d on the GPU at the shapes of the spec's anchors: time, peak memory, floor, reference.
+"""scan2d on the GPU at the shapes of the spec's anchors, next to the authors' kernel measured on an H200.
 
-    python benchmarks/bench_scan2d.py [--out DIR] [--no-reference]
+    python benchmarks/bench_scan2d.py [--out DIR] [--cases 0,2] [--fwd-only] [--no-reference]
 
 Forward and forward+backward medians (CUDA events, warm, inputs rotated among 3 fresh random sets),
-peak memory of forward+backward (inputs included, as the anchors count it), the forward's
-memory-traffic floor (bytes it must move / measured copy bandwidth) and the authors' kernel (H100).
+the authors' figures (2DMamba's SelectiveScanFn, measured on one NVIDIA H200 side by side with
+ssm2d 139592e: the spec's ANCHORS.md, first table) and the ratio authors / ours, the forward's
+memory-traffic floor (bytes it must move / measured copy bandwidth) and the share of it reached, and
+the peak memory of forward+backward BEYOND the inputs, each case measured alone (nothing of an
+earlier case alive), next to the authors' beyond-inputs figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -21,13 +25,15 @@ from harness import copy_bandwidth_gbs, gpu_time_ms, header, peak_mib, write_rep
 
 from ssm2d_nn.ops import scan2d  # noqa: E402
 
-# name, (batch, D, N, G, H, W), authors' fwd ms, fwd+bwd ms, peak MiB (ANCHORS.md, H100, fp32)
+AUTHORS_DEVICE = "NVIDIA H200"
+# name, (batch, D, N, G, H, W), authors' fwd ms, fwd+bwd ms, peak beyond inputs MiB (ANCHORS.md, H200,
+# fp32 with softplus, delta_bias, D and the gate z)
 CASES = [
-    ("MIL 128x128", (1, 256, 16, 1, 128, 128), 0.73, 3.05, 130),
-    ("MIL 200x200", (1, 256, 16, 1, 200, 200), 2.25, 8.96, 353),
-    ("MIL 489x415", (1, 256, 16, 1, 489, 415), 9.96, 46.9, 1640),
-    ("2DVMamba-T stage 1", (64, 384, 1, 4, 56, 56), 0.79, 3.65, 960),
-    ("2DVMamba-T stage 3", (64, 1536, 1, 4, 14, 14), 0.20, 1.21, 293),
+    ("MIL 128x128", (1, 256, 16, 1, 128, 128), 0.798, 3.14, 130),
+    ("MIL 200x200", (1, 256, 16, 1, 200, 200), 2.322, 9.13, 353),
+    ("MIL 489x415", (1, 256, 16, 1, 489, 415), 10.118, 46.05, 1640),
+    ("2DVMamba-T stage 1", (64, 384, 1, 4, 56, 56), 1.372, 4.77, 1548),
+    ("2DVMamba-T stage 3", (64, 1536, 1, 4, 14, 14), 0.296, 1.39, 442),
 ]
 
 
@@ -70,54 +76,68 @@ def floor_bytes(shape, itemsize=4):
     return itemsize * (4 * b * d * h * w + 2 * b * g * n * h * w)
 
 
+def measure_case(shape, fwd_only: bool, reference: bool, bw: float) -> dict:
+    """One case alone: its inputs are the only tensors alive while its peak is measured."""
+    strip = lambda s: {k: v for k, v in s.items() if k != "_gout"}  # noqa: E731
+    step = lambda s: torch.autograd.grad(  # noqa: E731
+        scan2d(**strip(s), delta_softplus=True, backend="kernel"), list(strip(s).values()), s["_gout"])
+    gc.collect()
+    torch.cuda.empty_cache()
+    if torch.cuda.memory_allocated():
+        print(f"warning: {torch.cuda.memory_allocated()} bytes alive before the case", file=sys.stderr)
+    one = make(shape)
+    one["_gout"] = torch.randn_like(one["u"])
+    extra = None
+    if not fwd_only:
+        _, extra = peak_mib(step, one)
+    sets = [one] + [make(shape) for _ in range(2)]
+    for s in sets[1:]:
+        s["_gout"] = torch.randn_like(s["u"])
+    t_f = gpu_time_ms(lambda s: fwd("kernel")(strip(s)), sets)
+    t_fb = None if fwd_only else gpu_time_ms(step, sets)
+    ref_fb = None
+    b, d, n, g, h, w = shape
+    if reference and not fwd_only and b * d * n * h * w <= 80e6:
+        try:
+            ref_fb = gpu_time_ms(lambda s: torch.autograd.grad(
+                scan2d(**strip(s), delta_softplus=True, backend="reference"), list(strip(s).values()),
+                s["_gout"]), sets, warmup=1, reps=3)
+        except torch.OutOfMemoryError:
+            ref_fb = None
+    return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, extra_mib=extra, ref_fwd_bwd_ms=ref_fb,
+                floor_fwd_ms=floor_bytes(shape) / (bw * 1e9) * 1e3)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))))
+    ap.add_argument("--fwd-only", action="store_true", help="time the forward only (no peak, no backward)")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args()
     bw = copy_bandwidth_gbs()
     rows = []
-    for name, shape, a_fwd, a_fb, a_mem in CASES:
-        strip = lambda s: {k: v for k, v in s.items() if k != "_gout"}  # noqa: E731
-        # Peak memory first, with a single input set alive (the anchors count inputs too).
-        one = make(shape)
-        one["_gout"] = torch.randn_like(one["u"])
-        mem, extra = peak_mib(lambda s: torch.autograd.grad(
-            scan2d(**strip(s), delta_softplus=True, backend="kernel"), list(strip(s).values()), s["_gout"]), one)
-        sets = [one] + [make(shape) for _ in range(2)]
-        for s in sets[1:]:
-            s["_gout"] = torch.randn_like(s["u"])
-        t_f = gpu_time_ms(lambda s: fwd("kernel")(strip(s)), sets)
-        t_fb = gpu_time_ms(lambda s: (lambda t: torch.autograd.grad(
-            scan2d(**t, delta_softplus=True, backend="kernel"), list(t.values()), s["_gout"]))(strip(s)), sets)
-        floor_ms = floor_bytes(shape) / (bw * 1e9) * 1e3
-        ref_fb = None
-        b, d, n, g, h, w = shape
-        if not args.no_reference and b * d * n * h * w <= 80e6:
-            try:
-                ref_fb = gpu_time_ms(lambda s: torch.autograd.grad(
-                    scan2d(**strip(s), delta_softplus=True, backend="reference"), list(strip(s).values()),
-                    s["_gout"]), sets, warmup=1, reps=3)
-            except torch.OutOfMemoryError:
-                ref_fb = None
-            torch.cuda.empty_cache()
-        rows.append(dict(case=name, shape=shape, fwd_ms=t_f, fwd_bwd_ms=t_fb, peak_mib=mem, extra_mib=extra,
-                         floor_fwd_ms=floor_ms, fwd_pct_of_floor=100 * floor_ms / t_f, ref_fwd_bwd_ms=ref_fb,
-                         authors_fwd_ms=a_fwd, authors_fwd_bwd_ms=a_fb, authors_peak_mib=a_mem,
-                         speedup_fwd_bwd=a_fb / t_fb))
-        del sets, one
-        torch.cuda.empty_cache()
-    lines = [f"# scan2d benchmark (fp32, softplus, gated, D and delta_bias)", "", header(),
-             f"measured copy bandwidth {bw:.0f} GB/s", "",
-             "| case | fwd ms | fwd+bwd ms | authors fwd / fwd+bwd ms | speed-up fwd+bwd | peak MiB (authors) "
-             "| fwd floor ms (% reached) | reference fwd+bwd ms |",
+    for idx in map(int, args.cases.split(",")):
+        name, shape, a_fwd, a_fb, a_mem = CASES[idx]
+        r = measure_case(shape, args.fwd_only, not args.no_reference, bw)
+        r.update(case=name, shape=shape, authors_device=AUTHORS_DEVICE, authors_fwd_ms=a_fwd,
+                 authors_fwd_bwd_ms=a_fb, authors_extra_mib=a_mem, ratio_fwd=a_fwd / r["fwd_ms"],
+                 ratio_fwd_bwd=a_fb / r["fwd_bwd_ms"] if r["fwd_bwd_ms"] else None,
+                 fwd_pct_of_floor=100 * r["floor_fwd_ms"] / r["fwd_ms"])
+        rows.append(r)
+    f = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
+    lines = ["# scan2d benchmark (fp32, softplus, gated, D and delta_bias)", "", header(),
+             f"measured copy bandwidth {bw:.0f} GB/s; authors' figures: 2DMamba's kernel on one {AUTHORS_DEVICE} "
+             "(spec ANCHORS.md, first table); ratio = authors' time / ours", "",
+             "| case | fwd ms | fwd+bwd ms | authors fwd / fwd+bwd ms | ratio fwd / fwd+bwd | fwd floor ms (% reached) "
+             "| peak beyond inputs MiB (authors) | reference fwd+bwd ms |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ref = f"{r['ref_fwd_bwd_ms']:.2f}" if r["ref_fwd_bwd_ms"] else "—"
-        lines.append(f"| {r['case']} | {r['fwd_ms']:.3f} | {r['fwd_bwd_ms']:.3f} | {r['authors_fwd_ms']} / "
-                     f"{r['authors_fwd_bwd_ms']} | {r['speedup_fwd_bwd']:.1f}x | {r['peak_mib']:.0f} "
-                     f"({r['authors_peak_mib']}) | {r['floor_fwd_ms']:.3f} ({r['fwd_pct_of_floor']:.0f}%) | {ref} |")
-    write_report(args.out, "bench_scan2d", lines, rows)
+        lines.append(f"| {r['case']} | {r['fwd_ms']:.3f} | {f(r['fwd_bwd_ms'], '.3f')} | {r['authors_fwd_ms']} / "
+                     f"{r['authors_fwd_bwd_ms']} | {r['ratio_fwd']:.2f} / {f(r['ratio_fwd_bwd'], '.2f')} | "
+                     f"{r['floor_fwd_ms']:.4f} ({r['fwd_pct_of_floor']:.0f}%) | {f(r['extra_mib'], '.0f')} "
+                     f"({r['authors_extra_mib']}) | {f(r['ref_fwd_bwd_ms'], '.2f')} |")
+    write_report(args.out, "bench_scan2d" + ("_fwd" if args.fwd_only else ""), lines, rows)
 
 
 if __name__ == "__main__":

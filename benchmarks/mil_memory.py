@@ -155,7 +155,8 @@ class MemoryCounter(TorchDispatchMode):
         return out
 
     def _cuda_scan_extra(self, op: str, args, out) -> int:
-        """The CUDA scan2d kernel's carries (forward, saved) and workspace (backward, transient)."""
+        """The CUDA scan2d kernel's carries (forward, saved) and workspace (backward, transient; the
+        forward's smaller transient workspace is not counted)."""
         from ssm2d_kernels.scan2d import scan2d_backward_workspace_floats, scan2d_carry_floats
 
         if op == "ssm2d.scan2d_fwd":
@@ -166,9 +167,9 @@ class MemoryCounter(TorchDispatchMode):
                                 "ssm2d.scan2d_fwd (CUDA carries)")
             return 0
         if op == "ssm2d.scan2d_bwd":
-            u, A = args[1], args[3]
+            u, A, order = args[1], args[3], args[13]
             b, d, h, w = u.shape
-            return 4 * scan2d_backward_workspace_floats(b, d, A.shape[1], h, w)
+            return 4 * scan2d_backward_workspace_floats(b, d, A.shape[1], h, w, order)
         return 0
 
     # -- summaries -----------------------------------------------------------------------------------

@@ -32,8 +32,6 @@ namespace {
 }
 }  // namespace
 
-int64_t scan2d_carry_floats(const Scan2dProblem&) { return 0; }
-int64_t scan2d_backward_workspace_floats(const Scan2dProblem&) { return 0; }
 void scan2d_forward(const Scan2dProblem&, const Scan2dForwardOutputs&) { no_cuda("scan2d_forward"); }
 void scan2d_backward(const Scan2dProblem&, const Scan2dBackwardArgs&) { no_cuda("scan2d_backward"); }
 

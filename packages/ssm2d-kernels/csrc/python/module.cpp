@@ -147,16 +147,21 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("elements") = 1 << 22);
 
-  m.def("scan2d_inference_fits", &ssm2d::cuda::scan2d_inference_fits, py::arg("dstate"), py::arg("height"),
-        py::arg("width"), "Whether the CUDA forward runs without carries (no backward) on the scanned H x W.");
-  m.def("scan2d_carry_floats", [](const py::dict& d) { return ssm2d::cuda::scan2d_carry_floats(to_problem(d)); });
-  m.def("scan2d_backward_workspace_floats",
-        [](const py::dict& d) { return ssm2d::cuda::scan2d_backward_workspace_floats(to_problem(d)); });
+  m.def("scan2d_forward_workspace_floats", &ssm2d::cuda::scan2d_forward_workspace_floats, py::arg("batch"),
+        py::arg("dim"), py::arg("dstate"), py::arg("height"), py::arg("width"),
+        "float32 scratch of the CUDA forward on the scanned (height, width) grid.");
+  m.def("scan2d_carry_floats", &ssm2d::cuda::scan2d_carry_floats, py::arg("batch"), py::arg("dim"),
+        py::arg("dstate"), py::arg("height"), py::arg("width"),
+        "float32 values the CUDA forward saves for the backward, on the scanned (height, width) grid.");
+  m.def("scan2d_backward_workspace_floats", &ssm2d::cuda::scan2d_backward_workspace_floats, py::arg("batch"),
+        py::arg("dim"), py::arg("dstate"), py::arg("height"), py::arg("width"),
+        "float32 scratch of the CUDA backward on the scanned (height, width) grid.");
 
   m.def("scan2d_forward", [](const py::dict& d, const py::dict& o) {
     const auto p = to_problem(d);
     ssm2d::Scan2dForwardOutputs out;
     out.out = to_grid(o["out"]); out.y = to_grid(o["y"]); out.carries = to_ptr<float>(o["carries"]);
+    out.workspace = to_ptr<float>(o["workspace"]);
     if (p.batch == 0) return;
     py::gil_scoped_release nogil;
     if (p.device.is_cuda()) ssm2d::cuda::scan2d_forward(p, out);

@@ -13,11 +13,12 @@ corner the scan starts from, ``order`` rows first ("hv") or columns first ("vh")
 onto pointers and strides, never copied.
 
 Memory: the forward writes only ``out`` (and ``y``, the pre-gate output, when the backward of a gate
-needs it); on CUDA it also saves per-tile carries, ``scan2d_carry_floats(...)`` float32 values
-(N/16 of u's elements for 32x32 tiles), from which the backward recomputes the states. When no
-backward follows (inference) and ``scan2d_inference_fits(...)``, pass ``carries=None``: a kernel that
-saves nothing runs instead (N <= 16 and, on the scanned grid, H == 1 or W <= 64: VMamba's 1D routes
-and the 2D routes at model shapes).
+needs it); on CUDA it also saves the state h of every 16th row, ``scan2d_carry_floats(...)`` float32
+values (N/16 of u's elements, none when the scanned H <= 16), from which the backward recomputes the
+states. When no backward follows (inference), pass ``carries=None``: nothing is saved. Grids wider
+than one column band of the CUDA kernel (32, 64 or 128 columns by width) and N > 16 also need a
+float32 ``workspace`` of ``scan2d_forward_workspace_floats(...)`` values (band summaries:
+batch*D*H*(bands + N*(bands-1)); a partial output for N > 16).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array, che
 
 ORIGINS = ("tl", "tr", "bl", "br")
 ORDERS = ("hv", "vh")
-TILE = 32  # CUDA tile edge; keep equal to kTile in csrc/cuda/scan2d.cu
 
 
 def logical_hw(height: int, width: int, order: str) -> tuple[int, int]:
@@ -35,21 +35,26 @@ def logical_hw(height: int, width: int, order: str) -> tuple[int, int]:
 
 
 def scan2d_carry_floats(batch: int, dim: int, dstate: int, height: int, width: int, order: str = "hv") -> int:
-    """float32 values of per-tile carries the CUDA forward saves: batch*dim*N*tiles*(2*TILE)."""
+    """float32 values the CUDA forward saves for the backward: h every 16th scanned row,
+    batch*dim*N*(ceil(H/16) - 1)*W on the scanned grid."""
     lh, lw = logical_hw(height, width, order)
-    tiles = -(-lh // TILE) * -(-lw // TILE)
-    return batch * dim * dstate * tiles * 2 * TILE
+    return int(_C.scan2d_carry_floats(batch, dim, dstate, lh, lw))
 
 
-def scan2d_inference_fits(dstate: int, height: int, width: int, order: str = "hv") -> bool:
-    """Whether the CUDA forward runs without a carries buffer (no backward follows)."""
+def scan2d_forward_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int,
+                                    order: str = "hv") -> int:
+    """float32 scratch values the CUDA forward needs (0 for grids of one band and N <= 64)."""
     lh, lw = logical_hw(height, width, order)
-    return bool(_C.scan2d_inference_fits(dstate, lh, lw))
+    return int(_C.scan2d_forward_workspace_floats(batch, dim, dstate, lh, lw))
 
 
-def scan2d_backward_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int) -> int:
-    """float32 scratch values the CUDA backward needs (reverse carries): batch*dim*N*(H+W)."""
-    return batch * dim * dstate * (height + width)
+def scan2d_backward_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int,
+                                     order: str = "hv") -> int:
+    """float32 scratch values the CUDA backward needs on the scanned grid: band summaries of both
+    directions for grids wider than one band, batch*dim*H*(bands + 2N*(bands-1)); per-band sums,
+    batch*dim*bands*(N+2); for N > 16, per-cell partial sums 2*batch*dim*H*W."""
+    lh, lw = logical_hw(height, width, order)
+    return int(_C.scan2d_backward_workspace_floats(batch, dim, dstate, lh, lw))
 
 
 def _grid(a: Array | None, origin: str, order: str, has_state: bool):
@@ -164,10 +169,12 @@ class _Checked:
 
 
 def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y=None, carries=None,
-                   softplus: bool = False, origin: str = "tl", order: str = "hv", stream: int = 0) -> None:
+                   workspace=None, softplus: bool = False, origin: str = "tl", order: str = "hv",
+                   stream: int = 0) -> None:
     """Writes ``out`` (and ``y`` = pre-gate output, when given and z is given; and, on CUDA, the
     ``carries`` buffer of ``scan2d_carry_floats`` float32 values, which the backward needs).
-    ``carries=None`` on CUDA: inference, allowed where ``scan2d_inference_fits(N, H, W, order)``.
+    ``carries=None`` on CUDA: inference, nothing saved. ``workspace``: float32 scratch of
+    ``scan2d_forward_workspace_floats`` values on CUDA (None when that is 0).
 
     ``stream``: the caller's CUDA stream handle (e.g. ``torch.cuda.current_stream().cuda_stream``).
     """
@@ -176,20 +183,22 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
     if o.dtype != chk.u.dtype:
         raise TypeError(f"out must have the dtype of u ({chk.u.dtype}), got {o.dtype}")
     ya = chk.same_as_u(y, "y")
-    car = None
+    car = wsp = None
     if chk.device >= 0:
-        if carries is None:
-            if not scan2d_inference_fits(chk.sizes["dstate"], chk.height, chk.width, order):
-                raise ValueError("carries is required on CUDA (the backward recomputes from it) unless "
-                                 "scan2d_inference_fits(N, H, W, order): N <= 16 and, scanned, H == 1 or W <= 64")
-        else:
+        sizes = (chk.sizes["batch"], chk.sizes["dim"], chk.sizes["dstate"], chk.height, chk.width, order)
+        if carries is not None:
             car = as_array(carries, "carries")
-            need = scan2d_carry_floats(chk.sizes["batch"], chk.sizes["dim"], chk.sizes["dstate"], chk.height,
-                                       chk.width, order)
-            check_buffer(car, "carries", (need,), "float32", chk.device)
+            check_buffer(car, "carries", (scan2d_carry_floats(*sizes),), "float32", chk.device)
+        need = scan2d_forward_workspace_floats(*sizes)
+        if need:
+            if workspace is None:
+                raise ValueError(f"workspace is required on CUDA for this shape: {need} float32 values "
+                                 "(scan2d_forward_workspace_floats)")
+            wsp = as_array(workspace, "workspace")
+            check_buffer(wsp, "workspace", (need,), "float32", chk.device)
     _C.scan2d_forward(chk.problem(softplus, stream),
                       dict(out=chk.grid(o), y=chk.grid(ya) if chk.z is not None else None,
-                           carries=None if car is None else car.ptr))
+                           carries=None if car is None else car.ptr, workspace=None if wsp is None else wsp.ptr))
 
 
 def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *, y=None, carries=None,
@@ -239,11 +248,12 @@ def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     car = wsp = None
     if chk.device >= 0:
         if carries is None or workspace is None:
-            raise ValueError("carries (saved by the forward) and workspace are required on CUDA")
+            raise ValueError("carries (saved by the forward, possibly empty) and workspace are required on CUDA")
         car = as_array(carries, "carries")
         check_buffer(car, "carries", (scan2d_carry_floats(b, d, n, h, w, order),), "float32", chk.device)
         wsp = as_array(workspace, "workspace")
-        check_buffer(wsp, "workspace", (scan2d_backward_workspace_floats(b, d, n, h, w),), "float32", chk.device)
+        check_buffer(wsp, "workspace", (scan2d_backward_workspace_floats(b, d, n, h, w, order),), "float32",
+                     chk.device)
     _C.scan2d_backward(
         chk.problem(softplus, stream),
         dict(dout=chk.grid(go), y=chk.grid(ya), carries=None if car is None else car.ptr,

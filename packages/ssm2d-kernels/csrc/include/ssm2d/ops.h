@@ -107,11 +107,14 @@ struct Scan2dProblem {
 
 // Forward outputs. `y` (pre-gate output, dtype of u) is written only when defined and z is given:
 // the backward of the gate needs it. `carries` (CUDA only) receives the per-tile carries the
-// backward recomputes from: float32, scan2d_carry_floats() elements.
+// backward recomputes from: float32, scan2d_carry_floats() elements; null when no backward follows.
+// `workspace` (CUDA): float32 scratch of scan2d_forward_workspace_floats() elements (may be null
+// when that is zero).
 struct Scan2dForwardOutputs {
   Grid out;
   Grid y;
   float* carries = nullptr;
+  float* workspace = nullptr;
 };
 
 // Backward: `dout` in, then the gradients. du, ddelta, dz are grids of the input dtype. dB, dC are

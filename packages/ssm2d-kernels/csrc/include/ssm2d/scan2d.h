@@ -18,15 +18,50 @@ void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& g);
 }  // namespace cpu
 
 namespace cuda {
-// Whether the CUDA forward can run without a carries buffer (inference: no backward follows), on
-// the scanned (height, width): N <= 16 and (H == 1 or W <= 64).
-inline bool scan2d_inference_fits(int64_t dstate, int64_t height, int64_t width) {
-  return dstate <= 16 && (height == 1 || width <= 64);
+// Sizes below are of the SCANNED grid (height, width after the order's transpose).
+//
+// Columns per lane of the CUDA forward (a warp scans a band of 32 * this many columns): narrow
+// grids use fewer so that lanes are not left idle.
+inline int scan2d_cols_per_lane(int64_t width) { return width <= 32 ? 1 : width <= 64 ? 2 : 4; }
+// The backward keeps kScan2dSegment + 1 rows of h of every state of a band in shared memory: with
+// many states its bands are narrower.
+inline int scan2d_bwd_cols_per_lane(int64_t width, int64_t dstate) {
+  const int cpl = scan2d_cols_per_lane(width);
+  return dstate >= 8 ? 1 : dstate >= 3 ? (cpl < 2 ? cpl : 2) : cpl;
 }
-// Floats of per-tile carries the CUDA forward saves for the backward (N/16 of u's elements).
-int64_t scan2d_carry_floats(const Scan2dProblem& p);
-// Floats of scratch the CUDA backward needs: batch * dim * N * (H + W).
-int64_t scan2d_backward_workspace_floats(const Scan2dProblem& p);
+// States one pass runs at least (16 warps of one state or 8 of two; 8 of four run 32); more take
+// several passes, which add per-cell partial sums through the workspace.
+constexpr int64_t kScan2dStatesPerPass = 16;
+// Rows between the h rows the forward saves for the backward.
+constexpr int64_t kScan2dSegment = 16;
+
+inline int64_t scan2d_bands(int64_t width, int cols_per_lane) {
+  return (width + 32 * cols_per_lane - 1) / (32 * cols_per_lane);
+}
+// Floats the CUDA forward saves for the backward: h every kScan2dSegment rows,
+// batch*dim*N*(ceil(H/kScan2dSegment) - 1)*W (N/16 of u's element count; none when H <= 16).
+inline int64_t scan2d_carry_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height, int64_t width) {
+  return batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
+}
+// Floats of scratch the CUDA forward needs: for grids wider than one band, per (row, band)
+// summaries batch*dim*H*(bands + N*(bands-1)); for N > 16, a partial output batch*dim*H*W.
+inline int64_t scan2d_forward_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height,
+                                               int64_t width) {
+  const int64_t nb = scan2d_bands(width, scan2d_cols_per_lane(width));
+  const int64_t summaries = nb > 1 ? batch * dim * height * (nb + dstate * (nb - 1)) : 0;
+  const int64_t partial = dstate > kScan2dStatesPerPass ? batch * dim * height * width : 0;
+  return summaries + partial;
+}
+// Floats of scratch the CUDA backward needs: the forward's summaries and the reverse ones
+// batch*dim*H*(bands + 2N*(bands-1)) for grids wider than one band, per-band sums
+// batch*dim*bands*(N+2), and for N > 16 per-cell partial sums 2*batch*dim*H*W.
+inline int64_t scan2d_backward_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height,
+                                                int64_t width) {
+  const int64_t nb = scan2d_bands(width, scan2d_bwd_cols_per_lane(width, dstate));
+  const int64_t summaries = nb > 1 ? batch * dim * height * (nb + 2 * dstate * (nb - 1)) : 0;
+  const int64_t partial = dstate > kScan2dStatesPerPass ? 2 * batch * dim * height * width : 0;
+  return summaries + batch * dim * nb * (dstate + 2) + partial;
+}
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o);
 void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& g);
 }  // namespace cuda

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import _scan2d_kernel as K
 from ._common import add_group_partials, stream_of
 from ._scan2d_args import check_scan2d_args
 from .scan2d_reference import scan2d_reference
@@ -42,12 +43,13 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
         (batch, D, H, W) in u's dtype; accumulation in float32 (float64 for float64 inputs).
         A, D and delta_bias are used in float32 (float64 for float64 inputs) whatever their dtype.
 
-    Without a backward to follow (no input requires grad, or grad mode off) on CUDA with N <= 16 and,
-    on the scanned grid, H == 1 or W <= 64 (VMamba's 1D routes, 2D routes at model shapes), an
-    inference kernel runs that saves nothing: a lane per state walks its (batch, channel) grid.
+    Without a backward to follow (no input requires grad, or grad mode off) the CUDA forward saves
+    nothing (no carries, no pre-gate output).
 
     Memory (kernel backend): the output, plus for the backward the pre-gate output when z is given
-    and, on CUDA, per-tile carries of N/16 times u's element count in float32. The N-times-larger
+    and, on CUDA, the state of every 16th row (N/16 times u's element count in float32, none when the
+    scanned H <= 16); transiently, for grids wider than one band (up to 128 columns), band summaries
+    of about (2N+1)/32 of u's element count per band boundary. The N-times-larger
     state is never stored. Gradients are exact for every G; on CUDA dB/dC use float32 atomics unless
     ``torch.use_deterministic_algorithms(True)`` is on, which makes them bitwise reproducible
     (per-channel partial sums, at most 256 MiB of workspace per chunk). The CPU kernel is always
@@ -60,56 +62,30 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     if which == "reference":
         return scan2d_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin=origin, order=order)
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    if not _needs_backward(u, delta, A, B, C, D, z, delta_bias) and _inference_fits(u, A, order):
-        # No backward will run: the CUDA inference kernel, which saves no carries.
-        return torch.ops.ssm2d.scan2d_infer(
-            u, delta, A.to(pdt), B, C, None if D is None else D.to(pdt), z,
-            None if delta_bias is None else delta_bias.to(pdt), delta_softplus, origin, order)
-    out, _, _ = torch.ops.ssm2d.scan2d_fwd(
-        u, delta, A.to(pdt), B, C, None if D is None else D.to(pdt), z,
-        None if delta_bias is None else delta_bias.to(pdt), delta_softplus, origin, order,
-        torch.are_deterministic_algorithms_enabled(),
-    )
+    A = A.to(pdt)
+    D = None if D is None else D.to(pdt).contiguous()  # the kernels read D[d], delta_bias[d]
+    delta_bias = None if delta_bias is None else delta_bias.to(pdt).contiguous()
+    if u.is_cuda and not _needs_backward(u, delta, A, B, C, D, z, delta_bias):
+        # No backward will run: nothing to save.
+        return torch.ops.ssm2d.scan2d_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order)
+    out, _, _ = torch.ops.ssm2d.scan2d_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order,
+                                           torch.are_deterministic_algorithms_enabled())
     return out
-
-
-def _carry_count(u: Tensor, A: Tensor, order: str) -> int:
-    if not u.is_cuda:
-        return 0
-    from ssm2d_kernels.scan2d import scan2d_carry_floats
-
-    b, d, h, w = u.shape
-    return scan2d_carry_floats(b, d, A.shape[1], h, w, order)
 
 
 def _needs_backward(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _inference_fits(u: Tensor, A: Tensor, order: str) -> bool:
-    if not u.is_cuda:
-        return False  # the CPU kernel saves nothing either way
-    return _inference_fits_shape(int(A.shape[1]), int(u.shape[2]), int(u.shape[3]), order)
-
-
-@torch.compiler.assume_constant_result  # a plain function of the (static) shape: decided at trace time
-def _inference_fits_shape(dstate: int, height: int, width: int, order: str) -> bool:
-    from ssm2d_kernels.scan2d import scan2d_inference_fits
-
-    return scan2d_inference_fits(dstate, height, width, order)
-
-
 @torch.library.custom_op("ssm2d::scan2d_infer", mutates_args=())
 def scan2d_infer(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, origin: str,
                  order: str) -> Tensor:
-    """Kernel forward when no backward follows (CUDA, N <= 16, scanned H == 1 or W <= 64): the
-    output only; nothing is saved (no carries, no pre-gate y). Not differentiable."""
-    from ssm2d_kernels.scan2d import scan2d_forward
-
+    """Kernel forward when no backward follows (CUDA): the output only; nothing is saved (no
+    carries, no pre-gate y). Not differentiable."""
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    scan2d_forward(u, delta, A, B, C, D, z, delta_bias, out=out, carries=None, softplus=delta_softplus,
-                   origin=origin, order=order, stream=stream_of(u))
+    prob = K.problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, stream_of(u))
+    K.forward(prob, out, None, None, K.forward_workspace(u, A, order), origin, order)
     return out
 
 
@@ -127,14 +103,11 @@ def scan2d_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
                delta_bias: Optional[Tensor], delta_softplus: bool, origin: str, order: str,
                deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel forward: (out, y saved for the gate's backward or empty, CUDA carries or empty)."""
-    from ssm2d_kernels.scan2d import scan2d_forward
-
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     y = torch.empty_like(out) if z is not None else _empty(u)
-    carries = torch.empty(_carry_count(u, A, order), dtype=torch.float32, device=u.device)
-    scan2d_forward(u, delta, A, B, C, D, z, delta_bias, out=out, y=y if z is not None else None,
-                   carries=carries if u.is_cuda else None, softplus=delta_softplus, origin=origin, order=order,
-                   stream=stream_of(u))
+    carries = torch.empty(K.carry_floats(u, A, order), dtype=torch.float32, device=u.device)
+    prob = K.problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, stream_of(u))
+    K.forward(prob, out, y if z is not None else None, carries, K.forward_workspace(u, A, order), origin, order)
     return out, y, carries
 
 
@@ -142,7 +115,7 @@ def scan2d_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, deterministic):
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     y = torch.empty_like(out) if z is not None else _empty(u)
-    return out, y, torch.empty(_carry_count(u, A, order), dtype=torch.float32, device=u.device)
+    return out, y, torch.empty(K.carry_floats(u, A, order), dtype=torch.float32, device=u.device)
 
 
 @torch.library.custom_op("ssm2d::scan2d_bwd", mutates_args=())
@@ -151,46 +124,38 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
                origin: str, order: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                                        Tensor, Tensor]:
     """Kernel backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); empty for absent D, z, delta_bias."""
-    from ssm2d_kernels.scan2d import scan2d_backward
-
     acc = A.dtype
     b, d, h, w = u.shape
     g, n = B.shape[1], A.shape[1]
     du, ddelta = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty(u.shape, dtype=u.dtype, device=u.device)
     dz = torch.empty(u.shape, dtype=u.dtype, device=u.device) if z is not None else _empty(u)
-    dB = torch.zeros(B.shape, dtype=acc, device=u.device)
-    dC = torch.zeros(C.shape, dtype=acc, device=u.device)
     dA_part = torch.empty(b, d, n, dtype=acc, device=u.device)
     dD_part = torch.empty(b, d, dtype=acc, device=u.device)
     dbias_part = torch.empty(b, d, dtype=acc, device=u.device)
-    workspace = None
-    if u.is_cuda:
-        from ssm2d_kernels.scan2d import scan2d_backward_workspace_floats
-
-        workspace = torch.empty(scan2d_backward_workspace_floats(b, d, n, h, w), dtype=torch.float32, device=u.device)
-    common = dict(y=y if z is not None else None, carries=carries if u.is_cuda else None, du=du, ddelta=ddelta,
-                  workspace=workspace,
-                  dz=dz if z is not None else None, softplus=delta_softplus, origin=origin, order=order,
-                  stream=stream_of(u))
+    prob = K.problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, stream_of(u))
+    common = dict(dout=dout, y=y if z is not None else None, carries=carries if u.is_cuda else None, du=du,
+                  ddelta=ddelta, dz=dz if z is not None else None, dA_part=dA_part, dD_part=dD_part,
+                  ddelta_bias_part=dbias_part, workspace=K.backward_workspace(u, A, order))
     if deterministic and u.is_cuda:
         # Per-channel partials of dB/dC, summed over each group's channels in a fixed order; chunks of
         # whole groups (or of one group's channels) keep the workspace under the budget.
+        dB = torch.zeros(B.shape, dtype=acc, device=u.device)
+        dC = torch.zeros(C.shape, dtype=acc, device=u.device)
         per_group = d // g
         per_channel_bytes = 2 * b * n * h * w * 4
         chunk = max(1, DETERMINISTIC_WORKSPACE_BYTES // per_channel_bytes)
         chunk = (chunk // per_group) * per_group if chunk >= per_group else max(1, chunk)
         for d0 in range(0, d, chunk):
             d1 = min(d, d0 + chunk)
-            pB = torch.zeros(b, d1 - d0, n, h, w, dtype=acc, device=u.device)
-            pC = torch.zeros_like(pB)
-            scan2d_backward(dout, u, delta, A, B, C, D, z, delta_bias, dB=pB, dC=pC,
-                            dA_part=dA_part, dD_part=dD_part, ddelta_bias_part=dbias_part,
-                            deterministic=True, d_begin=d0, d_end=d1, **common)
+            pB = torch.empty(b, d1 - d0, n, h, w, dtype=acc, device=u.device)  # every cell is written
+            pC = torch.empty_like(pB)
+            K.backward(prob, origin, order, dB=pB, dC=pC, deterministic=True, d_begin=d0, d_end=d1, **common)
             add_group_partials(dB, pB, d0, per_group, dim=1)
             add_group_partials(dC, pC, d0, per_group, dim=1)
     else:
-        scan2d_backward(dout, u, delta, A, B, C, D, z, delta_bias, dB=dB, dC=dC, dA_part=dA_part,
-                        dD_part=dD_part, ddelta_bias_part=dbias_part, **common)
+        dB = torch.zeros(B.shape, dtype=acc, device=u.device)  # added into (atomics; the CPU kernel too)
+        dC = torch.zeros(C.shape, dtype=acc, device=u.device)
+        K.backward(prob, origin, order, dB=dB, dC=dC, deterministic=False, d_begin=0, d_end=d, **common)
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if D is not None else _empty(u, acc)
     dbias = dbias_part.sum(0) if delta_bias is not None else _empty(u, acc)
