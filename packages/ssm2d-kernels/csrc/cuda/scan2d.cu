@@ -1,35 +1,34 @@
 // scan2d (2DMamba) on CUDA: lane = column, no serial walk over tiles.
 //
-// Forward. A warp owns one (batch, channel, column band of 32*CPL columns) and NS states, and walks
-// the rows top to bottom; lane l owns the CPL consecutive columns l*CPL.. of the band. Per row and
-// state:
-//   * the horizontal recurrence G = a G + x across the band is one warp scan of affine maps
+// Forward. One block per (batch, channel, column band of 32*CPL columns); its NW warps hold NS
+// states each and walk the rows top to bottom, lane l owning the CPL consecutive columns l*CPL.. of
+// the band. Per row the block stages the state-independent inputs (dt = softplus(delta + bias),
+// dt*u, u, z) of the band in shared memory once, coalesced; then per state each warp runs
+//   * the horizontal recurrence G = a G + x across the band as one warp scan of affine maps
 //     (band_scan: CPL-long local scans, 5 shuffle steps, a fix-up), entered by the G carry of the
 //     bands to the left;
-//   * the vertical recurrence h = a h + G is one FMA per column, h in a register (the lane owns the
-//     column: no transpose, no shared tile);
-//   * y += C h in registers.
-// The NW = ceil(N / NS) warps of one (batch, channel, band) form a block and sum y over the states
-// through shared memory in a fixed order (one barrier per row, double-buffered): y is deterministic.
-// With one warp per (batch, channel, band) (N small) four of them share a block without barriers.
+//   * the vertical recurrence h = a h + G, one FMA per column with h in a register (the lane owns
+//     the column: no transpose, no shared tile);
+//   * y += C h in registers;
+// and the warps' partial y meet in shared memory, summed in warp order by warp 0 (deterministic):
+// one barrier per row, the next row staged while this one is scanned.
 //
-// Bands are independent after a small pre-pass (only when W > 32*CPL): for each (row, band), the sum
-// of dt over the band (the band's decay is exp(A * sum dt)) and, per state, the G leaving it from a
-// zero carry; the band-k warp folds the summaries of bands 0..k-1 into its carry (k FMAs per row and
-// state). Nothing runs serially but each warp's walk down its rows, and every (batch, channel, band,
-// state group) runs at once.
+// Bands are independent after a small pre-pass (only when W > 32*CPL): for each (row, band) the sum
+// of dt over the band (its decay is exp(A * sum dt)) and, per state, the G leaving it from a zero
+// carry; the band-k warps fold the summaries of bands 0..k-1 into their carry (k FMAs per row and
+// state). Nothing runs serially but each block's walk down its rows.
 //
 // Saved for the backward (`carries`): h at every kSegment-th row, N/kSegment of u's element count
-// in float32 (none when H <= kSegment).
+// in float32 (none when H <= kSegment). The pre-gate output is not saved: the backward rebuilds it.
 //
 // Backward: the adjoint of SCANS.md section 1 from the bottom-right, per (batch, channel, state):
 //   lamV[i,j] = dy C + a[i+1,j] lamV[i+1,j]     reverse vertical: one FMA per lane, lamV in a register
 //   lamH[i,j] = lamV + a[i,j+1] lamH[i,j+1]     reverse horizontal: one reverse band scan per row
 //   q = lamV*(h - G) + lamH*(G - x),  h - G = a h[i-1,j]
-// with the same warps, bands and state groups as the forward. h is needed going upwards: each
-// segment of kSegment rows is recomputed top-down from its saved h into shared memory, then walked
+// with the same blocks, bands and warps as the forward. h is needed going upwards: each segment of
+// kSegment rows is recomputed top-down from its saved row into shared memory, then walked
 // bottom-up. The reverse band carries come from a pre-pass that walks each band bottom-up alone
-// (lamV needs nothing from other bands) and stores the lamH-carry leaving it on the left from zero.
+// (lamV needs nothing from other bands) and stores the lamH carry leaving it on the left from zero.
 // dA, dD, ddelta_bias are summed per band in a fixed order, then over the bands by a small kernel;
 // dB/dC sum over the channels of a group with float32 atomics or, deterministically, as per-channel
 // partials the caller sums in order.
@@ -56,8 +55,7 @@ template <int NS> constexpr int kMaxWarps = NS == 1 ? 16 : 8;
 // The launch geometry shared by the kernels of one call.
 struct Plan {
   int64_t nb = 1;                  // column bands of 32*CPL
-  int nw = 1;                      // warps per (batch, channel, band)
-  int ipb = 1;                     // (batch, channel, band) items per block (nw == 1 only)
+  int nw = 1;                      // warps per (batch, channel, band): one block
   int64_t d_begin = 0, d_end = 0;  // channels of this call
   int64_t n_begin = 0, n_end = 0;  // states of this pass
   bool first = true, last = true;  // several passes add per-cell partial sums in `acc`
@@ -145,31 +143,24 @@ __device__ __forceinline__ float fold_right(const Plan& L, const float* sdt_row,
 
 // ---- Forward --------------------------------------------------------------------------------------
 
-// One row of a lane's inputs, raw, loaded a row ahead of their use (z only in the forward, for the
-// gate; C only where y or lamV is computed).
-template <typename T, int CPL, int NS, bool kWithC>
-struct RowIn {
-  T d[CPL], u[CPL], z[kWithC ? CPL : 1], B[NS][CPL], C[kWithC ? NS : 1][CPL];
-};
-
 // Rows ahead of the current one whose operands are asked into L2 (the register prefetch one row
 // ahead then waits on L2, not on device memory).
 constexpr int kL2Ahead = 4;
 __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
 
-// B and C of the warp's NS consecutive states: state s of (i, j) at base + s*sn + i*si + j*sj, the
-// states past the last active one (smax) clamped to it so that loads stay in range.
+// B (and C) of one row for a lane's CPL columns and the warp's NS consecutive states, raw, loaded a
+// row ahead of their use. State s of (i, j) is at base + s*sn + i*si + j*sj; states past the last
+// active one (smax) are clamped to it so that loads stay in range.
 template <typename T, int CPL, int NS, bool kWithC>
-__device__ __forceinline__ void load_row(RowIn<T, CPL, NS, kWithC>& r, int64_t i, int64_t j0, int64_t W,
-                                         const Plane<const T>& delta, const Plane<const T>& u,
-                                         const Plane<const T>& z, bool gated, const T* Bb, const T* Cb,
-                                         const Grid& Bg, const Grid& Cg, int smax) {
+struct RowBC {
+  T B[NS][CPL], C[kWithC ? NS : 1][CPL];
+};
+template <typename T, int CPL, int NS, bool kWithC>
+__device__ __forceinline__ void load_bc(RowBC<T, CPL, NS, kWithC>& r, int64_t i, int64_t j0, int64_t W, const T* Bb,
+                                        const T* Cb, const Grid& Bg, const Grid& Cg, int smax) {
 #pragma unroll
   for (int k = 0; k < CPL; ++k) {
     const int64_t j = min(j0 + k, W - 1);  // clamped: columns beyond W are masked by the caller
-    r.d[k] = delta.at(i, j);
-    r.u[k] = u.at(i, j);
-    if constexpr (kWithC) r.z[k] = gated ? z.at(i, j) : r.u[k];
     const int64_t offB = i * Bg.si + j * Bg.sj, offC = i * Cg.si + j * Cg.sj;
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
@@ -178,15 +169,9 @@ __device__ __forceinline__ void load_row(RowIn<T, CPL, NS, kWithC>& r, int64_t i
     }
   }
 }
-
-// Asks L2 for row i of the lane's operands (its first column; the lanes together cover the band).
 template <typename T, int NS, bool kWithC>
-__device__ __forceinline__ void prefetch_row(int64_t i, int64_t j, const Plane<const T>& delta, const Plane<const T>& u,
-                                             const Plane<const T>& z, bool gated, const T* Bb, const T* Cb,
-                                             const Grid& Bg, const Grid& Cg, int smax) {
-  prefetch_l2(&delta.at(i, j));
-  prefetch_l2(&u.at(i, j));
-  if (kWithC && gated) prefetch_l2(&z.at(i, j));
+__device__ __forceinline__ void prefetch_bc(int64_t i, int64_t j, const T* Bb, const T* Cb, const Grid& Bg,
+                                            const Grid& Cg, int smax) {
 #pragma unroll
   for (int s = 0; s < NS; ++s) {
     if (s > smax) break;
@@ -194,6 +179,40 @@ __device__ __forceinline__ void prefetch_row(int64_t i, int64_t j, const Plane<c
     if constexpr (kWithC) prefetch_l2(Cb + s * Cg.sn + i * Cg.si + j * Cg.sj);
   }
 }
+
+// The per-cell inputs of a row (state-independent), loaded once per (batch, channel, band) by all
+// threads of the block together (thread t: columns t, t + threads, ...; coalesced) and handed to
+// the warps through shared memory. Q raw operands per column, loaded a row ahead.
+template <typename T, int CPL, int Q>
+struct Stager {
+  T raw[CPL][Q];
+  int t, threads;
+  int64_t jb, W;
+  __device__ __forceinline__ Stager(int t_, int threads_, int64_t jb_, int64_t W_) : t(t_), threads(threads_), jb(jb_), W(W_) {}
+  // ops[q]: the planes to read (operand q of column c at row i).
+  __device__ __forceinline__ void load(int64_t i, const Plane<const T> (&ops)[Q]) {
+#pragma unroll
+    for (int r = 0; r < CPL; ++r) {
+      const int c = t + r * threads;
+      if (c < 32 * CPL) {
+        const int64_t j = min(jb + c, W - 1);
+#pragma unroll
+        for (int q = 0; q < Q; ++q) raw[r][q] = ops[q].at(i, j);
+      }
+    }
+  }
+  __device__ __forceinline__ void prefetch(int64_t i, const Plane<const T> (&ops)[Q]) const {
+#pragma unroll
+    for (int r = 0; r < CPL; ++r) {
+      const int c = t + r * threads;
+      if (c < 32 * CPL) {
+        const int64_t j = min(jb + c, W - 1);
+#pragma unroll
+        for (int q = 0; q < Q; ++q) prefetch_l2(&ops[q].at(i, j));
+      }
+    }
+  }
+};
 
 // The states of warp `wi` in this pass: n0 .. n0 + nact - 1.
 struct WarpStates {
@@ -206,40 +225,34 @@ __device__ __forceinline__ WarpStates warp_states(const Plan& L, int wi) {
   return {n0, static_cast<int>(L.n_end - n0 < NS ? L.n_end - n0 : NS)};
 }
 
-// y of cell (i, j) summed over this pass's states: add earlier passes, then D*u and the gate.
-template <typename T>
-__device__ __forceinline__ void finish_y(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Plan& L,
-                                         int64_t b, int64_t d, int64_t i, int64_t j, float y, float uv, float zv,
-                                         float Dd) {
-  if (!L.first || !L.last) {
-    float* acc = L.acc + ((b * p.dim + d) * p.height + i) * p.width + j;
-    if (!L.first) y += *acc;
-    if (!L.last) {
-      *acc = y;
-      return;
-    }
-  }
-  y = fmaf(Dd, uv, y);
-  if (p.z.defined()) {
-    plane<T>(o.out, b, d, 0).at(i, j) = from_f<T>(y * zv / (1.f + __expf(-zv)));
-    if (o.y.defined()) plane<T>(o.y, b, d, 0).at(i, j) = from_f<T>(y);
+template <int CPL>
+__device__ __forceinline__ void lds_cols(float (&v)[CPL], const float* p) {  // CPL consecutive floats
+  if constexpr (CPL == 4) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+  } else if constexpr (CPL == 2) {
+    const float2 t = *reinterpret_cast<const float2*>(p);
+    v[0] = t.x; v[1] = t.y;
   } else {
-    plane<T>(o.out, b, d, 0).at(i, j) = from_f<T>(y);
+    v[0] = p[0];
   }
 }
 
+// One block per (batch, channel, band): NW warps of NS states each. Per row: the block stages dt,
+// dt*u, u, z of the band in shared memory (the next row's, during this row's scans), each warp
+// scans its states and leaves its y partial in shared memory, one barrier, warp 0 sums the
+// partials in warp order and writes the row. Shared memory: 2 x (4 + NW) x 32*CPL floats.
 template <typename T, int CPL, int NS>
 __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
                                                                       Plan L, int64_t b0) {
-  extern __shared__ float s_part[];  // [2][nw][32*CPL] partial y of each warp (nw > 1)
+  extern __shared__ float smem[];
   constexpr int BW = 32 * CPL;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * L.ipb + warp / L.nw;
-  const int wi = warp % L.nw;
-  const int64_t d = item / L.nb, band = item % L.nb, b = blockIdx.y + b0;
-  if (d >= p.dim) return;  // only when several items share a block, which then has no barrier
+  float* stage = smem;             // [2][4][BW]: dt, dt*u, u, z
+  float* part = smem + 2 * 4 * BW;  // [2][nw][CPL][32]
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, threads = L.nw * 32;
+  const int64_t d = blockIdx.x / L.nb, band = blockIdx.x % L.nb, b = blockIdx.y + b0;
   const int64_t H = p.height, W = p.width, N = p.dstate, g = d / (p.dim / p.groups), nb = L.nb;
-  const int64_t j0 = band * BW + lane * CPL;
+  const int64_t jb = band * BW, j0 = jb + lane * CPL, jp = min(j0, W - 1);
   const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
   const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
   const float* A = static_cast<const float*>(p.A);
@@ -251,40 +264,63 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dPr
   const T* Cb = static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + st.n0 * p.C.sn;
   const float* sdt = nb > 1 ? L.sumdt + (b * p.dim + d) * H * nb : nullptr;
   const float* S0 = nb > 1 ? L.S + ((b * p.dim + d) * N + st.n0) * H * (nb - 1) : nullptr;
-  const Plane<const T> u = plane<const T>(p.u, b, d, 0), delta = plane<const T>(p.delta, b, d, 0);
   const bool gated = p.z.defined();
-  const Plane<const T> z = gated ? plane<const T>(p.z, b, d, 0) : u;
+  const Plane<const T> u = plane<const T>(p.u, b, d, 0);
+  const Plane<const T> ops[3] = {plane<const T>(p.delta, b, d, 0), u, gated ? plane<const T>(p.z, b, d, 0) : u};
   bool in[CPL];
 #pragma unroll
   for (int k = 0; k < CPL; ++k) in[k] = j0 + k < W;
-  const int64_t jp = min(j0, W - 1);
   const int64_t nseg1 = ceil_div(H, kSegment) - 1;  // saved rows per (batch, channel, state)
   float* ck = o.carries ? o.carries + ((b * p.dim + d) * N + st.n0) * nseg1 * W : nullptr;
 
+  Stager<T, CPL, 3> sg(threadIdx.x, threads, jb, W);
+  auto put = [&](int buf) {  // the staged row into stage[buf]
+    float* sb = stage + buf * 4 * BW;
+#pragma unroll
+    for (int r = 0; r < CPL; ++r) {
+      const int c = threadIdx.x + r * threads;
+      if (c >= BW) continue;
+      const float v = to_f(sg.raw[r][0]) + bias, uu = to_f(sg.raw[r][1]);
+      const float dt = jb + c < W ? (p.softplus ? softplus_f(v) : v) : 0.f;  // outside: decay 1, input 0
+      sb[c] = dt;
+      sb[BW + c] = dt * uu;
+      sb[2 * BW + c] = uu;
+      sb[3 * BW + c] = to_f(sg.raw[r][2]);
+    }
+  };
+  for (int64_t r = 1; r <= kL2Ahead && r < H; ++r) {
+    sg.prefetch(r, ops);
+    prefetch_bc<T, NS, true>(r, jp, Bb, Cb, p.B, p.C, st.nact - 1);
+  }
+  sg.load(0, ops);
+  put(0);
+  if (H > 1) sg.load(1, ops);
+  RowBC<T, CPL, NS, true> nxt;
+  load_bc<T, CPL, NS, true>(nxt, 0, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
   float h[NS][CPL];
 #pragma unroll
   for (int s = 0; s < NS; ++s)
 #pragma unroll
     for (int k = 0; k < CPL; ++k) h[s][k] = 0.f;
+  __syncthreads();
 
-  for (int64_t r = 1; r <= kL2Ahead && r < H; ++r)
-    prefetch_row<T, NS, true>(r, jp, delta, u, z, gated, Bb, Cb, p.B, p.C, st.nact - 1);
-  RowIn<T, CPL, NS, true> nxt;
-  load_row<T, CPL, NS, true>(nxt, 0, j0, W, delta, u, z, gated, Bb, Cb, p.B, p.C, st.nact - 1);
   for (int64_t i = 0; i < H; ++i) {
-    const RowIn<T, CPL, NS, true> cur = nxt;
-    if (i + 1 < H) load_row<T, CPL, NS, true>(nxt, i + 1, j0, W, delta, u, z, gated, Bb, Cb, p.B, p.C, st.nact - 1);
-    if (i + 1 + kL2Ahead < H)
-      prefetch_row<T, NS, true>(i + 1 + kL2Ahead, jp, delta, u, z, gated, Bb, Cb, p.B, p.C, st.nact - 1);
-    float dt[CPL], dtu[CPL], uv[CPL], yp[CPL];
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      const float v = to_f(cur.d[k]) + bias;
-      dt[k] = in[k] ? (p.softplus ? softplus_f(v) : v) : 0.f;  // outside the grid: decay 1, input 0
-      uv[k] = to_f(cur.u[k]);
-      dtu[k] = dt[k] * uv[k];
-      yp[k] = 0.f;
+    const RowBC<T, CPL, NS, true> cur = nxt;
+    if (i + 1 < H) load_bc<T, CPL, NS, true>(nxt, i + 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+    if (i + 1 + kL2Ahead < H) {
+      sg.prefetch(i + 1 + kL2Ahead, ops);
+      prefetch_bc<T, NS, true>(i + 1 + kL2Ahead, jp, Bb, Cb, p.B, p.C, st.nact - 1);
     }
+    float dt[CPL], dtu[CPL], uv[CPL], zv[CPL], yp[CPL];
+    {
+      const float* sb = stage + (i & 1) * 4 * BW + lane * CPL;
+      lds_cols<CPL>(dt, sb);
+      lds_cols<CPL>(dtu, sb + BW);
+      lds_cols<CPL>(uv, sb + 2 * BW);
+      lds_cols<CPL>(zv, sb + 3 * BW);
+    }
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) yp[k] = 0.f;
     const bool save = ck && (i + 1) % kSegment == 0 && i + 1 < H;
 #pragma unroll
     for (int s = 0; s < NS; ++s) {
@@ -309,26 +345,33 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dPr
           if (in[k]) row[j0 + k] = h[s][k];
       }
     }
-    // Over the team's warps (buffer [w][k][lane]: conflict-free), finished by warp 0, which holds
-    // u and z of the band's columns.
-    if (L.nw > 1) {
-      float* buf = s_part + (i & 1) * L.nw * BW;
+    float* pb = part + (i & 1) * L.nw * BW;
 #pragma unroll
-      for (int k = 0; k < CPL; ++k) buf[wi * BW + k * 32 + lane] = yp[k];
-      __syncthreads();
-      if (wi == 0) {
-#pragma unroll
-        for (int k = 0; k < CPL; ++k) {
-          float y = 0.f;
-          for (int w = 0; w < L.nw; ++w) y += buf[w * BW + k * 32 + lane];
-          yp[k] = y;
-        }
-      }
+    for (int k = 0; k < CPL; ++k) pb[(wi * CPL + k) * 32 + lane] = yp[k];
+    if (i + 1 < H) {
+      put((i + 1) & 1);
+      if (i + 2 < H) sg.load(i + 2, ops);
     }
+    __syncthreads();
     if (wi == 0) {
 #pragma unroll
-      for (int k = 0; k < CPL; ++k)
-        if (in[k]) finish_y<T>(p, o, L, b, d, i, j0 + k, yp[k], uv[k], to_f(cur.z[k]), Dd);
+      for (int k = 0; k < CPL; ++k) {
+        if (!in[k]) continue;
+        float y = 0.f;
+        for (int w = 0; w < L.nw; ++w) y += pb[(w * CPL + k) * 32 + lane];
+        const int64_t j = j0 + k;
+        if (!L.first || !L.last) {
+          float* acc = L.acc + ((b * p.dim + d) * H + i) * W + j;
+          if (!L.first) y += *acc;
+          if (!L.last) {
+            *acc = y;
+            continue;
+          }
+        }
+        y = fmaf(Dd, uv[k], y);
+        if (gated) y *= zv[k] / (1.f + __expf(-zv[k]));
+        plane<T>(o.out, b, d, 0).at(i, j) = from_f<T>(y);
+      }
     }
   }
 }
@@ -401,55 +444,27 @@ __global__ void __launch_bounds__(128) scan2d_rev_summary_kernel(Scan2dProblem p
   }
 }
 
-// One row of a lane's inputs to the bottom-up walk, raw, loaded a row ahead of their use.
-template <typename T, int CPL, int NS>
-struct RowInB {
-  T d[CPL], u[CPL], go[CPL], z[CPL], y[CPL], B[NS][CPL], C[NS][CPL];
-};
-
-template <typename T, int CPL, int NS>
-__device__ __forceinline__ void load_row_b(RowInB<T, CPL, NS>& r, int64_t i, int64_t j0, int64_t W,
-                                           const Plane<const T>& delta, const Plane<const T>& u,
-                                           const Plane<const T>& dout, const Plane<const T>& z,
-                                           const Plane<const T>& y, bool gated, const T* Bb, const T* Cb,
-                                           const Grid& Bg, const Grid& Cg, int smax) {
-#pragma unroll
-  for (int k = 0; k < CPL; ++k) {
-    const int64_t j = min(j0 + k, W - 1);
-    r.d[k] = delta.at(i, j);
-    r.u[k] = u.at(i, j);
-    r.go[k] = dout.at(i, j);
-    r.z[k] = gated ? z.at(i, j) : r.go[k];
-    r.y[k] = gated ? y.at(i, j) : r.go[k];
-    const int64_t offB = i * Bg.si + j * Bg.sj, offC = i * Cg.si + j * Cg.sj;
-#pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      r.B[s][k] = Bb[offB + (s < smax ? s : smax) * Bg.sn];
-      r.C[s][k] = Cb[offC + (s < smax ? s : smax) * Cg.sn];
-    }
-  }
-}
-
+// One block per (batch, channel, band): NW warps of NS states each, as in the forward. Per segment
+// of kSegment rows: (1) top-down, h of every row into shared memory (G by the forward band scan),
+// the block staging dt, dt*u per row; (2) bottom-up, the block stages dt, u, dy and the gate factor
+// of each row, each warp runs lamV, the reverse band scan for lamH and its states' gradients, and
+// leaves its partial ddt, du and C*h (the pre-gate y, for dz) in shared memory; one barrier; warp 0
+// sums them in warp order and writes du, ddelta, dz. Two barriers per row.
+// Shared memory: ((kSegment+1)*NW*NS + 2*4 + 2*3*NW) x 32*CPL floats.
 template <typename T, int CPL, int NS, bool kDet>
 __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                       Plan L, int64_t b0) {
-  // hbuf [kSegment + 1][nw * NS][BW]: h of the segment's rows (row 0: the row above the segment);
-  // then red [2][nw][2][BW]: each warp's partial ddt and du of a row.
   extern __shared__ float smem[];
   constexpr int BW = 32 * CPL;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * L.ipb + warp / L.nw;
-  const int wi = warp % L.nw;
+  const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, threads = L.nw * 32, slots = L.nw * NS;
+  float* hbuf = smem;                                // [kSegment+1][slots][CPL][32]
+  float* stage = hbuf + (kSegment + 1) * slots * BW;  // [2][4][BW]
+  float* part = stage + 2 * 4 * BW;                   // [2][nw][3][CPL][32]
   const int64_t channels = L.d_end - L.d_begin;
-  const int64_t dl = item / L.nb, band = item % L.nb, b = blockIdx.y + b0;
-  if (dl >= channels) return;  // only when several items share a block, which then has no barrier
-  const int64_t d = L.d_begin + dl;
+  const int64_t dl = blockIdx.x / L.nb, band = blockIdx.x % L.nb, b = blockIdx.y + b0, d = L.d_begin + dl;
   const int64_t H = p.height, W = p.width, N = p.dstate, g = d / (p.dim / p.groups), nb = L.nb;
   const int64_t bc_c = kDet ? dl : g;
-  const int64_t j0 = band * BW + lane * CPL;
-  const int slots = L.nw * NS;
-  float* hbuf = smem + (warp / L.nw) * (kSegment + 1) * slots * BW;  // this item's
-  float* red = smem + L.ipb * (kSegment + 1) * slots * BW;
+  const int64_t jb = band * BW, j0 = jb + lane * CPL, jp = min(j0, W - 1);
   const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
   const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
   const float* A = static_cast<const float*>(p.A);
@@ -466,28 +481,63 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   const float* sdt = nb > 1 ? L.sumdt + (b * p.dim + d) * H * nb : nullptr;
   const float* S0 = nb > 1 ? L.S + ((b * p.dim + d) * N + st.n0) * H * (nb - 1) : nullptr;
   const float* Sr0 = nb > 1 ? L.Srev + ((b * p.dim + d) * N + st.n0) * H * (nb - 1) : nullptr;
+  const bool gated = p.z.defined();
   const Plane<const T> u = plane<const T>(p.u, b, d, 0), delta = plane<const T>(p.delta, b, d, 0);
   const Plane<const T> dout = plane<const T>(ga.dout, b, d, 0);
-  const bool gated = p.z.defined();
-  const Plane<const T> z = gated ? plane<const T>(p.z, b, d, 0) : dout;
-  const Plane<const T> yv = gated && ga.y.defined() ? plane<const T>(ga.y, b, d, 0) : dout;
+  const Plane<const T> ops_up[2] = {delta, u};
+  const Plane<const T> ops_dn[4] = {delta, u, dout, gated ? plane<const T>(p.z, b, d, 0) : dout};
   bool in[CPL];
 #pragma unroll
   for (int k = 0; k < CPL; ++k) in[k] = j0 + k < W;
-  const int64_t jp = min(j0, W - 1);
   const int64_t nseg = ceil_div(H, kSegment);
   const float* ck = ga.carries + ((b * p.dim + d) * N + st.n0) * (nseg - 1) * W;
+  auto hidx = [&](int64_t r, int s, int k) { return ((r * slots + wi * NS + s) * CPL + k) * 32 + lane; };
 
   float lamV[NS][CPL], a_below[NS][CPL];
 #pragma unroll
   for (int s = 0; s < NS; ++s)
 #pragma unroll
     for (int k = 0; k < CPL; ++k) lamV[s][k] = a_below[s][k] = 0.f;
-  float dD_acc = 0.f, dbias_acc = 0.f;  // over the cells this thread finishes
+  float dD_acc = 0.f, dbias_acc = 0.f;  // warp 0: over the cells it finishes
+
+  Stager<T, CPL, 2> sgu(threadIdx.x, threads, jb, W);
+  Stager<T, CPL, 4> sgd(threadIdx.x, threads, jb, W);
+  auto put_up = [&](int buf) {  // dt, dt*u
+    float* sb = stage + buf * 4 * BW;
+#pragma unroll
+    for (int r = 0; r < CPL; ++r) {
+      const int c = threadIdx.x + r * threads;
+      if (c >= BW) continue;
+      const float v = to_f(sgu.raw[r][0]) + bias;
+      const float dt = jb + c < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      sb[c] = dt;
+      sb[BW + c] = dt * to_f(sgu.raw[r][1]);
+    }
+  };
+  auto put_dn = [&](int buf) {  // dt, u, dy, and dout * d silu(z)/dz (dz = y times it)
+    float* sb = stage + buf * 4 * BW;
+#pragma unroll
+    for (int r = 0; r < CPL; ++r) {
+      const int c = threadIdx.x + r * threads;
+      if (c >= BW) continue;
+      const bool inc = jb + c < W;
+      const float v = to_f(sgd.raw[r][0]) + bias, go = to_f(sgd.raw[r][2]);
+      float dy = go, gz = 0.f;
+      if (gated) {
+        const float zv = to_f(sgd.raw[r][3]), sz = 1.f / (1.f + __expf(-zv));
+        dy = go * zv * sz;
+        gz = go * sz * (1.f + zv * (1.f - sz));
+      }
+      sb[c] = inc ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      sb[BW + c] = to_f(sgd.raw[r][1]);
+      sb[2 * BW + c] = inc ? dy : 0.f;
+      sb[3 * BW + c] = gz;
+    }
+  };
 
   for (int64_t seg = nseg - 1; seg >= 0; --seg) {
     const int64_t r0 = seg * kSegment, r1 = min(H, r0 + kSegment);
-    // 1. h of the segment's rows, top-down, from the saved row above it.
+    // 1. h of the segment's rows, top-down, from the saved row above it (zero above the grid).
     {
       float h[NS][CPL];
 #pragma unroll
@@ -495,21 +545,22 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
 #pragma unroll
         for (int k = 0; k < CPL; ++k) {
           h[s][k] = (seg > 0 && s < st.nact && in[k]) ? ck[(s * (nseg - 1) + seg - 1) * W + j0 + k] : 0.f;
-          hbuf[(wi * NS + s) * BW + k * 32 + lane] = h[s][k];
+          hbuf[hidx(0, s, k)] = h[s][k];
         }
-      RowIn<T, CPL, NS, false> nxt;
-      load_row<T, CPL, NS, false>(nxt, r0, j0, W, delta, u, u, false, Bb, Cb, p.B, p.C, st.nact - 1);
+      sgu.load(r0, ops_up);
+      __syncthreads();  // the previous segment's readers of stage are done
+      put_up(0);
+      if (r0 + 1 < r1) sgu.load(r0 + 1, ops_up);
+      RowBC<T, CPL, NS, false> nxt;
+      load_bc<T, CPL, NS, false>(nxt, r0, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+      __syncthreads();
       for (int64_t i = r0; i < r1; ++i) {
-        const RowIn<T, CPL, NS, false> cur = nxt;
-        if (i + 1 < r1) load_row<T, CPL, NS, false>(nxt, i + 1, j0, W, delta, u, u, false, Bb, Cb, p.B, p.C, st.nact - 1);
+        const RowBC<T, CPL, NS, false> cur = nxt;
+        if (i + 1 < r1) load_bc<T, CPL, NS, false>(nxt, i + 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
         float dt[CPL], dtu[CPL];
-#pragma unroll
-        for (int k = 0; k < CPL; ++k) {
-          const float v = to_f(cur.d[k]) + bias;
-          dt[k] = in[k] ? (p.softplus ? softplus_f(v) : v) : 0.f;
-          dtu[k] = dt[k] * to_f(cur.u[k]);
-        }
-        float* hrow = hbuf + (i - r0 + 1) * slots * BW;
+        const float* sb = stage + ((i - r0) & 1) * 4 * BW + lane * CPL;
+        lds_cols<CPL>(dt, sb);
+        lds_cols<CPL>(dtu, sb + BW);
 #pragma unroll
         for (int s = 0; s < NS; ++s) {
           if (s >= st.nact) continue;
@@ -524,40 +575,45 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
 #pragma unroll
           for (int k = 0; k < CPL; ++k) {
             h[s][k] = fmaf(a[k], h[s][k], fmaf(a[k], e[k], x[k]));
-            hrow[(wi * NS + s) * BW + k * 32 + lane] = h[s][k];
+            hbuf[hidx(i - r0 + 1, s, k)] = h[s][k];
           }
         }
+        if (i + 1 < r1) {
+          put_up((i + 1 - r0) & 1);
+          if (i + 2 < r1) sgu.load(i + 2, ops_up);
+        }
+        __syncthreads();
       }
     }
-    __syncwarp();
     // 2. The segment's rows bottom-up.
-    for (int64_t r = 1; r <= kL2Ahead && r1 - 1 - r >= 0; ++r)
-      prefetch_row<T, NS, true>(r1 - 1 - r, jp, delta, u, dout, true, Bb, Cb, p.B, p.C, st.nact - 1);
-    RowInB<T, CPL, NS> nxt;
-    load_row_b<T, CPL, NS>(nxt, r1 - 1, j0, W, delta, u, dout, z, yv, gated, Bb, Cb, p.B, p.C, st.nact - 1);
+    for (int64_t r = 1; r <= kL2Ahead && r1 - 1 - r >= 0; ++r) {
+      sgd.prefetch(r1 - 1 - r, ops_dn);
+      prefetch_bc<T, NS, true>(r1 - 1 - r, jp, Bb, Cb, p.B, p.C, st.nact - 1);
+    }
+    sgd.load(r1 - 1, ops_dn);
+    put_dn(0);
+    if (r1 - 2 >= r0) sgd.load(r1 - 2, ops_dn);
+    RowBC<T, CPL, NS, true> nxt;
+    load_bc<T, CPL, NS, true>(nxt, r1 - 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+    __syncthreads();
     for (int64_t i = r1 - 1; i >= r0; --i) {
-      const RowInB<T, CPL, NS> cur = nxt;
-      if (i - 1 >= r0) load_row_b<T, CPL, NS>(nxt, i - 1, j0, W, delta, u, dout, z, yv, gated, Bb, Cb, p.B, p.C,
-                                              st.nact - 1);
-      if (i - 1 - kL2Ahead >= 0)
-        prefetch_row<T, NS, true>(i - 1 - kL2Ahead, jp, delta, u, dout, true, Bb, Cb, p.B, p.C, st.nact - 1);
-      float dt[CPL], uv[CPL], dy[CPL], sg[CPL], ddt_p[CPL], du_p[CPL];
-#pragma unroll
-      for (int k = 0; k < CPL; ++k) {
-        sg[k] = to_f(cur.d[k]) + bias;
-        dt[k] = in[k] ? (p.softplus ? softplus_f(sg[k]) : sg[k]) : 0.f;
-        uv[k] = to_f(cur.u[k]);
-        const float go = to_f(cur.go[k]);
-        if (gated) {
-          const float zv = to_f(cur.z[k]);
-          dy[k] = in[k] ? go * zv / (1.f + __expf(-zv)) : 0.f;
-        } else {
-          dy[k] = in[k] ? go : 0.f;
-        }
-        ddt_p[k] = du_p[k] = 0.f;
+      const int buf = (r1 - 1 - i) & 1;
+      const RowBC<T, CPL, NS, true> cur = nxt;
+      if (i - 1 >= r0) load_bc<T, CPL, NS, true>(nxt, i - 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+      if (i - 1 - kL2Ahead >= 0) {
+        sgd.prefetch(i - 1 - kL2Ahead, ops_dn);
+        prefetch_bc<T, NS, true>(i - 1 - kL2Ahead, jp, Bb, Cb, p.B, p.C, st.nact - 1);
       }
-      const float* hrow = hbuf + (i - r0 + 1) * slots * BW;
-      const float* harow = hrow - slots * BW;
+      float dt[CPL], uv[CPL], dy[CPL], gz[CPL], ddt_p[CPL], du_p[CPL], yc_p[CPL];
+      {
+        const float* sb = stage + buf * 4 * BW + lane * CPL;
+        lds_cols<CPL>(dt, sb);
+        lds_cols<CPL>(uv, sb + BW);
+        lds_cols<CPL>(dy, sb + 2 * BW);
+        lds_cols<CPL>(gz, sb + 3 * BW);
+      }
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) ddt_p[k] = du_p[k] = yc_p[k] = 0.f;
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         if (s >= st.nact) continue;
@@ -574,15 +630,16 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
         band_scan<CPL, true>(a, xr, cR, e, lane);
 #pragma unroll
         for (int k = 0; k < CPL; ++k) {
-          const float bv = in[k] ? to_f(cur.B[s][k]) : 0.f;
+          const float bv = in[k] ? to_f(cur.B[s][k]) : 0.f, cv = in[k] ? to_f(cur.C[s][k]) : 0.f;
           const float lamH = lamV[s][k] + e[k];
-          const float h = hrow[(wi * NS + s) * BW + k * 32 + lane];
-          const float ah = a[k] * harow[(wi * NS + s) * BW + k * 32 + lane];  // a * h[i-1]
+          const float h = hbuf[hidx(i - r0 + 1, s, k)];
+          const float ah = a[k] * hbuf[hidx(i - r0, s, k)];  // a * h[i-1]
           const float x = dt[k] * bv * uv[k];
           const float q = fmaf(lamV[s][k], ah, lamH * (h - ah - x));
           dA_acc[s] = fmaf(q, dt[k], dA_acc[s]);
           ddt_p[k] = fmaf(q, An[s], fmaf(lamH * bv, uv[k], ddt_p[k]));
           du_p[k] = fmaf(lamH * bv, dt[k], du_p[k]);
+          yc_p[k] = fmaf(cv, h, yc_p[k]);
           if (in[k]) {
             const int64_t j = j0 + k;
             if (ga.dB.defined()) {
@@ -598,96 +655,70 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
           }
         }
       }
-      // Per-cell sums over the states: this warp's in registers, the team's through shared memory
-      // ([w][2][k][lane]), finished by warp 0, which holds the band's per-cell inputs.
-      if (L.nw > 1) {
-        float* buf = red + (i & 1) * L.nw * 2 * BW;
+      float* pb = part + buf * L.nw * 3 * BW;
 #pragma unroll
-        for (int k = 0; k < CPL; ++k) {
-          buf[(wi * 2) * BW + k * 32 + lane] = ddt_p[k];
-          buf[(wi * 2 + 1) * BW + k * 32 + lane] = du_p[k];
-        }
-        __syncthreads();
-        if (wi == 0) {
-#pragma unroll
-          for (int k = 0; k < CPL; ++k) {
-            float t0 = 0.f, t1 = 0.f;
-            for (int w = 0; w < L.nw; ++w) {
-              t0 += buf[(w * 2) * BW + k * 32 + lane];
-              t1 += buf[(w * 2 + 1) * BW + k * 32 + lane];
-            }
-            ddt_p[k] = t0;
-            du_p[k] = t1;
-          }
-        }
+      for (int k = 0; k < CPL; ++k) {
+        pb[((wi * 3 + 0) * CPL + k) * 32 + lane] = ddt_p[k];
+        pb[((wi * 3 + 1) * CPL + k) * 32 + lane] = du_p[k];
+        pb[((wi * 3 + 2) * CPL + k) * 32 + lane] = yc_p[k];
       }
+      if (i - 1 >= r0) {
+        put_dn(buf ^ 1);
+        if (i - 2 >= r0) sgd.load(i - 2, ops_dn);
+      }
+      __syncthreads();
       if (wi == 0) {
 #pragma unroll
         for (int k = 0; k < CPL; ++k) {
           if (!in[k]) continue;
+          float ddt = 0.f, du = 0.f, yc = 0.f;
+          for (int w = 0; w < L.nw; ++w) {
+            ddt += pb[((w * 3 + 0) * CPL + k) * 32 + lane];
+            du += pb[((w * 3 + 1) * CPL + k) * 32 + lane];
+            yc += pb[((w * 3 + 2) * CPL + k) * 32 + lane];
+          }
           const int64_t j = j0 + k;
-          float ddt = ddt_p[k], du = du_p[k];
           if (!L.first || !L.last) {
-            float* acc = L.acc + (((b * channels + dl) * H + i) * W + j) * 2;
+            float* acc = L.acc + (((b * channels + dl) * H + i) * W + j) * 3;
             if (!L.first) {
               ddt += acc[0];
               du += acc[1];
+              yc += acc[2];
             }
             if (!L.last) {
               acc[0] = ddt;
               acc[1] = du;
+              acc[2] = yc;
               continue;
             }
           }
           du = fmaf(Dd, dy[k], du);
-          // d softplus(v)/dv = sigmoid(v); the identity branch (v > 20) has slope 1 up to 2e-9.
-          const float ddelta = p.softplus ? ddt / (1.f + __expf(-sg[k])) : ddt;
+          // d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)); ~1 in the identity branch (v > 20).
+          const float ddelta = p.softplus ? ddt * -expm1f(-dt[k]) : ddt;
           dbias_acc += ddelta;
           dD_acc = fmaf(dy[k], uv[k], dD_acc);
           if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(i, j) = from_f<T>(du);
           if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(i, j) = from_f<T>(ddelta);
-          if (ga.dz.defined()) {
-            const float go = to_f(cur.go[k]), zv = to_f(cur.z[k]), y = to_f(cur.y[k]);
-            const float sz = 1.f / (1.f + __expf(-zv));
-            plane<T>(ga.dz, b, d, 0).at(i, j) = from_f<T>(go * y * sz * (1.f + zv * (1.f - sz)));
-          }
+          if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(i, j) = from_f<T>(fmaf(Dd, uv[k], yc) * gz[k]);
         }
       }
     }
-    if (L.nw > 1) __syncthreads();  // hbuf is rewritten by the next segment
-    else __syncwarp();
   }
-  // Per-band sums in a fixed order: lanes by shuffles, then (team) warps in index order.
-  float* part = L.part + ((b * p.dim + d) * nb + band) * (N + 2);
+  // Per-band sums in a fixed order: lanes by shuffles; dA per warp (its states), dD and ddelta_bias
+  // from warp 0 (which finished every cell).
+  float* pt = L.part + ((b * p.dim + d) * nb + band) * (N + 2);
 #pragma unroll
   for (int s = 0; s < NS; ++s) {
     const float v = warp_sum(dA_acc[s]);
-    if (s < st.nact && lane == 0) part[st.n0 + s] = v;
+    if (s < st.nact && lane == 0) pt[st.n0 + s] = v;
   }
-  if (!L.last) return;
-  dD_acc = warp_sum(dD_acc);
-  dbias_acc = warp_sum(dbias_acc);
-  if (L.nw == 1) {
+  if (L.last && wi == 0) {
+    dD_acc = warp_sum(dD_acc);
+    dbias_acc = warp_sum(dbias_acc);
     if (lane == 0) {
-      part[N] = dD_acc;
-      part[N + 1] = dbias_acc;
+      pt[N] = dD_acc;
+      pt[N + 1] = dbias_acc;
     }
-    return;
-  }
-  __syncthreads();
-  if (lane == 0) {
-    red[2 * wi] = dD_acc;
-    red[2 * wi + 1] = dbias_acc;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float s0 = 0.f, s1 = 0.f;
-    for (int w = 0; w < L.nw; ++w) {
-      s0 += red[2 * w];
-      s1 += red[2 * w + 1];
-    }
-    part[N] = s0;
-    part[N + 1] = s1;
   }
 }
 
@@ -740,7 +771,6 @@ void for_each_pass(int64_t N, Plan L, F&& launch) {
     L.first = n0 == 0;
     L.last = L.n_end == N;
     L.nw = static_cast<int>(ceil_div(L.n_end - n0, NS));
-    L.ipb = L.nw == 1 ? 4 : 1;
     launch(L);
   }
 }
@@ -748,11 +778,11 @@ void for_each_pass(int64_t N, Plan L, F&& launch) {
 template <typename T, int CPL, int NS>
 void forward_ns(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Plan& L0, cudaStream_t stream) {
   for_each_pass<NS>(p.dstate, L0, [&](const Plan& L) {
-    const size_t smem = L.nw > 1 ? 2 * static_cast<size_t>(L.nw) * 32 * CPL * sizeof(float) : 0;
-    const unsigned blocks = static_cast<unsigned>(ceil_div(p.dim * L.nb, L.ipb));
+    const size_t smem = 2 * (4 + static_cast<size_t>(L.nw)) * 32 * CPL * sizeof(float);
+    const unsigned blocks = static_cast<unsigned>(p.dim * L.nb);
     for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
       dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-      scan2d_fwd_kernel<T, CPL, NS><<<grid, L.ipb * L.nw * 32, smem, stream>>>(p, o, L, b0);
+      scan2d_fwd_kernel<T, CPL, NS><<<grid, L.nw * 32, smem, stream>>>(p, o, L, b0);
       SSM2D_CUDA_CHECK_LAUNCH("scan2d_fwd_kernel");
     }
   });
@@ -807,7 +837,7 @@ template <typename T, int CPL, int NS, bool Det>
 void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan& L0, cudaStream_t stream) {
   const int64_t channels = L0.d_end - L0.d_begin;
   if (L0.nb > 1) {
-    constexpr int RNS = NS;
+    constexpr int RNS = 4;  // the pre-pass recomputes dy per state group: few, large groups
     const int64_t warps = channels * (L0.nb - 1) * ceil_div(p.dstate, RNS);
     for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
       dim3 grid(static_cast<unsigned>(ceil_div(warps, 4)), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
@@ -816,15 +846,14 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
     }
   }
   for_each_pass<NS>(p.dstate, L0, [&](const Plan& L) {
-    const int slots = L.nw * NS;
-    const size_t smem = (static_cast<size_t>(L.ipb) * (kSegment + 1) * slots * 32 * CPL +
-                         2 * static_cast<size_t>(L.nw) * 2 * 32 * CPL) * sizeof(float);
+    const size_t slots = static_cast<size_t>(L.nw) * NS;
+    const size_t smem = ((kSegment + 1) * slots + 2 * 4 + 2 * 3 * static_cast<size_t>(L.nw)) * 32 * CPL * sizeof(float);
     auto kernel = scan2d_bwd_kernel<T, CPL, NS, Det>;
     SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    const unsigned blocks = static_cast<unsigned>(ceil_div(channels * L.nb, L.ipb));
+    const unsigned blocks = static_cast<unsigned>(channels * L.nb);
     for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
       dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-      kernel<<<grid, L.ipb * L.nw * 32, smem, stream>>>(p, a, L, b0);
+      kernel<<<grid, L.nw * 32, smem, stream>>>(p, a, L, b0);
       SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_kernel");
     }
   });

@@ -171,8 +171,9 @@ class _Checked:
 def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y=None, carries=None,
                    workspace=None, softplus: bool = False, origin: str = "tl", order: str = "hv",
                    stream: int = 0) -> None:
-    """Writes ``out`` (and ``y`` = pre-gate output, when given and z is given; and, on CUDA, the
-    ``carries`` buffer of ``scan2d_carry_floats`` float32 values, which the backward needs).
+    """Writes ``out`` (and, on the CPU, ``y`` = the pre-gate output, when given and z is given; the
+    CUDA kernel ignores ``y``; and, on CUDA, the ``carries`` buffer of ``scan2d_carry_floats``
+    float32 values, which the backward needs).
     ``carries=None`` on CUDA: inference, nothing saved. ``workspace``: float32 scratch of
     ``scan2d_forward_workspace_floats`` values on CUDA (None when that is 0).
 
@@ -243,8 +244,6 @@ def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
                 raise ValueError(f"{name} must be contiguous")
         parts[name] = None if v is None else v.ptr
     ya = chk.same_as_u(y, "y")
-    if chk.z is not None and chk.device >= 0 and ya is None:
-        raise ValueError("y (the pre-gate output saved by the forward) is required on CUDA when z is given")
     car = wsp = None
     if chk.device >= 0:
         if carries is None or workspace is None:

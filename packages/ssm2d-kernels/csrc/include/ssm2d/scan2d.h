@@ -27,7 +27,7 @@ inline int scan2d_cols_per_lane(int64_t width) { return width <= 32 ? 1 : width 
 // many states its bands are narrower.
 inline int scan2d_bwd_cols_per_lane(int64_t width, int64_t dstate) {
   const int cpl = scan2d_cols_per_lane(width);
-  return dstate >= 8 ? 1 : dstate >= 3 ? (cpl < 2 ? cpl : 2) : cpl;
+  return dstate >= 8 && cpl > 2 ? 2 : cpl;
 }
 // States one pass runs at least (16 warps of one state or 8 of two; 8 of four run 32); more take
 // several passes, which add per-cell partial sums through the workspace.
@@ -54,12 +54,12 @@ inline int64_t scan2d_forward_workspace_floats(int64_t batch, int64_t dim, int64
 }
 // Floats of scratch the CUDA backward needs: the forward's summaries and the reverse ones
 // batch*dim*H*(bands + 2N*(bands-1)) for grids wider than one band, per-band sums
-// batch*dim*bands*(N+2), and for N > 16 per-cell partial sums 2*batch*dim*H*W.
+// batch*dim*bands*(N+2), and for N > 16 per-cell partial sums 3*batch*dim*H*W.
 inline int64_t scan2d_backward_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height,
                                                 int64_t width) {
   const int64_t nb = scan2d_bands(width, scan2d_bwd_cols_per_lane(width, dstate));
   const int64_t summaries = nb > 1 ? batch * dim * height * (nb + 2 * dstate * (nb - 1)) : 0;
-  const int64_t partial = dstate > kScan2dStatesPerPass ? 2 * batch * dim * height * width : 0;
+  const int64_t partial = dstate > kScan2dStatesPerPass ? 3 * batch * dim * height * width : 0;
   return summaries + batch * dim * nb * (dstate + 2) + partial;
 }
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o);
