@@ -84,7 +84,7 @@ def test_demo_quick_end_to_end_and_commands_on_its_data(tmp_path, capsys):
     assert cli.main(["splits", "--labels", str(data / "labels.csv"), "--out", str(tmp_path / "sp"), "--k", "2"]) == 0
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  feature_dir: {data / '20x_256px_0px_overlap' / 'features_synthetic'}\n"
-                   f"  label_csv: {data / 'labels.csv'}\n  split_dir: {tmp_path / 'sp'}\n"
+                   f"  label_csv: {data / 'labels.csv'}\n  split_dir: {tmp_path / 'sp'}\n  k: 2\n"
                    f"model:\n  name: abmil\n  dim: 8\n  attn_dim: 8\n"
                    f"train:\n  epochs: 1\n  progress: false\n  device: cpu\noutput:\n  dir: {tmp_path / 'run'}\n")
     assert cli.main(["crossval", "--config", str(cfg), "--set", "train.lr=1e-3"]) == 0

@@ -165,17 +165,23 @@ class FoldPlan:
     diffs: dict = field(default_factory=dict)
 
     def lines(self) -> list[str]:
+        """One line per fold resumed, restarted or removed; one for all folds started, one for all skipped."""
+        def folds(fs):
+            return (f"fold {fs[0]}" if len(fs) == 1 else "folds " + ", ".join(map(str, fs)))
+
         out = []
+        skipped = sorted(f for f, a in self.actions.items() if a == "skip")
+        if skipped:
+            out.append(f"{folds(skipped)}: finished with this configuration, skipped")
         for f, a in sorted(self.actions.items()):
-            if a == "skip":
-                out.append(f"fold {f}: finished with this configuration, skipped")
-            elif a == "resume":
-                out.append(f"fold {f}: resumed after epoch {self.epochs[f]}")
+            if a == "resume":
+                out.append(f"fold {f}: resumed after epoch {self.epochs[f]} (same configuration)")
             elif a == "restart":
                 out.append(f"fold {f}: made with another configuration ({self.diffs.get(f, 'unknown')}); "
                            f"overwritten, started afresh")
-            else:
-                out.append(f"fold {f}: started")
+        started = sorted(f for f, a in self.actions.items() if a == "start")
+        if started:
+            out.append(f"{folds(started)}: started")
         for f in self.removed:
             out.append(f"fold {f}: made with another configuration ({self.diffs.get(f, 'unknown')}); removed")
         return out

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._progress import progress_bar
 from .config import TrainConfig
 from .manifest import write_json_atomic
 from .tasks import SurvivalTask, Task
@@ -80,18 +81,6 @@ def check_device(name: str, key: str = "train.device") -> torch.device:
     elif dev.type != "cpu":
         raise ValueError(f"{key}: {name!r}: expected auto, cpu, cuda or cuda:<i>")
     return dev
-
-
-def progress_bar(iterable=None, *, enabled: bool = True, file=None, **kw):
-    """A tqdm bar drawn only when ``enabled`` and ``file`` (default stderr) is a terminal."""
-    from tqdm.auto import tqdm
-
-    stream = file if file is not None else sys.stderr
-    try:
-        tty = bool(stream.isatty())
-    except (AttributeError, ValueError):
-        tty = False
-    return tqdm(iterable, file=stream, disable=not (enabled and tty), **kw)
 
 
 class SplitView:
