@@ -86,21 +86,32 @@ def load_weights(path: Union[str, os.PathLike], map_location="cpu", *, what: str
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for foreign or damaged files
-        text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        raw = str(e)
+        text = _without_advice(raw)
+        found = re.search(r"GLOBAL ([\w.]+)", raw)
         if found:
             reason = (f"holds a Python object ({found.group(1)}) besides tensors and plain containers; "
                       f"only weights are read from files, never code: save a state dict instead "
                       f"(torch.save(model.state_dict(), path))")
-        elif isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
-            detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
-            reason = ("holds data that is not plain weights (tensors, numbers, strings, lists, dicts)"
-                      + (f": {_first_line(detail.group(1))}" if detail else ""))
+        elif isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+            m = re.search(r"WeightsUnpickler error:\s*([^\n]*)", raw)
+            detail = re.split(r"\.\s+Please|\s+Please use", m.group(1))[0].strip() if m else _first_line(text)
+            if re.search(r"Unsupported operand|invalid load key|pickle data was truncated", text):
+                reason = f"is not a torch.save file (truncated, or another format): {detail}"
+            else:
+                reason = f"holds data that is not plain weights (tensors, numbers, strings, lists, dicts): {detail}"
         elif isinstance(e, EOFError):
             reason = "ends early (truncated)"
         elif "zip archive" in text or "PytorchStreamReader" in text or "central directory" in text:
             reason = f"is not a complete torch.save file (truncated, or another format): {_first_line(text)}"
         else:
             reason = f"cannot be read as a torch.save file ({type(e).__name__}: {_first_line(text)})"
-        reason = re.sub(r"[^.]*weights_only[^.]*False[^.]*\.?", "", reason).strip()
-        raise ValueError(f"{what} {str(p)!r} {reason}") from None
+        raise ValueError(f"{what} {str(p)!r} {reason.rstrip(': ')}") from None
+
+
+def _without_advice(text: str) -> str:
+    """torch.load's message without its paragraphs of advice (loading with weights_only=False, filing
+    an issue, the documentation link): only what is wrong with the file."""
+    keep = [para for para in re.split(r"\n\s*\n", text)
+            if para.strip() and not re.search(r"weights_only|Re-running|file an issue|Check the documentation", para)]
+    return "\n\n".join(keep)

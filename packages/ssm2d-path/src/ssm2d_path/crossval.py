@@ -243,6 +243,26 @@ def check_model(cfg: Config, in_dim: int, n_outputs: int, model_factory=None) ->
     del model
 
 
+def _check_fold_parts(cfg: Config, splits, folds, dataset) -> None:
+    """Every fold to run has training bags, and validation bags when the selection rule needs them.
+    Raises ValueError listing the folds that do not (before any fold trains)."""
+    have = set(getattr(dataset, "ids", []))
+    selection = cfg.resolved_selection()
+    problems = []
+    for f in folds:
+        n_train = sum(i in have for i in splits[f].train)
+        n_val = sum(i in have for i in splits[f].val)
+        if n_train == 0:
+            problems.append(f"fold {f}: no training bag with features")
+        elif selection != "last" and n_val == 0:
+            problems.append(f"fold {f}: its validation part holds no bag with features")
+    if problems:
+        hint = (f"; train.selection {selection!r} picks the epoch on the validation part: raise data.val_fraction "
+                f"(now {cfg.data.val_fraction}) or use train.selection: last"
+                if any("validation" in p for p in problems) else "")
+        raise ValueError("; ".join(problems) + hint)
+
+
 def _say(echo: bool, msg: str) -> None:
     log.info(msg)
     if echo:
@@ -293,6 +313,7 @@ def crossval(cfg: Config, *, dataset=None, table=None, splits=None, task: Option
         if not 0 <= f < len(splits):
             raise ValueError(f"fold {f} does not exist ({len(splits)} splits: 0..{len(splits) - 1})")
     check_model(cfg, int(dataset.feature_dim), int(task.n_outputs), model_factory)
+    _check_fold_parts(cfg, splits, folds, dataset)
     skipped = [{"slide": s, "reason": r} for s, r in getattr(dataset, "skipped", [])]
     base = run_config(cfg, feature_dim=getattr(dataset, "feature_dim", None), label_files=label_files)
     ids = list(getattr(dataset, "ids", []))
