@@ -121,7 +121,7 @@ def test_grid_cell_budget_is_configurable(tmp_path, capsys):
     ("model.dim=-16", "model.dim: a size must be a positive integer, got -16"),
     ("model.dropout=2.0", "model.dropout: a dropout rate must be in [0, 1), got 2.0"),
     ("model.attn_dim=.nan", "model.attn_dim: must be a finite number"),
-    ("train.device=gpu", "train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:<i>'"),
+    ("train.device=cuda:first", "train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:<i>'"),
     ("data.max_grid_cells=0", "data.max_grid_cells: must be >= 1"),
     ("train.lr=!!python/object/apply:os.system ['echo pwned']", "a Python object tag (!!python/...) is not a value"),
 ])
@@ -226,7 +226,7 @@ def test_progress_bars_only_on_a_terminal(tmp_path):
 
     log = io.StringIO()
     with redirect_stderr(log):
-        assert crossval(cfg, folds=[0], echo=False).ok
+        assert crossval(cfg, folds=[0]).ok
     assert "\r" not in log.getvalue() and "epoch 1/2" not in log.getvalue()
     from ssm2d_path.train import progress_bar
 

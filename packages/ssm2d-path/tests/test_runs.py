@@ -279,14 +279,14 @@ def test_crossval_reads_data_k_splits_and_each_patient_tested_once(cohort, capsy
 def test_demo_style_rerun_with_other_data_seed_is_refused(cohort):
     root, feats, labels = cohort
     cfg = parse_config(raw_config(root, feats, labels))
-    assert crossval(cfg, echo=False).ok
+    assert crossval(cfg).ok
     other = parse_config({**raw_config(root, feats, labels), "data": {**raw_config(root, feats, labels)["data"],
                                                                       "seed": 1}})
     with pytest.raises(RunConflictError, match=r"data\.seed 0 -> 1"):
-        crossval(other, echo=False)
+        crossval(other)
     # The label table's content is part of the description: an edited table is another run.
     df = pd.read_csv(labels)
     df.loc[0, "label"] = 1 - df.loc[0, "label"]
     df.to_csv(labels, index=False)
     with pytest.raises(RunConflictError, match="labels_sha256"):
-        crossval(cfg, echo=False)
+        crossval(cfg)
