@@ -64,7 +64,7 @@ def _first_line(text: str) -> str:
     return ""
 
 
-def load_weights(path: Union[str, os.PathLike], map_location="cpu", *, what: str = "checkpoint"):
+def load_weights(path: Union[str, os.PathLike], map_location="cpu", *, what: str = "checkpoint", mmap: bool = False):
     """``torch.load(path, weights_only=True)``, with errors that say what is wrong with the file.
 
     Only tensors and plain containers are ever loaded (never pickled code). A file that holds other
@@ -84,7 +84,7 @@ def load_weights(path: Union[str, os.PathLike], map_location="cpu", *, what: str
     if p.stat().st_size == 0:
         raise ValueError(f"{what} {str(p)!r} is empty (0 bytes): an interrupted copy or download?")
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
+        return torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types for foreign or damaged files
         raw = str(e)
         text = _without_advice(raw)

@@ -6,7 +6,13 @@ its full path and the allowed keys, a value of the wrong type or outside its cho
 key. ``model`` holds ``name`` plus the model's constructor arguments, checked against the signature of
 the model class (``in_dim`` and ``n_outputs`` come from the data and the task). Command-line overrides
 (``--set train.epochs=5``) are applied to the raw mapping before validation; their values are parsed as
-YAML (``5`` is an int, ``1e-4`` a float, ``[1, 2]`` a list, ``null`` None).
+YAML (``5`` is an int, ``1e-4`` a float, ``[1, 2]`` a list, ``null`` None); a Python object tag
+(``!!python/...``) is refused.
+
+Values are range-checked: every number finite (YAML reads ``.nan`` and ``.inf`` as floats), ``train.lr``
+> 0 and ``min_lr <= lr``, sizes >= 1, rates in their interval; model arguments against the constructor's
+annotations (sizes positive integers, dropout rates in [0, 1)). Whether ``train.device`` exists on this
+machine is checked when a run starts (:func:`ssm2d_path.train.check_device`), as is the model (built once).
 
 Example::
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from ssm2d_nn.fileio import atomic_output
 
 from .config import Config, ConfigError
 from .manifest import now, write_json_atomic, write_manifest
@@ -369,7 +370,8 @@ def crossval(cfg: Config, *, dataset=None, table=None, splits=None, task: Option
     for f, tb in sorted(result.failures.items()):
         fold_dir = out / f"fold_{f}"
         fold_dir.mkdir(parents=True, exist_ok=True)
-        (fold_dir / "error.txt").write_text(tb)
+        with atomic_output(fold_dir / "error.txt") as tmp:
+            tmp.write_text(tb)
         log.error("fold %d failed:\n%s", f, tb)
     for f in folds:
         if f not in result.failures:

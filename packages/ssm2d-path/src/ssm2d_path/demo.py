@@ -314,7 +314,10 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
     if margins:
         md += "\n" + "\n".join(f"- {k}: {v:+.3f}" for k, v in margins.items()) + "\n"
     md += f"\ndata generation {t_data:.1f} s, total {seconds:.1f} s on {resolve_device(device)}\n"
-    (out / "results.md").write_text(md)
+    from ssm2d_nn.fileio import atomic_output
+
+    with atomic_output(out / "results.md") as tmp:
+        tmp.write_text(md)
     write_json_atomic(out / "summary.json", {"margins": margins, "seconds": seconds, "failures": sorted(failures),
                                              "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__}})
     write_manifest(out, config={"demo": True, "quick": quick, "models": list(models),

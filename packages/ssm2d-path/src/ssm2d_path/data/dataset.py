@@ -69,10 +69,12 @@ def index_feature_files(feature_dir: Union[str, Path]) -> dict[str, Path]:
 def _probe(path: Path) -> tuple[int, int]:
     """(N, F) of a feature file without reading its features."""
     if path.suffix.lower() in PT_SUFFIXES:
+        from ssm2d_nn.fileio import load_weights
+
         try:
-            t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # pickle/zip errors of a truncated or foreign file come in many types
-            raise SlideFileError(f"{path}: cannot be loaded as a torch tensor file: {e}") from e
+            t = load_weights(path, what="feature file", mmap=True)
+        except (OSError, ValueError) as e:  # says what is wrong with the file
+            raise SlideFileError(str(e)) from None
         if isinstance(t, dict) and "features" in t:
             t = t["features"]
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
