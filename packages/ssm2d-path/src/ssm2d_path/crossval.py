@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from ssm2d_nn.fileio import atomic_output
 
 from .config import Config, ConfigError
-from .manifest import now, write_json_atomic, write_manifest
+from .manifest import now, write_manifest
 from .runstate import (FoldPlan, RunConflictError, config_diff, describe_diff, finished_folds, fingerprint,
                        fold_run_config, plan_folds, run_config)
 from .tasks import Task, build_task

@@ -239,7 +239,10 @@ def plan_folds(out_dir: Path, expected: Mapping[int, dict], folds: Sequence[int]
         if why is not None:
             conflicts[i] = why
     if conflicts and not overwrite:
-        lines = [f"fold {i}: {why}" for i, why in sorted(conflicts.items())]
+        grouped: dict[str, list] = {}
+        for i, why in sorted(conflicts.items()):
+            grouped.setdefault(why, []).append(i)
+        lines = [f"{'fold' if len(fs) == 1 else 'folds'} {', '.join(map(str, fs))}: {why}" for why, fs in grouped.items()]
         raise RunConflictError(
             f"output folder {str(out_dir)!r} holds results of another configuration: " + "; ".join(lines)
             + ". Use another output.dir, restore the old settings, or pass --overwrite (overwrite=True) to "

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time as _time
 from dataclasses import dataclass
 from pathlib import Path
