@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained model on a split or on every bag")
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="model.pt (or last.pt) of a run")
+    p.add_argument("--checkpoint", required=True, help="model.pt (or last.pt) of a run; the model is rebuilt from "
+                   "the model.json next to it (the config's model section is not used)")
     p.add_argument("--split", default=None, help="a splits_<i>.csv file or a folder of them (default: all bags)")
     p.add_argument("--fold", type=int, default=0, help="which split of --split (default 0)")
     p.add_argument("--part", choices=("test", "val", "train"), default="test")
