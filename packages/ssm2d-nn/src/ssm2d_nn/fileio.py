@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -26,7 +25,14 @@ _UMASK_LOCK = threading.Lock()
 
 def default_file_mode() -> int:
     """``0o666`` less the process umask: the mode ``open(path, "w")`` gives a new file."""
-    with _UMASK_LOCK:  # reading the umask means setting it; keep other threads of this module out
+    try:  # Linux: read it without changing it
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere reading the umask means setting it; keep other threads of this module out
         mask = os.umask(0o022)
         os.umask(mask)
     return 0o666 & ~mask
@@ -49,7 +55,7 @@ def atomic_output(path: Union[str, os.PathLike]) -> Iterator[Path]:
         yield Path(tmp)
         if os.name == "posix":
             # mkstemp makes the file 0o600 (private); writers that recreate it keep whatever they got.
-            os.chmod(tmp, default_file_mode() & (stat.S_IRWXU | stat.S_IRWXG | stat.S_IRWXO))
+            os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
