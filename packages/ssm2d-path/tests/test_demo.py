@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 from pathlib import Path
@@ -79,12 +80,27 @@ def test_demo_quick_end_to_end_and_commands_on_its_data(tmp_path, capsys):
     pred = pd.read_csv(out / "survival" / "abmil" / "fold_0" / "predictions_test.csv")
     assert {"bag_id", "time", "censorship", "risk", "surv_3"} <= set(pred.columns)
 
+    # Re-run into the same folder with another seed: refused before anything is rewritten, naming the seed.
+    table = (out / "results_survival_folds.csv").read_text()
+    first = next((out / "data" / "survival").rglob("*.h5"))
+    stamp = first.stat().st_mtime_ns
+    assert cli.main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--seed", "1", "--no-slide"]) == 2
+    err = capsys.readouterr().err
+    assert "seed 0 -> 1" in err and "--overwrite" in err and err.count("\n") == 1
+    assert first.stat().st_mtime_ns == stamp and (out / "results_survival_folds.csv").read_text() == table
+    # The same settings again: every fold is finished with them and skipped, and the table is the same.
+    assert cli.main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--no-slide",
+                     "--cohorts", "survival"]) == 0
+    text = capsys.readouterr().out
+    assert "folds 0, 1, 2: finished with this configuration, skipped" in text and "started" not in text
+    pd.testing.assert_frame_equal(pd.read_csv(out / "results_survival_folds.csv"), pd.read_csv(io.StringIO(table)))
+
     # splits / crossval / train / eval on the demo's classification data.
     data = out / "data" / "classification"
     assert cli.main(["splits", "--labels", str(data / "labels.csv"), "--out", str(tmp_path / "sp"), "--k", "2"]) == 0
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  feature_dir: {data / '20x_256px_0px_overlap' / 'features_synthetic'}\n"
-                   f"  label_csv: {data / 'labels.csv'}\n  split_dir: {tmp_path / 'sp'}\n"
+                   f"  label_csv: {data / 'labels.csv'}\n  split_dir: {tmp_path / 'sp'}\n  k: 2\n"
                    f"model:\n  name: abmil\n  dim: 8\n  attn_dim: 8\n"
                    f"train:\n  epochs: 1\n  progress: false\n  device: cpu\noutput:\n  dir: {tmp_path / 'run'}\n")
     assert cli.main(["crossval", "--config", str(cfg), "--set", "train.lr=1e-3"]) == 0

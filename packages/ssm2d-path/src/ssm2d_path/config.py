@@ -6,7 +6,13 @@ its full path and the allowed keys, a value of the wrong type or outside its cho
 key. ``model`` holds ``name`` plus the model's constructor arguments, checked against the signature of
 the model class (``in_dim`` and ``n_outputs`` come from the data and the task). Command-line overrides
 (``--set train.epochs=5``) are applied to the raw mapping before validation; their values are parsed as
-YAML (``5`` is an int, ``1e-4`` a float, ``[1, 2]`` a list, ``null`` None).
+YAML (``5`` is an int, ``1e-4`` a float, ``[1, 2]`` a list, ``null`` None); a Python object tag
+(``!!python/...``) is refused.
+
+Values are range-checked: every number finite (YAML reads ``.nan`` and ``.inf`` as floats), ``train.lr``
+> 0 and ``min_lr <= lr``, sizes >= 1, rates in their interval; model arguments against the constructor's
+annotations (sizes positive integers, dropout rates in [0, 1)). Whether ``train.device`` exists on this
+machine is checked when a run starts (:func:`ssm2d_path.train.check_device`), as is the model (built once).
 
 Example::
 
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,6 +79,8 @@ class DataConfig:
     seed: int = 0
     val_fraction: float = 0.15
     n_bins: int = 4
+    skip_bad_files: bool = False  # leave out unusable feature files (recorded) instead of refusing the run
+    max_grid_cells: int = 4_194_304  # a slide whose tissue-cropped grid (rows x cols) is larger is refused
 
 
 @dataclass
@@ -241,21 +251,67 @@ def _constructor_keys(cls) -> Optional[list[str]]:
     return None
 
 
+def _constructor_hints(cls) -> dict:
+    """Annotation of each constructor argument along the ``**kwargs`` chain (first one found wins)."""
+    hints: dict = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass.__module__.startswith("torch."):
+            continue
+        try:
+            found = typing.get_type_hints(klass.__init__)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: no type checks for that class
+            found = {}
+        for k, v in found.items():
+            hints.setdefault(k, v)
+    return hints
+
+
+def _accepts(tp, kind) -> bool:
+    return tp is kind or (typing.get_origin(tp) in (Union, types.UnionType) and kind in typing.get_args(tp))
+
+
+def _check_model_value(key: str, value: Any, tp) -> None:
+    """Type and range of one model argument: numbers finite, sizes (int arguments) >= 1, dropout rates
+    in [0, 1)."""
+    where = f"model.{key}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    if "drop" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{where}: a dropout rate must be in [0, 1), got {value!r}")
+        return
+    if tp is None:
+        return
+    if isinstance(value, bool):
+        if not _accepts(tp, bool):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return
+    if isinstance(value, int) and _accepts(tp, int):
+        if value < 1:
+            raise ConfigError(f"{where}: a size must be a positive integer, got {value!r}")
+        return
+    if isinstance(value, (int, float)) and not _accepts(tp, float) and _accepts(tp, int):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
 def check_model_kwargs(name: str, kwargs: dict, cls=None) -> None:
     """Reject keyword arguments the model's constructor does not take (``in_dim``/``n_outputs`` are
-    set by the run). Raises ConfigError naming ``model.<key>`` and the allowed keys."""
+    set by the run), and values of the wrong type or out of range (non-finite numbers, sizes < 1,
+    dropout outside [0, 1)). Raises ConfigError naming ``model.<key>``."""
     cls = cls or model_class(name)
     for key in kwargs:
         if key in ("in_dim", "n_outputs"):
             raise ConfigError(f"model.{key}: set by the run (feature dimension / task), do not give it")
     keys = _constructor_keys(cls)
-    if keys is None:
-        return
-    allowed = [k for k in keys if k not in ("in_dim", "n_outputs")]
-    for key in kwargs:
-        if key not in allowed:
-            raise ConfigError(f"model.{key}: unknown argument of {cls.__name__}; allowed keys of model: "
-                              f"name, {', '.join(allowed)}")
+    if keys is not None:
+        allowed = [k for k in keys if k not in ("in_dim", "n_outputs")]
+        for key in kwargs:
+            if key not in allowed:
+                raise ConfigError(f"model.{key}: unknown argument of {cls.__name__}; allowed keys of model: "
+                                  f"name, {', '.join(allowed)}")
+    hints = _constructor_hints(cls)
+    for key, value in kwargs.items():
+        _check_model_value(key, value, hints.get(key))
 
 
 def parse_config(raw: Any, *, check_model: bool = True) -> Config:
@@ -283,7 +339,17 @@ def parse_config(raw: Any, *, check_model: bool = True) -> Config:
     return cfg
 
 
+def _check_finite(cfg: Config) -> None:
+    """Every number of every section is finite (YAML reads ``.nan`` and ``.inf`` as floats)."""
+    for name in ("data", "train", "output", "slides", "patch", "extract", "heatmap"):
+        for f in dataclasses.fields(getattr(cfg, name)):
+            v = getattr(getattr(cfg, name), f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}.{f.name}: must be a finite number, got {v!r}")
+
+
 def _check_values(cfg: Config) -> None:
+    _check_finite(cfg)
     for name in ("slides", "patch", "extract", "heatmap"):
         try:
             getattr(cfg, name).check()
@@ -291,13 +357,20 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"{name}.{e}") from None
     d, t = cfg.data, cfg.train
     for key, v, lo in (("data.k", d.k, 2), ("data.n_bins", d.n_bins, 1), ("train.epochs", t.epochs, 1),
-                       ("train.accumulation", t.accumulation, 1)):
+                       ("train.accumulation", t.accumulation, 1), ("data.max_grid_cells", d.max_grid_cells, 1)):
         if v < lo:
             raise ConfigError(f"{key}: must be >= {lo}, got {v}")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
-    if t.lr <= 0 or t.weight_decay < 0 or t.warmup_epochs < 0 or t.min_lr < 0:
-        raise ConfigError("train.lr must be > 0 and train.weight_decay, train.warmup_epochs, train.min_lr >= 0")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
+    for key in ("weight_decay", "warmup_epochs", "min_lr"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: must be <= train.lr ({t.lr}), got {t.min_lr}")
+    if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+        raise ConfigError(f"train.max_grad_norm: must be > 0 (or null for no clipping), got {t.max_grad_norm}")
     if not 0.0 <= t.alpha <= 1.0:
         raise ConfigError(f"train.alpha: must be in [0, 1], got {t.alpha}")
     if d.task == "classification":
@@ -310,7 +383,7 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError("train.loss: survival takes 'nll' or 'cox' (or auto), got 'ce'")
         if t.selection == "val_auc":
             raise ConfigError("train.selection: val_auc is for classification; use val_cindex, val_loss or last")
-    if not (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda")):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device: expected 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {t.device!r}")
 
 
@@ -332,7 +405,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"--set {item!r}: {k} is not a section")
             node = nxt
-        node[keys[-1]] = yaml.safe_load(text)
+        try:
+            node[keys[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            what = ("a Python object tag (!!python/...) is not a value; give plain YAML (numbers, strings, "
+                    "lists, mappings)" if "python" in str(e) else f"not valid YAML ({' '.join(str(e).split())})")
+            raise ConfigError(f"--set {item!r}: {what}") from None
     return raw
 
 

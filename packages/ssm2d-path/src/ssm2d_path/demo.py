@@ -236,10 +236,15 @@ def generate_cohort(out: os.PathLike, settings: DemoSettings = DemoSettings(), s
 def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int = 0, device: str = "auto",
              models: Sequence[str] = DEMO_MODELS, settings: Optional[DemoSettings] = None,
              progress: bool = True, cohorts: Sequence[str] = COHORTS, slide: Optional[os.PathLike] = None,
-             with_slide: bool = True) -> dict:
+             with_slide: bool = True, overwrite: bool = False) -> dict:
     """Generate the cohorts, cross-validate ``models`` on ``cohorts`` (both by default), write and print the
     tables and draw their figures (``<out>/figures``: ROC curves, Kaplan-Meier curves of the risk groups);
     then, unless ``with_slide`` is False, run a real slide through the pipeline (:func:`run_slide_demo`).
+
+    An ``out`` folder made with other demo settings (seed, quick, models, cohort sizes, epochs) is
+    refused before anything is written (:class:`~ssm2d_path.runstate.RunConflictError` naming the
+    differing settings) unless ``overwrite``, which empties it first; with the same settings finished
+    folds are skipped and interrupted ones resumed.
 
     Returns {"classification": rows, "survival": rows, "markdown": str, "margins": {...},
     "seconds": float, "failures": {...}, "figures": [paths], "slide": {...} or None}.
@@ -248,15 +253,20 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
     from .crossval import build_dataset, crossval, load_splits, task_for
     from .manifest import now, write_json_atomic, write_manifest
     from .metrics import write_results_table
-    from .train import resolve_device
+    from .train import check_device, resolve_device
 
     unknown = sorted(set(cohorts) - set(COHORTS))
     if unknown or not cohorts:
         raise ValueError(f"cohorts: expected a non-empty subset of {COHORTS}, got {list(cohorts)}")
+    check_device(device, key="--device")
     t0 = time.time()
     start = now()
     out = Path(out)
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    demo_config = {"demo": 1, "seed": int(seed), "models": list(models),
+                   "settings": json.loads(json.dumps({k: getattr(settings, k) for k in settings.__dataclass_fields__})),
+                   "model_kwargs": {m: settings.kwargs(m) for m in models}}
+    _claim_folder(out, demo_config, overwrite)
     paths = generate_cohort(out / "data", settings, seed)
     t_data = time.time() - t0
     metrics = {"classification": ["auc", "acc", "bacc", "f1"], "survival": ["cindex", "logrank_p"]}
@@ -281,7 +291,7 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
             print(f"[demo] {cohort}: cross-validating {name} ({settings.k} folds, {epochs} epochs, "
                   f"selection {selection})", flush=True)
             res = crossval(cfg, dataset=ds, table=table, splits=splits, task=task, split_files=split_files,
-                           label_files=[paths[cohort]["labels"]])
+                           label_files=[paths[cohort]["labels"]], overwrite=overwrite)
             for f, tb in res.failures.items():
                 failures[f"{cohort}/{name}/fold_{f}"] = tb
             for r in res.rows:
@@ -304,7 +314,10 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
     if margins:
         md += "\n" + "\n".join(f"- {k}: {v:+.3f}" for k, v in margins.items()) + "\n"
     md += f"\ndata generation {t_data:.1f} s, total {seconds:.1f} s on {resolve_device(device)}\n"
-    (out / "results.md").write_text(md)
+    from ssm2d_nn.fileio import atomic_output
+
+    with atomic_output(out / "results.md") as tmp:
+        tmp.write_text(md)
     write_json_atomic(out / "summary.json", {"margins": margins, "seconds": seconds, "failures": sorted(failures),
                                              "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__}})
     write_manifest(out, config={"demo": True, "quick": quick, "models": list(models),
@@ -322,6 +335,41 @@ def run_demo(out: os.PathLike = "ssm2d-demo", *, quick: bool = False, seed: int 
               flush=True)
     return {**all_rows, "markdown": md, "margins": margins, "seconds": seconds, "failures": failures,
             "figures": figures, "slide": slide_res}
+
+
+DEMO_FILE = "demo.json"
+_DEMO_OUTPUTS = ("data", "classification", "survival", "figures", "slide", "results.md", "results_classification.md",
+                 "results_classification.csv", "results_classification_folds.csv", "results_survival.md",
+                 "results_survival.csv", "results_survival_folds.csv", "summary.json", "manifest.json", DEMO_FILE)
+
+
+def _claim_folder(out: Path, demo_config: dict, overwrite: bool) -> None:
+    """Refuse (or, with ``overwrite``, empty) a demo folder made with other settings; then record ours
+    in ``demo.json`` before anything else is written, so an interrupted demo is recognised."""
+    import shutil
+
+    from .manifest import write_json_atomic
+    from .runstate import RunConflictError, config_diff, describe_diff, fingerprint
+
+    fp = fingerprint(demo_config)
+    marker = out / DEMO_FILE
+    present = [name for name in _DEMO_OUTPUTS if (out / name).exists()]
+    if present:
+        try:
+            old = json.loads(marker.read_text()) if marker.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("fingerprint") != fp:
+            why = (describe_diff(config_diff(old.get("run_config"), demo_config)) if old.get("run_config")
+                   else "made before demo settings were recorded, or not a demo folder")
+            if not overwrite:
+                raise RunConflictError(f"demo: {str(out)!r} holds a demo made with other settings ({why}); pass "
+                                       f"--overwrite (overwrite=True) to redo it, or choose another --out")
+            print(f"[demo] {out}: made with other settings ({why}); overwritten", flush=True)
+            for name in present:
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    write_json_atomic(marker, {"fingerprint": fp, "run_config": demo_config})
 
 
 def _figures(out: Path, cohorts: Sequence[str]) -> list:

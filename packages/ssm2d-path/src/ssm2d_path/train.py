@@ -15,10 +15,18 @@ RNG states, epoch, best-so-far with its weights, history; written atomically, lo
 ``weights_only=True``), ``model.pt`` (the selected weights), ``predictions_val.csv`` /
 ``predictions_test.csv`` (per bag: id, label or time/censorship, probabilities or risk) and
 ``results.json`` (written last: its presence marks a finished run).
+
+Checkpoints and ``results.json`` carry the run's description (``run_config``: the config keys that
+change the result, see :mod:`ssm2d_path.runstate`) and its ``fingerprint``; a checkpoint is resumed only
+by a run of the same fingerprint, anything else is refused with the keys that differ.
+
+Progress bars are drawn only when the output is a terminal: in a log file they would be thousands of
+carriage-return updates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -32,13 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._progress import progress_bar
 from .config import TrainConfig
 from .manifest import write_json_atomic
 from .tasks import SurvivalTask, Task
 from ssm2d_nn.fileio import atomic_output
 
-__all__ = ["SplitView", "Trainer", "evaluate", "load_checkpoint", "resolve_device", "rng_state", "set_rng_state",
-           "seed_everything", "metrics_from_predictions", "SELECTION_RULES"]
+__all__ = ["SplitView", "Trainer", "check_device", "evaluate", "load_checkpoint", "progress_bar", "resolve_device",
+           "rng_state", "set_rng_state", "seed_everything", "metrics_from_predictions", "SELECTION_RULES"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_device(name: str, key: str = "train.device") -> torch.device:
+    """The device ``name`` names, checked to exist here. Raises ValueError naming ``key`` for a CUDA
+    device on a CPU-only build or machine, or an index beyond the visible GPUs."""
+    try:
+        dev = resolve_device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{key}: {name!r} is not a device ({e}); expected auto, cpu, cuda or cuda:<i>") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"{key}: {name!r} requested but {why}; use cpu or auto")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{key}: {name!r} requested but only {n} CUDA device(s) are visible (cuda:0..cuda:{n - 1})")
+    elif dev.type != "cpu":
+        raise ValueError(f"{key}: {name!r}: expected auto, cpu, cuda or cuda:<i>")
+    return dev
 
 
 class SplitView:
@@ -130,14 +158,11 @@ def _atomic_csv(df, path: Path) -> None:
 
 
 def load_checkpoint(path: os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint (or a ``model.pt``) with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(path)!r} could not be read: {e}") from e
+    """Load a checkpoint (or a ``model.pt``) with ``weights_only=True``: tensors and plain containers
+    only. Raises FileNotFoundError, or ValueError saying what is wrong with the file."""
+    from ssm2d_nn.fileio import load_weights
+
+    return load_weights(path, map_location=map_location, what="checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -174,12 +199,11 @@ def evaluate(model: nn.Module, task: Task, data, device, *, progress: bool = Fal
         Cox: the loss is the partial likelihood over the whole split.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     rows, logits_all, targets = [], [], []
-    for i in tqdm(range(len(data)), desc=desc, disable=not progress, leave=False):
+    for i in progress_bar(range(len(data)), enabled=progress, desc=desc, leave=False):
         ex = data[i]
         out = model(ex.bag.to(device, torch.float32))
         lg = out.logits.float()
@@ -229,11 +253,18 @@ class Trainer:
             the caller, see :meth:`Config.resolved_selection`).
         callbacks: ``fn(trainer, epoch, record)`` called after each epoch's checkpoint is written
             (an exception raised there stops training; the checkpoint stays).
+        run_config: what produced this run (plain JSON types; cross-validation gives the config keys
+            that change results and the fold's split, :func:`ssm2d_path.runstate.fold_run_config`).
+            Default: the training settings, the model's class and parameter shapes and the split sizes.
+            Saved with its fingerprint in checkpoints and results; a checkpoint of another run config
+            is not resumed (ValueError naming the differing keys).
+        record: further entries for ``results.json`` (e.g. the slides left out of the cohort).
     """
 
     def __init__(self, model: nn.Module, task: Task, train_data, val_data=None, test_data=None, *,
                  cfg: TrainConfig, out_dir: os.PathLike, selection: Optional[str] = None,
-                 device=None, callbacks: Sequence[Callable] = ()):
+                 device=None, callbacks: Sequence[Callable] = (), run_config: Optional[dict] = None,
+                 record: Optional[dict] = None):
         from .models.params import param_groups
 
         self.cfg = cfg
@@ -272,6 +303,18 @@ class Trainer:
         self.best = _Best()
         self.best_state: Optional[dict] = None
         self.start_epoch = 0
+        self.record = dict(record or {})
+        if run_config is None:
+            train = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "progress")}
+            run_config = {"train": train, "selection": sel,
+                          "model": {"class": type(model).__qualname__,
+                                    "parameters": {k: list(v.shape) for k, v in model.state_dict().items()}},
+                          "data": {"n_train": len(self.train_data), "n_val": len(self.val_data),
+                                   "n_test": len(self.test_data)}}
+        from .runstate import fingerprint
+
+        self.run_config = run_config
+        self.fingerprint = fingerprint(run_config)
 
     # -- selection ------------------------------------------------------------------------------
     def _score(self, val_metrics: dict) -> Optional[float]:
@@ -304,6 +347,8 @@ class Trainer:
             "best_model": self.best_state,
             "history": self.history,
             "selection": self.selection,
+            "fingerprint": self.fingerprint,
+            "run_config": self.run_config,
         }
         path = self.out_dir / CHECKPOINT_FILE
         _atomic_torch_save(ckpt, path)
@@ -311,7 +356,17 @@ class Trainer:
 
     def load_checkpoint(self, path: os.PathLike) -> int:
         """Restore everything from a checkpoint; returns the number of finished epochs."""
+        from .runstate import RunConflictError, config_diff, describe_diff
+
         ckpt = load_checkpoint(path, map_location="cpu")
+        if ckpt.get("fingerprint") != self.fingerprint:
+            if ckpt.get("fingerprint") is None:
+                why = "it was made before run configurations were recorded (no fingerprint)"
+            else:
+                diff = config_diff(ckpt.get("run_config"), self.run_config)
+                why = f"it was made with another configuration ({describe_diff(diff) or 'fingerprint differs'})"
+            raise RunConflictError(f"checkpoint {str(path)!r} cannot be resumed by this run: {why}; "
+                                   f"remove it (or use --overwrite) to start afresh")
         if ckpt.get("selection") != self.selection:
             raise ValueError(f"checkpoint {str(path)!r} was made with selection {ckpt.get('selection')!r}, "
                              f"this run uses {self.selection!r}")
@@ -326,16 +381,14 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> float:
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         self.model.train()
         order = epoch_order(len(self.train_data), cfg.seed, epoch)
         n = len(order)
         total_loss, count = 0.0, 0
         window_logits, window_targets = [], []
-        bar = tqdm(order, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False,
-                   dynamic_ncols=True)
+        bar = progress_bar(order, enabled=cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                           dynamic_ncols=True)
         self.optimizer.zero_grad(set_to_none=True)
         for step, idx in enumerate(bar):
             ex = self.train_data[idx]
@@ -420,5 +473,8 @@ class Trainer:
             _atomic_csv(df, self.out_dir / f"predictions_{name}.csv")
             results[name] = {k: float(v) for k, v in m.items()}
         results["scan_backend"] = getattr(self.model, "scan_backend", None)
+        results["fingerprint"] = self.fingerprint
+        results["run_config"] = self.run_config
+        results.update(self.record)
         write_json_atomic(self.out_dir / RESULTS_FILE, results)
         return results

@@ -180,6 +180,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dy, _dcarries):
     u, delta, A, B, C, D, z, delta_bias, y, carries = ctx.saved_tensors
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (dout, u, delta, A, B, C, D, z, delta_bias)):
+        raise RuntimeError("scan2d: double backward (a gradient taken with create_graph=True) is not supported "
+                           "by the kernel backend; use backend='reference' for higher-order gradients")
     softplus, origin, order, deterministic = ctx.flags
     du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.ssm2d.scan2d_bwd(
         dout, u, delta, A, B, C, D, z, delta_bias, y, carries, softplus, origin, order, deterministic)

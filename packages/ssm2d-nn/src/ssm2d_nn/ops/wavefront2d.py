@@ -177,6 +177,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout):
     u, dT, dL, AT, AL, BT, BL, C, D = ctx.saved_tensors
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (dout, u, dT, dL, AT, AL, BT, BL, C, D)):
+        raise RuntimeError("wavefront2d: double backward (a gradient taken with create_graph=True) is not "
+                           "supported by the kernel backend; use backend='reference' for higher-order gradients")
     origin, deterministic = ctx.flags
     du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD = torch.ops.ssm2d.wavefront2d_bwd(
         dout, u, dT, dL, AT, AL, BT, BL, C, D, origin, deterministic)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from .._progress import progress_bar
 
 from ..data.dataset import index_feature_files
 from ..io import EmptySlideError, SlideFileError, convert_slide
@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     pdir = Path(args.patches_dir) if args.patches_dir else None
     written, existing, empty, failed = [], [], [], []
-    for slide, path in tqdm(sorted(files.items()), desc="convert", unit="slide", file=sys.stderr):
+    for slide, path in progress_bar(sorted(files.items()), desc="convert", unit="slide"):
         patches = pdir / f"{slide}.h5" if pdir is not None and (pdir / f"{slide}.h5").is_file() else None
         try:
             dst, done = convert_slide(path, args.dst_dir, fmt=args.source, patches_path=patches, stride=args.stride,

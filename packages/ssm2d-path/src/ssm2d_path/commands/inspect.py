@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-from tqdm import tqdm
+from .._progress import progress_bar
 
 from ..io import EmptySlideError, SlideFileError, detect_format, read_slide
 from ..io.readers import H5_SUFFIXES, PT_SUFFIXES, is_patches_file
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     pdir = Path(args.patches_dir) if args.patches_dir else None
     rows = [inspect_file(f, fmt=args.format, patches_dir=pdir, stride=args.stride, mpp=args.mpp)
-            for f in tqdm(files, desc="inspect", unit="file", file=sys.stderr, disable=len(files) < 2 or None)]
+            for f in progress_bar(files, desc="inspect", unit="file", enabled=len(files) >= 2)]
     summary = summarize(rows, len(patches_files))
     if args.json:
         json.dump({"slides": rows, "summary": summary}, sys.stdout, indent=2, default=str)

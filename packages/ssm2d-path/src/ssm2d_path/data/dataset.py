@@ -13,13 +13,24 @@ import torch
 from torch.utils.data import Dataset
 
 from ..bag import Bag, SlideGrid
-from ..io import SlideFileError, read_slide
+from ..io import EmptySlideError, SlideFileError, read_slide
 from ..io.readers import H5_SUFFIXES, PT_SUFFIXES, is_patches_file
 from .labels import LabelTable
 
-__all__ = ["BagDataset", "Example", "index_feature_files"]
+__all__ = ["BagDataset", "CohortError", "Example", "index_feature_files"]
 
 logger = logging.getLogger(__name__)
+
+
+class CohortError(SlideFileError):
+    """Feature files of the cohort are unusable; the message lists every one with its problem."""
+
+    def __init__(self, problems: list[tuple[str, str]], hint: str = ""):
+        self.problems = list(problems)
+        shown = "; ".join(f"{p}" for _, p in self.problems[:20])
+        more = f"; and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+        super().__init__(f"{len(self.problems)} feature file(s) of the cohort are unusable: {shown}{more}"
+                         + (f". {hint}" if hint else ""))
 
 
 @dataclass
@@ -58,10 +69,12 @@ def index_feature_files(feature_dir: Union[str, Path]) -> dict[str, Path]:
 def _probe(path: Path) -> tuple[int, int]:
     """(N, F) of a feature file without reading its features."""
     if path.suffix.lower() in PT_SUFFIXES:
+        from ssm2d_nn.fileio import load_weights
+
         try:
-            t = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # pickle/zip errors of a truncated or foreign file come in many types
-            raise SlideFileError(f"{path}: cannot be loaded as a torch tensor file: {e}") from e
+            t = load_weights(path, what="feature file", mmap=True)
+        except (OSError, ValueError) as e:  # says what is wrong with the file
+            raise SlideFileError(str(e)) from None
         if isinstance(t, dict) and "features" in t:
             t = t["features"]
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
@@ -94,19 +107,27 @@ class BagDataset(Dataset):
         fmt: file format or "auto"; patches_dir: CLAM ``patches`` folder (needed for ``.pt`` files);
         stride: fallback stride (see :func:`~ssm2d_path.io.read_slide`); mpp: STAMP level-0 mpp.
         cache_bytes: loaded bags are kept in memory up to this many bytes of features (LRU).
-        strict: raise on an unreadable file instead of reporting and skipping it.
+        strict: raise on unusable files instead of reporting and skipping them: one :class:`CohortError`
+            listing every unusable file with its problem, after all were checked.
+        validate: read every feature file once, completely, when the dataset is built (features and
+            coordinates, their lengths, NaN/inf, duplicate or off-lattice coordinates, the grid), so a
+            bad file is found before any training instead of in the middle of it. Without it only the
+            shape is probed and a bad file fails when its bag is read.
+        max_cells: with ``validate``, a slide whose tissue-cropped grid (rows x cols) holds more cells
+            is unusable (an outlier patch far from the tissue makes a grid no model can allocate).
 
     Attributes:
-        ids: bag ids with features, in table order. Slides with 0 patches, unreadable files and slides
-            of the table without a feature file are left out, logged, and listed in ``skipped``
-            as ``(slide_id, reason)``; feature files without a table row are ignored (logged).
+        ids: bag ids with features, in table order. Slides with 0 patches, unusable files (unless
+            ``strict``) and slides of the table without a feature file are left out, logged, and listed
+            in ``skipped`` as ``(slide_id, reason)``; feature files without a table row are ignored (logged).
         files: bag id -> its feature files (for manifests).
         feature_dim: F, common to every file.
     """
 
     def __init__(self, feature_dir: Union[str, Path], table: LabelTable, *, level: str = "slide",
                  fmt: str = "auto", patches_dir: Optional[Union[str, Path]] = None, stride: Optional[float] = None,
-                 mpp: Optional[float] = None, cache_bytes: int = 2 << 30, strict: bool = False):
+                 mpp: Optional[float] = None, cache_bytes: int = 2 << 30, strict: bool = False,
+                 validate: bool = False, max_cells: Optional[int] = None):
         if level not in ("slide", "patient"):
             raise ValueError(f"level: expected 'slide' or 'patient', got {level!r}")
         self.feature_dir, self.table, self.level, self.fmt = Path(feature_dir), table, level, fmt
@@ -130,16 +151,18 @@ class BagDataset(Dataset):
 
         usable: dict[str, Path] = {}
         dims: dict[int, str] = {}
+        bad: list[tuple[str, str]] = []
         for s in table_slides:
             if s not in available:
                 continue
             try:
                 n, d = _probe(available[s])
+                if n and validate:
+                    self._validate(available[s], max_cells)
+            except EmptySlideError:
+                n, d = 0, 0
             except SlideFileError as e:
-                if strict:
-                    raise
-                logger.warning("skipping slide %s: %s", s, e)
-                self.skipped.append((s, f"unreadable: {e}"))
+                bad.append((s, str(e)))
                 continue
             if n == 0:
                 logger.warning("skipping slide %s: empty (0 patches) in %s", s, available[s])
@@ -147,6 +170,12 @@ class BagDataset(Dataset):
                 continue
             dims.setdefault(d, str(available[s]))
             usable[s] = available[s]
+        if bad and strict:
+            raise CohortError(bad, "Fix or remove them, or leave them out with --skip-bad-files "
+                                   "(data.skip_bad_files: true; they are recorded in the manifest and results)")
+        for s, why in bad:
+            logger.warning("skipping slide %s: %s", s, why)
+            self.skipped.append((s, f"unusable: {why}"))
         if len(dims) > 1:
             raise ValueError(f"feature_dir {self.feature_dir}: feature files disagree on the feature dimension: "
                              + "; ".join(f"F={d} in {p}" for d, p in dims.items()))
@@ -165,6 +194,28 @@ class BagDataset(Dataset):
         self.ids: list[str] = list(self.files)
         if not self.ids:
             logger.warning("no bag has features: %d slide(s) skipped", len(self.skipped))
+
+    def _validate(self, path: Path, max_cells: Optional[int]) -> None:
+        """Read one file completely (every check of the readers) and check its grid's size."""
+        try:
+            g = self._read(path)
+        except SlideFileError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SlideFileError(f"{path}: {e}") from e
+        h, w = g.shape
+        if max_cells is not None and h * w > max_cells:
+            lo, hi = g.coords.min(axis=0), g.coords.max(axis=0)
+            raise SlideFileError(
+                f"{path}: its grid is {h:,} x {w:,} = {h * w:,} cells, more than the budget of {max_cells:,} "
+                f"(data.max_grid_cells); the patches span x {lo[0]}..{hi[0]}, y {lo[1]}..{hi[1]} at stride "
+                f"{g.stride}: an outlier patch far from the tissue? (raise data.max_grid_cells for a slide "
+                f"this large)")
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"], state["_cached_bytes"] = OrderedDict(), 0  # what goes to another process: no bags
+        return state
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -3,6 +3,11 @@
 Every patient falls in the test part of exactly one fold; within a fold, the validation part is drawn
 from the training patients with the same stratification; a patient's slides never straddle two parts.
 Classification stratifies by label; survival by (event indicator, time quantile bin).
+
+A split folder holds the files of one k: :func:`write_splits` refuses a folder that already holds split
+files unless ``overwrite`` (then the old ones, stale higher folds included, are removed first);
+:func:`read_splits` with ``k`` requires exactly ``splits_0 .. splits_{k-1}``, and :func:`check_splits`
+that every patient is in exactly one test fold.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -21,11 +26,13 @@ import pandas as pd
 from .labels import LabelTable
 from ssm2d_nn.fileio import atomic_output
 
-__all__ = ["Split", "make_splits", "read_splits", "write_splits"]
+__all__ = ["Split", "check_splits", "make_splits", "read_splits", "split_files", "write_splits"]
 
 logger = logging.getLogger(__name__)
 
 _SPLIT_FILE = re.compile(r"^splits_(\d+)\.csv$")
+# Ours, and CLAM's companions splits_<i>_bool.csv / splits_<i>_descriptor.csv.
+_ANY_SPLIT_FILE = re.compile(r"^splits_(\d+)(_bool|_descriptor)?\.csv$")
 
 
 @dataclass
@@ -142,12 +149,35 @@ def _atomic_write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8", newline="")
 
 
-def write_splits(directory: Union[str, Path], splits: list[Split]) -> list[Path]:
+def split_files(directory: Union[str, Path]) -> list[Path]:
+    """The ``splits_<i>.csv`` files of a folder, in order of i (none when it does not exist)."""
+    p = Path(directory)
+    if not p.is_dir():
+        return []
+    found = []
+    for f in p.iterdir():
+        m = _SPLIT_FILE.match(f.name)
+        if m:
+            found.append((int(m.group(1)), f))
+    return [f for _, f in sorted(found, key=lambda t: t[0])]
+
+
+def write_splits(directory: Union[str, Path], splits: list[Split], *, overwrite: bool = False) -> list[Path]:
     """Write ``splits_{i}.csv`` (columns train,val,test; ragged columns padded with empty cells).
 
+    A folder holds the splits of one k: when it already holds split files, FileExistsError is raised
+    unless ``overwrite``; then every old split file (``splits_<i>.csv`` and CLAM's ``_bool`` /
+    ``_descriptor`` companions) is removed before the new ones are written.
     Returns the written paths. Each file is written atomically.
     """
     directory = Path(directory)
+    old = sorted(f for f in directory.iterdir() if _ANY_SPLIT_FILE.match(f.name)) if directory.is_dir() else []
+    if old and not overwrite:
+        raise FileExistsError(f"splits: {directory} already holds {len(split_files(directory)) or len(old)} split "
+                              f"file(s) ({', '.join(f.name for f in old[:6])}{' ...' if len(old) > 6 else ''}); "
+                              f"pass --overwrite (overwrite=True) to replace them, or choose another folder")
+    for f in old:
+        f.unlink()
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, s in enumerate(splits):
@@ -188,11 +218,12 @@ def _read_split_file(path: Path) -> Split:
     return Split(parts["train"], parts["val"], parts["test"])
 
 
-def read_splits(dir_or_file: Union[str, Path]) -> list[Split]:
+def read_splits(dir_or_file: Union[str, Path], k: Optional[int] = None) -> list[Split]:
     """Read one split file, or every ``splits_{i}.csv`` of a folder in order of i.
 
     Reads ours and CLAM's (which adds an unnamed index column; its ``splits_{i}_bool.csv`` and
-    ``_descriptor.csv`` companions are ignored).
+    ``_descriptor.csv`` companions are ignored). With ``k`` the folder must hold exactly
+    ``splits_0.csv .. splits_{k-1}.csv`` (ValueError naming what it holds otherwise).
     """
     p = Path(dir_or_file)
     if p.is_file():
@@ -203,6 +234,55 @@ def read_splits(dir_or_file: Union[str, Path]) -> list[Split]:
     if not files:
         raise FileNotFoundError(f"splits: no splits_{{i}}.csv files in {p}")
     idx = [i for i, _ in files]
+    if k is not None and idx != list(range(k)):
+        raise ValueError(f"splits: {p} holds {len(idx)} split file(s) (splits_{{{','.join(map(str, idx))}}}.csv) but "
+                         f"data.k = {k} needs splits_0 .. splits_{k - 1}; set data.k to match, or rewrite the "
+                         f"folder (ssm2d-path splits --k {k} --overwrite)")
     if idx != list(range(len(idx))):
         logger.warning("splits in %s are numbered %s, not 0..%d", p, idx, len(idx) - 1)
     return [_read_split_file(f) for _, f in files]
+
+
+def check_splits(splits: list[Split], table: LabelTable, *, level: str = "patient", where: str = "splits",
+                 ids: Optional[list[str]] = None) -> None:
+    """Every patient is in the test part of exactly one fold, and a patient's slides never straddle
+    the parts of a fold.
+
+    Args:
+        splits: the folds.  table: the label table (maps slide ids to patients).
+        level: "patient" (ids are case ids) or "slide" (slide ids).
+        ids: the bags that must be tested (default: every bag of the table at ``level``).
+    Raises:
+        ValueError naming the patients tested twice (and in which folds) or never.
+    """
+    def case(i: str) -> str:
+        if level == "patient":
+            return i
+        try:
+            return table.case_of(i)
+        except (KeyError, ValueError):
+            return i
+
+    folds_of: dict[str, set] = {}
+    for f, s in enumerate(splits):
+        parts_of: dict[str, set] = {}
+        for part, members in s.parts().items():
+            for i in members:
+                parts_of.setdefault(case(i), set()).add(part)
+        straddle = sorted(c for c, parts in parts_of.items() if len(parts) > 1)
+        if straddle:
+            raise ValueError(f"{where}: fold {f}: patient(s) in more than one of train/val/test: "
+                             f"{', '.join(straddle[:10])}{' ...' if len(straddle) > 10 else ''}")
+        for i in s.test:
+            folds_of.setdefault(case(i), set()).add(f)
+    twice = {c: sorted(fs) for c, fs in folds_of.items() if len(fs) > 1}
+    if twice:
+        items = sorted(twice.items())
+        raise ValueError(f"{where}: {len(twice)} patient(s) are in the test part of more than one fold "
+                         f"(each must be tested exactly once): "
+                         + ", ".join(f"{c} in folds {fs}" for c, fs in items[:10]) + (" ..." if len(items) > 10 else ""))
+    want = [case(i) for i in ids] if ids is not None else list(table.cases())
+    never = sorted(set(want) - set(folds_of))
+    if never:
+        raise ValueError(f"{where}: {len(never)} patient(s) are in no fold's test part (each must be tested "
+                         f"exactly once): {', '.join(never[:10])}{' ...' if len(never) > 10 else ''}")

@@ -281,10 +281,12 @@ def clam_patch_size_level0(attrs: dict) -> Optional[int]:
 def _load_pt(path: Path) -> np.ndarray:
     if not path.is_file():
         raise SlideFileError(f"{path}: no such file")
+    from ssm2d_nn.fileio import load_weights
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors of a truncated or foreign file come in many types
-        raise SlideFileError(f"{path}: cannot be loaded as a torch tensor file (truncated or not a .pt file): {e}") from e
+        obj = load_weights(path, what="feature file")
+    except (OSError, ValueError) as e:  # says what is wrong with the file; never suggests an unsafe load
+        raise SlideFileError(str(e)) from None
     if isinstance(obj, dict) and "features" in obj:
         obj = obj["features"]
     if not isinstance(obj, torch.Tensor):

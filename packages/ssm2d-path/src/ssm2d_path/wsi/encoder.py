@@ -103,8 +103,12 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with non-tensor objects, wrong format
+            from ssm2d_nn.fileio import load_weights
+
+            obj = load_weights(path, what="weights")  # says what is wrong; never suggests an unsafe load
+    except ValueError:
+        raise
+    except Exception as e:  # corrupt safetensors file, wrong format
         raise ValueError(f"weights: {path} cannot be read as a safetensors or torch weights file "
                          f"({type(e).__name__}: {e})") from None
     for _ in range(4):  # nested containers, e.g. {"model": {"state_dict": ...}}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,7 +267,7 @@ def extract_slides(patch_files: Sequence[PathLike], job_dir: PathLike, cfg: Extr
     Raises:
         ValueError from :func:`build_encoder` (unknown model, weights that do not fit), before any slide.
     """
-    from tqdm import tqdm
+    from .._progress import progress_bar
 
     cfg.check()
     r, w, local_rank, from_env = _dist_env(rank, world_size)
@@ -294,9 +293,9 @@ def extract_slides(patch_files: Sequence[PathLike], job_dir: PathLike, cfg: Extr
             grids[pf] = read_coords(pf)
         except SlideFileError as e:
             report.failed[pf] = str(e)
-    bar = tqdm(total=sum(g.num_patches for g in grids.values()), unit="patch",
-               desc=f"extract[{r}/{w}]" if w > 1 else "extract", file=sys.stderr, dynamic_ncols=True,
-               disable=not progress or r != 0, position=0)
+    bar = progress_bar(total=sum(g.num_patches for g in grids.values()), unit="patch",
+                       desc=f"extract[{r}/{w}]" if w > 1 else "extract", dynamic_ncols=True,
+                       enabled=progress and r == 0, position=0)
     local_patches, seconds = 0, 0.0
     try:
         for pf, grid in grids.items():

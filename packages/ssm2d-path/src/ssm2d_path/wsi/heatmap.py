@@ -489,12 +489,12 @@ def heatmap_slides(features_files: Sequence[PathLike], model: torch.nn.Module, c
                    mpp: Optional[float] = None, progress: bool = True) -> HeatmapReport:
     """:func:`heatmap_slide` for every file with a progress bar; a failing slide is logged and reported
     in ``failed`` (file -> reason) and the others go on; empty slides (no tissue) are listed in ``skipped``."""
-    from tqdm.auto import tqdm
+    from .._progress import progress_bar
 
     from ..io import EmptySlideError, SlideFileError
 
     report = HeatmapReport()
-    for f in tqdm(list(features_files), desc="heatmap", unit="slide", disable=not progress):
+    for f in progress_bar(list(features_files), desc="heatmap", unit="slide", enabled=progress):
         try:
             paths = heatmap_slide(f, model, card, out_dir, cfg, slides_dir=slides_dir, mpp=mpp)
         except EmptySlideError as e:

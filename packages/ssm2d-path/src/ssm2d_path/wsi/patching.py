@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -337,7 +336,7 @@ def patch_slides(paths: Iterable[PathLike], job_dir: PathLike, cfg: Optional[Pat
     ``report.failed`` with the reason; the others go on. A slide without tissue gets an empty (0, 2)
     patches file. ``mpp`` is the level-0 um/px for slides whose file records none.
     """
-    from tqdm import tqdm
+    from .._progress import progress_bar
 
     cfg = cfg or PatchConfig()
     cfg.check()
@@ -346,7 +345,7 @@ def patch_slides(paths: Iterable[PathLike], job_dir: PathLike, cfg: Optional[Pat
     report = PatchReport()
     seen: dict[str, Path] = {}
     paths = [Path(p) for p in paths]
-    bar = tqdm(paths, desc="patch", unit="slide", file=sys.stderr, disable=not progress)
+    bar = progress_bar(paths, desc="patch", unit="slide", enabled=progress)
     for path in bar:
         bar.set_postfix_str(path.name, refresh=False)
         name = path.stem

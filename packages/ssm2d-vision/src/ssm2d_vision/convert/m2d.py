@@ -189,12 +189,11 @@ def load_released(path: str, model_name: str, strict: bool = True) -> dict:
     Missing keys, unexpected keys and shape mismatches are collected; with ``strict`` a ValueError
     lists them all, otherwise they are warned about and the matching part is returned.
     """
+    from ssm2d_nn.fileio import load_weights
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_released: checkpoint file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (re-raised with the file named)
-        raise ValueError(f"load_released: {path} could not be read with torch.load(weights_only=True): {exc}") from exc
+    obj = load_weights(path, what="checkpoint")  # weights only; ValueError saying what is wrong with the file
     released, ignored = _to_released_layout(_state_dict_of(obj, path))
     if ignored:
         logger.info("load_released(%s): left out %d non-backbone key(s) (e.g. %s)", path, len(ignored), ignored[:3])

@@ -179,11 +179,20 @@ def load_released(path: str, model_name: str, strict: bool = True, model: Option
     The result is checked against our model of ``model_name`` (classes taken from the checkpoint's
     head; per-stage norms if the checkpoint has ``outnorm{i}``): keys without a counterpart, missing
     and unexpected keys and shape mismatches raise a RuntimeError listing them when ``strict``, and
-    are reported with a warning otherwise.
+    are reported with a warning otherwise. A file that is missing (FileNotFoundError), empty,
+    truncated, not a ``torch.save`` file, or holds anything but weights (pickled objects are never
+    loaded) raises ValueError naming it.
     """
+    from ssm2d_nn.fileio import load_weights
+
     _check_model(model_name)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    ours, unknown = released_to_ours(obj, model_name)
+    obj = load_weights(path, what="checkpoint")  # weights only; ValueError saying what is wrong with the file
+    try:
+        ours, unknown = released_to_ours(obj, model_name)
+    except TypeError as exc:
+        raise ValueError(f"checkpoint {path!r}: {exc}") from None
+    if not ours and not unknown:
+        raise ValueError(f"checkpoint {path!r} holds no tensors (an empty state dict?)")
     head = ours.get("head.fc.weight")
     num_classes = head.shape[0] if head is not None else 0
     has_out_norms = any(k.startswith("out_norms.") for k in ours)
