@@ -100,6 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-channels", type=int, default=None,
                     help="channels per chunk of the SSM layers' chunked scan2d path (default: the layer's auto)")
     ap.add_argument("--breakdown", action="store_true", help="print mil_memory.py's byte count for each row")
+    ap.add_argument("--profile", action="store_true",
+                    help="print where one step's device time goes (torch.profiler, top kernels) for each row")
     ap.add_argument("--top", type=int, default=10, help="rows of the --breakdown tables")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -147,6 +149,9 @@ def main(argv=None) -> None:
                 params = sum(p.numel() for p in model.parameters())
                 print(f"| {name} | {n} | {shape[0]} x {shape[1]} | {fill:.2f} | {prec} | {ms_s} | {peak} | "
                       f"{inputs_mib:.0f} | {params:,} | {getattr(model, 'scan_backend', None) or '-'} |", flush=True)
+                if args.profile and ms_s != "OOM" and args.device == "cuda":
+                    breakdowns.append(f"### {name}, {n} patches, {prec}: device time per step (step {ms_s} ms)\n\n"
+                                      + profile_step(step, inputs, args.top))
                 if args.breakdown and ms_s != "OOM":
                     breakdowns.append(f"### {name}, {n} patches, {prec} (allocator peak {peak} MiB)\n\n"
                                       + count_breakdown(model, opt, inputs[0], args.device, prec == "bf16", args.top))
@@ -155,6 +160,24 @@ def main(argv=None) -> None:
                     torch.cuda.empty_cache()
     for b in breakdowns:
         print("\n" + b)
+
+
+def profile_step(step, inputs, top: int, steps: int = 3) -> str:
+    """torch.profiler over a few steps: the CUDA kernels by device time per step, and the step's
+    device-busy total (the rest of the step is the GPU waiting for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(steps):
+            step(inputs[k % len(inputs)])
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in events) / steps / 1e3
+    lines = [f"device busy {busy:.2f} ms per step", "", "| kernel | ms per step | calls per step |", "|---|---|---|"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        lines.append(f"| {e.key[:90]} | {e.self_device_time_total / steps / 1e3:.3f} | {e.count // steps} |")
+    return "\n".join(lines)
 
 
 def count_breakdown(model, opt, inputs, device: str, amp: bool, top: int) -> str:

@@ -52,12 +52,20 @@ def main() -> int:
     for r in rows[1:] if rows and not r_is_data(rows[0]) else rows:
         name = r.get("Kernel Name", "")[:60]
         grid = f"{r.get('Grid Size', '')} x {r.get('Block Size', '')}"
-        stalls = sorted(((float(r.get(STALL_METRIC.format(s), 0) or 0), s) for s in STALLS), reverse=True)[:3]
-        f = lambda k: float(r.get(METRICS[k], 0) or 0)  # noqa: E731
+        stalls = sorted(((num(r.get(STALL_METRIC.format(s), 0)), s) for s in STALLS), reverse=True)[:3]
+        f = lambda k: num(r.get(METRICS[k], 0))  # noqa: E731
         print(f"| {args.label} | {name} | {grid} | {f('dur_us') / 1e3:.1f} | {f('occ'):.1f} | {f('sm'):.1f} "
               f"| {f('dram'):.1f} | {f('issue'):.1f} | {f('regs'):.0f} | {f('inst') / 1e6:.1f} | "
               + ", ".join(f"{n} {v:.1f}" for v, n in stalls) + " |")
     return 0
+
+
+def num(v) -> float:
+    """ncu's CSV numbers may carry thousands separators."""
+    try:
+        return float(str(v).replace(",", "")) if v not in (None, "") else 0.0
+    except ValueError:
+        return 0.0
 
 
 def r_is_data(row: dict) -> bool:

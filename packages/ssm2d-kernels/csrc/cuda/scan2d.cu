@@ -238,18 +238,26 @@ __device__ __forceinline__ void lds_cols(float (&v)[CPL], const float* p) {  // 
   }
 }
 
-// One block per (batch, channel, band): NW warps of NS states each. Per row: the block stages dt,
-// dt*u, u, z of the band in shared memory (the next row's, during this row's scans), each warp
-// scans its states and leaves its y partial in shared memory, one barrier, warp 0 sums the
-// partials in warp order and writes the row. Shared memory: 2 x (4 + NW) x 32*CPL floats.
+// Rows a warp handles per step: their loads are issued together, a group ahead, so one memory latency
+// is paid per group instead of per row, and the block meets at one barrier per group.
+template <int CPL, int NS> constexpr int kRows = NS * CPL >= 16 ? 1 : NS * CPL >= 4 ? 2 : 4;
+// The backward keeps its states' h of a whole segment in shared memory: fewer rows per group.
+template <int CPL, int NS> constexpr int kRowsB = NS == 1 ? 2 : kRows<CPL, NS>;
+
+// N >= 2. One block per (batch, channel, band): NW >= 2 warps of NS states each. Per group of R rows
+// the block stages dt, dt*u, u, z of the band in shared memory once (the next group's, while this
+// one is scanned; a ring of 3 so that warp 0 can still read a group after the barrier), each warp
+// scans its states row by row and leaves its y partials in shared memory, one barrier, and warp 0
+// sums the partials in warp order and writes the rows.
+// Shared memory: (3*4 + 2*NW) * R * 32*CPL floats.
 template <typename T, int CPL, int NS>
 __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
                                                                       Plan L, int64_t b0) {
   extern __shared__ float smem[];
-  constexpr int BW = 32 * CPL;
-  float* stage = smem;             // [2][4][BW]: dt, dt*u, u, z
-  float* part = smem + 2 * 4 * BW;  // [2][nw][CPL][32]
+  constexpr int BW = 32 * CPL, R = kRows<CPL, NS>, MS = (R * CPL + 1) / 2;  // MS: staged cells per thread
   const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, threads = L.nw * 32;
+  float* stage = smem;                  // [3][R][4][BW]: dt, dt*u, u, z
+  float* part = smem + 3 * R * 4 * BW;  // [2][R][nw][CPL][32]
   const int64_t d = blockIdx.x / L.nb, band = blockIdx.x % L.nb, b = blockIdx.y + b0;
   const int64_t H = p.height, W = p.width, N = p.dstate, g = d / (p.dim / p.groups), nb = L.nb;
   const int64_t jb = band * BW, j0 = jb + lane * CPL, jp = min(j0, W - 1);
@@ -265,38 +273,69 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dPr
   const float* sdt = nb > 1 ? L.sumdt + (b * p.dim + d) * H * nb : nullptr;
   const float* S0 = nb > 1 ? L.S + ((b * p.dim + d) * N + st.n0) * H * (nb - 1) : nullptr;
   const bool gated = p.z.defined();
-  const Plane<const T> u = plane<const T>(p.u, b, d, 0);
-  const Plane<const T> ops[3] = {plane<const T>(p.delta, b, d, 0), u, gated ? plane<const T>(p.z, b, d, 0) : u};
+  const Plane<const T> pd = plane<const T>(p.delta, b, d, 0), pu = plane<const T>(p.u, b, d, 0);
+  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
   bool in[CPL];
 #pragma unroll
   for (int k = 0; k < CPL; ++k) in[k] = j0 + k < W;
   const int64_t nseg1 = ceil_div(H, kSegment) - 1;  // saved rows per (batch, channel, state)
   float* ck = o.carries ? o.carries + ((b * p.dim + d) * N + st.n0) * nseg1 * W : nullptr;
 
-  Stager<T, CPL, 3> sg(threadIdx.x, threads, jb, W);
-  auto put = [&](int buf) {  // the staged row into stage[buf]
-    float* sb = stage + buf * 4 * BW;
+  // Staging: cell e = t + m*threads of a group is (row e / BW, column e % BW).
+  T raw[MS][3];
+  auto load_raw = [&](int64_t g0) {
 #pragma unroll
-    for (int r = 0; r < CPL; ++r) {
-      const int c = threadIdx.x + r * threads;
-      if (c >= BW) continue;
-      const float v = to_f(sg.raw[r][0]) + bias, uu = to_f(sg.raw[r][1]);
-      const float dt = jb + c < W ? (p.softplus ? softplus_f(v) : v) : 0.f;  // outside: decay 1, input 0
-      sb[c] = dt;
-      sb[BW + c] = dt * uu;
-      sb[2 * BW + c] = uu;
-      sb[3 * BW + c] = to_f(sg.raw[r][2]);
+    for (int m = 0; m < MS; ++m) {
+      const int e = threadIdx.x + m * threads;
+      const int64_t i = g0 + e / BW;
+      if (e < R * BW && i < H) {
+        const int64_t j = min(jb + e % BW, W - 1);
+        raw[m][0] = pd.at(i, j);
+        raw[m][1] = pu.at(i, j);
+        raw[m][2] = pz.at(i, j);
+      }
     }
   };
-  for (int64_t r = 1; r <= kL2Ahead && r < H; ++r) {
-    sg.prefetch(r, ops);
-    prefetch_bc<T, NS, true>(r, jp, Bb, Cb, p.B, p.C, st.nact - 1);
-  }
-  sg.load(0, ops);
+  auto put = [&](int64_t g0) {  // the raw group into its ring slot
+    float* sb = stage + ((g0 / R) % 3) * R * 4 * BW;
+#pragma unroll
+    for (int m = 0; m < MS; ++m) {
+      const int e = threadIdx.x + m * threads;
+      if (e >= R * BW) continue;
+      const int r = e / BW, c = e % BW;
+      const bool inc = jb + c < W && g0 + r < H;
+      const float v = to_f(raw[m][0]) + bias, uu = to_f(raw[m][1]);
+      const float dt = inc ? (p.softplus ? softplus_f(v) : v) : 0.f;  // outside: decay 1, input 0
+      float* row = sb + r * 4 * BW;
+      row[c] = dt;
+      row[BW + c] = dt * uu;
+      row[2 * BW + c] = uu;
+      row[3 * BW + c] = to_f(raw[m][2]);
+    }
+  };
+  auto prefetch_group = [&](int64_t g0) {
+    for (int r = 0; r < R && g0 + r < H; ++r) {
+      const int64_t i = g0 + r, j = min(jb + (threadIdx.x % BW), W - 1);
+      if (threadIdx.x < BW) {
+        prefetch_l2(&pd.at(i, j));
+        prefetch_l2(&pu.at(i, j));
+        if (gated) prefetch_l2(&pz.at(i, j));
+      }
+      prefetch_bc<T, NS, true>(i, jp, Bb, Cb, p.B, p.C, st.nact - 1);
+    }
+  };
+  RowBC<T, CPL, NS, true> cur[R], nxt[R];
+  auto load_group = [&](RowBC<T, CPL, NS, true> (&dst)[R], int64_t g0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      if (g0 + r < H) load_bc<T, CPL, NS, true>(dst[r], g0 + r, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+  };
+
+  load_raw(0);
+  load_group(nxt, 0);
   put(0);
-  if (H > 1) sg.load(1, ops);
-  RowBC<T, CPL, NS, true> nxt;
-  load_bc<T, CPL, NS, true>(nxt, 0, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+  if (R < H) load_raw(R);
+  for (int64_t g0 = R; g0 < H && g0 < R * (1 + kL2Ahead); g0 += R) prefetch_group(g0);
   float h[NS][CPL];
 #pragma unroll
   for (int s = 0; s < NS; ++s)
@@ -304,73 +343,181 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dPr
     for (int k = 0; k < CPL; ++k) h[s][k] = 0.f;
   __syncthreads();
 
-  for (int64_t i = 0; i < H; ++i) {
-    const RowBC<T, CPL, NS, true> cur = nxt;
-    if (i + 1 < H) load_bc<T, CPL, NS, true>(nxt, i + 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
-    if (i + 1 + kL2Ahead < H) {
-      sg.prefetch(i + 1 + kL2Ahead, ops);
-      prefetch_bc<T, NS, true>(i + 1 + kL2Ahead, jp, Bb, Cb, p.B, p.C, st.nact - 1);
-    }
-    float dt[CPL], dtu[CPL], uv[CPL], zv[CPL], yp[CPL];
-    {
-      const float* sb = stage + (i & 1) * 4 * BW + lane * CPL;
-      lds_cols<CPL>(dt, sb);
-      lds_cols<CPL>(dtu, sb + BW);
-      lds_cols<CPL>(uv, sb + 2 * BW);
-      lds_cols<CPL>(zv, sb + 3 * BW);
-    }
+  for (int64_t g0 = 0; g0 < H; g0 += R) {
+    const int64_t gi = g0 / R;
 #pragma unroll
-    for (int k = 0; k < CPL; ++k) yp[k] = 0.f;
-    const bool save = ck && (i + 1) % kSegment == 0 && i + 1 < H;
+    for (int r = 0; r < R; ++r) cur[r] = nxt[r];
+    if (g0 + R < H) load_group(nxt, g0 + R);
+    if (g0 + R * (1 + kL2Ahead) < H) prefetch_group(g0 + R * (1 + kL2Ahead));
+    const float* sg = stage + (gi % 3) * R * 4 * BW;
+    float* pb = part + (gi & 1) * R * L.nw * BW;
 #pragma unroll
-    for (int s = 0; s < NS; ++s) {
-      if (s >= st.nact) continue;  // warp-uniform
-      const float cin = band > 0 ? fold_left(L, sdt + i * nb, S0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
-      float a[CPL], x[CPL], e[CPL];
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = g0 + r;
+      if (i >= H) break;
+      float dt[CPL], dtu[CPL], yp[CPL];
+      lds_cols<CPL>(dt, sg + r * 4 * BW + lane * CPL);
+      lds_cols<CPL>(dtu, sg + r * 4 * BW + BW + lane * CPL);
 #pragma unroll
-      for (int k = 0; k < CPL; ++k) {
-        a[k] = exp2f(dt[k] * A2[s]);
-        x[k] = dtu[k] * to_f(cur.B[s][k]);
+      for (int k = 0; k < CPL; ++k) yp[k] = 0.f;
+      const bool save = ck && (i + 1) % kSegment == 0 && i + 1 < H;
+#pragma unroll
+      for (int s = 0; s < NS; ++s) {
+        if (s >= st.nact) continue;  // warp-uniform
+        const float cin = band > 0 ? fold_left(L, sdt + i * nb, S0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
+        float a[CPL], x[CPL], e[CPL];
+#pragma unroll
+        for (int k = 0; k < CPL; ++k) {
+          a[k] = exp2f(dt[k] * A2[s]);
+          x[k] = dtu[k] * to_f(cur[r].B[s][k]);
+        }
+        band_scan<CPL, false>(a, x, cin, e, lane);
+#pragma unroll
+        for (int k = 0; k < CPL; ++k) {
+          h[s][k] = fmaf(a[k], h[s][k], fmaf(a[k], e[k], x[k]));
+          yp[k] = fmaf(to_f(cur[r].C[s][k]), h[s][k], yp[k]);
+        }
+        if (save) {
+          float* row = ck + (s * nseg1 + (i + 1) / kSegment - 1) * W;
+#pragma unroll
+          for (int k = 0; k < CPL; ++k)
+            if (in[k]) row[j0 + k] = h[s][k];
+        }
       }
-      band_scan<CPL, false>(a, x, cin, e, lane);
 #pragma unroll
-      for (int k = 0; k < CPL; ++k) {
-        h[s][k] = fmaf(a[k], h[s][k], fmaf(a[k], e[k], x[k]));
-        yp[k] = fmaf(to_f(cur.C[s][k]), h[s][k], yp[k]);
-      }
-      if (save) {
-        float* row = ck + (s * nseg1 + (i + 1) / kSegment - 1) * W;
-#pragma unroll
-        for (int k = 0; k < CPL; ++k)
-          if (in[k]) row[j0 + k] = h[s][k];
-      }
+      for (int k = 0; k < CPL; ++k) pb[((r * L.nw + wi) * CPL + k) * 32 + lane] = yp[k];
     }
-    float* pb = part + (i & 1) * L.nw * BW;
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) pb[(wi * CPL + k) * 32 + lane] = yp[k];
-    if (i + 1 < H) {
-      put((i + 1) & 1);
-      if (i + 2 < H) sg.load(i + 2, ops);
+    if (g0 + R < H) {
+      put(g0 + R);
+      if (g0 + 2 * R < H) load_raw(g0 + 2 * R);
     }
     __syncthreads();
     if (wi == 0) {
 #pragma unroll
-      for (int k = 0; k < CPL; ++k) {
-        if (!in[k]) continue;
-        float y = 0.f;
-        for (int w = 0; w < L.nw; ++w) y += pb[(w * CPL + k) * 32 + lane];
-        const int64_t j = j0 + k;
-        if (!L.first || !L.last) {
-          float* acc = L.acc + ((b * p.dim + d) * H + i) * W + j;
-          if (!L.first) y += *acc;
-          if (!L.last) {
-            *acc = y;
-            continue;
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = g0 + r;
+        if (i >= H) break;
+        float uv[CPL], zv[CPL];
+        lds_cols<CPL>(uv, sg + r * 4 * BW + 2 * BW + lane * CPL);
+        lds_cols<CPL>(zv, sg + r * 4 * BW + 3 * BW + lane * CPL);
+#pragma unroll
+        for (int k = 0; k < CPL; ++k) {
+          if (!in[k]) continue;
+          float y = 0.f;
+          for (int w = 0; w < L.nw; ++w) y += pb[((r * L.nw + w) * CPL + k) * 32 + lane];
+          const int64_t j = j0 + k;
+          if (!L.first || !L.last) {
+            float* acc = L.acc + ((b * p.dim + d) * H + i) * W + j;
+            if (!L.first) y += *acc;
+            if (!L.last) {
+              *acc = y;
+              continue;
+            }
           }
+          y = fmaf(Dd, uv[k], y);
+          if (gated) y *= zv[k] / (1.f + __expf(-zv[k]));
+          plane<T>(o.out, b, d, 0).at(i, j) = from_f<T>(y);
         }
-        y = fmaf(Dd, uv[k], y);
-        if (gated) y *= zv[k] / (1.f + __expf(-zv[k]));
-        plane<T>(o.out, b, d, 0).at(i, j) = from_f<T>(y);
+      }
+    }
+  }
+}
+
+// N == 1: a warp per (batch, channel, band) needs no partner, so it loads its own cells (no staging,
+// no barrier), kSoloRows rows a group ahead; four independent warps share a block.
+constexpr int kSoloRows = 4;
+template <typename T, int CPL>
+struct SoloRow {
+  T d[CPL], u[CPL], z[CPL], B[CPL], C[CPL];
+};
+
+template <typename T, int CPL>
+__global__ void __launch_bounds__(128) scan2d_fwd_solo_kernel(Scan2dProblem p, Scan2dForwardOutputs o, Plan L,
+                                                             int64_t b0) {
+  constexpr int BW = 32 * CPL, R = kSoloRows;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * 4 + warp;
+  if (item >= p.dim * L.nb) return;
+  const int64_t d = item / L.nb, band = item % L.nb, b = blockIdx.y + b0;
+  const int64_t H = p.height, W = p.width, g = d / (p.dim / p.groups), nb = L.nb;
+  const int64_t j0 = band * BW + lane * CPL, jp = min(j0, W - 1);
+  const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
+  const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
+  const float A2 = static_cast<const float*>(p.A)[d * p.A_sd] * kLog2e;
+  const bool gated = p.z.defined();
+  const Plane<const T> pd = plane<const T>(p.delta, b, d, 0), pu = plane<const T>(p.u, b, d, 0);
+  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
+  const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
+  const Plane<T> out = plane<T>(o.out, b, d, 0);
+  const float* sdt = nb > 1 ? L.sumdt + (b * p.dim + d) * H * nb : nullptr;
+  const float* S0 = nb > 1 ? L.S + (b * p.dim + d) * H * (nb - 1) : nullptr;
+  const int64_t nseg1 = ceil_div(H, kSegment) - 1;
+  float* ck = o.carries ? o.carries + (b * p.dim + d) * nseg1 * W : nullptr;
+  bool in[CPL];
+#pragma unroll
+  for (int k = 0; k < CPL; ++k) in[k] = j0 + k < W;
+  SoloRow<T, CPL> cur[R], nxt[R];
+  auto load_group = [&](int64_t g0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = g0 + r;
+      if (i >= H) break;
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        const int64_t j = min(j0 + k, W - 1);
+        nxt[r].d[k] = pd.at(i, j);
+        nxt[r].u[k] = pu.at(i, j);
+        nxt[r].z[k] = pz.at(i, j);
+        nxt[r].B[k] = pB.at(i, j);
+        nxt[r].C[k] = pC.at(i, j);
+      }
+    }
+  };
+  auto prefetch_group = [&](int64_t g0) {
+    for (int r = 0; r < R && g0 + r < H; ++r) {
+      prefetch_l2(&pd.at(g0 + r, jp));
+      prefetch_l2(&pu.at(g0 + r, jp));
+      if (gated) prefetch_l2(&pz.at(g0 + r, jp));
+      prefetch_l2(&pB.at(g0 + r, jp));
+      prefetch_l2(&pC.at(g0 + r, jp));
+    }
+  };
+  load_group(0);
+  for (int64_t g0 = R; g0 < H && g0 < R * (1 + kL2Ahead); g0 += R) prefetch_group(g0);
+  float h[CPL];
+#pragma unroll
+  for (int k = 0; k < CPL; ++k) h[k] = 0.f;
+  for (int64_t g0 = 0; g0 < H; g0 += R) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) cur[r] = nxt[r];
+    if (g0 + R < H) load_group(g0 + R);
+    if (g0 + R * (1 + kL2Ahead) < H) prefetch_group(g0 + R * (1 + kL2Ahead));
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = g0 + r;
+      if (i >= H) break;
+      const float cin = band > 0 ? fold_left(L, sdt + i * nb, S0 + i * (nb - 1), band, A2) : 0.f;
+      float a[CPL], x[CPL], e[CPL], dt[CPL];
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        const float v = to_f(cur[r].d[k]) + bias;
+        dt[k] = in[k] ? (p.softplus ? softplus_f(v) : v) : 0.f;
+        a[k] = exp2f(dt[k] * A2);
+        x[k] = dt[k] * to_f(cur[r].u[k]) * to_f(cur[r].B[k]);
+      }
+      band_scan<CPL, false>(a, x, cin, e, lane);
+      const bool save = ck && (i + 1) % kSegment == 0 && i + 1 < H;
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        h[k] = fmaf(a[k], h[k], fmaf(a[k], e[k], x[k]));
+        if (!in[k]) continue;
+        if (save) ck[((i + 1) / kSegment - 1) * W + j0 + k] = h[k];
+        float y = fmaf(Dd, to_f(cur[r].u[k]), to_f(cur[r].C[k]) * h[k]);
+        if (gated) {
+          const float zv = to_f(cur[r].z[k]);
+          y *= zv / (1.f + __expf(-zv));
+        }
+        out.at(i, j0 + k) = from_f<T>(y);
       }
     }
   }
@@ -444,22 +591,22 @@ __global__ void __launch_bounds__(128) scan2d_rev_summary_kernel(Scan2dProblem p
   }
 }
 
-// One block per (batch, channel, band): NW warps of NS states each, as in the forward. Per segment
-// of kSegment rows: (1) top-down, h of every row into shared memory (G by the forward band scan),
-// the block staging dt, dt*u per row; (2) bottom-up, the block stages dt, u, dy and the gate factor
-// of each row, each warp runs lamV, the reverse band scan for lamH and its states' gradients, and
-// leaves its partial ddt, du and C*h (the pre-gate y, for dz) in shared memory; one barrier; warp 0
-// sums them in warp order and writes du, ddelta, dz. Two barriers per row.
-// Shared memory: ((kSegment+1)*NW*NS + 2*4 + 2*3*NW) x 32*CPL floats.
+// One block per (batch, channel, band): NW warps of NS states each, as in the forward, rows in
+// groups of R. Per segment of kSegment rows: (1) top-down, h of every row into shared memory (G by
+// the forward band scan), the block staging dt, dt*u per group; (2) bottom-up, the block stages dt,
+// u, dy and the gate factor of each group, each warp runs lamV, the reverse band scan for lamH and
+// its states' gradients row by row and leaves its partial ddt, du and C*h (the pre-gate y, for dz)
+// in shared memory; one barrier per group; warp 0 sums them in warp order and writes du, ddelta, dz.
+// Shared memory: ((kSegment+1)*NW*NS + 3*R*4 + 2*R*3*NW) x 32*CPL floats.
 template <typename T, int CPL, int NS, bool kDet>
 __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                       Plan L, int64_t b0) {
   extern __shared__ float smem[];
-  constexpr int BW = 32 * CPL;
+  constexpr int BW = 32 * CPL, R = kRowsB<CPL, NS>, MS = R * CPL;  // MS: staged cells per thread (nw >= 1)
   const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, threads = L.nw * 32, slots = L.nw * NS;
   float* hbuf = smem;                                // [kSegment+1][slots][CPL][32]
-  float* stage = hbuf + (kSegment + 1) * slots * BW;  // [2][4][BW]
-  float* part = stage + 2 * 4 * BW;                   // [2][nw][3][CPL][32]
+  float* stage = hbuf + (kSegment + 1) * slots * BW;  // [3][R][4][BW]
+  float* part = stage + 3 * R * 4 * BW;               // [2][R][nw][3][CPL][32]
   const int64_t channels = L.d_end - L.d_begin;
   const int64_t dl = blockIdx.x / L.nb, band = blockIdx.x % L.nb, b = blockIdx.y + b0, d = L.d_begin + dl;
   const int64_t H = p.height, W = p.width, N = p.dstate, g = d / (p.dim / p.groups), nb = L.nb;
@@ -482,10 +629,9 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   const float* S0 = nb > 1 ? L.S + ((b * p.dim + d) * N + st.n0) * H * (nb - 1) : nullptr;
   const float* Sr0 = nb > 1 ? L.Srev + ((b * p.dim + d) * N + st.n0) * H * (nb - 1) : nullptr;
   const bool gated = p.z.defined();
-  const Plane<const T> u = plane<const T>(p.u, b, d, 0), delta = plane<const T>(p.delta, b, d, 0);
-  const Plane<const T> dout = plane<const T>(ga.dout, b, d, 0);
-  const Plane<const T> ops_up[2] = {delta, u};
-  const Plane<const T> ops_dn[4] = {delta, u, dout, gated ? plane<const T>(p.z, b, d, 0) : dout};
+  const Plane<const T> pu = plane<const T>(p.u, b, d, 0), pd = plane<const T>(p.delta, b, d, 0);
+  const Plane<const T> pgo = plane<const T>(ga.dout, b, d, 0);
+  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pgo;
   bool in[CPL];
 #pragma unroll
   for (int k = 0; k < CPL; ++k) in[k] = j0 + k < W;
@@ -500,43 +646,81 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
     for (int k = 0; k < CPL; ++k) lamV[s][k] = a_below[s][k] = 0.f;
   float dD_acc = 0.f, dbias_acc = 0.f;  // warp 0: over the cells it finishes
 
-  Stager<T, CPL, 2> sgu(threadIdx.x, threads, jb, W);
-  Stager<T, CPL, 4> sgd(threadIdx.x, threads, jb, W);
-  auto put_up = [&](int buf) {  // dt, dt*u
-    float* sb = stage + buf * 4 * BW;
+  // Staging of a group of R rows: rows gtop + r (top-down pass) or gbot - r (bottom-up pass), cell
+  // e = t + m*threads at (row index e / BW, column e % BW). Raw loads a group ahead.
+  T raw[MS][4];
+  int64_t slot = 0;  // ring position of the next group to be staged
+  auto row_of = [&](int64_t gstart, int r, bool down) { return down ? gstart - r : gstart + r; };
+  auto load_raw = [&](int64_t gstart, bool down, int64_t lo, int64_t hi) {  // rows in [lo, hi)
 #pragma unroll
-    for (int r = 0; r < CPL; ++r) {
-      const int c = threadIdx.x + r * threads;
-      if (c >= BW) continue;
-      const float v = to_f(sgu.raw[r][0]) + bias;
-      const float dt = jb + c < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
-      sb[c] = dt;
-      sb[BW + c] = dt * to_f(sgu.raw[r][1]);
+    for (int m = 0; m < MS; ++m) {
+      const int e = threadIdx.x + m * threads;
+      const int64_t i = row_of(gstart, e / BW, down);
+      if (e < R * BW && i >= lo && i < hi) {
+        const int64_t j = min(jb + e % BW, W - 1);
+        raw[m][0] = pd.at(i, j);
+        raw[m][1] = pu.at(i, j);
+        if (down) {
+          raw[m][2] = pgo.at(i, j);
+          raw[m][3] = pz.at(i, j);
+        }
+      }
     }
   };
-  auto put_dn = [&](int buf) {  // dt, u, dy, and dout * d silu(z)/dz (dz = y times it)
-    float* sb = stage + buf * 4 * BW;
+  auto put = [&](int64_t gstart, bool down, int64_t lo, int64_t hi) {
+    float* sb = stage + (slot % 3) * R * 4 * BW;
+    ++slot;
 #pragma unroll
-    for (int r = 0; r < CPL; ++r) {
-      const int c = threadIdx.x + r * threads;
-      if (c >= BW) continue;
-      const bool inc = jb + c < W;
-      const float v = to_f(sgd.raw[r][0]) + bias, go = to_f(sgd.raw[r][2]);
+    for (int m = 0; m < MS; ++m) {
+      const int e = threadIdx.x + m * threads;
+      if (e >= R * BW) continue;
+      const int r = e / BW, c = e % BW;
+      const int64_t i = row_of(gstart, r, down);
+      const bool inc = jb + c < W && i >= lo && i < hi;
+      const float v = to_f(raw[m][0]) + bias, uu = to_f(raw[m][1]);
+      const float dt = inc ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      float* row = sb + r * 4 * BW;
+      row[c] = dt;
+      if (!down) {
+        row[BW + c] = dt * uu;
+        continue;
+      }
+      const float go = to_f(raw[m][2]);
       float dy = go, gz = 0.f;
       if (gated) {
-        const float zv = to_f(sgd.raw[r][3]), sz = 1.f / (1.f + __expf(-zv));
+        const float zv = to_f(raw[m][3]), sz = 1.f / (1.f + __expf(-zv));
         dy = go * zv * sz;
-        gz = go * sz * (1.f + zv * (1.f - sz));
+        gz = go * sz * (1.f + zv * (1.f - sz));  // dz = (pre-gate y) * gz
       }
-      sb[c] = inc ? (p.softplus ? softplus_f(v) : v) : 0.f;
-      sb[BW + c] = to_f(sgd.raw[r][1]);
-      sb[2 * BW + c] = inc ? dy : 0.f;
-      sb[3 * BW + c] = gz;
+      row[BW + c] = uu;
+      row[2 * BW + c] = inc ? dy : 0.f;
+      row[3 * BW + c] = gz;
+    }
+  };
+  RowBC<T, CPL, NS, true> cur[R], nxt[R];
+  auto load_group = [&](int64_t gstart, bool down, int64_t lo, int64_t hi) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = row_of(gstart, r, down);
+      if (i >= lo && i < hi) load_bc<T, CPL, NS, true>(nxt[r], i, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+    }
+  };
+  auto prefetch_rows = [&](int64_t i_lo, int64_t i_hi) {  // rows [i_lo, i_hi) into L2
+    for (int64_t i = i_lo > 0 ? i_lo : 0; i < (i_hi < H ? i_hi : H); ++i) {
+      if (threadIdx.x < BW) {
+        const int64_t j = min(jb + threadIdx.x, W - 1);
+        prefetch_l2(&pd.at(i, j));
+        prefetch_l2(&pu.at(i, j));
+        prefetch_l2(&pgo.at(i, j));
+        if (gated) prefetch_l2(&pz.at(i, j));
+      }
+      prefetch_bc<T, NS, true>(i, jp, Bb, Cb, p.B, p.C, st.nact - 1);
     }
   };
 
   for (int64_t seg = nseg - 1; seg >= 0; --seg) {
     const int64_t r0 = seg * kSegment, r1 = min(H, r0 + kSegment);
+    prefetch_rows(r0 - kSegment, r0);  // the next segment, which step 2 walks after step 1 of it
     // 1. h of the segment's rows, top-down, from the saved row above it (zero above the grid).
     {
       float h[NS][CPL];
@@ -547,159 +731,169 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
           h[s][k] = (seg > 0 && s < st.nact && in[k]) ? ck[(s * (nseg - 1) + seg - 1) * W + j0 + k] : 0.f;
           hbuf[hidx(0, s, k)] = h[s][k];
         }
-      sgu.load(r0, ops_up);
-      __syncthreads();  // the previous segment's readers of stage are done
-      put_up(0);
-      if (r0 + 1 < r1) sgu.load(r0 + 1, ops_up);
-      RowBC<T, CPL, NS, false> nxt;
-      load_bc<T, CPL, NS, false>(nxt, r0, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+      load_raw(r0, false, r0, r1);
+      load_group(r0, false, r0, r1);
+      __syncthreads();  // the previous segment's readers of the staging ring are done
+      put(r0, false, r0, r1);
+      if (r0 + R < r1) load_raw(r0 + R, false, r0, r1);
       __syncthreads();
-      for (int64_t i = r0; i < r1; ++i) {
-        const RowBC<T, CPL, NS, false> cur = nxt;
-        if (i + 1 < r1) load_bc<T, CPL, NS, false>(nxt, i + 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
-        float dt[CPL], dtu[CPL];
-        const float* sb = stage + ((i - r0) & 1) * 4 * BW + lane * CPL;
-        lds_cols<CPL>(dt, sb);
-        lds_cols<CPL>(dtu, sb + BW);
+      for (int64_t g0 = r0; g0 < r1; g0 += R) {
+        const float* sg = stage + ((slot - 1) % 3) * R * 4 * BW;
 #pragma unroll
-        for (int s = 0; s < NS; ++s) {
-          if (s >= st.nact) continue;
-          const float cin = band > 0 ? fold_left(L, sdt + i * nb, S0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
-          float a[CPL], x[CPL], e[CPL];
+        for (int r = 0; r < R; ++r) cur[r] = nxt[r];
+        if (g0 + R < r1) load_group(g0 + R, false, r0, r1);
 #pragma unroll
-          for (int k = 0; k < CPL; ++k) {
-            a[k] = exp2f(dt[k] * A2[s]);
-            x[k] = dtu[k] * to_f(cur.B[s][k]);
-          }
-          band_scan<CPL, false>(a, x, cin, e, lane);
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = g0 + r;
+          if (i >= r1) break;
+          float dt[CPL], dtu[CPL];
+          lds_cols<CPL>(dt, sg + r * 4 * BW + lane * CPL);
+          lds_cols<CPL>(dtu, sg + r * 4 * BW + BW + lane * CPL);
 #pragma unroll
-          for (int k = 0; k < CPL; ++k) {
-            h[s][k] = fmaf(a[k], h[s][k], fmaf(a[k], e[k], x[k]));
-            hbuf[hidx(i - r0 + 1, s, k)] = h[s][k];
+          for (int s = 0; s < NS; ++s) {
+            if (s >= st.nact) continue;
+            const float cin = band > 0 ? fold_left(L, sdt + i * nb, S0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
+            float a[CPL], x[CPL], e[CPL];
+#pragma unroll
+            for (int k = 0; k < CPL; ++k) {
+              a[k] = exp2f(dt[k] * A2[s]);
+              x[k] = dtu[k] * to_f(cur[r].B[s][k]);
+            }
+            band_scan<CPL, false>(a, x, cin, e, lane);
+#pragma unroll
+            for (int k = 0; k < CPL; ++k) {
+              h[s][k] = fmaf(a[k], h[s][k], fmaf(a[k], e[k], x[k]));
+              hbuf[hidx(i - r0 + 1, s, k)] = h[s][k];
+            }
           }
         }
-        if (i + 1 < r1) {
-          put_up((i + 1 - r0) & 1);
-          if (i + 2 < r1) sgu.load(i + 2, ops_up);
+        if (g0 + R < r1) {
+          put(g0 + R, false, r0, r1);
+          if (g0 + 2 * R < r1) load_raw(g0 + 2 * R, false, r0, r1);
         }
         __syncthreads();
       }
     }
-    // 2. The segment's rows bottom-up.
-    for (int64_t r = 1; r <= kL2Ahead && r1 - 1 - r >= 0; ++r) {
-      sgd.prefetch(r1 - 1 - r, ops_dn);
-      prefetch_bc<T, NS, true>(r1 - 1 - r, jp, Bb, Cb, p.B, p.C, st.nact - 1);
-    }
-    sgd.load(r1 - 1, ops_dn);
-    put_dn(0);
-    if (r1 - 2 >= r0) sgd.load(r1 - 2, ops_dn);
-    RowBC<T, CPL, NS, true> nxt;
-    load_bc<T, CPL, NS, true>(nxt, r1 - 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+    // 2. The segment's rows bottom-up, in groups of R starting from the bottom row.
+    load_raw(r1 - 1, true, r0, r1);
+    load_group(r1 - 1, true, r0, r1);
+    put(r1 - 1, true, r0, r1);
+    if (r1 - 1 - R >= r0) load_raw(r1 - 1 - R, true, r0, r1);
     __syncthreads();
-    for (int64_t i = r1 - 1; i >= r0; --i) {
-      const int buf = (r1 - 1 - i) & 1;
-      const RowBC<T, CPL, NS, true> cur = nxt;
-      if (i - 1 >= r0) load_bc<T, CPL, NS, true>(nxt, i - 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
-      if (i - 1 - kL2Ahead >= 0) {
-        sgd.prefetch(i - 1 - kL2Ahead, ops_dn);
-        prefetch_bc<T, NS, true>(i - 1 - kL2Ahead, jp, Bb, Cb, p.B, p.C, st.nact - 1);
-      }
-      float dt[CPL], uv[CPL], dy[CPL], gz[CPL], ddt_p[CPL], du_p[CPL], yc_p[CPL];
-      {
-        const float* sb = stage + buf * 4 * BW + lane * CPL;
-        lds_cols<CPL>(dt, sb);
-        lds_cols<CPL>(uv, sb + BW);
-        lds_cols<CPL>(dy, sb + 2 * BW);
-        lds_cols<CPL>(gz, sb + 3 * BW);
-      }
+    int64_t gcount = 0;
+    for (int64_t gb = r1 - 1; gb >= r0; gb -= R, ++gcount) {
+      const float* sg = stage + ((slot - 1) % 3) * R * 4 * BW;
+      float* pb = part + (gcount & 1) * R * L.nw * 3 * BW;
 #pragma unroll
-      for (int k = 0; k < CPL; ++k) ddt_p[k] = du_p[k] = yc_p[k] = 0.f;
+      for (int r = 0; r < R; ++r) cur[r] = nxt[r];
+      if (gb - R >= r0) load_group(gb - R, true, r0, r1);
 #pragma unroll
-      for (int s = 0; s < NS; ++s) {
-        if (s >= st.nact) continue;
-        const int64_t n = st.n0 + s;
-        const float cR = band + 1 < nb ? fold_right(L, sdt + i * nb, Sr0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
-        float a[CPL], xr[CPL], e[CPL];
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = gb - r;
+        if (i < r0) break;
+        float dt[CPL], uv[CPL], dy[CPL], ddt_p[CPL], du_p[CPL], yc_p[CPL];
+        lds_cols<CPL>(dt, sg + r * 4 * BW + lane * CPL);
+        lds_cols<CPL>(uv, sg + r * 4 * BW + BW + lane * CPL);
+        lds_cols<CPL>(dy, sg + r * 4 * BW + 2 * BW + lane * CPL);
 #pragma unroll
-        for (int k = 0; k < CPL; ++k) {
-          lamV[s][k] = fmaf(a_below[s][k], lamV[s][k], dy[k] * to_f(cur.C[s][k]));
-          a[k] = exp2f(dt[k] * A2[s]);
-          a_below[s][k] = a[k];
-          xr[k] = a[k] * lamV[s][k];
-        }
-        band_scan<CPL, true>(a, xr, cR, e, lane);
+        for (int k = 0; k < CPL; ++k) ddt_p[k] = du_p[k] = yc_p[k] = 0.f;
 #pragma unroll
-        for (int k = 0; k < CPL; ++k) {
-          const float bv = in[k] ? to_f(cur.B[s][k]) : 0.f, cv = in[k] ? to_f(cur.C[s][k]) : 0.f;
-          const float lamH = lamV[s][k] + e[k];
-          const float h = hbuf[hidx(i - r0 + 1, s, k)];
-          const float ah = a[k] * hbuf[hidx(i - r0, s, k)];  // a * h[i-1]
-          const float x = dt[k] * bv * uv[k];
-          const float q = fmaf(lamV[s][k], ah, lamH * (h - ah - x));
-          dA_acc[s] = fmaf(q, dt[k], dA_acc[s]);
-          ddt_p[k] = fmaf(q, An[s], fmaf(lamH * bv, uv[k], ddt_p[k]));
-          du_p[k] = fmaf(lamH * bv, dt[k], du_p[k]);
-          yc_p[k] = fmaf(cv, h, yc_p[k]);
-          if (in[k]) {
-            const int64_t j = j0 + k;
-            if (ga.dB.defined()) {
-              float* dst = &plane<float>(ga.dB, b, bc_c, n).at(i, j);
-              if (kDet) *dst = lamH * dt[k] * uv[k];
-              else atomicAdd(dst, lamH * dt[k] * uv[k]);
-            }
-            if (ga.dC.defined()) {
-              float* dst = &plane<float>(ga.dC, b, bc_c, n).at(i, j);
-              if (kDet) *dst = dy[k] * h;
-              else atomicAdd(dst, dy[k] * h);
+        for (int s = 0; s < NS; ++s) {
+          if (s >= st.nact) continue;
+          const int64_t n = st.n0 + s;
+          const float cR =
+              band + 1 < nb ? fold_right(L, sdt + i * nb, Sr0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
+          float a[CPL], xr[CPL], e[CPL];
+#pragma unroll
+          for (int k = 0; k < CPL; ++k) {
+            lamV[s][k] = fmaf(a_below[s][k], lamV[s][k], dy[k] * to_f(cur[r].C[s][k]));
+            a[k] = exp2f(dt[k] * A2[s]);
+            a_below[s][k] = a[k];
+            xr[k] = a[k] * lamV[s][k];
+          }
+          band_scan<CPL, true>(a, xr, cR, e, lane);
+#pragma unroll
+          for (int k = 0; k < CPL; ++k) {
+            const float bv = in[k] ? to_f(cur[r].B[s][k]) : 0.f, cv = in[k] ? to_f(cur[r].C[s][k]) : 0.f;
+            const float lamH = lamV[s][k] + e[k];
+            const float h = hbuf[hidx(i - r0 + 1, s, k)];
+            const float ah = a[k] * hbuf[hidx(i - r0, s, k)];  // a * h[i-1]
+            const float x = dt[k] * bv * uv[k];
+            const float q = fmaf(lamV[s][k], ah, lamH * (h - ah - x));
+            dA_acc[s] = fmaf(q, dt[k], dA_acc[s]);
+            ddt_p[k] = fmaf(q, An[s], fmaf(lamH * bv, uv[k], ddt_p[k]));
+            du_p[k] = fmaf(lamH * bv, dt[k], du_p[k]);
+            yc_p[k] = fmaf(cv, h, yc_p[k]);
+            if (in[k]) {
+              const int64_t j = j0 + k;
+              if (ga.dB.defined()) {
+                float* dst = &plane<float>(ga.dB, b, bc_c, n).at(i, j);
+                if (kDet) *dst = lamH * dt[k] * uv[k];
+                else atomicAdd(dst, lamH * dt[k] * uv[k]);
+              }
+              if (ga.dC.defined()) {
+                float* dst = &plane<float>(ga.dC, b, bc_c, n).at(i, j);
+                if (kDet) *dst = dy[k] * h;
+                else atomicAdd(dst, dy[k] * h);
+              }
             }
           }
         }
-      }
-      float* pb = part + buf * L.nw * 3 * BW;
 #pragma unroll
-      for (int k = 0; k < CPL; ++k) {
-        pb[((wi * 3 + 0) * CPL + k) * 32 + lane] = ddt_p[k];
-        pb[((wi * 3 + 1) * CPL + k) * 32 + lane] = du_p[k];
-        pb[((wi * 3 + 2) * CPL + k) * 32 + lane] = yc_p[k];
+        for (int k = 0; k < CPL; ++k) {
+          pb[(((r * L.nw + wi) * 3 + 0) * CPL + k) * 32 + lane] = ddt_p[k];
+          pb[(((r * L.nw + wi) * 3 + 1) * CPL + k) * 32 + lane] = du_p[k];
+          pb[(((r * L.nw + wi) * 3 + 2) * CPL + k) * 32 + lane] = yc_p[k];
+        }
       }
-      if (i - 1 >= r0) {
-        put_dn(buf ^ 1);
-        if (i - 2 >= r0) sgd.load(i - 2, ops_dn);
+      if (gb - R >= r0) {
+        put(gb - R, true, r0, r1);
+        if (gb - 2 * R >= r0) load_raw(gb - 2 * R, true, r0, r1);
       }
       __syncthreads();
       if (wi == 0) {
 #pragma unroll
-        for (int k = 0; k < CPL; ++k) {
-          if (!in[k]) continue;
-          float ddt = 0.f, du = 0.f, yc = 0.f;
-          for (int w = 0; w < L.nw; ++w) {
-            ddt += pb[((w * 3 + 0) * CPL + k) * 32 + lane];
-            du += pb[((w * 3 + 1) * CPL + k) * 32 + lane];
-            yc += pb[((w * 3 + 2) * CPL + k) * 32 + lane];
-          }
-          const int64_t j = j0 + k;
-          if (!L.first || !L.last) {
-            float* acc = L.acc + (((b * channels + dl) * H + i) * W + j) * 3;
-            if (!L.first) {
-              ddt += acc[0];
-              du += acc[1];
-              yc += acc[2];
+        for (int r = 0; r < R; ++r) {
+          const int64_t i = gb - r;
+          if (i < r0) break;
+          float dt[CPL], uv[CPL], dy[CPL], gz[CPL];
+          lds_cols<CPL>(dt, sg + r * 4 * BW + lane * CPL);
+          lds_cols<CPL>(uv, sg + r * 4 * BW + BW + lane * CPL);
+          lds_cols<CPL>(dy, sg + r * 4 * BW + 2 * BW + lane * CPL);
+          lds_cols<CPL>(gz, sg + r * 4 * BW + 3 * BW + lane * CPL);
+#pragma unroll
+          for (int k = 0; k < CPL; ++k) {
+            if (!in[k]) continue;
+            float ddt = 0.f, du = 0.f, yc = 0.f;
+            for (int w = 0; w < L.nw; ++w) {
+              ddt += pb[(((r * L.nw + w) * 3 + 0) * CPL + k) * 32 + lane];
+              du += pb[(((r * L.nw + w) * 3 + 1) * CPL + k) * 32 + lane];
+              yc += pb[(((r * L.nw + w) * 3 + 2) * CPL + k) * 32 + lane];
             }
-            if (!L.last) {
-              acc[0] = ddt;
-              acc[1] = du;
-              acc[2] = yc;
-              continue;
+            const int64_t j = j0 + k;
+            if (!L.first || !L.last) {
+              float* acc = L.acc + (((b * channels + dl) * H + i) * W + j) * 3;
+              if (!L.first) {
+                ddt += acc[0];
+                du += acc[1];
+                yc += acc[2];
+              }
+              if (!L.last) {
+                acc[0] = ddt;
+                acc[1] = du;
+                acc[2] = yc;
+                continue;
+              }
             }
+            du = fmaf(Dd, dy[k], du);
+            // d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)); ~1 in the identity branch (v > 20).
+            const float ddelta = p.softplus ? ddt * -expm1f(-dt[k]) : ddt;
+            dbias_acc += ddelta;
+            dD_acc = fmaf(dy[k], uv[k], dD_acc);
+            if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(i, j) = from_f<T>(du);
+            if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(i, j) = from_f<T>(ddelta);
+            if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(i, j) = from_f<T>(fmaf(Dd, uv[k], yc) * gz[k]);
           }
-          du = fmaf(Dd, dy[k], du);
-          // d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)); ~1 in the identity branch (v > 20).
-          const float ddelta = p.softplus ? ddt * -expm1f(-dt[k]) : ddt;
-          dbias_acc += ddelta;
-          dD_acc = fmaf(dy[k], uv[k], dD_acc);
-          if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(i, j) = from_f<T>(du);
-          if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(i, j) = from_f<T>(ddelta);
-          if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(i, j) = from_f<T>(fmaf(Dd, uv[k], yc) * gz[k]);
         }
       }
     }
@@ -749,7 +943,9 @@ int env_int(const char* name, int fallback) {
 
 // States per warp: as many as keep enough warps in flight (a warp then shares its dt, u loads and
 // its per-cell sums over more states).
-int states_per_warp(int64_t items, int64_t N, const char* env) {
+int states_per_warp(int64_t items, int64_t N, const char* env, bool team = false) {
+  if (team && N <= 3) return 1;  // at least two warps: the team kernel's staging is split over them
+  if (team && N <= 7) return 2;
   if (N == 1) return 1;
   if (N == 2) return 2;
   const int forced = env_int(env, 0);
@@ -761,10 +957,12 @@ int states_per_warp(int64_t items, int64_t N, const char* env) {
   return 1;
 }
 
-// Splits the states into passes of NS * kMaxWarps<NS> and sets the team shape of each.
+// Splits the states into passes of at most NS * kMaxWarps<NS>, balanced (so that with N >= 2*NS every
+// pass has at least two warps), and sets the team shape of each.
 template <int NS, typename F>
 void for_each_pass(int64_t N, Plan L, F&& launch) {
-  const int64_t per_pass = static_cast<int64_t>(NS) * kMaxWarps<NS>;
+  const int64_t max_pass = static_cast<int64_t>(NS) * kMaxWarps<NS>;
+  const int64_t passes = ceil_div(N, max_pass), per_pass = ceil_div(N, passes);
   for (int64_t n0 = 0; n0 < N; n0 += per_pass) {
     L.n_begin = n0;
     L.n_end = std::min(N, n0 + per_pass);
@@ -778,14 +976,27 @@ void for_each_pass(int64_t N, Plan L, F&& launch) {
 template <typename T, int CPL, int NS>
 void forward_ns(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Plan& L0, cudaStream_t stream) {
   for_each_pass<NS>(p.dstate, L0, [&](const Plan& L) {
-    const size_t smem = 2 * (4 + static_cast<size_t>(L.nw)) * 32 * CPL * sizeof(float);
+    constexpr int R = kRows<CPL, NS>;
+    const size_t smem = (3 * 4 + 2 * static_cast<size_t>(L.nw)) * R * 32 * CPL * sizeof(float);
+    auto kernel = scan2d_fwd_kernel<T, CPL, NS>;
+    SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const unsigned blocks = static_cast<unsigned>(p.dim * L.nb);
     for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
       dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-      scan2d_fwd_kernel<T, CPL, NS><<<grid, L.nw * 32, smem, stream>>>(p, o, L, b0);
+      kernel<<<grid, L.nw * 32, smem, stream>>>(p, o, L, b0);
       SSM2D_CUDA_CHECK_LAUNCH("scan2d_fwd_kernel");
     }
   });
+}
+
+template <typename T, int CPL>
+void forward_solo(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Plan& L, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(ceil_div(p.dim * L.nb, 4));
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+    dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    scan2d_fwd_solo_kernel<T, CPL><<<grid, 128, 0, stream>>>(p, o, L, b0);
+    SSM2D_CUDA_CHECK_LAUNCH("scan2d_fwd_solo_kernel");
+  }
 }
 
 // Workspace layout of both directions: sumdt, S (and Srev in the backward), then the rest.
@@ -817,7 +1028,8 @@ void forward_cpl(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStre
   L.d_begin = 0;
   L.d_end = p.dim;
   if (L.nb > 1) launch_summaries<T, CPL>(p, L, stream);  // before the passes, which read them
-  switch (states_per_warp(p.batch * p.dim * L.nb, p.dstate, "SSM2D_SCAN2D_FWD_NS")) {
+  if (p.dstate == 1) return forward_solo<T, CPL>(p, o, L, stream);
+  switch (states_per_warp(p.batch * p.dim * L.nb, p.dstate, "SSM2D_SCAN2D_FWD_NS", true)) {
     case 1: forward_ns<T, CPL, 1>(p, o, L, stream); break;
     case 2: forward_ns<T, CPL, 2>(p, o, L, stream); break;
     default: forward_ns<T, CPL, 4>(p, o, L, stream); break;
@@ -846,8 +1058,10 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
     }
   }
   for_each_pass<NS>(p.dstate, L0, [&](const Plan& L) {
+    constexpr int R = kRowsB<CPL, NS>;
     const size_t slots = static_cast<size_t>(L.nw) * NS;
-    const size_t smem = ((kSegment + 1) * slots + 2 * 4 + 2 * 3 * static_cast<size_t>(L.nw)) * 32 * CPL * sizeof(float);
+    const size_t smem = ((kSegment + 1) * slots + 3 * R * 4 + 2 * R * 3 * static_cast<size_t>(L.nw)) * 32 * CPL *
+                        sizeof(float);
     auto kernel = scan2d_bwd_kernel<T, CPL, NS, Det>;
     SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const unsigned blocks = static_cast<unsigned>(channels * L.nb);
