@@ -37,6 +37,7 @@
 
 #include "common.cuh"
 #include "scan2d_common.cuh"
+#include "scan2d_tiled.h"
 #include "ssm2d/scan2d.h"
 
 namespace ssm2d::cuda {
@@ -241,8 +242,6 @@ __device__ __forceinline__ void lds_cols(float (&v)[CPL], const float* p) {  // 
 // Rows a warp handles per step: their loads are issued together, a group ahead, so one memory latency
 // is paid per group instead of per row, and the block meets at one barrier per group.
 template <int CPL, int NS> constexpr int kRows = NS * CPL >= 16 ? 1 : NS * CPL >= 4 ? 2 : 4;
-// The backward keeps its states' h of a whole segment in shared memory: fewer rows per group.
-template <int CPL, int NS> constexpr int kRowsB = NS == 1 ? 2 : kRows<CPL, NS>;
 
 // N >= 2. One block per (batch, channel, band): NW >= 2 warps of NS states each. Per group of R rows
 // the block stages dt, dt*u, u, z of the band in shared memory once (the next group's, while this
@@ -591,22 +590,22 @@ __global__ void __launch_bounds__(128) scan2d_rev_summary_kernel(Scan2dProblem p
   }
 }
 
-// One block per (batch, channel, band): NW warps of NS states each, as in the forward, rows in
-// groups of R. Per segment of kSegment rows: (1) top-down, h of every row into shared memory (G by
-// the forward band scan), the block staging dt, dt*u per group; (2) bottom-up, the block stages dt,
-// u, dy and the gate factor of each group, each warp runs lamV, the reverse band scan for lamH and
-// its states' gradients row by row and leaves its partial ddt, du and C*h (the pre-gate y, for dz)
-// in shared memory; one barrier per group; warp 0 sums them in warp order and writes du, ddelta, dz.
-// Shared memory: ((kSegment+1)*NW*NS + 3*R*4 + 2*R*3*NW) x 32*CPL floats.
+// One block per (batch, channel, band): NW warps of NS states each, as in the forward. Per segment
+// of kSegment rows: (1) top-down, h of every row into shared memory (G by the forward band scan),
+// the block staging dt, dt*u per row; (2) bottom-up, the block stages dt, u, dy and the gate factor
+// of each row, each warp runs lamV, the reverse band scan for lamH and its states' gradients, and
+// leaves its partial ddt, du and C*h (the pre-gate y, for dz) in shared memory; one barrier; warp 0
+// sums them in warp order and writes du, ddelta, dz. Two barriers per row.
+// Shared memory: ((kSegment+1)*NW*NS + 2*4 + 2*3*NW) x 32*CPL floats.
 template <typename T, int CPL, int NS, bool kDet>
 __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                       Plan L, int64_t b0) {
   extern __shared__ float smem[];
-  constexpr int BW = 32 * CPL, R = kRowsB<CPL, NS>, MS = R * CPL;  // MS: staged cells per thread (nw >= 1)
+  constexpr int BW = 32 * CPL;
   const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5, threads = L.nw * 32, slots = L.nw * NS;
   float* hbuf = smem;                                // [kSegment+1][slots][CPL][32]
-  float* stage = hbuf + (kSegment + 1) * slots * BW;  // [3][R][4][BW]
-  float* part = stage + 3 * R * 4 * BW;               // [2][R][nw][3][CPL][32]
+  float* stage = hbuf + (kSegment + 1) * slots * BW;  // [2][4][BW]
+  float* part = stage + 2 * 4 * BW;                   // [2][nw][3][CPL][32]
   const int64_t channels = L.d_end - L.d_begin;
   const int64_t dl = blockIdx.x / L.nb, band = blockIdx.x % L.nb, b = blockIdx.y + b0, d = L.d_begin + dl;
   const int64_t H = p.height, W = p.width, N = p.dstate, g = d / (p.dim / p.groups), nb = L.nb;
@@ -629,9 +628,10 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   const float* S0 = nb > 1 ? L.S + ((b * p.dim + d) * N + st.n0) * H * (nb - 1) : nullptr;
   const float* Sr0 = nb > 1 ? L.Srev + ((b * p.dim + d) * N + st.n0) * H * (nb - 1) : nullptr;
   const bool gated = p.z.defined();
-  const Plane<const T> pu = plane<const T>(p.u, b, d, 0), pd = plane<const T>(p.delta, b, d, 0);
-  const Plane<const T> pgo = plane<const T>(ga.dout, b, d, 0);
-  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pgo;
+  const Plane<const T> u = plane<const T>(p.u, b, d, 0), delta = plane<const T>(p.delta, b, d, 0);
+  const Plane<const T> dout = plane<const T>(ga.dout, b, d, 0);
+  const Plane<const T> ops_up[2] = {delta, u};
+  const Plane<const T> ops_dn[4] = {delta, u, dout, gated ? plane<const T>(p.z, b, d, 0) : dout};
   bool in[CPL];
 #pragma unroll
   for (int k = 0; k < CPL; ++k) in[k] = j0 + k < W;
@@ -646,81 +646,43 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
     for (int k = 0; k < CPL; ++k) lamV[s][k] = a_below[s][k] = 0.f;
   float dD_acc = 0.f, dbias_acc = 0.f;  // warp 0: over the cells it finishes
 
-  // Staging of a group of R rows: rows gtop + r (top-down pass) or gbot - r (bottom-up pass), cell
-  // e = t + m*threads at (row index e / BW, column e % BW). Raw loads a group ahead.
-  T raw[MS][4];
-  int64_t slot = 0;  // ring position of the next group to be staged
-  auto row_of = [&](int64_t gstart, int r, bool down) { return down ? gstart - r : gstart + r; };
-  auto load_raw = [&](int64_t gstart, bool down, int64_t lo, int64_t hi) {  // rows in [lo, hi)
+  Stager<T, CPL, 2> sgu(threadIdx.x, threads, jb, W);
+  Stager<T, CPL, 4> sgd(threadIdx.x, threads, jb, W);
+  auto put_up = [&](int buf) {  // dt, dt*u
+    float* sb = stage + buf * 4 * BW;
 #pragma unroll
-    for (int m = 0; m < MS; ++m) {
-      const int e = threadIdx.x + m * threads;
-      const int64_t i = row_of(gstart, e / BW, down);
-      if (e < R * BW && i >= lo && i < hi) {
-        const int64_t j = min(jb + e % BW, W - 1);
-        raw[m][0] = pd.at(i, j);
-        raw[m][1] = pu.at(i, j);
-        if (down) {
-          raw[m][2] = pgo.at(i, j);
-          raw[m][3] = pz.at(i, j);
-        }
-      }
+    for (int r = 0; r < CPL; ++r) {
+      const int c = threadIdx.x + r * threads;
+      if (c >= BW) continue;
+      const float v = to_f(sgu.raw[r][0]) + bias;
+      const float dt = jb + c < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      sb[c] = dt;
+      sb[BW + c] = dt * to_f(sgu.raw[r][1]);
     }
   };
-  auto put = [&](int64_t gstart, bool down, int64_t lo, int64_t hi) {
-    float* sb = stage + (slot % 3) * R * 4 * BW;
-    ++slot;
+  auto put_dn = [&](int buf) {  // dt, u, dy, and dout * d silu(z)/dz (dz = y times it)
+    float* sb = stage + buf * 4 * BW;
 #pragma unroll
-    for (int m = 0; m < MS; ++m) {
-      const int e = threadIdx.x + m * threads;
-      if (e >= R * BW) continue;
-      const int r = e / BW, c = e % BW;
-      const int64_t i = row_of(gstart, r, down);
-      const bool inc = jb + c < W && i >= lo && i < hi;
-      const float v = to_f(raw[m][0]) + bias, uu = to_f(raw[m][1]);
-      const float dt = inc ? (p.softplus ? softplus_f(v) : v) : 0.f;
-      float* row = sb + r * 4 * BW;
-      row[c] = dt;
-      if (!down) {
-        row[BW + c] = dt * uu;
-        continue;
-      }
-      const float go = to_f(raw[m][2]);
+    for (int r = 0; r < CPL; ++r) {
+      const int c = threadIdx.x + r * threads;
+      if (c >= BW) continue;
+      const bool inc = jb + c < W;
+      const float v = to_f(sgd.raw[r][0]) + bias, go = to_f(sgd.raw[r][2]);
       float dy = go, gz = 0.f;
       if (gated) {
-        const float zv = to_f(raw[m][3]), sz = 1.f / (1.f + __expf(-zv));
+        const float zv = to_f(sgd.raw[r][3]), sz = 1.f / (1.f + __expf(-zv));
         dy = go * zv * sz;
-        gz = go * sz * (1.f + zv * (1.f - sz));  // dz = (pre-gate y) * gz
+        gz = go * sz * (1.f + zv * (1.f - sz));
       }
-      row[BW + c] = uu;
-      row[2 * BW + c] = inc ? dy : 0.f;
-      row[3 * BW + c] = gz;
-    }
-  };
-  RowBC<T, CPL, NS, true> cur[R], nxt[R];
-  auto load_group = [&](int64_t gstart, bool down, int64_t lo, int64_t hi) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = row_of(gstart, r, down);
-      if (i >= lo && i < hi) load_bc<T, CPL, NS, true>(nxt[r], i, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
-    }
-  };
-  auto prefetch_rows = [&](int64_t i_lo, int64_t i_hi) {  // rows [i_lo, i_hi) into L2
-    for (int64_t i = i_lo > 0 ? i_lo : 0; i < (i_hi < H ? i_hi : H); ++i) {
-      if (threadIdx.x < BW) {
-        const int64_t j = min(jb + threadIdx.x, W - 1);
-        prefetch_l2(&pd.at(i, j));
-        prefetch_l2(&pu.at(i, j));
-        prefetch_l2(&pgo.at(i, j));
-        if (gated) prefetch_l2(&pz.at(i, j));
-      }
-      prefetch_bc<T, NS, true>(i, jp, Bb, Cb, p.B, p.C, st.nact - 1);
+      sb[c] = inc ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      sb[BW + c] = to_f(sgd.raw[r][1]);
+      sb[2 * BW + c] = inc ? dy : 0.f;
+      sb[3 * BW + c] = gz;
     }
   };
 
   for (int64_t seg = nseg - 1; seg >= 0; --seg) {
     const int64_t r0 = seg * kSegment, r1 = min(H, r0 + kSegment);
-    prefetch_rows(r0 - kSegment, r0);  // the next segment, which step 2 walks after step 1 of it
     // 1. h of the segment's rows, top-down, from the saved row above it (zero above the grid).
     {
       float h[NS][CPL];
@@ -731,169 +693,159 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
           h[s][k] = (seg > 0 && s < st.nact && in[k]) ? ck[(s * (nseg - 1) + seg - 1) * W + j0 + k] : 0.f;
           hbuf[hidx(0, s, k)] = h[s][k];
         }
-      load_raw(r0, false, r0, r1);
-      load_group(r0, false, r0, r1);
-      __syncthreads();  // the previous segment's readers of the staging ring are done
-      put(r0, false, r0, r1);
-      if (r0 + R < r1) load_raw(r0 + R, false, r0, r1);
+      sgu.load(r0, ops_up);
+      __syncthreads();  // the previous segment's readers of stage are done
+      put_up(0);
+      if (r0 + 1 < r1) sgu.load(r0 + 1, ops_up);
+      RowBC<T, CPL, NS, false> nxt;
+      load_bc<T, CPL, NS, false>(nxt, r0, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
       __syncthreads();
-      for (int64_t g0 = r0; g0 < r1; g0 += R) {
-        const float* sg = stage + ((slot - 1) % 3) * R * 4 * BW;
+      for (int64_t i = r0; i < r1; ++i) {
+        const RowBC<T, CPL, NS, false> cur = nxt;
+        if (i + 1 < r1) load_bc<T, CPL, NS, false>(nxt, i + 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+        float dt[CPL], dtu[CPL];
+        const float* sb = stage + ((i - r0) & 1) * 4 * BW + lane * CPL;
+        lds_cols<CPL>(dt, sb);
+        lds_cols<CPL>(dtu, sb + BW);
 #pragma unroll
-        for (int r = 0; r < R; ++r) cur[r] = nxt[r];
-        if (g0 + R < r1) load_group(g0 + R, false, r0, r1);
+        for (int s = 0; s < NS; ++s) {
+          if (s >= st.nact) continue;
+          const float cin = band > 0 ? fold_left(L, sdt + i * nb, S0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
+          float a[CPL], x[CPL], e[CPL];
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int64_t i = g0 + r;
-          if (i >= r1) break;
-          float dt[CPL], dtu[CPL];
-          lds_cols<CPL>(dt, sg + r * 4 * BW + lane * CPL);
-          lds_cols<CPL>(dtu, sg + r * 4 * BW + BW + lane * CPL);
+          for (int k = 0; k < CPL; ++k) {
+            a[k] = exp2f(dt[k] * A2[s]);
+            x[k] = dtu[k] * to_f(cur.B[s][k]);
+          }
+          band_scan<CPL, false>(a, x, cin, e, lane);
 #pragma unroll
-          for (int s = 0; s < NS; ++s) {
-            if (s >= st.nact) continue;
-            const float cin = band > 0 ? fold_left(L, sdt + i * nb, S0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
-            float a[CPL], x[CPL], e[CPL];
-#pragma unroll
-            for (int k = 0; k < CPL; ++k) {
-              a[k] = exp2f(dt[k] * A2[s]);
-              x[k] = dtu[k] * to_f(cur[r].B[s][k]);
-            }
-            band_scan<CPL, false>(a, x, cin, e, lane);
-#pragma unroll
-            for (int k = 0; k < CPL; ++k) {
-              h[s][k] = fmaf(a[k], h[s][k], fmaf(a[k], e[k], x[k]));
-              hbuf[hidx(i - r0 + 1, s, k)] = h[s][k];
-            }
+          for (int k = 0; k < CPL; ++k) {
+            h[s][k] = fmaf(a[k], h[s][k], fmaf(a[k], e[k], x[k]));
+            hbuf[hidx(i - r0 + 1, s, k)] = h[s][k];
           }
         }
-        if (g0 + R < r1) {
-          put(g0 + R, false, r0, r1);
-          if (g0 + 2 * R < r1) load_raw(g0 + 2 * R, false, r0, r1);
+        if (i + 1 < r1) {
+          put_up((i + 1 - r0) & 1);
+          if (i + 2 < r1) sgu.load(i + 2, ops_up);
         }
         __syncthreads();
       }
     }
-    // 2. The segment's rows bottom-up, in groups of R starting from the bottom row.
-    load_raw(r1 - 1, true, r0, r1);
-    load_group(r1 - 1, true, r0, r1);
-    put(r1 - 1, true, r0, r1);
-    if (r1 - 1 - R >= r0) load_raw(r1 - 1 - R, true, r0, r1);
+    // 2. The segment's rows bottom-up.
+    for (int64_t r = 1; r <= kL2Ahead && r1 - 1 - r >= 0; ++r) {
+      sgd.prefetch(r1 - 1 - r, ops_dn);
+      prefetch_bc<T, NS, true>(r1 - 1 - r, jp, Bb, Cb, p.B, p.C, st.nact - 1);
+    }
+    sgd.load(r1 - 1, ops_dn);
+    put_dn(0);
+    if (r1 - 2 >= r0) sgd.load(r1 - 2, ops_dn);
+    RowBC<T, CPL, NS, true> nxt;
+    load_bc<T, CPL, NS, true>(nxt, r1 - 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
     __syncthreads();
-    int64_t gcount = 0;
-    for (int64_t gb = r1 - 1; gb >= r0; gb -= R, ++gcount) {
-      const float* sg = stage + ((slot - 1) % 3) * R * 4 * BW;
-      float* pb = part + (gcount & 1) * R * L.nw * 3 * BW;
+    for (int64_t i = r1 - 1; i >= r0; --i) {
+      const int buf = (r1 - 1 - i) & 1;
+      const RowBC<T, CPL, NS, true> cur = nxt;
+      if (i - 1 >= r0) load_bc<T, CPL, NS, true>(nxt, i - 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
+      if (i - 1 - kL2Ahead >= 0) {
+        sgd.prefetch(i - 1 - kL2Ahead, ops_dn);
+        prefetch_bc<T, NS, true>(i - 1 - kL2Ahead, jp, Bb, Cb, p.B, p.C, st.nact - 1);
+      }
+      float dt[CPL], uv[CPL], dy[CPL], gz[CPL], ddt_p[CPL], du_p[CPL], yc_p[CPL];
+      {
+        const float* sb = stage + buf * 4 * BW + lane * CPL;
+        lds_cols<CPL>(dt, sb);
+        lds_cols<CPL>(uv, sb + BW);
+        lds_cols<CPL>(dy, sb + 2 * BW);
+        lds_cols<CPL>(gz, sb + 3 * BW);
+      }
 #pragma unroll
-      for (int r = 0; r < R; ++r) cur[r] = nxt[r];
-      if (gb - R >= r0) load_group(gb - R, true, r0, r1);
+      for (int k = 0; k < CPL; ++k) ddt_p[k] = du_p[k] = yc_p[k] = 0.f;
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int64_t i = gb - r;
-        if (i < r0) break;
-        float dt[CPL], uv[CPL], dy[CPL], ddt_p[CPL], du_p[CPL], yc_p[CPL];
-        lds_cols<CPL>(dt, sg + r * 4 * BW + lane * CPL);
-        lds_cols<CPL>(uv, sg + r * 4 * BW + BW + lane * CPL);
-        lds_cols<CPL>(dy, sg + r * 4 * BW + 2 * BW + lane * CPL);
+      for (int s = 0; s < NS; ++s) {
+        if (s >= st.nact) continue;
+        const int64_t n = st.n0 + s;
+        const float cR = band + 1 < nb ? fold_right(L, sdt + i * nb, Sr0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
+        float a[CPL], xr[CPL], e[CPL];
 #pragma unroll
-        for (int k = 0; k < CPL; ++k) ddt_p[k] = du_p[k] = yc_p[k] = 0.f;
+        for (int k = 0; k < CPL; ++k) {
+          lamV[s][k] = fmaf(a_below[s][k], lamV[s][k], dy[k] * to_f(cur.C[s][k]));
+          a[k] = exp2f(dt[k] * A2[s]);
+          a_below[s][k] = a[k];
+          xr[k] = a[k] * lamV[s][k];
+        }
+        band_scan<CPL, true>(a, xr, cR, e, lane);
 #pragma unroll
-        for (int s = 0; s < NS; ++s) {
-          if (s >= st.nact) continue;
-          const int64_t n = st.n0 + s;
-          const float cR =
-              band + 1 < nb ? fold_right(L, sdt + i * nb, Sr0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
-          float a[CPL], xr[CPL], e[CPL];
-#pragma unroll
-          for (int k = 0; k < CPL; ++k) {
-            lamV[s][k] = fmaf(a_below[s][k], lamV[s][k], dy[k] * to_f(cur[r].C[s][k]));
-            a[k] = exp2f(dt[k] * A2[s]);
-            a_below[s][k] = a[k];
-            xr[k] = a[k] * lamV[s][k];
-          }
-          band_scan<CPL, true>(a, xr, cR, e, lane);
-#pragma unroll
-          for (int k = 0; k < CPL; ++k) {
-            const float bv = in[k] ? to_f(cur[r].B[s][k]) : 0.f, cv = in[k] ? to_f(cur[r].C[s][k]) : 0.f;
-            const float lamH = lamV[s][k] + e[k];
-            const float h = hbuf[hidx(i - r0 + 1, s, k)];
-            const float ah = a[k] * hbuf[hidx(i - r0, s, k)];  // a * h[i-1]
-            const float x = dt[k] * bv * uv[k];
-            const float q = fmaf(lamV[s][k], ah, lamH * (h - ah - x));
-            dA_acc[s] = fmaf(q, dt[k], dA_acc[s]);
-            ddt_p[k] = fmaf(q, An[s], fmaf(lamH * bv, uv[k], ddt_p[k]));
-            du_p[k] = fmaf(lamH * bv, dt[k], du_p[k]);
-            yc_p[k] = fmaf(cv, h, yc_p[k]);
-            if (in[k]) {
-              const int64_t j = j0 + k;
-              if (ga.dB.defined()) {
-                float* dst = &plane<float>(ga.dB, b, bc_c, n).at(i, j);
-                if (kDet) *dst = lamH * dt[k] * uv[k];
-                else atomicAdd(dst, lamH * dt[k] * uv[k]);
-              }
-              if (ga.dC.defined()) {
-                float* dst = &plane<float>(ga.dC, b, bc_c, n).at(i, j);
-                if (kDet) *dst = dy[k] * h;
-                else atomicAdd(dst, dy[k] * h);
-              }
+        for (int k = 0; k < CPL; ++k) {
+          const float bv = in[k] ? to_f(cur.B[s][k]) : 0.f, cv = in[k] ? to_f(cur.C[s][k]) : 0.f;
+          const float lamH = lamV[s][k] + e[k];
+          const float h = hbuf[hidx(i - r0 + 1, s, k)];
+          const float ah = a[k] * hbuf[hidx(i - r0, s, k)];  // a * h[i-1]
+          const float x = dt[k] * bv * uv[k];
+          const float q = fmaf(lamV[s][k], ah, lamH * (h - ah - x));
+          dA_acc[s] = fmaf(q, dt[k], dA_acc[s]);
+          ddt_p[k] = fmaf(q, An[s], fmaf(lamH * bv, uv[k], ddt_p[k]));
+          du_p[k] = fmaf(lamH * bv, dt[k], du_p[k]);
+          yc_p[k] = fmaf(cv, h, yc_p[k]);
+          if (in[k]) {
+            const int64_t j = j0 + k;
+            if (ga.dB.defined()) {
+              float* dst = &plane<float>(ga.dB, b, bc_c, n).at(i, j);
+              if (kDet) *dst = lamH * dt[k] * uv[k];
+              else atomicAdd(dst, lamH * dt[k] * uv[k]);
+            }
+            if (ga.dC.defined()) {
+              float* dst = &plane<float>(ga.dC, b, bc_c, n).at(i, j);
+              if (kDet) *dst = dy[k] * h;
+              else atomicAdd(dst, dy[k] * h);
             }
           }
         }
-#pragma unroll
-        for (int k = 0; k < CPL; ++k) {
-          pb[(((r * L.nw + wi) * 3 + 0) * CPL + k) * 32 + lane] = ddt_p[k];
-          pb[(((r * L.nw + wi) * 3 + 1) * CPL + k) * 32 + lane] = du_p[k];
-          pb[(((r * L.nw + wi) * 3 + 2) * CPL + k) * 32 + lane] = yc_p[k];
-        }
       }
-      if (gb - R >= r0) {
-        put(gb - R, true, r0, r1);
-        if (gb - 2 * R >= r0) load_raw(gb - 2 * R, true, r0, r1);
+      float* pb = part + buf * L.nw * 3 * BW;
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        pb[((wi * 3 + 0) * CPL + k) * 32 + lane] = ddt_p[k];
+        pb[((wi * 3 + 1) * CPL + k) * 32 + lane] = du_p[k];
+        pb[((wi * 3 + 2) * CPL + k) * 32 + lane] = yc_p[k];
+      }
+      if (i - 1 >= r0) {
+        put_dn(buf ^ 1);
+        if (i - 2 >= r0) sgd.load(i - 2, ops_dn);
       }
       __syncthreads();
       if (wi == 0) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const int64_t i = gb - r;
-          if (i < r0) break;
-          float dt[CPL], uv[CPL], dy[CPL], gz[CPL];
-          lds_cols<CPL>(dt, sg + r * 4 * BW + lane * CPL);
-          lds_cols<CPL>(uv, sg + r * 4 * BW + BW + lane * CPL);
-          lds_cols<CPL>(dy, sg + r * 4 * BW + 2 * BW + lane * CPL);
-          lds_cols<CPL>(gz, sg + r * 4 * BW + 3 * BW + lane * CPL);
-#pragma unroll
-          for (int k = 0; k < CPL; ++k) {
-            if (!in[k]) continue;
-            float ddt = 0.f, du = 0.f, yc = 0.f;
-            for (int w = 0; w < L.nw; ++w) {
-              ddt += pb[(((r * L.nw + w) * 3 + 0) * CPL + k) * 32 + lane];
-              du += pb[(((r * L.nw + w) * 3 + 1) * CPL + k) * 32 + lane];
-              yc += pb[(((r * L.nw + w) * 3 + 2) * CPL + k) * 32 + lane];
-            }
-            const int64_t j = j0 + k;
-            if (!L.first || !L.last) {
-              float* acc = L.acc + (((b * channels + dl) * H + i) * W + j) * 3;
-              if (!L.first) {
-                ddt += acc[0];
-                du += acc[1];
-                yc += acc[2];
-              }
-              if (!L.last) {
-                acc[0] = ddt;
-                acc[1] = du;
-                acc[2] = yc;
-                continue;
-              }
-            }
-            du = fmaf(Dd, dy[k], du);
-            // d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)); ~1 in the identity branch (v > 20).
-            const float ddelta = p.softplus ? ddt * -expm1f(-dt[k]) : ddt;
-            dbias_acc += ddelta;
-            dD_acc = fmaf(dy[k], uv[k], dD_acc);
-            if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(i, j) = from_f<T>(du);
-            if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(i, j) = from_f<T>(ddelta);
-            if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(i, j) = from_f<T>(fmaf(Dd, uv[k], yc) * gz[k]);
+        for (int k = 0; k < CPL; ++k) {
+          if (!in[k]) continue;
+          float ddt = 0.f, du = 0.f, yc = 0.f;
+          for (int w = 0; w < L.nw; ++w) {
+            ddt += pb[((w * 3 + 0) * CPL + k) * 32 + lane];
+            du += pb[((w * 3 + 1) * CPL + k) * 32 + lane];
+            yc += pb[((w * 3 + 2) * CPL + k) * 32 + lane];
           }
+          const int64_t j = j0 + k;
+          if (!L.first || !L.last) {
+            float* acc = L.acc + (((b * channels + dl) * H + i) * W + j) * 3;
+            if (!L.first) {
+              ddt += acc[0];
+              du += acc[1];
+              yc += acc[2];
+            }
+            if (!L.last) {
+              acc[0] = ddt;
+              acc[1] = du;
+              acc[2] = yc;
+              continue;
+            }
+          }
+          du = fmaf(Dd, dy[k], du);
+          // d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)); ~1 in the identity branch (v > 20).
+          const float ddelta = p.softplus ? ddt * -expm1f(-dt[k]) : ddt;
+          dbias_acc += ddelta;
+          dD_acc = fmaf(dy[k], uv[k], dD_acc);
+          if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(i, j) = from_f<T>(du);
+          if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(i, j) = from_f<T>(ddelta);
+          if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(i, j) = from_f<T>(fmaf(Dd, uv[k], yc) * gz[k]);
         }
       }
     }
@@ -1058,10 +1010,8 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
     }
   }
   for_each_pass<NS>(p.dstate, L0, [&](const Plan& L) {
-    constexpr int R = kRowsB<CPL, NS>;
     const size_t slots = static_cast<size_t>(L.nw) * NS;
-    const size_t smem = ((kSegment + 1) * slots + 3 * R * 4 + 2 * R * 3 * static_cast<size_t>(L.nw)) * 32 * CPL *
-                        sizeof(float);
+    const size_t smem = ((kSegment + 1) * slots + 2 * 4 + 2 * 3 * static_cast<size_t>(L.nw)) * 32 * CPL * sizeof(float);
     auto kernel = scan2d_bwd_kernel<T, CPL, NS, Det>;
     SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const unsigned blocks = static_cast<unsigned>(channels * L.nb);
@@ -1108,6 +1058,7 @@ void check_cuda_problem(const Scan2dProblem& p, const char* what) {
 }  // namespace
 
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
+  if (scan2d_tiled(p.dstate)) return scan2d_tiled_forward(p, o);
   check_cuda_problem(p, "scan2d_forward");
   if (scan2d_forward_workspace_floats(p.batch, p.dim, p.dstate, p.height, p.width) > 0 && !o.workspace)
     throw ArgumentError("scan2d_forward: workspace is required on CUDA (scan2d_forward_workspace_floats)");
@@ -1122,6 +1073,7 @@ void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
 }
 
 void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a_in) {
+  if (scan2d_tiled(p.dstate)) return scan2d_tiled_backward(p, a_in);
   check_cuda_problem(p, "scan2d_backward");
   Scan2dBackwardArgs a = a_in;
   if (a.d_end < 0) a.d_end = p.dim;

@@ -147,6 +147,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("elements") = 1 << 22);
 
+  m.def("scan2d_backward_needs_y", &ssm2d::cuda::scan2d_backward_needs_y, py::arg("dstate"),
+        "Whether the CUDA backward needs the pre-gate output saved by the forward (when z is given).");
   m.def("scan2d_forward_workspace_floats", &ssm2d::cuda::scan2d_forward_workspace_floats, py::arg("batch"),
         py::arg("dim"), py::arg("dstate"), py::arg("height"), py::arg("width"),
         "float32 scratch of the CUDA forward on the scanned (height, width) grid.");

@@ -13,12 +13,14 @@ corner the scan starts from, ``order`` rows first ("hv") or columns first ("vh")
 onto pointers and strides, never copied.
 
 Memory: the forward writes only ``out`` (and ``y``, the pre-gate output, when the backward of a gate
-needs it); on CUDA it also saves the state h of every 16th row, ``scan2d_carry_floats(...)`` float32
-values (N/16 of u's elements, none when the scanned H <= 16), from which the backward recomputes the
-states. When no backward follows (inference), pass ``carries=None``: nothing is saved. Grids wider
-than one column band of the CUDA kernel (32, 64 or 128 columns by width) and N > 16 also need a
-float32 ``workspace`` of ``scan2d_forward_workspace_floats(...)`` values (band summaries:
-batch*D*H*(bands + N*(bands-1)); a partial output for N > 16).
+needs it: N >= 8 on CUDA). On CUDA it also saves ``scan2d_carry_floats(...)`` float32 values, from
+which the backward recomputes the states: with N < 8 (band kernels) the state h of every 16th row
+(N/16 of u's elements, none when the scanned H <= 16); with N >= 8 (tiled kernels) the carries of
+every 32x32 tile (also N/16 of u's elements). When no backward follows (inference), pass
+``carries=None``: nothing is saved. The forward may also need a float32 ``workspace`` of
+``scan2d_forward_workspace_floats(...)`` values: with N < 8, band summaries of grids wider than one
+band (32, 64 or 128 columns by width), batch*D*H*(bands + N*(bands-1)); with N >= 8 and no carries
+(inference), room for the tile carries.
 """
 
 from __future__ import annotations
@@ -171,9 +173,9 @@ class _Checked:
 def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y=None, carries=None,
                    workspace=None, softplus: bool = False, origin: str = "tl", order: str = "hv",
                    stream: int = 0) -> None:
-    """Writes ``out`` (and, on the CPU, ``y`` = the pre-gate output, when given and z is given; the
-    CUDA kernel ignores ``y``; and, on CUDA, the ``carries`` buffer of ``scan2d_carry_floats``
-    float32 values, which the backward needs).
+    """Writes ``out`` (and ``y`` = the pre-gate output, when given and z is given: the CUDA backward
+    needs it for N >= 8; and, on CUDA, the ``carries`` buffer of ``scan2d_carry_floats`` float32
+    values, which the backward needs).
     ``carries=None`` on CUDA: inference, nothing saved. ``workspace``: float32 scratch of
     ``scan2d_forward_workspace_floats`` values on CUDA (None when that is 0).
 
@@ -191,7 +193,7 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
             car = as_array(carries, "carries")
             check_buffer(car, "carries", (scan2d_carry_floats(*sizes),), "float32", chk.device)
         need = scan2d_forward_workspace_floats(*sizes)
-        if need:
+        if need and not (car is not None and _C.scan2d_backward_needs_y(chk.sizes["dstate"])):
             if workspace is None:
                 raise ValueError(f"workspace is required on CUDA for this shape: {need} float32 values "
                                  "(scan2d_forward_workspace_floats)")
@@ -246,6 +248,9 @@ def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     ya = chk.same_as_u(y, "y")
     car = wsp = None
     if chk.device >= 0:
+        if chk.z is not None and ya is None and _C.scan2d_backward_needs_y(n):
+            raise ValueError("y (the pre-gate output saved by the forward) is required on CUDA when z is given "
+                             "and N >= 8")
         if carries is None or workspace is None:
             raise ValueError("carries (saved by the forward, possibly empty) and workspace are required on CUDA")
         car = as_array(carries, "carries")

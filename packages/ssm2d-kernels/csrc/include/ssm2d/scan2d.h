@@ -38,25 +38,43 @@ constexpr int64_t kScan2dSegment = 16;
 inline int64_t scan2d_bands(int64_t width, int cols_per_lane) {
   return (width + 32 * cols_per_lane - 1) / (32 * cols_per_lane);
 }
-// Floats the CUDA forward saves for the backward: h every kScan2dSegment rows,
+// With this many states or more the tiled kernels run (one block per (batch, channel) walking 32x32
+// tiles: at MIL shapes, N = 16, still faster than the band kernels); with fewer, the band kernels.
+constexpr int64_t kScan2dTiledStates = 8;
+constexpr int64_t kScan2dTile = 32;
+inline bool scan2d_tiled(int64_t dstate) { return dstate >= kScan2dTiledStates; }
+// Whether the backward needs the pre-gate output y saved by the forward (when z is given): the tiled
+// kernels do; the band kernels rebuild it.
+inline bool scan2d_backward_needs_y(int64_t dstate) { return scan2d_tiled(dstate); }
+
+// Floats the CUDA forward saves for the backward. Band kernels: h every kScan2dSegment rows,
 // batch*dim*N*(ceil(H/kScan2dSegment) - 1)*W (N/16 of u's element count; none when H <= 16).
+// Tiled kernels: the G and h carries of every 32x32 tile, batch*dim*N*tiles*64.
 inline int64_t scan2d_carry_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height, int64_t width) {
+  if (scan2d_tiled(dstate)) {
+    const int64_t tiles = ((height + kScan2dTile - 1) / kScan2dTile) * ((width + kScan2dTile - 1) / kScan2dTile);
+    return batch * dim * dstate * tiles * 2 * kScan2dTile;
+  }
   return batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
 }
-// Floats of scratch the CUDA forward needs: for grids wider than one band, per (row, band)
-// summaries batch*dim*H*(bands + N*(bands-1)); for N > 16, a partial output batch*dim*H*W.
+// Floats of scratch the CUDA forward needs. Band kernels: for grids wider than one band, per (row,
+// band) summaries batch*dim*H*(bands + N*(bands-1)); for N > 16, a partial output batch*dim*H*W.
+// Tiled kernels: the carries' size, used only when no carries buffer is given (inference).
 inline int64_t scan2d_forward_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height,
                                                int64_t width) {
+  if (scan2d_tiled(dstate)) return scan2d_carry_floats(batch, dim, dstate, height, width);
   const int64_t nb = scan2d_bands(width, scan2d_cols_per_lane(width));
   const int64_t summaries = nb > 1 ? batch * dim * height * (nb + dstate * (nb - 1)) : 0;
   const int64_t partial = dstate > kScan2dStatesPerPass ? batch * dim * height * width : 0;
   return summaries + partial;
 }
-// Floats of scratch the CUDA backward needs: the forward's summaries and the reverse ones
-// batch*dim*H*(bands + 2N*(bands-1)) for grids wider than one band, per-band sums
-// batch*dim*bands*(N+2), and for N > 16 per-cell partial sums 3*batch*dim*H*W.
+// Floats of scratch the CUDA backward needs. Band kernels: the forward's summaries and the reverse
+// ones batch*dim*H*(bands + 2N*(bands-1)) for grids wider than one band, per-band sums
+// batch*dim*bands*(N+2), and for N > 16 per-cell partial sums 3*batch*dim*H*W. Tiled kernels: the
+// reverse carries, batch*dim*N*(H + W).
 inline int64_t scan2d_backward_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height,
                                                 int64_t width) {
+  if (scan2d_tiled(dstate)) return batch * dim * dstate * (height + width);
   const int64_t nb = scan2d_bands(width, scan2d_bwd_cols_per_lane(width, dstate));
   const int64_t summaries = nb > 1 ? batch * dim * height * (nb + 2 * dstate * (nb - 1)) : 0;
   const int64_t partial = dstate > kScan2dStatesPerPass ? 3 * batch * dim * height * width : 0;

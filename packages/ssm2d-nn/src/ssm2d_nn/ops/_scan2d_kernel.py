@@ -70,9 +70,16 @@ def carry_floats(u: Tensor, A: Tensor, order: str) -> int:
     return _kernels().scan2d_carry_floats(u.shape[0], u.shape[1], A.shape[1], lh, lw)
 
 
-def forward_workspace(u: Tensor, A: Tensor, order: str) -> Optional[Tensor]:
-    """float32 scratch of the CUDA forward (band summaries of wide grids, partial sums for N > 16)."""
-    if not u.is_cuda:
+def backward_needs_y(A: Tensor, z: Optional[Tensor]) -> bool:
+    """Whether the forward must keep the pre-gate output for the backward (the tiled kernels, which
+    run for N >= 8, need it when z is given; the band kernels rebuild it)."""
+    return z is not None and bool(_kernels().scan2d_backward_needs_y(A.shape[1]))
+
+
+def forward_workspace(u: Tensor, A: Tensor, order: str, with_carries: bool = False) -> Optional[Tensor]:
+    """float32 scratch of the CUDA forward (band summaries of wide grids, partial sums for N > 16;
+    for the tiled kernels, N >= 8, room for carries when none are kept)."""
+    if not u.is_cuda or (with_carries and _kernels().scan2d_backward_needs_y(A.shape[1])):
         return None
     lh, lw = logical_hw(u, order)
     n = _kernels().scan2d_forward_workspace_floats(u.shape[0], u.shape[1], A.shape[1], lh, lw)

@@ -46,11 +46,12 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     Without a backward to follow (no input requires grad, or grad mode off) the CUDA forward saves
     nothing (no carries, no pre-gate output).
 
-    Memory (kernel backend): the output, plus for the backward, on CUDA, the state of every 16th row
-    (N/16 times u's element count in float32, none when the scanned H <= 16); the pre-gate output is
-    not kept (the backward rebuilds it). Transiently, for grids wider than one band (up to 128
-    columns), band summaries of about (2N+1)/32 of u's element count per band boundary. The
-    N-times-larger state is never stored. Gradients are exact for every G; on CUDA dB/dC use float32 atomics unless
+    Memory (kernel backend): the output, plus for the backward, on CUDA: with N < 8 (band kernels)
+    the state of every 16th row (N/16 times u's element count in float32, none when the scanned
+    H <= 16) and, transiently, for grids wider than one band (up to 128 columns), band summaries of
+    about (2N+1)/32 of u's element count per band boundary; with N >= 8 (tiled kernels) per-tile
+    carries (N/16 of u's count) and the pre-gate output when z is given. The N-times-larger state is
+    never stored. Gradients are exact for every G; on CUDA dB/dC use float32 atomics unless
     ``torch.use_deterministic_algorithms(True)`` is on, which makes them bitwise reproducible
     (per-channel partial sums, at most 256 MiB of workspace per chunk). The CPU kernel is always
     deterministic for a fixed number of threads.
@@ -102,19 +103,23 @@ def _empty(t: Tensor, dtype=None) -> Tensor:
 def scan2d_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                delta_bias: Optional[Tensor], delta_softplus: bool, origin: str, order: str,
                deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Kernel forward: (out, an empty placeholder (the backward rebuilds the pre-gate output), CUDA
-    carries or empty)."""
+    """Kernel forward: (out, the pre-gate output when the CUDA backward needs it (tiled kernels, N >= 8,
+    with z) else empty, CUDA carries or empty)."""
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    keep_y = u.is_cuda and K.backward_needs_y(A, z)
+    y = torch.empty_like(out) if keep_y else _empty(u)
     carries = torch.empty(K.carry_floats(u, A, order), dtype=torch.float32, device=u.device)
     prob = K.problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, stream_of(u))
-    K.forward(prob, out, None, carries, K.forward_workspace(u, A, order), origin, order)
-    return out, _empty(u), carries
+    K.forward(prob, out, y if keep_y else None, carries, K.forward_workspace(u, A, order, with_carries=True),
+              origin, order)
+    return out, y, carries
 
 
 @scan2d_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, deterministic):
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    return out, _empty(u), torch.empty(K.carry_floats(u, A, order), dtype=torch.float32, device=u.device)
+    y = torch.empty_like(out) if u.is_cuda and K.backward_needs_y(A, z) else _empty(u)
+    return out, y, torch.empty(K.carry_floats(u, A, order), dtype=torch.float32, device=u.device)
 
 
 @torch.library.custom_op("ssm2d::scan2d_bwd", mutates_args=())
@@ -132,7 +137,7 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     dD_part = torch.empty(b, d, dtype=acc, device=u.device)
     dbias_part = torch.empty(b, d, dtype=acc, device=u.device)
     prob = K.problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, stream_of(u))
-    common = dict(dout=dout, y=None, carries=carries if u.is_cuda else None, du=du,
+    common = dict(dout=dout, y=y if y.numel() else None, carries=carries if u.is_cuda else None, du=du,
                   ddelta=ddelta, dz=dz if z is not None else None, dA_part=dA_part, dD_part=dD_part,
                   ddelta_bias_part=dbias_part, workspace=K.backward_workspace(u, A, order))
     if deterministic and u.is_cuda:
