@@ -306,10 +306,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: VMamba) -> Dict[s
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
     if "out_indices" in kwargs:
         check_out_indices(kwargs["out_indices"], len(kwargs["depths"]), variant)
-    # Dense prediction follows the released backbone: per-stage LayerNorms on the outputs.
-    if kwargs.get("features_only", False):
+    # Dense prediction follows the released backbone: per-stage LayerNorms on the outputs (through
+    # forward_intermediates: timm's default "getter" features; FX features are the stage outputs).
+    getter = kwargs.get("feature_cls", "getter") == "getter"
+    if kwargs.get("features_only", False) and getter:
         kwargs.setdefault("out_norms", True)
-    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3), norm=bool(kwargs.get("out_norms", False)))
+    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
+    if getter:
+        feature_cfg["norm"] = bool(kwargs.get("out_norms", False))
     return build_model_with_cfg(VMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=feature_cfg, **kwargs)
 
