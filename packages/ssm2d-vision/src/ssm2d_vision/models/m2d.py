@@ -224,7 +224,6 @@ class Mamba2D(nn.Module):
     def __prepare_scriptable__(self):
         raise not_scriptable("Mamba2D")  # torch.jit.script calls this first: a clear error, not a compiler trace
 
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """The SSM's A logs and D (as released); timm also skips every 1-D parameter. Found by module

@@ -111,8 +111,8 @@ class VMamba(nn.Module):
     """VMamba v2 / 2DVMamba.
 
     Args:
-        in_chans, num_classes, global_pool, drop_rate: as in timm (``global_pool=""``: no pooling,
-            the head then maps every position; ``num_classes=0``: no classifier).
+        in_chans, num_classes, global_pool, drop_rate: as in timm (``num_classes=0``: no classifier;
+            ``global_pool=""``: no pooling, which timm's ClassifierHead allows without a classifier).
         depths: blocks per stage; dims: channels per stage (an int C means C, 2C, 4C, 8C).
         d_state: SSM state size N; ssm_ratio: d_inner / C; mlp_ratio: MLP width / C.
         scan: "cross1d" (VMamba) or "2d" (2DVMamba); backend: scan2d backend.
