@@ -37,16 +37,40 @@ def test_cpu_kernel_is_used_when_installed(caplog):
 
 
 def test_kernel_on_unsupported_device_raises_with_reason():
-    with pytest.raises(ssm2d_nn.BackendUnavailableError, match="has no kernels for device type 'meta'"):
-        ssm2d_nn.resolve_backend("myop", "kernel", torch.device("meta"))
+    with pytest.raises(ssm2d_nn.BackendUnavailableError, match="has no kernels for device type 'xpu'"):
+        ssm2d_nn.resolve_backend("myop", "kernel", torch.device("xpu"))
 
 
 def test_auto_falls_back_loudly(caplog):
     with caplog.at_level(logging.INFO, logger="ssm2d_nn"):
-        assert ssm2d_nn.resolve_backend("myop", "auto", torch.device("meta")) == "reference"
+        assert ssm2d_nn.resolve_backend("myop", "auto", torch.device("xpu")) == "reference"
     (record,) = caplog.records
     assert record.levelno == logging.WARNING
-    assert "pure-PyTorch reference (slow)" in record.getMessage() and "meta" in record.getMessage()
+    assert "pure-PyTorch reference (slow)" in record.getMessage() and "xpu" in record.getMessage()
+
+
+def test_meta_device_runs_the_ops_shape_only(caplog):
+    # On "meta" the kernel ops' fake implementations give the output shapes at no cost (the
+    # reference would loop over the grid in Python for nothing), so "meta" counts as supported.
+    with caplog.at_level(logging.WARNING, logger="ssm2d_nn"):
+        assert ssm2d_nn.resolve_backend("myop", "auto", torch.device("meta")) == "kernel"
+        assert ssm2d_nn.resolve_backend("myop", "kernel", torch.device("meta")) == "kernel"
+    assert not caplog.records
+    from ssm2d_nn.ops import scan2d, wavefront2d
+
+    b, d, n, h, w = 2, 3, 4, 5, 6
+    meta = dict(device="meta")
+    u = torch.empty(b, d, h, w, **meta, requires_grad=True)
+    y = scan2d(u, torch.empty(b, d, h, w, **meta), -torch.ones(d, n, **meta), torch.empty(b, 1, n, h, w, **meta),
+               torch.empty(b, 1, n, h, w, **meta), backend="auto")
+    assert y.shape == (b, d, h, w) and y.device.type == "meta"
+    y.sum().backward()
+    assert u.grad.shape == u.shape and u.grad.device.type == "meta"
+    uw = torch.empty(b, h, w, d, **meta)
+    yw = wavefront2d(uw, uw, uw, -torch.ones(d, n, **meta), -torch.ones(d, n, **meta),
+                     torch.empty(b, h, w, n, **meta), torch.empty(b, h, w, n, **meta), torch.empty(b, h, w, n, **meta),
+                     torch.ones(d, **meta), backend="auto")
+    assert yw.shape == (b, h, w, d) and yw.device.type == "meta"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

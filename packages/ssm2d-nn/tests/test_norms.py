@@ -39,3 +39,27 @@ def test_layer_norm_stays_low_precision_under_autocast(cls, shape):
     assert low.dtype == torch.bfloat16
     err = float((low.float() - full).norm() / full.norm())
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("cls,shape", [(LayerNorm, (4, 9, 32)), (LayerNorm2d, (2, 32, 5, 6))])
+def test_layer_norm_on_the_meta_device(cls, shape):
+    # "meta" has no autocast: the norm must not ask for it (it raised there, so models could not
+    # be built and run on "meta").
+    norm = cls(32, device="meta")
+    out = norm(torch.empty(*shape, device="meta"))
+    assert out.device.type == "meta" and out.shape == shape
+
+
+@pytest.mark.parametrize("cls,shape", [(LayerNorm, (4, 9, 32)), (LayerNorm2d, (2, 32, 5, 6))])
+def test_layer_norm_traces_with_fx_and_checks_autocast_when_run(cls, shape):
+    norm = _randomized(cls(32))
+    traced = torch.fx.symbolic_trace(norm)
+    # one leaf call for the norm itself, its parameters passed in, nothing evaluated while tracing
+    calls = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"]
+    assert "_layer_norm_lowp" in calls
+    x = torch.randn(*shape) * 3 + 1
+    with torch.no_grad():
+        assert torch.equal(traced(x), norm(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, ref = traced(x), norm(x)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, ref)

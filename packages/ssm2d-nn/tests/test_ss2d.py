@@ -106,3 +106,22 @@ def test_channels_last_input_same_result(scan):
     x = torch.randn(2, 8, 5, 7)
     out = m(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out.double(), ss2d_reference(m, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", ["cross1d", "2d"])
+def test_device_and_dtype_factory_arguments(scan):
+    # every parameter is created where asked (timm builds models with device=/dtype=, e.g. on "meta")
+    m = SS2D(12, d_state=2, ssm_ratio=1.5, scan=scan, device="meta", dtype=torch.float64)
+    assert {(p.device.type, p.dtype) for p in m.parameters()} == {("meta", torch.float64)}
+    out = m(torch.empty(2, 12, 5, 7, device="meta", dtype=torch.float64))
+    assert out.shape == (2, 12, 5, 7) and out.device.type == "meta"
+    # in float64 on the CPU: the released initialisation, and the forward equals the reference
+    torch.manual_seed(9)
+    m = SS2D(12, d_state=2, scan=scan, dtype=torch.float64)
+    assert {p.dtype for p in m.parameters()} == {torch.float64}
+    torch.testing.assert_close(m.A_logs, torch.log(torch.arange(1.0, 3.0, dtype=torch.float64)).repeat(4 * 12, 1))
+    dt = torch.nn.functional.softplus(m.dt_projs_bias)
+    assert dt.min() >= 1e-3 * (1 - 1e-9) and dt.max() <= 0.1 * (1 + 1e-9)
+    m = _randomised(m, seed=10)
+    x = torch.randn(1, 12, 4, 6, dtype=torch.float64)
+    torch.testing.assert_close(m(x), ss2d_reference(m, x), rtol=1e-9, atol=1e-10)

@@ -46,8 +46,8 @@ def _unavailable_reason(device: torch.device) -> str | None:
         return f"{status.problem} (fix: {status.hint})"
     import ssm2d_kernels
 
-    if device.type == "cpu":
-        return None
+    if device.type in ("cpu", "meta"):
+        return None  # on "meta" the ops' fake (shape-only) implementations run: no data, no cost
     if device.type == "cuda":
         info = ssm2d_kernels.build_info()
         if not info["cuda"]:

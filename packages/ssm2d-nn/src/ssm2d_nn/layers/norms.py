@@ -5,10 +5,13 @@ twice the bytes and turns the residual stream that follows it into float32 (prof
 M2D-T's bf16 inference time went to LayerNorm). These read and write the autocast dtype instead;
 the kernel still accumulates the mean and variance in float32 (as timm's ``fast_norm`` does).
 Outside autocast they are exactly ``nn.LayerNorm``. Parameters and state-dict keys are those of
-``nn.LayerNorm``.
+``nn.LayerNorm``. They work on the "meta" device and under ``torch.fx`` symbolic tracing (the
+norm is one leaf call of the graph, which checks autocast when it runs).
 """
 
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +20,33 @@ from torch import Tensor, nn
 __all__ = ["LayerNorm", "LayerNorm2d", "layer_norm_lowp"]
 
 
-def layer_norm_lowp(x: Tensor, norm: nn.LayerNorm) -> Tensor:
-    """``norm(x)`` in the autocast dtype when autocast is on for x's device, else plain."""
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type``, else None (also for device types
+    that have no autocast, e.g. "meta")."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+@torch.fx.wrap
+def _layer_norm_lowp(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optional[Tensor],
+                     bias: Optional[Tensor], eps: float) -> Tensor:
+    # A leaf of torch.fx traces (torch.fx.wrap): the autocast state is read when the traced graph
+    # runs, not baked in while tracing (where x is a Proxy without a real device).
     dev = x.device.type
-    if not torch.is_autocast_enabled(dev):
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    dt = torch.get_autocast_dtype(dev)
-    w = None if norm.weight is None else norm.weight.to(dt)
-    b = None if norm.bias is None else norm.bias.to(dt)
+    dt = _autocast_dtype(dev)
+    if dt is None:
+        return F.layer_norm(x, normalized_shape, weight, bias, eps)
+    w = None if weight is None else weight.to(dt)
+    b = None if bias is None else bias.to(dt)
     with torch.autocast(dev, enabled=False):
-        return F.layer_norm(x.to(dt), norm.normalized_shape, w, b, norm.eps)
+        return F.layer_norm(x.to(dt), normalized_shape, w, b, eps)
+
+
+def layer_norm_lowp(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    """``norm(x)`` in the autocast dtype when autocast is on for x's device, else plain
+    (devices without autocast, such as "meta", always take the plain path)."""
+    return _layer_norm_lowp(x, tuple(norm.normalized_shape), norm.weight, norm.bias, norm.eps)
 
 
 class LayerNorm(nn.LayerNorm):

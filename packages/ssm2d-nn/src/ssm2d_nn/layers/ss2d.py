@@ -38,9 +38,9 @@ K_ROUTES = 4
 ROUTES_2D = (("tl", "hv"), ("tl", "vh"), ("br", "hv"), ("br", "vh"))
 
 
-def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, floor: float) -> Tensor:
+def _dt_bias_init(d_inner: int, dt_min: float, dt_max: float, floor: float, device=None) -> Tensor:
     """Mamba's dt bias: inverse softplus of dt drawn log-uniformly in [dt_min, dt_max]."""
-    dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = torch.exp(torch.rand(d_inner, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = dt.clamp(min=floor)
     return dt + torch.log(-torch.expm1(-dt))
 
@@ -59,6 +59,8 @@ class SS2D(nn.Module):
         scan: "cross1d" (VMamba) or "2d" (2DVMamba).
         backend: passed to :func:`ssm2d_nn.ops.scan2d` ("auto", "kernel" or "reference").
         dropout: dropout after out_proj.
+        device, dtype: where and in which dtype the parameters are created (PyTorch's factory
+            arguments; "meta" builds the module without memory).
 
     Parameters (K = 4 routes, released names): in_proj.weight (d_inner, C, 1, 1), conv2d.weight
     (d_inner, 1, d_conv, d_conv), x_proj_weight (K, R + 2N, d_inner), dt_projs_weight (K, d_inner, R),
@@ -73,8 +75,9 @@ class SS2D(nn.Module):
     def __init__(self, d_model: int, d_state: int = 1, ssm_ratio: float = 1.0, dt_rank="auto", d_conv: int = 3,
                  conv_bias: bool = False, bias: bool = False, dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, dt_scale: float = 1.0, scan: str = "cross1d", backend: str = "auto",
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if scan not in SCAN_MODES:
             raise ValueError(f"SS2D: scan must be one of {SCAN_MODES}, got {scan!r}")
         if d_model < 1 or d_state < 1:
@@ -90,16 +93,16 @@ class SS2D(nn.Module):
         self._dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
         d, n, r, k = self.d_inner, self.d_state, self.dt_rank, K_ROUTES
 
-        self.in_proj = nn.Conv2d(d_model, d, 1, bias=bias)
-        self.conv2d = nn.Conv2d(d, d, d_conv, padding=(d_conv - 1) // 2, groups=d, bias=conv_bias)
+        self.in_proj = nn.Conv2d(d_model, d, 1, bias=bias, **dd)
+        self.conv2d = nn.Conv2d(d, d, d_conv, padding=(d_conv - 1) // 2, groups=d, bias=conv_bias, **dd)
         self.act = nn.SiLU()
-        self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d))
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, d, r))
-        self.dt_projs_bias = nn.Parameter(torch.empty(k, d))
-        self.A_logs = nn.Parameter(torch.empty(k * d, n))
-        self.Ds = nn.Parameter(torch.empty(k * d))
-        self.out_norm = LayerNorm2d(d)
-        self.out_proj = nn.Conv2d(d, d_model, 1, bias=bias)
+        self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d, **dd))
+        self.dt_projs_weight = nn.Parameter(torch.empty(k, d, r, **dd))
+        self.dt_projs_bias = nn.Parameter(torch.empty(k, d, **dd))
+        self.A_logs = nn.Parameter(torch.empty(k * d, n, **dd))
+        self.Ds = nn.Parameter(torch.empty(k * d, **dd))
+        self.out_norm = LayerNorm2d(d, **dd)
+        self.out_proj = nn.Conv2d(d, d_model, 1, bias=bias, **dd)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -108,6 +111,7 @@ class SS2D(nn.Module):
         """Initialisation of the released model (Mamba's dt/A/D init, trunc-normal projections)."""
         dt_min, dt_max, floor, dt_scale = self._dt_init
         d, r = self.d_inner, self.dt_rank
+        dev = self.Ds.device
         for proj in (self.in_proj, self.out_proj):
             nn.init.trunc_normal_(proj.weight, std=0.02)
             if proj.bias is not None:
@@ -118,8 +122,9 @@ class SS2D(nn.Module):
         std = r ** -0.5 * dt_scale
         self.dt_projs_weight.uniform_(-std, std)
         for k in range(K_ROUTES):
-            self.dt_projs_bias[k].copy_(_dt_bias_init(d, dt_min, dt_max, floor))
-        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
+            self.dt_projs_bias[k].copy_(_dt_bias_init(d, dt_min, dt_max, floor, device=dev))
+        a_log = torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32, device=dev))
+        self.A_logs.copy_(a_log.expand_as(self.A_logs))
         self.Ds.fill_(1.0)
         self.out_norm.reset_parameters()
         self.A_logs._no_weight_decay = True

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ..models.vmamba import MODEL_ARGS
 
-__all__ = ["MODEL_NAMES", "released_to_ours", "ours_to_released", "load_released", "unwrap_checkpoint"]
+__all__ = ["MODEL_NAMES", "released_to_ours", "ours_to_released", "load_released", "unwrap_checkpoint",
+           "is_released_layout"]
 
 MODEL_NAMES = tuple(MODEL_ARGS)
 # Our keys whose tensors are 1x1 conv weights where the released model keeps Linear2d weights.
@@ -111,6 +112,17 @@ def released_to_ours(sd: Dict[str, Tensor], model_name: str) -> Tuple[Dict[str, 
     ``sd`` may be a whole checkpoint (see :func:`unwrap_checkpoint`). Tensors are not copied.
     """
     _check_model(model_name)
+    return _released_to_ours(sd)
+
+
+def is_released_layout(sd: Dict[str, Tensor]) -> bool:
+    """Whether the state dict (or checkpoint) holds the authors' key names rather than ours."""
+    keys = list(unwrap_checkpoint(sd))
+    return any(k.startswith(("patch_embed.", "layers.", "classifier.")) for k in keys) and not any(
+        k.startswith(("stem.", "stages.")) for k in keys)
+
+
+def _released_to_ours(sd: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], List[str]]:
     sd = unwrap_checkpoint(sd)
     out, unknown = {}, []
     for key, t in sd.items():

@@ -23,16 +23,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, get_device_dtype
+from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model,
+                         register_notrace_module)
 from timm.models._features import feature_take_indices
 
 from ssm2d_nn.layers import M2DMixer, RoPEAttention2d
 from ssm2d_nn.layers.norms import LayerNorm
 
+from ._common import check_in_chans, check_num_classes, check_out_indices, not_scriptable
+
 __all__ = ["Mamba2D", "M2DBlock", "M2DStage", "MlpHead", "Scale"]
 
 MIXERS = ("m2d", "attention")
+POOLS = ("avg", "")
+
+# The token mixers are leaves of torch.fx traces (timm's FX feature extraction): the M2D mixer's scan
+# is an autograd function over the compiled kernels, the attention builds its RoPE tables from the
+# grid's Python size, and both check their input's shape in Python.
+register_notrace_module(M2DMixer)
+register_notrace_module(RoPEAttention2d)
 
 
 class Scale(nn.Module):
@@ -158,11 +168,13 @@ class Mamba2D(nn.Module):
     Args:
         depths, dims: blocks and channels per stage.  mixers: "m2d" or "attention" per stage.
         num_classes: classes of the MLP head (0: no head).  in_chans: input channels.
-        global_pool: "avg" (the only pooling of the released head).
+        global_pool: "avg" (the released head: average pool, LayerNorm, MLP) or "" (no pooling:
+            the head's LayerNorm and MLP map every position, NCHW in and out).
         drop_rate: dropout inside the MLP head.  drop_path_rate: stochastic depth, linear over all
         blocks from 0 to this.  res_scale_init_value: init of the residual scales (None: none).
         inter_flip: odd blocks of M2D stages scan from the bottom-right.  d_state, head_dim: of the
         mixers.  backend: wavefront2d backend of the M2D mixers ("auto", "kernel", "reference").
+        device, dtype: PyTorch's factory arguments for every parameter (e.g. ``device="meta"``).
 
     Input (batch, in_chans, H, W); forward_features returns (batch, dims[-1], H/32, W/32) NCHW.
     """
@@ -177,6 +189,8 @@ class Mamba2D(nn.Module):
         if not (len(depths) == len(dims) == len(mixers)):
             raise ValueError(f"depths, dims and mixers need one entry per stage, got {depths}, {dims}, {mixers}")
         self._check_pool(global_pool)
+        check_num_classes(num_classes, "Mamba2D")
+        check_in_chans(in_chans, "Mamba2D")
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -199,13 +213,16 @@ class Mamba2D(nn.Module):
 
     @staticmethod
     def _check_pool(global_pool):
-        if global_pool not in ("avg",):
-            raise ValueError(f"global_pool must be 'avg' (the released head pools by averaging), got {global_pool!r}")
+        if global_pool not in POOLS:
+            raise ValueError(f"global_pool must be 'avg' (the released head's average pool) or '' (no pooling), "
+                             f"got {global_pool!r}")
 
     def _make_fc(self, num_classes: int, **dd) -> nn.Module:
         return MlpHead(self.num_features, num_classes, drop_rate=self.drop_rate, **dd) if num_classes > 0 else nn.Identity()
 
     # --- timm model API -------------------------------------------------------------------------
+    def __prepare_scriptable__(self):
+        raise not_scriptable("Mamba2D")  # torch.jit.script calls this first: a clear error, not a compiler trace
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -237,15 +254,16 @@ class Mamba2D(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False,
                          device=None, dtype=None) -> None:
-        """A fresh MLP head for ``num_classes`` (0: none); ``reset_other`` also drops the head's LayerNorm."""
+        """A fresh MLP head for ``num_classes`` (0: none), on the model's device and in its dtype unless
+        given; ``global_pool`` "avg" or "" (None keeps it); ``reset_other`` also drops the head's LayerNorm."""
+        check_num_classes(num_classes, "Mamba2D.reset_classifier")
         if global_pool is not None:
             self._check_pool(global_pool)
             self.global_pool = global_pool
-        ref = self.head.norm.weight if isinstance(self.head.norm, nn.LayerNorm) else next(self.parameters())
-        dd = dict(device=device or ref.device, dtype=dtype or ref.dtype)
+        dd = get_device_dtype(self, device=device, dtype=dtype)
         self.num_classes = num_classes
         if reset_other:
-            self.head.norm = nn.Identity()
+            self.head.norm = nn.Identity().train(self.training)
         self.head.fc = self._make_fc(num_classes, **dd).train(self.training)
 
     def forward_intermediates(
@@ -264,6 +282,7 @@ class Mamba2D(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        check_out_indices(indices, len(self.stages), "Mamba2D.forward_intermediates", name="indices")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early or intermediates_only else self.stages
         intermediates = []
@@ -279,6 +298,7 @@ class Mamba2D(nn.Module):
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         """Drops the stages after the last wanted one (and the head); returns the absolute indices."""
+        check_out_indices(indices, len(self.stages), "Mamba2D.prune_intermediate_layers", name="indices")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
         if max_index < len(self.feature_info) - 1:
@@ -301,9 +321,18 @@ class Mamba2D(nn.Module):
         return x.permute(0, 3, 1, 2)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(batch, C, h, w) NCHW -> logits (batch, classes), or the pooled, normed (batch, C)."""
-        x = self.head.norm(x.mean((2, 3)))
-        return x if pre_logits else self.head.fc(x)
+        """(batch, C, h, w) NCHW -> logits (batch, classes), or the pooled, normed (batch, C).
+
+        Without pooling (``global_pool=""``) the head runs at every position: (batch, classes, h, w),
+        or the normed map (batch, C, h, w) with ``pre_logits``.
+        """
+        if self.global_pool == "avg":
+            x = self.head.norm(x.mean((2, 3)))
+            return x if pre_logits else self.head.fc(x)
+        x = self.head.norm(x.permute(0, 2, 3, 1))  # channels last: the norm and MLP act on the last dim
+        if not pre_logits:
+            x = self.head.fc(x)
+        return x.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -333,6 +362,7 @@ M2D_CONFIGS = {
 
 def _create_m2d(variant: str, pretrained: bool = False, **kwargs) -> Mamba2D:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    check_out_indices(out_indices, len(kwargs["depths"]), variant)
     return build_model_with_cfg(
         Mamba2D, variant, pretrained,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),

@@ -23,29 +23,36 @@ import torch
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import ClassifierHead, DropPath, Mlp, get_device_dtype
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ssm2d_nn.layers.norms import LayerNorm2d
 from ssm2d_nn.layers.ss2d import SS2D
 
+from ._common import check_in_chans, check_num_classes, check_out_indices, not_scriptable
+
 __all__ = ["VMamba", "VSSBlock", "VMambaStage", "Stem", "Downsample", "MODEL_ARGS"]
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, which the released LayerNorm2d inherits
+
+# SS2D is one leaf of torch.fx traces (timm's FX feature extraction, create_feature_extractor): its
+# scans are autograd functions over the compiled kernels and it checks its input's shape in Python.
+register_notrace_module(SS2D)
 
 
 class Stem(nn.Module):
     """Two 3x3 stride-2 convs with LN (+ GELU) between: (B, in_chans, H, W) -> (B, C, H/4, W/4)."""
 
-    def __init__(self, in_chans: int, dim: int):
+    def __init__(self, in_chans: int, dim: int, device=None, dtype=None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1)
-        self.norm1 = LayerNorm2d(dim // 2, eps=LN_EPS)
+        dd = dict(device=device, dtype=dtype)
+        self.conv1 = nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1, **dd)
+        self.norm1 = LayerNorm2d(dim // 2, eps=LN_EPS, **dd)
         self.act = nn.GELU()
-        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1)
-        self.norm2 = LayerNorm2d(dim, eps=LN_EPS)
+        self.conv2 = nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1, **dd)
+        self.norm2 = LayerNorm2d(dim, eps=LN_EPS, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
@@ -54,10 +61,10 @@ class Stem(nn.Module):
 class Downsample(nn.Module):
     """3x3 stride-2 conv + LN: (B, C_in, H, W) -> (B, C_out, ceil(H/2), ceil(W/2))."""
 
-    def __init__(self, in_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, out_dim: int, device=None, dtype=None):
         super().__init__()
-        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = LayerNorm2d(out_dim, eps=LN_EPS)
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1, device=device, dtype=dtype)
+        self.norm = LayerNorm2d(out_dim, eps=LN_EPS, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.conv(x))
@@ -67,13 +74,15 @@ class VSSBlock(nn.Module):
     """VMamba v2 block on (B, C, H, W): SS2D mixer and a 1x1-conv MLP, pre-norm, with drop path."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, d_state: int = 1, ssm_ratio: float = 1.0,
-                 mlp_ratio: float = 4.0, scan: str = "cross1d", backend: str = "auto", drop_rate: float = 0.0):
+                 mlp_ratio: float = 4.0, scan: str = "cross1d", backend: str = "auto", drop_rate: float = 0.0,
+                 device=None, dtype=None):
         super().__init__()
-        self.norm1 = LayerNorm2d(dim, eps=LN_EPS)
-        self.ssm = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, scan=scan, backend=backend)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = LayerNorm2d(dim, eps=LN_EPS, **dd)
+        self.ssm = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, scan=scan, backend=backend, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = LayerNorm2d(dim, eps=LN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate, use_conv=True)
+        self.norm2 = LayerNorm2d(dim, eps=LN_EPS, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate, use_conv=True, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.ssm(self.norm1(x)))
@@ -83,10 +92,12 @@ class VSSBlock(nn.Module):
 class VMambaStage(nn.Module):
     """Optional downsample, then ``depth`` VSSBlocks."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, drop_path: Sequence[float], downsample: bool, **block_kw):
+    def __init__(self, in_dim: int, dim: int, depth: int, drop_path: Sequence[float], downsample: bool,
+                 device=None, dtype=None, **block_kw):
         super().__init__()
-        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[VSSBlock(dim, drop_path=drop_path[i], **block_kw) for i in range(depth)])
+        dd = dict(device=device, dtype=dtype)
+        self.downsample = Downsample(in_dim, dim, **dd) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[VSSBlock(dim, drop_path=drop_path[i], **block_kw, **dd) for i in range(depth)])
         self.grad_checkpointing = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,46 +111,53 @@ class VMamba(nn.Module):
     """VMamba v2 / 2DVMamba.
 
     Args:
-        in_chans, num_classes, global_pool, drop_rate: as in timm.
+        in_chans, num_classes, global_pool, drop_rate: as in timm (``num_classes=0``: no classifier;
+            ``global_pool=""``: no pooling, which timm's ClassifierHead allows without a classifier).
         depths: blocks per stage; dims: channels per stage (an int C means C, 2C, 4C, 8C).
         d_state: SSM state size N; ssm_ratio: d_inner / C; mlp_ratio: MLP width / C.
         scan: "cross1d" (VMamba) or "2d" (2DVMamba); backend: scan2d backend.
         drop_path_rate: stochastic depth, increasing linearly from 0 over all blocks.
         out_norms: add one LayerNorm2d per stage (``out_norms.{i}``) that ``forward_intermediates``
             applies with ``norm=True`` (the released dense-prediction backbone's ``outnorm{i}``).
+        device, dtype: PyTorch's factory arguments for every parameter (e.g. ``device="meta"``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, global_pool: str = "avg",
                  depths: Sequence[int] = (2, 2, 8, 2), dims: Union[int, Sequence[int]] = 96, d_state: int = 1,
                  ssm_ratio: float = 1.0, mlp_ratio: float = 4.0, scan: str = "cross1d", backend: str = "auto",
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.2, out_norms: bool = False):
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.2, out_norms: bool = False,
+                 device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        check_num_classes(num_classes, "VMamba")
+        check_in_chans(in_chans, "VMamba")
         if isinstance(dims, int):
             dims = [dims * 2 ** i for i in range(len(depths))]
         dims = [int(d) for d in dims]
         if len(dims) != len(depths) or not depths:
             raise ValueError(f"VMamba: depths and dims must have the same non-zero length, got {depths}, {dims}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.dims = dims
         self.scan = scan
         self.num_features = self.head_hidden_size = dims[-1]
         self.grad_checkpointing = False
 
-        self.stem = Stem(in_chans, dims[0])
+        self.stem = Stem(in_chans, dims[0], **dd)
         # float32 linspace like the released model (explicitly on the CPU: also under a meta device context)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         block_kw = dict(d_state=d_state, ssm_ratio=ssm_ratio, mlp_ratio=mlp_ratio, scan=scan, backend=backend)
         stages, self.feature_info, start = [], [], 0
         for i, (depth, dim) in enumerate(zip(depths, dims)):
             stages.append(VMambaStage(dims[max(i - 1, 0)], dim, depth, dpr[start:start + depth], downsample=i > 0,
-                                      **block_kw))
+                                      **block_kw, **dd))
             start += depth
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.out_norms = nn.ModuleList([LayerNorm2d(d, eps=LN_EPS) for d in dims]) if out_norms else None
-        self.norm = LayerNorm2d(self.num_features, eps=LN_EPS)
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.out_norms = nn.ModuleList([LayerNorm2d(d, eps=LN_EPS, **dd) for d in dims]) if out_norms else None
+        self.norm = LayerNorm2d(self.num_features, eps=LN_EPS, **dd)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -152,6 +170,9 @@ class VMamba(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ---- timm API -------------------------------------------------------------------------------
+    def __prepare_scriptable__(self):
+        raise not_scriptable("VMamba")  # torch.jit.script calls this first: a clear error, not a compiler trace
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         """SSM parameters kept out of weight decay as in Mamba: A_logs, Ds and the dt biases."""
@@ -179,10 +200,14 @@ class VMamba(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
+        """A new classifier for ``num_classes`` (0: none), on the model's device and in its dtype;
+        ``global_pool`` changes the pooling ("" none, None keeps it); ``reset_other`` drops the final norm."""
+        check_num_classes(num_classes, "VMamba.reset_classifier")
+        dd = get_device_dtype(self)
         self.num_classes = num_classes
         if reset_other:
-            self.norm = nn.Identity()
-        self.head.reset(num_classes, pool_type=global_pool)
+            self.norm = nn.Identity().train(self.training)
+        self.head.reset(num_classes, pool_type=global_pool, **dd)
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
@@ -195,6 +220,7 @@ class VMamba(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"VMamba.forward_intermediates: output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_out_indices(indices, len(self.stages), "VMamba.forward_intermediates", name="indices")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
@@ -218,6 +244,7 @@ class VMamba(nn.Module):
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         """Drops the stages after the last taken index (and the head / final norm); returns the indices."""
+        check_out_indices(indices, len(self.stages), "VMamba.prune_intermediate_layers", name="indices")
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
@@ -257,12 +284,38 @@ MODEL_ARGS: Dict[str, Dict[str, Any]] = {
 }
 
 
+def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: VMamba) -> Dict[str, Tensor]:
+    """timm's pretrained-weights hook (``pretrained=True`` with a ``file``, ``url`` or hub id).
+
+    Our state dicts (what ``python -m ssm2d_vision.convert`` writes) pass unchanged; a checkpoint in
+    the authors' layout (classification ``model`` or mmseg/mmdet ``backbone.`` keys) is converted with
+    :func:`ssm2d_vision.convert.vmamba.released_to_ours`. A model with per-stage norms
+    (``features_only``) keeps their initial values when the checkpoint has none, as the released
+    dense-prediction backbone starts its ``outnorm{i}`` from a classification checkpoint.
+    """
+    from ..convert.vmamba import _released_to_ours, is_released_layout, unwrap_checkpoint
+
+    sd = unwrap_checkpoint(state_dict)
+    if is_released_layout(sd):
+        sd, _ = _released_to_ours(sd)  # keys without a counterpart stay out: the strict load names what is missing
+    if model.out_norms is not None and not any(k.startswith("out_norms.") for k in sd):
+        sd.update({k: v for k, v in model.state_dict().items() if k.startswith("out_norms.")})
+    return sd
+
+
 def _create_vmamba(variant: str, pretrained: bool = False, **kwargs) -> VMamba:
-    # Dense prediction follows the released backbone: per-stage LayerNorms on the outputs.
-    if kwargs.get("features_only", False):
+    if "out_indices" in kwargs:
+        check_out_indices(kwargs["out_indices"], len(kwargs["depths"]), variant)
+    # Dense prediction follows the released backbone: per-stage LayerNorms on the outputs (through
+    # forward_intermediates: timm's default "getter" features; FX features are the stage outputs).
+    getter = kwargs.get("feature_cls", "getter") == "getter"
+    if kwargs.get("features_only", False) and getter:
         kwargs.setdefault("out_norms", True)
-    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3), norm=bool(kwargs.get("out_norms", False)))
-    return build_model_with_cfg(VMamba, variant, pretrained, feature_cfg=feature_cfg, **kwargs)
+    feature_cfg = dict(feature_cls="getter", out_indices=(0, 1, 2, 3))
+    if getter:
+        feature_cfg["norm"] = bool(kwargs.get("out_norms", False))
+    return build_model_with_cfg(VMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=feature_cfg, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
