@@ -595,8 +595,9 @@ __global__ void __launch_bounds__(128) scan2d_rev_summary_kernel(Scan2dProblem p
 // the block staging dt, dt*u per row; (2) bottom-up, the block stages dt, u, dy and the gate factor
 // of each row, each warp runs lamV, the reverse band scan for lamH and its states' gradients, and
 // leaves its partial ddt, du and C*h (the pre-gate y, for dz) in shared memory; one barrier; warp 0
-// sums them in warp order and writes du, ddelta, dz. Two barriers per row.
-// Shared memory: ((kSegment+1)*NW*NS + 2*4 + 2*3*NW) x 32*CPL floats.
+// sums them in warp order and writes du, ddelta, dz. Two barriers per row. dt of the segment's rows
+// is computed once (step 1) and kept for step 2.
+// Shared memory: ((kSegment+1)*NW*NS + 2*4 + 2*3*NW + kSegment) x 32*CPL floats.
 template <typename T, int CPL, int NS, bool kDet>
 __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                       Plan L, int64_t b0) {
@@ -606,6 +607,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   float* hbuf = smem;                                // [kSegment+1][slots][CPL][32]
   float* stage = hbuf + (kSegment + 1) * slots * BW;  // [2][4][BW]
   float* part = stage + 2 * 4 * BW;                   // [2][nw][3][CPL][32]
+  float* dtc = part + 2 * L.nw * 3 * BW;              // [kSegment][BW]: dt of the segment's rows
   const int64_t channels = L.d_end - L.d_begin;
   const int64_t dl = blockIdx.x / L.nb, band = blockIdx.x % L.nb, b = blockIdx.y + b0, d = L.d_begin + dl;
   const int64_t H = p.height, W = p.width, N = p.dstate, g = d / (p.dim / p.groups), nb = L.nb;
@@ -631,7 +633,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   const Plane<const T> u = plane<const T>(p.u, b, d, 0), delta = plane<const T>(p.delta, b, d, 0);
   const Plane<const T> dout = plane<const T>(ga.dout, b, d, 0);
   const Plane<const T> ops_up[2] = {delta, u};
-  const Plane<const T> ops_dn[4] = {delta, u, dout, gated ? plane<const T>(p.z, b, d, 0) : dout};
+  const Plane<const T> ops_dn[3] = {u, dout, gated ? plane<const T>(p.z, b, d, 0) : dout};
   bool in[CPL];
 #pragma unroll
   for (int k = 0; k < CPL; ++k) in[k] = j0 + k < W;
@@ -647,8 +649,13 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   float dD_acc = 0.f, dbias_acc = 0.f;  // warp 0: over the cells it finishes
 
   Stager<T, CPL, 2> sgu(threadIdx.x, threads, jb, W);
-  Stager<T, CPL, 4> sgd(threadIdx.x, threads, jb, W);
-  auto put_up = [&](int buf) {  // dt, dt*u
+  Stager<T, CPL, 3> sgd(threadIdx.x, threads, jb, W);
+  // dB, dC of this (batch, channel or group) and the warp's first state; state s at + s*sn.
+  float* dBb = ga.dB.defined() ? static_cast<float*>(ga.dB.data) + b * ga.dB.sb + bc_c * ga.dB.sc + st.n0 * ga.dB.sn
+                               : nullptr;
+  float* dCb = ga.dC.defined() ? static_cast<float*>(ga.dC.data) + b * ga.dC.sb + bc_c * ga.dC.sc + st.n0 * ga.dC.sn
+                               : nullptr;
+  auto put_up = [&](int buf, int64_t rr) {  // dt, dt*u of row r0 + rr; dt kept for step 2
     float* sb = stage + buf * 4 * BW;
 #pragma unroll
     for (int r = 0; r < CPL; ++r) {
@@ -658,24 +665,25 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
       const float dt = jb + c < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
       sb[c] = dt;
       sb[BW + c] = dt * to_f(sgu.raw[r][1]);
+      dtc[rr * BW + c] = dt;
     }
   };
-  auto put_dn = [&](int buf) {  // dt, u, dy, and dout * d silu(z)/dz (dz = y times it)
+  auto put_dn = [&](int buf, int64_t rr) {  // dt, u, dy, and dout * d silu(z)/dz (dz = y times it)
     float* sb = stage + buf * 4 * BW;
 #pragma unroll
     for (int r = 0; r < CPL; ++r) {
       const int c = threadIdx.x + r * threads;
       if (c >= BW) continue;
       const bool inc = jb + c < W;
-      const float v = to_f(sgd.raw[r][0]) + bias, go = to_f(sgd.raw[r][2]);
+      const float go = to_f(sgd.raw[r][1]);
       float dy = go, gz = 0.f;
       if (gated) {
-        const float zv = to_f(sgd.raw[r][3]), sz = 1.f / (1.f + __expf(-zv));
+        const float zv = to_f(sgd.raw[r][2]), sz = 1.f / (1.f + __expf(-zv));
         dy = go * zv * sz;
         gz = go * sz * (1.f + zv * (1.f - sz));
       }
-      sb[c] = inc ? (p.softplus ? softplus_f(v) : v) : 0.f;
-      sb[BW + c] = to_f(sgd.raw[r][1]);
+      sb[c] = dtc[rr * BW + c];
+      sb[BW + c] = to_f(sgd.raw[r][0]);
       sb[2 * BW + c] = inc ? dy : 0.f;
       sb[3 * BW + c] = gz;
     }
@@ -695,7 +703,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
         }
       sgu.load(r0, ops_up);
       __syncthreads();  // the previous segment's readers of stage are done
-      put_up(0);
+      put_up(0, 0);
       if (r0 + 1 < r1) sgu.load(r0 + 1, ops_up);
       RowBC<T, CPL, NS, false> nxt;
       load_bc<T, CPL, NS, false>(nxt, r0, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
@@ -725,7 +733,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
           }
         }
         if (i + 1 < r1) {
-          put_up((i + 1 - r0) & 1);
+          put_up((i + 1 - r0) & 1, i + 1 - r0);
           if (i + 2 < r1) sgu.load(i + 2, ops_up);
         }
         __syncthreads();
@@ -737,7 +745,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
       prefetch_bc<T, NS, true>(r1 - 1 - r, jp, Bb, Cb, p.B, p.C, st.nact - 1);
     }
     sgd.load(r1 - 1, ops_dn);
-    put_dn(0);
+    put_dn(0, r1 - 1 - r0);
     if (r1 - 2 >= r0) sgd.load(r1 - 2, ops_dn);
     RowBC<T, CPL, NS, true> nxt;
     load_bc<T, CPL, NS, true>(nxt, r1 - 1, j0, W, Bb, Cb, p.B, p.C, st.nact - 1);
@@ -763,7 +771,6 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
 #pragma unroll
       for (int s = 0; s < NS; ++s) {
         if (s >= st.nact) continue;
-        const int64_t n = st.n0 + s;
         const float cR = band + 1 < nb ? fold_right(L, sdt + i * nb, Sr0 + (s * H + i) * (nb - 1), band, A2[s]) : 0.f;
         float a[CPL], xr[CPL], e[CPL];
 #pragma unroll
@@ -788,13 +795,13 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
           yc_p[k] = fmaf(cv, h, yc_p[k]);
           if (in[k]) {
             const int64_t j = j0 + k;
-            if (ga.dB.defined()) {
-              float* dst = &plane<float>(ga.dB, b, bc_c, n).at(i, j);
+            if (dBb) {
+              float* dst = dBb + s * ga.dB.sn + i * ga.dB.si + j * ga.dB.sj;
               if (kDet) *dst = lamH * dt[k] * uv[k];
               else atomicAdd(dst, lamH * dt[k] * uv[k]);
             }
-            if (ga.dC.defined()) {
-              float* dst = &plane<float>(ga.dC, b, bc_c, n).at(i, j);
+            if (dCb) {
+              float* dst = dCb + s * ga.dC.sn + i * ga.dC.si + j * ga.dC.sj;
               if (kDet) *dst = dy[k] * h;
               else atomicAdd(dst, dy[k] * h);
             }
@@ -809,7 +816,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
         pb[((wi * 3 + 2) * CPL + k) * 32 + lane] = yc_p[k];
       }
       if (i - 1 >= r0) {
-        put_dn(buf ^ 1);
+        put_dn(buf ^ 1, i - 1 - r0);
         if (i - 2 >= r0) sgd.load(i - 2, ops_dn);
       }
       __syncthreads();
@@ -1011,7 +1018,8 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
   }
   for_each_pass<NS>(p.dstate, L0, [&](const Plan& L) {
     const size_t slots = static_cast<size_t>(L.nw) * NS;
-    const size_t smem = ((kSegment + 1) * slots + 2 * 4 + 2 * 3 * static_cast<size_t>(L.nw)) * 32 * CPL * sizeof(float);
+    const size_t smem =
+        ((kSegment + 1) * slots + 2 * 4 + 2 * 3 * static_cast<size_t>(L.nw) + kSegment) * 32 * CPL * sizeof(float);
     auto kernel = scan2d_bwd_kernel<T, CPL, NS, Det>;
     SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const unsigned blocks = static_cast<unsigned>(channels * L.nb);
