@@ -170,7 +170,9 @@ def test_fake_tensor_shapes():
         out, y, carries = torch.ops.ssm2d.scan2d_fwd(u, u, torch.empty(8, 3), torch.empty(2, 4, 3, 5, 7),
                                                      torch.empty(2, 4, 3, 5, 7), None, u, None, True, "tl", "hv",
                                                      False)
-        assert out.shape == (2, 8, 5, 7) and y.shape == (2, 8, 5, 7) and carries.numel() == 0
+        # On the CPU nothing is kept for the backward: no carries, and no pre-gate output (only the
+        # CUDA tiled kernels, N >= 8, need it; here N = 3).
+        assert out.shape == (2, 8, 5, 7) and y.numel() == 0 and carries.numel() == 0
 
 
 BAD = [

@@ -522,6 +522,64 @@ __global__ void __launch_bounds__(128) scan2d_fwd_solo_kernel(Scan2dProblem p, S
   }
 }
 
+// N == 1 and H == 1 (VMamba's 1D routes): a warp walks its whole row band after band, the carry
+// handed from band to band in a register: no band summaries, and every (batch, channel) in flight.
+template <typename T, int CPL>
+__global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Scan2dForwardOutputs o, Plan L,
+                                                            int64_t b0) {
+  constexpr int BW = 32 * CPL;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t d = static_cast<int64_t>(blockIdx.x) * 4 + warp, b = blockIdx.y + b0;
+  if (d >= p.dim) return;
+  const int64_t W = p.width, g = d / (p.dim / p.groups);
+  const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
+  const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
+  const float A2 = static_cast<const float*>(p.A)[d * p.A_sd] * kLog2e;
+  const bool gated = p.z.defined();
+  const Plane<const T> pd = plane<const T>(p.delta, b, d, 0), pu = plane<const T>(p.u, b, d, 0);
+  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
+  const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
+  const Plane<T> out = plane<T>(o.out, b, d, 0);
+  SoloRow<T, CPL> cur, nxt;
+  auto load_band = [&](int64_t m) {
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t j = min(m * BW + lane * CPL + k, W - 1);
+      nxt.d[k] = pd.at(0, j);
+      nxt.u[k] = pu.at(0, j);
+      nxt.z[k] = pz.at(0, j);
+      nxt.B[k] = pB.at(0, j);
+      nxt.C[k] = pC.at(0, j);
+    }
+  };
+  load_band(0);
+  float carry = 0.f;
+  for (int64_t m = 0; m < L.nb; ++m) {
+    cur = nxt;
+    if (m + 1 < L.nb) load_band(m + 1);
+    const int64_t j0 = m * BW + lane * CPL;
+    float a[CPL], x[CPL], e[CPL];
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const float v = to_f(cur.d[k]) + bias;
+      const float dt = j0 + k < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      a[k] = exp2f(dt * A2);
+      x[k] = dt * to_f(cur.u[k]) * to_f(cur.B[k]);
+    }
+    carry = band_scan<CPL, false>(a, x, carry, e, lane);
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      if (j0 + k >= W) continue;
+      float y = fmaf(Dd, to_f(cur.u[k]), to_f(cur.C[k]) * fmaf(a[k], e[k], x[k]));
+      if (gated) {
+        const float zv = to_f(cur.z[k]);
+        y *= zv / (1.f + __expf(-zv));
+      }
+      out.at(0, j0 + k) = from_f<T>(y);
+    }
+  }
+}
+
 // ---- Backward -------------------------------------------------------------------------------------
 
 // dy of a cell: dout, times silu(z) when gated.
@@ -950,6 +1008,14 @@ void forward_ns(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Pla
 
 template <typename T, int CPL>
 void forward_solo(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Plan& L, cudaStream_t stream) {
+  if (p.height == 1) {
+    for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+      dim3 grid(static_cast<unsigned>(ceil_div(p.dim, 4)), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+      scan2d_fwd_row_kernel<T, CPL><<<grid, 128, 0, stream>>>(p, o, L, b0);
+      SSM2D_CUDA_CHECK_LAUNCH("scan2d_fwd_row_kernel");
+    }
+    return;
+  }
   const unsigned blocks = static_cast<unsigned>(ceil_div(p.dim * L.nb, 4));
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
@@ -986,7 +1052,8 @@ void forward_cpl(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStre
   Plan L = band_plan(p, CPL, o.workspace, false);
   L.d_begin = 0;
   L.d_end = p.dim;
-  if (L.nb > 1) launch_summaries<T, CPL>(p, L, stream);  // before the passes, which read them
+  // Band summaries (before the passes, which read them); a 1-row grid with N == 1 needs none.
+  if (L.nb > 1 && !(p.dstate == 1 && p.height == 1)) launch_summaries<T, CPL>(p, L, stream);
   if (p.dstate == 1) return forward_solo<T, CPL>(p, o, L, stream);
   switch (states_per_warp(p.batch * p.dim * L.nb, p.dstate, "SSM2D_SCAN2D_FWD_NS", true)) {
     case 1: forward_ns<T, CPL, 1>(p, o, L, stream); break;

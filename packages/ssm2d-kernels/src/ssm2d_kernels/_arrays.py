@@ -21,6 +21,16 @@ class Array(NamedTuple):
     strides: tuple[int, ...]  # in elements
     dtype: str  # a key of DTYPES
     device: int  # -1: host memory, else the CUDA device ordinal
+    readonly: bool = False  # an input may be; an output may not
+
+
+def _check_pointer(ptr: int, shape: tuple, name: str) -> None:
+    """A null pointer with elements to read would crash the kernel: refuse it here."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if ptr == 0 and n > 0:
+        raise ValueError(f"{name} has {n} elements but a null data pointer")
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -46,7 +56,10 @@ def as_array(obj, name: str) -> Array:
             index = dev.index if dev.index is not None else 0
         else:
             raise TypeError(f"{name} is on device '{dev}'; ssm2d-kernels runs on 'cpu' and 'cuda' tensors")
-        return Array(int(obj.data_ptr()), tuple(obj.shape), tuple(obj.stride()), dtype, index)
+        shape = tuple(obj.shape)
+        ptr = int(obj.data_ptr())
+        _check_pointer(ptr, shape, name)
+        return Array(ptr, shape, tuple(obj.stride()), dtype, index)
     for attr, device in (("__cuda_array_interface__", None), ("__array_interface__", -1)):
         iface = getattr(obj, attr, None)
         if iface is None:
@@ -64,7 +77,9 @@ def as_array(obj, name: str) -> Array:
             strides = tuple(s // size for s in iface["strides"])
         if device is None:
             device = _cuda_pointer_device(iface["data"][0], name)
-        return Array(int(iface["data"][0]), shape, strides, dtype, device)
+        ptr, readonly = int(iface["data"][0]), bool(iface["data"][1])
+        _check_pointer(ptr, shape, name)
+        return Array(ptr, shape, strides, dtype, device, readonly)
     raise TypeError(
         f"{name} must be an array (torch tensor, or an object with __cuda_array_interface__ or "
         f"__array_interface__), got {type(obj).__name__}"
@@ -83,8 +98,15 @@ def device_name(index: int) -> str:
     return "cpu" if index < 0 else f"cuda:{index}"
 
 
+def check_writable(a: Array, name: str) -> None:
+    if a.readonly:
+        raise ValueError(f"{name} is read-only: the kernel writes it (pass a writable array)")
+
+
 def check_buffer(a: Array, name: str, shape: tuple, dtype: str, device: int) -> None:
-    """A caller-provided output or scratch array: exact shape, dtype and device, else a clear error."""
+    """A caller-provided output or scratch array: exact shape, dtype and device, writable, else a clear
+    error."""
+    check_writable(a, name)
     if tuple(a.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(a.shape)}")
     if a.dtype != dtype:

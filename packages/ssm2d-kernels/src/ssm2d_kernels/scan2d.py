@@ -26,7 +26,8 @@ band (32, 64 or 128 columns by width), batch*D*H*(bands + N*(bands-1)); with N >
 from __future__ import annotations
 
 from . import _C
-from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array, check_buffer, device_name
+from ._arrays import (DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array, check_buffer, check_writable,
+                      device_name)
 
 ORIGINS = ("tl", "tr", "bl", "br")
 ORDERS = ("hv", "vh")
@@ -99,10 +100,14 @@ class _Checked:
         b, d, h, w = self.u.shape
         if h < 1 or w < 1:
             raise ValueError(f"u must have H >= 1 and W >= 1, got H={h}, W={w}")
+        if d < 1:
+            raise ValueError(f"u must have at least one channel: shape (batch, D, H, W) with D >= 1, got D={d}")
         self.A = as_array(A, "A")
         if len(self.A.shape) != 2 or self.A.shape[0] != d:
             raise ValueError(f"A must have shape (D, N) with D={d}, got {tuple(self.A.shape)}")
         n = self.A.shape[1]
+        if n < 1:
+            raise ValueError(f"A must have at least one state: shape (D, N) with N >= 1, got N={n}")
         self.B = as_array(B, "B")
         if len(self.B.shape) != 5:
             raise ValueError(f"B must have shape (batch, G, N, H, W), got {tuple(self.B.shape)}")
@@ -183,9 +188,12 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
     """
     chk = _Checked(u, delta, A, B, C, D, z, delta_bias, origin, order)
     o = chk.same_as_u(out, "out")
+    check_writable(o, "out")
     if o.dtype != chk.u.dtype:
         raise TypeError(f"out must have the dtype of u ({chk.u.dtype}), got {o.dtype}")
     ya = chk.same_as_u(y, "y")
+    if ya is not None:
+        check_writable(ya, "y")
     car = wsp = None
     if chk.device >= 0:
         sizes = (chk.sizes["batch"], chk.sizes["dim"], chk.sizes["dstate"], chk.height, chk.width, order)
@@ -223,6 +231,8 @@ def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     go = chk.same_as_u(dout, "dout")
     grads = {name: chk.same_as_u(v, name) for name, v in (("du", du), ("ddelta", ddelta), ("dz", dz))}
     for name, v in grads.items():
+        if v is not None:
+            check_writable(v, name)
         if v is not None and v.dtype != chk.u.dtype:
             raise TypeError(f"{name} must have the dtype of u ({chk.u.dtype}), got {v.dtype}")
     d_end = d if d_end < 0 else d_end

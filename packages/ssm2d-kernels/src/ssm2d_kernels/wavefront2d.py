@@ -29,7 +29,7 @@ per-cell partials.
 from __future__ import annotations
 
 from . import _C
-from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array, check_buffer, device_name
+from ._arrays import DTYPES, ITEMSIZE, Array, _contiguous_strides, as_array, check_buffer, check_writable, device_name
 
 ORIGINS = ("tl", "tr", "bl", "br")
 MAX_CUDA_WIDTH = 2048  # keep equal to kWave2dMaxWidth in csrc/include/ssm2d/wavefront2d.h
@@ -85,6 +85,8 @@ class _Checked:
         b, h, w, e = self.u.shape
         if h < 1 or w < 1:
             raise ValueError(f"u must have H >= 1 and W >= 1, got H={h}, W={w}")
+        if e < 1:
+            raise ValueError(f"u must have at least one channel: shape (batch, H, W, E) with E >= 1, got E={e}")
         arrays = {}
         for name, v in (("dT", dT), ("dL", dL)):
             a = as_array(v, name)
@@ -97,6 +99,8 @@ class _Checked:
                 raise ValueError(f"{name} must have shape (E, N) with E={e}, got {tuple(a.shape)}")
             arrays[name] = a
         n = arrays["AT"].shape[1]
+        if n < 1:
+            raise ValueError(f"AT must have at least one state: shape (E, N) with N >= 1, got N={n}")
         if arrays["AL"].shape[1] != n:
             raise ValueError(f"AL must have shape (E, N) = {(e, n)} like AT, got {tuple(arrays['AL'].shape)}")
         groups = None
@@ -170,6 +174,7 @@ class _Checked:
         if arr is None:
             return None
         a = as_array(arr, name)
+        check_writable(a, name)
         if tuple(a.shape) != tuple(self.u.shape):
             raise ValueError(f"{name} must have shape (batch, H, W, E) = {tuple(self.u.shape)}, got {tuple(a.shape)}")
         if a.dtype != self.param_dtype:

@@ -85,7 +85,7 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
         return wavefront2d_reference(u, dT, dL, AT, AL, BT, BL, C, D, origin=origin)
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     return torch.ops.ssm2d.wavefront2d_fwd(u, dT, dL, AT.to(pdt), AL.to(pdt), BT, BL, C,
-                                          None if D is None else D.to(pdt), origin,
+                                          None if D is None else D.to(pdt).contiguous(), origin,
                                           torch.are_deterministic_algorithms_enabled())
 
 
