@@ -147,7 +147,6 @@ __device__ __forceinline__ float fold_right(const Plan& L, const float* sdt_row,
 // Rows ahead of the current one whose operands are asked into L2 (the register prefetch one row
 // ahead then waits on L2, not on device memory).
 constexpr int kL2Ahead = 4;
-__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
 
 // B (and C) of one row for a lane's CPL columns and the warp's NS consecutive states, raw, loaded a
 // row ahead of their use. State s of (i, j) is at base + s*sn + i*si + j*sj; states past the last

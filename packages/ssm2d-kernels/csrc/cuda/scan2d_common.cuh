@@ -34,6 +34,9 @@ __device__ __forceinline__ Plane<T> plane(const Grid& g, int64_t b, int64_t c, i
   return {static_cast<T*>(g.data) + b * g.sb + c * g.sc + n * g.sn, g.si, g.sj};
 }
 
+// Asks L2 for the line holding ptr (a later load then waits on L2, not on device memory).
+__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
+
 __device__ __forceinline__ float softplus_f(float v) { return v > 20.f ? v : log1pf(__expf(v)); }
 
 // Scan of affine maps c -> a*c + x over one band of 32*CPL columns held by a warp, lane l owning the

@@ -22,6 +22,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "scan2d_common.cuh"
 #include "ssm2d/scan2d.h"
 #include "scan2d_tiled.h"
 
@@ -31,32 +32,8 @@ namespace {
 constexpr int kTile = 32;   // keep equal to kScan2dTile in ssm2d/scan2d.h
 constexpr int kPad = 33;    // row pitch of shared tiles: conflict-free rows and columns
 constexpr int kTileFloats = kTile * kPad;
-constexpr float kLog2e = 1.4426950408889634f;
+using namespace s2d;  // to_f, from_f, Plane, plane, softplus_f, kLog2e
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// A grid operand of one (batch, channel or group, state): element (i, j) at base + i*si + j*sj.
-template <typename T>
-struct Plane {
-  T* base;
-  int64_t si, sj;
-  __device__ __forceinline__ T& at(int64_t i, int64_t j) const { return base[i * si + j * sj]; }
-};
-template <typename T>
-__device__ __forceinline__ Plane<T> plane(const Grid& g, int64_t b, int64_t c, int64_t n) {
-  return {static_cast<T*>(g.data) + b * g.sb + c * g.sc + n * g.sn, g.si, g.sj};
-}
-
-__device__ __forceinline__ void prefetch_l2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-}
 
 // Asks L2 for row `lane` of a plane's tile at (i0, j0) (one line covers the row when sj == 1), so the
 // next tile's loads wait on L2 rather than on device memory.
@@ -65,8 +42,6 @@ __device__ __forceinline__ void prefetch_tile_row(const Plane<const T>& pl, int6
                                                   int64_t H) {
   if (i0 + lane < H) prefetch_l2(&pl.at(i0 + lane, j0));
 }
-
-__device__ __forceinline__ float softplus_f(float v) { return v > 20.f ? v : log1pf(__expf(v)); }
 
 struct Geometry {
   int64_t H, W, nTi, nTj;

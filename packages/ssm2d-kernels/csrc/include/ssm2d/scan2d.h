@@ -57,14 +57,16 @@ inline int64_t scan2d_carry_floats(int64_t batch, int64_t dim, int64_t dstate, i
   }
   return batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
 }
-// Floats of scratch the CUDA forward needs. Band kernels: for grids wider than one band, per (row,
-// band) summaries batch*dim*H*(bands + N*(bands-1)); for N > 16, a partial output batch*dim*H*W.
+// Floats of scratch the CUDA forward needs. Band kernels: for grids wider than one band (but 1-row
+// grids with N == 1), per (row, band) summaries batch*dim*H*(bands + N*(bands-1)).
 // Tiled kernels: the carries' size, used only when no carries buffer is given (inference).
 inline int64_t scan2d_forward_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height,
                                                int64_t width) {
   if (scan2d_tiled(dstate)) return scan2d_carry_floats(batch, dim, dstate, height, width);
   const int64_t nb = scan2d_bands(width, scan2d_cols_per_lane(width));
-  const int64_t summaries = nb > 1 ? batch * dim * height * (nb + dstate * (nb - 1)) : 0;
+  // A 1-row grid with N == 1 is walked band after band by one warp: no summaries.
+  const bool summarised = nb > 1 && !(dstate == 1 && height == 1);
+  const int64_t summaries = summarised ? batch * dim * height * (nb + dstate * (nb - 1)) : 0;
   const int64_t partial = dstate > kScan2dStatesPerPass ? batch * dim * height * width : 0;
   return summaries + partial;
 }
