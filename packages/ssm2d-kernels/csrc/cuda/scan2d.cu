@@ -33,7 +33,6 @@
 // dB/dC sum over the channels of a group with float32 atomics or, deterministically, as per-channel
 // partials the caller sums in order.
 #include <algorithm>
-#include <cstdlib>
 
 #include "common.cuh"
 #include "scan2d_common.cuh"
@@ -952,20 +951,13 @@ __global__ void scan2d_bwd_reduce_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
 
 // ---- Host -----------------------------------------------------------------------------------------
 
-int env_int(const char* name, int fallback) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoi(v) : fallback;
-}
-
 // States per warp: as many as keep enough warps in flight (a warp then shares its dt, u loads and
 // its per-cell sums over more states).
-int states_per_warp(int64_t items, int64_t N, const char* env, bool team = false) {
+int states_per_warp(int64_t items, int64_t N, bool team = false) {
   if (team && N <= 3) return 1;  // at least two warps: the team kernel's staging is split over them
   if (team && N <= 7) return 2;
   if (N == 1) return 1;
   if (N == 2) return 2;
-  const int forced = env_int(env, 0);
-  if (forced == 1 || forced == 2 || forced == 4) return forced;
   const int64_t n = std::min<int64_t>(N, 32);
   const int64_t want = 132 * 32;  // warps: about half the resident slots of a 132-SM GPU
   if (items * ceil_div(n, 4) >= want) return 4;
@@ -1054,7 +1046,7 @@ void forward_cpl(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStre
   // Band summaries (before the passes, which read them); a 1-row grid with N == 1 needs none.
   if (L.nb > 1 && !(p.dstate == 1 && p.height == 1)) launch_summaries<T, CPL>(p, L, stream);
   if (p.dstate == 1) return forward_solo<T, CPL>(p, o, L, stream);
-  switch (states_per_warp(p.batch * p.dim * L.nb, p.dstate, "SSM2D_SCAN2D_FWD_NS", true)) {
+  switch (states_per_warp(p.batch * p.dim * L.nb, p.dstate, true)) {
     case 1: forward_ns<T, CPL, 1>(p, o, L, stream); break;
     case 2: forward_ns<T, CPL, 2>(p, o, L, stream); break;
     default: forward_ns<T, CPL, 4>(p, o, L, stream); break;
@@ -1107,7 +1099,7 @@ void backward_cpl(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStrea
   L.d_end = a.d_end;
   if (L.nb > 1) launch_summaries<T, CPL>(p, L, stream);
   const int64_t items = p.batch * (a.d_end - a.d_begin) * L.nb;
-  switch (states_per_warp(items, p.dstate, "SSM2D_SCAN2D_BWD_NS")) {
+  switch (states_per_warp(items, p.dstate)) {
     case 1: backward_ns<T, CPL, 1, Det>(p, a, L, stream); break;
     case 2: backward_ns<T, CPL, 2, Det>(p, a, L, stream); break;
     default: backward_ns<T, CPL, 4, Det>(p, a, L, stream); break;
@@ -1138,12 +1130,7 @@ void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
     throw ArgumentError("scan2d_forward: workspace is required on CUDA (scan2d_forward_workspace_floats)");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
-  switch (p.dtype) {
-    case DType::kFloat32: forward_t<float>(p, o, stream); break;
-    case DType::kFloat16: forward_t<__half>(p, o, stream); break;
-    case DType::kBFloat16: forward_t<__nv_bfloat16>(p, o, stream); break;
-    default: break;
-  }
+  with_dtype(p.dtype, [&](auto tag) { forward_t<decltype(tag)>(p, o, stream); });
 }
 
 void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a_in) {
@@ -1156,14 +1143,10 @@ void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a_in) {
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   const bool det = a.deterministic;
-  switch (p.dtype) {
-    case DType::kFloat32: det ? backward_t<float, true>(p, a, stream) : backward_t<float, false>(p, a, stream); break;
-    case DType::kFloat16: det ? backward_t<__half, true>(p, a, stream) : backward_t<__half, false>(p, a, stream); break;
-    case DType::kBFloat16:
-      det ? backward_t<__nv_bfloat16, true>(p, a, stream) : backward_t<__nv_bfloat16, false>(p, a, stream);
-      break;
-    default: break;
-  }
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    det ? backward_t<T, true>(p, a, stream) : backward_t<T, false>(p, a, stream);
+  });
 }
 
 }  // namespace ssm2d::cuda

@@ -22,6 +22,18 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Calls f(T{}) with T the element type of `t` (float, __half, __nv_bfloat16); the CUDA kernels take
+// no other (float64 is refused before this point).
+template <typename F>
+inline void with_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    default: break;
+  }
+}
+
 // A grid operand of one (batch, channel or group, state): element (i, j) at base + i*si + j*sj.
 template <typename T>
 struct Plane {

@@ -535,12 +535,7 @@ void scan2d_tiled_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o_
   if (!o.carries) throw ArgumentError("scan2d_forward: carries or workspace is required on CUDA");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
-  switch (p.dtype) {
-    case DType::kFloat32: forward_t<float>(p, o, stream); break;
-    case DType::kFloat16: forward_t<__half>(p, o, stream); break;
-    case DType::kBFloat16: forward_t<__nv_bfloat16>(p, o, stream); break;
-    default: break;
-  }
+  with_dtype(p.dtype, [&](auto tag) { forward_t<decltype(tag)>(p, o, stream); });
 }
 
 void scan2d_tiled_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a_in) {
@@ -551,14 +546,10 @@ void scan2d_tiled_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a_i
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   const bool det = a.deterministic;
-  switch (p.dtype) {
-    case DType::kFloat32: det ? backward_t<float, true>(p, a, stream) : backward_t<float, false>(p, a, stream); break;
-    case DType::kFloat16: det ? backward_t<__half, true>(p, a, stream) : backward_t<__half, false>(p, a, stream); break;
-    case DType::kBFloat16:
-      det ? backward_t<__nv_bfloat16, true>(p, a, stream) : backward_t<__nv_bfloat16, false>(p, a, stream);
-      break;
-    default: break;
-  }
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    det ? backward_t<T, true>(p, a, stream) : backward_t<T, false>(p, a, stream);
+  });
 }
 
 }  // namespace ssm2d::cuda
