@@ -53,32 +53,34 @@ def scan2d_forward_workspace_floats(batch: int, dim: int, dstate: int, height: i
 
 def scan2d_backward_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int,
                                      order: str = "hv") -> int:
-    """float32 scratch values the CUDA backward needs on the scanned grid: band summaries of both
-    directions for grids wider than one band, batch*dim*H*(bands + 2N*(bands-1)); per-band sums,
-    batch*dim*bands*(N+2); for N > 16, per-cell partial sums 2*batch*dim*H*W."""
+    """float32 scratch values the CUDA backward needs on the scanned grid. N < 8 (band kernels): band
+    summaries of both directions for grids wider than one band, batch*dim*H*(bands + 2N*(bands-1)), and
+    per-band sums batch*dim*bands*(N+2); N >= 8 (tiled kernels): batch*dim*N*(H+W)."""
     lh, lw = logical_hw(height, width, order)
     return int(_C.scan2d_backward_workspace_floats(batch, dim, dstate, lh, lw))
 
 
-def _grid(a: Array | None, origin: str, order: str, has_state: bool):
-    """(ptr, sb, sc, sn, si, sj) of ``a`` in the scan's logical frame (rows first from the origin)."""
-    if a is None:
-        return None
-    st = a.strides
-    sb, sc = st[0], st[1]
-    sn = st[2] if has_state else 0
-    si, sj = st[-2], st[-1]
-    h, w = a.shape[-2], a.shape[-1]
+def grid_descriptor(ptr: int, shape, strides, itemsize: int, origin: str, order: str, has_state: bool) -> tuple:
+    """(ptr, sb, sc, sn, si, sj) of a (batch, C[, N], H, W) array in the scan's logical frame (rows first
+    from the origin): the flips and the transpose become a pointer offset and strides (in elements)."""
+    sb, sc = strides[0], strides[1]
+    sn = strides[2] if has_state else 0
+    si, sj = strides[-2], strides[-1]
     offset = 0
     if origin in ("bl", "br"):
-        offset += (h - 1) * si
+        offset += (shape[-2] - 1) * si
         si = -si
     if origin in ("tr", "br"):
-        offset += (w - 1) * sj
+        offset += (shape[-1] - 1) * sj
         sj = -sj
     if order == "vh":
         si, sj = sj, si
-    return (a.ptr + offset * ITEMSIZE[a.dtype], sb, sc, sn, si, sj)
+    return (ptr + offset * itemsize, sb, sc, sn, si, sj)
+
+
+def _grid(a: Array | None, origin: str, order: str, has_state: bool):
+    return None if a is None else grid_descriptor(a.ptr, a.shape, a.strides, ITEMSIZE[a.dtype], origin, order,
+                                                  has_state)
 
 
 def _expect(a: Array, name: str, shape: tuple, what: str) -> None:
@@ -201,7 +203,7 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
             car = as_array(carries, "carries")
             check_buffer(car, "carries", (scan2d_carry_floats(*sizes),), "float32", chk.device)
         need = scan2d_forward_workspace_floats(*sizes)
-        if need and not (car is not None and _C.scan2d_backward_needs_y(chk.sizes["dstate"])):
+        if need and not (car is not None and _C.scan2d_tiled(chk.sizes["dstate"])):  # tiled: carries suffice
             if workspace is None:
                 raise ValueError(f"workspace is required on CUDA for this shape: {need} float32 values "
                                  "(scan2d_forward_workspace_floats)")

@@ -23,27 +23,18 @@ def _kernels():
 
 
 def grid(t: Optional[Tensor], origin: str, order: str, has_state: bool = False):
-    """(ptr, sb, sc, sn, si, sj) of a (batch, C[, N], H, W) tensor in the scan's logical frame
-    (rows first from the origin): flips and the transpose become pointer offsets and strides."""
+    """(ptr, sb, sc, sn, si, sj) of a (batch, C[, N], H, W) tensor in the scan's logical frame."""
     if t is None:
         return None
-    st = t.stride()
-    si, sj = st[-2], st[-1]
-    offset = 0
-    if origin[0] == "b":
-        offset += (t.shape[-2] - 1) * si
-        si = -si
-    if origin[1] == "r":
-        offset += (t.shape[-1] - 1) * sj
-        sj = -sj
-    if order == "vh":
-        si, sj = sj, si
-    return (t.data_ptr() + offset * t.element_size(), st[0], st[1], st[2] if has_state else 0, si, sj)
+    from ssm2d_kernels.scan2d import grid_descriptor
+
+    return grid_descriptor(t.data_ptr(), t.shape, t.stride(), t.element_size(), origin, order, has_state)
 
 
 def logical_hw(u: Tensor, order: str) -> tuple[int, int]:
-    h, w = u.shape[-2], u.shape[-1]
-    return (w, h) if order == "vh" else (h, w)
+    from ssm2d_kernels.scan2d import logical_hw as hw
+
+    return hw(u.shape[-2], u.shape[-1], order)
 
 
 def problem(u, delta, A, B, C, D, z, delta_bias, softplus: bool, origin: str, order: str, stream: int) -> dict:
@@ -79,7 +70,7 @@ def backward_needs_y(A: Tensor, z: Optional[Tensor]) -> bool:
 def forward_workspace(u: Tensor, A: Tensor, order: str, with_carries: bool = False) -> Optional[Tensor]:
     """float32 scratch of the CUDA forward (band summaries of wide grids, partial sums for N > 16;
     for the tiled kernels, N >= 8, room for carries when none are kept)."""
-    if not u.is_cuda or (with_carries and _kernels().scan2d_backward_needs_y(A.shape[1])):
+    if not u.is_cuda or (with_carries and _kernels().scan2d_tiled(A.shape[1])):  # tiled: carries suffice
         return None
     lh, lw = logical_hw(u, order)
     n = _kernels().scan2d_forward_workspace_floats(u.shape[0], u.shape[1], A.shape[1], lh, lw)
