@@ -140,11 +140,11 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     common = dict(dout=dout, y=y if y.numel() else None, carries=carries if u.is_cuda else None, du=du,
                   ddelta=ddelta, dz=dz if z is not None else None, dA_part=dA_part, dD_part=dD_part,
                   ddelta_bias_part=dbias_part, workspace=K.backward_workspace(u, A, order))
+    dB = torch.zeros(B.shape, dtype=acc, device=u.device)  # added into (atomics, partials, the CPU kernel)
+    dC = torch.zeros(C.shape, dtype=acc, device=u.device)
     if deterministic and u.is_cuda:
         # Per-channel partials of dB/dC, summed over each group's channels in a fixed order; chunks of
         # whole groups (or of one group's channels) keep the workspace under the budget.
-        dB = torch.zeros(B.shape, dtype=acc, device=u.device)
-        dC = torch.zeros(C.shape, dtype=acc, device=u.device)
         per_group = d // g
         per_channel_bytes = 2 * b * n * h * w * 4
         chunk = max(1, DETERMINISTIC_WORKSPACE_BYTES // per_channel_bytes)
@@ -157,8 +157,6 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
             add_group_partials(dB, pB, d0, per_group, dim=1)
             add_group_partials(dC, pC, d0, per_group, dim=1)
     else:
-        dB = torch.zeros(B.shape, dtype=acc, device=u.device)  # added into (atomics; the CPU kernel too)
-        dC = torch.zeros(C.shape, dtype=acc, device=u.device)
         K.backward(prob, origin, order, dB=dB, dC=dC, deterministic=False, d_begin=0, d_end=d, **common)
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if D is not None else _empty(u, acc)
