@@ -1,16 +1,20 @@
-"""wavefront2d on the GPU at the shapes of the spec's anchors: time, peak memory, floor, reference.
+"""wavefront2d on the GPU at the shapes of the spec's anchors, next to the authors' kernel measured on an H200.
 
-    python benchmarks/bench_wavefront2d.py [--out DIR] [--no-reference]
+    python benchmarks/bench_wavefront2d.py [--out DIR] [--cases 0,5] [--fwd-only] [--no-reference]
 
-bf16, B=1, E=64, N=16 for grids 64^2 .. 2048^2 and the M2D-T layer shapes. Medians of CUDA events
-(warm, 3 rotating fresh input sets); peak memory of forward+backward with one input set alive,
-inputs included; the forward floor = bytes it must move / measured copy bandwidth. The authors'
-figures (H100) include their small x_proj/dt_proj projections; ours time the scan alone.
+bf16, N=16, with D, on given dT, dL, A, B, C (projections not timed), B=1, E=64 grids 64^2 .. 2048^2 and
+the M2D-T layer shapes. Forward and forward+backward medians (CUDA events, warm, inputs rotated among 3
+fresh random sets), the authors' figures (Mamba2D's wf_cuda_fn_pr, measured on one NVIDIA H200 side by
+side with ssm2d 139592e: the spec's ANCHORS.md, first section) and the ratio authors / ours, the
+forward's memory-traffic floor (bytes it must move / measured copy bandwidth), and the peak memory of
+forward+backward BEYOND the inputs, each case measured alone (nothing of an earlier case alive), next
+to the authors' beyond-inputs figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -22,17 +26,20 @@ from harness import copy_bandwidth_gbs, gpu_time_ms, header, peak_mib, write_rep
 
 from ssm2d_nn.ops import wavefront2d  # noqa: E402
 
-# name, (batch, H, W, E, N), authors' fwd ms, fwd+bwd ms (None: not measured), peak MiB
+AUTHORS_DEVICE = "NVIDIA H200"
+# name, (batch, H, W, E, N), authors' fwd ms, fwd+bwd ms, peak beyond inputs MiB (ANCHORS.md, H200;
+# None: not measured there)
 CASES = [
-    ("64x64", (1, 64, 64, 64, 16), 1.29, 5.64, 80),
-    ("128x128", (1, 128, 128, 64, 16), 2.73, 8.68, 141),
-    ("256x256", (1, 256, 256, 64, 16), 5.36, 16.8, 563),
-    ("512x512", (1, 512, 512, 64, 16), 11.2, 40.3, 2246),
-    ("1024x1024", (1, 1024, 1024, 64, 16), 36.6, 126.0, 8980),
-    ("2048x2048 (fwd)", (1, 2048, 2048, 64, 16), 146.0, None, 19392),
-    ("M2D-T layer 56x56", (64, 56, 56, 64, 16), None, 20.5, 1780),
-    ("M2D-T layer 28x28", (64, 28, 28, 128, 16), None, 12.3, 890),
+    ("64x64", (1, 64, 64, 64, 16), 1.248, 4.20, 33),
+    ("128x128", (1, 128, 128, 64, 16), 2.231, 6.55, 131),
+    ("256x256", (1, 256, 256, 64, 16), 3.808, 12.64, 523),
+    ("512x512", (1, 512, 512, 64, 16), 10.573, 34.27, 2090),
+    ("1024x1024", (1, 1024, 1024, 64, 16), 33.312, 112.91, 8356),
+    ("2048x2048 (fwd)", (1, 2048, 2048, 64, 16), None, None, None),
+    ("M2D-T layer 56x56", (64, 56, 56, 64, 16), 5.646, 20.03, 1614),
+    ("M2D-T layer 28x28", (64, 28, 28, 128, 16), 2.990, 10.47, 812),
 ]
+FWD_ONLY = {"2048x2048 (fwd)"}
 
 
 def make(shape, dtype=torch.bfloat16):
@@ -54,51 +61,71 @@ def floor_bytes(shape, itemsize=2):
     return itemsize * (4 * b * h * w * e + 3 * b * h * w * n)  # read u, dT, dL, BT, BL, C; write y
 
 
+def measure_case(shape, fwd_only: bool, reference: bool, bw: float) -> dict:
+    """One case alone: its inputs (and the output gradient) are the only tensors alive at its peak."""
+    strip = lambda s: {k: v for k, v in s.items() if k != "_g"}  # noqa: E731
+    step = lambda s: torch.autograd.grad(wavefront2d(**strip(s), backend="kernel"), list(strip(s).values()), s["_g"])  # noqa: E731
+
+    def fstep(s):
+        with torch.no_grad():
+            return wavefront2d(**strip(s), backend="kernel")
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    if torch.cuda.memory_allocated():
+        print(f"warning: {torch.cuda.memory_allocated()} bytes alive before the case", file=sys.stderr)
+    one = make(shape)
+    one["_g"] = torch.randn_like(one["u"])
+    extra = peak_mib(fstep if fwd_only else step, one)[1]
+    sets = [one] + [make(shape) for _ in range(2)]
+    for s in sets[1:]:
+        s["_g"] = torch.randn_like(s["u"])
+    reps = 10 if shape[1] >= 1024 else 30
+    t_f = gpu_time_ms(fstep, sets, reps=reps)
+    t_fb = None if fwd_only else gpu_time_ms(step, sets, reps=reps)
+    ref = None
+    b, h, w, e, n = shape
+    if reference and not fwd_only and b * h * w * e * n <= 5e6:
+        ref = gpu_time_ms(lambda s: torch.autograd.grad(wavefront2d(**strip(s), backend="reference"),
+                                                        list(strip(s).values()), s["_g"]), sets, warmup=1, reps=3)
+    del sets, one
+    return dict(fwd_ms=t_f, fwd_bwd_ms=t_fb, extra_mib=extra, ref_fwd_bwd_ms=ref,
+                floor_fwd_ms=floor_bytes(shape) / (bw * 1e9) * 1e3)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cases", default=",".join(str(i) for i in range(len(CASES))))
+    ap.add_argument("--fwd-only", action="store_true", help="time the forward only (peak of the forward)")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args()
     bw = copy_bandwidth_gbs()
     rows = []
-    for name, shape, a_fwd, a_fb, a_mem in CASES:
-        fwd_only = a_fb is None
-        one = make(shape)
-        one["_g"] = torch.randn_like(one["u"])
-        strip = lambda s: {k: v for k, v in s.items() if k != "_g"}  # noqa: E731
-        step = lambda s: torch.autograd.grad(wavefront2d(**strip(s), backend="kernel"), list(strip(s).values()), s["_g"])  # noqa: E731
-        fstep = lambda s: (lambda: wavefront2d(**strip(s), backend="kernel"))()  # noqa: E731
-        with torch.no_grad():
-            mem_f, _ = peak_mib(fstep, one)
-        mem = mem_f if fwd_only else peak_mib(step, one)[0]
-        sets = [one] + [make(shape) for _ in range(2)]
-        for s in sets[1:]:
-            s["_g"] = torch.randn_like(s["u"])
-        with torch.no_grad():
-            t_f = gpu_time_ms(fstep, sets, reps=10 if shape[1] >= 1024 else 30)
-        t_fb = None if fwd_only else gpu_time_ms(step, sets, reps=10 if shape[1] >= 1024 else 30)
-        ref = None
-        b, h, w, e, n = shape
-        if not args.no_reference and b * h * w * e * n <= 5e6:
-            ref = gpu_time_ms(lambda s: torch.autograd.grad(wavefront2d(**strip(s), backend="reference"),
-                                                            list(strip(s).values()), s["_g"]), sets, warmup=1, reps=3)
-        floor_ms = floor_bytes(shape) / (bw * 1e9) * 1e3
-        rows.append(dict(case=name, shape=shape, fwd_ms=t_f, fwd_bwd_ms=t_fb, peak_mib=mem, floor_fwd_ms=floor_ms,
-                         ref_fwd_bwd_ms=ref, authors_fwd_ms=a_fwd, authors_fwd_bwd_ms=a_fb, authors_peak_mib=a_mem))
-        del sets, one
-        torch.cuda.empty_cache()
-    fmt = lambda v, p=3: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
-    lines = ["# wavefront2d benchmark (bf16, N=16, with D)", "", header(), f"measured copy bandwidth {bw:.0f} GB/s", "",
-             "| case | fwd ms | fwd+bwd ms | authors fwd / fwd+bwd ms | speed-up fwd / fwd+bwd | peak MiB (authors) "
-             "| fwd floor ms | reference fwd+bwd ms |", "|---|---|---|---|---|---|---|---|"]
+    for idx in map(int, args.cases.split(",")):
+        name, shape, a_fwd, a_fb, a_mem = CASES[idx]
+        fwd_only = args.fwd_only or name in FWD_ONLY
+        r = measure_case(shape, fwd_only, not args.no_reference, bw)
+        r.update(case=name, shape=shape, fwd_only=fwd_only, authors_device=AUTHORS_DEVICE, authors_fwd_ms=a_fwd,
+                 authors_fwd_bwd_ms=a_fb, authors_extra_mib=a_mem,
+                 ratio_fwd=a_fwd / r["fwd_ms"] if a_fwd else None,
+                 ratio_fwd_bwd=a_fb / r["fwd_bwd_ms"] if a_fb and r["fwd_bwd_ms"] else None,
+                 fwd_pct_of_floor=100 * r["floor_fwd_ms"] / r["fwd_ms"])
+        rows.append(r)
+    f = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
+    lines = ["# wavefront2d benchmark (bf16, N=16, with D)", "", header(),
+             f"measured copy bandwidth {bw:.0f} GB/s; authors' figures: Mamba2D's kernel on one {AUTHORS_DEVICE} "
+             "(spec ANCHORS.md, first section); ratio = authors' time / ours; peak: forward+backward "
+             "(forward alone for fwd-only cases)", "",
+             "| case | fwd ms | fwd+bwd ms | authors fwd / fwd+bwd ms | ratio fwd / fwd+bwd | fwd floor ms (% reached) "
+             "| peak beyond inputs MiB (authors) | reference fwd+bwd ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        sf = "—" if r["authors_fwd_ms"] is None else f"{r['authors_fwd_ms'] / r['fwd_ms']:.1f}x"
-        sfb = "—" if (r["authors_fwd_bwd_ms"] is None or r["fwd_bwd_ms"] is None) else \
-            f"{r['authors_fwd_bwd_ms'] / r['fwd_bwd_ms']:.1f}x"
-        lines.append(f"| {r['case']} | {fmt(r['fwd_ms'])} | {fmt(r['fwd_bwd_ms'])} | {fmt(r['authors_fwd_ms'], 2)} / "
-                     f"{fmt(r['authors_fwd_bwd_ms'], 2)} | {sf} / {sfb} | {r['peak_mib']:.0f} ({r['authors_peak_mib']}) "
-                     f"| {r['floor_fwd_ms']:.3f} | {fmt(r['ref_fwd_bwd_ms'], 1)} |")
-    write_report(args.out, "bench_wavefront2d", lines, rows)
+        lines.append(f"| {r['case']} | {r['fwd_ms']:.3f} | {f(r['fwd_bwd_ms'], '.3f')} | {f(r['authors_fwd_ms'], '')} / "
+                     f"{f(r['authors_fwd_bwd_ms'], '')} | {f(r['ratio_fwd'], '.2f')} / {f(r['ratio_fwd_bwd'], '.2f')} | "
+                     f"{r['floor_fwd_ms']:.4f} ({r['fwd_pct_of_floor']:.0f}%) | {r['extra_mib']:.0f} "
+                     f"({f(r['authors_extra_mib'], '')}) | {f(r['ref_fwd_bwd_ms'], '.1f')} |")
+    write_report(args.out, "bench_wavefront2d" + ("_fwd" if args.fwd_only else ""), lines, rows)
 
 
 if __name__ == "__main__":

@@ -606,6 +606,268 @@ __global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2d
   }
 }
 
+// ---- Short rows, backward: the adjoint with the forward's lanes (a half-warp per channel, a lane
+// per state, 16 channels per block), walking the grid bottom-up, each row right to left. ----
+// h is recomputed in segments of kSmallSegment rows: a first sweep keeps h of every segment's last
+// row (checkpoints), then per segment (bottom segment first) its rows are recomputed into scratch
+// and the adjoint walks them upwards. The adjoint's coupling to the row below (cT aT lam per column)
+// and the recomputed row stay in registers. Per cell, the sums over states (du, ddT, ddL) are
+// xor-shuffles within the half-warp; the sums over the block's 16 channels (dBT, dBL, dC) go
+// through shared memory, one global atomic (or, deterministic, one store of the block's partial)
+// per (cell, state) and block. Two barriers per row.
+// Scratch per block: float4 [ceil(H/K) checkpoint slots + K segment rows][ceil(W/4)][256 lanes],
+// i.e. batch * ceil(E/16) * 256 * (ceil(H/K) + K) * 4 ceil(W/4) floats (N/16 * 256/N of that is
+// padding for N < 16): at K = 8 about (ceil(H/8) + 8) / H times the (batch, H, W, E, 16) state.
+constexpr int kSmallSegment = 8;
+constexpr int kSmallBwdArrays = 7;  // dT, dL, u, dy (per channel); BT, BL, C (per state)
+
+__host__ __device__ __forceinline__ int64_t small_bwd_rows(int64_t H) {
+  return (H + kSmallSegment - 1) / kSmallSegment + kSmallSegment;
+}
+
+template <int WMAX>
+constexpr size_t small_bwd_smem_floats() {
+  return 2 * kSmallBwdArrays * kSmallChannels * (WMAX + 4) + 3 * kSmallChannels * (WMAX + 4) +
+         (kSmallThreads / 32) * 3 * WMAX * 16;
+}
+
+template <typename T, int WMAX, bool kDet>
+__global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
+    wave_bwd_small_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t b0) {
+  constexpr int WP = WMAX + 4, ROWS = kSmallChannels * WP, BUF = kSmallBwdArrays * ROWS;
+  constexpr int PER = (kSmallChannels * WMAX + kSmallThreads - 1) / kSmallThreads;
+  constexpr int G4 = WMAX / 4, K = kSmallSegment, NWARP = kSmallThreads / 32;
+  extern __shared__ __align__(16) float smem[];
+  float* s_dx = smem + 2 * BUF;       // [du, ddT, ddL][channel][column]: sums over states
+  float* s_dB = s_dx + 3 * ROWS;      // [warp][dBT, dBL, dC][column][state]: sums over a warp's 2 channels
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n = lane & 15, c = tid >> 4;
+  const int64_t E = p.dim, N = p.dstate, H = p.height, W = p.width;
+  const int64_t e0 = ga.e_begin + static_cast<int64_t>(blockIdx.x) * kSmallChannels, b = blockIdx.y + b0;
+  const int64_t e = e0 + c, e_hi = ga.e_end;
+  const bool has_e = e < e_hi, active = has_e && n < N;
+  const int64_t g = e0 / (E / p.groups);
+  const float AT = active ? static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn] : 0.f;
+  const float AL = active ? static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn] : 0.f;
+  const float AT2 = AT * kLog2e, AL2 = AL * kLog2e;
+  const int64_t W4 = (W + 3) / 4, nck = (H + K - 1) / K;
+  const int64_t blk = b * ((E + kSmallChannels - 1) / kSmallChannels) + e0 / kSmallChannels;
+  float4* ck = reinterpret_cast<float4*>(ga.workspace) + blk * small_bwd_rows(H) * W4 * kSmallThreads;
+  float4* seg = ck + nck * W4 * kSmallThreads;
+  auto row_of = [&](float4* base, int64_t r) { return base + r * W4 * kSmallThreads + tid; };
+
+  // Staging, as in the forward: thread t takes (column j, index k) pairs with k = x % 16 (a channel
+  // or a state), so 16 adjacent channels / states are read together.
+  float r_t[PER], r_l[PER], r_u[PER], r_y[PER], r_bt[PER], r_bl[PER], r_c[PER];
+  auto load_row = [&](int64_t i, bool adjoint) {
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+      const int64_t ek = e0 + k;
+      const bool okc = j < W && ek < e_hi, oks = j < W && k < N;
+      r_t[r] = okc ? ld<T>(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + j * p.dT.sj) : 0.f;
+      r_l[r] = okc ? ld<T>(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + j * p.dL.sj) : 0.f;
+      r_u[r] = okc ? ld<T>(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + j * p.u.sj) : 0.f;
+      r_bt[r] = oks ? ld<T>(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + j * p.BT.sj) : 0.f;
+      r_bl[r] = oks ? ld<T>(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + j * p.BL.sj) : 0.f;
+      if (adjoint) {
+        r_y[r] = okc ? ld<T>(static_cast<const T*>(ga.dout.data) + b * ga.dout.sb + ek * ga.dout.sc + i * ga.dout.si + j * ga.dout.sj) : 0.f;
+        r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + j * p.C.sj) : 0.f;
+      }
+    }
+  };
+  auto store_row = [&](float* buf, bool adjoint) {
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4, at = k * WP + j;
+      buf[0 * ROWS + at] = r_t[r];
+      buf[1 * ROWS + at] = r_l[r];
+      buf[2 * ROWS + at] = r_u[r];
+      buf[4 * ROWS + at] = r_bt[r];
+      buf[5 * ROWS + at] = r_bl[r];
+      if (adjoint) {
+        buf[3 * ROWS + at] = r_y[r];
+        buf[6 * ROWS + at] = r_c[r];
+      }
+    }
+  };
+
+  // One forward row from the staged inputs: hrow holds row i-1 on entry and row i on return; the
+  // row also goes to `hout` (one float4 per 4 columns) when given.
+  float hrow[WMAX];
+  auto forward_row = [&](int64_t i, const float* buf, float4* hout) {
+    float hl = 0.f;
+#pragma unroll
+    for (int g4 = 0; g4 < G4; ++g4) {
+      const int j0 = 4 * g4;
+      float t[4], l[4], uu[4], bt[4], bl[4], hv[4];
+      *reinterpret_cast<float4*>(t) = *reinterpret_cast<const float4*>(buf + 0 * ROWS + c * WP + j0);
+      *reinterpret_cast<float4*>(l) = *reinterpret_cast<const float4*>(buf + 1 * ROWS + c * WP + j0);
+      *reinterpret_cast<float4*>(uu) = *reinterpret_cast<const float4*>(buf + 2 * ROWS + c * WP + j0);
+      *reinterpret_cast<float4*>(bt) = *reinterpret_cast<const float4*>(buf + 4 * ROWS + n * WP + j0);
+      *reinterpret_cast<float4*>(bl) = *reinterpret_cast<const float4*>(buf + 5 * ROWS + n * WP + j0);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        float cL, cT;
+        coefficients(i, j0 + k, p.origin_top, cL, cT);
+        const float aL = fast_exp2(l[k] * AL2), aT = fast_exp2(t[k] * AT2);
+        const float h = cL * fmaf(aL, hl, l[k] * uu[k] * bl[k]) + cT * fmaf(aT, hrow[j0 + k], t[k] * uu[k] * bt[k]);
+        hrow[j0 + k] = h;
+        hl = h;
+        hv[k] = h;
+      }
+      if (hout && j0 < W) hout[g4 * kSmallThreads] = make_float4(hv[0], hv[1], hv[2], hv[3]);
+    }
+  };
+  // Sweeps rows [r0, r1) forward with the 1-barrier double-buffered staging; `out(i)` says where
+  // row i goes (nullptr: nowhere).
+  auto sweep = [&](int64_t r0, int64_t r1, auto out) {
+    load_row(r0, false);
+    store_row(smem, false);
+    __syncthreads();
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* cur = smem + ((i - r0) & 1) * BUF;
+      if (i + 1 < r1) load_row(i + 1, false);
+      forward_row(i, cur, out(i));
+      if (i + 1 < r1) store_row(smem + ((i + 1 - r0) & 1) * BUF, false);
+      __syncthreads();
+    }
+  };
+
+  // 1. Checkpoints: slot s holds h of row s*K - 1.
+#pragma unroll
+  for (int j = 0; j < WMAX; ++j) hrow[j] = 0.f;
+  if (nck > 1)
+    sweep(0, (nck - 1) * K, [&](int64_t i) { return (i + 1) % K == 0 ? row_of(ck, (i + 1) / K) : nullptr; });
+
+  float down[WMAX];  // cT aT lam of the row below, per column
+#pragma unroll
+  for (int j = 0; j < WMAX; ++j) down[j] = 0.f;
+  float dAT = 0.f, dAL = 0.f, dD = 0.f;
+  const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
+
+  for (int64_t s = nck - 1; s >= 0; --s) {
+    const int64_t r0 = s * K, r1 = min(H, r0 + K);
+    // 2. Recompute the segment's rows into scratch.
+#pragma unroll
+    for (int g4 = 0; g4 < G4; ++g4) {
+      const float4 v = (s > 0 && 4 * g4 < W) ? *(row_of(ck, s) + g4 * kSmallThreads) : zero4;
+      hrow[4 * g4] = v.x;
+      hrow[4 * g4 + 1] = v.y;
+      hrow[4 * g4 + 2] = v.z;
+      hrow[4 * g4 + 3] = v.w;
+    }
+    sweep(r0, r1, [&](int64_t i) { return row_of(seg, i - r0); });
+
+    // 3. The adjoint, bottom-up through the segment.
+    load_row(r1 - 1, true);
+    store_row(smem, true);
+    __syncthreads();
+    for (int64_t i = r1 - 1; i >= r0; --i) {
+      const float* cur = smem + ((r1 - 1 - i) & 1) * BUF;
+      if (i > r0) load_row(i - 1, true);
+      const float4* hc_row = row_of(seg, i - r0);
+      const float4* hu_row = i > r0 ? row_of(seg, i - 1 - r0) : (s > 0 ? row_of(ck, s) : nullptr);
+      float lam = 0.f, coefR = 0.f;  // lam at the column to the right, and its (cL aL)
+      float4 hnext = zero4;          // h of the group to the left
+#pragma unroll
+      for (int g4 = G4 - 1; g4 >= 0; --g4) {
+        const int j0 = 4 * g4;
+        if (j0 >= W) continue;
+        const float4 hc4 = j0 + 4 >= W ? hc_row[g4 * kSmallThreads] : hnext;
+        hnext = g4 > 0 ? hc_row[(g4 - 1) * kSmallThreads] : zero4;
+        const float4 hu4 = hu_row ? hu_row[g4 * kSmallThreads] : zero4;
+        const float hc[4] = {hc4.x, hc4.y, hc4.z, hc4.w}, hu[4] = {hu4.x, hu4.y, hu4.z, hu4.w};
+        float t[4], l[4], uu[4], dy[4], bt[4], bl[4], cc[4];
+        *reinterpret_cast<float4*>(t) = *reinterpret_cast<const float4*>(cur + 0 * ROWS + c * WP + j0);
+        *reinterpret_cast<float4*>(l) = *reinterpret_cast<const float4*>(cur + 1 * ROWS + c * WP + j0);
+        *reinterpret_cast<float4*>(uu) = *reinterpret_cast<const float4*>(cur + 2 * ROWS + c * WP + j0);
+        *reinterpret_cast<float4*>(dy) = *reinterpret_cast<const float4*>(cur + 3 * ROWS + c * WP + j0);
+        *reinterpret_cast<float4*>(bt) = *reinterpret_cast<const float4*>(cur + 4 * ROWS + n * WP + j0);
+        *reinterpret_cast<float4*>(bl) = *reinterpret_cast<const float4*>(cur + 5 * ROWS + n * WP + j0);
+        *reinterpret_cast<float4*>(cc) = *reinterpret_cast<const float4*>(cur + 6 * ROWS + n * WP + j0);
+#pragma unroll
+        for (int k = 3; k >= 0; --k) {
+          const int j = j0 + k;
+          const bool valid = j < W;
+          float cL, cT;
+          coefficients(i, j, p.origin_top, cL, cT);
+          const float aL = fast_exp2(l[k] * AL2), aT = fast_exp2(t[k] * AT2);
+          lam = valid ? fmaf(coefR, lam, fmaf(dy[k], cc[k], down[j])) : 0.f;
+          coefR = valid ? cL * aL : 0.f;
+          const float wL = cL * lam, wT = cT * lam;
+          const float hl = k > 0 ? hc[k - 1] : hnext.w;
+          const float qL = wL * aL * hl, qT = wT * aT * hu[k];  // a * dL/da
+          dAL = fmaf(qL, l[k], dAL);
+          dAT = fmaf(qT, t[k], dAT);
+          down[j] = aT * wT;
+          float du = fmaf(wL * bl[k], l[k], wT * bt[k] * t[k]);
+          float ddt = fmaf(qT, AT, wT * bt[k] * uu[k]);
+          float ddl = fmaf(qL, AL, wL * bl[k] * uu[k]);
+#pragma unroll
+          for (int off = 8; off > 0; off >>= 1) {
+            du += __shfl_xor_sync(0xffffffffu, du, off);
+            ddt += __shfl_xor_sync(0xffffffffu, ddt, off);
+            ddl += __shfl_xor_sync(0xffffffffu, ddl, off);
+          }
+          if (n == (j & 15)) {
+            s_dx[0 * ROWS + c * WP + j] = du;
+            s_dx[1 * ROWS + c * WP + j] = ddt;
+            s_dx[2 * ROWS + c * WP + j] = ddl;
+          }
+          float dbt = wT * t[k] * uu[k], dbl = wL * l[k] * uu[k], dc = dy[k] * hc[k];
+          dbt += __shfl_xor_sync(0xffffffffu, dbt, 16);
+          dbl += __shfl_xor_sync(0xffffffffu, dbl, 16);
+          dc += __shfl_xor_sync(0xffffffffu, dc, 16);
+          if (lane < 16) {
+            float* d = s_dB + (warp * 3 * WMAX + j) * 16 + lane;
+            d[0] = dbt;
+            d[WMAX * 16] = dbl;
+            d[2 * WMAX * 16] = dc;
+          }
+          if (n == 0) dD = fmaf(dy[k], uu[k], dD);
+        }
+      }
+      __syncthreads();
+      // Row i's sums: per cell and channel (du += D dy too), per cell and state over the 16 channels.
+#pragma unroll
+      for (int r = 0; r < PER; ++r) {
+        const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+        if (j >= W) continue;
+        const int64_t ek = e0 + k;
+        if (ek < e_hi) {
+          const int at = k * WP + j;
+          const float Dk = p.D ? static_cast<const float*>(p.D)[ek] : 0.f;
+          if (ga.du.defined()) *fplane(ga.du, b, ek, 0, i, j) += fmaf(Dk, cur[3 * ROWS + at], s_dx[0 * ROWS + at]);
+          if (ga.ddT.defined()) *fplane(ga.ddT, b, ek, 0, i, j) += s_dx[1 * ROWS + at];
+          if (ga.ddL.defined()) *fplane(ga.ddL, b, ek, 0, i, j) += s_dx[2 * ROWS + at];
+        }
+        if (k < N) {
+          float sum[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+          for (int w = 0; w < NWARP; ++w)
+#pragma unroll
+            for (int q = 0; q < 3; ++q) sum[q] += s_dB[((w * 3 + q) * WMAX + j) * 16 + k];
+          const int64_t bc = kDet ? e0 - ga.e_begin : g;
+          const Grid* dst[3] = {&ga.dBT, &ga.dBL, &ga.dC};
+#pragma unroll
+          for (int q = 0; q < 3; ++q) {
+            if (!dst[q]->defined()) continue;
+            float* o = fplane(*dst[q], b, bc, k, i, j);
+            if (kDet) *o = sum[q]; else atomicAdd(o, sum[q]);
+          }
+        }
+      }
+      if (i > r0) store_row(smem + ((r1 - i) & 1) * BUF, true);
+      __syncthreads();
+    }
+  }
+  if (active) {
+    if (ga.dAT_part) static_cast<float*>(ga.dAT_part)[(b * E + e) * N + n] = dAT;
+    if (ga.dAL_part) static_cast<float*>(ga.dAL_part)[(b * E + e) * N + n] = dAL;
+  }
+  if (has_e && n == 0 && p.D && ga.dD_part) static_cast<float*>(ga.dD_part)[b * E + e] = dD;
+}
+
 // A block walks its 16 channels' grid serially, so the short-row kernel needs enough blocks to fill
 // the GPU: at batch 1 x 64 channels (4 blocks) the general kernel's 64 blocks are faster (measured
 // on the H100: 0.6 vs 0.9 ms at 64x64); from batch x channels/16 >= 16 blocks on it wins.
@@ -615,6 +877,40 @@ bool small_rows_fit(const Wave2dProblem& p) {
   const int64_t blocks = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
   return p.width <= 64 && p.dstate <= 16 && blocks >= kSmallMinBlocks &&
          (p.groups == 1 || (p.dim / p.groups) % kSmallChannels == 0);
+}
+
+// The backward's e ranges (deterministic calls run the channels in chunks) must start on a block.
+void check_small_range(const Wave2dBackwardArgs& a, int64_t E) {
+  if (a.e_begin % kSmallChannels || ((a.e_end - a.e_begin) % kSmallChannels && a.e_end != E))
+    throw ArgumentError("wavefront2d_backward: with rows of at most 64 cells, e_begin and e_end must be multiples of " +
+                        std::to_string(kSmallChannels) + " (or e_end = E), got " + std::to_string(a.e_begin) +
+                        ", " + std::to_string(a.e_end));
+}
+
+int64_t small_bwd_workspace_floats(const Wave2dProblem& p) {
+  const int64_t blocks = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
+  return blocks * small_bwd_rows(p.height) * ((p.width + 3) / 4) * 4 * kSmallThreads;
+}
+
+template <typename T, int WMAX, bool Det>
+void bwd_small_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t stream) {
+  const size_t smem = small_bwd_smem_floats<WMAX>() * sizeof(float);
+  auto kernel = wave_bwd_small_kernel<T, WMAX, Det>;
+  SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const unsigned ch_blocks = static_cast<unsigned>((a.e_end - a.e_begin + kSmallChannels - 1) / kSmallChannels);
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+    dim3 grid(ch_blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, a, b0);
+    SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_small_kernel");
+  }
+}
+
+template <typename T, bool Det>
+void bwd_small_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) {
+  check_small_range(a, p.dim);
+  if (p.width <= 16) bwd_small_launch<T, 16, Det>(p, a, s);
+  else if (p.width <= 32) bwd_small_launch<T, 32, Det>(p, a, s);
+  else bwd_small_launch<T, 64, Det>(p, a, s);
 }
 
 template <typename T, int WMAX>
@@ -719,6 +1015,7 @@ void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
 
 template <typename T, bool Det>
 void bwd_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) {
+  if (small_rows_fit(p)) return bwd_small_t<T, Det>(p, a, s);
   switch (segment_for(p.width)) {
     case 4: bwd_launch<T, 4, Det>(p, a, s); break;
     case 16: bwd_launch<T, 16, Det>(p, a, s); break;
@@ -738,17 +1035,27 @@ int wavefront2d_max_states(int64_t width) {
 }
 
 int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p) {
+  if (small_rows_fit(p)) return 0;
   return p.states_per_block > 0 ? (chunks_of(p) - 1) * cells_of(p) : 0;
 }
 
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p) {
+  if (small_rows_fit(p)) return small_bwd_workspace_floats(p);
   const int64_t parts = p.states_per_block > 0 ? 3 * (chunks_of(p) - 1) * cells_of(p) : 0;
   return parts + p.batch * p.dim * p.dstate * ((p.height + kCheckpoint - 1) / kCheckpoint + kCheckpoint) * p.width;
 }
 
+int64_t wavefront2d_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t groups, int64_t height,
+                                     int64_t width, int64_t states_per_block, bool backward) {
+  Wave2dProblem p;
+  p.batch = batch; p.dim = dim; p.dstate = dstate; p.groups = groups; p.height = height; p.width = width;
+  p.states_per_block = states_per_block;
+  return backward ? wavefront2d_backward_workspace_floats(p) : wavefront2d_forward_workspace_floats(p);
+}
+
 void wavefront2d_forward(const Wave2dProblem& p, const Grid& out) {
   check_problem(p, "wavefront2d_forward");
-  if (chunks_of(p) > 1 && !p.workspace)
+  if (chunks_of(p) > 1 && !small_rows_fit(p) && !p.workspace)
     throw ArgumentError("wavefront2d_forward: the float32 workspace is required when states run in chunks");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);

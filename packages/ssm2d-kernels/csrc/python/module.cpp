@@ -190,10 +190,9 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("wavefront2d_max_states", &ssm2d::cuda::wavefront2d_max_states, py::arg("width"),
         "States one CUDA wavefront2d call takes (one warp each) for rows of this width.");
-  m.def("wavefront2d_forward_workspace_floats",
-        [](const py::dict& d) { return ssm2d::cuda::wavefront2d_forward_workspace_floats(to_wave_problem(d)); });
-  m.def("wavefront2d_backward_workspace_floats",
-        [](const py::dict& d) { return ssm2d::cuda::wavefront2d_backward_workspace_floats(to_wave_problem(d)); });
+  m.def("wavefront2d_workspace_floats", &ssm2d::cuda::wavefront2d_workspace_floats, py::arg("batch"), py::arg("dim"),
+        py::arg("dstate"), py::arg("groups"), py::arg("height"), py::arg("width"), py::arg("states_per_block"),
+        py::arg("backward"), "float32 scratch of a CUDA wavefront2d call, for the grid as scanned.");
 
   m.def("wavefront2d_forward", [](const py::dict& d, py::handle out) {
     const auto p = to_wave_problem(d);

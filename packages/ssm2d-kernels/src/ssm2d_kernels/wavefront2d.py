@@ -61,18 +61,17 @@ def states_per_block(batch: int, dim: int, dstate: int, height: int, width: int,
 
 
 def wavefront2d_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int, device: int = 0,
-                                 backward: bool = True) -> int:
-    """float32 scratch of a CUDA call: (chunks - 1) per-cell partials per per-cell output (1 in the
-    forward, 3 in the backward), plus in the backward the row checkpoints (every CHECKPOINT rows) and
-    one segment of rows per (batch, channel, state), for the grid as scanned (after any transpose)."""
+                                 backward: bool = True, groups: int = 1) -> int:
+    """float32 scratch of a CUDA call, for the grid as scanned (after any transpose). Rows of at most
+    64 cells (N <= 16, enough blocks of 16 channels): none forward; backward, row checkpoints every
+    8 rows plus one 8-row segment per (batch, 16 channels, 16 states). Longer rows: (chunks - 1)
+    per-cell partials per per-cell output (1 forward, 3 backward), plus in the backward the row
+    checkpoints (every CHECKPOINT rows) and one segment of rows per (batch, channel, state)."""
     if device < 0:
         return 0
     rows, w = scanned_hw(height, width, device)
-    chunks = -(-dstate // states_per_block(batch, dim, dstate, height, width, device))
-    parts = (chunks - 1) * batch * dim * height * width
-    if not backward:
-        return parts
-    return 3 * parts + batch * dim * dstate * (-(-rows // CHECKPOINT) + CHECKPOINT) * w
+    spb = states_per_block(batch, dim, dstate, height, width, device)
+    return int(_C.wavefront2d_workspace_floats(batch, dim, dstate, groups, rows, w, spb, backward))
 
 
 class _Checked:
@@ -201,7 +200,7 @@ class _Checked:
 
     def workspace(self, workspace, backward: bool):
         """The CUDA scratch, checked against its required size (None on the CPU or when not needed)."""
-        need = wavefront2d_workspace_floats(self.b, self.e, self.n, self.h, self.w, self.device, backward)
+        need = wavefront2d_workspace_floats(self.b, self.e, self.n, self.h, self.w, self.device, backward, self.g)
         if need == 0:
             return None
         if workspace is None:

@@ -16,10 +16,15 @@ void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& g);
 namespace cuda {
 // Longest logical row the CUDA kernels hold in registers (32 lanes x 64 columns).
 constexpr int64_t kWave2dMaxWidth = 2048;
-// float32 scratch of a CUDA call: the forward's holds the per-cell partials of state chunks after
-// the first; the backward's three such partials plus row checkpoints and one 32-row segment per state.
+// float32 scratch of a CUDA call. Rows of at most 64 cells (16 channels per block): none forward;
+// backward, row checkpoints every 8 rows and one 8-row segment per (batch, 16 channels, 16 states).
+// Longer rows: the forward's holds the per-cell partials of state chunks after the first; the
+// backward's three such partials plus row checkpoints and one 32-row segment per state.
 int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p);
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p);
+// The same from the sizes of the grid as scanned (after any transpose).
+int64_t wavefront2d_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t groups, int64_t height,
+                                     int64_t width, int64_t states_per_block, bool backward);
 // States one CUDA call takes (one warp each): at most 16, fewer for long rows (shared memory).
 int wavefront2d_max_states(int64_t width);
 void wavefront2d_forward(const Wave2dProblem& p, const Grid& out);

@@ -71,8 +71,10 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
         (batch, H, W, E) in u's dtype, accumulated in float32 (float64 for float64 inputs).
 
     Memory (kernel backend): the output only; the backward recomputes the states. On CUDA its
-    scratch is batch*E*N*(ceil(H/32) + 32)*W float32 values (row checkpoints and one segment),
-    plus float32 dBT/dBL/dC accumulators. The (batch, H, W, E, N) state is never stored.
+    scratch is, for rows of at most 64 cells (N <= 16), batch*ceil(E/16)*256*(ceil(H/8) + 8)*W
+    float32 values (row checkpoints every 8 rows and one 8-row segment), else
+    batch*E*N*(ceil(H/32) + 32)*W; plus float32 dBT/dBL/dC accumulators. The (batch, H, W, E, N)
+    state is never stored.
     """
     _check(u, dT, dL, AT, AL, BT, BL, C, D, origin)
     unsupported = None
@@ -89,13 +91,14 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
                                           torch.are_deterministic_algorithms_enabled())
 
 
-def _workspace(u: Tensor, AT: Tensor, backward: bool) -> Optional[Tensor]:
+def _workspace(u: Tensor, AT: Tensor, BT: Tensor, backward: bool) -> Optional[Tensor]:
     if not u.is_cuda:
         return None
     from ssm2d_kernels.wavefront2d import wavefront2d_workspace_floats
 
     b, h, w, e = u.shape
-    n = wavefront2d_workspace_floats(b, e, AT.shape[1], h, w, u.device.index or 0, backward)
+    groups = 1 if BT.dim() == 4 else BT.shape[3]
+    n = wavefront2d_workspace_floats(b, e, AT.shape[1], h, w, u.device.index or 0, backward, groups)
     return torch.empty(n, dtype=torch.float32, device=u.device) if n else None
 
 
@@ -106,7 +109,7 @@ def wavefront2d_fwd(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, B
 
     acc = torch.zeros(u.shape, dtype=AT.dtype, device=u.device)  # the kernel adds into it
     wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D, out=acc, origin=origin,
-                        workspace=_workspace(u, AT, backward=False), stream=stream_of(u))
+                        workspace=_workspace(u, AT, BT, backward=False), stream=stream_of(u))
     return acc.to(u.dtype)
 
 
@@ -139,12 +142,13 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
     dD_part = torch.zeros(b, e, dtype=acc, device=u.device)
     common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_part, dAL_part=dAL_part,
                   dD_part=dD_part if D is not None else None, origin=origin,
-                  workspace=_workspace(u, AT, backward=True), stream=stream_of(u))
+                  workspace=_workspace(u, AT, BT, backward=True), stream=stream_of(u))
     if deterministic and u.is_cuda:
         # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
         per_group = e // g
         chunk = max(1, DETERMINISTIC_WORKSPACE_BYTES // (3 * b * h * w * n * 4))
-        chunk = (chunk // per_group) * per_group if chunk >= per_group else chunk
+        # Whole groups when they fit, else whole blocks of 16 channels (the short-row kernel's unit).
+        chunk = (chunk // per_group) * per_group if chunk >= per_group else max(16, chunk // 16 * 16)
         for e0 in range(0, e, chunk):
             e1 = min(e, e0 + chunk)
             parts = [torch.zeros(b, h, w, e1 - e0, n, dtype=acc, device=u.device) for _ in range(3)]
