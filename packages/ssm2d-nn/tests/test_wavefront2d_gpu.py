@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import random
 
 import pytest
@@ -187,8 +188,7 @@ def test_short_rows_read_strided_inputs():
 
 def test_short_rows_deterministic_in_channel_chunks(monkeypatch):
     # Deterministic short-row backward: per-block dB partials, channels run in chunks of 16 (forced small).
-    from ssm2d_nn.ops import wavefront2d as wave_module
-
+    wave_module = importlib.import_module("ssm2d_nn.ops.wavefront2d")  # the module, not the function
     rng = random.Random()
     b, h, w, e, n = 8, 10, 20, 48, 16
     inputs = _to(make_wave_inputs(rng, batch=b, height=h, width=w, dim=e, dstate=n, groups=1), "cuda", torch.float32)

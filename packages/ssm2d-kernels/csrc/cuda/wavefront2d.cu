@@ -482,6 +482,24 @@ __global__ void __launch_bounds__(kMaxWarps * 32, S <= 4 ? 2 : 1) wave_bwd_kerne
 
 constexpr int64_t kMaxGridY = 65535;
 
+// Sums over the 16 lanes of a half-warp for 4 columns at once: v[k] is this lane's value at column k;
+// returns the total of column n >> 2 (n = lane % 16; the 4 lanes n, n^1, n^2, n^3 get the same).
+// 5 shuffles for 4 columns instead of 16: the first two steps exchange halves of the columns.
+__device__ __forceinline__ float half_warp_sum4(const float (&v)[4], int n) {
+  const bool hi8 = n & 8, hi4 = n & 4;
+  float k0 = hi8 ? v[2] : v[0], k1 = hi8 ? v[3] : v[1];
+  k0 += __shfl_xor_sync(0xffffffffu, hi8 ? v[0] : v[2], 8);
+  k1 += __shfl_xor_sync(0xffffffffu, hi8 ? v[1] : v[3], 8);
+  float k = hi4 ? k1 : k0;
+  k += __shfl_xor_sync(0xffffffffu, hi4 ? k0 : k1, 4);
+  k += __shfl_xor_sync(0xffffffffu, k, 2);
+  k += __shfl_xor_sync(0xffffffffu, k, 1);
+  return k;
+}
+
+// Asks L1 for a line this thread will read-modify-write at the end of the row step.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
 // ---- Short rows (W <= 64, N <= 16): the model shapes (M2D stages 1-2 are 56x56 and 28x28). ----
 // The general kernel above spends its time on per-row block phases that a 56-wide row cannot fill.
 // Here a half-warp runs one (batch, channel) and a lane one state, walking the grid in raster order
@@ -528,13 +546,13 @@ __global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2d
       r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + j * p.C.sj) : 0.f;
     }
   };
+  // A thread stages the same channel (tid % 16) in every row: its D is read once.
+  const float Dk = (p.D && e0 + (tid & 15) < E) ? static_cast<const float*>(p.D)[e0 + (tid & 15)] : 0.f;
   auto store_row = [&](float* buf) {
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       if (j >= WMAX) continue;
-      const int64_t ek = e0 + k;
-      const float Dk = (p.D && ek < E) ? static_cast<const float*>(p.D)[ek] : 0.f;
       const int at = k * WP + j;
       buf[0 * ROWS + at] = r_t[r];
       buf[1 * ROWS + at] = r_l[r];
@@ -562,8 +580,13 @@ __global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2d
     const bool origin_top = i == 0 && p.origin_top;
     float hl = 0.f;
 #pragma unroll
+    for (int r = 0; r < PER; ++r) {  // out's row i is read back after the row: ask for it now
+      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+      if (j < W && e0 + k < E) prefetch_l1(fplane(out, b, e0 + k, 0, i, j));
+    }
+#pragma unroll
     for (int j0 = 0; j0 < WMAX; j0 += 4) {
-      float t[4], l[4], tu[4], lu[4], bt[4], bl[4], cc[4];
+      float t[4], l[4], tu[4], lu[4], bt[4], bl[4], cc[4], yv[4];
       *reinterpret_cast<float4*>(t) = *reinterpret_cast<const float4*>(buf + 0 * ROWS + c * WP + j0);
       *reinterpret_cast<float4*>(l) = *reinterpret_cast<const float4*>(buf + 1 * ROWS + c * WP + j0);
       *reinterpret_cast<float4*>(tu) = *reinterpret_cast<const float4*>(buf + 2 * ROWS + c * WP + j0);
@@ -583,12 +606,12 @@ __global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2d
         const float h = cL * fmaf(aL, hl, lu[k] * bl[k]) + cT * fmaf(aT, hrow[j], tu[k] * bt[k]);
         hrow[j] = h;
         hl = h;
-        float y = active ? cc[k] * h : 0.f;
-        y += __shfl_xor_sync(0xffffffffu, y, 8);
-        y += __shfl_xor_sync(0xffffffffu, y, 4);
-        y += __shfl_xor_sync(0xffffffffu, y, 2);
-        y += __shfl_xor_sync(0xffffffffu, y, 1);
-        if (n == (j & 15)) ybuf[c * WP + j] = y + buf[4 * ROWS + c * WP + j];
+        yv[k] = active ? cc[k] * h : 0.f;
+      }
+      const float y = half_warp_sum4(yv, n);
+      if ((n & 3) == 0) {
+        const int j = j0 + (n >> 2);
+        ybuf[c * WP + j] = y + buf[4 * ROWS + c * WP + j];
       }
     }
     if (i + 1 < H) store_row(smem + ((i + 1) & 1) * BUF);
@@ -654,6 +677,8 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
   float4* ck = reinterpret_cast<float4*>(ga.workspace) + blk * small_bwd_rows(H) * W4 * kSmallThreads;
   float4* seg = ck + nck * W4 * kSmallThreads;
   auto row_of = [&](float4* base, int64_t r) { return base + r * W4 * kSmallThreads + tid; };
+  // The write-out of a row gives a thread the same channel (tid % 16) in every row: D read once.
+  const float Dk = (p.D && e0 + (tid & 15) < e_hi) ? static_cast<const float*>(p.D)[e0 + (tid & 15)] : 0.f;
 
   // Staging, as in the forward: thread t takes (column j, index k) pairs with k = x % 16 (a channel
   // or a state), so 16 adjacent channels / states are read together.
@@ -767,6 +792,17 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
       if (i > r0) load_row(i - 1, true);
       const float4* hc_row = row_of(seg, i - r0);
       const float4* hu_row = i > r0 ? row_of(seg, i - 1 - r0) : (s > 0 ? row_of(ck, s) : nullptr);
+#pragma unroll
+      for (int r = 0; r < PER; ++r) {  // the accumulators' row i is read back after the row
+        const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+        if (j < W && e0 + k < e_hi) {
+          if (ga.du.defined()) prefetch_l1(fplane(ga.du, b, e0 + k, 0, i, j));
+          if (ga.ddT.defined()) prefetch_l1(fplane(ga.ddT, b, e0 + k, 0, i, j));
+          if (ga.ddL.defined()) prefetch_l1(fplane(ga.ddL, b, e0 + k, 0, i, j));
+        }
+      }
+      if (i - 2 >= r0)  // h of row i - 2, the next row's upper neighbour
+        for (int64_t g4 = 0; g4 < W4; ++g4) prefetch_l1(row_of(seg, i - 2 - r0) + g4 * kSmallThreads);
       float lam = 0.f, coefR = 0.f;  // lam at the column to the right, and its (cL aL)
       float4 hnext = zero4;          // h of the group to the left
 #pragma unroll
@@ -785,6 +821,7 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
         *reinterpret_cast<float4*>(bt) = *reinterpret_cast<const float4*>(cur + 4 * ROWS + n * WP + j0);
         *reinterpret_cast<float4*>(bl) = *reinterpret_cast<const float4*>(cur + 5 * ROWS + n * WP + j0);
         *reinterpret_cast<float4*>(cc) = *reinterpret_cast<const float4*>(cur + 6 * ROWS + n * WP + j0);
+        float du4[4], dt4[4], dl4[4];
 #pragma unroll
         for (int k = 3; k >= 0; --k) {
           const int j = j0 + k;
@@ -800,20 +837,9 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
           dAL = fmaf(qL, l[k], dAL);
           dAT = fmaf(qT, t[k], dAT);
           down[j] = aT * wT;
-          float du = fmaf(wL * bl[k], l[k], wT * bt[k] * t[k]);
-          float ddt = fmaf(qT, AT, wT * bt[k] * uu[k]);
-          float ddl = fmaf(qL, AL, wL * bl[k] * uu[k]);
-#pragma unroll
-          for (int off = 8; off > 0; off >>= 1) {
-            du += __shfl_xor_sync(0xffffffffu, du, off);
-            ddt += __shfl_xor_sync(0xffffffffu, ddt, off);
-            ddl += __shfl_xor_sync(0xffffffffu, ddl, off);
-          }
-          if (n == (j & 15)) {
-            s_dx[0 * ROWS + c * WP + j] = du;
-            s_dx[1 * ROWS + c * WP + j] = ddt;
-            s_dx[2 * ROWS + c * WP + j] = ddl;
-          }
+          du4[k] = fmaf(wL * bl[k], l[k], wT * bt[k] * t[k]);
+          dt4[k] = fmaf(qT, AT, wT * bt[k] * uu[k]);
+          dl4[k] = fmaf(qL, AL, wL * bl[k] * uu[k]);
           float dbt = wT * t[k] * uu[k], dbl = wL * l[k] * uu[k], dc = dy[k] * hc[k];
           dbt += __shfl_xor_sync(0xffffffffu, dbt, 16);
           dbl += __shfl_xor_sync(0xffffffffu, dbl, 16);
@@ -826,6 +852,13 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
           }
           if (n == 0) dD = fmaf(dy[k], uu[k], dD);
         }
+        const float du = half_warp_sum4(du4, n), ddt = half_warp_sum4(dt4, n), ddl = half_warp_sum4(dl4, n);
+        if ((n & 3) == 0) {
+          const int j = j0 + (n >> 2);
+          s_dx[0 * ROWS + c * WP + j] = du;
+          s_dx[1 * ROWS + c * WP + j] = ddt;
+          s_dx[2 * ROWS + c * WP + j] = ddl;
+        }
       }
       __syncthreads();
       // Row i's sums: per cell and channel (du += D dy too), per cell and state over the 16 channels.
@@ -836,7 +869,6 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
         const int64_t ek = e0 + k;
         if (ek < e_hi) {
           const int at = k * WP + j;
-          const float Dk = p.D ? static_cast<const float*>(p.D)[ek] : 0.f;
           if (ga.du.defined()) *fplane(ga.du, b, ek, 0, i, j) += fmaf(Dk, cur[3 * ROWS + at], s_dx[0 * ROWS + at]);
           if (ga.ddT.defined()) *fplane(ga.ddT, b, ek, 0, i, j) += s_dx[1 * ROWS + at];
           if (ga.ddL.defined()) *fplane(ga.ddL, b, ek, 0, i, j) += s_dx[2 * ROWS + at];
