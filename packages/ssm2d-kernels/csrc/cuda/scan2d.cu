@@ -552,9 +552,11 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
   };
   load_band(0);
   float carry = 0.f;
+  float* saved = o.carries ? o.carries + (b * p.dim + d) * L.nb : nullptr;  // G entering each band
   for (int64_t m = 0; m < L.nb; ++m) {
     cur = nxt;
     if (m + 1 < L.nb) load_band(m + 1);
+    if (saved && lane == 0) saved[m] = carry;
     const int64_t j0 = m * BW + lane * CPL;
     float a[CPL], x[CPL], e[CPL];
 #pragma unroll
@@ -931,6 +933,143 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   }
 }
 
+// N == 1 and H == 1 (VMamba's 1D routes), backward: one warp per (batch, channel) walks its row
+// right to left, band by band: it rebuilds G from the carry the forward saved at the band's left
+// edge (one band scan), runs the reverse scan of lam with the carry from the band on its right (a
+// second), and finishes every cell. No summaries, no per-band partials: dA, dD, ddelta_bias leave as
+// per-(batch, channel) sums. The 8 warps of a block are 8 channels; when they share a group (channels
+// per group a multiple of 8) their dB, dC meet in shared memory first: one atomic per 8 channels.
+constexpr int kRowBwdWarps = 8;
+
+template <typename T, int CPL, bool kDet>
+__global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+                                                                             Plan L, bool group_sum, int64_t b0) {
+  constexpr int BW = 32 * CPL;
+  __shared__ float sred[2][kRowBwdWarps][2][BW];  // [band parity][warp][dB, dC][column]
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t dl = static_cast<int64_t>(blockIdx.x) * kRowBwdWarps + warp, d = L.d_begin + dl, b = blockIdx.y + b0;
+  if (!group_sum && d >= L.d_end) return;  // (with group_sum every warp of the block has a channel)
+  const int64_t W = p.width, g = d / (p.dim / p.groups), nb = L.nb;
+  const int64_t bc_c = kDet ? dl : g;
+  const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
+  const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
+  const float An = static_cast<const float*>(p.A)[d * p.A_sd], A2 = An * kLog2e;
+  const bool gated = p.z.defined();
+  const Plane<const T> pd = plane<const T>(p.delta, b, d, 0), pu = plane<const T>(p.u, b, d, 0);
+  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
+  const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
+  const Plane<const T> pg = plane<const T>(ga.dout, b, d, 0);
+  const float* car = ga.carries + (b * p.dim + d) * nb;  // G entering band m, saved by the forward
+  auto dt_of = [&](T raw, int64_t j) {
+    const float v = to_f(raw) + bias;
+    return j < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
+  };
+
+  // 2. Right to left, band by band.
+  SoloRow<T, CPL> cur, nxt;
+  T gcur[CPL], gnxt[CPL];
+  auto load_band = [&](int64_t m) {
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t j = min(m * BW + lane * CPL + k, W - 1);
+      nxt.d[k] = pd.at(0, j);
+      nxt.u[k] = pu.at(0, j);
+      nxt.z[k] = pz.at(0, j);
+      nxt.B[k] = pB.at(0, j);
+      nxt.C[k] = pC.at(0, j);
+      gnxt[k] = pg.at(0, j);
+    }
+  };
+  load_band(nb - 1);
+  float cR = 0.f, dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
+  for (int64_t m = nb - 1; m >= 0; --m) {
+    cur = nxt;
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) gcur[k] = gnxt[k];
+    if (m > 0) load_band(m - 1);
+    const int64_t j0 = m * BW + lane * CPL;
+    const float cin = car[m];
+    float dt[CPL], a[CPL], x[CPL], ef[CPL], xr[CPL], er[CPL], lamV[CPL], dy[CPL], gz[CPL];
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      dt[k] = dt_of(cur.d[k], j0 + k);
+      a[k] = exp2f(dt[k] * A2);
+      x[k] = dt[k] * to_f(cur.u[k]) * to_f(cur.B[k]);
+      const float go = j0 + k < W ? to_f(gcur[k]) : 0.f;
+      dy[k] = go;
+      gz[k] = 0.f;
+      if (gated) {
+        const float zv = to_f(cur.z[k]), sz = 1.f / (1.f + __expf(-zv));
+        dy[k] = go * zv * sz;
+        gz[k] = go * sz * (1.f + zv * (1.f - sz));
+      }
+      lamV[k] = dy[k] * to_f(cur.C[k]);
+      xr[k] = a[k] * lamV[k];
+    }
+    band_scan<CPL, false>(a, x, cin, ef, lane);
+    cR = band_scan<CPL, true>(a, xr, cR, er, lane);
+    float* sb = group_sum ? &sred[m & 1][warp][0][0] : nullptr;
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int64_t j = j0 + k;
+      const bool in = j < W;
+      const float uv = to_f(cur.u[k]), bv = to_f(cur.B[k]), cv = to_f(cur.C[k]);
+      const float ah = a[k] * ef[k];  // G - x, exactly the decayed carry
+      const float h = ah + x[k];
+      const float lamH = lamV[k] + er[k];
+      const float q = lamH * ah;
+      const float ddt = fmaf(q, An, lamH * bv * uv);
+      const float dBv = in ? lamH * dt[k] * uv : 0.f, dCv = in ? dy[k] * h : 0.f;
+      if (sb) {
+        sb[lane * CPL + k] = dBv;
+        sb[BW + lane * CPL + k] = dCv;
+      } else if (in) {
+        if (ga.dB.defined()) {
+          float* dst = &plane<float>(ga.dB, b, bc_c, 0).at(0, j);
+          if (kDet) *dst = dBv; else atomicAdd(dst, dBv);
+        }
+        if (ga.dC.defined()) {
+          float* dst = &plane<float>(ga.dC, b, bc_c, 0).at(0, j);
+          if (kDet) *dst = dCv; else atomicAdd(dst, dCv);
+        }
+      }
+      if (!in) continue;
+      dA_acc = fmaf(q, dt[k], dA_acc);
+      // d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)); ~1 in the identity branch (v > 20).
+      const float ddelta = p.softplus ? ddt * -expm1f(-dt[k]) : ddt;
+      dbias_acc += ddelta;
+      dD_acc = fmaf(dy[k], uv, dD_acc);
+      if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, dy[k], lamH * bv * dt[k]));
+      if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(0, j) = from_f<T>(ddelta);
+      if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, uv, cv * h) * gz[k]);
+    }
+    if (group_sum) {
+      // One barrier per band: the parity buffers keep the next band's writes off this one's readers.
+      __syncthreads();
+      const int64_t jb = m * BW;
+      float* dBg = ga.dB.defined() ? &plane<float>(ga.dB, b, g, 0).at(0, 0) : nullptr;
+      float* dCg = ga.dC.defined() ? &plane<float>(ga.dC, b, g, 0).at(0, 0) : nullptr;
+      for (int c = threadIdx.x; c < 2 * BW; c += kRowBwdWarps * 32) {
+        const int q = c / BW, col = c % BW;
+        if (jb + col >= W) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kRowBwdWarps; ++w) v += sred[m & 1][w][q][col];
+        float* dst = q == 0 ? dBg : dCg;
+        if (dst) atomicAdd(dst + (jb + col) * (q == 0 ? ga.dB.sj : ga.dC.sj), v);
+      }
+    }
+  }
+  dA_acc = warp_sum(dA_acc);
+  dD_acc = warp_sum(dD_acc);
+  dbias_acc = warp_sum(dbias_acc);
+  if (lane == 0) {
+    if (ga.dA_part) static_cast<float*>(ga.dA_part)[b * p.dim + d] = dA_acc;
+    if (ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + d] = dD_acc;
+    if (ga.ddelta_bias_part) static_cast<float*>(ga.ddelta_bias_part)[b * p.dim + d] = dbias_acc;
+  }
+}
+
 // Sums the per-band partials over the bands, in order, into the per-batch outputs.
 __global__ void scan2d_bwd_reduce_kernel(Scan2dProblem p, Scan2dBackwardArgs ga, Plan L) {
   const int64_t N = p.dstate, channels = L.d_end - L.d_begin;
@@ -1093,10 +1232,25 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
 }
 
 template <typename T, int CPL, bool Det>
+void backward_row(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan& L, cudaStream_t stream) {
+  const int64_t channels = L.d_end - L.d_begin;
+  // Channel sums of dB, dC in the block need its 8 channels in one group (and no per-channel partials).
+  const bool group_sum = !Det && (p.dim / p.groups) % kRowBwdWarps == 0 && L.d_begin % kRowBwdWarps == 0 &&
+                         channels % kRowBwdWarps == 0;
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+    dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps)),
+              static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    scan2d_bwd_row_kernel<T, CPL, Det><<<grid, kRowBwdWarps * 32, 0, stream>>>(p, a, L, group_sum, b0);
+    SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_row_kernel");
+  }
+}
+
+template <typename T, int CPL, bool Det>
 void backward_cpl(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStream_t stream) {
   Plan L = band_plan(p, CPL, a.workspace, true);
   L.d_begin = a.d_begin;
   L.d_end = a.d_end;
+  if (p.dstate == 1 && p.height == 1) return backward_row<T, CPL, Det>(p, a, L, stream);
   if (L.nb > 1) launch_summaries<T, CPL>(p, L, stream);
   const int64_t items = p.batch * (a.d_end - a.d_begin) * L.nb;
   switch (states_per_warp(items, p.dstate)) {

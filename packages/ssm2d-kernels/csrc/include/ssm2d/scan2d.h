@@ -48,13 +48,15 @@ inline bool scan2d_tiled(int64_t dstate) { return dstate >= kScan2dTiledStates; 
 inline bool scan2d_backward_needs_y(int64_t dstate) { return scan2d_tiled(dstate); }
 
 // Floats the CUDA forward saves for the backward. Band kernels: h every kScan2dSegment rows,
-// batch*dim*N*(ceil(H/kScan2dSegment) - 1)*W (N/16 of u's element count; none when H <= 16).
+// batch*dim*N*(ceil(H/kScan2dSegment) - 1)*W (N/16 of u's element count; none when H <= 16); a
+// 1-row grid with N == 1 instead keeps the G entering each band, batch*dim*bands.
 // Tiled kernels: the G and h carries of every 32x32 tile, batch*dim*N*tiles*64.
 inline int64_t scan2d_carry_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height, int64_t width) {
   if (scan2d_tiled(dstate)) {
     const int64_t tiles = ((height + kScan2dTile - 1) / kScan2dTile) * ((width + kScan2dTile - 1) / kScan2dTile);
     return batch * dim * dstate * tiles * 2 * kScan2dTile;
   }
+  if (height == 1 && dstate == 1) return batch * dim * scan2d_bands(width, scan2d_cols_per_lane(width));
   return batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
 }
 // Floats of scratch the CUDA forward needs. Band kernels: for grids wider than one band (but 1-row
@@ -78,7 +80,9 @@ inline int64_t scan2d_backward_workspace_floats(int64_t batch, int64_t dim, int6
                                                 int64_t width) {
   if (scan2d_tiled(dstate)) return batch * dim * dstate * (height + width);
   const int64_t nb = scan2d_bands(width, scan2d_bwd_cols_per_lane(width, dstate));
-  const int64_t summaries = nb > 1 ? batch * dim * height * (nb + 2 * dstate * (nb - 1)) : 0;
+  // A 1-row grid with N == 1 is walked band after band by one warp: no summaries.
+  const bool summarised = nb > 1 && !(dstate == 1 && height == 1);
+  const int64_t summaries = summarised ? batch * dim * height * (nb + 2 * dstate * (nb - 1)) : 0;
   const int64_t partial = dstate > kScan2dStatesPerPass ? 3 * batch * dim * height * width : 0;
   return summaries + batch * dim * nb * (dstate + 2) + partial;
 }
