@@ -11,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from scan2d_cases import make_inputs, rel_err
-from ssm2d_nn.ops import _scan2d_args, scan2d, scan2d_reference
+from ssm2d_nn.ops import _scan2d_args, scan2d, scan2d_reference, wavefront2d, wavefront2d_reference
+from wavefront2d_cases import make_wave_inputs
 
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -131,3 +132,50 @@ def test_eager_no_grad_call_builds_no_graph():
     with torch.no_grad():
         out = scan2d(**inputs, delta_softplus=True)
     assert out.grad_fn is None and not out.requires_grad
+
+
+def _wave_inputs(dtype=torch.float64, requires_grad=False):
+    inputs = make_wave_inputs(random.Random(), batch=2, height=5, width=6, dim=4, dstate=2, groups=2, dtype=dtype)
+    for v in inputs.values():
+        if v is not None:
+            v.requires_grad_(requires_grad)
+    return inputs
+
+
+@pytest.mark.parametrize("override,exc,msg", [
+    (dict(dL=lambda t: t.float()), TypeError, r"wavefront2d: dL must have the dtype of u"),
+    (dict(D=lambda t: t.to("meta")), ValueError, r"wavefront2d: D is on meta but u is on cpu"),
+    (dict(BT=lambda t: t.tolist()), TypeError, r"wavefront2d: BT must be a torch.Tensor, got list"),
+    (dict(origin=lambda o: "middle"), ValueError, r"wavefront2d: origin must be one of"),
+])
+def test_wavefront2d_refuses_a_bad_call_after_a_good_one_with_the_same_shapes(override, exc, msg):
+    inputs = dict(_wave_inputs(), origin="br")
+    wavefront2d(**inputs)
+    (name, change), = override.items()
+    for _ in range(2):
+        with pytest.raises(exc, match=msg):
+            wavefront2d(**dict(inputs, **{name: change(inputs[name])}))
+
+
+def test_wavefront2d_other_strides_and_the_eager_path_against_the_custom_ops():
+    inputs = _wave_inputs(torch.float32, requires_grad=True)
+    names = [k for k, v in inputs.items() if v is not None]
+    gout = torch.randn(2, 5, 6, 4)
+
+    def run(args):
+        out = wavefront2d(**args, origin="tr", backend="kernel")
+        return out, torch.autograd.grad(out, [args[k] for k in names], gout)
+
+    out, grads = run(inputs)
+    assert type(out.grad_fn).__name__ == "_Wavefront2dFunctionBackward"
+    with _Passthrough():
+        out_op, grads_op = run(inputs)
+    assert torch.equal(out, out_op) and all(torch.equal(a, b) for a, b in zip(grads, grads_op))
+    # The same shapes in other layouts (channels-first u, a strided slice of BT): their own frame.
+    strided = dict(inputs)
+    strided["u"] = inputs["u"].detach().permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1).requires_grad_()
+    strided["BT"] = torch.cat([inputs["BT"], inputs["BT"]], dim=-1)[..., :2].detach().requires_grad_()
+    out_s, _ = run(strided)
+    ref = wavefront2d_reference(**{k: None if v is None else v.detach().double() for k, v in inputs.items()},
+                                origin="tr")
+    assert rel_err(out_s, ref) < 1e-5 and rel_err(out, ref) < 1e-5
