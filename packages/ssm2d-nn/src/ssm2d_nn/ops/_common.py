@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -28,14 +28,10 @@ def check_devices(op: str, named: tuple, u: Tensor) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but u is on {u.device}")
 
 
-def stream_of(t: Tensor) -> int:
-    """The current CUDA stream handle of t's device (0 for CPU tensors): kernels launch there."""
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
-
-
 def raw_stream(device_index: int) -> int:
-    """``stream_of`` for a known device index (-1: the CPU), without building a Stream object: the
-    per-call path of the direct kernel calls."""
+    """The current CUDA stream handle of a device (0 for the CPU, index -1): kernels launch there.
+    Read without building a torch.cuda.Stream object, which costs more than the rest of a call's
+    descriptors."""
     return torch._C._cuda_getCurrentRawStream(device_index) if device_index >= 0 else 0
 
 
@@ -61,35 +57,45 @@ def nothing_intercepts() -> bool:
     return torch._C._len_torch_dispatch_stack() == 0 and torch._C._functorch.peek_interpreter_stack() is None
 
 
-class PlanCache:
-    """A bounded map from an op call's argument metadata (``tensor_meta`` of each tensor plus the
-    string options) to what was derived from it once: validation done, backend chosen, kernel
-    frames computed. A call whose metadata was seen before costs one dict lookup; any difference in
-    shape, strides, dtype, device or type is another key, so it is checked again from scratch.
-    Only successful calls are stored: a refused call raises on every attempt."""
+class OpPlan(NamedTuple):
+    """What one argument layout of an op needs, derived once: arguments checked, backend chosen."""
 
-    def __init__(self, build: Callable, maxsize: int = 1024):
+    backend: str  # "kernel" or "reference"
+    param_dtype: torch.dtype  # the parameters (A, D, ...) as the kernels read them
+    cast_params: bool  # a parameter must first be converted to param_dtype (or made contiguous)
+    frame: object = None  # kernel backend, plain tensors on the CPU or CUDA: the kernel calls' frame
+
+
+class PlanCache:
+    """A bounded map from an op call's argument layout (``tensor_meta`` of each tensor plus the
+    options) to its OpPlan, built once by ``build(*tensors, *options)``. A call whose layout was
+    seen before costs the key and one dict lookup; any difference in shape, strides, dtype, device
+    or type is another key, so it is checked again from scratch. Only successful calls are stored:
+    ``build`` raises for a refused call, on every attempt."""
+
+    def __init__(self, build: Callable[..., OpPlan], maxsize: int = 1024):
         self._build, self._maxsize = build, maxsize
         self._plans: dict = {}
 
-    def get(self, key, *args):
-        """The plan of ``key``, built by ``build(*args)`` (which raises for a refused call) when new."""
+    def plan(self, tensors: tuple, options: tuple) -> OpPlan:
         try:
+            key = options + tuple(map(tensor_meta, tensors))
             plan = self._plans.get(key)
-        except TypeError:  # an unhashable option (say a list for a string): the checks refuse it
-            return self._build(*args)
+        except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks refuse it
+            return self._build(*tensors, *options)
         if plan is None:
-            plan = self._build(*args)
+            plan = self._build(*tensors, *options)
             if len(self._plans) >= self._maxsize:  # drop the oldest: insertion order
                 del self._plans[next(iter(self._plans))]
             self._plans[key] = plan
         return plan
 
-    def clear(self) -> None:
-        self._plans.clear()
 
-    def __len__(self) -> int:
-        return len(self._plans)
+def refuse_double_backward(op: str, *tensors: Optional[Tensor]) -> None:
+    """The kernels' backward is not differentiable: say so when a graph of it is asked for."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op}: double backward (a gradient taken with create_graph=True) is not supported by "
+                           "the kernel backend; use backend='reference' for higher-order gradients")
 
 
 def add_group_partials(total: Tensor, part: Tensor, c0: int, per_group: int, dim: int) -> None:

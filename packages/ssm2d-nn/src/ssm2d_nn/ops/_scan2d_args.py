@@ -3,13 +3,13 @@ scan2d backends."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from .. import backends
 from . import _scan2d_kernel as K
-from ._common import PlanCache, check_devices, check_tensors, plain_tensors, tensor_meta
+from ._common import OpPlan, PlanCache, check_devices, check_tensors, plain_tensors
 
 ORIGINS = ("tl", "tr", "bl", "br")
 ORDERS = ("hv", "vh")
@@ -74,20 +74,11 @@ def check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order) -> Non
     check_devices("scan2d", named[1:], u)
 
 
-class Scan2dPlan(NamedTuple):
-    """What one argument layout of scan2d needs, derived once: arguments checked, backend chosen."""
-
-    backend: str  # "kernel" or "reference"
-    param_dtype: torch.dtype  # A, D and delta_bias as the kernels read them
-    cast_params: bool  # A, D or delta_bias must first be converted to param_dtype (or made contiguous)
-    frame: Optional[K.Frame]  # kernel backend, plain tensors on the CPU or CUDA: the kernel calls' frame
-
-
 def _needs_cast(t: Optional[torch.Tensor], dtype: torch.dtype, contiguous: bool) -> bool:
     return t is not None and (t.dtype != dtype or (contiguous and not t.is_contiguous()))
 
 
-def checked_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend) -> Scan2dPlan:
+def checked_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend) -> OpPlan:
     """The plan without a kernel frame: the arguments checked and the backend chosen. This is all
     that runs while torch.compile traces (the custom ops then run the kernels inside the graph)."""
     check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order)
@@ -96,10 +87,10 @@ def checked_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend) ->
     which = backends.resolve_backend("scan2d", backend, u.device, unsupported=unsupported)
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     cast = _needs_cast(A, pdt, False) or _needs_cast(D, pdt, True) or _needs_cast(delta_bias, pdt, True)
-    return Scan2dPlan(which, pdt, cast, None)
+    return OpPlan(which, pdt, cast)
 
 
-def _build_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend) -> Scan2dPlan:
+def _build_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend) -> OpPlan:
     plan = checked_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend)
     if plan.backend == "kernel" and plain_tensors(u, delta, A, B, C, D, z, delta_bias):
         plan = plan._replace(frame=K.frame(u, delta, A, B, C, z, origin, order, plan.param_dtype))
@@ -109,14 +100,8 @@ def _build_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend) -> 
 _PLANS = PlanCache(_build_plan)
 
 
-def scan2d_plan(u, delta, A, B, C, D, z, delta_bias, origin: str, order: str, backend: str) -> Scan2dPlan:
+def scan2d_plan(u, delta, A, B, C, D, z, delta_bias, origin: str, order: str, backend: str) -> OpPlan:
     """The checked plan of a scan2d call; raises TypeError/ValueError (and BackendUnavailableError)
     exactly as ``check_scan2d_args`` and ``backends.resolve_backend`` do. The checks run once per
     argument layout (type, shape, strides, dtype and device of every tensor, and the options)."""
-    args = (u, delta, A, B, C, D, z, delta_bias, origin, order, backend)
-    try:
-        key = (origin, order, backend, tensor_meta(u), tensor_meta(delta), tensor_meta(A), tensor_meta(B),
-               tensor_meta(C), tensor_meta(D), tensor_meta(z), tensor_meta(delta_bias))
-    except AttributeError:  # not a tensor: the checks name the argument
-        return _build_plan(*args)
-    return _PLANS.get(key, *args)
+    return _PLANS.plan((u, delta, A, B, C, D, z, delta_bias), (origin, order, backend))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _scan2d_kernel as K
-from ._common import add_group_partials, nothing_intercepts
+from ._common import add_group_partials, nothing_intercepts, refuse_double_backward
 from ._scan2d_args import checked_plan, scan2d_plan
 from .scan2d_reference import scan2d_reference
 
@@ -195,12 +195,6 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, y, carries, delta_softplus, ori
             torch.empty(u.shape[1], dtype=acc, device=u.device) if delta_bias is not None else _empty(u, acc))
 
 
-def _refuse_double_backward(*tensors: Optional[Tensor]) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError("scan2d: double backward (a gradient taken with create_graph=True) is not supported "
-                           "by the kernel backend; use backend='reference' for higher-order gradients")
-
-
 class _Scan2dFunction(torch.autograd.Function):
     """The eager kernel path's autograd: the custom ops' forward and backward without the dispatcher."""
 
@@ -215,7 +209,7 @@ class _Scan2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         u, delta, A, B, C, D, z, delta_bias, y, carries = ctx.saved_tensors
-        _refuse_double_backward(dout, u, delta, A, B, C, D, z, delta_bias)
+        refuse_double_backward("scan2d", dout, u, delta, A, B, C, D, z, delta_bias)
         softplus, deterministic = ctx.flags
         du, ddelta, dA, dB, dC, dD, dz, dbias = _run_backward(ctx.frame, dout, u, delta, A, B, C, D, z, delta_bias,
                                                               y, carries, softplus, deterministic)
@@ -232,7 +226,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dy, _dcarries):
     u, delta, A, B, C, D, z, delta_bias, y, carries = ctx.saved_tensors
-    _refuse_double_backward(dout, u, delta, A, B, C, D, z, delta_bias)
+    refuse_double_backward("scan2d", dout, u, delta, A, B, C, D, z, delta_bias)
     softplus, origin, order, deterministic = ctx.flags
     du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.ssm2d.scan2d_bwd(
         dout, u, delta, A, B, C, D, z, delta_bias, y, carries, softplus, origin, order, deterministic)

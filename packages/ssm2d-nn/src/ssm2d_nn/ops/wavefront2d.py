@@ -10,15 +10,15 @@ intercept the call.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
 from . import _wavefront2d_kernel as K
-from ._common import (PlanCache, add_group_partials, check_devices, check_tensors, nothing_intercepts,
-                      plain_tensors, tensor_meta)
+from ._common import (OpPlan, PlanCache, add_group_partials, check_devices, check_tensors, nothing_intercepts,
+                      plain_tensors, refuse_double_backward)
 from .wavefront2d_reference import ORIGINS, wavefront2d_reference
 
 __all__ = ["wavefront2d", "wavefront2d_reference"]
@@ -96,16 +96,7 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
     return torch.ops.ssm2d.wavefront2d_fwd(*args, origin, deterministic)
 
 
-class WavefrontPlan(NamedTuple):
-    """What one argument layout of wavefront2d needs, derived once: arguments checked, backend chosen."""
-
-    backend: str  # "kernel" or "reference"
-    param_dtype: torch.dtype  # AT, AL and D as the kernels read them
-    cast_params: bool  # AT, AL or D must first be converted (or D made contiguous)
-    frame: Optional[K.Frame]  # kernel backend, plain tensors on the CPU or CUDA: the kernel calls' frame
-
-
-def _checked_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> WavefrontPlan:
+def _checked_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> OpPlan:
     """The plan without a kernel frame (all that runs while torch.compile traces)."""
     _check(u, dT, dL, AT, AL, BT, BL, C, D, origin)
     unsupported = None
@@ -116,31 +107,25 @@ def _checked_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> Wavefront
     which = backends.resolve_backend("wavefront2d", backend, u.device, unsupported=unsupported)
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     cast = AT.dtype != pdt or AL.dtype != pdt or (D is not None and (D.dtype != pdt or not D.is_contiguous()))
-    return WavefrontPlan(which, pdt, cast, None)
+    return OpPlan(which, pdt, cast)
 
 
-def _build_plan(*args_and_options) -> WavefrontPlan:
-    plan = _checked_plan(*args_and_options)
-    args, origin = args_and_options[:9], args_and_options[9]
-    if plan.backend == "kernel" and plain_tensors(*args):
+def _build_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> OpPlan:
+    plan = _checked_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend)
+    if plan.backend == "kernel" and plain_tensors(u, dT, dL, AT, AL, BT, BL, C, D):
+        # The kernels' mapping checks the parameters as the calls will pass them: cast.
         pdt = plan.param_dtype
-        AT, AL, D = args[3].to(pdt), args[4].to(pdt), None if args[8] is None else args[8].to(pdt).contiguous()
-        plan = plan._replace(frame=K.frame(args[:3] + (AT, AL) + args[5:8] + (D,), origin, pdt))
+        AT, AL, D = AT.to(pdt), AL.to(pdt), None if D is None else D.to(pdt).contiguous()
+        plan = plan._replace(frame=K.frame((u, dT, dL, AT, AL, BT, BL, C, D), origin, pdt))
     return plan
 
 
 _PLANS = PlanCache(_build_plan)
 
 
-def _plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> WavefrontPlan:
+def _plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> OpPlan:
     """The checked plan of a call, cached per argument layout (see scan2d_plan)."""
-    args = (u, dT, dL, AT, AL, BT, BL, C, D, origin, backend)
-    try:
-        key = (origin, backend, tensor_meta(u), tensor_meta(dT), tensor_meta(dL), tensor_meta(AT), tensor_meta(AL),
-               tensor_meta(BT), tensor_meta(BL), tensor_meta(C), tensor_meta(D))
-    except AttributeError:  # not a tensor: the checks name the argument
-        return _build_plan(*args)
-    return _PLANS.get(key, *args)
+    return _PLANS.plan((u, dT, dL, AT, AL, BT, BL, C, D), (origin, backend))
 
 
 def _frame(args: tuple, origin: str) -> K.Frame:
@@ -218,12 +203,6 @@ def _(dout, u, dT, dL, AT, AL, BT, BL, C, D, origin, deterministic):
             else u.new_empty(0, dtype=AT.dtype))
 
 
-def _refuse_double_backward(*tensors: Optional[Tensor]) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError("wavefront2d: double backward (a gradient taken with create_graph=True) is not "
-                           "supported by the kernel backend; use backend='reference' for higher-order gradients")
-
-
 class _Wavefront2dFunction(torch.autograd.Function):
     """The eager kernel path's autograd: the custom ops' forward and backward without the dispatcher."""
 
@@ -236,7 +215,7 @@ class _Wavefront2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         args = ctx.saved_tensors
-        _refuse_double_backward(dout, *args)
+        refuse_double_backward("wavefront2d", dout, *args)
         grads = _run_backward(ctx.frame, dout, args, ctx.deterministic)
         return (None, None) + grads[:8] + (grads[8] if args[8] is not None else None,)
 
@@ -249,7 +228,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout):
     u, dT, dL, AT, AL, BT, BL, C, D = ctx.saved_tensors
-    _refuse_double_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D)
+    refuse_double_backward("wavefront2d", dout, u, dT, dL, AT, AL, BT, BL, C, D)
     origin, deterministic = ctx.flags
     du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD = torch.ops.ssm2d.wavefront2d_bwd(
         dout, u, dT, dL, AT, AL, BT, BL, C, D, origin, deterministic)
