@@ -105,15 +105,13 @@ def measure(op, inputs_fn, device: str, calls: int, repeats: int) -> dict:
 
     def fwd_bwd():
         out = op(**grad)
-        # Gradients summed into .grad like a training step; the upstream gradient is out itself.
-        torch.autograd.backward(out, out.detach())
+        torch.autograd.backward(out, out.detach())  # the upstream gradient: out itself
+        for t in leaves:  # as a training step's zero_grad(set_to_none=True): no accumulation next time
+            t.grad = None
 
-    res = dict(fwd_nograd=host_us(fwd_nograd, device, calls, repeats),
-               fwd_grad=host_us(fwd_grad, device, calls, repeats),
-               fwd_bwd=host_us(fwd_bwd, device, max(1, calls // 2), repeats))
-    for t in leaves:
-        t.grad = None
-    return res
+    return dict(fwd_nograd=host_us(fwd_nograd, device, calls, repeats),
+                fwd_grad=host_us(fwd_grad, device, calls, repeats),
+                fwd_bwd=host_us(fwd_bwd, device, max(1, calls // 2), repeats))
 
 
 def empty_op_us(device: str, calls: int, repeats: int) -> float:
