@@ -68,7 +68,10 @@ def kernel_times(prof, device: str) -> dict[tuple[str, str], float]:
     not double counted). Whatever an optimizer step launched or ran is "optimizer" (found through
     the launching CPU event's parents), the rest is categorised by name."""
     events = prof.events()
-    cpu = {e.id: e for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    # The operators a kernel is linked to (kernels carry their launching operator's id; the CUDA
+    # runtime's own events carry ids of another counter and are left out).
+    cpu = {e.id: e for e in events
+           if e.device_type == torch.autograd.DeviceType.CPU and not getattr(e, "linked_correlation_id", 0)}
     times: dict[tuple[str, str], float] = {}
     for e in events:
         if device == "cuda":
