@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends
 from . import _scan2d_kernel as K
 from ._common import add_group_partials, nothing_intercepts, refuse_double_backward
 from ._scan2d_args import checked_plan, scan2d_plan
