@@ -174,7 +174,7 @@ def main() -> int:
         lines.append(f"| {i} | `{short(name)}` | {cat} | {t / args.steps / 1e3:.3f} | {t / total_us:.1%} |")
     lines += ["", "Raw table: profile_vmamba_key_averages.txt"]
 
-    sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    sort_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     raw = prof.key_averages().table(sort_by=sort_key, row_limit=80, max_name_column_width=100)
     rows = [dict(category=c, ms_per_step=t / args.steps / 1e3) for c, t in by_cat.items()]
     rows += [dict(kernel=n, category=c, ms_per_step=t / args.steps / 1e3) for (n, c), t in top]
