@@ -162,7 +162,8 @@ def main() -> int:
              f"{args.steps} profiled; times per step.", "",
              f"Wall time per step (unprofiled): {wall_ms:.2f} ms ({args.batch / wall_ms * 1e3:.1f} img/s); "
              f"{what}: {busy_ms:.2f} ms" + (f" ({busy_ms / wall_ms:.0%} of the wall time busy)" if device == "cuda"
-                                            else "") + f"; CPU waiting on the device (syncs, blocking copies): "
+                                            else "") + f"; CPU waiting on the device (syncs, blocking copies, "
+             f"including the synchronize after the profiled steps: how far the device lags the host): "
              f"{wait_ms:.2f} ms.", "",
              f"## {what} by category", "", "| category | ms / step | share |", "|---|---|---|"]
     for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
