@@ -17,12 +17,16 @@ from wavefront2d_cases import make_wave_inputs
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
-def _inputs(dtype=torch.float64, requires_grad=False):
-    inputs = make_inputs(random.Random(), batch=2, dim=4, dstate=2, groups=2, height=5, width=6, dtype=dtype)
+def _leaves(inputs: dict, requires_grad: bool) -> dict:
     for v in inputs.values():
         if v is not None:
             v.requires_grad_(requires_grad)
     return inputs
+
+
+def _inputs(dtype=torch.float64, requires_grad=False):
+    return _leaves(make_inputs(random.Random(), batch=2, dim=4, dstate=2, groups=2, height=5, width=6, dtype=dtype),
+                   requires_grad)
 
 
 class _Passthrough(TorchDispatchMode):
@@ -135,11 +139,8 @@ def test_eager_no_grad_call_builds_no_graph():
 
 
 def _wave_inputs(dtype=torch.float64, requires_grad=False):
-    inputs = make_wave_inputs(random.Random(), batch=2, height=5, width=6, dim=4, dstate=2, groups=2, dtype=dtype)
-    for v in inputs.values():
-        if v is not None:
-            v.requires_grad_(requires_grad)
-    return inputs
+    return _leaves(make_wave_inputs(random.Random(), batch=2, height=5, width=6, dim=4, dstate=2, groups=2,
+                                    dtype=dtype), requires_grad)
 
 
 @pytest.mark.parametrize("override,exc,msg", [
