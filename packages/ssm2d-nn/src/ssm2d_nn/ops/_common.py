@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple, Optional
+
 import torch
 from torch import Tensor
 
@@ -26,9 +28,74 @@ def check_devices(op: str, named: tuple, u: Tensor) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but u is on {u.device}")
 
 
-def stream_of(t: Tensor) -> int:
-    """The current CUDA stream handle of t's device (0 for CPU tensors): kernels launch there."""
-    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+def raw_stream(device_index: int) -> int:
+    """The current CUDA stream handle of a device (0 for the CPU, index -1): kernels launch there.
+    Read without building a torch.cuda.Stream object, which costs more than the rest of a call's
+    descriptors."""
+    return torch._C._cuda_getCurrentRawStream(device_index) if device_index >= 0 else 0
+
+
+def tensor_meta(t: Optional[Tensor]) -> Optional[tuple]:
+    """What an op's argument checks and kernel frames depend on: (type, shape, strides, dtype,
+    device), None for None. Raises AttributeError for an object that is not a tensor."""
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
+
+
+# Tensor types whose kernel calls may skip the dispatcher: no subclass behaviour to honour.
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_tensors(*tensors: Optional[Tensor]) -> bool:
+    """All given tensors (None allowed) are plain tensors (or parameters) on the CPU or a CUDA device:
+    a kernel may read their memory directly."""
+    return all(t is None or (type(t) in PLAIN_TENSOR_TYPES and t.device.type in ("cpu", "cuda")) for t in tensors)
+
+
+def nothing_intercepts() -> bool:
+    """No torch dispatch mode (fake tensors, flop counters, ...) and no functorch transform (vmap,
+    grad) is active: a direct kernel call sees what the dispatcher would. Checked per call (cheap)."""
+    return torch._C._len_torch_dispatch_stack() == 0 and torch._C._functorch.peek_interpreter_stack() is None
+
+
+class OpPlan(NamedTuple):
+    """What one argument layout of an op needs, derived once: arguments checked, backend chosen."""
+
+    backend: str  # "kernel" or "reference"
+    param_dtype: torch.dtype  # the parameters (A, D, ...) as the kernels read them
+    cast_params: bool  # a parameter must first be converted to param_dtype (or made contiguous)
+    frame: object = None  # kernel backend, plain tensors on the CPU or CUDA: the kernel calls' frame
+
+
+class PlanCache:
+    """A bounded map from an op call's argument layout (``tensor_meta`` of each tensor plus the
+    options) to its OpPlan, built once by ``build(*tensors, *options)``. A call whose layout was
+    seen before costs the key and one dict lookup; any difference in shape, strides, dtype, device
+    or type is another key, so it is checked again from scratch. Only successful calls are stored:
+    ``build`` raises for a refused call, on every attempt."""
+
+    def __init__(self, build: Callable[..., OpPlan], maxsize: int = 1024):
+        self._build, self._maxsize = build, maxsize
+        self._plans: dict = {}
+
+    def plan(self, tensors: tuple, options: tuple) -> OpPlan:
+        try:
+            key = options + tuple(map(tensor_meta, tensors))
+            plan = self._plans.get(key)
+        except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks refuse it
+            return self._build(*tensors, *options)
+        if plan is None:
+            plan = self._build(*tensors, *options)
+            if len(self._plans) >= self._maxsize:  # drop the oldest: insertion order
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = plan
+        return plan
+
+
+def refuse_double_backward(op: str, *tensors: Optional[Tensor]) -> None:
+    """The kernels' backward is not differentiable: say so when a graph of it is asked for."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op}: double backward (a gradient taken with create_graph=True) is not supported by "
+                           "the kernel backend; use backend='reference' for higher-order gradients")
 
 
 def add_group_partials(total: Tensor, part: Tensor, c0: int, per_group: int, dim: int) -> None:

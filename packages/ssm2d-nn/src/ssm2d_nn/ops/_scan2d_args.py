@@ -1,10 +1,15 @@
-"""Argument checks and the origin/order frame mapping shared by both scan2d backends."""
+"""Argument checks, cached per argument layout, and the origin/order frame mapping shared by both
+scan2d backends."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from ._common import check_devices, check_tensors
+from .. import backends
+from . import _scan2d_kernel as K
+from ._common import OpPlan, PlanCache, check_devices, check_tensors, plain_tensors
 
 ORIGINS = ("tl", "tr", "bl", "br")
 ORDERS = ("hv", "vh")
@@ -67,3 +72,36 @@ def check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order) -> Non
         if t is not None and t.dtype != u.dtype:
             raise TypeError(f"scan2d: {name} must have the dtype of u ({u.dtype}), got {t.dtype}")
     check_devices("scan2d", named[1:], u)
+
+
+def _needs_cast(t: Optional[torch.Tensor], dtype: torch.dtype, contiguous: bool) -> bool:
+    return t is not None and (t.dtype != dtype or (contiguous and not t.is_contiguous()))
+
+
+def checked_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend) -> OpPlan:
+    """The plan without a kernel frame: the arguments checked and the backend chosen. This is all
+    that runs while torch.compile traces (the custom ops then run the kernels inside the graph)."""
+    check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order)
+    unsupported = "the CUDA kernel takes float32, float16 or bfloat16, not float64" if (
+        u.is_cuda and u.dtype == torch.float64) else None
+    which = backends.resolve_backend("scan2d", backend, u.device, unsupported=unsupported)
+    pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    cast = _needs_cast(A, pdt, False) or _needs_cast(D, pdt, True) or _needs_cast(delta_bias, pdt, True)
+    return OpPlan(which, pdt, cast)
+
+
+def _build_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend) -> OpPlan:
+    plan = checked_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend)
+    if plan.backend == "kernel" and plain_tensors(u, delta, A, B, C, D, z, delta_bias):
+        plan = plan._replace(frame=K.frame(u, delta, A, B, C, z, origin, order, plan.param_dtype))
+    return plan
+
+
+_PLANS = PlanCache(_build_plan)
+
+
+def scan2d_plan(u, delta, A, B, C, D, z, delta_bias, origin: str, order: str, backend: str) -> OpPlan:
+    """The checked plan of a scan2d call; raises TypeError/ValueError (and BackendUnavailableError)
+    exactly as ``check_scan2d_args`` and ``backends.resolve_backend`` do. The checks run once per
+    argument layout (type, shape, strides, dtype and device of every tensor, and the options)."""
+    return _PLANS.plan((u, delta, A, B, C, D, z, delta_bias), (origin, order, backend))

@@ -1,17 +1,22 @@
 """The scan2d kernel calls of the torch ops: descriptors built straight from tensors.
 
-``scan2d`` validates its arguments once (``check_scan2d_args``); the calls below hand pointers and
-strides to the compiled kernels without validating again, which keeps the host time of an op call
-small (the checked array API of ``ssm2d_kernels.scan2d`` repeats every check for callers that
-bring their own arrays). Buffer sizes come from the same C++ functions the kernels use.
+``scan2d`` validates its arguments once per argument layout (``scan2d_plan``), and everything the
+kernel calls need that depends only on shapes, strides, dtypes and the device is computed then too:
+the ``Frame`` below (sizes, the logical-frame strides and pointer offsets of every operand, buffer
+sizes). A call then adds data pointers to the frame's offsets and hands the descriptors to the
+compiled kernels without validating again, which keeps the host time of an op call small (the
+checked array API of ``ssm2d_kernels.scan2d`` repeats every check for callers that bring their own
+arrays). Buffer sizes come from the same C++ functions the kernels use.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
+from ._common import raw_stream
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -31,74 +36,137 @@ def grid(t: Optional[Tensor], origin: str, order: str, has_state: bool = False):
     return grid_descriptor(t.data_ptr(), t.shape, t.stride(), t.element_size(), origin, order, has_state)
 
 
-def logical_hw(u: Tensor, order: str) -> tuple[int, int]:
-    from ssm2d_kernels.scan2d import logical_hw as hw
+def _layout(shape, strides, itemsize: int, origin: str, order: str, has_state: bool = False) -> tuple:
+    """``grid`` at pointer 0: (byte offset, sb, sc, sn, si, sj); ``at`` adds a data pointer."""
+    from ssm2d_kernels.scan2d import grid_descriptor
 
-    return hw(u.shape[-2], u.shape[-1], order)
+    return grid_descriptor(0, shape, strides, itemsize, origin, order, has_state)
 
 
-def problem(u, delta, A, B, C, D, z, delta_bias, softplus: bool, origin: str, order: str, stream: int) -> dict:
-    """The kernel's problem descriptor. A, D, delta_bias must already be float32 (float64 with
-    float64 inputs); D and delta_bias contiguous."""
-    b, d = u.shape[0], u.shape[1]
-    lh, lw = logical_hw(u, order)
-    return dict(
-        batch=b, dim=d, dstate=A.shape[1], groups=B.shape[1], height=lh, width=lw,
-        dtype=_DTYPE_CODES[u.dtype], param_dtype=_DTYPE_CODES[A.dtype], softplus=bool(softplus),
-        u=grid(u, origin, order), delta=grid(delta, origin, order), z=grid(z, origin, order),
-        B=grid(B, origin, order, True), C=grid(C, origin, order, True), A=A.data_ptr(), A_sd=A.stride(0),
-        A_sn=A.stride(1), D=None if D is None else D.data_ptr(),
-        delta_bias=None if delta_bias is None else delta_bias.data_ptr(),
-        device=u.device.index if u.is_cuda else -1, stream=stream,
+def layout_of(t: Optional[Tensor], origin: str, order: str, has_state: bool = False) -> Optional[tuple]:
+    return None if t is None else _layout(t.shape, t.stride(), t.element_size(), origin, order, has_state)
+
+
+def at(t: Optional[Tensor], layout: Optional[tuple]):
+    """The kernel descriptor of ``t`` from its precomputed layout."""
+    return None if t is None else (t.data_ptr() + layout[0],) + layout[1:]
+
+
+def _contiguous_strides(shape) -> tuple:
+    return torch.empty(shape, device="meta").stride()
+
+
+class Frame(NamedTuple):
+    """What the kernel calls of one argument layout need beyond the data pointers."""
+
+    problem: dict  # the problem descriptor's fixed entries (sizes, dtype codes, device)
+    origin: str
+    order: str
+    device: int  # CUDA ordinal, -1 for the CPU
+    u: tuple  # layouts (byte offset, strides) of the inputs in the logical frame
+    delta: tuple
+    z: Optional[tuple]
+    B: tuple
+    C: tuple
+    cell: tuple  # a fresh contiguous tensor shaped like u in u's dtype: out, y, du, ddelta, dz
+    bc_acc: tuple  # a fresh contiguous (batch, G, N, H, W) accumulator: dB, dC
+    carry_floats: int  # float32 values the CUDA forward saves for the backward
+    infer_workspace_floats: int  # forward scratch when nothing is saved
+    train_workspace_floats: int  # forward scratch when carries are saved
+    backward_workspace_floats: int
+    keep_y: bool  # the CUDA backward needs the pre-gate output (tiled kernels with z)
+
+
+def frame(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor], origin: str,
+          order: str, param_dtype: torch.dtype) -> Frame:
+    """The frame of validated arguments (A may still be cast to ``param_dtype``: only its shape is read)."""
+    from ssm2d_kernels.scan2d import logical_hw
+
+    _C = _kernels()
+    b, d, h, w = u.shape
+    g, n = B.shape[1], A.shape[1]
+    lh, lw = logical_hw(h, w, order)
+    device = u.device.index if u.is_cuda else -1
+    on_cuda = device >= 0
+    sizes = (b, d, n, lh, lw)
+    infer_ws = int(_C.scan2d_forward_workspace_floats(*sizes)) if on_cuda else 0
+    return Frame(
+        problem=dict(batch=b, dim=d, dstate=n, groups=g, height=lh, width=lw, dtype=_DTYPE_CODES[u.dtype],
+                     param_dtype=_DTYPE_CODES[param_dtype], device=device),
+        origin=origin, order=order, device=device,
+        u=layout_of(u, origin, order), delta=layout_of(delta, origin, order), z=layout_of(z, origin, order),
+        B=layout_of(B, origin, order, True), C=layout_of(C, origin, order, True),
+        cell=_layout(u.shape, _contiguous_strides(u.shape), u.element_size(), origin, order),
+        bc_acc=_layout(B.shape, _contiguous_strides(B.shape), param_dtype.itemsize, origin, order, True),
+        carry_floats=int(_C.scan2d_carry_floats(*sizes)) if on_cuda else 0,
+        infer_workspace_floats=infer_ws,
+        # The tiled kernels (N >= 8) use the saved carries as their scratch.
+        train_workspace_floats=0 if (on_cuda and _C.scan2d_tiled(n)) else infer_ws,
+        backward_workspace_floats=int(_C.scan2d_backward_workspace_floats(*sizes)) if on_cuda else 0,
+        keep_y=on_cuda and z is not None and bool(_C.scan2d_backward_needs_y(n)),
     )
 
 
-def carry_floats(u: Tensor, A: Tensor, order: str) -> int:
-    """float32 values the CUDA forward saves for the backward (0 on the CPU)."""
-    if not u.is_cuda:
-        return 0
-    lh, lw = logical_hw(u, order)
-    return _kernels().scan2d_carry_floats(u.shape[0], u.shape[1], A.shape[1], lh, lw)
+def problem(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> dict:
+    """The kernel's problem descriptor. A, D, delta_bias must already be float32 (float64 with
+    float64 inputs); D and delta_bias contiguous."""
+    sd, sn = A.stride()
+    return dict(f.problem, softplus=bool(softplus), u=at(u, f.u), delta=at(delta, f.delta), z=at(z, f.z),
+                B=at(B, f.B), C=at(C, f.C), A=A.data_ptr(), A_sd=sd, A_sn=sn,
+                D=None if D is None else D.data_ptr(),
+                delta_bias=None if delta_bias is None else delta_bias.data_ptr(), stream=raw_stream(f.device))
 
 
-def backward_needs_y(A: Tensor, z: Optional[Tensor]) -> bool:
-    """Whether the forward must keep the pre-gate output for the backward (the tiled kernels, which
-    run for N >= 8, need it when z is given; the band kernels rebuild it)."""
-    return z is not None and bool(_kernels().scan2d_backward_needs_y(A.shape[1]))
-
-
-def forward_workspace(u: Tensor, A: Tensor, order: str, with_carries: bool = False) -> Optional[Tensor]:
-    """float32 scratch of the CUDA forward (band summaries of wide grids, partial sums for N > 16;
-    for the tiled kernels, N >= 8, room for carries when none are kept)."""
-    if not u.is_cuda or (with_carries and _kernels().scan2d_tiled(A.shape[1])):  # tiled: carries suffice
-        return None
-    lh, lw = logical_hw(u, order)
-    n = _kernels().scan2d_forward_workspace_floats(u.shape[0], u.shape[1], A.shape[1], lh, lw)
-    return torch.empty(n, dtype=torch.float32, device=u.device) if n else None
-
-
-def backward_workspace(u: Tensor, A: Tensor, order: str) -> Optional[Tensor]:
-    if not u.is_cuda:
-        return None
-    lh, lw = logical_hw(u, order)
-    n = _kernels().scan2d_backward_workspace_floats(u.shape[0], u.shape[1], A.shape[1], lh, lw)
-    return torch.empty(n, dtype=torch.float32, device=u.device)
+def _scratch(floats: int, u: Tensor) -> Optional[Tensor]:
+    return torch.empty(floats, dtype=torch.float32, device=u.device) if floats else None
 
 
 def _ptr(t: Optional[Tensor]):
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def forward(prob: dict, out: Tensor, y: Optional[Tensor], carries: Optional[Tensor], workspace: Optional[Tensor],
-            origin: str, order: str) -> None:
-    _kernels().scan2d_forward(prob, dict(out=grid(out, origin, order), y=grid(y, origin, order),
-                                         carries=_ptr(carries), workspace=_ptr(workspace)))
+def forward(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
+            save: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(out, y, carries): ``save`` keeps what the backward needs (CUDA carries, and the pre-gate
+    output y where the backward needs it); without it y and carries are None and nothing is saved."""
+    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    y = torch.empty_like(out) if save and f.keep_y else None
+    carries = torch.empty(f.carry_floats, dtype=torch.float32, device=u.device) if save else None
+    workspace = _scratch(f.train_workspace_floats if save else f.infer_workspace_floats, u)
+    _kernels().scan2d_forward(problem(f, u, delta, A, B, C, D, z, delta_bias, softplus),
+                              dict(out=at(out, f.cell), y=at(y, f.cell), carries=_ptr(carries),
+                                   workspace=_ptr(workspace)))
+    return out, y, carries
 
 
-def backward(prob: dict, origin: str, order: str, *, dout, y, carries, du, ddelta, dz, dB, dC, dA_part, dD_part,
-             ddelta_bias_part, deterministic: bool, d_begin: int, d_end: int, workspace) -> None:
-    g = lambda t, s=False: grid(t, origin, order, s)  # noqa: E731
+def backward_workspace(f: Frame, u: Tensor) -> Optional[Tensor]:
+    return torch.empty(f.backward_workspace_floats, dtype=torch.float32, device=u.device) if f.device >= 0 else None
+
+
+def backward(f: Frame, prob: dict, *, dout, y, carries, du, ddelta, dz, dB, dC, dA_part, dD_part,
+             ddelta_bias_part, deterministic: bool, d_begin: int, d_end: int, workspace,
+             bc_layout: Optional[tuple] = None) -> None:
+    """One backward kernel call. du, ddelta, dz are fresh contiguous tensors like u; dB, dC fresh
+    contiguous accumulators (per-channel partials when ``bc_layout`` is given: their own layout)."""
+    bc = f.bc_acc if bc_layout is None else bc_layout
     _kernels().scan2d_backward(prob, dict(
-        dout=g(dout), y=g(y), carries=_ptr(carries), du=g(du), ddelta=g(ddelta), dz=g(dz), dB=g(dB, True),
-        dC=g(dC, True), dA_part=_ptr(dA_part), dD_part=_ptr(dD_part), ddelta_bias_part=_ptr(ddelta_bias_part),
-        deterministic=bool(deterministic), d_begin=int(d_begin), d_end=int(d_end), workspace=_ptr(workspace)))
+        dout=grid(dout, f.origin, f.order), y=at(y, f.cell), carries=_ptr(carries), du=at(du, f.cell),
+        ddelta=at(ddelta, f.cell), dz=at(dz, f.cell), dB=at(dB, bc), dC=at(dC, bc), dA_part=_ptr(dA_part),
+        dD_part=_ptr(dD_part), ddelta_bias_part=_ptr(ddelta_bias_part), deterministic=bool(deterministic),
+        d_begin=int(d_begin), d_end=int(d_end), workspace=_ptr(workspace)))
+
+
+def carry_floats(u: Tensor, A: Tensor, order: str) -> int:
+    """float32 values the CUDA forward saves for the backward (0 on the CPU); the fake kernels' size."""
+    from ssm2d_kernels.scan2d import logical_hw
+
+    if not u.is_cuda:
+        return 0
+    lh, lw = logical_hw(u.shape[-2], u.shape[-1], order)
+    return _kernels().scan2d_carry_floats(u.shape[0], u.shape[1], A.shape[1], lh, lw)
+
+
+def backward_needs_y(A: Tensor, z: Optional[Tensor]) -> bool:
+    """Whether the forward must keep the pre-gate output for the backward (the tiled kernels, which
+    run for N >= 8, need it when z is given; the band kernels rebuild it); the fake kernels' answer."""
+    return z is not None and bool(_kernels().scan2d_backward_needs_y(A.shape[1]))

@@ -1,8 +1,12 @@
 """scan2d, the 2DMamba selective scan, as a PyTorch op.
 
-``scan2d`` checks its arguments, picks the backend and runs either the compiled kernel (through the
-``ssm2d::scan2d_fwd`` / ``ssm2d::scan2d_bwd`` custom ops, with fake implementations so
-``torch.compile`` and export trace them, and registered autograd) or the pure-PyTorch reference.
+``scan2d`` checks its arguments, picks the backend and runs either the compiled kernel or the
+pure-PyTorch reference. The kernel runs through the ``ssm2d::scan2d_fwd`` / ``ssm2d::scan2d_bwd``
+custom ops (with fake implementations so ``torch.compile`` and export trace them, and registered
+autograd) wherever something may intercept the call (tracing, fake or meta tensors, tensor
+subclasses, dispatch modes, functorch transforms); plain eager calls go straight to the same
+kernels through an autograd.Function. The checks, the backend choice and the kernel descriptors'
+shape-dependent parts are computed once per argument layout (``scan2d_plan``).
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends
 from . import _scan2d_kernel as K
-from ._common import add_group_partials, stream_of
-from ._scan2d_args import check_scan2d_args
+from ._common import add_group_partials, nothing_intercepts, refuse_double_backward
+from ._scan2d_args import checked_plan, scan2d_plan
 from .scan2d_reference import scan2d_reference
 
 __all__ = ["scan2d", "scan2d_reference"]
@@ -56,17 +59,27 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     (per-channel partial sums, at most 256 MiB of workspace per chunk). The CPU kernel is always
     deterministic for a fixed number of threads.
     """
-    check_scan2d_args(u, delta, A, B, C, D, z, delta_bias, origin, order)
-    unsupported = "the CUDA kernel takes float32, float16 or bfloat16, not float64" if (
-        u.is_cuda and u.dtype == torch.float64) else None
-    which = backends.resolve_backend("scan2d", backend, u.device, unsupported=unsupported)
-    if which == "reference":
+    if torch.compiler.is_compiling():
+        # Traced: the checks run at trace time and the custom ops below enter the graph.
+        plan = checked_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend)
+    else:
+        plan = scan2d_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend)
+    if plan.backend == "reference":
         return scan2d_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin=origin, order=order)
-    pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    A = A.to(pdt)
-    D = None if D is None else D.to(pdt).contiguous()  # the kernels read D[d], delta_bias[d]
-    delta_bias = None if delta_bias is None else delta_bias.to(pdt).contiguous()
-    if u.is_cuda and not _needs_backward(u, delta, A, B, C, D, z, delta_bias):
+    if plan.cast_params:
+        pdt = plan.param_dtype
+        A = A.to(pdt)
+        D = None if D is None else D.to(pdt).contiguous()  # the kernels read D[d], delta_bias[d]
+        delta_bias = None if delta_bias is None else delta_bias.to(pdt).contiguous()
+    needs_backward = _needs_backward(u, delta, A, B, C, D, z, delta_bias)
+    if plan.frame is not None and not torch.compiler.is_compiling() and nothing_intercepts():
+        # Eager: straight to the kernel (the dispatcher's custom-op layers cost more host time than
+        # the rest of the call); the same kernels and autograd as the custom ops below.
+        if not needs_backward:
+            return K.forward(plan.frame, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save=False)[0]
+        return _Scan2dFunction.apply(plan.frame, delta_softplus, torch.are_deterministic_algorithms_enabled(),
+                                     u, delta, A, B, C, D, z, delta_bias)
+    if u.is_cuda and not needs_backward:
         # No backward will run: nothing to save.
         return torch.ops.ssm2d.scan2d_infer(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order)
     out, _, _ = torch.ops.ssm2d.scan2d_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order,
@@ -78,16 +91,19 @@ def _needs_backward(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _frame(u, delta, A, B, C, D, z, delta_bias, origin, order) -> K.Frame:
+    """The kernel frame inside the custom ops (arguments already checked; cached like any call)."""
+    return scan2d_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, "kernel").frame
+
+
 @torch.library.custom_op("ssm2d::scan2d_infer", mutates_args=())
 def scan2d_infer(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, origin: str,
                  order: str) -> Tensor:
     """Kernel forward when no backward follows (CUDA): the output only; nothing is saved (no
     carries, no pre-gate y). Not differentiable."""
-    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    prob = K.problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, stream_of(u))
-    K.forward(prob, out, None, None, K.forward_workspace(u, A, order), origin, order)
-    return out
+    f = _frame(u, delta, A, B, C, D, z, delta_bias, origin, order)
+    return K.forward(f, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save=False)[0]
 
 
 @scan2d_infer.register_fake
@@ -105,14 +121,9 @@ def scan2d_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
                deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Kernel forward: (out, the pre-gate output when the CUDA backward needs it (tiled kernels, N >= 8,
     with z) else empty, CUDA carries or empty)."""
-    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    keep_y = u.is_cuda and K.backward_needs_y(A, z)
-    y = torch.empty_like(out) if keep_y else _empty(u)
-    carries = torch.empty(K.carry_floats(u, A, order), dtype=torch.float32, device=u.device)
-    prob = K.problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, stream_of(u))
-    K.forward(prob, out, y if keep_y else None, carries, K.forward_workspace(u, A, order, with_carries=True),
-              origin, order)
-    return out, y, carries
+    f = _frame(u, delta, A, B, C, D, z, delta_bias, origin, order)
+    out, y, carries = K.forward(f, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save=True)
+    return out, _empty(u) if y is None else y, carries
 
 
 @scan2d_fwd.register_fake
@@ -122,24 +133,21 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, determ
     return out, y, torch.empty(K.carry_floats(u, A, order), dtype=torch.float32, device=u.device)
 
 
-@torch.library.custom_op("ssm2d::scan2d_bwd", mutates_args=())
-def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-               z: Optional[Tensor], delta_bias: Optional[Tensor], y: Tensor, carries: Tensor, delta_softplus: bool,
-               origin: str, order: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                       Tensor, Tensor]:
-    """Kernel backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); empty for absent D, z, delta_bias."""
+def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                  D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], y: Optional[Tensor],
+                  carries: Optional[Tensor], delta_softplus: bool, deterministic: bool) -> tuple:
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); empty for absent D, z, delta_bias."""
     acc = A.dtype
     b, d, h, w = u.shape
     g, n = B.shape[1], A.shape[1]
     du, ddelta = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    dz = torch.empty(u.shape, dtype=u.dtype, device=u.device) if z is not None else _empty(u)
+    dz = torch.empty(u.shape, dtype=u.dtype, device=u.device) if z is not None else None
     dA_part = torch.empty(b, d, n, dtype=acc, device=u.device)
     dD_part = torch.empty(b, d, dtype=acc, device=u.device)
     dbias_part = torch.empty(b, d, dtype=acc, device=u.device)
-    prob = K.problem(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, stream_of(u))
-    common = dict(dout=dout, y=y if y.numel() else None, carries=carries if u.is_cuda else None, du=du,
-                  ddelta=ddelta, dz=dz if z is not None else None, dA_part=dA_part, dD_part=dD_part,
-                  ddelta_bias_part=dbias_part, workspace=K.backward_workspace(u, A, order))
+    prob = K.problem(f, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    common = dict(dout=dout, y=y, carries=carries, du=du, ddelta=ddelta, dz=dz, dA_part=dA_part, dD_part=dD_part,
+                  ddelta_bias_part=dbias_part, workspace=K.backward_workspace(f, u))
     dB = torch.zeros(B.shape, dtype=acc, device=u.device)  # added into (atomics, partials, the CPU kernel)
     dC = torch.zeros(C.shape, dtype=acc, device=u.device)
     if deterministic and u.is_cuda:
@@ -153,15 +161,27 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
             d1 = min(d, d0 + chunk)
             pB = torch.empty(b, d1 - d0, n, h, w, dtype=acc, device=u.device)  # every cell is written
             pC = torch.empty_like(pB)
-            K.backward(prob, origin, order, dB=pB, dC=pC, deterministic=True, d_begin=d0, d_end=d1, **common)
+            K.backward(f, prob, dB=pB, dC=pC, deterministic=True, d_begin=d0, d_end=d1,
+                       bc_layout=K.layout_of(pB, f.origin, f.order, True), **common)
             add_group_partials(dB, pB, d0, per_group, dim=1)
             add_group_partials(dC, pC, d0, per_group, dim=1)
     else:
-        K.backward(prob, origin, order, dB=dB, dC=dC, deterministic=False, d_begin=0, d_end=d, **common)
+        K.backward(f, prob, dB=dB, dC=dC, deterministic=False, d_begin=0, d_end=d, **common)
     dA = dA_part.sum(0)
     dD = dD_part.sum(0) if D is not None else _empty(u, acc)
     dbias = dbias_part.sum(0) if delta_bias is not None else _empty(u, acc)
-    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias
+    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, _empty(u) if dz is None else dz, dbias
+
+
+@torch.library.custom_op("ssm2d::scan2d_bwd", mutates_args=())
+def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+               z: Optional[Tensor], delta_bias: Optional[Tensor], y: Tensor, carries: Tensor, delta_softplus: bool,
+               origin: str, order: str, deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                       Tensor, Tensor]:
+    """Kernel backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); empty for absent D, z, delta_bias."""
+    f = _frame(u, delta, A, B, C, D, z, delta_bias, origin, order)
+    return _run_backward(f, dout, u, delta, A, B, C, D, z, delta_bias, y if y.numel() else None,
+                         carries if u.is_cuda else None, delta_softplus, deterministic)
 
 
 @scan2d_bwd.register_fake
@@ -174,6 +194,28 @@ def _(dout, u, delta, A, B, C, D, z, delta_bias, y, carries, delta_softplus, ori
             torch.empty(u.shape[1], dtype=acc, device=u.device) if delta_bias is not None else _empty(u, acc))
 
 
+class _Scan2dFunction(torch.autograd.Function):
+    """The eager kernel path's autograd: the custom ops' forward and backward without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, f: K.Frame, softplus: bool, deterministic: bool, u, delta, A, B, C, D, z, delta_bias):
+        out, y, carries = K.forward(f, u, delta, A, B, C, D, z, delta_bias, softplus, save=True)
+        # y and carries are intermediates: saved like the inputs, so they are freed after the backward.
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, y, carries if u.is_cuda else None)
+        ctx.frame, ctx.flags = f, (softplus, deterministic)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, z, delta_bias, y, carries = ctx.saved_tensors
+        refuse_double_backward("scan2d", dout, u, delta, A, B, C, D, z, delta_bias)
+        softplus, deterministic = ctx.flags
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _run_backward(ctx.frame, dout, u, delta, A, B, C, D, z, delta_bias,
+                                                              y, carries, softplus, deterministic)
+        return (None, None, None, du, ddelta, dA, dB, dC, dD if D is not None else None,
+                dz if z is not None else None, dbias if delta_bias is not None else None)
+
+
 def _setup_context(ctx, inputs, output):
     u, delta, A, B, C, D, z, delta_bias, softplus, origin, order, deterministic = inputs
     _, y, carries = output
@@ -183,10 +225,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dy, _dcarries):
     u, delta, A, B, C, D, z, delta_bias, y, carries = ctx.saved_tensors
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (dout, u, delta, A, B, C, D, z, delta_bias)):
-        raise RuntimeError("scan2d: double backward (a gradient taken with create_graph=True) is not supported "
-                           "by the kernel backend; use backend='reference' for higher-order gradients")
+    refuse_double_backward("scan2d", dout, u, delta, A, B, C, D, z, delta_bias)
     softplus, origin, order, deterministic = ctx.flags
     du, ddelta, dA, dB, dC, dD, dz, dbias = torch.ops.ssm2d.scan2d_bwd(
         dout, u, delta, A, B, C, D, z, delta_bias, y, carries, softplus, origin, order, deterministic)

@@ -1,8 +1,11 @@
 """wavefront2d, the Mamba2D (M2D-SSM) scan, as a PyTorch op.
 
-``wavefront2d`` checks its arguments, picks the backend and runs either the compiled kernel (the
-``ssm2d::wavefront2d_fwd`` / ``ssm2d::wavefront2d_bwd`` custom ops, with fake implementations for
-``torch.compile`` and registered autograd) or the pure-PyTorch reference.
+``wavefront2d`` checks its arguments, picks the backend and runs either the compiled kernel or the
+pure-PyTorch reference. Like ``scan2d``: the checks, the backend choice and the kernel frame are
+computed once per argument layout; plain eager calls go straight to the kernels through an
+autograd.Function, and the ``ssm2d::wavefront2d_fwd`` / ``ssm2d::wavefront2d_bwd`` custom ops (with
+fake implementations for ``torch.compile`` and registered autograd) run wherever something may
+intercept the call.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from ._common import add_group_partials, check_devices, check_tensors, stream_of
+from . import _wavefront2d_kernel as K
+from ._common import (OpPlan, PlanCache, add_group_partials, check_devices, check_tensors, nothing_intercepts,
+                      plain_tensors, refuse_double_backward)
 from .wavefront2d_reference import ORIGINS, wavefront2d_reference
 
 __all__ = ["wavefront2d", "wavefront2d_reference"]
@@ -76,6 +81,25 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
     batch*E*N*(ceil(H/32) + 32)*W; plus float32 dBT/dBL/dC accumulators. The (batch, H, W, E, N)
     state is never stored.
     """
+    args = (u, dT, dL, AT, AL, BT, BL, C, D)
+    plan = _checked_plan(*args, origin, backend) if torch.compiler.is_compiling() else _plan(*args, origin, backend)
+    if plan.backend == "reference":
+        return wavefront2d_reference(*args, origin=origin)
+    if plan.cast_params:
+        pdt = plan.param_dtype
+        AT, AL, D = AT.to(pdt), AL.to(pdt), None if D is None else D.to(pdt).contiguous()
+        args = (u, dT, dL, AT, AL, BT, BL, C, D)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if plan.frame is not None and not torch.compiler.is_compiling() and nothing_intercepts():
+        # Eager: straight to the kernels (see scan2d).
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
+            return K.forward(plan.frame, args)
+        return _Wavefront2dFunction.apply(plan.frame, deterministic, *args)
+    return torch.ops.ssm2d.wavefront2d_fwd(*args, origin, deterministic)
+
+
+def _checked_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> OpPlan:
+    """The plan without a kernel frame (all that runs while torch.compile traces)."""
     _check(u, dT, dL, AT, AL, BT, BL, C, D, origin)
     unsupported = None
     if u.is_cuda and u.dtype == torch.float64:
@@ -83,34 +107,39 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
     elif u.is_cuda and min(u.shape[1], u.shape[2]) > 2048:
         unsupported = "the CUDA kernel scans grids with H or W <= 2048"
     which = backends.resolve_backend("wavefront2d", backend, u.device, unsupported=unsupported)
-    if which == "reference":
-        return wavefront2d_reference(u, dT, dL, AT, AL, BT, BL, C, D, origin=origin)
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-    return torch.ops.ssm2d.wavefront2d_fwd(u, dT, dL, AT.to(pdt), AL.to(pdt), BT, BL, C,
-                                          None if D is None else D.to(pdt).contiguous(), origin,
-                                          torch.are_deterministic_algorithms_enabled())
+    cast = AT.dtype != pdt or AL.dtype != pdt or (D is not None and (D.dtype != pdt or not D.is_contiguous()))
+    return OpPlan(which, pdt, cast)
 
 
-def _workspace(u: Tensor, AT: Tensor, BT: Tensor, backward: bool) -> Optional[Tensor]:
-    if not u.is_cuda:
-        return None
-    from ssm2d_kernels.wavefront2d import wavefront2d_workspace_floats
+def _build_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> OpPlan:
+    plan = _checked_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend)
+    if plan.backend == "kernel" and plain_tensors(u, dT, dL, AT, AL, BT, BL, C, D):
+        # The kernels' mapping checks the parameters as the calls will pass them: cast.
+        pdt = plan.param_dtype
+        AT, AL, D = AT.to(pdt), AL.to(pdt), None if D is None else D.to(pdt).contiguous()
+        plan = plan._replace(frame=K.frame((u, dT, dL, AT, AL, BT, BL, C, D), origin, pdt))
+    return plan
 
-    b, h, w, e = u.shape
-    groups = 1 if BT.dim() == 4 else BT.shape[3]
-    n = wavefront2d_workspace_floats(b, e, AT.shape[1], h, w, u.device.index or 0, backward, groups)
-    return torch.empty(n, dtype=torch.float32, device=u.device) if n else None
+
+_PLANS = PlanCache(_build_plan)
+
+
+def _plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> OpPlan:
+    """The checked plan of a call, cached per argument layout (see scan2d_plan)."""
+    return _PLANS.plan((u, dT, dL, AT, AL, BT, BL, C, D), (origin, backend))
+
+
+def _frame(args: tuple, origin: str) -> K.Frame:
+    """The kernel frame inside the custom ops (arguments already checked and cast; cached)."""
+    return _plan(*args, origin, "kernel").frame
 
 
 @torch.library.custom_op("ssm2d::wavefront2d_fwd", mutates_args=())
 def wavefront2d_fwd(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: Tensor, BL: Tensor, C: Tensor,
                     D: Optional[Tensor], origin: str, deterministic: bool) -> Tensor:
-    from ssm2d_kernels.wavefront2d import wavefront2d_forward
-
-    acc = torch.zeros(u.shape, dtype=AT.dtype, device=u.device)  # the kernel adds into it
-    wavefront2d_forward(u, dT, dL, AT, AL, BT, BL, C, D, out=acc, origin=origin,
-                        workspace=_workspace(u, AT, BT, backward=False), stream=stream_of(u))
-    return acc.to(u.dtype)
+    args = (u, dT, dL, AT, AL, BT, BL, C, D)
+    return K.forward(_frame(args, origin), args)
 
 
 @wavefront2d_fwd.register_fake
@@ -123,13 +152,9 @@ def _bn_shape(t: Tensor, groups_axis: int) -> tuple:
     return (b, h, w, groups_axis, t.shape[-1])
 
 
-@torch.library.custom_op("ssm2d::wavefront2d_bwd", mutates_args=())
-def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: Tensor, BL: Tensor,
-                    C: Tensor, D: Optional[Tensor], origin: str, deterministic: bool
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) -> tuple:
     """(du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD); dD empty when D is None."""
-    from ssm2d_kernels.wavefront2d import wavefront2d_backward
-
+    u, dT, dL, AT, AL, BT, BL, C, D = args
     acc = AT.dtype
     b, h, w, e = u.shape
     n = AT.shape[1]
@@ -141,8 +166,7 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
     dAL_part = torch.empty(b, e, n, dtype=acc, device=u.device)
     dD_part = torch.zeros(b, e, dtype=acc, device=u.device)
     common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_part, dAL_part=dAL_part,
-                  dD_part=dD_part if D is not None else None, origin=origin,
-                  workspace=_workspace(u, AT, BT, backward=True), stream=stream_of(u))
+                  dD_part=dD_part if D is not None else None)
     if deterministic and u.is_cuda:
         # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
         per_group = e // g
@@ -152,16 +176,25 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
         for e0 in range(0, e, chunk):
             e1 = min(e, e0 + chunk)
             parts = [torch.zeros(b, h, w, e1 - e0, n, dtype=acc, device=u.device) for _ in range(3)]
-            wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D, dBT=parts[0], dBL=parts[1], dC=parts[2],
-                                 deterministic=True, e_begin=e0, e_end=e1, **common)
+            K.backward(f, dout, args, dBT=parts[0], dBL=parts[1], dC=parts[2], deterministic=True, e_begin=e0,
+                       e_end=e1, per_channel=True, **common)
             for total, part in zip(dB, parts):
                 add_group_partials(total, part, e0, per_group, dim=3)
     else:
-        wavefront2d_backward(dout, u, dT, dL, AT, AL, BT, BL, C, D, dBT=dB[0], dBL=dB[1], dC=dB[2], **common)
+        K.backward(f, dout, args, dBT=dB[0], dBL=dB[1], dC=dB[2], **common)
     shaped = [x.reshape(BT.shape).to(BT.dtype) for x in dB]
     dD = dD_part.sum(0) if D is not None else u.new_empty(0, dtype=acc)
     return (du.to(u.dtype), ddT.to(u.dtype), ddL.to(u.dtype), dAT_part.sum(0), dAL_part.sum(0), shaped[0], shaped[1],
             shaped[2], dD)
+
+
+@torch.library.custom_op("ssm2d::wavefront2d_bwd", mutates_args=())
+def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: Tensor, BL: Tensor,
+                    C: Tensor, D: Optional[Tensor], origin: str, deterministic: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD); dD empty when D is None."""
+    args = (u, dT, dL, AT, AL, BT, BL, C, D)
+    return _run_backward(_frame(args, origin), dout, args, deterministic)
 
 
 @wavefront2d_bwd.register_fake
@@ -173,6 +206,23 @@ def _(dout, u, dT, dL, AT, AL, BT, BL, C, D, origin, deterministic):
             else u.new_empty(0, dtype=AT.dtype))
 
 
+class _Wavefront2dFunction(torch.autograd.Function):
+    """The eager kernel path's autograd: the custom ops' forward and backward without the dispatcher."""
+
+    @staticmethod
+    def forward(ctx, f: K.Frame, deterministic: bool, *args):
+        ctx.save_for_backward(*args)
+        ctx.frame, ctx.deterministic = f, deterministic
+        return K.forward(f, args)
+
+    @staticmethod
+    def backward(ctx, dout):
+        args = ctx.saved_tensors
+        refuse_double_backward("wavefront2d", dout, *args)
+        grads = _run_backward(ctx.frame, dout, args, ctx.deterministic)
+        return (None, None) + grads[:8] + (grads[8] if args[8] is not None else None,)
+
+
 def _setup_context(ctx, inputs, output):
     u, dT, dL, AT, AL, BT, BL, C, D, origin, deterministic = inputs
     ctx.save_for_backward(u, dT, dL, AT, AL, BT, BL, C, D)
@@ -181,10 +231,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout):
     u, dT, dL, AT, AL, BT, BL, C, D = ctx.saved_tensors
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (dout, u, dT, dL, AT, AL, BT, BL, C, D)):
-        raise RuntimeError("wavefront2d: double backward (a gradient taken with create_graph=True) is not "
-                           "supported by the kernel backend; use backend='reference' for higher-order gradients")
+    refuse_double_backward("wavefront2d", dout, u, dT, dL, AT, AL, BT, BL, C, D)
     origin, deterministic = ctx.flags
     du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD = torch.ops.ssm2d.wavefront2d_bwd(
         dout, u, dT, dL, AT, AL, BT, BL, C, D, origin, deterministic)

@@ -1,0 +1,189 @@
+"""Where a vmamba_tiny training step spends its time: torch.profiler over a few AdamW steps.
+
+One step: bf16 autocast forward at --image x --image, cross-entropy, backward, AdamW step (as
+bench_models.py's training step). After --warmup steps, --steps steps are profiled. Written to --out:
+
+* profile_vmamba.md / .json: device time per step grouped by category (scan kernels, norms,
+  elementwise and copies (permute/contiguous copies included), GEMMs and convolutions, optimizer,
+  other), the top-25 kernels, and the host side: wall time per step, device busy time, and the time
+  the CPU spent waiting for the device (synchronisations);
+* profile_vmamba_key_averages.txt: the profiler's raw key_averages table.
+
+On the CPU (--device cpu, for a smoke run: --batch 2 --image 64) there are no kernels: the same
+tables are built from the CPU operators' self time.
+
+    python benchmarks/profile_vmamba.py --out DIR [--model vmamba_tiny] [--batch 64] [--image 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import header, write_report  # noqa: E402
+
+import ssm2d_vision  # noqa: E402,F401  (registers the project's models; before timm)
+import timm  # noqa: E402
+
+# First match wins: the optimizer's fused/foreach kernels before the elementwise ones they resemble.
+CATEGORIES = [
+    ("optimizer", r"adam|multi_tensor_apply|foreach|optimizer"),
+    ("scan kernels", r"scan2d|wave_(fwd|bwd)|add_chunks_kernel|ssm2d::"),
+    ("norms", r"layer_?norm|group_?norm|batch_?norm|rms_?norm|welford|native_layer_norm"),
+    ("GEMMs / convs", r"gemm|cutlass|xmma|cublas|nvjet|conv|cudnn|wgrad|dgrad|fprop|implicit|winograd"
+                      r"|aten::(mm|addmm|bmm|matmul|linear)\b"),
+    ("elementwise / copies", r"elementwise|copy|memcpy|memset|permute|transpose|contiguous|cat|fill|index"
+                             r"|aten::(add|mul|sub|div|silu|gelu|exp|where|to|_to_copy|clone|zero_|fill_)"),
+]
+SYNC_CALLS = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy(?!Async)|aten::item|aten::_local_scalar_dense")
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def _inside_optimizer(evt) -> bool:
+    """Whether a CPU event runs inside an optimizer step (its parent chain)."""
+    while evt is not None:
+        if evt.name.startswith("Optimizer.step"):
+            return True
+        evt = evt.cpu_parent
+    return False
+
+
+def kernel_times(prof, device: str) -> dict[tuple[str, str], float]:
+    """(name, category) -> total self time in us over the profiled steps. On the GPU: the
+    CUDA kernels, copies and memsets; on the CPU: every operator's self CPU time (nested ones are
+    not double counted). Whatever an optimizer step launched or ran is "optimizer" (found through
+    the launching CPU event's parents), the rest is categorised by name."""
+    events = prof.events()
+    # The operators a kernel is linked to (kernels carry their launching operator's id; the CUDA
+    # runtime's own events carry ids of another counter and are left out).
+    cpu = {e.id: e for e in events
+           if e.device_type == torch.autograd.DeviceType.CPU and not getattr(e, "linked_correlation_id", 0)}
+    times: dict[tuple[str, str], float] = {}
+    for e in events:
+        if device == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            t = float(e.time_range.elapsed_us())
+            launcher = cpu.get(getattr(e, "linked_correlation_id", 0))
+        else:
+            if e.device_type != torch.autograd.DeviceType.CPU or e.is_async:
+                continue
+            t = float(e.self_cpu_time_total)
+            launcher = e
+        if t <= 0:
+            continue
+        key = (e.name, "optimizer" if _inside_optimizer(launcher) else category(e.name))
+        times[key] = times.get(key, 0.0) + t
+    return times
+
+
+def host_wait_us(prof) -> float:
+    """CPU time inside calls that block until the device is done (synchronisations, blocking copies)."""
+    return sum(float(e.self_cpu_time_total) for e in prof.key_averages() if SYNC_CALLS.search(e.key))
+
+
+def training_step(model, opt, x, labels, device):
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), labels)
+    loss.backward()
+    opt.step()
+
+
+def short(name: str, width: int = 90) -> str:
+    name = name.replace("|", "\\|")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model", default="vmamba_tiny")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu", file=sys.stderr)
+        return 2
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    model = timm.create_model(args.model, num_classes=1000).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    x = torch.randn(args.batch, 3, args.image, args.image, device=device)
+    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    for _ in range(args.warmup):
+        training_step(model, opt, x, labels, device)
+    sync()
+
+    # Wall time per step without the profiler's own overhead, then the profiled steps.
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        training_step(model, opt, x, labels, device)
+    sync()
+    wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            training_step(model, opt, x, labels, device)
+        sync()
+
+    times = kernel_times(prof, device)
+    total_us = sum(times.values()) or 1.0
+    by_cat: dict[str, float] = {}
+    for (_, cat), t in times.items():
+        by_cat[cat] = by_cat.get(cat, 0.0) + t
+    wait_ms = host_wait_us(prof) / args.steps / 1e3
+    busy_ms = total_us / args.steps / 1e3
+    what = "device (kernel) time" if device == "cuda" else "CPU operator self time"
+
+    lines = [f"# {args.model} training step profile", "", header(device), "",
+             f"batch {args.batch}, {args.image}x{args.image}, bf16 autocast, AdamW; {args.warmup} warm-up steps, "
+             f"{args.steps} profiled; times per step.", "",
+             f"Wall time per step (unprofiled): {wall_ms:.2f} ms ({args.batch / wall_ms * 1e3:.1f} img/s); "
+             f"{what}: {busy_ms:.2f} ms" + (f" ({busy_ms / wall_ms:.0%} of the wall time busy)" if device == "cuda"
+                                            else "") + f"; CPU waiting on the device (syncs, blocking copies, "
+             f"including the synchronize after the profiled steps: how far the device lags the host): "
+             f"{wait_ms:.2f} ms.", "",
+             f"## {what} by category", "", "| category | ms / step | share |", "|---|---|---|"]
+    for cat, t in sorted(by_cat.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {cat} | {t / args.steps / 1e3:.3f} | {t / total_us:.1%} |")
+    lines += ["", f"## Top {args.top} {'kernels' if device == 'cuda' else 'operators'}", "",
+              "| # | name | category | ms / step | share |", "|---|---|---|---|---|"]
+    top = sorted(times.items(), key=lambda kv: -kv[1])[: args.top]
+    for i, ((name, cat), t) in enumerate(top, 1):
+        lines.append(f"| {i} | `{short(name)}` | {cat} | {t / args.steps / 1e3:.3f} | {t / total_us:.1%} |")
+    lines += ["", "Raw table: profile_vmamba_key_averages.txt"]
+
+    sort_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    raw = prof.key_averages().table(sort_by=sort_key, row_limit=80, max_name_column_width=100)
+    rows = [dict(category=c, ms_per_step=t / args.steps / 1e3) for c, t in by_cat.items()]
+    rows += [dict(kernel=n, category=c, ms_per_step=t / args.steps / 1e3) for (n, c), t in top]
+    rows.append(dict(wall_ms=wall_ms, busy_ms=busy_ms, host_wait_ms=wait_ms, batch=args.batch, image=args.image))
+    write_report(args.out, "profile_vmamba", lines, rows)
+    Path(args.out, "profile_vmamba_key_averages.txt").write_text(raw + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
