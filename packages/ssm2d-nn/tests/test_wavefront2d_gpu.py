@@ -64,11 +64,14 @@ def test_shapes_state_chunks_and_long_rows(h, w, n):
     _check(make_wave_inputs(rng, batch=1, height=h, width=w, dim=2, dstate=n), torch.float32, 1e-5, 1e-4, seed)
 
 
-def test_deterministic_mode_is_bitwise_reproducible():
-    rng = random.Random()
-    inputs = _to(make_wave_inputs(rng, batch=2, height=37, width=45, dim=8, dstate=16, groups=1), "cuda", torch.float32)
+def _check_deterministic(inputs, monkeypatch=None, chunk_bytes=None):
+    """Three deterministic backward runs agree bitwise and with the atomic one (optionally with the
+    deterministic channel chunks forced to ``chunk_bytes`` of per-channel partials)."""
     gout = torch.randn(inputs["u"].shape, device="cuda")
     _, fast = _run(inputs, gout, backend="kernel")
+    if chunk_bytes is not None:
+        wave_module = importlib.import_module("ssm2d_nn.ops.wavefront2d")  # the module, not the function
+        monkeypatch.setattr(wave_module, "DETERMINISTIC_WORKSPACE_BYTES", chunk_bytes)
     torch.use_deterministic_algorithms(True)
     try:
         runs = [_run(inputs, gout, backend="kernel")[1] for _ in range(3)]
@@ -79,6 +82,12 @@ def test_deterministic_mode_is_bitwise_reproducible():
             assert torch.equal(a, b)
     for a, b in zip(runs[0], fast):
         assert rel_err(a, b) < 1e-5
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    rng = random.Random()
+    _check_deterministic(_to(make_wave_inputs(rng, batch=2, height=37, width=45, dim=8, dstate=16, groups=1), "cuda",
+                             torch.float32))
 
 
 def test_non_default_stream_and_graph_replay():
@@ -188,20 +197,22 @@ def test_short_rows_read_strided_inputs():
 
 def test_short_rows_deterministic_in_channel_chunks(monkeypatch):
     # Deterministic short-row backward: per-block dB partials, channels run in chunks of 16 (forced small).
-    wave_module = importlib.import_module("ssm2d_nn.ops.wavefront2d")  # the module, not the function
     rng = random.Random()
     b, h, w, e, n = 8, 10, 20, 48, 16
     inputs = _to(make_wave_inputs(rng, batch=b, height=h, width=w, dim=e, dstate=n, groups=1), "cuda", torch.float32)
-    gout = torch.randn(inputs["u"].shape, device="cuda")
-    _, fast = _run(inputs, gout, backend="kernel")
-    monkeypatch.setattr(wave_module, "DETERMINISTIC_WORKSPACE_BYTES", 20 * 3 * b * h * w * n * 4)  # 16-channel chunks
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [_run(inputs, gout, backend="kernel")[1] for _ in range(3)]
-    finally:
-        torch.use_deterministic_algorithms(False)
-    for later in runs[1:]:
-        for a, c in zip(runs[0], later):
-            assert torch.equal(a, c)
-    for a, c in zip(runs[0], fast):
-        assert rel_err(a, c) < 1e-5
+    _check_deterministic(inputs, monkeypatch, chunk_bytes=20 * 3 * b * h * w * n * 4)  # 16-channel chunks
+
+
+@pytest.mark.parametrize("origin", ["tl", "br"])
+def test_column_strips(origin):
+    # N <= 16 with rows longer than 64 cells, or too few (batch, 16-channel) blocks, runs the forward as
+    # column strips pipelined across blocks: strip widths 16 / 32 / 64, a ragged last strip, channel
+    # tails, groups, and (8 x 4 blocks x 125 strips) more blocks than the GPU holds at once.
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    for b, h, w, e, n, g in [(1, 33, 64, 64, 16, None), (2, 20, 333, 40, 16, None), (1, 9, 1000, 32, 5, 2),
+                             (3, 17, 130, 16, 16, 1), (8, 6, 2000, 64, 4, 4), (1, 70, 17, 8, 16, None)]:
+        cfg = dict(batch=b, height=h, width=w, dim=e, dstate=n, groups=g)
+        _check(make_wave_inputs(rng, **cfg), torch.float32, 1e-5, 1e-4, (seed, cfg), origin=origin)
+    _check(make_wave_inputs(rng, batch=1, height=48, width=256, dim=64, dstate=16), torch.bfloat16, 2e-2, 5e-2,
+           (seed, "bf16 48x256"), origin=origin)

@@ -520,6 +520,23 @@ __global__ void __launch_bounds__(128) scan2d_fwd_solo_kernel(Scan2dProblem p, S
   }
 }
 
+// The operands of a lane's CPL columns of band m of a 1-row grid (N == 1); columns past the end read
+// the last one (in range; their results are not used).
+template <typename T, int CPL>
+__device__ __forceinline__ void load_row_band(SoloRow<T, CPL>& r, const Plane<const T>& pd, const Plane<const T>& pu,
+                                              const Plane<const T>& pz, const Plane<const T>& pB,
+                                              const Plane<const T>& pC, int64_t m, int lane, int64_t W) {
+#pragma unroll
+  for (int k = 0; k < CPL; ++k) {
+    const int64_t j = min(m * 32 * CPL + lane * CPL + k, W - 1);
+    r.d[k] = pd.at(0, j);
+    r.u[k] = pu.at(0, j);
+    r.z[k] = pz.at(0, j);
+    r.B[k] = pB.at(0, j);
+    r.C[k] = pC.at(0, j);
+  }
+}
+
 // N == 1 and H == 1 (VMamba's 1D routes): a warp walks its whole row band after band, the carry
 // handed from band to band in a register: no band summaries, and every (batch, channel) in flight.
 template <typename T, int CPL>
@@ -539,17 +556,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
   const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
   const Plane<T> out = plane<T>(o.out, b, d, 0);
   SoloRow<T, CPL> cur, nxt;
-  auto load_band = [&](int64_t m) {
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      const int64_t j = min(m * BW + lane * CPL + k, W - 1);
-      nxt.d[k] = pd.at(0, j);
-      nxt.u[k] = pu.at(0, j);
-      nxt.z[k] = pz.at(0, j);
-      nxt.B[k] = pB.at(0, j);
-      nxt.C[k] = pC.at(0, j);
-    }
-  };
+  auto load_band = [&](int64_t m) { load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W); };
   load_band(0);
   float carry = 0.f;
   float* saved = o.carries ? o.carries + (b * p.dim + d) * L.nb : nullptr;  // G entering each band
@@ -965,20 +972,12 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
     return j < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
   };
 
-  // 2. Right to left, band by band.
   SoloRow<T, CPL> cur, nxt;
-  T gcur[CPL], gnxt[CPL];
+  T gcur[CPL], gnxt[CPL];  // dout
   auto load_band = [&](int64_t m) {
+    load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W);
 #pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      const int64_t j = min(m * BW + lane * CPL + k, W - 1);
-      nxt.d[k] = pd.at(0, j);
-      nxt.u[k] = pu.at(0, j);
-      nxt.z[k] = pz.at(0, j);
-      nxt.B[k] = pB.at(0, j);
-      nxt.C[k] = pC.at(0, j);
-      gnxt[k] = pg.at(0, j);
-    }
+    for (int k = 0; k < CPL; ++k) gnxt[k] = pg.at(0, min(m * BW + lane * CPL + k, W - 1));
   };
   load_band(nb - 1);
   float cR = 0.f, dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
@@ -989,10 +988,12 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
     if (m > 0) load_band(m - 1);
     const int64_t j0 = m * BW + lane * CPL;
     const float cin = car[m];
-    float dt[CPL], a[CPL], x[CPL], ef[CPL], xr[CPL], er[CPL], lamV[CPL], dy[CPL], gz[CPL];
+    float dt[CPL], a[CPL], x[CPL], ef[CPL], xr[CPL], er[CPL], lamV[CPL], dy[CPL], gz[CPL], dsp[CPL];
 #pragma unroll
     for (int k = 0; k < CPL; ++k) {
       dt[k] = dt_of(cur.d[k], j0 + k);
+      // d softplus(v)/dv = sigmoid(v), from v itself: two MUFU operations, no cancellation.
+      dsp[k] = p.softplus ? 1.f / (1.f + __expf(-(to_f(cur.d[k]) + bias))) : 1.f;
       a[k] = exp2f(dt[k] * A2);
       x[k] = dt[k] * to_f(cur.u[k]) * to_f(cur.B[k]);
       const float go = j0 + k < W ? to_f(gcur[k]) : 0.f;
@@ -1035,8 +1036,7 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
       }
       if (!in) continue;
       dA_acc = fmaf(q, dt[k], dA_acc);
-      // d softplus(v)/dv = sigmoid(v) = 1 - exp(-softplus(v)); ~1 in the identity branch (v > 20).
-      const float ddelta = p.softplus ? ddt * -expm1f(-dt[k]) : ddt;
+      const float ddelta = ddt * dsp[k];
       dbias_acc += ddelta;
       dD_acc = fmaf(dy[k], uv, dD_acc);
       if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, dy[k], lamH * bv * dt[k]));

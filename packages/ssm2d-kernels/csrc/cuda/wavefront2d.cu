@@ -507,22 +507,64 @@ __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefe
 // per row. A block of 256 threads takes 16 channels of one batch item, so it stages each row of
 // u, dT, dL (16 adjacent channels: coalesced in the channels-last layout) and of BT, BL, C (shared
 // by all 16 channels, which must lie in one group) once, double-buffered: row i+1 is loaded into
-// registers while row i is scanned. y = sum_n C h is reduced with 4 xor-shuffles in the half-warp.
+// registers while row i is scanned. y = sum_n C h is reduced over the half-warp, 4 columns at once.
+//
+// Column strips. The same kernel runs rows longer than 64 cells, or batches with too few blocks to
+// fill the GPU, as strips of WMAX columns pipelined across blocks: the block of strip k runs row i
+// once the block of strip k-1 has published h at its last column for row i (a flag per strip, the
+// carries in the workspace), so strip k trails strip k-1 by about one row: H + strips row steps in
+// all. Blocks take their strip from a ticket counter in strip order, so a block only ever waits on
+// blocks that started before it (no deadlock, however many blocks are resident).
 constexpr int kSmallChannels = 16;
 constexpr int kSmallThreads = 256;
 constexpr int kSmallArrays = 8;  // dT, dL, dT*u, dL*u, D*u (per channel); BT, BL, C (per state)
 
 __host__ __device__ __forceinline__ int small_pitch(int wmax) { return wmax + 4; }  // 16-byte rows, banks shifted
 
+// The strips of one forward call and their synchronisation (strips == 1: whole rows, none).
+struct StripSync {
+  int64_t strips = 1;
+  unsigned* flags = nullptr;  // [0]: ticket counter; [1 + item*strips + k]: rows strip k has published
+  float* carry = nullptr;     // [item][strip < strips-1][row][256 lanes]: h at the strip's last column
+};
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 template <typename T, int WMAX>
-__global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2dProblem p, Grid out, int64_t b0) {
+__global__ void __launch_bounds__(kSmallThreads, 2)
+    wave_fwd_small_kernel(Wave2dProblem p, Grid out, int64_t b0, StripSync ss) {
   constexpr int WP = WMAX + 4, ROWS = kSmallChannels * WP, BUF = kSmallArrays * ROWS;
   constexpr int PER = (kSmallChannels * WMAX + kSmallThreads - 1) / kSmallThreads;  // staged values per thread
   extern __shared__ __align__(16) float smem[];
   float* s_y = smem + 2 * BUF;  // [2][channel][column]
   const int tid = threadIdx.x, lane = tid & 31, n = lane & 15, c = tid >> 4;
-  const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kSmallChannels, b = blockIdx.y + b0;
-  const int64_t H = p.height, W = p.width, E = p.dim, N = p.dstate;
+  const int64_t H = p.height, E = p.dim, N = p.dstate, nEb = (E + kSmallChannels - 1) / kSmallChannels;
+  int64_t eb = blockIdx.x, b = blockIdx.y + b0, strip = 0;
+  if (ss.strips > 1) {  // strip-major tickets: every block of strip k starts after those of strip k-1
+    __shared__ unsigned s_ticket;
+    if (tid == 0) s_ticket = atomicAdd(ss.flags, 1u);
+    __syncthreads();
+    const int64_t t = s_ticket, items = p.batch * nEb;
+    strip = t / items;
+    b = (t % items) / nEb;
+    eb = t % nEb;
+  }
+  const int64_t item = b * nEb + eb, jb = strip * WMAX;  // jb: the strip's first column
+  const int64_t W = min(static_cast<int64_t>(WMAX), p.width - jb);  // columns of this strip
+  const int64_t e0 = eb * kSmallChannels;
+  const bool has_left = strip > 0, has_right = strip + 1 < ss.strips;
+  const unsigned* flag_left = has_left ? ss.flags + 1 + item * ss.strips + strip - 1 : nullptr;
+  unsigned* flag_self = ss.flags + 1 + item * ss.strips + strip;
+  const float* carry_left = has_left ? ss.carry + ((item * (ss.strips - 1) + strip - 1) * H) * kSmallThreads + tid
+                                     : nullptr;
+  float* carry_self = has_right ? ss.carry + ((item * (ss.strips - 1) + strip) * H) * kSmallThreads + tid : nullptr;
   const int64_t e = e0 + c;
   const bool has_e = e < E, active = has_e && n < N;
   const int64_t g = e0 / (E / p.groups);
@@ -538,12 +580,13 @@ __global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2d
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       const int64_t ek = e0 + k;
       const bool okc = j < W && ek < E, oks = j < W && k < N;
-      r_u[r] = okc ? ld<T>(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + j * p.u.sj) : 0.f;
-      r_t[r] = okc ? ld<T>(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + j * p.dT.sj) : 0.f;
-      r_l[r] = okc ? ld<T>(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + j * p.dL.sj) : 0.f;
-      r_bt[r] = oks ? ld<T>(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + j * p.BT.sj) : 0.f;
-      r_bl[r] = oks ? ld<T>(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + j * p.BL.sj) : 0.f;
-      r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + j * p.C.sj) : 0.f;
+      const int64_t jg = jb + j;
+      r_u[r] = okc ? ld<T>(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + jg * p.u.sj) : 0.f;
+      r_t[r] = okc ? ld<T>(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + jg * p.dT.sj) : 0.f;
+      r_l[r] = okc ? ld<T>(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + jg * p.dL.sj) : 0.f;
+      r_bt[r] = oks ? ld<T>(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + jg * p.BT.sj) : 0.f;
+      r_bl[r] = oks ? ld<T>(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + jg * p.BL.sj) : 0.f;
+      r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + jg * p.C.sj) : 0.f;
     }
   };
   // A thread stages the same channel (tid % 16) in every row: its D is read once.
@@ -578,11 +621,18 @@ __global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2d
     // Border rule of SCANS.md: first row left only, first column top only, else the average.
     const float cLr = i == 0 ? 1.f : 0.5f, cTr = i == 0 ? 0.f : 0.5f;
     const bool origin_top = i == 0 && p.origin_top;
-    float hl = 0.f;
 #pragma unroll
     for (int r = 0; r < PER; ++r) {  // out's row i is read back after the row: ask for it now
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
-      if (j < W && e0 + k < E) prefetch_l1(fplane(out, b, e0 + k, 0, i, j));
+      if (j < W && e0 + k < E) prefetch_l1(fplane(out, b, e0 + k, 0, i, jb + j));
+    }
+    float hl = 0.f;  // h left of the strip's first column
+    if (has_left) {
+      for (int64_t spin = 0; ld_acquire(flag_left) <= static_cast<unsigned>(i); ++spin) {
+        if (spin > (int64_t{1} << 32)) __trap();  // a lost predecessor: fail, never hang
+        __nanosleep(32);
+      }
+      hl = __ldcg(carry_left + i * kSmallThreads);
     }
 #pragma unroll
     for (int j0 = 0; j0 < WMAX; j0 += 4) {
@@ -598,7 +648,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2d
       for (int k = 0; k < 4; ++k) {
         const int j = j0 + k;
         float cL = cLr, cT = cTr;
-        if (j == 0) {
+        if (j == 0 && !has_left) {
           cL = origin_top ? 0.f : (i == 0 ? 1.f : 0.f);
           cT = origin_top ? 1.f : (i == 0 ? 0.f : 1.f);
         }
@@ -614,15 +664,20 @@ __global__ void __launch_bounds__(kSmallThreads, 2) wave_fwd_small_kernel(Wave2d
         ybuf[c * WP + j] = y + buf[4 * ROWS + c * WP + j];
       }
     }
+    if (has_right) {  // h at the strip's last column, for the strip on the right
+      carry_self[i * kSmallThreads] = hrow[WMAX - 1];
+      __threadfence();
+    }
     if (i + 1 < H) store_row(smem + ((i + 1) & 1) * BUF);
     __syncthreads();
+    if (has_right && tid == 0) st_release(flag_self, static_cast<unsigned>(i + 1));
     // out += y for row i, 16 adjacent channels per column together.
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       const int64_t ek = e0 + k;
       if (j < W && ek < E) {
-        float* o = fplane(out, b, ek, 0, i, j);
+        float* o = fplane(out, b, ek, 0, i, jb + j);
         *o += ybuf[k * WP + j];
       }
     }
@@ -945,24 +1000,69 @@ void bwd_small_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream
   else bwd_small_launch<T, 64, Det>(p, a, s);
 }
 
+// The forward's lanes (a half-warp per channel, a lane per state) fit N <= 16 with each block's 16
+// channels in one group. Whole rows when they have at most 64 cells and the batch has enough blocks;
+// else strips of 64, 32 or 16 columns, the widest that still gives kStripBlocks blocks.
+constexpr int64_t kStripBlocks = 264;  // two blocks per SM of a 132-SM GPU
+
+bool lanes_fit(const Wave2dProblem& p) {
+  return p.dstate <= 16 && (p.groups == 1 || (p.dim / p.groups) % kSmallChannels == 0);
+}
+
+struct StripPlan {
+  int wmax = 64;
+  int64_t strips = 1;
+};
+
+StripPlan strip_plan(const Wave2dProblem& p) {
+  if (small_rows_fit(p)) return {p.width <= 16 ? 16 : p.width <= 32 ? 32 : 64, 1};
+  const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
+  for (int sw : {64, 32})
+    if (items * ((p.width + sw - 1) / sw) >= kStripBlocks) return {sw, (p.width + sw - 1) / sw};
+  return {16, (p.width + 15) / 16};
+}
+
+// Flags (a ticket counter, then one per (item, strip)) and carries, in floats of the workspace.
+int64_t strip_flag_floats(const Wave2dProblem& p, const StripPlan& sp) {
+  return 1 + p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels) * sp.strips;
+}
+int64_t strip_workspace_floats(const Wave2dProblem& p, const StripPlan& sp) {
+  if (sp.strips == 1) return 0;
+  const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
+  return strip_flag_floats(p, sp) + items * (sp.strips - 1) * p.height * kSmallThreads;
+}
+
 template <typename T, int WMAX>
-void fwd_small_launch(const Wave2dProblem& p, const Grid& out, cudaStream_t stream) {
+void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& sp, cudaStream_t stream) {
   const size_t smem = (2 * kSmallArrays + 2) * static_cast<size_t>(kSmallChannels * small_pitch(WMAX)) * sizeof(float);
   auto kernel = wave_fwd_small_kernel<T, WMAX>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const unsigned ch_blocks = static_cast<unsigned>((p.dim + kSmallChannels - 1) / kSmallChannels);
+  const int64_t ch_blocks = (p.dim + kSmallChannels - 1) / kSmallChannels;
+  if (sp.strips > 1) {
+    StripSync ss;
+    ss.strips = sp.strips;
+    ss.flags = reinterpret_cast<unsigned*>(p.workspace);
+    ss.carry = p.workspace + strip_flag_floats(p, sp);
+    SSM2D_CUDA_CHECK(cudaMemsetAsync(ss.flags, 0, strip_flag_floats(p, sp) * sizeof(float), stream));
+    const int64_t blocks = p.batch * ch_blocks * sp.strips;
+    if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_forward: too many (batch, channel, strip) blocks");
+    kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, out, 0, ss);
+    SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
+    return;
+  }
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
-    dim3 grid(ch_blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0);
+    dim3 grid(static_cast<unsigned>(ch_blocks), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, StripSync{});
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
   }
 }
 
 template <typename T>
 void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
-  if (p.width <= 16) fwd_small_launch<T, 16>(p, out, s);
-  else if (p.width <= 32) fwd_small_launch<T, 32>(p, out, s);
-  else fwd_small_launch<T, 64>(p, out, s);
+  const StripPlan sp = strip_plan(p);
+  if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s);
+  else if (sp.wmax == 32) fwd_small_launch<T, 32>(p, out, sp, s);
+  else fwd_small_launch<T, 64>(p, out, sp, s);
 }
 
 
@@ -1036,7 +1136,7 @@ void bwd_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_
 
 template <typename T>
 void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
-  if (small_rows_fit(p)) return fwd_small_t<T>(p, out, s);
+  if (lanes_fit(p)) return fwd_small_t<T>(p, out, s);
   switch (segment_for(p.width)) {
     case 4: fwd_launch<T, 4>(p, out, s); break;
     case 16: fwd_launch<T, 16>(p, out, s); break;
@@ -1067,7 +1167,7 @@ int wavefront2d_max_states(int64_t width) {
 }
 
 int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p) {
-  if (small_rows_fit(p)) return 0;
+  if (lanes_fit(p)) return strip_workspace_floats(p, strip_plan(p));
   return p.states_per_block > 0 ? (chunks_of(p) - 1) * cells_of(p) : 0;
 }
 
@@ -1087,8 +1187,8 @@ int64_t wavefront2d_workspace_floats(int64_t batch, int64_t dim, int64_t dstate,
 
 void wavefront2d_forward(const Wave2dProblem& p, const Grid& out) {
   check_problem(p, "wavefront2d_forward");
-  if (chunks_of(p) > 1 && !small_rows_fit(p) && !p.workspace)
-    throw ArgumentError("wavefront2d_forward: the float32 workspace is required when states run in chunks");
+  if (wavefront2d_forward_workspace_floats(p) > 0 && !p.workspace)
+    throw ArgumentError("wavefront2d_forward: the float32 workspace (wavefront2d_workspace_floats) is required here");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   switch (p.dtype) {

@@ -62,11 +62,12 @@ def states_per_block(batch: int, dim: int, dstate: int, height: int, width: int,
 
 def wavefront2d_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int, device: int = 0,
                                  backward: bool = True, groups: int = 1) -> int:
-    """float32 scratch of a CUDA call, for the grid as scanned (after any transpose). Rows of at most
-    64 cells (N <= 16, enough blocks of 16 channels): none forward; backward, row checkpoints every
-    8 rows plus one 8-row segment per (batch, 16 channels, 16 states). Longer rows: (chunks - 1)
-    per-cell partials per per-cell output (1 forward, 3 backward), plus in the backward the row
-    checkpoints (every CHECKPOINT rows) and one segment of rows per (batch, channel, state)."""
+    """float32 scratch of a CUDA call, for the grid as scanned (after any transpose). N <= 16 (each
+    block's 16 channels in one group): forward, the column strips' flags and carries (none when whole
+    rows run); backward with rows of at most 64 cells and enough blocks, row checkpoints every 8 rows
+    plus one 8-row segment per (batch, 16 channels, 16 states). Otherwise (chunks - 1) per-cell
+    partials per per-cell output (1 forward, 3 backward), plus in the backward the row checkpoints
+    (every CHECKPOINT rows) and one segment of rows per (batch, channel, state)."""
     if device < 0:
         return 0
     rows, w = scanned_hw(height, width, device)

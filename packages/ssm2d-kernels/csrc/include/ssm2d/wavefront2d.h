@@ -16,10 +16,12 @@ void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& g);
 namespace cuda {
 // Longest logical row the CUDA kernels hold in registers (32 lanes x 64 columns).
 constexpr int64_t kWave2dMaxWidth = 2048;
-// float32 scratch of a CUDA call. Rows of at most 64 cells (16 channels per block): none forward;
-// backward, row checkpoints every 8 rows and one 8-row segment per (batch, 16 channels, 16 states).
-// Longer rows: the forward's holds the per-cell partials of state chunks after the first; the
-// backward's three such partials plus row checkpoints and one 32-row segment per state.
+// float32 scratch of a CUDA call. N <= 16 (16 channels of one group per block): the forward's
+// strip flags and carries, batch*ceil(E/16)*((strips - 1)*H*256 + strips) + 1 floats (none when
+// whole rows run); with rows of at most 64 cells and enough blocks the backward's row checkpoints
+// every 8 rows and one 8-row segment per (batch, 16 channels, 16 states). Otherwise: the forward's
+// per-cell partials of state chunks after the first; the backward's three such partials plus row
+// checkpoints and one 32-row segment per state.
 int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p);
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p);
 // The same from the sizes of the grid as scanned (after any transpose).
