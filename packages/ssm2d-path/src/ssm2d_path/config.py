@@ -97,7 +97,7 @@ class TrainConfig:
     not given in the config take; the keys given always win."""
 
     epochs: int = 40
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-2
     accumulation: int = 1
     scheduler: Literal["cosine", "constant"] = "cosine"
@@ -108,7 +108,7 @@ class TrainConfig:
     alpha: float = 0.0
     max_grad_norm: Optional[float] = None
     patience: Optional[int] = 10  # early stopping: epochs without a better selection score (null: off)
-    min_epochs: int = 5  # never stop early before this epoch
+    min_epochs: int = 10  # never stop early before this epoch
     dihedral: bool = True  # augmentation: a random flip / 90-degree rotation of each training slide's grid
     crop: float = 1.0  # augmentation: keep a random window of at least this fraction of each grid side (1: off)
     feature_noise: float = 0.5  # augmentation: Gaussian noise, std as a fraction of the per-dimension std (0: off)
