@@ -36,7 +36,7 @@ def test_recipe_fills_only_the_keys_not_given_and_is_recorded():
     assert paper.to_dict()["train"]["recipe"] == "paper"
     default = parse_config({"model": {"name": "abmil"}})
     assert default.train.recipe == "default" and default.resolved_selection() == "val_loss"
-    assert default.train.dihedral and default.train.patience == 10
+    assert default.train.dihedral and default.train.patience == 15
     # the run config (what results.json, checkpoints and manifests record) names the recipe
     assert run_config(default, feature_dim=4)["train"]["recipe"] == "default"
     assert run_config(paper, feature_dim=4)["train"]["recipe"] == "paper"

@@ -107,8 +107,8 @@ class TrainConfig:
     loss: Literal["auto", "ce", "nll", "cox"] = "auto"
     alpha: float = 0.0
     max_grad_norm: Optional[float] = None
-    patience: Optional[int] = 10  # early stopping: epochs without a better selection score (null: off)
-    min_epochs: int = 10  # never stop early before this epoch
+    patience: Optional[int] = 15  # early stopping: epochs without a better selection score (null: off)
+    min_epochs: int = 20  # never stop early before this epoch
     dihedral: bool = True  # augmentation: a random flip / 90-degree rotation of each training slide's grid
     crop: float = 1.0  # augmentation: keep a random window of at least this fraction of each grid side (1: off)
     feature_noise: float = 0.5  # augmentation: Gaussian noise, std as a fraction of the per-dimension std (0: off)

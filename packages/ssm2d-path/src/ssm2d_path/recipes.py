@@ -33,7 +33,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "default": Recipe(
         train={"epochs": 40, "lr": 2e-3, "weight_decay": 1e-2, "scheduler": "cosine", "warmup_epochs": 1.0,
-               "min_lr": 0.0, "selection": "val_loss", "patience": 10, "min_epochs": 10,
+               "min_lr": 0.0, "selection": "val_loss", "patience": 15, "min_epochs": 20,
                "dihedral": True, "crop": 1.0, "feature_noise": 0.5},
         model={},
         about="model selection and early stopping on the validation loss, weight decay 1e-2, random flips "
