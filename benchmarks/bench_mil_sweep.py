@@ -209,11 +209,15 @@ def plot_curves(curves: dict, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def _fmt(v: Sequence[float]) -> str:
-    return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if len(v) else "-"
+def _fmt(v: Sequence[float], k: Optional[int] = None) -> str:
+    """mean ± std; "(n of k folds)" when fewer than ``k`` folds finished."""
+    if not len(v):
+        return "-"
+    part = f" ({len(v)} of {k} folds)" if k is not None and len(v) < k else ""
+    return f"{np.mean(v):.3f} ± {np.std(v):.3f}{part}"
 
 
-def markdown(summary: dict, models: Sequence[str], levels: Sequence[str]) -> str:
+def markdown(summary: dict, models: Sequence[str], levels: Sequence[str], k: Optional[int] = None) -> str:
     """The table: one row per level, test AUC mean ± std over folds per model and the oracle."""
     head = "| level | cohort | " + " | ".join(models) + " | oracle |\n"
     head += "|---" * (len(models) + 3) + "|\n"
@@ -223,7 +227,7 @@ def markdown(summary: dict, models: Sequence[str], levels: Sequence[str]) -> str
         spec = s["spec"]
         desc = (f"{spec['adjacent']} of {spec['motifs']} adjacent, noise {spec['noise']:g}, {spec['dim']}-d, "
                 f"{spec['slides']} slides of {spec['patches'][0]}-{spec['patches'][1]}")
-        cells = [_fmt(s["models"][m]["test_auc"]) if m in s["models"] else "-" for m in models]
+        cells = [_fmt(s["models"][m]["test_auc"], k) if m in s["models"] else "-" for m in models]
         rows.append(f"| {lv} | {desc} | " + " | ".join(cells) + f" | {_fmt(s['oracle'])} |")
     return head + "\n".join(rows) + "\n"
 
@@ -238,9 +242,10 @@ def _commit() -> str:
 
 def run_sweep(out: Path, work: Path, levels: Sequence[str], models: Sequence[str], *, k: int = 5,
               recipe: Optional[str] = None, slides: Optional[int] = None, seed: int = 0, threads: int = 1,
-              overrides: Sequence[str] = (), small: bool = True, tag: str = "") -> dict:
+              overrides: Sequence[str] = (), small: bool = True, tag: str = "", train: bool = True) -> dict:
     """Generate each level's cohort, cross-validate ``models`` on it through the CLI, score the oracle,
-    and write the table, curves and attention summary into ``out``. Returns the summary."""
+    and write the table, curves and attention summary into ``out``. With ``train`` False nothing is
+    trained: the table holds the folds already finished in ``work``. Returns the summary."""
     from ssm2d_path.manifest import write_json_atomic
     from ssm2d_nn.fileio import atomic_output
 
@@ -268,25 +273,30 @@ def run_sweep(out: Path, work: Path, levels: Sequence[str], models: Sequence[str
                 args = ["crossval", "--config", str(cfg)]
                 for o in overrides:
                     args += ["--set", o]
-                _cli(args, log, threads)
+                if train:
+                    _cli(args, log, threads)
                 folds = fold_results(run_dir)
+                if not folds:
+                    print(f"[sweep] {lv} / {m}: no finished fold", flush=True)
+                    continue
                 entry["models"][m] = {
                     "test_auc": [f["test"]["auc"] for f in folds], "val_auc": [f["val"].get("auc") for f in folds],
                     "reported_epoch": [f["reported_epoch"] for f in folds],
                     "epochs_run": [len(f["history"]) for f in folds], "recipe": folds[0].get("recipe"),
                     "run_config": folds[0].get("run_config", {}).get("train"),
-                    "history": {f["fold"]: f["history"] for f in folds}, "seconds": time.time() - t0}
+                    "history": {f["fold"]: f["history"] for f in folds},
+                    "train_seconds": float(sum(f.get("seconds", float("nan")) for f in folds))}
                 curves[m] = loss_curves(folds)
                 if m in SSM_2D:
                     entry["models"][m]["attention"] = attention_on_motifs(run_dir, cohort, split_dir, k)
-                print(f"[sweep] {lv} / {m}: test AUC {_fmt(entry['models'][m]['test_auc'])} "
+                print(f"[sweep] {lv} / {m}: test AUC {_fmt(entry['models'][m]['test_auc'], k)} "
                       f"({time.time() - t0:.0f} s)", flush=True)
             entry["curves"] = curves
             if curves:
                 plot_curves(curves, out / f"curves_{lv}{tag}.png", f"{lv}: training (solid) and validation (dashed) loss")
             summary[lv] = entry
             write_json_atomic(out / f"results{tag}.json", summary)
-    table = markdown(summary, models, levels)
+    table = markdown(summary, models, levels, k)
     recipes = sorted({str(e["models"][m]["recipe"]) for e in summary.values() for m in e["models"]})
     att_lines = ["| level | model | attention on pair cells (x uniform) | on all motif cells (x uniform) | "
                  "rank percentile of pair cells |", "|---|---|---|---|---|"]
@@ -322,6 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-sizes", choices=("small", "published"), default="small",
                    help="small: the demo's sizes (dim 32); published: each model's constructor defaults")
+    p.add_argument("--tabulate-only", action="store_true",
+                   help="train nothing: tabulate the folds already finished in --work")
     p.add_argument("--tag", default="", help="suffix of this sweep's runs and files (several recipes in one folder)")
     p.add_argument("--out", default=None)
     p.add_argument("--work", default=None)
@@ -330,7 +342,8 @@ def main(argv=None) -> int:
         f"{_dt.date.today().isoformat()}-cpu-mil-sweep-{_commit()}")
     work = Path(a.work) if a.work else out / "work"
     run_sweep(out, work, a.levels, a.models, k=a.k, recipe=a.recipe, slides=a.slides, seed=a.seed,
-              threads=a.threads, overrides=a.set, small=a.model_sizes == "small", tag=a.tag)
+              threads=a.threads, overrides=a.set, small=a.model_sizes == "small", tag=a.tag,
+              train=not a.tabulate_only)
     return 0
 
 

@@ -119,8 +119,15 @@ def test_sweep_through_the_cli(tmp_path):
     try:
         summary = sweep.run_sweep(out, tmp_path / "work", ["tiny"], ["2dmambamil", "abmil"], k=2,
                                   overrides=["train.epochs=2", "train.min_epochs=1"])
+        table_md = (out / "table.md").read_text()
+        # tabulating again trains nothing and gives the same table; a model never run is left out
+        again = sweep.run_sweep(tmp_path / "again", tmp_path / "work", ["tiny"], ["2dmambamil", "abmil", "transmil"],
+                                k=2, overrides=["train.epochs=2", "train.min_epochs=1"], train=False)
     finally:
         del sweep.LEVELS["tiny"]
+    assert not (tmp_path / "work" / "tiny" / "runs" / "transmil").exists() and "transmil" not in again["tiny"]["models"]
+    assert again["tiny"]["models"]["abmil"]["test_auc"] == summary["tiny"]["models"]["abmil"]["test_auc"]
+    assert (tmp_path / "again" / "table.md").read_text().replace("| - |", "|").count("±") == table_md.count("±")
     entry = summary["tiny"]
     assert len(entry["oracle"]) == 2
     for m in ("2dmambamil", "abmil"):
