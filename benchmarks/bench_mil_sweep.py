@@ -205,7 +205,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> Path:
         ax.set_xlabel("epoch")
     axes[0][0].set_ylabel("cross-entropy (mean over folds)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1.04)
     return _save(fig, path)
 
 
