@@ -23,8 +23,9 @@ def test_defaults_overrides_and_yaml_file(tmp_path):
                  "model:\n  name: abmil\noutput: {dir: out}\n")
     cfg = load_config(p, ["train.epochs=5", "train.lr=2e-4", "data.level=patient"], check_model=False)
     assert cfg.train.epochs == 5 and cfg.train.lr == pytest.approx(2e-4) and cfg.data.level == "patient"
-    assert cfg.train.weight_decay == pytest.approx(1e-5) and cfg.data.n_bins == 4
-    assert cfg.resolved_selection() == "val_cindex" and cfg.model.name == "abmil"
+    assert cfg.train.weight_decay == pytest.approx(1e-2) and cfg.data.n_bins == 4  # the default recipe's
+    assert cfg.resolved_selection() == "val_loss" and cfg.model.name == "abmil"
+    assert load_config(p, ["train.recipe=paper"], check_model=False).resolved_selection() == "val_cindex"
     assert isinstance(parse_config({"train": {"lr": 1}}, check_model=False).train.lr, float)
     again = parse_config(cfg.to_dict(), check_model=False)
     assert again == cfg

@@ -77,6 +77,10 @@ def test_demo_quick_end_to_end_and_commands_on_its_data(tmp_path, capsys):
     assert m["config"]["demo"] is True and m["seeds"]["demo"] == 0 and len(m["inputs"]["labels"]) == 2
     fold = json.loads((out / "classification" / "2dmambamil" / "fold_0" / "manifest.json").read_text())
     assert fold["scan_backend"] in ("kernel", "reference")
+    # the demo trains with its own measured setting (no augmentation), recorded with the recipe it overrides
+    train = json.loads((out / "classification" / "2dmambamil" / "fold_0" / "results.json").read_text())["run_config"]["train"]
+    assert train["dihedral"] is False and train["feature_noise"] == 0.0 and train["recipe"] == "default"
+    assert train["lr"] == pytest.approx(2e-3) and train["selection"] == "last"
     pred = pd.read_csv(out / "survival" / "abmil" / "fold_0" / "predictions_test.csv")
     assert {"bag_id", "time", "censorship", "risk", "surv_3"} <= set(pred.columns)
 

@@ -93,20 +93,29 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
+    """Training settings. ``recipe`` names the set of defaults (:mod:`ssm2d_path.recipes`) that the keys
+    not given in the config take; the keys given always win."""
+
+    epochs: int = 40
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
     accumulation: int = 1
     scheduler: Literal["cosine", "constant"] = "cosine"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
     min_lr: float = 0.0
-    selection: Literal["auto", "val_auc", "val_loss", "val_cindex", "last"] = "auto"
+    selection: Literal["auto", "val_auc", "val_loss", "val_cindex", "last"] = "val_loss"
     loss: Literal["auto", "ce", "nll", "cox"] = "auto"
     alpha: float = 0.0
     max_grad_norm: Optional[float] = None
+    patience: Optional[int] = 15  # early stopping: epochs without a better selection score (null: off)
+    min_epochs: int = 20  # never stop early before this epoch
+    dihedral: bool = True  # augmentation: a random flip / 90-degree rotation of each training slide's grid
+    crop: float = 1.0  # augmentation: keep a random window of at least this fraction of each grid side (1: off)
+    feature_noise: float = 0.5  # augmentation: Gaussian noise, std as a fraction of the per-dimension std (0: off)
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    recipe: str = "default"  # the named defaults of the keys not given (ssm2d_path.recipes): default | paper
 
 
 @dataclass
@@ -324,6 +333,7 @@ def parse_config(raw: Any, *, check_model: bool = True) -> Config:
     for key in raw:
         if key not in allowed:
             raise ConfigError(f"{key}: unknown section; allowed sections: {', '.join(allowed)}")
+    raw = _with_recipe(raw)
     cfg = Config(**{k: _section(cls, raw.get(k), k) for k, cls in _SECTIONS.items()})
     m = raw.get("model") or {}
     if not isinstance(m, dict):
@@ -337,6 +347,27 @@ def parse_config(raw: Any, *, check_model: bool = True) -> Config:
         check_model_kwargs(cfg.model.name, cfg.model.kwargs)
     _check_values(cfg)
     return cfg
+
+
+def _model_accepts(name: str, key: str) -> bool:
+    try:
+        keys = _constructor_keys(model_class(name))
+    except ConfigError:
+        return False  # the model check reports the unknown name
+    return keys is None or key in keys
+
+
+def _with_recipe(raw: dict) -> dict:
+    """``raw`` with the values of its ``train.recipe`` (:mod:`ssm2d_path.recipes`) where it gives none."""
+    from .recipes import apply_recipe
+
+    recipe = (raw.get("train") or {}).get("recipe") if isinstance(raw.get("train"), dict) else None
+    if recipe is not None and not isinstance(recipe, str):
+        raise ConfigError(f"train.recipe: expected a string, got {type(recipe).__name__} {recipe!r}")
+    try:
+        return apply_recipe(raw, accepts=_model_accepts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_finite(cfg: Config) -> None:
@@ -369,6 +400,14 @@ def _check_values(cfg: Config) -> None:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr: must be <= train.lr ({t.lr}), got {t.min_lr}")
+    if t.patience is not None and t.patience < 1:
+        raise ConfigError(f"train.patience: must be >= 1 (or null for no early stopping), got {t.patience}")
+    if t.min_epochs < 1:
+        raise ConfigError(f"train.min_epochs: must be >= 1, got {t.min_epochs}")
+    if not 0.0 < t.crop <= 1.0:
+        raise ConfigError(f"train.crop: must be in (0, 1] (1 keeps the whole grid), got {t.crop}")
+    if t.feature_noise < 0:
+        raise ConfigError(f"train.feature_noise: must be >= 0, got {t.feature_noise}")
     if t.max_grad_norm is not None and t.max_grad_norm <= 0:
         raise ConfigError(f"train.max_grad_norm: must be > 0 (or null for no clipping), got {t.max_grad_norm}")
     if not 0.0 <= t.alpha <= 1.0:

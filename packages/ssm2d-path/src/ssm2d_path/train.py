@@ -139,6 +139,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
 
 
+def augment_seed(seed: int, epoch: int, step: int) -> int:
+    """The seed of the augmentation of training step ``step`` of epoch ``epoch`` (0-based): a function
+    of (seed, epoch, step) only, so a resumed run draws the same augmentations."""
+    return (int(seed) * 1_000_003 + int(epoch)) * 1_000_033 + int(step)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of one epoch: a permutation depending on (seed, epoch) only."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
@@ -299,6 +305,9 @@ class Trainer:
         kind = cfg.scheduler
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total, warm, min_ratio, kind))
+        from .augment import BagAugment
+
+        self.augment = BagAugment.from_train_config(cfg)
         self.history: list[dict] = []
         self.best = _Best()
         self.best_state: Optional[dict] = None
@@ -393,7 +402,10 @@ class Trainer:
         for step, idx in enumerate(bar):
             ex = self.train_data[idx]
             target = self.task.target(ex)
-            out = self.model(ex.bag.to(self.device, torch.float32))
+            bag = ex.bag
+            if self.augment is not None:
+                bag = self.augment(bag, seed=augment_seed(cfg.seed, epoch, step))
+            out = self.model(bag.to(self.device, torch.float32))
             window_start = (step // cfg.accumulation) * cfg.accumulation
             window_len = min(cfg.accumulation, n - window_start)
             last_in_window = step == window_start + window_len - 1
@@ -434,7 +446,9 @@ class Trainer:
             log.info("resuming %s after epoch %d", self.out_dir, self.start_epoch)
         else:
             seed_everything(self.cfg.seed)
-        for epoch in range(self.start_epoch, self.cfg.epochs):
+        # A run that stopped early and was interrupted before finishing does not train on.
+        stopped = self.start_epoch > 0 and self.should_stop(self.start_epoch)
+        for epoch in range(self.start_epoch, self.start_epoch if stopped else self.cfg.epochs):
             te = _time.time()
             train_loss = self._train_epoch(epoch)
             record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"]}
@@ -455,7 +469,19 @@ class Trainer:
             log.info("epoch %d: %s", epoch + 1, record)
             for cb in self.callbacks:
                 cb(self, epoch + 1, record)
+            if self.should_stop(epoch + 1):
+                log.info("early stop after epoch %d: no better %s since epoch %s", epoch + 1, self.selection,
+                         self.best.epoch)
+                break
         return self.finish(seconds=_time.time() - t0)
+
+    def should_stop(self, epoch: int) -> bool:
+        """Early stopping: ``train.patience`` epochs after the selected one without a better selection
+        score (never under selection "last", never before ``train.min_epochs``)."""
+        patience = self.cfg.patience
+        if patience is None or self.selection == "last" or self.best.epoch is None:
+            return False
+        return epoch >= self.cfg.min_epochs and epoch - self.best.epoch >= patience
 
     def finish(self, seconds: float = float("nan")) -> dict:
         """Load the selected weights, evaluate val and test, write predictions, model.pt and results.json."""
@@ -463,6 +489,7 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         _atomic_torch_save(self._state_dict_cpu(), self.out_dir / "model.pt")
         results = {"selection": self.selection, "reported_epoch": self.best.epoch, "epochs": self.cfg.epochs,
+                   "epochs_run": len(self.history), "recipe": getattr(self.cfg, "recipe", None),
                    "n_train": len(self.train_data), "n_val": len(self.val_data), "n_test": len(self.test_data),
                    "history": self.history, "seconds": seconds}
         for name, data in (("val", self.val_data), ("test", self.test_data)):
