@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import copy_bandwidth_gbs, gpu_time_ms, header, peak_mib, write_report  # noqa: E402
+from harness import (authors_table, beside_authors, copy_bandwidth_gbs, gpu_time_ms, header, peak_mib,  # noqa: E402
+                     write_report)
 
 from ssm2d_nn.ops import scan2d  # noqa: E402
 
@@ -122,24 +123,12 @@ def main():
     for idx in map(int, args.cases.split(",")):
         name, shape, a_fwd, a_fb, a_mem = CASES[idx]
         r = measure_case(shape, args.fwd_only, not args.no_reference, bw)
-        r.update(case=name, shape=shape, authors_device=AUTHORS_DEVICE, authors_fwd_ms=a_fwd,
-                 authors_fwd_bwd_ms=a_fb, authors_extra_mib=a_mem,
-                 ratio_fwd=a_fwd / r["fwd_ms"] if a_fwd else None,
-                 ratio_fwd_bwd=a_fb / r["fwd_bwd_ms"] if a_fb and r["fwd_bwd_ms"] else None,
-                 fwd_pct_of_floor=100 * r["floor_fwd_ms"] / r["fwd_ms"])
+        r.update(case=name, shape=shape)
+        beside_authors(r, AUTHORS_DEVICE, a_fwd, a_fb, a_mem)
         rows.append(r)
-    f = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
     lines = ["# scan2d benchmark (fp32, softplus, gated, D and delta_bias)", "", header(),
              f"measured copy bandwidth {bw:.0f} GB/s; authors' figures: 2DMamba's kernel on one {AUTHORS_DEVICE} "
-             "(spec ANCHORS.md, first table); ratio = authors' time / ours", "",
-             "| case | fwd ms | fwd+bwd ms | authors fwd / fwd+bwd ms | ratio fwd / fwd+bwd | fwd floor ms (% reached) "
-             "| peak beyond inputs MiB (authors) | reference fwd+bwd ms |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['case']} | {r['fwd_ms']:.3f} | {f(r['fwd_bwd_ms'], '.3f')} | {f(r['authors_fwd_ms'], '')} / "
-                     f"{f(r['authors_fwd_bwd_ms'], '')} | {f(r['ratio_fwd'], '.2f')} / {f(r['ratio_fwd_bwd'], '.2f')} | "
-                     f"{r['floor_fwd_ms']:.4f} ({r['fwd_pct_of_floor']:.0f}%) | {f(r['extra_mib'], '.0f')} "
-                     f"({f(r['authors_extra_mib'], '')}) | {f(r['ref_fwd_bwd_ms'], '.2f')} |")
+             "(spec ANCHORS.md, first table); ratio = authors' time / ours", ""] + authors_table(rows)
     write_report(args.out, "bench_scan2d" + ("_fwd" if args.fwd_only else ""), lines, rows)
 
 

@@ -92,3 +92,27 @@ def write_report(out_dir, name: str, lines: list, rows: list) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     Path(out_dir, f"{name}.md").write_text(text + "\n")
     Path(out_dir, f"{name}.json").write_text(json.dumps(rows, indent=1))
+
+
+def beside_authors(r: dict, authors_device: str, fwd_ms, fwd_bwd_ms, extra_mib) -> dict:
+    """Adds the authors' figures (None: not measured), the ratios authors / ours and the forward's
+    share of its floor to a measured case ``r`` (fwd_ms, fwd_bwd_ms, floor_fwd_ms)."""
+    r.update(authors_device=authors_device, authors_fwd_ms=fwd_ms, authors_fwd_bwd_ms=fwd_bwd_ms,
+             authors_extra_mib=extra_mib, ratio_fwd=fwd_ms / r["fwd_ms"] if fwd_ms else None,
+             ratio_fwd_bwd=fwd_bwd_ms / r["fwd_bwd_ms"] if fwd_bwd_ms and r["fwd_bwd_ms"] else None,
+             fwd_pct_of_floor=100 * r["floor_fwd_ms"] / r["fwd_ms"])
+    return r
+
+
+def authors_table(rows: list) -> list:
+    """The Markdown table of cases measured with ``beside_authors``."""
+    f = lambda v, fmt: "—" if v is None else format(v, fmt)  # noqa: E731
+    lines = ["| case | fwd ms | fwd+bwd ms | authors fwd / fwd+bwd ms | ratio fwd / fwd+bwd | fwd floor ms (% reached) "
+             "| peak beyond inputs MiB (authors) | reference fwd+bwd ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['fwd_ms']:.3f} | {f(r['fwd_bwd_ms'], '.3f')} | {f(r['authors_fwd_ms'], '')} / "
+                     f"{f(r['authors_fwd_bwd_ms'], '')} | {f(r['ratio_fwd'], '.2f')} / {f(r['ratio_fwd_bwd'], '.2f')} | "
+                     f"{r['floor_fwd_ms']:.4f} ({r['fwd_pct_of_floor']:.0f}%) | {f(r['extra_mib'], '.0f')} "
+                     f"({f(r['authors_extra_mib'], '')}) | {f(r['ref_fwd_bwd_ms'], '.2f')} |")
+    return lines

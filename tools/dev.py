@@ -188,8 +188,9 @@ def cmd_dist(args: list[str]) -> int:
 def cmd_gpu_wheel(args: list[str]) -> int:
     """The kernel wheel for the GPU machines (Python 3.12 there), sm_90 only unless told otherwise.
 
-    The builder environment and the CMake build tree persist under build/gpu-wheel/, so a rebuild
-    after a kernel change compiles only the sources that changed."""
+    The builder environment persists in build/gpu-wheel/venv and the CMake tree in the package's
+    build-dir (pyproject.toml: one per wheel tag), so a rebuild after a kernel change compiles only
+    the sources that changed."""
     target_python = args[0] if args else find_python("3.12")
     if target_python is None:
         log("no Python 3.12 found: pass one, e.g. tools/dev.py gpu-wheel /path/to/python3.12")
@@ -198,8 +199,7 @@ def cmd_gpu_wheel(args: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("ssm2d_kernels-*.whl"):
         old.unlink()
-    work = ROOT / "build" / "gpu-wheel"
-    builder = work / "venv"
+    builder = ROOT / "build" / "gpu-wheel" / "venv"
     bpy = builder / "bin" / "python"
     if not bpy.exists():
         run([target_python, "-m", "venv", builder])
@@ -207,7 +207,7 @@ def cmd_gpu_wheel(args: list[str]) -> int:
     env = dict(os.environ, SSM2D_WITH_CUDA="ON")
     env.setdefault("SSM2D_CUDA_ARCHITECTURES", "90")
     run([bpy, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", out,
-         "-C", f"build-dir={work / 'cmake'}", ROOT / "packages/ssm2d-kernels"], env=env)
+         ROOT / "packages/ssm2d-kernels"], env=env)
     log(f"GPU wheel: {[p.name for p in out.glob('*.whl')]}")
     return 0
 

@@ -35,6 +35,34 @@ def raw_stream(device_index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device_index) if device_index >= 0 else 0
 
 
+def compiled():
+    """The compiled kernels module (imported on first use: ssm2d-nn imports without a kernel wheel)."""
+    from ssm2d_kernels import _C
+
+    return _C
+
+
+def scratch(floats: int, like: Tensor) -> Optional[Tensor]:
+    """A float32 scratch buffer of ``floats`` values on ``like``'s device, or None when none is needed.
+    The caller keeps it alive until the kernel call that uses it has been launched."""
+    return torch.empty(floats, dtype=torch.float32, device=like.device) if floats else None
+
+
+def data_ptr(t: Optional[Tensor]) -> Optional[int]:
+    """A kernel argument's pointer: None for None or an empty tensor."""
+    return None if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def at_layout(t: Optional[Tensor], layout: tuple) -> Optional[tuple]:
+    """A grid descriptor from a layout precomputed at pointer 0 (byte offset first): the data pointer added."""
+    return None if t is None else (t.data_ptr() + layout[0],) + tuple(layout[1:])
+
+
+def contiguous_strides(shape) -> tuple:
+    """The strides of a fresh contiguous tensor of ``shape`` (nothing allocated)."""
+    return torch.empty(shape, device="meta").stride()
+
+
 def tensor_meta(t: Optional[Tensor]) -> Optional[tuple]:
     """What an op's argument checks and kernel frames depend on: (type, shape, strides, dtype,
     device), None for None. Raises AttributeError for an object that is not a tensor."""

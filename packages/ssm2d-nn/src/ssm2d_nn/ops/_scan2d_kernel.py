@@ -16,15 +16,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._common import raw_stream
+from ._common import at_layout as at
+from ._common import compiled as _kernels
+from ._common import contiguous_strides, data_ptr, raw_stream, scratch
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
-
-
-def _kernels():
-    from ssm2d_kernels import _C
-
-    return _C
 
 
 def grid(t: Optional[Tensor], origin: str, order: str, has_state: bool = False):
@@ -45,15 +41,6 @@ def _layout(shape, strides, itemsize: int, origin: str, order: str, has_state: b
 
 def layout_of(t: Optional[Tensor], origin: str, order: str, has_state: bool = False) -> Optional[tuple]:
     return None if t is None else _layout(t.shape, t.stride(), t.element_size(), origin, order, has_state)
-
-
-def at(t: Optional[Tensor], layout: Optional[tuple]):
-    """The kernel descriptor of ``t`` from its precomputed layout."""
-    return None if t is None else (t.data_ptr() + layout[0],) + layout[1:]
-
-
-def _contiguous_strides(shape) -> tuple:
-    return torch.empty(shape, device="meta").stride()
 
 
 class Frame(NamedTuple):
@@ -96,8 +83,8 @@ def frame(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Optional
         origin=origin, order=order, device=device,
         u=layout_of(u, origin, order), delta=layout_of(delta, origin, order), z=layout_of(z, origin, order),
         B=layout_of(B, origin, order, True), C=layout_of(C, origin, order, True),
-        cell=_layout(u.shape, _contiguous_strides(u.shape), u.element_size(), origin, order),
-        bc_acc=_layout(B.shape, _contiguous_strides(B.shape), param_dtype.itemsize, origin, order, True),
+        cell=_layout(u.shape, contiguous_strides(u.shape), u.element_size(), origin, order),
+        bc_acc=_layout(B.shape, contiguous_strides(B.shape), param_dtype.itemsize, origin, order, True),
         carry_floats=int(_C.scan2d_carry_floats(*sizes)) if on_cuda else 0,
         infer_workspace_floats=infer_ws,
         # The tiled kernels (N >= 8) use the saved carries as their scratch.
@@ -117,14 +104,6 @@ def problem(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> di
                 delta_bias=None if delta_bias is None else delta_bias.data_ptr(), stream=raw_stream(f.device))
 
 
-def _scratch(floats: int, u: Tensor) -> Optional[Tensor]:
-    return torch.empty(floats, dtype=torch.float32, device=u.device) if floats else None
-
-
-def _ptr(t: Optional[Tensor]):
-    return None if t is None or t.numel() == 0 else t.data_ptr()
-
-
 def forward(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
             save: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """(out, y, carries): ``save`` keeps what the backward needs (CUDA carries, and the pre-gate
@@ -132,10 +111,10 @@ def forward(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     y = torch.empty_like(out) if save and f.keep_y else None
     carries = torch.empty(f.carry_floats, dtype=torch.float32, device=u.device) if save else None
-    workspace = _scratch(f.train_workspace_floats if save else f.infer_workspace_floats, u)
+    workspace = scratch(f.train_workspace_floats if save else f.infer_workspace_floats, u)
     _kernels().scan2d_forward(problem(f, u, delta, A, B, C, D, z, delta_bias, softplus),
-                              dict(out=at(out, f.cell), y=at(y, f.cell), carries=_ptr(carries),
-                                   workspace=_ptr(workspace)))
+                              dict(out=at(out, f.cell), y=at(y, f.cell), carries=data_ptr(carries),
+                                   workspace=data_ptr(workspace)))
     return out, y, carries
 
 
@@ -150,10 +129,10 @@ def backward(f: Frame, prob: dict, *, dout, y, carries, du, ddelta, dz, dB, dC, 
     contiguous accumulators (per-channel partials when ``bc_layout`` is given: their own layout)."""
     bc = f.bc_acc if bc_layout is None else bc_layout
     _kernels().scan2d_backward(prob, dict(
-        dout=grid(dout, f.origin, f.order), y=at(y, f.cell), carries=_ptr(carries), du=at(du, f.cell),
-        ddelta=at(ddelta, f.cell), dz=at(dz, f.cell), dB=at(dB, bc), dC=at(dC, bc), dA_part=_ptr(dA_part),
-        dD_part=_ptr(dD_part), ddelta_bias_part=_ptr(ddelta_bias_part), deterministic=bool(deterministic),
-        d_begin=int(d_begin), d_end=int(d_end), workspace=_ptr(workspace)))
+        dout=grid(dout, f.origin, f.order), y=at(y, f.cell), carries=data_ptr(carries), du=at(du, f.cell),
+        ddelta=at(ddelta, f.cell), dz=at(dz, f.cell), dB=at(dB, bc), dC=at(dC, bc), dA_part=data_ptr(dA_part),
+        dD_part=data_ptr(dD_part), ddelta_bias_part=data_ptr(ddelta_bias_part), deterministic=bool(deterministic),
+        d_begin=int(d_begin), d_end=int(d_end), workspace=data_ptr(workspace)))
 
 
 def carry_floats(u: Tensor, A: Tensor, order: str) -> int:

@@ -15,7 +15,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._common import raw_stream
+from ._common import at_layout as _at
+from ._common import compiled as _kernels
+from ._common import contiguous_strides, data_ptr, raw_stream, scratch
 
 # Operands of the problem descriptor in argument order (u, dT, dL, AT, AL, BT, BL, C, D).
 _INPUTS = ("u", "dT", "dL", "AT", "AL", "BT", "BL", "C", "D")
@@ -36,12 +38,6 @@ class Frame(NamedTuple):
     backward_workspace_floats: int
 
 
-def _kernels():
-    from ssm2d_kernels import _C
-
-    return _C
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -50,7 +46,7 @@ def _contiguous(shape, dtype: torch.dtype, chk) -> object:
     """An Array stand-in at pointer 0 for a fresh contiguous tensor: its layout in the scanned frame."""
     from ssm2d_kernels._arrays import Array
 
-    return Array(0, tuple(shape), torch.empty(shape, device="meta").stride(), _dtype_name(dtype), chk.device)
+    return Array(0, tuple(shape), contiguous_strides(shape), _dtype_name(dtype), chk.device)
 
 
 def frame(args: tuple, origin: str, acc_dtype: torch.dtype) -> Frame:
@@ -83,16 +79,8 @@ def frame(args: tuple, origin: str, acc_dtype: torch.dtype) -> Frame:
     )
 
 
-def _at(t: Optional[Tensor], layout: tuple):
-    return None if t is None else (t.data_ptr() + layout[0],) + tuple(layout[1:])
-
-
-def _ptr(t: Optional[Tensor]):
-    return None if t is None else t.data_ptr()
-
-
 def problem(f: Frame, args: tuple, workspace: Optional[Tensor]) -> dict:
-    prob = dict(f.problem, stream=raw_stream(f.device), workspace=_ptr(workspace), D=_ptr(args[8]))
+    prob = dict(f.problem, stream=raw_stream(f.device), workspace=data_ptr(workspace), D=data_ptr(args[8]))
     for slot, i, layout in f.slots:
         prob[slot] = _at(args[i], layout)
     for slot, i in f.params:
@@ -100,10 +88,6 @@ def problem(f: Frame, args: tuple, workspace: Optional[Tensor]) -> dict:
         prob[slot] = t.data_ptr()
         prob[slot + "_sd"], prob[slot + "_sn"] = t.stride()
     return prob
-
-
-def _scratch(floats: int, u: Tensor) -> Optional[Tensor]:
-    return torch.empty(floats, dtype=torch.float32, device=u.device) if floats else None
 
 
 def _layout(f: Frame, t: Tensor, kind: str) -> tuple:
@@ -117,7 +101,8 @@ def forward(f: Frame, args: tuple) -> Tensor:
     """The output in u's dtype (accumulated in the parameters' dtype)."""
     u = args[0]
     acc = torch.zeros(u.shape, dtype=f.acc_dtype, device=u.device)  # the kernel adds into it
-    _kernels().wavefront2d_forward(problem(f, args, _scratch(f.forward_workspace_floats, u)), _at(acc, f.cell_acc))
+    workspace = scratch(f.forward_workspace_floats, u)
+    _kernels().wavefront2d_forward(problem(f, args, workspace), _at(acc, f.cell_acc))
     return acc.to(u.dtype)
 
 
@@ -129,9 +114,10 @@ def backward(f: Frame, dout: Tensor, args: tuple, *, du, ddT, ddL, dBT, dBL, dC,
     named = dict(ddT=ddT, ddL=ddL, dBT=dBT, dBL=dBL, dAT_part=dAT_part, dAL_part=dAL_part)
     (dt, dl), (bt, bl), (at_, al) = f.grads
     bn = (lambda t: _layout(f, t, "bn")) if per_channel else (lambda t: _at(t, f.bn_acc))
+    workspace = scratch(f.backward_workspace_floats, u)
     _kernels().wavefront2d_backward(problem(f, args, None), dict(
         dout=_layout(f, dout, "x"), du=_at(du, f.cell_acc), ddT=_at(named[dt], f.cell_acc),
         ddL=_at(named[dl], f.cell_acc), dBT=bn(named[bt]), dBL=bn(named[bl]), dC=bn(dC),
-        dAT_part=_ptr(named[at_]), dAL_part=_ptr(named[al]), dD_part=_ptr(dD_part),
+        dAT_part=data_ptr(named[at_]), dAL_part=data_ptr(named[al]), dD_part=data_ptr(dD_part),
         deterministic=bool(deterministic), e_begin=int(e_begin), e_end=int(e_end if e_end >= 0 else u.shape[3]),
-        workspace=_ptr(_scratch(f.backward_workspace_floats, u))))
+        workspace=data_ptr(workspace)))
