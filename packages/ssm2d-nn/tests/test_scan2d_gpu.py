@@ -71,6 +71,23 @@ def test_larger_grids(h, w, n, g):
     _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, seed, delta_softplus=True)
 
 
+# The lanes forward (8 <= N <= 16, channels of a group a multiple of 8 or G == 1): blocks of 16 or 8
+# channels, 16-column strips handing G on per row, tile carries for the backward. Widths around the
+# strip and tile edges, heights around the 32-row tile edge, partial channel blocks.
+@pytest.mark.parametrize("dim,groups,dstate", [(16, 2, 16), (32, 2, 8), (24, 3, 12), (20, 1, 16)])
+def test_lanes_forward_strips_and_channel_blocks(dim, groups, dstate):
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    for h, w in [(33, 70), (1, 17), (65, 16), (31, 33), (40, 100)]:
+        cfg = dict(batch=rng.randint(1, 2), dim=dim, dstate=dstate, groups=groups, height=h, width=w,
+                   with_D=rng.random() < 0.7, with_z=rng.random() < 0.6, with_bias=rng.random() < 0.6,
+                   softplus=rng.random() < 0.7)
+        inputs = make_inputs(rng, **cfg)
+        origin, order = rng.choice(ORIGINS), rng.choice(ORDERS)
+        _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, (seed, cfg), delta_softplus=cfg["softplus"],
+                               origin=origin, order=order)
+
+
 def test_deterministic_mode_is_bitwise_reproducible_and_agrees_with_atomics():
     rng = random.Random()
     inputs = make_inputs(rng, batch=2, dim=16, dstate=16, groups=2, height=70, width=45)

@@ -36,6 +36,7 @@
 
 #include "common.cuh"
 #include "scan2d_common.cuh"
+#include "scan2d_lanes.h"
 #include "scan2d_tiled.h"
 #include "ssm2d/scan2d.h"
 
@@ -1278,7 +1279,11 @@ void check_cuda_problem(const Scan2dProblem& p, const char* what) {
 }  // namespace
 
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
-  if (scan2d_tiled(p.dstate)) return scan2d_tiled_forward(p, o);
+  if (scan2d_tiled(p.dstate)) {
+    if (!scan2d_lanes_fit(p)) return scan2d_tiled_forward(p, o);
+    check_cuda_problem(p, "scan2d_forward");
+    return scan2d_lanes_forward(p, o);
+  }
   check_cuda_problem(p, "scan2d_forward");
   if (scan2d_forward_workspace_floats(p.batch, p.dim, p.dstate, p.height, p.width) > 0 && !o.workspace)
     throw ArgumentError("scan2d_forward: workspace is required on CUDA (scan2d_forward_workspace_floats)");

@@ -152,8 +152,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("scan2d_backward_needs_y", &ssm2d::cuda::scan2d_backward_needs_y, py::arg("dstate"),
         "Whether the CUDA backward needs the pre-gate output saved by the forward (when z is given).");
   m.def("scan2d_forward_workspace_floats", &ssm2d::cuda::scan2d_forward_workspace_floats, py::arg("batch"),
-        py::arg("dim"), py::arg("dstate"), py::arg("height"), py::arg("width"),
-        "float32 scratch of the CUDA forward on the scanned (height, width) grid.");
+        py::arg("dim"), py::arg("dstate"), py::arg("height"), py::arg("width"), py::arg("saving") = false,
+        "float32 scratch of the CUDA forward on the scanned (height, width) grid (saving: carries are "
+        "saved for a backward).");
   m.def("scan2d_carry_floats", &ssm2d::cuda::scan2d_carry_floats, py::arg("batch"), py::arg("dim"),
         py::arg("dstate"), py::arg("height"), py::arg("width"),
         "float32 values the CUDA forward saves for the backward, on the scanned (height, width) grid.");

@@ -19,8 +19,10 @@ which the backward recomputes the states: with N < 8 (band kernels) the state h 
 every 32x32 tile (also N/16 of u's elements). When no backward follows (inference), pass
 ``carries=None``: nothing is saved. The forward may also need a float32 ``workspace`` of
 ``scan2d_forward_workspace_floats(...)`` values: with N < 8, band summaries of grids wider than one
-band (32, 64 or 128 columns by width), batch*D*H*(bands + N*(bands-1)); with N >= 8 and no carries
-(inference), room for the tile carries.
+band (32, 64 or 128 columns by width), batch*D*H*(bands + N*(bands-1)); with 8 <= N <= 16 (lanes
+forward, 16-column strips) the G each strip hands to the next per row, state and channel (about u's
+element count) and a flag per strip; with N >= 8 and no carries (inference), room for the tile
+carries.
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ def scan2d_carry_floats(batch: int, dim: int, dstate: int, height: int, width: i
 
 
 def scan2d_forward_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int,
-                                    order: str = "hv") -> int:
-    """float32 scratch values the CUDA forward needs (0 for grids of one band and N <= 64)."""
+                                    order: str = "hv", saving: bool = False) -> int:
+    """float32 scratch values the CUDA forward needs; ``saving``: carries are saved for a backward
+    (the tiled kernels, N > 16, then need none)."""
     lh, lw = logical_hw(height, width, order)
-    return int(_C.scan2d_forward_workspace_floats(batch, dim, dstate, lh, lw))
+    return int(_C.scan2d_forward_workspace_floats(batch, dim, dstate, lh, lw, saving))
 
 
 def scan2d_backward_workspace_floats(batch: int, dim: int, dstate: int, height: int, width: int,
@@ -202,8 +205,8 @@ def scan2d_forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, *, out, y
         if carries is not None:
             car = as_array(carries, "carries")
             check_buffer(car, "carries", (scan2d_carry_floats(*sizes),), "float32", chk.device)
-        need = scan2d_forward_workspace_floats(*sizes)
-        if need and not (car is not None and _C.scan2d_tiled(chk.sizes["dstate"])):  # tiled: carries suffice
+        need = scan2d_forward_workspace_floats(*sizes, saving=car is not None)
+        if need:
             if workspace is None:
                 raise ValueError(f"workspace is required on CUDA for this shape: {need} float32 values "
                                  "(scan2d_forward_workspace_floats)")

@@ -59,12 +59,29 @@ inline int64_t scan2d_carry_floats(int64_t batch, int64_t dim, int64_t dstate, i
   if (height == 1 && dstate == 1) return batch * dim * scan2d_bands(width, scan2d_cols_per_lane(width));
   return batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
 }
+// States the lanes forward (a lane per state) runs at most; from kScan2dTiledStates up.
+constexpr int64_t kScan2dLanesMaxStates = 16;
+// Scratch of the lanes forward: per (batch, 8 or 16 channels, 16-column strip) a flag, and the G
+// each strip but the last hands to the next per row and lane: at most
+// 1 + batch*ceil(dim/8)*strips + batch*(dim+15)*16*(strips-1)*H floats (about u's element count).
+inline int64_t scan2d_lanes_workspace_floats(int64_t batch, int64_t dim, int64_t height, int64_t width) {
+  const int64_t strips = (width + 15) / 16;
+  if (strips <= 1) return 0;
+  return 1 + batch * ((dim + 7) / 8) * strips + batch * (dim + 15) * 16 * (strips - 1) * height;
+}
 // Floats of scratch the CUDA forward needs. Band kernels: for grids wider than one band (but 1-row
 // grids with N == 1), per (row, band) summaries batch*dim*H*(bands + N*(bands-1)).
-// Tiled kernels: the carries' size, used only when no carries buffer is given (inference).
+// N >= 8: the lanes forward's scratch for N <= kScan2dLanesMaxStates; and, when no carries are
+// saved (`saving` false: inference), room for the tile carries, which the tiled forward (N > 16, or
+// groups the lanes forward does not take) then writes there.
 inline int64_t scan2d_forward_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height,
-                                               int64_t width) {
-  if (scan2d_tiled(dstate)) return scan2d_carry_floats(batch, dim, dstate, height, width);
+                                               int64_t width, bool saving = false) {
+  if (scan2d_tiled(dstate)) {
+    const int64_t carries = saving ? 0 : scan2d_carry_floats(batch, dim, dstate, height, width);
+    if (dstate > kScan2dLanesMaxStates) return carries;
+    const int64_t lanes = scan2d_lanes_workspace_floats(batch, dim, height, width);
+    return carries > lanes ? carries : lanes;
+  }
   const int64_t nb = scan2d_bands(width, scan2d_cols_per_lane(width));
   // A 1-row grid with N == 1 is walked band after band by one warp: no summaries.
   const bool summarised = nb > 1 && !(dstate == 1 && height == 1);

@@ -87,8 +87,7 @@ def frame(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Optional
         bc_acc=_layout(B.shape, contiguous_strides(B.shape), param_dtype.itemsize, origin, order, True),
         carry_floats=int(_C.scan2d_carry_floats(*sizes)) if on_cuda else 0,
         infer_workspace_floats=infer_ws,
-        # The tiled kernels (N >= 8) use the saved carries as their scratch.
-        train_workspace_floats=0 if (on_cuda and _C.scan2d_tiled(n)) else infer_ws,
+        train_workspace_floats=int(_C.scan2d_forward_workspace_floats(*sizes, True)) if on_cuda else 0,
         backward_workspace_floats=int(_C.scan2d_backward_workspace_floats(*sizes)) if on_cuda else 0,
         keep_y=on_cuda and z is not None and bool(_C.scan2d_backward_needs_y(n)),
     )
