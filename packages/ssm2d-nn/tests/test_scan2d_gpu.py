@@ -88,6 +88,17 @@ def test_lanes_forward_strips_and_channel_blocks(dim, groups, dstate):
                                origin=origin, order=order)
 
 
+@pytest.mark.parametrize("groups", [1, 32])
+def test_lanes_forward_many_blocks(groups):
+    # More (batch, channel block, strip) blocks than SMs: two-row steps at two blocks per SM (the
+    # small cases above run four-row steps); groups=32 gives 8-channel blocks.
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    inputs = make_inputs(rng, batch=2, dim=256, dstate=16, groups=groups, height=9, width=150)
+    _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, seed, delta_softplus=True,
+                           origin=rng.choice(ORIGINS))
+
+
 def test_deterministic_mode_is_bitwise_reproducible_and_agrees_with_atomics():
     rng = random.Random()
     inputs = make_inputs(rng, batch=2, dim=16, dstate=16, groups=2, height=70, width=45)

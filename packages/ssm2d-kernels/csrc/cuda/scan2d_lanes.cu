@@ -49,8 +49,9 @@ constexpr int kTile = kScan2dTile;
 // are paid once per kLag rows instead of per row, for a fill of kLag rows per strip.
 constexpr int kLag = 4;
 // Rows per step (one barrier each): their horizontal recurrences are independent, so the step
-// interleaves them; a multiple of kLag's divisors and of 32.
-constexpr int kRows = 2;
+// interleaves them; divides kLag and 32. Two rows at two blocks per SM (at most 128 registers) when
+// there are more blocks than SMs; four rows and one block per SM when every block has an SM of its
+// own (more independent work per warp is then the only way to hide latency).
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -97,9 +98,9 @@ struct LaneStrips {
 template <int CB>
 constexpr int kBufFloats = (2 * CB + 2 * kStates) * kPitch;
 
-template <typename T, int CB>
-// Two blocks per SM (at most 128 registers): wide grids have more blocks than SMs.
-__global__ void __launch_bounds__(CB * kStates, 32 / CB) scan2d_lanes_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
+// kMinBlocks: blocks of 256 threads resident per SM (the register budget follows).
+template <typename T, int CB, int kRows, int kMinBlocks>
+__global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lanes_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
                                                                         LaneStrips ls) {
   constexpr int kThreads = CB * kStates, kBC = kStates * kCols / kThreads;  // B (and C) values staged per thread
   constexpr int BUF = kBufFloats<CB>;
@@ -321,6 +322,7 @@ __global__ void __launch_bounds__(CB * kStates, 32 / CB) scan2d_lanes_fwd_kernel
 }
 
 constexpr int64_t kMaxBlocks = 0x7fffffff;
+constexpr int64_t kOneWave = 132;  // blocks of 256 threads that a 132-SM GPU holds one per SM
 
 int lanes_channels(const Scan2dProblem& p) {
   const int64_t per_group = p.dim / p.groups;
@@ -329,7 +331,7 @@ int lanes_channels(const Scan2dProblem& p) {
 
 int64_t lanes_items(const Scan2dProblem& p, int cb) { return p.batch * ((p.dim + cb - 1) / cb); }
 
-template <typename T, int CB>
+template <typename T, int CB, int kRows, int kMinBlocks>
 void forward_launch(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStream_t stream) {
   const int64_t items = lanes_items(p, CB), strips = (p.width + kCols - 1) / kCols;
   if (items * strips > kMaxBlocks) throw ArgumentError("scan2d_forward: too many (batch, channel, strip) blocks");
@@ -341,7 +343,7 @@ void forward_launch(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaS
     SSM2D_CUDA_CHECK(cudaMemsetAsync(ls.flags, 0, (1 + items * strips) * sizeof(unsigned), stream));
   }
   const size_t smem = (2 * static_cast<size_t>(kBufFloats<CB>) + CB * kYPitch) * kRows * sizeof(float);
-  auto kernel = scan2d_lanes_fwd_kernel<T, CB>;
+  auto kernel = scan2d_lanes_fwd_kernel<T, CB, kRows, kMinBlocks>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(items * strips), CB * kStates, smem, stream>>>(p, o, ls);
   SSM2D_CUDA_CHECK_LAUNCH("scan2d_lanes_fwd_kernel");
@@ -360,9 +362,13 @@ void scan2d_lanes_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o)
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   const int cb = lanes_channels(p);
+  const bool one_wave = lanes_items(p, cb) * ((p.width + kCols - 1) / kCols) <= kOneWave;
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    cb == 16 ? forward_launch<T, 16>(p, o, stream) : forward_launch<T, 8>(p, o, stream);
+    if (cb == 16)
+      one_wave ? forward_launch<T, 16, 4, 1>(p, o, stream) : forward_launch<T, 16, 2, 2>(p, o, stream);
+    else
+      one_wave ? forward_launch<T, 8, 4, 1>(p, o, stream) : forward_launch<T, 8, 2, 2>(p, o, stream);
   });
 }
 
