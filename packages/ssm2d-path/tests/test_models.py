@@ -321,6 +321,19 @@ def test_scatter_and_gather_by_hand():
     torch.testing.assert_close(s.gather(grid), x, rtol=0, atol=0)
 
 
+def test_gather_gradient_lands_on_the_patch_cells_only():
+    # d/dgrid of sum(w * gather(grid)) is w at each patch's cell and 0 on empty cells, by hand.
+    s = make_slide(6, 9, 0.5, 2)
+    h, w = s.shape
+    grid = torch.randn(4, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(s.num_patches, 4, dtype=torch.float64)
+    (s.gather(grid) * weight).sum().backward()
+    ref = torch.zeros(4, h, w, dtype=torch.float64)
+    for i, (r, c) in enumerate(zip(s.index_tensor(0).tolist(), s.index_tensor(1).tolist())):
+        ref[:, r, c] += weight[i]
+    torch.testing.assert_close(grid.grad, ref, rtol=0, atol=0)
+
+
 def test_rms_norm_lowp_matches_nn_rmsnorm():
     from ssm2d_path.models.mamba import _RMSNormLowp
 

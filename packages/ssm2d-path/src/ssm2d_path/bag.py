@@ -118,7 +118,9 @@ class SlideGrid:
     def gather(self, grid: Tensor) -> Tensor:
         """Dense grid back to patches: (C, H, W) -> (N, C)."""
         c = grid.shape[0]
-        return grid.reshape(c, -1)[:, self.flat_index()].t()
+        # index_select, not advanced indexing: its backward is an index_add (one add per cell), where
+        # advanced indexing's backward sorts the indices (4 ms per 150k-patch layer on a GPU).
+        return torch.index_select(grid.reshape(c, -1), 1, self.flat_index()).t()
 
     def to(self, device, dtype: Optional[torch.dtype] = None) -> "SlideGrid":
         return replace(self, features=self.features.to(device=device, dtype=dtype or self.features.dtype))
