@@ -71,9 +71,9 @@ def test_larger_grids(h, w, n, g):
     _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, seed, delta_softplus=True)
 
 
-# The lanes forward (8 <= N <= 16, channels of a group a multiple of 8 or G == 1): blocks of 16 or 8
-# channels, 16-column strips handing G on per row, tile carries for the backward. Widths around the
-# strip and tile edges, heights around the 32-row tile edge, partial channel blocks.
+# The lanes kernels (8 <= N <= 16, channels of a group a multiple of 8 or G == 1): blocks of 16 or 8
+# channels, 16-column strips handing G on per row forward and a*lamH backward, h saved every 16th
+# row. Widths around the strip edges, heights around the 16-row segments, partial channel blocks.
 @pytest.mark.parametrize("dim,groups,dstate", [(16, 2, 16), (32, 2, 8), (24, 3, 12), (20, 1, 16)])
 def test_lanes_forward_strips_and_channel_blocks(dim, groups, dstate):
     seed = random.randrange(2**31)
@@ -86,6 +86,22 @@ def test_lanes_forward_strips_and_channel_blocks(dim, groups, dstate):
         origin, order = rng.choice(ORIGINS), rng.choice(ORDERS)
         _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, (seed, cfg), delta_softplus=cfg["softplus"],
                                origin=origin, order=order)
+
+
+def test_lanes_backward_deterministic_chunks_of_one_channel(monkeypatch):
+    # A tiny workspace budget makes the deterministic backward run one channel per call: channel
+    # ranges that start inside a block of the lanes kernels.
+    import sys
+
+    monkeypatch.setattr(sys.modules["ssm2d_nn.ops.scan2d"], "DETERMINISTIC_WORKSPACE_BYTES", 1)
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    inputs = make_inputs(rng, batch=2, dim=24, dstate=16, groups=1, height=37, width=41)
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, seed, delta_softplus=True, origin="tr")
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize("groups", [1, 32])

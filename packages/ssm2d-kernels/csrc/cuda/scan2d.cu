@@ -1293,7 +1293,13 @@ void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
 }
 
 void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a_in) {
-  if (scan2d_tiled(p.dstate)) return scan2d_tiled_backward(p, a_in);
+  if (scan2d_tiled(p.dstate)) {
+    if (!scan2d_lanes_fit(p)) return scan2d_tiled_backward(p, a_in);
+    check_cuda_problem(p, "scan2d_backward");
+    Scan2dBackwardArgs a = a_in;
+    if (a.d_end < 0) a.d_end = p.dim;
+    return scan2d_lanes_backward(p, a);
+  }
   check_cuda_problem(p, "scan2d_backward");
   Scan2dBackwardArgs a = a_in;
   if (a.d_end < 0) a.d_end = p.dim;

@@ -1,5 +1,5 @@
-// scan2d (2DMamba) forward on CUDA for 8 <= N <= 16: a half-warp per (batch, channel), a lane per
-// state, a block per 16-column strip of CB channels.
+// scan2d (2DMamba) on CUDA for 8 <= N <= 16, forward and backward: a half-warp per (batch,
+// channel), a lane per state, a block per 16-column strip of CB channels.
 //
 // Why. At MIL shapes (B = 1, D = 256, N = 16) a block per (batch, channel) walking 32x32 tiles has
 // only 256 long serial chains; a band per warp with one state per warp repeats the per-cell work 16
@@ -16,14 +16,15 @@
 //
 // Strips. Row i of strip k needs the G leaving strip k-1 at row i, and nothing else from other
 // strips: strip k-1 never waits on strip k, so after a fill of one row per strip every strip runs
-// at full speed. The block of strip k-1 writes its G carries of row i to the workspace and
+// at full speed. The block of strip k-1 writes its G carries of row i to the carries and
 // publishes the count of finished rows (a release store every kLag rows, after the row's barrier); the
 // block of strip k waits for kLag rows at a time.
 // Blocks take their strip from a ticket counter in strip order, so a block only ever waits on
 // blocks that started before it: no deadlock, however many blocks are resident.
 //
-// Saved for the backward (the tiled backward of scan2d_tiled.cu): the tiled layout of carries, G
-// entering every 32x32 tile's rows from the left and h entering its columns from the top.
+// Saved for the backward (below): the G entering every strip at every row (the hand-over itself,
+// written into the carries) and h after every 16th row; the pre-gate y is not saved (the backward
+// rebuilds it). Layout in ssm2d/scan2d.h (scan2d_lanes_carry_floats).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -91,7 +92,8 @@ template <> __device__ __forceinline__ float ld_early<__nv_bfloat16>(const __nv_
 struct LaneStrips {
   int64_t strips = 1;
   unsigned* flags = nullptr;  // [0]: ticket counter; [1 + item*strips + k]: rows strip k has finished
-  float* handover = nullptr;  // [item][strip < strips-1][row][thread]: G leaving the strip on the right
+  float* gin = nullptr;       // [b][strip k >= 1][row][channel][16]: G entering strip k (lanes carry layout)
+  float* ckpt = nullptr;      // [b][strip][segment >= 1][channel][16][16]: h after each 16th row; null: none
 };
 
 // Shared floats of one staging buffer: dt and dt*u per channel, B and C per state.
@@ -124,9 +126,13 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
   const bool has_left = strip > 0, has_right = strip + 1 < ls.strips;
   const unsigned* flag_left = has_left ? ls.flags + 1 + item * ls.strips + strip - 1 : nullptr;
   unsigned* flag_self = ls.flags + 1 + item * ls.strips + strip;
-  const float* hand_left =
-      has_left ? ls.handover + (item * (ls.strips - 1) + strip - 1) * H * kThreads + tid : nullptr;
-  float* hand_self = has_right ? ls.handover + (item * (ls.strips - 1) + strip) * H * kThreads + tid : nullptr;
+  // Carries in the lanes layout: thread (c, n) of a block is (channel d, state n), so a block's row of
+  // G carries is 256 (128) consecutive floats.
+  const int64_t gin_row = D * kStates, S = ls.strips;
+  const float* hand_left = has_left && has_d ? ls.gin + (b * (S - 1) + strip - 1) * H * gin_row + d * kStates + n : nullptr;
+  float* hand_self = has_right && has_d ? ls.gin + (b * (S - 1) + strip) * H * gin_row + d * kStates + n : nullptr;
+  const int64_t nseg = (H + kScan2dLanesSegment - 1) / kScan2dLanesSegment;
+  float* ckpt = (ls.ckpt && has_d) ? ls.ckpt + ((b * S + strip) * (nseg - 1) * D + d) * 256 + n * 16 : nullptr;
   const float A2 = active ? static_cast<const float*>(p.A)[d * p.A_sd + n * p.A_sn] * kLog2e : 0.f;
 
   // Staging roles: thread (c, j = n) loads the per-channel cell (d, row, jb + j), which is also the
@@ -192,23 +198,9 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
     }
   };
 
-  // Tiled carries (the backward's input), per (b, d, n): tile (ti, tj) at ((ti*nTj + tj)*64): [0, 32) G
-  // entering its rows from the left, [32, 64) h entering its columns from the top.
-  const int64_t nTi = (H + kTile - 1) / kTile, nTj = (W + kTile - 1) / kTile, tj = jb / kTile;
-  float* carries = (o.carries && active) ? o.carries + ((b * D + d) * N + n) * nTi * nTj * 2 * kTile : nullptr;
-  const bool tile_left_edge = (jb % kTile) == 0;
-  const int hoff = kTile + static_cast<int>(jb % kTile);
-
   float h[kCols];
 #pragma unroll
   for (int j = 0; j < kCols; ++j) h[j] = 0.f;
-  // The last strip covers the first half of its tile only when the grid ends there: it also writes
-  // the other half of that tile's h carries (the backward reads whole tiles).
-  const int hcols = (tile_left_edge && jb + kCols >= W) ? kTile : kCols;
-  if (carries) {  // nothing enters the first tile row from the top
-    for (int j = 0; j < hcols; j += 4)
-      *reinterpret_cast<float4*>(carries + tj * 2 * kTile + hoff + j) = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
   float cur_u[kRows], cur_z[kRows];
   load_rows(0);
   store_rows(smem, 0);
@@ -227,14 +219,10 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
         __nanosleep(64);
       }
 #pragma unroll
-      for (int r = 0; r < kLag; ++r) g_in[r] = i0 + r < H ? __ldcg(hand_left + (i0 + r) * kThreads) : 0.f;
+      for (int r = 0; r < kLag; ++r) g_in[r] = (hand_left && i0 + r < H) ? __ldcg(hand_left + (i0 + r) * gin_row) : 0.f;
     } else {
 #pragma unroll
       for (int r = 0; r < kLag; ++r) g_in[r] = 0.f;
-    }
-    if (carries && tile_left_edge) {
-      for (int r = 0; r < kLag && i0 + r < H; ++r)
-        carries[(((i0 + r) / kTile) * nTj + tj) * 2 * kTile + ((i0 + r) % kTile)] = g_in[r];
     }
 #pragma unroll
     for (int r0 = 0; r0 < kLag; r0 += kRows) {
@@ -267,18 +255,18 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
           }
         }
       }
-      if (has_right) {
+      if (hand_self) {
 #pragma unroll
         for (int rr = 0; rr < kRows; ++rr)
-          if (i + rr < H) __stcg(hand_self + (i + rr) * kThreads, G[rr]);
+          if (i + rr < H) __stcg(hand_self + (i + rr) * gin_row, G[rr]);
       }
-      const int64_t last = i + kRows - 1;  // a tile row ends only at a step's last row (32 % kRows == 0)
-      if (carries && (last + 1) % kTile == 0 && last + 1 < H) {  // h entering the next tile row from the top
-        float* dst = carries + (((last + 1) / kTile) * nTj + tj) * 2 * kTile + hoff;
+      // h after a segment's last row (a step's last row: kRows divides the segment) for the backward.
+      const int64_t last = i + kRows - 1;
+      if (ckpt && (last + 1) % kScan2dLanesSegment == 0 && last + 1 < H) {
+        float* dst = ckpt + ((last + 1) / kScan2dLanesSegment - 1) * D * 256;
 #pragma unroll
         for (int j = 0; j < kCols; j += 4)
           *reinterpret_cast<float4*>(dst + j) = make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]);
-        for (int j = kCols; j < hcols; j += 4) *reinterpret_cast<float4*>(dst + j) = make_float4(0.f, 0.f, 0.f, 0.f);
       }
       __syncwarp();
 #pragma unroll
@@ -315,10 +303,6 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
       if (has_right && tid == 0 && (done % kLag == 0 || done == H)) st_release(flag_self, static_cast<unsigned>(done));
     }
   }
-  // Rows of the last tile row below the grid: nothing enters them (the backward reads every row).
-  if (carries && tile_left_edge) {
-    for (int64_t r = H; r < nTi * kTile; ++r) carries[((r / kTile) * nTj + tj) * 2 * kTile + (r % kTile)] = 0.f;
-  }
 }
 
 constexpr int64_t kMaxBlocks = 0x7fffffff;
@@ -339,9 +323,11 @@ void forward_launch(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaS
   ls.strips = strips;
   if (strips > 1) {
     ls.flags = reinterpret_cast<unsigned*>(o.workspace);
-    ls.handover = o.workspace + 1 + items * strips;
+    // Saving: the G carries go straight into the carries (the backward reads them); else scratch.
+    ls.gin = o.carries ? o.carries : o.workspace + 1 + items * strips;
     SSM2D_CUDA_CHECK(cudaMemsetAsync(ls.flags, 0, (1 + items * strips) * sizeof(unsigned), stream));
   }
+  if (o.carries) ls.ckpt = o.carries + scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width);
   const size_t smem = (2 * static_cast<size_t>(kBufFloats<CB>) + CB * kYPitch) * kRows * sizeof(float);
   auto kernel = scan2d_lanes_fwd_kernel<T, CB, kRows, kMinBlocks>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -349,11 +335,394 @@ void forward_launch(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaS
   SSM2D_CUDA_CHECK_LAUNCH("scan2d_lanes_fwd_kernel");
 }
 
+
+// ---- Backward ---------------------------------------------------------------------------------------
+//
+// The adjoint of SCANS.md section 1 with the forward's lanes: a half-warp per (batch, channel), a lane
+// per state, a block per 16-column strip of CB channels, walking the grid bottom-up, each row right to
+// left:
+//   lamV[i,j] = dy C + a[i+1,j] lamV[i+1,j]     one FMA per column, a[i+1] lamV[i+1] kept in registers
+//   lamH[i,j] = lamV + a[i,j+1] lamH[i,j+1]     along the lane's 16 columns, entered by a*lamH of the
+//                                               strip on the right (its block publishes it per row)
+//   q = lamV (h - G) + lamH (G - x)
+// G of a row is rebuilt from the G carry the forward saved at the strip's left edge; h going upwards
+// from the forward's h after every 16th row: each half of a 16-row segment (the lower one first) is
+// recomputed top-down from the segment's saved row into a per-block scratch (8 rows x 16 columns per
+// lane, read back from L2), then walked bottom-up. Sums
+// over the states (ddt, du and the pre-gate y for dz) go through shared memory as in the forward;
+// dB, dC sum the block's channels (one group) in shared memory before one atomic per (cell, state),
+// or, deterministically, are written per channel. Strips are chained right to left exactly as the
+// forward chains them left to right (tickets in reverse strip order, a release per kLag rows).
+// dA, dD, ddelta_bias leave as per-(batch, strip) sums, added over the strips in order by a small
+// kernel.
+struct LaneBwd {
+  int64_t strips = 1;
+  unsigned* flags = nullptr;   // [0]: tickets; [1 + item*strips + k]: rows (from the bottom) strip k has finished
+  const float* gin = nullptr;  // the forward's G carries (lanes layout)
+  const float* ckpt = nullptr; // the forward's h after every 16th row
+  float* hand = nullptr;       // [b][strip k >= 1][row][channel][16]: a*lamH leaving strip k on the left
+  float* seg = nullptr;        // [item*strips + strip][8 rows][thread][16]: h of the half segment being walked
+  float* part = nullptr;       // [b][strip][channel][18]: dA of the 16 states, dD, ddelta_bias
+};
+
+constexpr int kSeg = static_cast<int>(kScan2dLanesSegment);
+// Rows of h a block keeps at once: a segment is walked in two halves (the lower one first), each
+// recomputed from the segment's saved row, so the scratch holds half a segment.
+constexpr int kHalf = kSeg / 2;
+constexpr int kPart = kStates + 2;
+
+template <int CB>
+constexpr int kBwdBufFloats = (4 * CB + 2 * kStates) * kPitch;  // dt, dt*u, u, dy per channel; B, C per state
+template <int CB>
+constexpr size_t kBwdSmemFloats = 2 * kBwdBufFloats<CB> + 3 * CB * kYPitch + 2 * CB * kStates * kPitch;
+
+template <typename T, int CB, bool kDet>
+__global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+                                                                           LaneBwd lb) {
+  constexpr int kThreads = CB * kStates, kBC = kStates * kCols / kThreads;
+  constexpr int BUF = kBwdBufFloats<CB>;
+  extern __shared__ __align__(16) float smem[];
+  float* s_red = smem + 2 * BUF;               // [3][CB][column][state]: q*A, lamH*B, C*h
+  float* s_bc = s_red + 3 * CB * kYPitch;      // [2][CB][state][column]: dB, dC of each channel
+  const int tid = threadIdx.x, n = tid & 15, c = tid >> 4;
+  const int64_t D = p.dim, N = p.dstate, H = p.height, W = p.width, S = lb.strips;
+  const int64_t cb0 = ga.d_begin / CB, nCb = (ga.d_end + CB - 1) / CB - cb0, items = p.batch * nCb;
+  int64_t item = blockIdx.x, strip = S - 1;
+  if (S > 1) {  // tickets in reverse strip order: every block of strip k starts after those of strip k+1
+    __shared__ unsigned s_ticket;
+    if (tid == 0) s_ticket = atomicAdd(lb.flags, 1u);
+    __syncthreads();
+    strip = S - 1 - static_cast<int64_t>(s_ticket) / items;
+    item = s_ticket % items;
+  }
+  const int64_t b = item / nCb, d0 = (cb0 + item % nCb) * CB, d = d0 + c, g = d0 / (D / p.groups);
+  const int64_t jb = strip * kCols, Ws = min(static_cast<int64_t>(kCols), W - jb);
+  const bool has_d = d >= ga.d_begin && d < ga.d_end, active = has_d && n < N;
+  const bool has_right = strip + 1 < S;
+  const unsigned* flag_right = has_right ? lb.flags + 1 + item * S + strip + 1 : nullptr;
+  unsigned* flag_self = lb.flags + 1 + item * S + strip;
+  const int64_t row_stride = D * kStates;
+  const int64_t lane_off = (has_d ? d : 0) * kStates + n;
+  const float* gin = (strip > 0 && has_d) ? lb.gin + (b * (S - 1) + strip - 1) * H * row_stride + lane_off : nullptr;
+  const float* hand_right = (has_right && has_d) ? lb.hand + (b * (S - 1) + strip) * H * row_stride + lane_off : nullptr;
+  float* hand_self = (strip > 0 && has_d) ? lb.hand + (b * (S - 1) + strip - 1) * H * row_stride + lane_off : nullptr;
+  const int64_t nseg = (H + kSeg - 1) / kSeg;
+  const float* ckpt = has_d ? lb.ckpt + ((b * S + strip) * (nseg - 1) * D + d) * 256 + n * 16 : nullptr;
+  float* seg = lb.seg + (item * S + strip) * kHalf * kThreads * 16 + tid * 16;
+  const float An = active ? static_cast<const float*>(p.A)[d * p.A_sd + n * p.A_sn] : 0.f, A2 = An * kLog2e;
+  const int64_t bc_c = kDet ? d - ga.d_begin : g;
+
+  const bool cell = has_d && n < Ws, gated = p.z.defined();
+  const int64_t jc = jb + (cell ? n : 0), dc = has_d ? d : 0;
+  const T* pu = static_cast<const T*>(p.u.data) + b * p.u.sb + dc * p.u.sc + jc * p.u.sj;
+  const T* pdl = static_cast<const T*>(p.delta.data) + b * p.delta.sb + dc * p.delta.sc + jc * p.delta.sj;
+  const T* pz = gated ? static_cast<const T*>(p.z.data) + b * p.z.sb + dc * p.z.sc + jc * p.z.sj : nullptr;
+  const T* pdo = static_cast<const T*>(ga.dout.data) + b * ga.dout.sb + dc * ga.dout.sc + jc * ga.dout.sj;
+  const T* pB[kBC];
+  const T* pC[kBC];
+  bool okBC[kBC];
+#pragma unroll
+  for (int r = 0; r < kBC; ++r) {
+    const int x = tid + r * kThreads, s = x >> 4, j = x & 15;
+    okBC[r] = s < N && j < Ws;
+    const int64_t ss = okBC[r] ? s : 0, jj = jb + (okBC[r] ? j : 0);
+    pB[r] = static_cast<const T*>(p.B.data) + b * p.B.sb + g * p.B.sc + ss * p.B.sn + jj * p.B.sj;
+    pC[r] = static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + ss * p.C.sn + jj * p.C.sj;
+  }
+  const float bias = (p.delta_bias && has_d) ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
+  const float Dd = (p.D && has_d) ? static_cast<const float*>(p.D)[d] : 0.f;
+
+  // Registers of the next row's operands, and the finished cell's own values.
+  float r_u = 0.f, r_dl = 0.f, r_z = 0.f, r_do = 0.f, r_b[kBC], r_c[kBC];
+  float cu = 0.f, cdt = 0.f, cdy = 0.f, cdo = 0.f, cz = 0.f;
+  auto load_row = [&](int64_t i) {
+    r_u = ld_early(pu + i * p.u.si);
+    r_dl = ld_early(pdl + i * p.delta.si);
+    r_do = ld_early(pdo + i * ga.dout.si);
+    if (gated) r_z = ld_early(pz + i * p.z.si);
+#pragma unroll
+    for (int r = 0; r < kBC; ++r) {
+      r_b[r] = ld_early(pB[r] + i * p.B.si);
+      r_c[r] = ld_early(pC[r] + i * p.C.si);
+    }
+  };
+  // Stages the loaded row (cells outside the grid: dt = 0, u = dy = 0) and keeps the cell's values.
+  auto store_row = [&](float* buf) {
+    float dt = 0.f, dy = 0.f;
+    if (cell) {
+      const float v = r_dl + bias;
+      dt = p.softplus ? softplus_f(v) : v;
+      dy = gated ? r_do * r_z / (1.f + __expf(-r_z)) : r_do;
+    }
+    const float u = cell ? r_u : 0.f;
+    buf[c * kPitch + n] = dt;
+    buf[(CB + c) * kPitch + n] = dt * u;
+    buf[(2 * CB + c) * kPitch + n] = u;
+    buf[(3 * CB + c) * kPitch + n] = dy;
+#pragma unroll
+    for (int r = 0; r < kBC; ++r) {
+      const int x = tid + r * kThreads, s = x >> 4, j = x & 15;
+      buf[(4 * CB + s) * kPitch + j] = okBC[r] ? r_b[r] : 0.f;
+      buf[(4 * CB + kStates + s) * kPitch + j] = okBC[r] ? r_c[r] : 0.f;
+    }
+    cu = u;
+    cdt = dt;
+    cdy = dy;
+    cdo = cell ? r_do : 0.f;
+    cz = r_z;
+  };
+
+  float w[kCols];  // a[i+1,j] lamV[i+1,j]: what lamV of the row above receives from below
+#pragma unroll
+  for (int j = 0; j < kCols; ++j) w[j] = 0.f;
+  float dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
+  unsigned avail = 0;  // rows (from the bottom) the strip on the right is known to have finished
+
+  for (int64_t part_idx = 2 * nseg - 1; part_idx >= 0; --part_idx) {
+    const int64_t sidx = part_idx / 2, r0 = sidx * kSeg, h0 = r0 + (part_idx % 2) * kHalf;
+    const int64_t h1 = min(h0 + kHalf, H);
+    if (h0 >= H) continue;  // the last segment may have no lower half
+    // 1. Top-down from the segment's saved row: h of rows h0 .. h1-1 into the block's scratch.
+    {
+      float h[kCols];
+      if (sidx > 0 && ckpt) {
+        const float* src = ckpt + (sidx - 1) * D * 256;
+#pragma unroll
+        for (int j = 0; j < kCols; j += 4) {
+          const float4 v = __ldcg(reinterpret_cast<const float4*>(src + j));
+          h[j] = v.x;
+          h[j + 1] = v.y;
+          h[j + 2] = v.z;
+          h[j + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kCols; ++j) h[j] = 0.f;
+      }
+      load_row(r0);
+      store_row(smem);
+      __syncthreads();
+      for (int64_t i = r0; i < h1; ++i) {
+        const float* buf = smem + ((i - r0) & 1) * BUF;
+        if (i + 1 < h1) load_row(i + 1);
+        float G = gin ? __ldcg(gin + i * row_stride) : 0.f;
+#pragma unroll
+        for (int q = 0; q < kCols; q += 4) {
+          const float4 dt4 = *reinterpret_cast<const float4*>(buf + c * kPitch + q);
+          const float4 du4 = *reinterpret_cast<const float4*>(buf + (CB + c) * kPitch + q);
+          const float4 b4 = *reinterpret_cast<const float4*>(buf + (4 * CB + n) * kPitch + q);
+          const float dt[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, du[4] = {du4.x, du4.y, du4.z, du4.w};
+          const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float a = fast_exp2(dt[k] * A2);
+            G = fmaf(a, G, du[k] * bb[k]);
+            h[q + k] = fmaf(a, h[q + k], G);
+          }
+        }
+        if (i >= h0) {
+          float* dst = seg + (i - h0) * kThreads * 16;
+#pragma unroll
+          for (int j = 0; j < kCols; j += 4)
+            __stcg(reinterpret_cast<float4*>(dst + j), make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]));
+        }
+        if (i + 1 < h1) store_row(smem + ((i + 1 - r0) & 1) * BUF);
+        __syncthreads();
+      }
+    }
+    // 2. Bottom-up: the adjoint of rows h1-1 .. h0.
+    load_row(h1 - 1);
+    store_row(smem);
+    __syncthreads();
+    for (int64_t i = h1 - 1; i >= h0; --i) {
+      const float* buf = smem + ((h1 - 1 - i) & 1) * BUF;
+      if (i > h0) load_row(i - 1);
+      const int64_t m = H - 1 - i;  // rows finished below this one
+      if (has_right && avail <= static_cast<unsigned>(m)) {
+        const unsigned need = static_cast<unsigned>(min(m + kLag, H));
+        for (int64_t spin = 0; (avail = ld_acquire(flag_right)) < need; ++spin) {
+          if (spin > (int64_t{1} << 32)) __trap();  // a lost predecessor: fail, never hang
+          __nanosleep(64);
+        }
+      }
+      float cH = hand_right ? __ldcg(hand_right + i * row_stride) : 0.f;
+      float G = gin ? __ldcg(gin + i * row_stride) : 0.f;
+      float hr[kCols], av[kCols], Gc[kCols];
+      {
+        const float* src = seg + (i - h0) * kThreads * 16;
+#pragma unroll
+        for (int j = 0; j < kCols; j += 4) {
+          const float4 v = __ldcg(reinterpret_cast<const float4*>(src + j));
+          hr[j] = v.x;
+          hr[j + 1] = v.y;
+          hr[j + 2] = v.z;
+          hr[j + 3] = v.w;
+        }
+      }
+      const float* bdt = buf + c * kPitch;
+      const float* bdu = buf + (CB + c) * kPitch;
+      const float* bdy = buf + (3 * CB + c) * kPitch;
+      const float* bB = buf + (4 * CB + n) * kPitch;
+      const float* bC = buf + (4 * CB + kStates + n) * kPitch;
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {  // G of the row, left to right, from the saved carry
+        av[j] = fast_exp2(bdt[j] * A2);
+        G = fmaf(av[j], G, bdu[j] * bB[j]);
+        Gc[j] = G;
+      }
+      float* red0 = s_red + c * kYPitch + n;
+      float* red1 = red0 + CB * kYPitch;
+      float* red2 = red1 + CB * kYPitch;
+      float* sdb = s_bc + (c * kStates + n) * kPitch;
+      float* sdc = sdb + CB * kStates * kPitch;
+#pragma unroll
+      for (int j = kCols - 1; j >= 0; --j) {
+        const float bj = bB[j], cj = bC[j], dyj = bdy[j], dtj = bdt[j], duj = bdu[j];
+        const float lamV = fmaf(dyj, cj, w[j]);
+        const float lamH = lamV + cH;
+        const float q = fmaf(lamV, hr[j] - Gc[j], lamH * (Gc[j] - duj * bj));
+        dA_acc = fmaf(q, dtj, dA_acc);
+        red0[j * kPitch] = q * An;
+        red1[j * kPitch] = lamH * bj;
+        red2[j * kPitch] = cj * hr[j];
+        const float dbv = lamH * duj, dcv = dyj * hr[j];
+        if constexpr (kDet) {
+          if (active && j < Ws) {
+            if (ga.dB.defined()) plane<float>(ga.dB, b, bc_c, n).at(i, jb + j) = dbv;
+            if (ga.dC.defined()) plane<float>(ga.dC, b, bc_c, n).at(i, jb + j) = dcv;
+          }
+        } else {
+          sdb[j] = dbv;
+          sdc[j] = dcv;
+        }
+        w[j] = av[j] * lamV;
+        cH = av[j] * lamH;
+      }
+      if (hand_self) __stcg(hand_self + i * row_stride, cH);
+      __syncthreads();
+      if (cell) {  // column n of channel c: sums over the states, in a fixed order
+        const float* r0p = s_red + c * kYPitch + n * kPitch;
+        float sq = 0.f, sw = 0.f, yp = 0.f;
+#pragma unroll
+        for (int s4 = 0; s4 < kStates; s4 += 4) {
+          const float4 a0 = *reinterpret_cast<const float4*>(r0p + s4);
+          const float4 a1 = *reinterpret_cast<const float4*>(r0p + CB * kYPitch + s4);
+          const float4 a2 = *reinterpret_cast<const float4*>(r0p + 2 * CB * kYPitch + s4);
+          sq += (a0.x + a0.y) + (a0.z + a0.w);
+          sw += (a1.x + a1.y) + (a1.z + a1.w);
+          yp += (a2.x + a2.y) + (a2.z + a2.w);
+        }
+        const float ddt = fmaf(cu, sw, sq);
+        const float du = fmaf(cdt, sw, Dd * cdy);
+        // d softplus(v)/dv = sigmoid(v) = -expm1(-softplus(v)); ~1 in the identity branch (v > 20).
+        const float ddelta = p.softplus ? ddt * -expm1f(-cdt) : ddt;
+        dbias_acc += ddelta;
+        dD_acc = fmaf(cdy, cu, dD_acc);
+        if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(i, jb + n) = from_f<T>(du);
+        if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(i, jb + n) = from_f<T>(ddelta);
+        if (gated && ga.dz.defined()) {
+          const float y = fmaf(Dd, cu, yp), sg = 1.f / (1.f + __expf(-cz));
+          plane<T>(ga.dz, b, d, 0).at(i, jb + n) = from_f<T>(cdo * y * sg * (1.f + cz * (1.f - sg)));
+        }
+      }
+      if constexpr (!kDet) {  // dB, dC: the block's channels (one group) summed in order, one atomic
+#pragma unroll
+        for (int r = 0; r < kBC; ++r) {
+          const int x = tid + r * kThreads, s = x >> 4, j = x & 15;
+          if (s >= N || j >= Ws) continue;
+          float sb = 0.f, sc = 0.f;
+#pragma unroll
+          for (int cc = 0; cc < CB; ++cc) {
+            sb += s_bc[(cc * kStates + s) * kPitch + j];
+            sc += s_bc[((CB + cc) * kStates + s) * kPitch + j];
+          }
+          if (ga.dB.defined()) atomicAdd(&plane<float>(ga.dB, b, g, s).at(i, jb + j), sb);
+          if (ga.dC.defined()) atomicAdd(&plane<float>(ga.dC, b, g, s).at(i, jb + j), sc);
+        }
+      }
+      if (i > h0) store_row(smem + ((h1 - i) & 1) * BUF);
+      __syncthreads();  // also: every thread's handover store of row i precedes the release below
+      const int64_t done = H - i;
+      if (strip > 0 && tid == 0 && (done % kLag == 0 || i == 0)) st_release(flag_self, static_cast<unsigned>(done));
+    }
+  }
+  float* part = lb.part + ((b * S + strip) * D + (has_d ? d : 0)) * kPart;
+  if (active) part[n] = dA_acc;
+#pragma unroll
+  for (int off = 8; off > 0; off >>= 1) {  // over the half-warp: the channel's 16 columns
+    dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, off);
+    dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, off);
+  }
+  if (has_d && n == 0) {
+    part[kStates] = dD_acc;
+    part[kStates + 1] = dbias_acc;
+  }
+}
+
+// dA, dD, ddelta_bias of each (batch, channel): the strips' sums added in strip order.
+__global__ void scan2d_lanes_bwd_reduce_kernel(Scan2dProblem p, Scan2dBackwardArgs ga, const float* part, int64_t S) {
+  const int64_t chans = ga.d_end - ga.d_begin;
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= p.batch * chans * kPart) return;
+  const int k = static_cast<int>(t % kPart);
+  const int64_t d = ga.d_begin + (t / kPart) % chans, b = t / (kPart * chans);
+  if (k < kStates && k >= p.dstate) return;
+  float sum = 0.f;
+  for (int64_t s = 0; s < S; ++s) sum += part[((b * S + s) * p.dim + d) * kPart + k];
+  if (k < kStates) {
+    if (ga.dA_part) static_cast<float*>(ga.dA_part)[(b * p.dim + d) * p.dstate + k] = sum;
+  } else if (k == kStates) {
+    if (ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + d] = sum;
+  } else if (ga.ddelta_bias_part) {
+    static_cast<float*>(ga.ddelta_bias_part)[b * p.dim + d] = sum;
+  }
+}
+
+template <typename T, int CB, bool kDet>
+void backward_launch(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStream_t stream) {
+  const int64_t cb0 = a.d_begin / CB, nCb = (a.d_end + CB - 1) / CB - cb0, items = p.batch * nCb;
+  const int64_t S = (p.width + kCols - 1) / kCols;
+  if (items * S > kMaxBlocks) throw ArgumentError("scan2d_backward: too many (batch, channel, strip) blocks");
+  LaneBwd lb;
+  lb.strips = S;
+  // Hand-over and segment scratch first (16-byte aligned for float4), the flags last.
+  float* ws = a.workspace;
+  lb.hand = ws;
+  ws += scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width);
+  lb.seg = ws;
+  ws += items * S * kHalf * CB * kStates * 16;
+  lb.part = ws;
+  ws += p.batch * S * p.dim * kPart;
+  lb.flags = reinterpret_cast<unsigned*>(ws);
+  lb.gin = a.carries;
+  lb.ckpt = a.carries + scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width);
+  SSM2D_CUDA_CHECK(cudaMemsetAsync(lb.flags, 0, (1 + items * S) * sizeof(unsigned), stream));
+  const size_t smem = kBwdSmemFloats<CB> * sizeof(float);
+  auto kernel = scan2d_lanes_bwd_kernel<T, CB, kDet>;
+  SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(items * S), CB * kStates, smem, stream>>>(p, a, lb);
+  SSM2D_CUDA_CHECK_LAUNCH("scan2d_lanes_bwd_kernel");
+  if (a.dA_part || a.dD_part || a.ddelta_bias_part) {
+    const int64_t threads = p.batch * (a.d_end - a.d_begin) * kPart;
+    scan2d_lanes_bwd_reduce_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p, a, lb.part, S);
+    SSM2D_CUDA_CHECK_LAUNCH("scan2d_lanes_bwd_reduce_kernel");
+  }
+}
+
 }  // namespace
 
-bool scan2d_lanes_fit(const Scan2dProblem& p) {
-  return p.dstate >= kScan2dTiledStates && p.dstate <= kScan2dLanesMaxStates &&
-         (p.groups == 1 || (p.dim / p.groups) % 8 == 0);
+bool scan2d_lanes_fit(const Scan2dProblem& p) { return scan2d_lanes_fit(p.dim, p.groups, p.dstate); }
+
+void scan2d_lanes_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
+  if (!a.workspace || !a.carries) throw ArgumentError("scan2d_backward: carries and workspace are required on CUDA");
+  DeviceGuard guard(p.device.index);
+  auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  const int cb = lanes_channels(p);
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (a.deterministic) cb == 16 ? backward_launch<T, 16, true>(p, a, stream) : backward_launch<T, 8, true>(p, a, stream);
+    else cb == 16 ? backward_launch<T, 16, false>(p, a, stream) : backward_launch<T, 8, false>(p, a, stream);
+  });
 }
 
 void scan2d_lanes_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {

@@ -1,8 +1,7 @@
 // scan2d (2DMamba) on CUDA for N >= kScan2dTiledStates: the tiled kernels.
 //
 // (For fewer states scan2d.cu runs the band kernels; for 8 <= N <= 16 with groups of a multiple of
-// 8 channels the forward is the lanes kernel of scan2d_lanes.cu, which saves these kernels' carries
-// for the backward below.) One block per (batch, channel); its NW warps own the N states (warp w: states w, w+NW, ...).
+// 8 channels, the lanes kernels of scan2d_lanes.cu.) One block per (batch, channel); its NW warps own the N states (warp w: states w, w+NW, ...).
 // The block sweeps the grid in 32x32 tiles. Per tile the block stages dt and dt*u in shared memory
 // once for all states; each warp then scans its state: lane r runs row r left to right (the G
 // recurrence), the tile goes through the warp's shared buffer, lane c runs column c top to bottom

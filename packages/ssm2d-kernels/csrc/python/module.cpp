@@ -149,7 +149,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("scan2d_tiled", &ssm2d::cuda::scan2d_tiled, py::arg("dstate"),
         "Whether the CUDA kernels for this many states are the tiled ones (N >= 8) rather than the band ones.");
-  m.def("scan2d_backward_needs_y", &ssm2d::cuda::scan2d_backward_needs_y, py::arg("dstate"),
+  m.def("scan2d_backward_needs_y", &ssm2d::cuda::scan2d_backward_needs_y, py::arg("dim"), py::arg("groups"),
+        py::arg("dstate"),
         "Whether the CUDA backward needs the pre-gate output saved by the forward (when z is given).");
   m.def("scan2d_forward_workspace_floats", &ssm2d::cuda::scan2d_forward_workspace_floats, py::arg("batch"),
         py::arg("dim"), py::arg("dstate"), py::arg("height"), py::arg("width"), py::arg("saving") = false,

@@ -13,16 +13,17 @@ corner the scan starts from, ``order`` rows first ("hv") or columns first ("vh")
 onto pointers and strides, never copied.
 
 Memory: the forward writes only ``out`` (and ``y``, the pre-gate output, when the backward of a gate
-needs it: N >= 8 on CUDA). On CUDA it also saves ``scan2d_carry_floats(...)`` float32 values, from
-which the backward recomputes the states: with N < 8 (band kernels) the state h of every 16th row
-(N/16 of u's elements, none when the scanned H <= 16); with N >= 8 (tiled kernels) the carries of
-every 32x32 tile (also N/16 of u's elements). When no backward follows (inference), pass
-``carries=None``: nothing is saved. The forward may also need a float32 ``workspace`` of
-``scan2d_forward_workspace_floats(...)`` values: with N < 8, band summaries of grids wider than one
-band (32, 64 or 128 columns by width), batch*D*H*(bands + N*(bands-1)); with 8 <= N <= 16 (lanes
-forward, 16-column strips) the G each strip hands to the next per row, state and channel (about u's
-element count) and a flag per strip; with N >= 8 and no carries (inference), room for the tile
-carries.
+needs it: the tiled kernels on CUDA, ``_C.scan2d_backward_needs_y(dim, groups, dstate)``). On CUDA
+it also saves ``scan2d_carry_floats(...)`` float32 values, from which the backward recomputes the
+states: with N < 8 (band kernels) the state h of every 16th row (N/16 of u's elements, none when the
+scanned H <= 16); with 8 <= N <= 16 and groups of a multiple of 8 channels (lanes kernels) the G
+entering every 16-column strip at every row and h after every 16th row (about u's element count,
+plus N/16 of it); otherwise (tiled kernels) the carries of every 32x32 tile (N/16 of u's elements).
+When no backward follows (inference), pass ``carries=None``: nothing is saved. The forward may also
+need a float32 ``workspace`` of ``scan2d_forward_workspace_floats(...)`` values: with N < 8, band
+summaries of grids wider than one band (32, 64 or 128 columns by width),
+batch*D*H*(bands + N*(bands-1)); lanes kernels: a flag per strip, and with no carries the G hand-over
+(about u's element count); tiled kernels with no carries (inference), room for the tile carries.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def scan2d_backward_workspace_floats(batch: int, dim: int, dstate: int, height: 
                                      order: str = "hv") -> int:
     """float32 scratch values the CUDA backward needs on the scanned grid. N < 8 (band kernels): band
     summaries of both directions for grids wider than one band, batch*dim*H*(bands + 2N*(bands-1)), and
-    per-band sums batch*dim*bands*(N+2); N >= 8 (tiled kernels): batch*dim*N*(H+W)."""
+    per-band sums batch*dim*bands*(N+2); 8 <= N <= 16 (lanes kernels): the hand-over between strips
+    (about u's element count) and h of one 16-row segment per block (about u's count again);
+    tiled kernels: batch*dim*N*(H+W) (the larger of the two for 8 <= N <= 16)."""
     lh, lw = logical_hw(height, width, order)
     return int(_C.scan2d_backward_workspace_floats(batch, dim, dstate, lh, lw))
 
@@ -263,9 +266,10 @@ def scan2d_backward(dout, u, delta, A, B, C, D=None, z=None, delta_bias=None, *,
     ya = chk.same_as_u(y, "y")
     car = wsp = None
     if chk.device >= 0:
-        if chk.z is not None and ya is None and _C.scan2d_backward_needs_y(n):
+        if chk.z is not None and ya is None and _C.scan2d_backward_needs_y(d, chk.sizes["groups"], n):
             raise ValueError("y (the pre-gate output saved by the forward) is required on CUDA when z is given "
-                             "and N >= 8")
+                             "and the tiled kernels run (N > 16, or 8 <= N <= 16 with groups of other than a "
+                             "multiple of 8 channels)")
         if carries is None or workspace is None:
             raise ValueError("carries (saved by the forward, possibly empty) and workspace are required on CUDA")
         car = as_array(carries, "carries")

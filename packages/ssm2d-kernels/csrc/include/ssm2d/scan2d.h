@@ -43,31 +43,66 @@ inline int64_t scan2d_bands(int64_t width, int cols_per_lane) {
 constexpr int64_t kScan2dTiledStates = 8;
 constexpr int64_t kScan2dTile = 32;
 inline bool scan2d_tiled(int64_t dstate) { return dstate >= kScan2dTiledStates; }
+// States the lanes kernels (a lane per state) run at most; from kScan2dTiledStates up.
+constexpr int64_t kScan2dLanesMaxStates = 16;
+// Rows between the h rows the lanes forward saves for its backward.
+constexpr int64_t kScan2dLanesSegment = 16;
+// Whether the lanes kernels run this problem (forward and backward): 8 <= N <= 16 and the channels of
+// a group a multiple of 8 (or one group), so that a block's 8 or 16 channels share B and C.
+inline bool scan2d_lanes_fit(int64_t dim, int64_t groups, int64_t dstate) {
+  return dstate >= kScan2dTiledStates && dstate <= kScan2dLanesMaxStates && groups > 0 &&
+         (groups == 1 || (dim / groups) % 8 == 0);
+}
 // Whether the backward needs the pre-gate output y saved by the forward (when z is given): the tiled
-// kernels do; the band kernels rebuild it.
-inline bool scan2d_backward_needs_y(int64_t dstate) { return scan2d_tiled(dstate); }
+// kernels do; the band and lanes kernels rebuild it.
+inline bool scan2d_backward_needs_y(int64_t dim, int64_t groups, int64_t dstate) {
+  return scan2d_tiled(dstate) && !scan2d_lanes_fit(dim, groups, dstate);
+}
+// The lanes kernels' carries, per batch item, 16-column strip k, row i, channel d, state n (n padded
+// to 16): the G entering strip k >= 1 at row i, batch*(strips-1)*H*dim*16 floats (about u's element
+// count), then h after every kScan2dLanesSegment-th row, batch*strips*(segments-1)*dim*256 (N/16 of u's).
+inline int64_t scan2d_lanes_gin_floats(int64_t batch, int64_t dim, int64_t height, int64_t width) {
+  return batch * ((width + 15) / 16 - 1) * height * dim * 16;
+}
+inline int64_t scan2d_lanes_carry_floats(int64_t batch, int64_t dim, int64_t height, int64_t width) {
+  const int64_t segments = (height + kScan2dLanesSegment - 1) / kScan2dLanesSegment;
+  return scan2d_lanes_gin_floats(batch, dim, height, width) + batch * ((width + 15) / 16) * (segments - 1) * dim * 256;
+}
 
 // Floats the CUDA forward saves for the backward. Band kernels: h every kScan2dSegment rows,
 // batch*dim*N*(ceil(H/kScan2dSegment) - 1)*W (N/16 of u's element count; none when H <= 16); a
 // 1-row grid with N == 1 instead keeps the G entering each band, batch*dim*bands.
 // Tiled kernels: the G and h carries of every 32x32 tile, batch*dim*N*tiles*64.
+// Lanes kernels (8 <= N <= 16): the larger of their layout and the tiled one (which of the two runs
+// depends on the groups).
 inline int64_t scan2d_carry_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height, int64_t width) {
   if (scan2d_tiled(dstate)) {
     const int64_t tiles = ((height + kScan2dTile - 1) / kScan2dTile) * ((width + kScan2dTile - 1) / kScan2dTile);
-    return batch * dim * dstate * tiles * 2 * kScan2dTile;
+    const int64_t tiled = batch * dim * dstate * tiles * 2 * kScan2dTile;
+    if (dstate > kScan2dLanesMaxStates) return tiled;
+    const int64_t lanes = scan2d_lanes_carry_floats(batch, dim, height, width);
+    return tiled > lanes ? tiled : lanes;
   }
   if (height == 1 && dstate == 1) return batch * dim * scan2d_bands(width, scan2d_cols_per_lane(width));
   return batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
 }
-// States the lanes forward (a lane per state) runs at most; from kScan2dTiledStates up.
-constexpr int64_t kScan2dLanesMaxStates = 16;
-// Scratch of the lanes forward: per (batch, 8 or 16 channels, 16-column strip) a flag, and the G
-// each strip but the last hands to the next per row and lane: at most
-// 1 + batch*ceil(dim/8)*strips + batch*(dim+15)*16*(strips-1)*H floats (about u's element count).
-inline int64_t scan2d_lanes_workspace_floats(int64_t batch, int64_t dim, int64_t height, int64_t width) {
+// Scratch of the lanes forward: per (batch, 8 or 16 channels, 16-column strip) a flag, and when no
+// carries are saved the G each strip hands to the next (the carries' first part otherwise).
+inline int64_t scan2d_lanes_workspace_floats(int64_t batch, int64_t dim, int64_t height, int64_t width,
+                                             bool saving) {
   const int64_t strips = (width + 15) / 16;
   if (strips <= 1) return 0;
-  return 1 + batch * ((dim + 7) / 8) * strips + batch * (dim + 15) * 16 * (strips - 1) * height;
+  return 1 + batch * ((dim + 7) / 8) * strips + (saving ? 0 : scan2d_lanes_gin_floats(batch, dim, height, width));
+}
+// Scratch of the lanes backward: flags; the a*lamH each strip hands to the one on its left
+// (batch*(strips-1)*H*dim*16); h of half a 16-row segment per block (8 rows x 16 columns x 16
+// states per channel: at most batch*(dim+31)*strips*2048 for blocks of 8 or 16 channels, a channel
+// range of a deterministic chunk adding one block); per-strip sums of dA, dD, ddelta_bias
+// (batch*strips*dim*18).
+inline int64_t scan2d_lanes_backward_workspace_floats(int64_t batch, int64_t dim, int64_t height, int64_t width) {
+  const int64_t strips = (width + 15) / 16;
+  return 1 + batch * ((dim + 7) / 8 + 1) * strips + scan2d_lanes_gin_floats(batch, dim, height, width) +
+         batch * (dim + 31) * strips * 8 * 256 + batch * strips * dim * 18;
 }
 // Floats of scratch the CUDA forward needs. Band kernels: for grids wider than one band (but 1-row
 // grids with N == 1), per (row, band) summaries batch*dim*H*(bands + N*(bands-1)).
@@ -79,7 +114,7 @@ inline int64_t scan2d_forward_workspace_floats(int64_t batch, int64_t dim, int64
   if (scan2d_tiled(dstate)) {
     const int64_t carries = saving ? 0 : scan2d_carry_floats(batch, dim, dstate, height, width);
     if (dstate > kScan2dLanesMaxStates) return carries;
-    const int64_t lanes = scan2d_lanes_workspace_floats(batch, dim, height, width);
+    const int64_t lanes = scan2d_lanes_workspace_floats(batch, dim, height, width, saving);
     return carries > lanes ? carries : lanes;
   }
   const int64_t nb = scan2d_bands(width, scan2d_cols_per_lane(width));
@@ -95,7 +130,12 @@ inline int64_t scan2d_forward_workspace_floats(int64_t batch, int64_t dim, int64
 // reverse carries, batch*dim*N*(H + W).
 inline int64_t scan2d_backward_workspace_floats(int64_t batch, int64_t dim, int64_t dstate, int64_t height,
                                                 int64_t width) {
-  if (scan2d_tiled(dstate)) return batch * dim * dstate * (height + width);
+  if (scan2d_tiled(dstate)) {
+    const int64_t tiled = batch * dim * dstate * (height + width);
+    if (dstate > kScan2dLanesMaxStates) return tiled;
+    const int64_t lanes = scan2d_lanes_backward_workspace_floats(batch, dim, height, width);
+    return tiled > lanes ? tiled : lanes;
+  }
   const int64_t nb = scan2d_bands(width, scan2d_bwd_cols_per_lane(width, dstate));
   // A 1-row grid with N == 1 is walked band after band by one warp: no summaries.
   const bool summarised = nb > 1 && !(dstate == 1 && height == 1);

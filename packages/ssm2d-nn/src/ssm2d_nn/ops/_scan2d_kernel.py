@@ -89,7 +89,7 @@ def frame(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Optional
         infer_workspace_floats=infer_ws,
         train_workspace_floats=int(_C.scan2d_forward_workspace_floats(*sizes, True)) if on_cuda else 0,
         backward_workspace_floats=int(_C.scan2d_backward_workspace_floats(*sizes)) if on_cuda else 0,
-        keep_y=on_cuda and z is not None and bool(_C.scan2d_backward_needs_y(n)),
+        keep_y=on_cuda and z is not None and bool(_C.scan2d_backward_needs_y(d, g, n)),
     )
 
 
@@ -144,7 +144,7 @@ def carry_floats(u: Tensor, A: Tensor, order: str) -> int:
     return _kernels().scan2d_carry_floats(u.shape[0], u.shape[1], A.shape[1], lh, lw)
 
 
-def backward_needs_y(A: Tensor, z: Optional[Tensor]) -> bool:
-    """Whether the forward must keep the pre-gate output for the backward (the tiled kernels, which
-    run for N >= 8, need it when z is given; the band kernels rebuild it); the fake kernels' answer."""
-    return z is not None and bool(_kernels().scan2d_backward_needs_y(A.shape[1]))
+def backward_needs_y(A: Tensor, B: Tensor, z: Optional[Tensor]) -> bool:
+    """Whether the forward must keep the pre-gate output for the backward (the tiled kernels need it
+    when z is given; the band and lanes kernels rebuild it); the fake kernels' answer."""
+    return z is not None and bool(_kernels().scan2d_backward_needs_y(A.shape[0], B.shape[1], A.shape[1]))

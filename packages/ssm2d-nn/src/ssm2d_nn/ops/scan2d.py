@@ -52,8 +52,10 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     Memory (kernel backend): the output, plus for the backward, on CUDA: with N < 8 (band kernels)
     the state of every 16th row (N/16 times u's element count in float32, none when the scanned
     H <= 16) and, transiently, for grids wider than one band (up to 128 columns), band summaries of
-    about (2N+1)/32 of u's element count per band boundary; with N >= 8 (tiled kernels) per-tile
-    carries (N/16 of u's count) and the pre-gate output when z is given. The N-times-larger state is
+    about (2N+1)/32 of u's element count per band boundary; with 8 <= N <= 16 and groups of a
+    multiple of 8 channels (lanes kernels) the G entering every 16-column strip per row and h every
+    16th row (about (1 + N/16) times u's count); otherwise (tiled kernels) per-tile carries (N/16 of
+    u's count) and the pre-gate output when z is given. The N-times-larger state is
     never stored. Gradients are exact for every G; on CUDA dB/dC use float32 atomics unless
     ``torch.use_deterministic_algorithms(True)`` is on, which makes them bitwise reproducible
     (per-channel partial sums, at most 256 MiB of workspace per chunk). The CPU kernel is always
@@ -119,8 +121,8 @@ def _empty(t: Tensor, dtype=None) -> Tensor:
 def scan2d_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                delta_bias: Optional[Tensor], delta_softplus: bool, origin: str, order: str,
                deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Kernel forward: (out, the pre-gate output when the CUDA backward needs it (tiled kernels, N >= 8,
-    with z) else empty, CUDA carries or empty)."""
+    """Kernel forward: (out, the pre-gate output when the CUDA backward needs it (tiled kernels, with
+    z) else empty, CUDA carries or empty)."""
     f = _frame(u, delta, A, B, C, D, z, delta_bias, origin, order)
     out, y, carries = K.forward(f, u, delta, A, B, C, D, z, delta_bias, delta_softplus, save=True)
     return out, _empty(u) if y is None else y, carries
@@ -129,7 +131,7 @@ def scan2d_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opt
 @scan2d_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, deterministic):
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    y = torch.empty_like(out) if u.is_cuda and K.backward_needs_y(A, z) else _empty(u)
+    y = torch.empty_like(out) if u.is_cuda and K.backward_needs_y(A, B, z) else _empty(u)
     return out, y, torch.empty(K.carry_floats(u, A, order), dtype=torch.float32, device=u.device)
 
 
