@@ -89,3 +89,15 @@ def test_env_var_sets_threads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "SSM2D_NUM_THREADS": "5"}).stdout.split()
     assert out == ["5", "5"]
+
+
+def test_scan2d_kernel_family_rule():
+    # The documented choice: lanes kernels for 8 <= N <= 16 with one group or groups of a multiple of 8
+    # channels; the pre-gate output is saved only for the tiled kernels (N >= 8 otherwise).
+    from ssm2d_kernels import _C
+
+    for dim, groups in [(256, 1), (16, 2), (24, 3), (12, 3), (40, 5), (8, 8), (64, 4)]:
+        for n in (1, 7, 8, 12, 16, 17, 64):
+            lanes = 8 <= n <= 16 and (groups == 1 or (dim // groups) % 8 == 0)
+            assert _C.scan2d_lanes_fit(dim, groups, n) == lanes, (dim, groups, n)
+            assert _C.scan2d_backward_needs_y(dim, groups, n) == (n >= 8 and not lanes), (dim, groups, n)

@@ -147,6 +147,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("elements") = 1 << 22);
 
+  m.def("scan2d_lanes_fit", &ssm2d::cuda::scan2d_lanes_fit, py::arg("dim"), py::arg("groups"), py::arg("dstate"),
+        "Whether the CUDA kernels for this problem are the lanes ones (8 <= N <= 16, groups of a multiple of 8 "
+        "channels or one group).");
   m.def("scan2d_tiled", &ssm2d::cuda::scan2d_tiled, py::arg("dstate"),
         "Whether the CUDA kernels for this many states are the tiled ones (N >= 8) rather than the band ones.");
   m.def("scan2d_backward_needs_y", &ssm2d::cuda::scan2d_backward_needs_y, py::arg("dim"), py::arg("groups"),
