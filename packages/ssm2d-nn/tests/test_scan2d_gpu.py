@@ -55,10 +55,11 @@ def test_float32_matches_float64_reference(origin, order):
 
 
 @pytest.mark.parametrize("dtype,fwd_tol,grad_tol", [(torch.bfloat16, 2e-2, 5e-2), (torch.float16, 4e-3, 1e-2)])
-def test_half_precisions_against_float64(dtype, fwd_tol, grad_tol):
+@pytest.mark.parametrize("dim,groups", [(8, 2), (16, 2)])  # tiled kernels; lanes kernels (8 channels a group)
+def test_half_precisions_against_float64(dtype, fwd_tol, grad_tol, dim, groups):
     seed = random.randrange(2**31)
     rng = random.Random(seed)
-    inputs = make_inputs(rng, batch=2, dim=8, dstate=16, groups=2, height=45, width=38)
+    inputs = make_inputs(rng, batch=2, dim=dim, dstate=16, groups=groups, height=45, width=38)
     _check_against_float64(inputs, dtype, fwd_tol, grad_tol, seed, delta_softplus=True, origin="br", order="vh")
 
 
