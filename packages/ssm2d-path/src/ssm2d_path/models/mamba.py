@@ -92,7 +92,7 @@ class _SSMMIL(MILModel):
                  n_layers: int = 1, dropout: float = 0.25, *, scan: str = "scan2d", dt_rank: Optional[int] = None,
                  d_conv: Union[int, tuple[int, int]] = 3, attn_dim: int = 128, backend: str = "auto",
                  checkpoint: Union[bool, str] = "auto", input_norm: bool = False, local_mix: int = 0,
-                 pool: str = "attention", pool_k: int = 1):
+                 pool: str = "attention", pool_k: int = 1, input_ica: int = 0):
         super().__init__()
         name = type(self).__name__
         if n_layers < 1:
@@ -106,13 +106,24 @@ class _SSMMIL(MILModel):
             raise ValueError(f"{name}: pool must be one of {', '.join(POOLS)}, got {pool!r}")
         if isinstance(pool_k, bool) or not isinstance(pool_k, int) or pool_k < 1:
             raise ValueError(f"{name}: pool_k must be an integer >= 1, got {pool_k!r}")
+        if isinstance(input_ica, bool) or not isinstance(input_ica, int) or not 0 <= input_ica <= in_dim:
+            raise ValueError(f"{name}: input_ica must be 0 (off) or a number of components in [1, in_dim={in_dim}], "
+                             f"got {input_ica!r}")
         self.in_dim, self.n_outputs = in_dim, n_outputs
         self.pool_name, self.pool_k = pool, pool_k
         # Options (off by default, i.e. the published model): a LayerNorm of the input features (no
         # affine), a dense local_mix x local_mix convolution of the embedded grid before the SSM layers
         # (h + ReLU(conv(h)), empty cells 0), top-k pooling of per-patch logits instead of attention.
         self.input_norm = nn.LayerNorm(in_dim, elementwise_affine=False) if input_norm else None
-        self.embed = embedding(in_dim, dim, dropout)
+        # input_ica: the features enter as their input_ica independent components, fitted on the
+        # training patches before training (fit_input_transform; the trainer calls it); until then
+        # the transform keeps the first input_ica features.
+        self.input_ica = input_ica
+        if input_ica:
+            self.register_buffer("ica_mean", torch.zeros(in_dim))
+            self.register_buffer("ica_unmix", torch.eye(in_dim, input_ica))
+            self.register_buffer("ica_fitted", torch.zeros((), dtype=torch.bool))
+        self.embed = embedding(input_ica or in_dim, dim, dropout)
         self.local = nn.Conv2d(dim, dim, local_mix, padding=local_mix // 2) if local_mix else None
         self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=1e-5) for _ in range(n_layers))
         self.layers = nn.ModuleList(
@@ -131,9 +142,7 @@ class _SSMMIL(MILModel):
     def forward(self, bag: Bag) -> MILOutput:
         check_bag(self, bag)
         dev = bag.features.device.type
-        x = bag.features
-        if self.input_norm is not None:
-            x = self.input_norm(x)
+        x = self._transform_input(bag.features)
         h = embed_patches(self.embed, x)
         if torch.is_autocast_enabled(dev):
             h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
@@ -146,6 +155,37 @@ class _SSMMIL(MILModel):
         # the pooling matmul would each cast (and save) their own bf16 copy of a float32 input.
         scores, pooled = self.pool(_to_autocast_dtype(self.norm(h)))
         return MILOutput(self.classifier(pooled)[None], scores)
+
+    def _transform_input(self, x: Tensor) -> Tensor:
+        """input_norm, then the ICA transform, where the model has them."""
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        if self.input_ica:
+            x = (x - self.ica_mean.to(x.dtype)) @ self.ica_unmix.to(x.dtype)
+        return x
+
+    @property
+    def needs_input_fit(self) -> bool:
+        """Whether the model has an input transform fitted on training patches (input_ica)."""
+        return bool(self.input_ica)
+
+    @torch.no_grad()
+    def fit_input_transform(self, features: Tensor, seed: int = 0) -> None:
+        """Fit the input_ica transform on (N, in_dim) training patch features (no labels). A no-op
+        without input_ica. Raises ValueError naming ``features`` for a wrong shape."""
+        if not self.input_ica:
+            return
+        if features.dim() != 2 or features.shape[1] != self.in_dim:
+            raise ValueError(f"features: expected (N, in_dim={self.in_dim}), got {tuple(features.shape)}")
+        from .ica import fit_ica
+
+        x = features.to(self.ica_mean.device, torch.float64)
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        mean, unmix, _ = fit_ica(x, self.input_ica, seed=seed)
+        self.ica_mean.copy_(mean)
+        self.ica_unmix.copy_(unmix)
+        self.ica_fitted.fill_(True)
 
     def _local(self, slide: SlideGrid, h: Tensor) -> Tensor:
         """h + ReLU(conv(h)) on the slide's grid (empty cells 0 in and ignored out): (N, dim) -> (N, dim)."""
@@ -189,7 +229,9 @@ class TwoDMambaMIL(_SSMMIL):
     no affine), local_mix (odd kernel size k: h + ReLU(conv_k x k(h)) on the embedded grid before
     the SSM layers, a dense convolution over dim channels; 0 off), pool ("attention": gated
     attention; "topk": a per-patch classifier whose logits are averaged over the pool_k highest
-    patches of each output, pool_k 1 being max pooling).
+    patches of each output, pool_k 1 being max pooling), input_ica (n: the features enter as their
+    n independent components of highest kurtosis, fitted on the training patches before training;
+    see :mod:`ssm2d_path.models.ica`; 0 off).
     """
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
