@@ -123,3 +123,32 @@ def test_fit_input_transform_checks_the_features():
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     plain.fit_input_transform(torch.randn(100, 10))  # no transform: nothing changes
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
+
+
+def test_input_shrink_after_ica_equals_the_model_fed_the_shrunk_components():
+    torch.manual_seed(1)
+    model = TwoDMambaMIL(10, 2, dim=8, d_inner=16, d_state=4, input_ica=3, input_shrink=0.7).double().eval()
+    x, _, _ = _planted(2, n=3000, dim=10)
+    model.fit_input_transform(x, seed=0)
+    mean, unmix, _ = fit_ica(x, 3, seed=0)
+    plain = TwoDMambaMIL(3, 2, dim=8, d_inner=16, d_state=4).double().eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ica_")})
+    s = _slide(5)
+    comp = ((s.features - mean) @ unmix).numpy()
+    shrunk = torch.from_numpy(np.where(comp > 0.7, comp - 0.7, 0.0))
+    out = model(Bag("a", [s]))
+    ref = plain(Bag("a", [SlideGrid.from_coords("c", shrunk, s.coords, s.stride)]))
+    torch.testing.assert_close(out.logits, ref.logits)
+    # without ICA the raw features are shrunk
+    raw = TwoDMambaMIL(10, 2, dim=8, d_inner=16, d_state=4, input_shrink=0.5).double().eval()
+    same = TwoDMambaMIL(10, 2, dim=8, d_inner=16, d_state=4).double().eval()
+    same.load_state_dict(raw.state_dict())
+    f = s.features.numpy()
+    ref = same(Bag("a", [SlideGrid.from_coords("c", torch.from_numpy(np.where(f > 0.5, f - 0.5, 0.0)), s.coords, s.stride)]))
+    torch.testing.assert_close(raw(Bag("a", [s])).logits, ref.logits)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), True, "1"])
+def test_input_shrink_out_of_range_names_the_argument(value):
+    with pytest.raises(ValueError, match="input_shrink"):
+        TwoDMambaMIL(10, 2, dim=8, d_inner=16, input_shrink=value)

@@ -23,6 +23,7 @@ counted with 32-channel chunks, which are 3x slower). Before these measures: 649
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import numpy as np
@@ -92,7 +93,8 @@ class _SSMMIL(MILModel):
                  n_layers: int = 1, dropout: float = 0.25, *, scan: str = "scan2d", dt_rank: Optional[int] = None,
                  d_conv: Union[int, tuple[int, int]] = 3, attn_dim: int = 128, backend: str = "auto",
                  checkpoint: Union[bool, str] = "auto", input_norm: bool = False, local_mix: int = 0,
-                 pool: str = "attention", pool_k: int = 1, input_ica: int = 0):
+                 pool: str = "attention", pool_k: int = 1, input_ica: int = 0,
+                 input_shrink: float = 0.0):
         super().__init__()
         name = type(self).__name__
         if n_layers < 1:
@@ -109,8 +111,12 @@ class _SSMMIL(MILModel):
         if isinstance(input_ica, bool) or not isinstance(input_ica, int) or not 0 <= input_ica <= in_dim:
             raise ValueError(f"{name}: input_ica must be 0 (off) or a number of components in [1, in_dim={in_dim}], "
                              f"got {input_ica!r}")
+        if isinstance(input_shrink, bool) or not isinstance(input_shrink, (int, float)) or not (
+                math.isfinite(input_shrink) and input_shrink >= 0):
+            raise ValueError(f"{name}: input_shrink must be a finite number >= 0, got {input_shrink!r}")
         self.in_dim, self.n_outputs = in_dim, n_outputs
         self.pool_name, self.pool_k = pool, pool_k
+        self.input_shrink = float(input_shrink)
         # Options (off by default, i.e. the published model): a LayerNorm of the input features (no
         # affine), a dense local_mix x local_mix convolution of the embedded grid before the SSM layers
         # (h + ReLU(conv(h)), empty cells 0), top-k pooling of per-patch logits instead of attention.
@@ -162,6 +168,8 @@ class _SSMMIL(MILModel):
             x = self.input_norm(x)
         if self.input_ica:
             x = (x - self.ica_mean.to(x.dtype)) @ self.ica_unmix.to(x.dtype)
+        if self.input_shrink:
+            x = torch.relu(x - self.input_shrink)
         return x
 
     @property
@@ -231,7 +239,8 @@ class TwoDMambaMIL(_SSMMIL):
     attention; "topk": a per-patch classifier whose logits are averaged over the pool_k highest
     patches of each output, pool_k 1 being max pooling), input_ica (n: the features enter as their
     n independent components of highest kurtosis, fitted on the training patches before training;
-    see :mod:`ssm2d_path.models.ica`; 0 off).
+    see :mod:`ssm2d_path.models.ica`; 0 off), input_shrink (t > 0: each input value x enters as
+    max(x - t, 0), after the ICA when there is one: only the upper tail of each component; 0 off).
     """
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
