@@ -96,8 +96,9 @@ def write_config(path: Path, cohort: Path, split_dir: Path, model: str, run_dir:
     return path
 
 
-def oracle_by_fold(cohort: Path, split_dir: Path, k: int) -> list[float]:
-    """Test AUC of the oracle on each fold's test slides (the splits the models use)."""
+def oracle_by_fold(cohort: Path, split_dir: Path, k: int, folds: Optional[Sequence[int]] = None) -> list[float]:
+    """Test AUC of the oracle on each fold's test slides (the splits the models use; only ``folds``
+    when given)."""
     from ssm2d_path.data import read_splits
     from ssm2d_path.metrics import binary_auc
 
@@ -107,14 +108,17 @@ def oracle_by_fold(cohort: Path, split_dir: Path, k: int) -> list[float]:
                            spec["noise"], k=max(1, spec["adjacent"]))
     labels = {s: v["label"] for s, v in meta["slides"].items()}
     out = []
-    for split in read_splits(split_dir, k=k):
+    for f, split in enumerate(read_splits(split_dir, k=k)):
+        if folds is not None and f not in folds:
+            continue
         ids = [i for i in split.test if i in scores]
         out.append(binary_auc(np.array([labels[i] for i in ids]), np.array([scores[i] for i in ids])))
     return out
 
 
 @__import__("torch").no_grad()
-def attention_on_motifs(run_dir: Path, cohort: Path, split_dir: Path, k: int) -> dict:
+def attention_on_motifs(run_dir: Path, cohort: Path, split_dir: Path, k: int,
+                        folds: Optional[Sequence[int]] = None) -> dict:
     """Where each fold's selected model puts its attention on its test slides.
 
     Returns mean over slides of: ``pair_mass_ratio`` (softmax attention on the cells of touching A-B
@@ -134,7 +138,7 @@ def attention_on_motifs(run_dir: Path, cohort: Path, split_dir: Path, k: int) ->
     pair_ratio, motif_ratio, pair_rank = [], [], []
     for f, split in enumerate(read_splits(split_dir, k=k)):
         weights = run_dir / f"fold_{f}" / "model.pt"
-        if not weights.is_file():
+        if not weights.is_file() or (folds is not None and f not in folds):
             continue
         model, _ = load_trained_model(weights, device="cpu")
         model.eval()
@@ -242,13 +246,20 @@ def _commit() -> str:
 
 def run_sweep(out: Path, work: Path, levels: Sequence[str], models: Sequence[str], *, k: int = 5,
               recipe: Optional[str] = None, slides: Optional[int] = None, seed: int = 0, threads: int = 1,
-              overrides: Sequence[str] = (), small: bool = True, tag: str = "", train: bool = True) -> dict:
+              overrides: Sequence[str] = (), small: bool = True, tag: str = "", train: bool = True,
+              folds: Optional[Sequence[int]] = None) -> dict:
     """Generate each level's cohort, cross-validate ``models`` on it through the CLI, score the oracle,
     and write the table, curves and attention summary into ``out``. With ``train`` False nothing is
-    trained: the table holds the folds already finished in ``work``. Returns the summary."""
+    trained: the table holds the folds already finished in ``work``. ``folds``: run and tabulate only
+    these folds (default all ``k``). Returns the summary."""
     from ssm2d_path.manifest import write_json_atomic
     from ssm2d_nn.fileio import atomic_output
 
+    if folds is not None:
+        bad = [f for f in folds if not isinstance(f, int) or not 0 <= f < k]
+        if bad or not folds:
+            raise ValueError(f"folds: need fold indices in [0, k={k}), got {list(folds)!r}")
+        folds = sorted(set(folds))
     for m in models:
         if m not in MODEL_KWARGS:
             raise ValueError(f"models: unknown model {m!r}; expected some of {', '.join(MODEL_KWARGS)}")
@@ -264,7 +275,7 @@ def run_sweep(out: Path, work: Path, levels: Sequence[str], models: Sequence[str
             if not list(split_dir.glob("splits_*.csv")):
                 _cli(["splits", "--labels", str(cohort / "labels.csv"), "--out", str(split_dir), "--k", str(k),
                       "--seed", str(seed)], log, threads)
-            entry = {"spec": asdict(spec), "oracle": oracle_by_fold(cohort, split_dir, k), "models": {}}
+            entry = {"spec": asdict(spec), "oracle": oracle_by_fold(cohort, split_dir, k, folds), "models": {}}
             curves = {}
             for m in models:
                 run_dir = work / lv / "runs" / f"{m}{tag}"
@@ -273,22 +284,24 @@ def run_sweep(out: Path, work: Path, levels: Sequence[str], models: Sequence[str
                 args = ["crossval", "--config", str(cfg)]
                 for o in overrides:
                     args += ["--set", o]
+                if folds is not None:
+                    args += ["--folds", *map(str, folds)]
                 if train:
                     _cli(args, log, threads)
-                folds = fold_results(run_dir)
-                if not folds:
+                done = [r for r in fold_results(run_dir) if folds is None or r["fold"] in folds]
+                if not done:
                     print(f"[sweep] {lv} / {m}: no finished fold", flush=True)
                     continue
                 entry["models"][m] = {
-                    "test_auc": [f["test"]["auc"] for f in folds], "val_auc": [f["val"].get("auc") for f in folds],
-                    "reported_epoch": [f["reported_epoch"] for f in folds],
-                    "epochs_run": [len(f["history"]) for f in folds], "recipe": folds[0].get("recipe"),
-                    "run_config": folds[0].get("run_config", {}).get("train"),
-                    "history": {f["fold"]: f["history"] for f in folds},
-                    "train_seconds": float(sum(f.get("seconds", float("nan")) for f in folds))}
-                curves[m] = loss_curves(folds)
+                    "test_auc": [f["test"]["auc"] for f in done], "val_auc": [f["val"].get("auc") for f in done],
+                    "reported_epoch": [f["reported_epoch"] for f in done],
+                    "epochs_run": [len(f["history"]) for f in done], "recipe": done[0].get("recipe"),
+                    "run_config": done[0].get("run_config", {}).get("train"),
+                    "history": {f["fold"]: f["history"] for f in done},
+                    "train_seconds": float(sum(f.get("seconds", float("nan")) for f in done))}
+                curves[m] = loss_curves(done)
                 if m in SSM_2D:
-                    entry["models"][m]["attention"] = attention_on_motifs(run_dir, cohort, split_dir, k)
+                    entry["models"][m]["attention"] = attention_on_motifs(run_dir, cohort, split_dir, k, folds)
                 print(f"[sweep] {lv} / {m}: test AUC {_fmt(entry['models'][m]['test_auc'], k)} "
                       f"({time.time() - t0:.0f} s)", flush=True)
             entry["curves"] = curves
@@ -296,7 +309,7 @@ def run_sweep(out: Path, work: Path, levels: Sequence[str], models: Sequence[str
                 plot_curves(curves, out / f"curves_{lv}{tag}.png", f"{lv}: training (solid) and validation (dashed) loss")
             summary[lv] = entry
             write_json_atomic(out / f"results{tag}.json", summary)
-    table = markdown(summary, models, levels, k)
+    table = markdown(summary, models, levels, k if folds is None else len(folds))
     recipes = sorted({str(e["models"][m]["recipe"]) for e in summary.values() for m in e["models"]})
     att_lines = ["| level | model | attention on pair cells (x uniform) | on all motif cells (x uniform) | "
                  "rank percentile of pair cells |", "|---|---|---|---|---|"]
@@ -308,13 +321,13 @@ def run_sweep(out: Path, work: Path, levels: Sequence[str], models: Sequence[str
                                  f"{a['pair_rank']:.2f} |")
     sizes = json.dumps({m: MODEL_KWARGS[m] for m in models}) if small else "each model's defaults"
     with atomic_output(out / f"table{tag}.md") as tmp:
-        tmp.write_text(f"Test AUC, mean ± std over {k} folds (recipe: {', '.join(recipes)}; overrides: "
+        tmp.write_text(f"Test AUC, mean ± std over {f'{k} folds' if folds is None else f'folds {folds} of {k}'} (recipe: {', '.join(recipes)}; overrides: "
                        f"{list(overrides) or 'none'}; model sizes: {sizes})\n\n" + table)
     with atomic_output(out / f"attention{tag}.md") as tmp:
         tmp.write_text("\n".join(att_lines) + "\n")
     write_json_atomic(out / f"sweep{tag}.json", {"levels": list(levels), "models": list(models), "k": k, "recipe": recipe,
                                            "overrides": list(overrides), "seed": seed, "threads": threads,
-                                           "slides": slides, "seconds": time.time() - t_start,
+                                           "slides": slides, "folds": folds, "seconds": time.time() - t_start,
                                            "command": sys.argv})
     print(table, flush=True)
     return summary
@@ -327,6 +340,7 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default=None, help="train.recipe (default: the command's default)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="passed to crossval")
     p.add_argument("--k", type=int, default=5)
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="run and tabulate only these folds (default all)")
     p.add_argument("--slides", type=int, default=None, help="cohort size of every level (default: the level's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -343,7 +357,7 @@ def main(argv=None) -> int:
     work = Path(a.work) if a.work else out / "work"
     run_sweep(out, work, a.levels, a.models, k=a.k, recipe=a.recipe, slides=a.slides, seed=a.seed,
               threads=a.threads, overrides=a.set, small=a.model_sizes == "small", tag=a.tag,
-              train=not a.tabulate_only)
+              train=not a.tabulate_only, folds=a.folds)
     return 0
 
 

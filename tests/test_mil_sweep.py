@@ -139,3 +139,24 @@ def test_sweep_through_the_cli(tmp_path):
     table = (out / "table.md").read_text()
     assert "| tiny |" in table and "2 of 3 adjacent" in table
     assert (out / "curves_tiny.png").stat().st_size > 0
+
+
+def test_sweep_runs_and_tabulates_only_the_folds_asked_for(tmp_path):
+    out = tmp_path / "out"
+    sweep.LEVELS["tiny"] = replace(SMALL, slides=12)
+    try:
+        with pytest.raises(ValueError, match="^folds:"):
+            sweep.run_sweep(out, tmp_path / "work", ["tiny"], ["abmil"], k=3, folds=[3])
+        summary = sweep.run_sweep(out, tmp_path / "work", ["tiny"], ["abmil"], k=3, folds=[1],
+                                  overrides=["train.epochs=2", "train.min_epochs=1"])
+        full_oracle = sweep.oracle_by_fold(tmp_path / "work" / "tiny" / "cohort", tmp_path / "work" / "tiny" / "splits", 3)
+    finally:
+        del sweep.LEVELS["tiny"]
+    runs = tmp_path / "work" / "tiny" / "runs" / "abmil"
+    assert sorted(p.name for p in runs.glob("fold_*")) == ["fold_1"]
+    entry = summary["tiny"]
+    assert entry["oracle"] == [full_oracle[1]] and len(full_oracle) == 3
+    assert len(entry["models"]["abmil"]["test_auc"]) == 1
+    table = (out / "table.md").read_text()
+    assert "over folds [1] of 3" in table and "(1 of" not in table
+    assert json.loads((out / "sweep.json").read_text())["folds"] == [1]

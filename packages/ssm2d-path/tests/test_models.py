@@ -12,6 +12,7 @@ from ssm2d_path.bag import Bag, SlideGrid
 from ssm2d_path.models import (ABMIL, M2DMIL, MODEL_NAMES, MambaMIL, MaxMIL, MeanMIL, TransMIL, TwoDMambaMIL,
                                build_model, param_groups)
 from ssm2d_path.models.transmil import NystromAttention, iterative_pinv
+from ssm2d_path.models.mamba import topk_instance_pool
 
 F_DIM = 24
 SMALL = {"2dmambamil": dict(dim=16, d_inner=32, d_state=4), "m2dmil": dict(dim=16, d_inner=32, d_state=4),
@@ -369,3 +370,93 @@ def test_2dmambamil_bf16_autocast_training_step_matches_float32():
     torch.testing.assert_close(res[1][0], res[0][0], rtol=5e-2, atol=5e-2)
     for a, b in zip(res[1][1], res[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-1, atol=5e-2 * b.abs().max().item() + 1e-3)
+
+
+def _conv_by_hand(grid: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """'same' 2D convolution (cross-correlation, zero padding) of a (C, H, W) grid by explicit loops."""
+    c_out, c_in, k, _ = weight.shape
+    _, h, w = grid.shape
+    p = k // 2
+    padded = np.zeros((c_in, h + 2 * p, w + 2 * p))
+    padded[:, p:p + h, p:p + w] = grid
+    out = np.empty((c_out, h, w))
+    for r in range(h):
+        for c in range(w):
+            window = padded[:, r:r + k, c:c + k]
+            out[:, r, c] = np.tensordot(weight, window, axes=([1, 2, 3], [0, 1, 2])) + bias
+    return out
+
+
+@pytest.mark.parametrize("local_mix", [1, 3])
+def test_2dmambamil_options_match_a_hand_pipeline(local_mix):
+    """input_norm, local_mix and top-k pooling: the forward equals the pipeline assembled by hand
+    (LayerNorm by formula, the convolution by loops over each slide's own grid, top-k by sorting)."""
+    model = small("2dmambamil", input_norm=True, local_mix=local_mix, pool="topk", pool_k=3).double().eval()
+    bag = make_bag(8, dtype=torch.float64)
+    out = model(bag)
+    x = bag.features.numpy()
+    xn = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+    h = model.embed(torch.from_numpy(xn))
+    w, b = model.local.weight.detach().numpy(), model.local.bias.detach().numpy()
+    pieces = []
+    for slide, hs in zip(bag.slides, bag.split(h)):
+        grid = np.zeros((hs.shape[1],) + slide.shape)
+        grid[:, slide.rows, slide.cols] = hs.detach().numpy().T
+        conv = _conv_by_hand(grid, w, b)[:, slide.rows, slide.cols].T
+        hs = hs + torch.relu(torch.from_numpy(conv))
+        g = slide.scatter(model.norms[0](hs))[None]
+        pieces.append(hs + slide.gather(model.layers[0](g, slide.mask[None])[0]))
+    patch = model.classifier(model.norm(torch.cat(pieces))).detach().numpy()
+    want = np.sort(patch, axis=0)[-3:].mean(0)
+    np.testing.assert_allclose(out.logits[0].detach().numpy(), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out.scores.detach().numpy(), patch[:, int(np.argmax(want))], rtol=1e-10, atol=1e-12)
+
+
+def test_2dmambamil_local_mix_sees_the_layout_and_not_the_patch_order():
+    """With local_mix the model still ignores the order of the patches in the file, but a pair of
+    cells moved apart changes the output (the convolution reads neighbours)."""
+    model = small("2dmambamil", local_mix=3, pool="topk").double().eval()
+    s = make_slide(6, 7, 0.6, 12, dtype=torch.float64)
+    perm = np.random.default_rng(3).permutation(s.num_patches)
+    torch.testing.assert_close(model(Bag("a", [_permuted(s, perm)])).logits, model(Bag("a", [s])).logits)
+    swapped = s.features.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]  # same multiset of features, two cells exchanged
+    moved = SlideGrid.from_coords("m", swapped, s.coords, s.stride)
+    assert not torch.allclose(model(Bag("a", [moved])).logits, model(Bag("a", [s])).logits)
+
+
+def test_topk_instance_pool_by_hand():
+    rng = np.random.default_rng(5)
+    logits = torch.from_numpy(rng.standard_normal((7, 3)))
+    for k in (1, 2, 7, 20):
+        out = topk_instance_pool(logits, k)
+        kk = min(k, 7)
+        want = np.array([sorted(logits[:, j].tolist())[-kk:] for j in range(3)]).mean(1)
+        np.testing.assert_allclose(out.logits[0].numpy(), want)
+        np.testing.assert_array_equal(out.scores.numpy(), logits[:, int(np.argmax(want))].numpy())
+    with pytest.raises(ValueError, match="k"):
+        topk_instance_pool(logits, 0)
+
+
+def test_2dmambamil_options_default_to_the_published_model():
+    """Without options the model holds exactly the published modules (no input norm, no convolution,
+    gated attention) and the same parameters as before the options existed."""
+    model = TwoDMambaMIL(1024, 4)
+    assert model.input_norm is None and model.local is None and model.pool is not None
+    assert sum(p.numel() for p in model.parameters()) == 283_013
+    opt = TwoDMambaMIL(1024, 4, input_norm=True, local_mix=3, pool="topk")
+    head = 2 * (128 * 128 + 128) + (128 + 1)  # the gated attention (V, U, w) it leaves out
+    assert sum(p.numel() for p in opt.parameters()) == 283_013 - head + 128 * 128 * 9 + 128
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(local_mix=2), "local_mix"), (dict(local_mix=-1), "local_mix"), (dict(local_mix=True), "local_mix"),
+    (dict(pool="mean"), "pool"), (dict(pool_k=0), "pool_k"), (dict(input_norm="yes"), "input_norm")])
+def test_2dmambamil_bad_options_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TwoDMambaMIL(8, 2, dim=16, d_inner=32, **kwargs)
+
+
+def test_mambamil_refuses_local_mix():
+    with pytest.raises(ValueError, match="local_mix"):
+        MambaMIL(8, 2, dim=16, d_inner=32, local_mix=3)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 SELECTION_RULES = ("val_auc", "val_loss", "val_cindex", "last")
 RESULTS_FILE = "results.json"
 CHECKPOINT_FILE = "last.pt"
+INPUT_FIT_ROWS = 262_144  # patches an input transform is fitted on at most
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -435,6 +436,17 @@ class Trainer:
         bar.close()
         return total_loss / max(count, 1)
 
+    def _fit_input_transform(self) -> None:
+        """Models with an input transform fitted on training patches (``needs_input_fit``, e.g.
+        2DMambaMIL's input_ica) get it fitted here, before the first epoch, on the features of the
+        training split (no labels; at most INPUT_FIT_ROWS patches, drawn with the run's seed)."""
+        if not getattr(self.model, "needs_input_fit", False):
+            return
+        from .models.ica import subsample_rows
+
+        feats = torch.cat([self.train_data[i].bag.features.float() for i in range(len(self.train_data))])
+        self.model.fit_input_transform(subsample_rows(feats, INPUT_FIT_ROWS, self.cfg.seed), seed=self.cfg.seed)
+
     def fit(self, resume: bool = True) -> dict:
         """Train (resuming from ``out_dir/last.pt`` when present and ``resume``), then evaluate the selected
         weights on val and test and write predictions and ``results.json``. Returns the results dict."""
@@ -446,6 +458,7 @@ class Trainer:
             log.info("resuming %s after epoch %d", self.out_dir, self.start_epoch)
         else:
             seed_everything(self.cfg.seed)
+            self._fit_input_transform()
         # A run that stopped early and was interrupted before finishing does not train on.
         stopped = self.start_epoch > 0 and self.should_stop(self.start_epoch)
         for epoch in range(self.start_epoch, self.start_epoch if stopped else self.cfg.epochs):

@@ -23,6 +23,7 @@ counted with 32-channel chunks, which are 3x slower). Before these measures: 649
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import numpy as np
@@ -82,26 +83,62 @@ def _norm_to_grid(norm: nn.RMSNorm, h: Tensor) -> Tensor:
     return norm(h)
 
 
+POOLS = ("attention", "topk")
+
+
 class _SSMMIL(MILModel):
     layout = "grid"
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
                  n_layers: int = 1, dropout: float = 0.25, *, scan: str = "scan2d", dt_rank: Optional[int] = None,
                  d_conv: Union[int, tuple[int, int]] = 3, attn_dim: int = 128, backend: str = "auto",
-                 checkpoint: Union[bool, str] = "auto"):
+                 checkpoint: Union[bool, str] = "auto", input_norm: bool = False, local_mix: int = 0,
+                 pool: str = "attention", pool_k: int = 1, input_ica: int = 0,
+                 input_shrink: float = 0.0):
         super().__init__()
+        name = type(self).__name__
         if n_layers < 1:
-            raise ValueError(f"{type(self).__name__}: n_layers must be >= 1, got {n_layers}")
+            raise ValueError(f"{name}: n_layers must be >= 1, got {n_layers}")
+        if not isinstance(input_norm, bool):
+            raise ValueError(f"{name}: input_norm must be true or false, got {input_norm!r}")
+        if isinstance(local_mix, bool) or not isinstance(local_mix, int) or local_mix < 0 or (
+                local_mix and local_mix % 2 == 0):
+            raise ValueError(f"{name}: local_mix must be 0 (off) or an odd kernel size >= 1, got {local_mix!r}")
+        if pool not in POOLS:
+            raise ValueError(f"{name}: pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        if isinstance(pool_k, bool) or not isinstance(pool_k, int) or pool_k < 1:
+            raise ValueError(f"{name}: pool_k must be an integer >= 1, got {pool_k!r}")
+        if isinstance(input_ica, bool) or not isinstance(input_ica, int) or not 0 <= input_ica <= in_dim:
+            raise ValueError(f"{name}: input_ica must be 0 (off) or a number of components in [1, in_dim={in_dim}], "
+                             f"got {input_ica!r}")
+        if isinstance(input_shrink, bool) or not isinstance(input_shrink, (int, float)) or not (
+                math.isfinite(input_shrink) and input_shrink >= 0):
+            raise ValueError(f"{name}: input_shrink must be a finite number >= 0, got {input_shrink!r}")
         self.in_dim, self.n_outputs = in_dim, n_outputs
-        self.embed = embedding(in_dim, dim, dropout)
+        self.pool_name, self.pool_k = pool, pool_k
+        self.input_shrink = float(input_shrink)
+        # Options (off by default, i.e. the published model): a LayerNorm of the input features (no
+        # affine), a dense local_mix x local_mix convolution of the embedded grid before the SSM layers
+        # (h + ReLU(conv(h)), empty cells 0), top-k pooling of per-patch logits instead of attention.
+        self.input_norm = nn.LayerNorm(in_dim, elementwise_affine=False) if input_norm else None
+        # input_ica: the features enter as their input_ica independent components, fitted on the
+        # training patches before training (fit_input_transform; the trainer calls it); until then
+        # the transform keeps the first input_ica features.
+        self.input_ica = input_ica
+        if input_ica:
+            self.register_buffer("ica_mean", torch.zeros(in_dim))
+            self.register_buffer("ica_unmix", torch.eye(in_dim, input_ica))
+            self.register_buffer("ica_fitted", torch.zeros((), dtype=torch.bool))
+        self.embed = embedding(input_ica or in_dim, dim, dropout)
+        self.local = nn.Conv2d(dim, dim, local_mix, padding=local_mix // 2) if local_mix else None
         self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=1e-5) for _ in range(n_layers))
         self.layers = nn.ModuleList(
             TwoDMambaLayer(dim, d_inner, d_state, dt_rank, d_conv, scan=scan, backend=backend, checkpoint=checkpoint)
             for _ in range(n_layers))
         self.norm = nn.LayerNorm(dim)
-        self.pool = GatedAttention(dim, attn_dim)
+        self.pool = GatedAttention(dim, attn_dim) if pool == "attention" else None
         self.classifier = nn.Linear(dim, n_outputs)
-        init_linear_(self.embed, self.pool, self.classifier)
+        init_linear_(self.embed, self.classifier, *([self.pool] if self.pool is not None else []))
 
     @property
     def scan_backend(self) -> Optional[str]:
@@ -111,14 +148,57 @@ class _SSMMIL(MILModel):
     def forward(self, bag: Bag) -> MILOutput:
         check_bag(self, bag)
         dev = bag.features.device.type
-        h = embed_patches(self.embed, bag.features)
+        x = self._transform_input(bag.features)
+        h = embed_patches(self.embed, x)
         if torch.is_autocast_enabled(dev):
             h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
+        if self.local is not None:
+            h = torch.cat([self._local(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
         h = torch.cat([self._mix(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
+        if self.pool is None:
+            return topk_instance_pool(self.classifier(self.norm(h)), self.pool_k)
         # One low-precision copy of the normed patches under autocast: attention_v, attention_u and
         # the pooling matmul would each cast (and save) their own bf16 copy of a float32 input.
         scores, pooled = self.pool(_to_autocast_dtype(self.norm(h)))
         return MILOutput(self.classifier(pooled)[None], scores)
+
+    def _transform_input(self, x: Tensor) -> Tensor:
+        """input_norm, then the ICA transform, where the model has them."""
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        if self.input_ica:
+            x = (x - self.ica_mean.to(x.dtype)) @ self.ica_unmix.to(x.dtype)
+        if self.input_shrink:
+            x = torch.relu(x - self.input_shrink)
+        return x
+
+    @property
+    def needs_input_fit(self) -> bool:
+        """Whether the model has an input transform fitted on training patches (input_ica)."""
+        return bool(self.input_ica)
+
+    @torch.no_grad()
+    def fit_input_transform(self, features: Tensor, seed: int = 0) -> None:
+        """Fit the input_ica transform on (N, in_dim) training patch features (no labels). A no-op
+        without input_ica. Raises ValueError naming ``features`` for a wrong shape."""
+        if not self.input_ica:
+            return
+        if features.dim() != 2 or features.shape[1] != self.in_dim:
+            raise ValueError(f"features: expected (N, in_dim={self.in_dim}), got {tuple(features.shape)}")
+        from .ica import fit_ica
+
+        x = features.to(self.ica_mean.device, torch.float64)
+        if self.input_norm is not None:
+            x = self.input_norm(x)
+        mean, unmix, _ = fit_ica(x, self.input_ica, seed=seed)
+        self.ica_mean.copy_(mean)
+        self.ica_unmix.copy_(unmix)
+        self.ica_fitted.fill_(True)
+
+    def _local(self, slide: SlideGrid, h: Tensor) -> Tensor:
+        """h + ReLU(conv(h)) on the slide's grid (empty cells 0 in and ignored out): (N, dim) -> (N, dim)."""
+        grid = slide.scatter(h)[None]
+        return h + torch.relu(slide.gather(self.local(grid.to(self.local.weight.dtype))[0]).to(h.dtype))
 
     def _mix(self, slide: SlideGrid, h: Tensor) -> Tensor:
         """(N, dim) patches of one slide -> (N, dim) after the residual SSM layers."""
@@ -132,6 +212,18 @@ class _SSMMIL(MILModel):
         return h
 
 
+def topk_instance_pool(patch_logits: Tensor, k: int) -> MILOutput:
+    """Bag logits = the mean of the ``k`` largest per-patch logits of each output (k = 1: max pooling;
+    all patches when the bag has fewer). Scores: each patch's logit of the class the bag predicts.
+
+    Args: patch_logits (N, n_outputs); k >= 1."""
+    if k < 1:
+        raise ValueError(f"k: need >= 1, got {k}")
+    kk = min(k, patch_logits.shape[0])
+    logits = patch_logits.topk(kk, dim=0).values.mean(0)[None]
+    return MILOutput(logits, patch_logits[:, int(logits.argmax(dim=1))])
+
+
 class TwoDMambaMIL(_SSMMIL):
     """2DMambaMIL: the 2DMamba scan (rows then columns) on each slide's tissue-cropped grid.
 
@@ -140,6 +232,15 @@ class TwoDMambaMIL(_SSMMIL):
     dt_rank (ceil(dim/16)), d_conv 3 (depthwise 3x3), attn_dim 128, backend ("auto"/"kernel"/
     "reference"), checkpoint (True/False/"auto": recompute each layer in the backward when its grid
     has >= 65536 cells). forward(bag) -> MILOutput(logits (1, n_outputs), scores (N_total,)).
+
+    Options, off by default (the published model): input_norm (LayerNorm of the input features,
+    no affine), local_mix (odd kernel size k: h + ReLU(conv_k x k(h)) on the embedded grid before
+    the SSM layers, a dense convolution over dim channels; 0 off), pool ("attention": gated
+    attention; "topk": a per-patch classifier whose logits are averaged over the pool_k highest
+    patches of each output, pool_k 1 being max pooling), input_ica (n: the features enter as their
+    n independent components of highest kurtosis, fitted on the training patches before training;
+    see :mod:`ssm2d_path.models.ica`; 0 off), input_shrink (t > 0: each input value x enters as
+    max(x - t, 0), after the ICA when there is one: only the upper tail of each component; 0 off).
     """
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
@@ -173,6 +274,8 @@ class MambaMIL(_SSMMIL):
         kwargs.setdefault("d_conv", (1, 3))
         if kwargs.setdefault("scan", "scan2d") != "scan2d":
             raise ValueError("MambaMIL: scan is 'scan2d' (on a 1 x N grid)")
+        if kwargs.get("local_mix", 0):
+            raise ValueError("MambaMIL: local_mix is a 2D convolution of the slide's grid; the 1D model takes 0")
         super().__init__(in_dim, n_outputs, dim, d_inner, d_state, n_layers, dropout, **kwargs)
 
     def _mix(self, slide: SlideGrid, h: Tensor) -> Tensor:
