@@ -172,19 +172,21 @@ class SS2D(nn.Module):
         x_dbl = F.conv1d(xs.view(b, 2 * d, L), w_x, groups=2).view(b, 2, 2, c, L)
         # dt_proj grouped by route (s, j), so delta comes out as (b, s, j, d, L): each direction's
         # (j, d) channels are one contiguous block for its scan2d call.
-        dt_in = x_dbl[:, :, :, :r].transpose(1, 2).reshape(b, 4 * r, L)
+        # Pieces by unbind / split rather than indexing: their backward is one stack / cat of the
+        # pieces' gradients, where each indexed view's backward fills a zeroed copy of the whole.
+        parts = [x_s.split([r, n, n], dim=2) for x_s in x_dbl.unbind(2)]  # per direction s: dt, B, C
+        dt_in = torch.stack([parts[0][0], parts[1][0]], dim=1).reshape(b, 4 * r, L)
         w_dt = self.dt_projs_weight.reshape(4 * d, r, 1).to(u.dtype)
         delta = F.conv1d(dt_in, w_dt, groups=4).view(b, 2, 2 * d, 1, L)
         A, D, bias = self._ssm_params(u)
         ys = []
-        for s, origin in enumerate(("tl", "tr")):
+        for s, (origin, delta_s) in enumerate(zip(("tl", "tr"), delta.unbind(1))):
             sl = slice(2 * s * d, 2 * (s + 1) * d)
-            Bs = x_dbl[:, :, s, r:r + n].unsqueeze(3)          # (b, 2, N, 1, L), strided view
-            Cs = x_dbl[:, :, s, r + n:].unsqueeze(3)
-            ys.append(scan2d(xs.view(b, 2 * d, 1, L), delta[:, s], A[sl], Bs, Cs, D[sl], None, bias[sl], True,
+            Bs, Cs = parts[s][1].unsqueeze(3), parts[s][2].unsqueeze(3)  # (b, 2, N, 1, L), strided views
+            ys.append(scan2d(xs.view(b, 2 * d, 1, L), delta_s, A[sl], Bs, Cs, D[sl], None, bias[sl], True,
                              origin=origin, order="hv", backend=self.backend))
-        y = (ys[0] + ys[1]).view(b, 2, d, L)
-        return y[:, 0].view(b, d, h, w) + y[:, 1].view(b, d, w, h).transpose(2, 3)
+        y_row, y_col = (ys[0] + ys[1]).view(b, 2, d, L).unbind(1)
+        return y_row.view(b, d, h, w) + y_col.view(b, d, w, h).transpose(2, 3)
 
     def _scan_2d(self, u: Tensor) -> Tensor:
         """The four 2D routes, one scan2d call each, all reading u in place.
@@ -197,15 +199,18 @@ class SS2D(nn.Module):
         n, r = self.d_state, self.dt_rank
         c = r + 2 * n
         x_dbl = F.conv2d(u, self.x_proj_weight.reshape(4 * c, d, 1, 1).to(u.dtype)).view(b, 4, c, h, w)
-        dt_in = x_dbl[:, :, :r].reshape(b, 4 * r, h, w)
+        # Pieces by split / unbind rather than indexing (their backward is one cat / stack, where an
+        # indexed view's backward fills a zeroed copy of the whole tensor per piece).
+        dt_part, B_all, C_all = x_dbl.split([r, n, n], dim=2)
+        dt_in = dt_part.reshape(b, 4 * r, h, w)
         delta = F.conv2d(dt_in, self.dt_projs_weight.reshape(4 * d, r, 1, 1).to(u.dtype), groups=4)
-        delta = delta.view(b, 4, d, h, w)
         A, D, bias = self._ssm_params(u)
         y: Optional[Tensor] = None
-        for k, (origin, order) in enumerate(ROUTES_2D):
+        routes = zip(ROUTES_2D, delta.view(b, 4, d, h, w).unbind(1), B_all.split(1, dim=1), C_all.split(1, dim=1))
+        for k, ((origin, order), delta_k, B_k, C_k) in enumerate(routes):
             sl = slice(k * d, (k + 1) * d)
-            yk = scan2d(u, delta[:, k], A[sl], x_dbl[:, k:k + 1, r:r + n], x_dbl[:, k:k + 1, r + n:], D[sl], None,
-                        bias[sl], True, origin=origin, order=order, backend=self.backend)
+            yk = scan2d(u, delta_k, A[sl], B_k, C_k, D[sl], None, bias[sl], True, origin=origin, order=order,
+                        backend=self.backend)
             y = yk if y is None else y + yk
         return y
 
