@@ -116,6 +116,65 @@ def test_lanes_forward_many_blocks(groups):
                            origin=rng.choice(ORIGINS))
 
 
+# The chan kernels (N == 1, a scanned side of at most 16 cells, warps of 32 channels in one group, at
+# least 264 (batch, 32-channel) warps): a lane per channel walks the long side. Both walks (the
+# scanned rows short, or the scanned columns short, as columns-first routes read in place give),
+# every origin, segments of 4 steps around their ends, the 8- and 16-cell register widths, partial
+# last warps (dim not a multiple of 32 with one group).
+@pytest.mark.parametrize("h,w", [(14, 14), (7, 7), (3, 16), (16, 3), (9, 40), (40, 9), (17, 5), (2, 11), (5, 1)])
+def test_chan_kernels_against_float64(h, w):
+    from ssm2d_kernels import _C
+
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    batch, dim, groups = rng.choice([(9, 960, 3), (9, 944, 1), (66, 128, 4)])
+    cfg = dict(batch=batch, dim=dim, dstate=1, groups=groups, height=h, width=w, with_D=rng.random() < 0.7,
+               with_z=rng.random() < 0.6, with_bias=rng.random() < 0.6, softplus=rng.random() < 0.7)
+    origin, order = rng.choice(ORIGINS), rng.choice(ORDERS)
+    sh, sw = (w, h) if order == "vh" else (h, w)
+    assert _C.scan2d_chan_fit(batch, dim, groups, 1, sh, sw)
+    inputs = make_inputs(rng, **cfg)
+    _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, (seed, cfg, origin, order),
+                           delta_softplus=cfg["softplus"], origin=origin, order=order)
+    with torch.no_grad():  # inference: no carries saved
+        gpu = {k: None if v is None else v.to("cuda", torch.float32) for k, v in inputs.items()}
+        out = scan2d(**gpu, delta_softplus=cfg["softplus"], origin=origin, order=order, backend="kernel")
+        ref = scan2d(**inputs, delta_softplus=cfg["softplus"], origin=origin, order=order, backend="reference")
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,fwd_tol,grad_tol", [(torch.bfloat16, 2e-2, 5e-2), (torch.float16, 4e-3, 1e-2)])
+def test_chan_kernels_half_precisions(dtype, fwd_tol, grad_tol):
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    inputs = make_inputs(rng, batch=9, dim=960, dstate=1, groups=3, height=14, width=13)
+    _check_against_float64(inputs, dtype, fwd_tol, grad_tol, seed, delta_softplus=True, origin="br", order="vh")
+
+
+def test_chan_kernels_deterministic_chunks(monkeypatch):
+    # Deterministic chunks of a few channels each (ranges inside a warp's 32): per-channel dB/dC
+    # partials, bitwise reproducible, equal to the atomics' result up to rounding.
+    import sys
+
+    monkeypatch.setattr(sys.modules["ssm2d_nn.ops.scan2d"], "DETERMINISTIC_WORKSPACE_BYTES", 9 * 7 * 14 * 14 * 4)
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    inputs = make_inputs(rng, batch=9, dim=960, dstate=1, groups=3, height=14, width=14)
+    gout = torch.randn(inputs["u"].shape)
+    gpu = _to(inputs, "cuda", torch.float32)
+    _, fast = _run(gpu, gout, backend="kernel", delta_softplus=True, order="vh")
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_run(gpu, gout, backend="kernel", delta_softplus=True, order="vh")[1] for _ in range(2)]
+        _check_against_float64(inputs, torch.float32, 1e-5, 1e-4, seed, delta_softplus=True, origin="tr")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], fast):
+        assert rel_err(a, b) < 1e-5
+
+
 def test_deterministic_mode_is_bitwise_reproducible_and_agrees_with_atomics():
     rng = random.Random()
     inputs = make_inputs(rng, batch=2, dim=16, dstate=16, groups=2, height=70, width=45)

@@ -35,6 +35,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "scan2d_chan.h"
 #include "scan2d_common.cuh"
 #include "scan2d_lanes.h"
 #include "scan2d_tiled.h"
@@ -1285,6 +1286,7 @@ void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
     return scan2d_lanes_forward(p, o);
   }
   check_cuda_problem(p, "scan2d_forward");
+  if (scan2d_chan_fit(p)) return scan2d_chan_forward(p, o);
   if (scan2d_forward_workspace_floats(p.batch, p.dim, p.dstate, p.height, p.width) > 0 && !o.workspace)
     throw ArgumentError("scan2d_forward: workspace is required on CUDA (scan2d_forward_workspace_floats)");
   DeviceGuard guard(p.device.index);
@@ -1303,6 +1305,7 @@ void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a_in) {
   check_cuda_problem(p, "scan2d_backward");
   Scan2dBackwardArgs a = a_in;
   if (a.d_end < 0) a.d_end = p.dim;
+  if (scan2d_chan_fit(p)) return scan2d_chan_backward(p, a);
   if (!a.workspace || (!a.carries && scan2d_carry_floats(p.batch, p.dim, p.dstate, p.height, p.width) > 0))
     throw ArgumentError("scan2d_backward: carries and workspace are required on CUDA");
   DeviceGuard guard(p.device.index);

@@ -69,9 +69,33 @@ inline int64_t scan2d_lanes_carry_floats(int64_t batch, int64_t dim, int64_t hei
   return scan2d_lanes_gin_floats(batch, dim, height, width) + batch * ((width + 15) / 16) * (segments - 1) * dim * 256;
 }
 
+// N == 1 on a grid with a side of at most kScan2dChanMaxInner cells: a lane per (batch, channel)
+// holds that side in registers and walks the other (scan2d_chan.cu). It needs the 32 channels of a
+// warp in one group and enough of them to fill the GPU: batch * ceil(dim / 32) warps at least
+// kScan2dChanMinWarps (with fewer, the band kernels' parallelism along the rows wins).
+constexpr int64_t kScan2dChanMaxInner = 16;
+constexpr int64_t kScan2dChanSegment = 4;  // steps between the carries the chan forward saves
+constexpr int64_t kScan2dChanMinWarps = 264;
+inline bool scan2d_chan_fit(int64_t batch, int64_t dim, int64_t groups, int64_t dstate, int64_t height,
+                            int64_t width) {
+  return dstate == 1 && height >= 2 && (height <= kScan2dChanMaxInner || width <= kScan2dChanMaxInner) &&
+         groups > 0 && (groups == 1 || (dim / groups) % 32 == 0) && batch * ((dim + 31) / 32) >= kScan2dChanMinWarps;
+}
+// The chan kernels' carries: the carry entering every kScan2dChanSegment-th step of the walk along
+// the long side, per (batch, segment >= 1, cell of the short side, channel): at most u's element
+// count / kScan2dChanSegment. The larger of the two walks (which one runs depends on the strides).
+inline int64_t scan2d_chan_carry_floats(int64_t batch, int64_t dim, int64_t height, int64_t width) {
+  auto walk = [&](int64_t steps, int64_t inner) {
+    return inner <= kScan2dChanMaxInner ? batch * dim * inner * ((steps + kScan2dChanSegment - 1) / kScan2dChanSegment - 1) : 0;
+  };
+  const int64_t r = walk(height, width), c = walk(width, height);
+  return r > c ? r : c;
+}
+
 // Floats the CUDA forward saves for the backward. Band kernels: h every kScan2dSegment rows,
 // batch*dim*N*(ceil(H/kScan2dSegment) - 1)*W (N/16 of u's element count; none when H <= 16); a
-// 1-row grid with N == 1 instead keeps the G entering each band, batch*dim*bands.
+// 1-row grid with N == 1 instead keeps the G entering each band, batch*dim*bands; with N == 1 and a
+// side of at most 16 cells, the larger of that and the chan kernels' layout (scan2d_chan_carry_floats).
 // Tiled kernels: the G and h carries of every 32x32 tile, batch*dim*N*tiles*64.
 // Lanes kernels (8 <= N <= 16): the larger of their layout and the tiled one (which of the two runs
 // depends on the groups).
@@ -84,7 +108,9 @@ inline int64_t scan2d_carry_floats(int64_t batch, int64_t dim, int64_t dstate, i
     return tiled > lanes ? tiled : lanes;
   }
   if (height == 1 && dstate == 1) return batch * dim * scan2d_bands(width, scan2d_cols_per_lane(width));
-  return batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
+  const int64_t band = batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
+  const int64_t chan = dstate == 1 ? scan2d_chan_carry_floats(batch, dim, height, width) : 0;
+  return band > chan ? band : chan;
 }
 // Scratch of the lanes forward: per (batch, 8 or 16 channels, 16-column strip) a flag, and when no
 // carries are saved the G each strip hands to the next (the carries' first part otherwise).

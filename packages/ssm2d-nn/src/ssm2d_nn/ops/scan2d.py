@@ -49,7 +49,9 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     Without a backward to follow (no input requires grad, or grad mode off) the CUDA forward saves
     nothing (no carries, no pre-gate output).
 
-    Memory (kernel backend): the output, plus for the backward, on CUDA: with N < 8 (band kernels)
+    Memory (kernel backend): the output, plus for the backward, on CUDA: with N == 1 on a grid with a
+    side of at most 16 cells (chan kernels: a lane per channel) a quarter of u's element count in
+    float32 (the buffer holds the larger of this and the band kernels' layout); with N < 8 (band kernels)
     the state of every 16th row (N/16 times u's element count in float32, none when the scanned
     H <= 16) and, transiently, for grids wider than one band (up to 128 columns), band summaries of
     about (2N+1)/32 of u's element count per band boundary; with 8 <= N <= 16 and groups of a
