@@ -51,48 +51,69 @@ __device__ __forceinline__ int64_t step_stride(const Grid& g) { return kCols ? g
 template <bool kCols>
 __device__ __forceinline__ int64_t inner_stride(const Grid& g) { return kCols ? g.si : g.sj; }
 
-// One step of one per-channel operand for the warp's 32 channels, loaded by lane (sub, k) = (l / WP,
-// l % WP) as the cells k of channels m*(32/WP) + sub: consecutive lanes read consecutive cells of a
-// channel, so a load instruction covers 32/WP channels' rows. 0 past the last channel or cell.
+// A lane's part in the warp's cooperative loads and stores of a step: cell k of channels
+// c0 + m*(32/WP) + sub for m < WP (consecutive lanes take consecutive cells of a channel, so one
+// instruction covers 32/WP channels' rows), where bit m of `valid` says the channel is in range and
+// k < K. Computed once per kernel.
+struct LanePart {
+  int k, sub;
+  unsigned valid;
+};
+template <int WP>
+__device__ __forceinline__ LanePart lane_part(int lane, int64_t c0, int64_t lo, int64_t hi, int K) {
+  constexpr int kIpi = 32 / WP;
+  LanePart lp{lane % WP, lane / WP, 0u};
+#pragma unroll
+  for (int m = 0; m < WP; ++m) {
+    const int64_t c = c0 + m * kIpi + lp.sub;
+    if (lp.k < K && c >= lo && c < hi) lp.valid |= 1u << m;
+  }
+  return lp;
+}
+// Where the lane's first element (m = 0) of step t of grid g is; element m is m*(32/WP)*sc further.
+template <typename T, bool kCols>
+__device__ __forceinline__ T* step_ptr(const Grid& g, int64_t b, int64_t c0, int64_t t, const LanePart& lp) {
+  return static_cast<T*>(g.data) + b * g.sb + t * step_stride<kCols>(g) +
+         static_cast<int64_t>(lp.k) * inner_stride<kCols>(g) + (c0 + lp.sub) * g.sc;
+}
+
+// One step of one per-channel operand for the warp's 32 channels (0 where not valid).
 template <typename T, int WP>
 struct StepLoad {
   T v[WP];
   template <bool kCols>
-  __device__ __forceinline__ void load(const Grid& g, int64_t b, int64_t c0, int64_t c_lo, int64_t c_hi, int64_t t,
-                                       int K, int lane) {
+  __device__ __forceinline__ void load(const Grid& g, int64_t b, int64_t c0, int64_t t, const LanePart& lp) {
     constexpr int kIpi = 32 / WP;
-    const int k = lane % WP, sub = lane / WP;
-    const T* base = static_cast<const T*>(g.data) + b * g.sb + t * step_stride<kCols>(g) +
-                    static_cast<int64_t>(k) * inner_stride<kCols>(g);
+    const T* ptr = step_ptr<const T, kCols>(g, b, c0, t, lp);
+    const int64_t next = kIpi * g.sc;
 #pragma unroll
     for (int m = 0; m < WP; ++m) {
-      const int64_t c = c0 + m * kIpi + sub;
-      v[m] = (k < K && c >= c_lo && c < c_hi) ? base[c * g.sc] : from_f<T>(0.f);
+      v[m] = (lp.valid >> m) & 1u ? *ptr : from_f<T>(0.f);
+      // An opaque step: otherwise the 16 offsets m * next are hoisted out of the step loop and held
+      // in 32 registers per operand.
+      asm("add.s64 %0, %0, %1;" : "+l"(ptr) : "l"(next * static_cast<int64_t>(sizeof(T))));
     }
   }
   // Into the warp's transposed buffer: channel slot img at s[img * (WP + 1) + k].
-  __device__ __forceinline__ void put(float* s, int lane) const {
+  __device__ __forceinline__ void put(float* s, const LanePart& lp) const {
     constexpr int kIpi = 32 / WP;
-    const int k = lane % WP, sub = lane / WP;
 #pragma unroll
-    for (int m = 0; m < WP; ++m) s[(m * kIpi + sub) * (WP + 1) + k] = to_f(v[m]);
+    for (int m = 0; m < WP; ++m) s[(m * kIpi + lp.sub) * (WP + 1) + lp.k] = to_f(v[m]);
   }
 };
 
 // The reverse of StepLoad: writes the warp's transposed buffer s (channel slot img at
-// s[img * pitch + k]) to grid g at step t, channels [c_lo, c_hi) only.
+// s[img * pitch + k]) to grid g at step t, valid elements only.
 template <typename T, int WP, bool kCols>
-__device__ __forceinline__ void store_step(const float* s, int pitch, const Grid& g, int64_t b, int64_t c0,
-                                           int64_t c_lo, int64_t c_hi, int64_t t, int K, int lane) {
+__device__ __forceinline__ void store_step(const float* s, int pitch, const Grid& g, int64_t b, int64_t c0, int64_t t,
+                                           const LanePart& lp) {
   constexpr int kIpi = 32 / WP;
-  const int k = lane % WP, sub = lane / WP;
-  if (k >= K) return;
-  T* base = static_cast<T*>(g.data) + b * g.sb + t * step_stride<kCols>(g) + static_cast<int64_t>(k) * inner_stride<kCols>(g);
+  T* ptr = step_ptr<T, kCols>(g, b, c0, t, lp);
+  const int64_t next = kIpi * g.sc;
 #pragma unroll
   for (int m = 0; m < WP; ++m) {
-    const int img = m * kIpi + sub;
-    const int64_t c = c0 + img;
-    if (c >= c_lo && c < c_hi) base[c * g.sc] = from_f<T>(s[img * pitch + k]);
+    if ((lp.valid >> m) & 1u) *ptr = from_f<T>(s[(m * kIpi + lp.sub) * pitch + lp.k]);
+    asm("add.s64 %0, %0, %1;" : "+l"(ptr) : "l"(next * static_cast<int64_t>(sizeof(T))));  // as in StepLoad
   }
 }
 
@@ -121,9 +142,27 @@ __device__ __forceinline__ ChanConst chan_const(const Scan2dProblem& p, int64_t 
   return c;
 }
 
+// The MUFU forms (about 2 ulp; softplus absolute error ~1e-7): the per-cell work is a handful of
+// FMAs, and the accurate library calls (log1pf, IEEE division) would be most of the instructions.
+__device__ __forceinline__ float ex2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float lg2_fast(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+constexpr float kLn2 = 0.6931471805599453f;
+__device__ __forceinline__ float softplus_fast(float v) {
+  return v > 20.f ? v : kLn2 * lg2_fast(1.f + ex2_fast(v * kLog2e));
+}
+__device__ __forceinline__ float sigmoid_fast(float v) { return __fdividef(1.f, 1.f + ex2_fast(-v * kLog2e)); }
+
 __device__ __forceinline__ float dt_of(const Scan2dProblem& p, float delta, float bias) {
   const float v = delta + bias;
-  return p.softplus ? softplus_f(v) : v;
+  return p.softplus ? softplus_fast(v) : v;
 }
 
 // One forward step of a lane given the carry entering it (updated in place): mode R carries h
@@ -138,7 +177,7 @@ __device__ __forceinline__ void step_forward(float (&carry)[WP], const float* su
   for (int k = 0; k < WP; ++k) {
     const float u = su[lane * (WP + 1) + k];
     const float dt = k < K ? dt_of(p, sd[lane * (WP + 1) + k], cc.bias) : 0.f;
-    const float a = exp2f(dt * cc.A2);
+    const float a = ex2_fast(dt * cc.A2);
     const float x = dt * __shfl_sync(kFull, bcB, k) * u;
     if (kCols) {
       carry[k] = fmaf(a, carry[k], x);
@@ -165,6 +204,7 @@ __global__ void __launch_bounds__(kWarps * 32) scan2d_chan_fwd_kernel(Scan2dProb
   const int K = static_cast<int>(kCols ? p.height : p.width);
   const ChanConst cc = chan_const(p, d);
   const bool gated = p.z.defined();
+  const LanePart lp = lane_part<WP>(lane, c0, 0, D, K);
   float* su = smem[warp][0];
   float* sd = smem[warp][1];
   float* sz = smem[warp][2];
@@ -174,21 +214,21 @@ __global__ void __launch_bounds__(kWarps * 32) scan2d_chan_fwd_kernel(Scan2dProb
   for (int k = 0; k < WP; ++k) carry[k] = 0.f;
   for (int64_t t = 0; t < steps; ++t) {
     StepLoad<T, WP> lu, ld, lz;
-    lu.template load<kCols>(p.u, b, c0, 0, D, t, K, lane);
-    ld.template load<kCols>(p.delta, b, c0, 0, D, t, K, lane);
-    if (gated) lz.template load<kCols>(p.z, b, c0, 0, D, t, K, lane);
+    lu.template load<kCols>(p.u, b, c0, t, lp);
+    ld.template load<kCols>(p.delta, b, c0, t, lp);
+    if (gated) lz.template load<kCols>(p.z, b, c0, t, lp);
     const float bc = load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
     __syncwarp();  // the previous step's output reads of su are done
-    lu.put(su, lane);
-    ld.put(sd, lane);
-    if (gated) lz.put(sz, lane);
+    lu.put(su, lp);
+    ld.put(sd, lp);
+    if (gated) lz.put(sz, lp);
     __syncwarp();
     // y over u in the buffer: a lane reads and writes only its own channel's slots.
     step_forward<WP, kCols>(carry, su, sd, lane, p, cc, K, bc, [&](int k, float u, float h) {
       float y = fmaf(cc.Dd, u, __shfl_sync(kFull, bc, WP + k) * h);
       if (gated) {
         const float zv = sz[lane * SW + k];
-        y *= zv / (1.f + __expf(-zv));
+        y *= zv * sigmoid_fast(zv);
       }
       su[lane * SW + k] = y;
     });
@@ -199,7 +239,7 @@ __global__ void __launch_bounds__(kWarps * 32) scan2d_chan_fwd_kernel(Scan2dProb
         if (k < K) ck[k * D] = carry[k];
     }
     __syncwarp();
-    store_step<T, WP, kCols>(su, SW, o.out, b, c0, 0, D, t, K, lane);
+    store_step<T, WP, kCols>(su, SW, o.out, b, c0, t, lp);
   }
 }
 
@@ -227,6 +267,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
   const int K = static_cast<int>(kCols ? p.height : p.width);
   const ChanConst cc = chan_const(p, d);
   const bool gated = p.z.defined();
+  const LanePart lp = lane_part<WP>(lane, c0, lo, hi, K);
   float* su = dyn + warp * kBwdWarpFloats<WP>;
   float* sd = su + 32 * SW;
   float* sz = sd + 32 * SW;
@@ -250,12 +291,12 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
 #pragma unroll 1
     for (int s = 0; s + 1 < n; ++s) {
       StepLoad<T, WP> lu, ld;
-      lu.template load<kCols>(p.u, b, c0, lo, hi, t0 + s, K, lane);
-      ld.template load<kCols>(p.delta, b, c0, lo, hi, t0 + s, K, lane);
+      lu.template load<kCols>(p.u, b, c0, t0 + s, lp);
+      ld.template load<kCols>(p.delta, b, c0, t0 + s, lp);
       const float bc = load_bc<T, WP, kCols>(p, b, g, t0 + s, K, lane, false);
       __syncwarp();
-      lu.put(su, lane);
-      ld.put(sd, lane);
+      lu.put(su, lp);
+      ld.put(sd, lp);
       __syncwarp();
       step_forward<WP, kCols>(c, su, sd, lane, p, cc, K, bc, [](int, float, float) {});
 #pragma unroll
@@ -267,14 +308,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
       const float* cin = cs + s * WP * 32 + lane;  // carry entering this step, k at cin[k * 32]
       // Staged in two halves (u, delta; then z, dout after the forward part): fewer registers.
       StepLoad<T, WP> l0, l1;
-      l0.template load<kCols>(p.u, b, c0, lo, hi, t, K, lane);
-      l1.template load<kCols>(p.delta, b, c0, lo, hi, t, K, lane);
+      l0.template load<kCols>(p.u, b, c0, t, lp);
+      l1.template load<kCols>(p.delta, b, c0, t, lp);
       const float bc = load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
       __syncwarp();  // the previous step's output stores have read the buffers
-      l0.put(su, lane);
-      l1.put(sd, lane);
-      if (gated) l0.template load<kCols>(p.z, b, c0, lo, hi, t, K, lane);
-      l1.template load<kCols>(ga.dout, b, c0, lo, hi, t, K, lane);
+      l0.put(su, lp);
+      l1.put(sd, lp);
+      if (gated) l0.template load<kCols>(p.z, b, c0, t, lp);
+      l1.template load<kCols>(ga.dout, b, c0, t, lp);
       __syncwarp();
       // Forward of the step again: a, x, G and h of every k.
       // ch: the in-lane chain (mode R: G, mode C: h), as the forward computed it.
@@ -285,14 +326,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
         for (int k = 0; k < WP; ++k) {
           const float u = su[lane * SW + k];
           const float dt = k < K ? dt_of(p, sd[lane * SW + k], cc.bias) : 0.f;
-          a[k] = exp2f(dt * cc.A2);
+          a[k] = ex2_fast(dt * cc.A2);
           const float x = dt * __shfl_sync(kFull, bc, k) * u;
           chain = fmaf(a[k], chain, kCols ? fmaf(a[k], cin[k * 32], x) : x);
           ch[k] = chain;
         }
       }
-      if (gated) l0.put(sz, lane);
-      l1.put(so, lane);
+      if (gated) l0.put(sz, lp);
+      l1.put(so, lp);
       __syncwarp();
       // Reverse: k from the last valid cell down; padded cells have dout = 0 and lam = 0.
       float lamk = 0.f;  // the in-lane adjoint entering from k + 1
@@ -303,7 +344,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
         float dy = go, zv = 0.f, sig = 0.f;
         if (gated) {
           zv = sz[lane * SW + k];
-          sig = 1.f / (1.f + __expf(-zv));
+          sig = sigmoid_fast(zv);
           dy = go * zv * sig;
         }
         const float Bk = __shfl_sync(kFull, bc, k), Ck = __shfl_sync(kFull, bc, WP + k);
@@ -321,7 +362,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
         }
         const float u = su[lane * SW + k];
         const float v = sd[lane * SW + k] + cc.bias;
-        const float dt = k < K ? (p.softplus ? softplus_f(v) : v) : 0.f;  // as above, recomputed
+        const float dt = k < K ? (p.softplus ? softplus_fast(v) : v) : 0.f;  // as above, recomputed
         // h - G = a * (h before along the vertical), G - x = a * (G before along the horizontal):
         // the carried one from c, the in-lane one from the chain.
         const float carried = a[k] * cin[k * 32], along = k > 0 ? a[k] * ch[k - 1] : 0.f;
@@ -334,7 +375,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
         dA = fmaf(q, dt, dA);
         dD = fmaf(dy, u, dD);
         float dd = ddt;
-        if (p.softplus) dd = v > 20.f ? ddt : ddt / (1.f + __expf(-v));
+        if (p.softplus) dd = v > 20.f ? ddt : ddt * sigmoid_fast(v);
         if (k < K) dbias += dd;
         su[lane * SW + k] = du;
         sd[lane * SW + k] = dd;
@@ -348,19 +389,19 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
 #pragma unroll
       for (int k = 0; k < WP; ++k) ac[k] = a[k];
       __syncwarp();
-      if (ga.du.defined()) store_step<T, WP, kCols>(su, SW, ga.du, b, c0, lo, hi, t, K, lane);
-      if (ga.ddelta.defined()) store_step<T, WP, kCols>(sd, SW, ga.ddelta, b, c0, lo, hi, t, K, lane);
-      if (gated && ga.dz.defined()) store_step<T, WP, kCols>(sz, SW, ga.dz, b, c0, lo, hi, t, K, lane);
+      if (ga.du.defined()) store_step<T, WP, kCols>(su, SW, ga.du, b, c0, t, lp);
+      if (ga.ddelta.defined()) store_step<T, WP, kCols>(sd, SW, ga.ddelta, b, c0, t, lp);
+      if (gated && ga.dz.defined()) store_step<T, WP, kCols>(sz, SW, ga.dz, b, c0, t, lp);
       if (kDet) {
         // Per-channel partials (b, d - d_begin, 0, i, j), float32.
         Grid gB = ga.dB, gC = ga.dC;
         if (gB.defined()) {
           gB.data = static_cast<float*>(gB.data) - lo * gB.sc;  // index by absolute channel
-          store_step<float, WP, kCols>(so, SW, gB, b, c0, lo, hi, t, K, lane);
+          store_step<float, WP, kCols>(so, SW, gB, b, c0, t, lp);
         }
         if (gC.defined()) {
           gC.data = static_cast<float*>(gC.data) - lo * gC.sc;
-          store_step<float, WP, kCols>(sc, SW, gC, b, c0, lo, hi, t, K, lane);
+          store_step<float, WP, kCols>(sc, SW, gC, b, c0, t, lp);
         }
       } else if (lane < 2 * WP && lane % WP < K) {
         // Sum over the warp's channels in channel order, one atomic per cell.
