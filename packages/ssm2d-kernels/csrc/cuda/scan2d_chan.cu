@@ -192,7 +192,7 @@ __device__ __forceinline__ void step_forward(float (&carry)[WP], const float* su
 }
 
 template <typename T, int WP, bool kCols>
-__global__ void __launch_bounds__(kWarps * 32) scan2d_chan_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
+__global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
                                                                      int64_t b0) {
   constexpr int SW = WP + 1;
   __shared__ float smem[kWarps][3][32 * SW];
@@ -212,17 +212,24 @@ __global__ void __launch_bounds__(kWarps * 32) scan2d_chan_fwd_kernel(Scan2dProb
   float carry[WP];
 #pragma unroll
   for (int k = 0; k < WP; ++k) carry[k] = 0.f;
-  for (int64_t t = 0; t < steps; ++t) {
-    StepLoad<T, WP> lu, ld, lz;
+  // The operands of step t + 1 are loaded while step t is computed (one memory latency per step
+  // hidden behind the arithmetic instead of added to it).
+  StepLoad<T, WP> lu, ld, lz;
+  auto load_step = [&](int64_t t) {
     lu.template load<kCols>(p.u, b, c0, t, lp);
     ld.template load<kCols>(p.delta, b, c0, t, lp);
     if (gated) lz.template load<kCols>(p.z, b, c0, t, lp);
-    const float bc = load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
+    return load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
+  };
+  float bc_next = load_step(0);
+  for (int64_t t = 0; t < steps; ++t) {
+    const float bc = bc_next;
     __syncwarp();  // the previous step's output reads of su are done
     lu.put(su, lp);
     ld.put(sd, lp);
     if (gated) lz.put(sz, lp);
     __syncwarp();
+    if (t + 1 < steps) bc_next = load_step(t + 1);
     // y over u in the buffer: a lane reads and writes only its own channel's slots.
     step_forward<WP, kCols>(carry, su, sd, lane, p, cc, K, bc, [&](int k, float u, float h) {
       float y = fmaf(cc.Dd, u, __shfl_sync(kFull, bc, WP + k) * h);
@@ -279,45 +286,55 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
 #pragma unroll
   for (int k = 0; k < WP; ++k) lamc[k] = ac[k] = 0.f;
   float dA = 0.f, dD = 0.f, dbias = 0.f;
+  // Per segment (from the last): entries e = 0 .. n-2 recompute the carries entering steps
+  // t0+1 .. t0+n-1 from the saved one (into cs), entries e = n-1 .. 2n-2 walk steps t0+n-1 .. t0 back.
+  // u and delta run one entry ahead (loaded while the entry before is computed); z and dout of a
+  // walked step are loaded while its forward part is recomputed.
+  StepLoad<T, WP> lu, ld;
+  auto load_ud = [&](int64_t t) {
+    lu.template load<kCols>(p.u, b, c0, t, lp);
+    ld.template load<kCols>(p.delta, b, c0, t, lp);
+    return load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
+  };
+  float bc_next = load_ud((nseg - 1) * kSeg);  // every segment's first entry is at its step t0
   for (int64_t seg = nseg - 1; seg >= 0; --seg) {
     const int64_t t0 = seg * kSeg;
     const int n = steps - t0 < kSeg ? static_cast<int>(steps - t0) : kSeg;
-    float c[WP];
 #pragma unroll
-    for (int k = 0; k < WP; ++k) {
-      c[k] = seg > 0 && k < K ? ga.carries[((b * (nseg - 1) + seg - 1) * K + k) * D + d] : 0.f;
-      cs[k * 32 + lane] = c[k];
-    }
+    for (int k = 0; k < WP; ++k)
+      cs[k * 32 + lane] = seg > 0 && k < K ? ga.carries[((b * (nseg - 1) + seg - 1) * K + k) * D + d] : 0.f;
 #pragma unroll 1
-    for (int s = 0; s + 1 < n; ++s) {
-      StepLoad<T, WP> lu, ld;
-      lu.template load<kCols>(p.u, b, c0, t0 + s, lp);
-      ld.template load<kCols>(p.delta, b, c0, t0 + s, lp);
-      const float bc = load_bc<T, WP, kCols>(p, b, g, t0 + s, K, lane, false);
-      __syncwarp();
+    for (int e = 0; e <= 2 * (n - 1); ++e) {
+      const bool rec = e < n - 1;
+      const int s = rec ? e : 2 * (n - 1) - e;
+      const int64_t t = t0 + s;
+      const float bc = bc_next;
+      __syncwarp();  // the previous entry's output stores have read the buffers
       lu.put(su, lp);
       ld.put(sd, lp);
-      __syncwarp();
-      step_forward<WP, kCols>(c, su, sd, lane, p, cc, K, bc, [](int, float, float) {});
-#pragma unroll
-      for (int k = 0; k < WP; ++k) cs[((s + 1) * WP + k) * 32 + lane] = c[k];
-    }
-#pragma unroll 1
-    for (int s = n - 1; s >= 0; --s) {
-      const int64_t t = t0 + s;
-      const float* cin = cs + s * WP * 32 + lane;  // carry entering this step, k at cin[k * 32]
-      // Staged in two halves (u, delta; then z, dout after the forward part): fewer registers.
       StepLoad<T, WP> l0, l1;
-      l0.template load<kCols>(p.u, b, c0, t, lp);
-      l1.template load<kCols>(p.delta, b, c0, t, lp);
-      const float bc = load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
-      __syncwarp();  // the previous step's output stores have read the buffers
-      l0.put(su, lp);
-      l1.put(sd, lp);
-      if (gated) l0.template load<kCols>(p.z, b, c0, t, lp);
-      l1.template load<kCols>(ga.dout, b, c0, t, lp);
+      if (!rec) {
+        if (gated) l0.template load<kCols>(p.z, b, c0, t, lp);
+        l1.template load<kCols>(ga.dout, b, c0, t, lp);
+      }
       __syncwarp();
-      // Forward of the step again: a, x, G and h of every k.
+      if (e < 2 * (n - 1)) {
+        const int s1 = e + 1 < n - 1 ? e + 1 : 2 * (n - 1) - (e + 1);
+        bc_next = load_ud(t0 + s1);
+      } else if (seg > 0) {
+        bc_next = load_ud((seg - 1) * kSeg);
+      }
+      if (rec) {
+        float c[WP];
+#pragma unroll
+        for (int k = 0; k < WP; ++k) c[k] = cs[(s * WP + k) * 32 + lane];
+        step_forward<WP, kCols>(c, su, sd, lane, p, cc, K, bc, [](int, float, float) {});
+#pragma unroll
+        for (int k = 0; k < WP; ++k) cs[((s + 1) * WP + k) * 32 + lane] = c[k];
+        continue;
+      }
+      const float* cin = cs + s * WP * 32 + lane;  // carry entering this step, k at cin[k * 32]
+    // Forward of the step again: a, x, G and h of every k.
       // ch: the in-lane chain (mode R: G, mode C: h), as the forward computed it.
       float a[WP], ch[WP];
       {
