@@ -231,14 +231,15 @@ __global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dP
     __syncwarp();
     if (t + 1 < steps) bc_next = load_step(t + 1);
     // y over u in the buffer: a lane reads and writes only its own channel's slots.
-    step_forward<WP, kCols>(carry, su, sd, lane, p, cc, K, bc, [&](int k, float u, float h) {
+    auto emit = [&](int k, float u, float h) {
       float y = fmaf(cc.Dd, u, __shfl_sync(kFull, bc, WP + k) * h);
       if (gated) {
         const float zv = sz[lane * SW + k];
         y *= zv * sigmoid_fast(zv);
       }
       su[lane * SW + k] = y;
-    });
+    };
+    step_forward<WP, kCols>(carry, su, sd, lane, p, cc, K, bc, emit);
     if (o.carries && (t + 1) % kSeg == 0 && t + 1 < steps && c0 + lane < D) {
       float* ck = o.carries + ((b * nseg1 + (t + 1) / kSeg - 1) * K) * D + d;
 #pragma unroll
@@ -424,9 +425,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
         // Sum over the warp's channels in channel order, one atomic per cell.
         const bool isC = lane >= WP;
         const float* col = (isC ? sc : so) + lane % WP;
-        float sum = 0.f;
-#pragma unroll 8
-        for (int i = 0; i < 32; ++i) sum += col[i * SW];
+        float part[4] = {0.f, 0.f, 0.f, 0.f};  // four chains in a fixed order: less latency, same result every call
+#pragma unroll
+        for (int i = 0; i < 32; ++i) part[i & 3] += col[i * SW];
+        const float sum = (part[0] + part[1]) + (part[2] + part[3]);
         const Grid& gg = isC ? ga.dC : ga.dB;
         if (gg.defined()) {
           const int64_t k = lane % WP;
@@ -474,7 +476,9 @@ void scan2d_chan_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) 
     with_shape(p, [&](auto wp, auto cols) {
       for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
         dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-        scan2d_chan_fwd_kernel<T, decltype(wp)::value, decltype(cols)::value><<<grid, kWarps * 32, 0, stream>>>(p, o, b0);
+        constexpr int WP = decltype(wp)::value;
+        constexpr bool C = decltype(cols)::value;
+        scan2d_chan_fwd_kernel<T, WP, C><<<grid, kWarps * 32, 0, stream>>>(p, o, b0);
         SSM2D_CUDA_CHECK_LAUNCH("scan2d_chan_fwd_kernel");
       }
     });
