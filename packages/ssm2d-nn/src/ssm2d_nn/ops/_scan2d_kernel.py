@@ -127,8 +127,11 @@ def backward(f: Frame, prob: dict, *, dout, y, carries, du, ddelta, dz, dB, dC, 
     """One backward kernel call. du, ddelta, dz are fresh contiguous tensors like u; dB, dC fresh
     contiguous accumulators (per-channel partials when ``bc_layout`` is given: their own layout)."""
     bc = f.bc_acc if bc_layout is None else bc_layout
+    # The incoming gradient is usually contiguous like du (a fresh tensor like u): then its layout is
+    # the frame's, and the descriptor costs an addition instead of a stride walk.
+    like_du = dout.dtype == du.dtype and dout.shape == du.shape and dout.is_contiguous()
     _kernels().scan2d_backward(prob, dict(
-        dout=grid(dout, f.origin, f.order), y=at(y, f.cell), carries=data_ptr(carries), du=at(du, f.cell),
+        dout=at(dout, f.cell) if like_du else grid(dout, f.origin, f.order), y=at(y, f.cell), carries=data_ptr(carries), du=at(du, f.cell),
         ddelta=at(ddelta, f.cell), dz=at(dz, f.cell), dB=at(dB, bc), dC=at(dC, bc), dA_part=data_ptr(dA_part),
         dD_part=data_ptr(dD_part), ddelta_bias_part=data_ptr(ddelta_bias_part), deterministic=bool(deterministic),
         d_begin=int(d_begin), d_end=int(d_end), workspace=data_ptr(workspace)))
