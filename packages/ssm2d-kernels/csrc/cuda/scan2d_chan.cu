@@ -28,7 +28,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <type_traits>
 
 #include "common.cuh"
 #include "scan2d_chan.h"
@@ -44,8 +43,6 @@ constexpr int kSeg = kScan2dChanSegment;  // steps between saved carries
 constexpr int64_t kMaxGridY = 65535;
 // Shared floats per warp of the backward: five step buffers [32 channels][WP + 1] (u, delta, z,
 // dout / dB, dC) and the carries entering a segment's steps [kSeg][WP][32].
-// Step buffers of the forward: two (double-buffered cp.async) for float32, one otherwise.
-template <typename T> constexpr int kFwdBuffers = std::is_same_v<T, float> ? 2 : 1;
 template <int WP> constexpr int kBwdWarpFloats = 5 * 32 * (WP + 1) + kSeg * WP * 32;
 
 // Element (t, k) of one operand of the walk: base + t*st + k*sk (mode C swaps the logical axes).
@@ -117,31 +114,6 @@ __device__ __forceinline__ void store_step(const float* s, int pitch, const Grid
   for (int m = 0; m < WP; ++m) {
     if ((lp.valid >> m) & 1u) *ptr = from_f<T>(s[(m * kIpi + lp.sub) * pitch + lp.k]);
     asm("add.s64 %0, %0, %1;" : "+l"(ptr) : "l"(next * static_cast<int64_t>(sizeof(T))));  // as in StepLoad
-  }
-}
-
-// float32 operands are staged by cp.async straight into the transposed buffer (4 bytes a lane,
-// zero-filled where not valid): the next step's copies fly while this step is computed without
-// holding registers, which the step's arithmetic then has for independent work.
-__device__ __forceinline__ void cp_async4(float* dst, const float* src, bool valid) {
-  const unsigned sdst = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(sdst), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory"); }
-template <int WP, bool kCols>
-__device__ __forceinline__ void stage_async(float* s, const Grid& g, int64_t b, int64_t c0, int64_t t,
-                                            const LanePart& lp) {
-  constexpr int kIpi = 32 / WP;
-  const float* ptr = step_ptr<const float, kCols>(g, b, c0, t, lp);
-  const float* safe = static_cast<const float*>(g.data);  // an address in range for the copies that read nothing
-  const int64_t next = kIpi * g.sc;
-#pragma unroll
-  for (int m = 0; m < WP; ++m) {
-    const bool valid = (lp.valid >> m) & 1u;
-    cp_async4(&s[(m * kIpi + lp.sub) * (WP + 1) + lp.k], valid ? ptr : safe, valid);
-    asm("add.s64 %0, %0, %1;" : "+l"(ptr) : "l"(next * static_cast<int64_t>(sizeof(float))));  // as in StepLoad
   }
 }
 
@@ -223,8 +195,7 @@ template <typename T, int WP, bool kCols>
 __global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
                                                                      int64_t b0) {
   constexpr int SW = WP + 1;
-  constexpr bool kAsync = std::is_same_v<T, float>;
-  extern __shared__ float dyn[];  // per warp: kFwdBuffers<T> x (u, delta, z) x [32 channels][WP + 1]
+  __shared__ float smem[kWarps][3][32 * SW];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t D = p.dim, c0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 32, b = blockIdx.y + b0;
   if (c0 >= D) return;
@@ -234,51 +205,31 @@ __global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dP
   const ChanConst cc = chan_const(p, d);
   const bool gated = p.z.defined();
   const LanePart lp = lane_part<WP>(lane, c0, 0, D, K);
-  float* wbuf = dyn + warp * kFwdBuffers<T> * 3 * 32 * SW;
+  float* su = smem[warp][0];
+  float* sd = smem[warp][1];
+  float* sz = smem[warp][2];
   const int64_t nseg1 = (steps + kSeg - 1) / kSeg - 1;
   float carry[WP];
 #pragma unroll
   for (int k = 0; k < WP; ++k) carry[k] = 0.f;
   // The operands of step t + 1 are loaded while step t is computed (one memory latency per step
-  // hidden behind the arithmetic instead of added to it): by cp.async into the other buffer for
-  // float32, through registers otherwise.
+  // hidden behind the arithmetic instead of added to it).
   StepLoad<T, WP> lu, ld, lz;
   auto load_step = [&](int64_t t) {
-    if constexpr (kAsync) {
-      float* nb = wbuf + (t & 1) * 3 * 32 * SW;
-      stage_async<WP, kCols>(nb, p.u, b, c0, t, lp);
-      stage_async<WP, kCols>(nb + 32 * SW, p.delta, b, c0, t, lp);
-      if (gated) stage_async<WP, kCols>(nb + 64 * SW, p.z, b, c0, t, lp);
-      cp_async_commit();
-    } else {
-      lu.template load<kCols>(p.u, b, c0, t, lp);
-      ld.template load<kCols>(p.delta, b, c0, t, lp);
-      if (gated) lz.template load<kCols>(p.z, b, c0, t, lp);
-    }
+    lu.template load<kCols>(p.u, b, c0, t, lp);
+    ld.template load<kCols>(p.delta, b, c0, t, lp);
+    if (gated) lz.template load<kCols>(p.z, b, c0, t, lp);
     return load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
   };
   float bc_next = load_step(0);
   for (int64_t t = 0; t < steps; ++t) {
     const float bc = bc_next;
-    float* su = kAsync ? wbuf + (t & 1) * 3 * 32 * SW : wbuf;
-    float* sd = su + 32 * SW;
-    float* sz = sd + 32 * SW;
-    __syncwarp();  // the previous step's output reads of its buffer are done
-    if constexpr (kAsync) {
-      if (t + 1 < steps) {
-        bc_next = load_step(t + 1);
-        cp_async_wait<1>();  // this step's copies have landed (the next step's may still fly)
-      } else {
-        cp_async_wait<0>();
-      }
-      __syncwarp();  // and every lane's
-    } else {
-      lu.put(su, lp);
-      ld.put(sd, lp);
-      if (gated) lz.put(sz, lp);
-      __syncwarp();
-      if (t + 1 < steps) bc_next = load_step(t + 1);
-    }
+    __syncwarp();  // the previous step's output reads of su are done
+    lu.put(su, lp);
+    ld.put(sd, lp);
+    if (gated) lz.put(sz, lp);
+    __syncwarp();
+    if (t + 1 < steps) bc_next = load_step(t + 1);
     // y over u in the buffer: a lane reads and writes only its own channel's slots.
     auto emit = [&](int k, float u, float h) {
       float y = fmaf(cc.Dd, u, __shfl_sync(kFull, bc, WP + k) * h);
@@ -527,10 +478,7 @@ void scan2d_chan_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) 
         dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
         constexpr int WP = decltype(wp)::value;
         constexpr bool C = decltype(cols)::value;
-        const int smem = kWarps * kFwdBuffers<T> * 3 * 32 * (WP + 1) * static_cast<int>(sizeof(float));
-        auto kernel = scan2d_chan_fwd_kernel<T, WP, C>;
-        SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-        kernel<<<grid, kWarps * 32, smem, stream>>>(p, o, b0);
+        scan2d_chan_fwd_kernel<T, WP, C><<<grid, kWarps * 32, 0, stream>>>(p, o, b0);
         SSM2D_CUDA_CHECK_LAUNCH("scan2d_chan_fwd_kernel");
       }
     });
