@@ -105,21 +105,25 @@ def test_scan2d_kernel_family_rule():
 
 
 def test_scan2d_chan_rule_and_carry_size():
-    # Chan kernels: N == 1, a scanned side of at most 16 cells, H >= 2, warps of 32 channels in one
-    # group, and at least 264 (batch, 32-channel) warps. Their carries (every 4th step of the walk along
-    # the long side) fit in the buffer the caller sizes by shape alone.
+    # Chan kernels: N == 1, a scanned side of at most 16 cells and the other of at most 64, H >= 2,
+    # warps of 32 channels in one group, and at least 264 (batch, 32-channel) warps. Their carries
+    # (every 4th step of the walk along the long side) fit in the buffer the caller sizes by shape.
     from ssm2d_kernels import _C
 
     rng = random.Random()
     for _ in range(300):
         b, g = rng.choice([1, 2, 9, 64]), rng.choice([1, 2, 3, 4])
         dim = g * rng.choice([16, 32, 96, 384])
-        n, h, w = rng.choice([1, 1, 2, 16]), rng.randint(1, 40), rng.randint(1, 40)
-        fit = (n == 1 and h >= 2 and min(h, w) <= 16 and (g == 1 or (dim // g) % 32 == 0)
+        n, h, w = rng.choice([1, 1, 2, 16]), rng.randint(1, 90), rng.randint(1, 90)
+
+        def shape(steps, inner):
+            return inner <= 16 and steps <= 64
+
+        fit = (n == 1 and h >= 2 and (shape(h, w) or shape(w, h)) and (g == 1 or (dim // g) % 32 == 0)
                and b * -(-dim // 32) >= 264)
         assert _C.scan2d_chan_fit(b, dim, g, n, h, w) == fit, (b, dim, g, n, h, w)
         if n == 1 and h >= 2:
             def chan(steps, inner):
-                return b * dim * inner * (-(-steps // 4) - 1) if inner <= 16 else 0
+                return b * dim * inner * (-(-steps // 4) - 1) if shape(steps, inner) else 0
             band = b * dim * (-(-h // 16) - 1) * w
             assert _C.scan2d_carry_floats(b, dim, 1, h, w) == max(band, chan(h, w), chan(w, h)), (b, dim, h, w)

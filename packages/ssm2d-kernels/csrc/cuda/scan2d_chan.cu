@@ -448,8 +448,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
 // Mode C when the scanned grid's rows are the strided side (and its columns fit the lanes), or
 // when only its columns are short.
 bool chan_cols(const Scan2dProblem& p) {
-  if (p.width > kScan2dChanMaxInner) return true;
-  if (p.height > kScan2dChanMaxInner) return false;
+  const bool rows = scan2d_chan_shape(p.height, p.width), cols = scan2d_chan_shape(p.width, p.height);
+  if (rows != cols) return cols;
   return std::llabs(p.u.si) < std::llabs(p.u.sj);
 }
 

@@ -154,7 +154,7 @@ PYBIND11_MODULE(_C, m) {
         static_cast<bool (*)(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t)>(&ssm2d::cuda::scan2d_chan_fit),
         py::arg("batch"), py::arg("dim"), py::arg("groups"), py::arg("dstate"), py::arg("height"), py::arg("width"),
         "Whether the CUDA kernels for this problem (scanned grid) are the chan ones: N == 1, a side of at most 16 "
-        "cells, height >= 2, one group or groups of a multiple of 32 channels, batch * ceil(dim / 32) >= 264.");
+        "cells and the other of at most 64, height >= 2, one group or groups of a multiple of 32 channels, batch * ceil(dim / 32) >= 264.");
   m.def("scan2d_tiled", &ssm2d::cuda::scan2d_tiled, py::arg("dstate"),
         "Whether the CUDA kernels for this many states are the tiled ones (N >= 8) rather than the band ones.");
   m.def("scan2d_backward_needs_y", &ssm2d::cuda::scan2d_backward_needs_y, py::arg("dim"), py::arg("groups"),

@@ -69,16 +69,21 @@ inline int64_t scan2d_lanes_carry_floats(int64_t batch, int64_t dim, int64_t hei
   return scan2d_lanes_gin_floats(batch, dim, height, width) + batch * ((width + 15) / 16) * (segments - 1) * dim * 256;
 }
 
-// N == 1 on a grid with a side of at most kScan2dChanMaxInner cells: a lane per (batch, channel)
-// holds that side in registers and walks the other (scan2d_chan.cu). It needs the 32 channels of a
-// warp in one group and enough of them to fill the GPU: batch * ceil(dim / 32) warps at least
-// kScan2dChanMinWarps (with fewer, the band kernels' parallelism along the rows wins).
+// N == 1 on a grid with a side of at most kScan2dChanMaxInner cells and the other of at most
+// kScan2dChanMaxSteps: a lane per (batch, channel) holds the short side in registers and walks the
+// long one (scan2d_chan.cu). A warp's walk is serial, so long grids stay with the band kernels
+// (their bands split the rows); and it needs the 32 channels of a warp in one group and enough of
+// them to fill the GPU: batch * ceil(dim / 32) warps at least kScan2dChanMinWarps.
 constexpr int64_t kScan2dChanMaxInner = 16;
+constexpr int64_t kScan2dChanMaxSteps = 64;
 constexpr int64_t kScan2dChanSegment = 4;  // steps between the carries the chan forward saves
 constexpr int64_t kScan2dChanMinWarps = 264;
+inline bool scan2d_chan_shape(int64_t steps, int64_t inner) {
+  return inner <= kScan2dChanMaxInner && steps <= kScan2dChanMaxSteps;
+}
 inline bool scan2d_chan_fit(int64_t batch, int64_t dim, int64_t groups, int64_t dstate, int64_t height,
                             int64_t width) {
-  return dstate == 1 && height >= 2 && (height <= kScan2dChanMaxInner || width <= kScan2dChanMaxInner) &&
+  return dstate == 1 && height >= 2 && (scan2d_chan_shape(height, width) || scan2d_chan_shape(width, height)) &&
          groups > 0 && (groups == 1 || (dim / groups) % 32 == 0) && batch * ((dim + 31) / 32) >= kScan2dChanMinWarps;
 }
 // The chan kernels' carries: the carry entering every kScan2dChanSegment-th step of the walk along
@@ -86,7 +91,7 @@ inline bool scan2d_chan_fit(int64_t batch, int64_t dim, int64_t groups, int64_t 
 // count / kScan2dChanSegment. The larger of the two walks (which one runs depends on the strides).
 inline int64_t scan2d_chan_carry_floats(int64_t batch, int64_t dim, int64_t height, int64_t width) {
   auto walk = [&](int64_t steps, int64_t inner) {
-    return inner <= kScan2dChanMaxInner ? batch * dim * inner * ((steps + kScan2dChanSegment - 1) / kScan2dChanSegment - 1) : 0;
+    return scan2d_chan_shape(steps, inner) ? batch * dim * inner * ((steps + kScan2dChanSegment - 1) / kScan2dChanSegment - 1) : 0;
   };
   const int64_t r = walk(height, width), c = walk(width, height);
   return r > c ? r : c;
