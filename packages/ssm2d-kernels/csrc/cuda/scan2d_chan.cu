@@ -19,7 +19,7 @@
 //
 // Saved for the backward: the carry entering every kScan2dChanSegment-th step, per (batch, segment,
 // k, channel): about u's element count / kScan2dChanSegment floats. The backward walks the segments
-// bottom-up, recomputes a segment's carries from its saved one into registers, and runs the adjoint
+// bottom-up, recomputes a segment's carries from its saved one into shared memory, and runs the adjoint
 // of SCANS.md section 1 step by step; dB and dC are summed over the warp's 32 channels in shared
 // memory (fixed order) and added with one atomic per cell and warp, or written per channel in the
 // deterministic mode. dA, dD and ddelta_bias leave as per-(batch, channel) sums.
@@ -252,12 +252,12 @@ __global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dP
 }
 
 // Backward: one lane per (batch, channel) as in the forward; segments of kSeg steps from the last.
-// Per segment the carries entering its steps are recomputed into registers (c[s]) from the saved
+// Per segment the carries entering its steps are recomputed into shared memory (cs) from the saved
 // one, then the steps are walked in reverse:
 //   mode R: lamV (adjoint of h) carried from step to step, lamH (adjoint of G) along k in the lane;
 //   mode C: lamH carried, lamV along k.
-// Shared memory per warp: four step buffers (u, delta, z, dout; then du, ddelta, dz) and the dB/dC
-// buffer of the warp's 32 channels.
+// Shared memory per warp (kBwdWarpFloats): five step buffers (u, delta, z, dout then dB, dC; u, delta,
+// z take du, ddelta, dz) and the segment's carries.
 template <typename T, int WP, bool kCols, bool kDet>
 __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                      int64_t b0) {
