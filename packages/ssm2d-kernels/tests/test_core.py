@@ -105,22 +105,28 @@ def test_scan2d_kernel_family_rule():
 
 
 def test_scan2d_chan_rule_and_carry_size():
-    # Chan kernels: N == 1, a scanned side of at most 16 cells and the other of at most 64, H >= 2,
-    # warps of 32 channels in one group, and at least 264 (batch, 32-channel) warps. Their carries
-    # (every 4th step of the walk along the long side) fit in the buffer the caller sizes by shape.
+    # Chan kernels: N == 1, both scanned sides of at most 64 cells, H >= 2, channels per group a
+    # multiple of 32 (or one group), and at least 264 warps, a warp holding 32, 8 or 4 channels for a
+    # short side of at most 16, 32 or 64 cells (counted for the walk with more channels per warp).
+    # Their carries (every 4th step of the walk along the long side) fit in the buffer the caller
+    # sizes by shape.
     from ssm2d_kernels import _C
 
     rng = random.Random()
-    for _ in range(300):
+    for _ in range(400):
         b, g = rng.choice([1, 2, 9, 64]), rng.choice([1, 2, 3, 4])
         dim = g * rng.choice([16, 32, 96, 384])
         n, h, w = rng.choice([1, 1, 2, 16]), rng.randint(1, 90), rng.randint(1, 90)
 
         def shape(steps, inner):
-            return inner <= 16 and steps <= 64
+            return inner <= 64 and steps <= 64
 
-        fit = (n == 1 and h >= 2 and (shape(h, w) or shape(w, h)) and (g == 1 or (dim // g) % 32 == 0)
-               and b * -(-dim // 32) >= 264)
+        def per_warp(inner):
+            return 32 if inner <= 16 else 8 if inner <= 32 else 4
+
+        walks = [inner for steps, inner in ((h, w), (w, h)) if shape(steps, inner)]
+        fit = (n == 1 and h >= 2 and bool(walks) and (g == 1 or (dim // g) % 32 == 0)
+               and b * -(-dim // max(per_warp(x) for x in walks)) >= 264)
         assert _C.scan2d_chan_fit(b, dim, g, n, h, w) == fit, (b, dim, g, n, h, w)
         if n == 1 and h >= 2:
             def chan(steps, inner):

@@ -116,12 +116,14 @@ def test_lanes_forward_many_blocks(groups):
                            origin=rng.choice(ORIGINS))
 
 
-# The chan kernels (N == 1, a scanned side of at most 16 cells, warps of 32 channels in one group, at
-# least 264 (batch, 32-channel) warps): a lane per channel walks the long side. Both walks (the
+# The chan kernels (N == 1, both scanned sides of at most 64 cells, warps of channels in one group,
+# enough warps): lanes of a channel hold the short side (one lane up to 16 cells, 4 lanes of 8 up to
+# 32, 8 lanes of 8 up to 64, the chains joined across them) and walk the long side. Both walks (the
 # scanned rows short, or the scanned columns short, as columns-first routes read in place give),
-# every origin, segments of 4 steps around their ends, the 8- and 16-cell register widths, partial
-# last warps (dim not a multiple of 32 with one group).
-@pytest.mark.parametrize("h,w", [(14, 14), (7, 7), (3, 16), (16, 3), (9, 40), (40, 9), (17, 5), (2, 11), (5, 1)])
+# every origin, segments of 4 steps around their ends, every register layout and the cells past the
+# short side's end in the last lane, partial last warps (dim not a multiple of 32 with one group).
+@pytest.mark.parametrize("h,w", [(14, 14), (7, 7), (3, 16), (16, 3), (9, 40), (40, 9), (17, 5), (2, 11), (5, 1),
+                                 (56, 56), (28, 28), (20, 33), (33, 17), (64, 64), (45, 62), (2, 64)])
 def test_chan_kernels_against_float64(h, w):
     from ssm2d_kernels import _C
 
@@ -143,23 +145,25 @@ def test_chan_kernels_against_float64(h, w):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("h,w", [(14, 13), (50, 45)])
 @pytest.mark.parametrize("dtype,fwd_tol,grad_tol", [(torch.bfloat16, 2e-2, 5e-2), (torch.float16, 4e-3, 1e-2)])
-def test_chan_kernels_half_precisions(dtype, fwd_tol, grad_tol):
+def test_chan_kernels_half_precisions(dtype, fwd_tol, grad_tol, h, w):
     seed = random.randrange(2**31)
     rng = random.Random(seed)
-    inputs = make_inputs(rng, batch=9, dim=960, dstate=1, groups=3, height=14, width=13)
+    inputs = make_inputs(rng, batch=9, dim=960, dstate=1, groups=3, height=h, width=w)
     _check_against_float64(inputs, dtype, fwd_tol, grad_tol, seed, delta_softplus=True, origin="br", order="vh")
 
 
-def test_chan_kernels_deterministic_chunks(monkeypatch):
-    # Deterministic chunks of a few channels each (ranges inside a warp's 32): per-channel dB/dC
-    # partials, bitwise reproducible, equal to the atomics' result up to rounding.
+@pytest.mark.parametrize("h,w", [(14, 14), (30, 37)])
+def test_chan_kernels_deterministic_chunks(monkeypatch, h, w):
+    # Deterministic chunks of a few channels each (ranges inside a warp's channels): per-channel
+    # dB/dC partials, bitwise reproducible, equal to the atomics' result up to rounding.
     import sys
 
-    monkeypatch.setattr(sys.modules["ssm2d_nn.ops.scan2d"], "DETERMINISTIC_WORKSPACE_BYTES", 9 * 7 * 14 * 14 * 4)
+    monkeypatch.setattr(sys.modules["ssm2d_nn.ops.scan2d"], "DETERMINISTIC_WORKSPACE_BYTES", 9 * 7 * h * w * 4)
     seed = random.randrange(2**31)
     rng = random.Random(seed)
-    inputs = make_inputs(rng, batch=9, dim=960, dstate=1, groups=3, height=14, width=14)
+    inputs = make_inputs(rng, batch=9, dim=960, dstate=1, groups=3, height=h, width=w)
     gout = torch.randn(inputs["u"].shape)
     gpu = _to(inputs, "cuda", torch.float32)
     _, fast = _run(gpu, gout, backend="kernel", delta_softplus=True, order="vh")

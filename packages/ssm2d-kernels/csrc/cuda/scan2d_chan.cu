@@ -1,28 +1,32 @@
-// scan2d (2DMamba) on CUDA for N == 1 on narrow grids (one side <= 16), forward and backward: a
-// lane per (batch, channel), the whole recurrence of the channel in the lane.
+// scan2d (2DMamba) on CUDA for N == 1 on grids of at most 64 x 64 cells, forward and backward: the
+// lanes of a channel hold the whole recurrence of the channel.
 //
-// Why. At 2DVMamba's later stages (N = 1, 14x14 and 7x7 grids, B = 64, hundreds of channels) a warp
-// per (batch, channel) with a lane per column leaves most lanes idle (14 or 7 of 32) and pays a warp
-// scan (shuffles) per row for 14 cells. Here lane l of a warp owns channel d0 + l of one batch item:
-//   * the grid is walked along its long side ("outer" steps t), the short side ("inner" k < K <= 16)
-//     held in registers;
-//   * one of the two recurrences runs along k inside the lane (a chain of K FMAs), the other carries
-//     from step to step in a register per k: no shuffles, no barriers, no idle lanes;
-//   * the per-channel operands of a step (K cells of each of the warp's 32 channels) are loaded by the
-//     warp together, cell-contiguous (coalesced), and transposed through shared memory so that each
-//     lane reads its own channel's cells; outputs take the same way back.
-// Rows-first on the grid walked by rows (mode R): G along k in the lane, h carried from row to row.
-// When the scanned grid's rows are the short, strided side (columns-first routes read in place) the
-// walk goes along the memory's rows instead (mode C): the carry is then G, the in-lane chain is h.
-// The 32 channels of a warp share one group (G == 1 or channels per group a multiple of 32), so B and
+// Why. At 2DVMamba's stages (N = 1, 56x56 down to 7x7 grids, B = 64, hundreds of channels) a block
+// per (batch, channel, column band) with a lane per column pays a warp scan (shuffles) and barriers
+// per row and leaves lanes idle on narrow grids. Here the P lanes l of a warp with l / P = c own
+// channel d0 + c of one batch item (P = 1 up to 16 cells of short side, 4 up to 32, 8 up to 64):
+//   * the grid is walked along its long side ("outer" steps t), the short side ("inner" cells k < K)
+//     held in registers, WP consecutive cells per lane;
+//   * one of the two recurrences runs along k inside the lanes (a chain of FMAs; with P > 1 each lane
+//     runs its WP cells from 0, the lanes' affine summaries are joined by a log2(P)-step shuffle scan
+//     and the chain is run again from the true entry), the other carries from step to step in a
+//     register per cell: no barriers, no idle lanes;
+//   * the per-channel operands of a step (K cells of each of the warp's 32 / P channels) are loaded
+//     by the warp together, cell-contiguous (coalesced), and transposed through shared memory so that
+//     each lane reads its own cells; outputs take the same way back.
+// Rows-first on the grid walked by rows (mode R): G along k in the lanes, h carried from row to row.
+// When the scanned grid's rows are the strided side (columns-first routes read in place) the walk
+// goes along the memory's rows instead (mode C): the carry is then G, the in-lane chain is h.
+// The channels of a warp share one group (G == 1 or channels per group a multiple of 32), so B and
 // C of a step are loaded once per warp and broadcast by shuffles.
 //
 // Saved for the backward: the carry entering every kScan2dChanSegment-th step, per (batch, segment,
 // k, channel): about u's element count / kScan2dChanSegment floats. The backward walks the segments
 // bottom-up, recomputes a segment's carries from its saved one into shared memory, and runs the adjoint
-// of SCANS.md section 1 step by step; dB and dC are summed over the warp's 32 channels in shared
-// memory (fixed order) and added with one atomic per cell and warp, or written per channel in the
-// deterministic mode. dA, dD and ddelta_bias leave as per-(batch, channel) sums.
+// of SCANS.md section 1 step by step (the in-lane adjoint joined across lanes like the forward
+// chain, in reverse); dB and dC are summed over the warp's channels in shared memory (fixed order)
+// and added with one atomic per cell and warp, or written per channel in the deterministic mode.
+// dA, dD and ddelta_bias leave as per-(batch, channel) sums.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -41,9 +45,19 @@ using namespace s2d;
 constexpr int kWarps = 4;                 // warps (independent channel groups) per block
 constexpr int kSeg = kScan2dChanSegment;  // steps between saved carries
 constexpr int64_t kMaxGridY = 65535;
-// Shared floats per warp of the backward: five step buffers [32 channels][WP + 1] (u, delta, z,
+// Shared floats per warp of the backward: five step buffers [32 slots][WP + 1] (u, delta, z,
 // dout / dB, dC) and the carries entering a segment's steps [kSeg][WP][32].
 template <int WP> constexpr int kBwdWarpFloats = 5 * 32 * (WP + 1) + kSeg * WP * 32;
+
+// The register layout of a warp: P lanes per channel (consecutive lanes), WP cells per lane, so a
+// warp holds CW = 32 / P channels and KT = P * WP cells of the short side per step. Lane l is slot l
+// of the warp's step buffers (WP cells each): channel l / P, cells (l % P) * WP .. + WP - 1.
+template <int WP, int P>
+struct Layout {
+  static constexpr int KT = WP * P;
+  static constexpr int CW = 32 / P;
+  static_assert(32 % WP == 0 && 32 % P == 0 && (KT <= 32 || KT == 64), "chan layout");
+};
 
 // Element (t, k) of one operand of the walk: base + t*st + k*sk (mode C swaps the logical axes).
 template <bool kCols>
@@ -51,82 +65,155 @@ __device__ __forceinline__ int64_t step_stride(const Grid& g) { return kCols ? g
 template <bool kCols>
 __device__ __forceinline__ int64_t inner_stride(const Grid& g) { return kCols ? g.si : g.sj; }
 
-// A lane's part in the warp's cooperative loads and stores of a step: cell k of channels
-// c0 + m*(32/WP) + sub for m < WP (consecutive lanes take consecutive cells of a channel, so one
-// instruction covers 32/WP channels' rows), where bit m of `valid` says the channel is in range and
-// k < K. Computed once per kernel.
+// A lane's part in the warp's cooperative loads and stores of a step. Instruction m < WP covers the
+// step tile's elements e = 32 m + lane (channel e / KT, cell e % KT: consecutive lanes take
+// consecutive cells of a channel, coalesced); in the step buffer element e is slot e / WP, offset
+// e % WP whatever P is. k, sub: the lane's cell and channel at m = 0; bit m of `valid` says the
+// element's channel is in range and its cell < K. Computed once per kernel.
 struct LanePart {
   int k, sub;
   unsigned valid;
 };
-template <int WP>
+template <int WP, int P>
 __device__ __forceinline__ LanePart lane_part(int lane, int64_t c0, int64_t lo, int64_t hi, int K) {
-  constexpr int kIpi = 32 / WP;
-  LanePart lp{lane % WP, lane / WP, 0u};
+  constexpr int KT = Layout<WP, P>::KT;
+  LanePart lp{KT <= 32 ? lane % KT : lane, KT <= 32 ? lane / KT : 0, 0u};
 #pragma unroll
   for (int m = 0; m < WP; ++m) {
-    const int64_t c = c0 + m * kIpi + lp.sub;
-    if (lp.k < K && c >= lo && c < hi) lp.valid |= 1u << m;
+    const int e = m * 32 + lane;
+    const int64_t c = c0 + e / KT;
+    if (e % KT < K && c >= lo && c < hi) lp.valid |= 1u << m;
   }
   return lp;
 }
-// Where the lane's first element (m = 0) of step t of grid g is; element m is m*(32/WP)*sc further.
+// Where the lane's first element (m = 0) of step t of grid g is.
 template <typename T, bool kCols>
 __device__ __forceinline__ T* step_ptr(const Grid& g, int64_t b, int64_t c0, int64_t t, const LanePart& lp) {
   return static_cast<T*>(g.data) + b * g.sb + t * step_stride<kCols>(g) +
          static_cast<int64_t>(lp.k) * inner_stride<kCols>(g) + (c0 + lp.sub) * g.sc;
 }
+// Byte steps from element m to m + 1: (32 / KT) channels on when KT <= 32; with KT == 64 the
+// second half of the channel's cells (m even), then the next channel's first half (m odd).
+template <typename T, int WP, int P, bool kCols>
+__device__ __forceinline__ void elem_steps(const Grid& g, int64_t& even, int64_t& odd) {
+  constexpr int KT = Layout<WP, P>::KT;
+  if (KT <= 32) {
+    even = odd = (32 / KT) * g.sc * static_cast<int64_t>(sizeof(T));
+  } else {
+    even = 32 * inner_stride<kCols>(g) * static_cast<int64_t>(sizeof(T));
+    odd = g.sc * static_cast<int64_t>(sizeof(T)) - even;
+  }
+}
 
-// One step of one per-channel operand for the warp's 32 channels (0 where not valid).
-template <typename T, int WP>
+// One step of one per-channel operand for the warp's channels (0 where not valid).
+template <typename T, int WP, int P>
 struct StepLoad {
   T v[WP];
   template <bool kCols>
   __device__ __forceinline__ void load(const Grid& g, int64_t b, int64_t c0, int64_t t, const LanePart& lp) {
-    constexpr int kIpi = 32 / WP;
     const T* ptr = step_ptr<const T, kCols>(g, b, c0, t, lp);
-    const int64_t next = kIpi * g.sc;
+    int64_t even, odd;
+    elem_steps<T, WP, P, kCols>(g, even, odd);
 #pragma unroll
     for (int m = 0; m < WP; ++m) {
       v[m] = (lp.valid >> m) & 1u ? *ptr : from_f<T>(0.f);
-      // An opaque step: otherwise the 16 offsets m * next are hoisted out of the step loop and held
-      // in 32 registers per operand.
-      asm("add.s64 %0, %0, %1;" : "+l"(ptr) : "l"(next * static_cast<int64_t>(sizeof(T))));
+      // An opaque step: otherwise the offsets of all m are hoisted out of the step loop and held
+      // in two registers each per operand.
+      asm("add.s64 %0, %0, %1;" : "+l"(ptr) : "l"(m % 2 == 0 ? even : odd));
     }
   }
-  // Into the warp's transposed buffer: channel slot img at s[img * (WP + 1) + k].
-  __device__ __forceinline__ void put(float* s, const LanePart& lp) const {
-    constexpr int kIpi = 32 / WP;
+  // Into the warp's step buffer: element m at slot m * (32 / WP) + lane / WP, offset lane % WP.
+  __device__ __forceinline__ void put(float* s, int lane) const {
 #pragma unroll
-    for (int m = 0; m < WP; ++m) s[(m * kIpi + lp.sub) * (WP + 1) + lp.k] = to_f(v[m]);
+    for (int m = 0; m < WP; ++m) s[(m * (32 / WP) + lane / WP) * (WP + 1) + lane % WP] = to_f(v[m]);
   }
 };
 
-// The reverse of StepLoad: writes the warp's transposed buffer s (channel slot img at
-// s[img * pitch + k]) to grid g at step t, valid elements only.
-template <typename T, int WP, bool kCols>
+// The reverse of StepLoad: writes the warp's step buffer s (slot pitch `pitch`) to grid g at step t,
+// valid elements only.
+template <typename T, int WP, int P, bool kCols>
 __device__ __forceinline__ void store_step(const float* s, int pitch, const Grid& g, int64_t b, int64_t c0, int64_t t,
-                                           const LanePart& lp) {
-  constexpr int kIpi = 32 / WP;
+                                           const LanePart& lp, int lane) {
   T* ptr = step_ptr<T, kCols>(g, b, c0, t, lp);
-  const int64_t next = kIpi * g.sc;
+  int64_t even, odd;
+  elem_steps<T, WP, P, kCols>(g, even, odd);
 #pragma unroll
   for (int m = 0; m < WP; ++m) {
-    if ((lp.valid >> m) & 1u) *ptr = from_f<T>(s[(m * kIpi + lp.sub) * pitch + lp.k]);
-    asm("add.s64 %0, %0, %1;" : "+l"(ptr) : "l"(next * static_cast<int64_t>(sizeof(T))));  // as in StepLoad
+    if ((lp.valid >> m) & 1u) *ptr = from_f<T>(s[(m * (32 / WP) + lane / WP) * pitch + lane % WP]);
+    asm("add.s64 %0, %0, %1;" : "+l"(ptr) : "l"(m % 2 == 0 ? even : odd));  // as in StepLoad
   }
 }
 
-// B (lanes 0..WP-1) and C (lanes WP..2WP-1) of one step of the warp's group; read by shuffles.
-template <typename T, int WP, bool kCols>
-__device__ __forceinline__ float load_bc(const Scan2dProblem& p, int64_t b, int64_t g, int64_t t, int K, int lane,
-                                         bool withC) {
-  const int k = lane % WP;
-  const bool isC = lane >= WP;
-  if (k >= K || lane >= 2 * WP || (isC && !withC)) return 0.f;
-  const Grid& G = isC ? p.C : p.B;
-  const T* base = static_cast<const T*>(G.data) + b * G.sb + g * G.sc;
-  return to_f(base[t * step_stride<kCols>(G) + static_cast<int64_t>(k) * inner_stride<kCols>(G)]);
+// B and C of one step of the warp's group, spread over the warp's registers and read by shuffles.
+// KT <= 16: one register, B of cell c in lane c, C in lane KT + c. Otherwise KT / 32 registers for
+// B and as many for C; register r of lane l holds cell (l / Q) * WP + r * Q + l % Q (Q = WP / NB), so
+// that the lanes of one part (cells pi * WP ..) read cell pi * WP + kk from register kk / Q of lane
+// pi * Q + kk % Q: one shuffle per value whatever P is.
+template <int WP, int P>
+struct StepBC {
+  static constexpr int KT = Layout<WP, P>::KT;
+  static constexpr int NB = KT <= 16 ? 1 : KT / 32;
+  static constexpr int NR = KT <= 16 ? 1 : 2 * NB;
+  static constexpr int Q = WP / NB;
+  float r[NR];
+  template <typename T, bool kCols>
+  __device__ __forceinline__ void load(const Scan2dProblem& p, int64_t b, int64_t g, int64_t t, int K, int lane) {
+#pragma unroll
+    for (int j = 0; j < NR; ++j) {
+      bool isC;
+      int cell;
+      if (KT <= 16) {
+        isC = lane >= KT;
+        cell = lane % KT;
+      } else {
+        isC = j >= NB;
+        cell = (lane / Q) * WP + (j % NB) * Q + lane % Q;
+      }
+      r[j] = 0.f;
+      if ((KT > 16 || lane < 2 * KT) && cell < K) {
+        const Grid& G = isC ? p.C : p.B;
+        const T* base = static_cast<const T*>(G.data) + b * G.sb + g * G.sc;
+        r[j] = to_f(base[t * step_stride<kCols>(G) + static_cast<int64_t>(cell) * inner_stride<kCols>(G)]);
+      }
+    }
+  }
+  // B and C of the lane's cell kk (pi: the lane's part).
+  __device__ __forceinline__ float B(int kk, int pi) const {
+    return KT <= 16 ? __shfl_sync(kFull, r[0], pi * WP + kk) : __shfl_sync(kFull, r[kk / Q], pi * Q + kk % Q);
+  }
+  __device__ __forceinline__ float C(int kk, int pi) const {
+    return KT <= 16 ? __shfl_sync(kFull, r[0], KT + pi * WP + kk) : __shfl_sync(kFull, r[NB + kk / Q], pi * Q + kk % Q);
+  }
+};
+
+// The chain entering a lane's first cell, from the (product of a, chain from 0) summaries of the
+// parts before it in the channel's P lanes (an exclusive scan of affine maps; 0 for the first part).
+template <int P>
+__device__ __forceinline__ float chain_in(float A, float L, int pi) {
+#pragma unroll
+  for (int off = 1; off < P; off <<= 1) {
+    const float Ap = __shfl_up_sync(kFull, A, off, P), Lp = __shfl_up_sync(kFull, L, off, P);
+    if (pi >= off) {
+      L = fmaf(A, Lp, L);
+      A *= Ap;
+    }
+  }
+  const float cin = __shfl_up_sync(kFull, L, 1, P);
+  return pi == 0 ? 0.f : cin;
+}
+// The same from the parts after the lane's (the reverse chains of the backward).
+template <int P>
+__device__ __forceinline__ float chain_in_rev(float A, float L, int pi) {
+#pragma unroll
+  for (int off = 1; off < P; off <<= 1) {
+    const float Ap = __shfl_down_sync(kFull, A, off, P), Lp = __shfl_down_sync(kFull, L, off, P);
+    if (pi + off < P) {
+      L = fmaf(A, Lp, L);
+      A *= Ap;
+    }
+  }
+  const float cin = __shfl_down_sync(kFull, L, 1, P);
+  return pi == P - 1 ? 0.f : cin;
 }
 
 // Per-channel constants of a lane.
@@ -165,46 +252,70 @@ __device__ __forceinline__ float dt_of(const Scan2dProblem& p, float delta, floa
   return p.softplus ? softplus_fast(v) : v;
 }
 
-// One forward step of a lane given the carry entering it (updated in place): mode R carries h
-// (G runs along k), mode C carries G (h runs along k). emit(k, u, h) sees each cell's h.
-// Cells k >= K have dt = 0 (a = 1, x = 0) and come after the valid ones: they touch nothing valid.
-template <int WP, bool kCols, typename Emit>
-__device__ __forceinline__ void step_forward(float (&carry)[WP], const float* su, const float* sd, int lane,
-                                             const Scan2dProblem& p, const ChanConst& cc, int K, float bcB,
-                                             Emit&& emit) {
-  float chain = 0.f;
+// The forward of one step in a lane's cells given the carry entering it, per cell kk: a[kk] and the
+// in-lane chain ch[kk] (mode R: G, mode C: h) including what enters from the channel's earlier
+// lanes; `carry` is updated in place (mode R: h, after the chain; mode C: G, before it); emit(kk, h)
+// sees each cell's h. Returns the chain entering the lane's first cell. Cells past K have dt = 0
+// (a = 1, x = 0) and come after the valid ones: they touch nothing valid.
+template <int WP, int P, bool kCols, typename Emit>
+__device__ __forceinline__ float step_cells(float (&a)[WP], float (&ch)[WP], float (&carry)[WP], const float* su,
+                                            const float* sd, int lane, int pi, const Scan2dProblem& p,
+                                            const ChanConst& cc, int K, const StepBC<WP, P>& bc, Emit&& emit) {
+  auto cell_in = [&](int kk) {  // a and the chain's input at cell kk (mode C: after the carry's update)
+    const float u = su[lane * (WP + 1) + kk];
+    const float dt = pi * WP + kk < K ? dt_of(p, sd[lane * (WP + 1) + kk], cc.bias) : 0.f;
+    a[kk] = ex2_fast(dt * cc.A2);
+    const float x = dt * bc.B(kk, pi) * u;
+    if (kCols) carry[kk] = fmaf(a[kk], carry[kk], x);
+    return kCols ? carry[kk] : x;
+  };
+  auto advance = [&](int kk, float chain) {
+    ch[kk] = chain;
+    if (!kCols) carry[kk] = fmaf(a[kk], carry[kk], chain);
+    emit(kk, kCols ? chain : carry[kk]);
+  };
+  if constexpr (P == 1) {  // one pass: nothing enters from other lanes
+    float chain = 0.f;
 #pragma unroll
-  for (int k = 0; k < WP; ++k) {
-    const float u = su[lane * (WP + 1) + k];
-    const float dt = k < K ? dt_of(p, sd[lane * (WP + 1) + k], cc.bias) : 0.f;
-    const float a = ex2_fast(dt * cc.A2);
-    const float x = dt * __shfl_sync(kFull, bcB, k) * u;
-    if (kCols) {
-      carry[k] = fmaf(a, carry[k], x);
-      chain = fmaf(a, chain, carry[k]);
-      emit(k, u, chain);
-    } else {
-      chain = fmaf(a, chain, x);
-      carry[k] = fmaf(a, carry[k], chain);
-      emit(k, u, carry[k]);
+    for (int kk = 0; kk < WP; ++kk) {
+      const float v = cell_in(kk);
+      chain = fmaf(a[kk], chain, v);
+      advance(kk, chain);
     }
+    return 0.f;
+  } else {
+    float v[WP], A = 1.f, L = 0.f;  // the lane's summary: product of a, chain from 0
+#pragma unroll
+    for (int kk = 0; kk < WP; ++kk) {
+      v[kk] = cell_in(kk);
+      L = fmaf(a[kk], L, v[kk]);
+      A *= a[kk];
+    }
+    const float chain0 = chain_in<P>(A, L, pi);
+    float chain = chain0;
+#pragma unroll
+    for (int kk = 0; kk < WP; ++kk) {
+      chain = fmaf(a[kk], chain, v[kk]);
+      advance(kk, chain);
+    }
+    return chain0;
   }
 }
 
-template <typename T, int WP, bool kCols>
+template <typename T, int WP, int P, bool kCols>
 __global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
                                                                      int64_t b0) {
-  constexpr int SW = WP + 1;
+  constexpr int SW = WP + 1, CW = Layout<WP, P>::CW;
   __shared__ float smem[kWarps][3][32 * SW];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t D = p.dim, c0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 32, b = blockIdx.y + b0;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, pi = lane % P;
+  const int64_t D = p.dim, c0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * CW, b = blockIdx.y + b0;
   if (c0 >= D) return;
-  const int64_t d = min(c0 + lane, D - 1), g = c0 / (D / p.groups);
+  const int64_t d = min(c0 + lane / P, D - 1), g = c0 / (D / p.groups);
   const int64_t steps = kCols ? p.width : p.height;
   const int K = static_cast<int>(kCols ? p.height : p.width);
   const ChanConst cc = chan_const(p, d);
   const bool gated = p.z.defined();
-  const LanePart lp = lane_part<WP>(lane, c0, 0, D, K);
+  const LanePart lp = lane_part<WP, P>(lane, c0, 0, D, K);
   float* su = smem[warp][0];
   float* sd = smem[warp][1];
   float* sz = smem[warp][2];
@@ -214,74 +325,75 @@ __global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dP
   for (int k = 0; k < WP; ++k) carry[k] = 0.f;
   // The operands of step t + 1 are loaded while step t is computed (one memory latency per step
   // hidden behind the arithmetic instead of added to it).
-  StepLoad<T, WP> lu, ld, lz;
+  StepLoad<T, WP, P> lu, ld, lz;
+  StepBC<WP, P> bc_next;
   auto load_step = [&](int64_t t) {
     lu.template load<kCols>(p.u, b, c0, t, lp);
     ld.template load<kCols>(p.delta, b, c0, t, lp);
     if (gated) lz.template load<kCols>(p.z, b, c0, t, lp);
-    return load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
+    bc_next.template load<T, kCols>(p, b, g, t, K, lane);
   };
-  float bc_next = load_step(0);
+  load_step(0);
   for (int64_t t = 0; t < steps; ++t) {
-    const float bc = bc_next;
+    const StepBC<WP, P> bc = bc_next;
     __syncwarp();  // the previous step's output reads of su are done
-    lu.put(su, lp);
-    ld.put(sd, lp);
-    if (gated) lz.put(sz, lp);
+    lu.put(su, lane);
+    ld.put(sd, lane);
+    if (gated) lz.put(sz, lane);
     __syncwarp();
-    if (t + 1 < steps) bc_next = load_step(t + 1);
-    // y over u in the buffer: a lane reads and writes only its own channel's slots.
-    auto emit = [&](int k, float u, float h) {
-      float y = fmaf(cc.Dd, u, __shfl_sync(kFull, bc, WP + k) * h);
+    if (t + 1 < steps) load_step(t + 1);
+    // y over u in the buffer: a lane reads and writes only its own slot.
+    float a[WP], ch[WP];
+    step_cells<WP, P, kCols>(a, ch, carry, su, sd, lane, pi, p, cc, K, bc, [&](int kk, float h) {
+      float y = fmaf(cc.Dd, su[lane * SW + kk], bc.C(kk, pi) * h);
       if (gated) {
-        const float zv = sz[lane * SW + k];
+        const float zv = sz[lane * SW + kk];
         y *= zv * sigmoid_fast(zv);
       }
-      su[lane * SW + k] = y;
-    };
-    step_forward<WP, kCols>(carry, su, sd, lane, p, cc, K, bc, emit);
-    if (o.carries && (t + 1) % kSeg == 0 && t + 1 < steps && c0 + lane < D) {
+      su[lane * SW + kk] = y;
+    });
+    if (o.carries && (t + 1) % kSeg == 0 && t + 1 < steps && c0 + lane / P < D) {
       float* ck = o.carries + ((b * nseg1 + (t + 1) / kSeg - 1) * K) * D + d;
 #pragma unroll
-      for (int k = 0; k < WP; ++k)
-        if (k < K) ck[k * D] = carry[k];
+      for (int kk = 0; kk < WP; ++kk)
+        if (pi * WP + kk < K) ck[(pi * WP + kk) * D] = carry[kk];
     }
     __syncwarp();
-    store_step<T, WP, kCols>(su, SW, o.out, b, c0, t, lp);
+    store_step<T, WP, P, kCols>(su, SW, o.out, b, c0, t, lp, lane);
   }
 }
 
-// Backward: one lane per (batch, channel) as in the forward; segments of kSeg steps from the last.
+// Backward: the lanes of a channel as in the forward; segments of kSeg steps from the last.
 // Per segment the carries entering its steps are recomputed into shared memory (cs) from the saved
 // one, then the steps are walked in reverse:
-//   mode R: lamV (adjoint of h) carried from step to step, lamH (adjoint of G) along k in the lane;
+//   mode R: lamV (adjoint of h) carried from step to step, lamH (adjoint of G) along k in the lanes;
 //   mode C: lamH carried, lamV along k.
 // Shared memory per warp (kBwdWarpFloats): five step buffers (u, delta, z, dout then dB, dC; u, delta,
 // z take du, ddelta, dz) and the segment's carries.
-template <typename T, int WP, bool kCols, bool kDet>
+template <typename T, int WP, int P, bool kCols, bool kDet>
 __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                      int64_t b0) {
-  constexpr int SW = WP + 1;
+  constexpr int SW = WP + 1, CW = Layout<WP, P>::CW, KT = Layout<WP, P>::KT;
   extern __shared__ float dyn[];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, pi = lane % P;
   const int64_t D = p.dim, b = blockIdx.y + b0;
-  // Warps take 32-aligned channel blocks (never across a group), clipped to this call's range.
-  const int64_t c0 = (ga.d_begin / 32 + static_cast<int64_t>(blockIdx.x) * kWarps + warp) * 32;
+  // Warps take CW-aligned channel blocks (never across a group), clipped to this call's range.
+  const int64_t c0 = (ga.d_begin / CW + static_cast<int64_t>(blockIdx.x) * kWarps + warp) * CW;
   const int64_t lo = ga.d_begin, hi = ga.d_end;
   if (c0 >= hi) return;
-  const bool active = c0 + lane >= lo && c0 + lane < hi;
-  const int64_t d = min(max(c0 + lane, lo), hi - 1), g = c0 / (D / p.groups);
+  const bool active = c0 + lane / P >= lo && c0 + lane / P < hi;
+  const int64_t d = min(max(c0 + lane / P, lo), hi - 1), g = c0 / (D / p.groups);
   const int64_t steps = kCols ? p.width : p.height;
   const int K = static_cast<int>(kCols ? p.height : p.width);
   const ChanConst cc = chan_const(p, d);
   const bool gated = p.z.defined();
-  const LanePart lp = lane_part<WP>(lane, c0, lo, hi, K);
+  const LanePart lp = lane_part<WP, P>(lane, c0, lo, hi, K);
   float* su = dyn + warp * kBwdWarpFloats<WP>;
   float* sd = su + 32 * SW;
   float* sz = sd + 32 * SW;
   float* so = sz + 32 * SW;  // dout, then the dB of each cell
   float* sc = so + 32 * SW;  // the dC of each cell
-  float* cs = sc + 32 * SW;  // the carries entering the segment's steps: [step][k][lane]
+  float* cs = sc + 32 * SW;  // the carries entering the segment's steps: [step][kk][lane]
   const int64_t nseg = (steps + kSeg - 1) / kSeg;
   float lamc[WP], ac[WP];  // the carried adjoint and the a of the step walked before (0: none)
 #pragma unroll
@@ -291,29 +403,31 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
   // t0+1 .. t0+n-1 from the saved one (into cs), entries e = n-1 .. 2n-2 walk steps t0+n-1 .. t0 back.
   // u and delta run one entry ahead (loaded while the entry before is computed); z and dout of a
   // walked step are loaded while its forward part is recomputed.
-  StepLoad<T, WP> lu, ld;
+  StepLoad<T, WP, P> lu, ld;
+  StepBC<WP, P> bc_next;
   auto load_ud = [&](int64_t t) {
     lu.template load<kCols>(p.u, b, c0, t, lp);
     ld.template load<kCols>(p.delta, b, c0, t, lp);
-    return load_bc<T, WP, kCols>(p, b, g, t, K, lane, true);
+    bc_next.template load<T, kCols>(p, b, g, t, K, lane);
   };
-  float bc_next = load_ud((nseg - 1) * kSeg);  // every segment's first entry is at its step t0
+  load_ud((nseg - 1) * kSeg);  // every segment's first entry is at its step t0
   for (int64_t seg = nseg - 1; seg >= 0; --seg) {
     const int64_t t0 = seg * kSeg;
     const int n = steps - t0 < kSeg ? static_cast<int>(steps - t0) : kSeg;
 #pragma unroll
-    for (int k = 0; k < WP; ++k)
-      cs[k * 32 + lane] = seg > 0 && k < K ? ga.carries[((b * (nseg - 1) + seg - 1) * K + k) * D + d] : 0.f;
+    for (int kk = 0; kk < WP; ++kk)
+      cs[kk * 32 + lane] = seg > 0 && pi * WP + kk < K
+                               ? ga.carries[((b * (nseg - 1) + seg - 1) * K + pi * WP + kk) * D + d] : 0.f;
 #pragma unroll 1
     for (int e = 0; e <= 2 * (n - 1); ++e) {
       const bool rec = e < n - 1;
       const int s = rec ? e : 2 * (n - 1) - e;
       const int64_t t = t0 + s;
-      const float bc = bc_next;
+      const StepBC<WP, P> bc = bc_next;
       __syncwarp();  // the previous entry's output stores have read the buffers
-      lu.put(su, lp);
-      ld.put(sd, lp);
-      StepLoad<T, WP> l0, l1;
+      lu.put(su, lane);
+      ld.put(sd, lane);
+      StepLoad<T, WP, P> l0, l1;
       if (!rec) {
         if (gated) l0.template load<kCols>(p.z, b, c0, t, lp);
         l1.template load<kCols>(ga.dout, b, c0, t, lp);
@@ -321,70 +435,70 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
       __syncwarp();
       if (e < 2 * (n - 1)) {
         const int s1 = e + 1 < n - 1 ? e + 1 : 2 * (n - 1) - (e + 1);
-        bc_next = load_ud(t0 + s1);
+        load_ud(t0 + s1);
       } else if (seg > 0) {
-        bc_next = load_ud((seg - 1) * kSeg);
+        load_ud((seg - 1) * kSeg);
       }
+      // Forward of the step again: a and the in-lane chain ch (mode R: G, mode C: h) of every cell;
+      // c: the carry entering the step, then (recompute entries) the one leaving it.
+      float a[WP], ch[WP], c[WP];
+#pragma unroll
+      for (int kk = 0; kk < WP; ++kk) c[kk] = cs[(s * WP + kk) * 32 + lane];
+      const float chain0 = step_cells<WP, P, kCols>(a, ch, c, su, sd, lane, pi, p, cc, K, bc, [](int, float) {});
       if (rec) {
-        float c[WP];
 #pragma unroll
-        for (int k = 0; k < WP; ++k) c[k] = cs[(s * WP + k) * 32 + lane];
-        step_forward<WP, kCols>(c, su, sd, lane, p, cc, K, bc, [](int, float, float) {});
-#pragma unroll
-        for (int k = 0; k < WP; ++k) cs[((s + 1) * WP + k) * 32 + lane] = c[k];
+        for (int kk = 0; kk < WP; ++kk) cs[((s + 1) * WP + kk) * 32 + lane] = c[kk];
         continue;
       }
-      const float* cin = cs + s * WP * 32 + lane;  // carry entering this step, k at cin[k * 32]
-    // Forward of the step again: a, x, G and h of every k.
-      // ch: the in-lane chain (mode R: G, mode C: h), as the forward computed it.
-      float a[WP], ch[WP];
-      {
-        float chain = 0.f;
-#pragma unroll
-        for (int k = 0; k < WP; ++k) {
-          const float u = su[lane * SW + k];
-          const float dt = k < K ? dt_of(p, sd[lane * SW + k], cc.bias) : 0.f;
-          a[k] = ex2_fast(dt * cc.A2);
-          const float x = dt * __shfl_sync(kFull, bc, k) * u;
-          chain = fmaf(a[k], chain, kCols ? fmaf(a[k], cin[k * 32], x) : x);
-          ch[k] = chain;
-        }
-      }
-      if (gated) l0.put(sz, lp);
-      l1.put(so, lp);
+      const float* cin = cs + s * WP * 32 + lane;  // carry entering this step, cell kk at cin[kk * 32]
+      if (gated) l0.put(sz, lane);
+      l1.put(so, lane);
       __syncwarp();
-      // Reverse: k from the last valid cell down; padded cells have dout = 0 and lam = 0.
-      float lamk = 0.f;  // the in-lane adjoint entering from k + 1
-#pragma unroll
-      for (int k = WP - 1; k >= 0; --k) {
-        const float anext = k + 1 < WP && k + 1 < K ? a[k + 1] : 0.f;
-        const float go = so[lane * SW + k];
-        float dy = go, zv = 0.f, sig = 0.f;
+      // The in-lane adjoint runs along k in reverse: lam[kk] = an[kk] * lam[kk + 1] + w[kk], with
+      // an the a of the next cell (0 past the last valid one) and w what enters at the cell (mode R:
+      // lamV, mode C: dy * C). Across the channel's lanes it is joined like the forward chain.
+      const float a_right = P > 1 ? __shfl_down_sync(kFull, a[0], 1, P) : 0.f;  // the next lane's first a
+      struct CellIn {
+        float w, an, dy, sig;
+      };
+      auto prep = [&](int kk) {
+        CellIn ci;
+        const int cell = pi * WP + kk;
+        ci.an = cell + 1 >= K ? 0.f : kk + 1 < WP ? a[kk + 1 < WP ? kk + 1 : kk] : (pi + 1 < P ? a_right : 0.f);
+        const float go = so[lane * SW + kk];
+        ci.dy = go;
+        ci.sig = 0.f;
         if (gated) {
-          zv = sz[lane * SW + k];
-          sig = sigmoid_fast(zv);
-          dy = go * zv * sig;
+          const float zv = sz[lane * SW + kk];
+          ci.sig = sigmoid_fast(zv);
+          ci.dy = go * zv * ci.sig;
         }
-        const float Bk = __shfl_sync(kFull, bc, k), Ck = __shfl_sync(kFull, bc, WP + k);
+        const float dyC = ci.dy * bc.C(kk, pi);
+        ci.w = kCols ? dyC : fmaf(ac[kk], lamc[kk], dyC);
+        return ci;
+      };
+      auto body = [&](int kk, float lamk, const CellIn& ci) {
+        const int cell = pi * WP + kk;
         float lamV, lamH;
         if (kCols) {
-          lamV = fmaf(anext, lamk, dy * Ck);
-          lamk = lamV;
-          lamH = fmaf(ac[k], lamc[k], lamV);
-          lamc[k] = lamH;
+          lamV = lamk;
+          lamH = fmaf(ac[kk], lamc[kk], lamV);
+          lamc[kk] = lamH;
         } else {
-          lamV = fmaf(ac[k], lamc[k], dy * Ck);
-          lamc[k] = lamV;
-          lamH = fmaf(anext, lamk, lamV);
-          lamk = lamH;
+          lamV = ci.w;
+          lamc[kk] = lamV;
+          lamH = lamk;
         }
-        const float u = su[lane * SW + k];
-        const float v = sd[lane * SW + k] + cc.bias;
-        const float dt = k < K ? (p.softplus ? softplus_fast(v) : v) : 0.f;  // as above, recomputed
+        const float dy = ci.dy;
+        const float Bk = bc.B(kk, pi), Ck = bc.C(kk, pi);
+        const float u = su[lane * SW + kk];
+        const float v = sd[lane * SW + kk] + cc.bias;
+        const float dt = cell < K ? (p.softplus ? softplus_fast(v) : v) : 0.f;  // as above, recomputed
         // h - G = a * (h before along the vertical), G - x = a * (G before along the horizontal):
-        // the carried one from c, the in-lane one from the chain.
-        const float carried = a[k] * cin[k * 32], along = k > 0 ? a[k] * ch[k - 1] : 0.f;
-        const float h = kCols ? ch[k] : ch[k] + carried;
+        // the carried one from c, the in-lane one from the chain (for a lane's first cell, the chain
+        // entering it).
+        const float carried = a[kk] * cin[kk * 32], along = a[kk] * (kk > 0 ? ch[kk > 0 ? kk - 1 : 0] : chain0);
+        const float h = kCols ? ch[kk] : ch[kk] + carried;
         const float hmG = kCols ? along : carried, gmx = kCols ? carried : along;
         const float q = fmaf(lamV, hmG, lamH * gmx);
         const float ddt = fmaf(q, cc.A, lamH * Bk * u);
@@ -394,51 +508,88 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
         dD = fmaf(dy, u, dD);
         float dd = ddt;
         if (p.softplus) dd = v > 20.f ? ddt : ddt * sigmoid_fast(v);
-        if (k < K) dbias += dd;
-        su[lane * SW + k] = du;
-        sd[lane * SW + k] = dd;
+        if (cell < K) dbias += dd;
+        su[lane * SW + kk] = du;
+        sd[lane * SW + kk] = dd;
         if (gated) {
+          const float zv = sz[lane * SW + kk];
           const float y = fmaf(cc.Dd, u, Ck * h);
-          sz[lane * SW + k] = go * y * sig * (1.f + zv * (1.f - sig));
+          sz[lane * SW + kk] = so[lane * SW + kk] * y * ci.sig * (1.f + zv * (1.f - ci.sig));
         }
-        so[lane * SW + k] = dBk;
-        sc[lane * SW + k] = dCk;
+        so[lane * SW + kk] = dBk;
+        sc[lane * SW + kk] = dCk;
+      };
+      if constexpr (P == 1) {  // one pass: nothing enters from other lanes
+        float lamk = 0.f;
+#pragma unroll
+        for (int kk = WP - 1; kk >= 0; --kk) {
+          const CellIn ci = prep(kk);
+          lamk = fmaf(ci.an, lamk, ci.w);
+          body(kk, lamk, ci);
+        }
+      } else {
+        CellIn cells[WP];
+        float Ar = 1.f, Lr = 0.f;  // the lane's summary of the reverse chain
+#pragma unroll
+        for (int kk = WP - 1; kk >= 0; --kk) {
+          cells[kk] = prep(kk);
+          Lr = fmaf(cells[kk].an, Lr, cells[kk].w);
+          Ar *= cells[kk].an;
+        }
+        float lamk = chain_in_rev<P>(Ar, Lr, pi);
+#pragma unroll
+        for (int kk = WP - 1; kk >= 0; --kk) {
+          lamk = fmaf(cells[kk].an, lamk, cells[kk].w);
+          body(kk, lamk, cells[kk]);
+        }
       }
 #pragma unroll
       for (int k = 0; k < WP; ++k) ac[k] = a[k];
       __syncwarp();
-      if (ga.du.defined()) store_step<T, WP, kCols>(su, SW, ga.du, b, c0, t, lp);
-      if (ga.ddelta.defined()) store_step<T, WP, kCols>(sd, SW, ga.ddelta, b, c0, t, lp);
-      if (gated && ga.dz.defined()) store_step<T, WP, kCols>(sz, SW, ga.dz, b, c0, t, lp);
+      if (ga.du.defined()) store_step<T, WP, P, kCols>(su, SW, ga.du, b, c0, t, lp, lane);
+      if (ga.ddelta.defined()) store_step<T, WP, P, kCols>(sd, SW, ga.ddelta, b, c0, t, lp, lane);
+      if (gated && ga.dz.defined()) store_step<T, WP, P, kCols>(sz, SW, ga.dz, b, c0, t, lp, lane);
       if (kDet) {
         // Per-channel partials (b, d - d_begin, 0, i, j), float32.
         Grid gB = ga.dB, gC = ga.dC;
         if (gB.defined()) {
           gB.data = static_cast<float*>(gB.data) - lo * gB.sc;  // index by absolute channel
-          store_step<float, WP, kCols>(so, SW, gB, b, c0, t, lp);
+          store_step<float, WP, P, kCols>(so, SW, gB, b, c0, t, lp, lane);
         }
         if (gC.defined()) {
           gC.data = static_cast<float*>(gC.data) - lo * gC.sc;
-          store_step<float, WP, kCols>(sc, SW, gC, b, c0, t, lp);
+          store_step<float, WP, P, kCols>(sc, SW, gC, b, c0, t, lp, lane);
         }
-      } else if (lane < 2 * WP && lane % WP < K) {
-        // Sum over the warp's channels in channel order, one atomic per cell.
-        const bool isC = lane >= WP;
-        const float* col = (isC ? sc : so) + lane % WP;
-        float part[4] = {0.f, 0.f, 0.f, 0.f};  // four chains in a fixed order: less latency, same result every call
+      } else {
+        // Sum over the warp's channels in channel order, one atomic per cell: value v = 32 j + lane
+        // is dB (v < KT) or dC of cell v % KT, so consecutive lanes add to consecutive cells.
 #pragma unroll
-        for (int i = 0; i < 32; ++i) part[i & 3] += col[i * SW];
-        const float sum = (part[0] + part[1]) + (part[2] + part[3]);
-        const Grid& gg = isC ? ga.dC : ga.dB;
-        if (gg.defined()) {
-          const int64_t k = lane % WP;
-          float* base = static_cast<float*>(gg.data) + b * gg.sb + g * gg.sc;
-          atomicAdd(base + t * step_stride<kCols>(gg) + k * inner_stride<kCols>(gg), sum);
+        for (int j = 0; j < (2 * KT + 31) / 32; ++j) {
+          const int v = j * 32 + lane, cell = v % KT;
+          if (v >= 2 * KT || cell >= K) continue;
+          const bool isC = v >= KT;
+          const float* col = (isC ? sc : so) + (cell / WP) * SW + cell % WP;
+          float part[4] = {0.f, 0.f, 0.f, 0.f};  // four chains in a fixed order: less latency, same result every call
+#pragma unroll
+          for (int i = 0; i < CW; ++i) part[i & 3] += col[i * P * SW];
+          const float sum = (part[0] + part[1]) + (part[2] + part[3]);
+          const Grid& gg = isC ? ga.dC : ga.dB;
+          if (gg.defined()) {
+            float* base = static_cast<float*>(gg.data) + b * gg.sb + g * gg.sc;
+            atomicAdd(base + t * step_stride<kCols>(gg) + cell * inner_stride<kCols>(gg), sum);
+          }
         }
       }
     }
   }
-  if (active) {
+  // A channel's sums are spread over its P lanes.
+#pragma unroll
+  for (int off = P / 2; off > 0; off >>= 1) {
+    dA += __shfl_xor_sync(kFull, dA, off);
+    dD += __shfl_xor_sync(kFull, dD, off);
+    dbias += __shfl_xor_sync(kFull, dbias, off);
+  }
+  if (active && pi == 0) {
     if (ga.dA_part) static_cast<float*>(ga.dA_part)[b * D + d] = dA;
     if (ga.dD_part) static_cast<float*>(ga.dD_part)[b * D + d] = dD;
     if (ga.ddelta_bias_part) static_cast<float*>(ga.ddelta_bias_part)[b * D + d] = dbias;
@@ -453,12 +604,19 @@ bool chan_cols(const Scan2dProblem& p) {
   return std::llabs(p.u.si) < std::llabs(p.u.sj);
 }
 
+// (cells per lane, lanes per channel) for the short side: 8 x 1, 16 x 1, 8 x 4 (up to 32), 8 x 8.
 template <typename F>
 void with_shape(const Scan2dProblem& p, F&& f) {
+  using std::integral_constant;
   const bool cols = chan_cols(p);
   const int64_t K = cols ? p.height : p.width;
-  if (K <= 8) cols ? f(std::integral_constant<int, 8>{}, std::true_type{}) : f(std::integral_constant<int, 8>{}, std::false_type{});
-  else cols ? f(std::integral_constant<int, 16>{}, std::true_type{}) : f(std::integral_constant<int, 16>{}, std::false_type{});
+  auto go = [&](auto wp, auto lanes) {
+    cols ? f(wp, lanes, std::true_type{}) : f(wp, lanes, std::false_type{});
+  };
+  if (K <= 8) go(integral_constant<int, 8>{}, integral_constant<int, 1>{});
+  else if (K <= 16) go(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+  else if (K <= 32) go(integral_constant<int, 8>{}, integral_constant<int, 4>{});
+  else go(integral_constant<int, 8>{}, integral_constant<int, 8>{});
 }
 
 }  // namespace
@@ -470,15 +628,16 @@ bool scan2d_chan_fit(const Scan2dProblem& p) {
 void scan2d_chan_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
-  const unsigned blocks = static_cast<unsigned>((p.dim + 32 * kWarps - 1) / (32 * kWarps));
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    with_shape(p, [&](auto wp, auto cols) {
+    with_shape(p, [&](auto wp, auto lanes, auto cols) {
+      constexpr int WP = decltype(wp)::value, P = decltype(lanes)::value;
+      constexpr bool C = decltype(cols)::value;
+      constexpr int64_t per_block = Layout<WP, P>::CW * kWarps;
+      const unsigned blocks = static_cast<unsigned>((p.dim + per_block - 1) / per_block);
       for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
         dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-        constexpr int WP = decltype(wp)::value;
-        constexpr bool C = decltype(cols)::value;
-        scan2d_chan_fwd_kernel<T, WP, C><<<grid, kWarps * 32, 0, stream>>>(p, o, b0);
+        scan2d_chan_fwd_kernel<T, WP, P, C><<<grid, kWarps * 32, 0, stream>>>(p, o, b0);
         SSM2D_CUDA_CHECK_LAUNCH("scan2d_chan_fwd_kernel");
       }
     });
@@ -490,14 +649,15 @@ void scan2d_chan_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
     throw ArgumentError("scan2d_backward: carries are required on CUDA");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
-  const int64_t warps = (a.d_end + 31) / 32 - a.d_begin / 32;
-  const unsigned blocks = static_cast<unsigned>((warps + kWarps - 1) / kWarps);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    with_shape(p, [&](auto wp, auto cols) {
-      constexpr int WP = decltype(wp)::value;
+    with_shape(p, [&](auto wp, auto lanes, auto cols) {
+      constexpr int WP = decltype(wp)::value, P = decltype(lanes)::value;
       constexpr bool C = decltype(cols)::value;
-      auto kernel = a.deterministic ? scan2d_chan_bwd_kernel<T, WP, C, true> : scan2d_chan_bwd_kernel<T, WP, C, false>;
+      constexpr int64_t CW = Layout<WP, P>::CW;
+      const int64_t warps = (a.d_end + CW - 1) / CW - a.d_begin / CW;
+      const unsigned blocks = static_cast<unsigned>((warps + kWarps - 1) / kWarps);
+      auto kernel = a.deterministic ? scan2d_chan_bwd_kernel<T, WP, P, C, true> : scan2d_chan_bwd_kernel<T, WP, P, C, false>;
       const int smem = kWarps * kBwdWarpFloats<WP> * static_cast<int>(sizeof(float));
       SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
       for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {

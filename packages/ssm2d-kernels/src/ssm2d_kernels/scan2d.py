@@ -15,7 +15,7 @@ onto pointers and strides, never copied.
 Memory: the forward writes only ``out`` (and ``y``, the pre-gate output, when the backward of a gate
 needs it: the tiled kernels on CUDA, ``_C.scan2d_backward_needs_y(dim, groups, dstate)``). On CUDA
 it also saves ``scan2d_carry_floats(...)`` float32 values, from which the backward recomputes the
-states: with N == 1 on a grid of at most 16 x 64 cells and enough channels (chan kernels,
+states: with N == 1 on a grid of at most 64 x 64 cells and enough channels (chan kernels,
 ``_C.scan2d_chan_fit``) the carry entering every 4th step of the walk along the long side (1/4 of
 u's elements; the buffer is sized for the larger of this and the band layout); with N < 8 (band
 kernels) the state h of every 16th row (N/16 of u's elements, none when the scanned H <= 16); with

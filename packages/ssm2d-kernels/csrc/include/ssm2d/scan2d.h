@@ -69,22 +69,31 @@ inline int64_t scan2d_lanes_carry_floats(int64_t batch, int64_t dim, int64_t hei
   return scan2d_lanes_gin_floats(batch, dim, height, width) + batch * ((width + 15) / 16) * (segments - 1) * dim * 256;
 }
 
-// N == 1 on a grid with a side of at most kScan2dChanMaxInner cells and the other of at most
-// kScan2dChanMaxSteps: a lane per (batch, channel) holds the short side in registers and walks the
-// long one (scan2d_chan.cu). A warp's walk is serial, so long grids stay with the band kernels
-// (their bands split the rows); and it needs the 32 channels of a warp in one group and enough of
-// them to fill the GPU: batch * ceil(dim / 32) warps at least kScan2dChanMinWarps.
-constexpr int64_t kScan2dChanMaxInner = 16;
+// N == 1 on a grid with both sides of at most 64 cells: lanes of a warp hold the scanned grid's
+// short side in registers (one lane per channel up to 16 cells, 4 lanes of 8 cells up to 32, 8 lanes
+// of 8 cells up to 64) and walk the long one (scan2d_chan.cu). A warp's walk is serial, so long grids
+// stay with the band kernels (their bands split the rows); and it needs the channels of a warp in one
+// group (G == 1 or channels per group a multiple of 32) and enough warps to fill the GPU: at least
+// kScan2dChanMinWarps, counted for the walk with the fewer lanes per channel.
+constexpr int64_t kScan2dChanMaxInner = 64;
 constexpr int64_t kScan2dChanMaxSteps = 64;
 constexpr int64_t kScan2dChanSegment = 4;  // steps between the carries the chan forward saves
 constexpr int64_t kScan2dChanMinWarps = 264;
 inline bool scan2d_chan_shape(int64_t steps, int64_t inner) {
   return inner <= kScan2dChanMaxInner && steps <= kScan2dChanMaxSteps;
 }
+// Lanes per channel for a short side of `inner` cells (the chan kernels' register widths).
+inline int64_t scan2d_chan_lanes(int64_t inner) { return inner <= 16 ? 1 : inner <= 32 ? 4 : 8; }
 inline bool scan2d_chan_fit(int64_t batch, int64_t dim, int64_t groups, int64_t dstate, int64_t height,
                             int64_t width) {
-  return dstate == 1 && height >= 2 && (scan2d_chan_shape(height, width) || scan2d_chan_shape(width, height)) &&
-         groups > 0 && (groups == 1 || (dim / groups) % 32 == 0) && batch * ((dim + 31) / 32) >= kScan2dChanMinWarps;
+  if (dstate != 1 || height < 2 || groups <= 0 || (groups != 1 && (dim / groups) % 32 != 0)) return false;
+  const bool rows = scan2d_chan_shape(height, width), cols = scan2d_chan_shape(width, height);
+  if (!rows && !cols) return false;
+  int64_t lanes = 8;
+  if (rows) lanes = scan2d_chan_lanes(width);
+  if (cols && scan2d_chan_lanes(height) < lanes) lanes = scan2d_chan_lanes(height);
+  const int64_t per_warp = 32 / lanes;  // channels per warp
+  return batch * ((dim + per_warp - 1) / per_warp) >= kScan2dChanMinWarps;
 }
 // The chan kernels' carries: the carry entering every kScan2dChanSegment-th step of the walk along
 // the long side, per (batch, segment >= 1, cell of the short side, channel): at most u's element
@@ -99,8 +108,8 @@ inline int64_t scan2d_chan_carry_floats(int64_t batch, int64_t dim, int64_t heig
 
 // Floats the CUDA forward saves for the backward. Band kernels: h every kScan2dSegment rows,
 // batch*dim*N*(ceil(H/kScan2dSegment) - 1)*W (N/16 of u's element count; none when H <= 16); a
-// 1-row grid with N == 1 instead keeps the G entering each band, batch*dim*bands; with N == 1 and a
-// side of at most 16 cells, the larger of that and the chan kernels' layout (scan2d_chan_carry_floats).
+// 1-row grid with N == 1 instead keeps the G entering each band, batch*dim*bands; with N == 1 and
+// both sides of at most 64 cells, the larger of that and the chan kernels' layout (scan2d_chan_carry_floats).
 // Tiled kernels: the G and h carries of every 32x32 tile, batch*dim*N*tiles*64.
 // Lanes kernels (8 <= N <= 16): the larger of their layout and the tiled one (which of the two runs
 // depends on the groups).

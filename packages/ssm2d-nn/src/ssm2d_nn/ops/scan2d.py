@@ -50,7 +50,7 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     nothing (no carries, no pre-gate output).
 
     Memory (kernel backend): the output, plus for the backward, on CUDA: with N == 1 on a grid of at
-    most 16 x 64 cells (chan kernels: a lane per channel) a quarter of u's element count in
+    most 64 x 64 cells (chan kernels: the short side in a channel's lanes) a quarter of u's element count in
     float32 (the buffer holds the larger of this and the band kernels' layout); with N < 8 (band kernels)
     the state of every 16th row (N/16 times u's element count in float32, none when the scanned
     H <= 16) and, transiently, for grids wider than one band (up to 128 columns), band summaries of
