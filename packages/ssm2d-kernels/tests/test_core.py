@@ -106,8 +106,8 @@ def test_scan2d_kernel_family_rule():
 
 def test_scan2d_chan_rule_and_carry_size():
     # Chan kernels: N == 1, both scanned sides of at most 64 cells, H >= 2, channels per group a
-    # multiple of 32 (or one group), and at least 264 warps, a warp holding 32, 8 or 4 channels for a
-    # short side of at most 16, 32 or 64 cells (counted for the walk with more channels per warp).
+    # multiple of 32 (or one group), and at least 264 warps, a warp holding 32, 16, 8 or 4 channels
+    # for a short side of at most 8, 16, 32 or 64 cells (counted for the walk with more channels per warp).
     # Their carries (every 4th step of the walk along the long side) fit in the buffer the caller
     # sizes by shape.
     from ssm2d_kernels import _C
@@ -122,7 +122,7 @@ def test_scan2d_chan_rule_and_carry_size():
             return inner <= 64 and steps <= 64
 
         def per_warp(inner):
-            return 32 if inner <= 16 else 8 if inner <= 32 else 4
+            return 32 if inner <= 8 else 16 if inner <= 16 else 8 if inner <= 32 else 4
 
         walks = [inner for steps, inner in ((h, w), (w, h)) if shape(steps, inner)]
         fit = (n == 1 and h >= 2 and bool(walks) and (g == 1 or (dim // g) % 32 == 0)

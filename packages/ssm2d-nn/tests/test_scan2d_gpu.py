@@ -117,8 +117,8 @@ def test_lanes_forward_many_blocks(groups):
 
 
 # The chan kernels (N == 1, both scanned sides of at most 64 cells, warps of channels in one group,
-# enough warps): lanes of a channel hold the short side (one lane up to 16 cells, 4 lanes of 8 up to
-# 32, 8 lanes of 8 up to 64, the chains joined across them) and walk the long side. Both walks (the
+# enough warps): lanes of a channel hold the short side (8 cells per lane: one lane up to 8 cells, 2
+# up to 16, 4 up to 32, 8 up to 64, the chains joined across them) and walk the long side. Both walks (the
 # scanned rows short, or the scanned columns short, as columns-first routes read in place give),
 # every origin, segments of 4 steps around their ends, every register layout and the cells past the
 # short side's end in the last lane, partial last warps (dim not a multiple of 32 with one group).

@@ -4,7 +4,8 @@
 // Why. At 2DVMamba's stages (N = 1, 56x56 down to 7x7 grids, B = 64, hundreds of channels) a block
 // per (batch, channel, column band) with a lane per column pays a warp scan (shuffles) and barriers
 // per row and leaves lanes idle on narrow grids. Here the P lanes l of a warp with l / P = c own
-// channel d0 + c of one batch item (P = 1 up to 16 cells of short side, 4 up to 32, 8 up to 64):
+// channel d0 + c of one batch item (P = 1 up to 8 cells of short side, 2 up to 16, 4 up to 32, 8 up
+// to 64):
 //   * the grid is walked along its long side ("outer" steps t), the short side ("inner" cells k < K)
 //     held in registers, WP consecutive cells per lane;
 //   * one of the two recurrences runs along k inside the lanes (a chain of FMAs; with P > 1 each lane
@@ -604,7 +605,7 @@ bool chan_cols(const Scan2dProblem& p) {
   return std::llabs(p.u.si) < std::llabs(p.u.sj);
 }
 
-// (cells per lane, lanes per channel) for the short side: 8 x 1, 16 x 1, 8 x 4 (up to 32), 8 x 8.
+// (cells per lane, lanes per channel) for the short side: 8 x 1, 8 x 2 (up to 16), 8 x 4 (up to 32), 8 x 8.
 template <typename F>
 void with_shape(const Scan2dProblem& p, F&& f) {
   using std::integral_constant;
@@ -614,7 +615,7 @@ void with_shape(const Scan2dProblem& p, F&& f) {
     cols ? f(wp, lanes, std::true_type{}) : f(wp, lanes, std::false_type{});
   };
   if (K <= 8) go(integral_constant<int, 8>{}, integral_constant<int, 1>{});
-  else if (K <= 16) go(integral_constant<int, 16>{}, integral_constant<int, 1>{});
+  else if (K <= 16) go(integral_constant<int, 8>{}, integral_constant<int, 2>{});
   else if (K <= 32) go(integral_constant<int, 8>{}, integral_constant<int, 4>{});
   else go(integral_constant<int, 8>{}, integral_constant<int, 8>{});
 }

@@ -70,8 +70,8 @@ inline int64_t scan2d_lanes_carry_floats(int64_t batch, int64_t dim, int64_t hei
 }
 
 // N == 1 on a grid with both sides of at most 64 cells: lanes of a warp hold the scanned grid's
-// short side in registers (one lane per channel up to 16 cells, 4 lanes of 8 cells up to 32, 8 lanes
-// of 8 cells up to 64) and walk the long one (scan2d_chan.cu). A warp's walk is serial, so long grids
+// short side in registers, 8 cells per lane (one lane per channel up to 8 cells, 2 up to 16, 4 up
+// to 32, 8 up to 64) and walk the long one (scan2d_chan.cu). A warp's walk is serial, so long grids
 // stay with the band kernels (their bands split the rows); and it needs the channels of a warp in one
 // group (G == 1 or channels per group a multiple of 32) and enough warps to fill the GPU: at least
 // kScan2dChanMinWarps, counted for the walk with the fewer lanes per channel.
@@ -83,7 +83,7 @@ inline bool scan2d_chan_shape(int64_t steps, int64_t inner) {
   return inner <= kScan2dChanMaxInner && steps <= kScan2dChanMaxSteps;
 }
 // Lanes per channel for a short side of `inner` cells (the chan kernels' register widths).
-inline int64_t scan2d_chan_lanes(int64_t inner) { return inner <= 16 ? 1 : inner <= 32 ? 4 : 8; }
+inline int64_t scan2d_chan_lanes(int64_t inner) { return inner <= 8 ? 1 : inner <= 16 ? 2 : inner <= 32 ? 4 : 8; }
 inline bool scan2d_chan_fit(int64_t batch, int64_t dim, int64_t groups, int64_t dstate, int64_t height,
                             int64_t width) {
   if (dstate != 1 || height < 2 || groups <= 0 || (groups != 1 && (dim / groups) % 32 != 0)) return false;
