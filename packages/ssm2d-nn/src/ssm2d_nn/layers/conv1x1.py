@@ -9,7 +9,7 @@ time bounds the step. Here the product runs on a free view of the input instead:
 * channels-last input (B, C, H, W) with strides of (B, H, W, C): ``F.linear`` on the (B, H, W, C)
   view, one GEMM over B*H*W rows; the result is channels-last like the input;
 * any other input: a batched product ``W @ x`` on the (B, C, H*W) view (made contiguous first if it
-  is not); the result is contiguous (NCHW).
+  is not), the weight broadcast over B; the result is contiguous (NCHW).
 
 The parameters, their names, shapes ((out, in, 1, 1)) and state-dict keys are those of
 ``nn.Conv2d``, so checkpoints and code that reads ``.weight`` are unchanged. Grouped 1x1 products
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Conv1x1", "Mlp1x1", "conv1x1", "grouped_1x1", "block_diagonal"]
+__all__ = ["Conv1x1", "Mlp1x1", "batched_gemm", "block_diagonal", "conv1x1", "grouped_1x1"]
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -62,12 +62,33 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         # (B, H, W, C) is a free view; linear's result (B, H, W, C_out) is contiguous, i.e. the
         # permuted-back output is channels-last.
         return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
-    x3 = x.reshape(b, c, h * w)
+    return batched_gemm(weight, x.reshape(b, c, h * w), bias).view(b, weight.shape[0], h, w)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a matrix product of x runs in: autocast's when it is on for x's device, else x's."""
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def batched_gemm(weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``weight @ x[i] (+ bias[:, None])`` for every i: (M, K) and (B, K, L) -> (B, M, L), contiguous.
+
+    One batched GEMM with the weight broadcast over the batch (batch stride 0, no copy). Not
+    ``torch.matmul``: for a 2D @ 3D product it folds the batch into the rows of x's transpose,
+    which copies x (and the output back) whenever x is not already (B, L, K)-contiguous. The weight is
+    cast before it is broadcast: autocast would otherwise cast the broadcast (B, M, K) tensor, i.e.
+    materialise B copies of it.
+    """
+    dt = _compute_dtype(x)
+    weight = weight.to(dt)
+    x = x.to(dt)
+    wb = weight.expand(x.shape[0], -1, -1)
     if bias is None:
-        y = torch.matmul(weight, x3)  # the 2D weight broadcasts over B without a copy (batch stride 0)
-    else:
-        y = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1), x3)
-    return y.view(b, weight.shape[0], h, w)
+        return torch.bmm(wb, x)
+    return torch.baddbmm(bias.to(dt).view(1, -1, 1), wb, x)
 
 
 class Conv1x1(nn.Conv2d):
@@ -145,7 +166,7 @@ def grouped_1x1(x: Tensor, weight: Tensor) -> Tensor:
         raise ValueError(f"grouped_1x1: x must have shape (B, {g * k}, L) for weight {tuple(weight.shape)}, "
                          f"got {tuple(x.shape)}")
     w2 = weight.view(m, k) if g == 1 else block_diagonal(weight)
-    return torch.matmul(w2, x.reshape(b, g * k, L))
+    return batched_gemm(w2, x.reshape(b, g * k, L))
 
 
 class Mlp1x1(nn.Module):

@@ -140,7 +140,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, determ
 def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], y: Optional[Tensor],
                   carries: Optional[Tensor], delta_softplus: bool, deterministic: bool) -> tuple:
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); empty for absent D, z, delta_bias. dA, dD and
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent D, z, delta_bias. dA, dD and
     ddelta_bias are views of one tensor, and so are dB and dC."""
     acc = A.dtype
     b, d, h, w = u.shape
@@ -183,8 +183,7 @@ def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor,
         dA = dA_part.sum(0)
         dD, dbias = parts[b * d * n:].view(2, b, d).sum(1).unbind(0)
     dB, dC = dBC.to(B.dtype).unbind(0)  # B and C have u's dtype (checked)
-    return (du, ddelta, dA, dB, dC, dD if D is not None else _empty(u, acc), _empty(u) if dz is None else dz,
-            dbias if delta_bias is not None else _empty(u, acc))
+    return du, ddelta, dA, dB, dC, dD if D is not None else None, dz, dbias if delta_bias is not None else None
 
 
 @torch.library.custom_op("ssm2d::scan2d_bwd", mutates_args=())
@@ -198,8 +197,11 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
                                                           y if y.numel() else None, carries if u.is_cuda else None,
                                                           delta_softplus, deterministic)
     # A custom op's outputs may not share storage; _run_backward's dA / dD / ddelta_bias and dB / dC
-    # are views of one buffer each (the eager path keeps them so, this traced path copies them).
-    return du, ddelta, dA, dB, dC.clone(), dD.clone(), dz, dbias.clone()
+    # are views of one buffer each (the eager path keeps them so, this traced path copies them). Its
+    # schema has no optional outputs: empty tensors stand for the absent ones.
+    acc = A.dtype
+    return (du, ddelta, dA, dB, dC.clone(), _empty(u, acc) if dD is None else dD.clone(),
+            _empty(u) if dz is None else dz, _empty(u, acc) if dbias is None else dbias.clone())
 
 
 @scan2d_bwd.register_fake
@@ -230,8 +232,7 @@ class _Scan2dFunction(torch.autograd.Function):
         softplus, deterministic = ctx.flags
         du, ddelta, dA, dB, dC, dD, dz, dbias = _run_backward(ctx.frame, dout, u, delta, A, B, C, D, z, delta_bias,
                                                               y, carries, softplus, deterministic)
-        return (None, None, None, du, ddelta, dA, dB, dC, dD if D is not None else None,
-                dz if z is not None else None, dbias if delta_bias is not None else None)
+        return None, None, None, du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
 def _setup_context(ctx, inputs, output):

@@ -154,7 +154,7 @@ def _bn_shape(t: Tensor, groups_axis: int) -> tuple:
 
 
 def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) -> tuple:
-    """(du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD); dD empty when D is None. Views of one tensor each:
+    """(du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD); dD None when D is None. Views of one tensor each:
     (du, ddT, ddL), (dAT, dAL; with N = 1 dD too), (dBT, dBL, dC)."""
     u, dT, dL, AT, AL, BT, BL, C, D = args
     acc = AT.dtype
@@ -198,7 +198,7 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
     else:
         dAT, dAL = parts[: 2 * b * e * n].view(2, b, e, n).sum(1).unbind(0)
         dD = dD_part.sum(0)
-    return du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD if D is not None else u.new_empty(0, dtype=acc)
+    return du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD if D is not None else None
 
 
 @torch.library.custom_op("ssm2d::wavefront2d_bwd", mutates_args=())
@@ -210,7 +210,9 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
     du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD = _run_backward(_frame(args, origin), dout, args, deterministic)
     # A custom op's outputs may not share storage; _run_backward returns views of one buffer for
     # (du, ddT, ddL), (dAT, dAL[, dD]) and (dBT, dBL, dC) (the eager path keeps them so).
-    return du, ddT.clone(), ddL.clone(), dAT, dAL.clone(), dBT, dBL.clone(), dC.clone(), dD.clone()
+    # dD: an empty tensor when D is None (the schema has no optional outputs).
+    return (du, ddT.clone(), ddL.clone(), dAT, dAL.clone(), dBT, dBL.clone(), dC.clone(),
+            u.new_empty(0, dtype=AT.dtype) if dD is None else dD.clone())
 
 
 @wavefront2d_bwd.register_fake
