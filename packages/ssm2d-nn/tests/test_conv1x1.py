@@ -107,8 +107,10 @@ def test_conv1x1_bad_arguments_raise():
         Conv1x1(4, 4, groups=2)
     with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
         Conv1x1(4, 5)(torch.randn(2, 3, 4, 4))
-    with pytest.raises(ValueError, match="channels"):
+    with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
         conv1x1(torch.randn(2, 3, 4, 4), torch.randn(5, 4, 1, 1))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        conv1x1(torch.randn(2, 3, 4), torch.randn(5, 3, 1, 1))
     with pytest.raises(ValueError, match=r"\(C_out, C_in, 1, 1\)"):
         conv1x1(torch.randn(2, 3, 4, 4), torch.randn(5, 3, 3, 3))
     with pytest.raises(ValueError, match="bias"):
@@ -170,6 +172,18 @@ def test_mlp1x1_equals_timm_conv_mlp(fmt):
     torch.testing.assert_close(yb.float(), rb.float(), rtol=2e-2, atol=2e-2)
     mlp.train()
     assert isinstance(mlp.drop1, nn.Identity) and isinstance(Mlp1x1(4, drop=0.1).drop1, nn.Dropout)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_conv1x1_is_one_leaf_of_fx_traces(fmt):
+    # timm's FX feature extraction traces the MLP: the shape checks must not become control flow
+    mlp = Mlp1x1(4, 8)
+    gm = torch.fx.symbolic_trace(mlp)
+    assert sum(1 for nd in gm.graph.nodes if nd.op == "call_function" and nd.target is conv1x1) == 2
+    x = _fmt(torch.randn(2, 4, 3, 5), fmt)
+    torch.testing.assert_close(gm(x), mlp(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"\(B, 4, H, W\)"):
+        gm(torch.randn(2, 5, 3, 3))
 
 
 @pytest.mark.parametrize("scan", ["cross1d", "2d"])

@@ -32,8 +32,12 @@ def _is_channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+@torch.fx.wrap
 def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 kernel (stride 1, no padding, groups 1) as a GEMM.
+
+    One leaf call of torch.fx traces (``torch.fx.wrap``): its shape checks and the choice of route
+    run on real tensors when the traced graph runs (timm's FX feature extraction traces the MLPs).
 
     Args:
         x: (B, C_in, H, W), any strides.
@@ -44,8 +48,6 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         (B, C_out, H, W): channels-last when x is channels-last (and not also contiguous), else
         contiguous. Under autocast the product runs in the autocast dtype, as the convolution would.
     """
-    if x.dim() != 4:
-        raise ValueError(f"conv1x1: x must have shape (B, C_in, H, W), got {tuple(x.shape)}")
     if weight.dim() == 4:
         if weight.shape[2:] != (1, 1):
             raise ValueError(f"conv1x1: weight must have shape (C_out, C_in, 1, 1), got {tuple(weight.shape)}")
@@ -53,9 +55,9 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     elif weight.dim() != 2:
         raise ValueError(f"conv1x1: weight must have shape (C_out, C_in, 1, 1) or (C_out, C_in), "
                          f"got {tuple(weight.shape)}")
+    if x.dim() != 4 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"conv1x1: x must have shape (B, {weight.shape[1]}, H, W), got {tuple(x.shape)}")
     b, c, h, w = x.shape
-    if weight.shape[1] != c:
-        raise ValueError(f"conv1x1: x has {c} channels but weight expects {weight.shape[1]}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"conv1x1: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if _is_channels_last(x):
@@ -112,9 +114,7 @@ class Conv1x1(nn.Conv2d):
                          dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"Conv1x1: x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        return conv1x1(x, self.weight, self.bias)
+        return conv1x1(x, self.weight, self.bias)  # checks x's shape
 
 
 _IDENTITIES: dict = {}
