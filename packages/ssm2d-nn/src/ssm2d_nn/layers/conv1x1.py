@@ -6,10 +6,11 @@ transposes around it when the input is not in the layout cuDNN picked, and a con
 of the same cost. For models whose kernels are short (VMamba's 1x1 projections and MLP) that host
 time bounds the step. Here the product runs on a free view of the input instead:
 
-* channels-last input (B, C, H, W) with strides of (B, H, W, C): ``F.linear`` on the (B, H, W, C)
-  view, one GEMM over B*H*W rows; the result is channels-last like the input;
+* channels-last input (B, C, H, W) with strides of (B, H, W, C) (or H = W = 1): ``F.linear`` on the
+  (B, H, W, C) view, one GEMM over B*H*W rows; the result is channels-last like the input;
 * any other input: a batched product ``W @ x`` on the (B, C, H*W) view (made contiguous first if it
-  is not), the weight broadcast over B; the result is contiguous (NCHW).
+  is not), the weight broadcast over B; the result is contiguous (NCHW). Its weight gradient is
+  B per-image (C_out, C_in) products summed (a transient of B * C_out * C_in values).
 
 The parameters, their names, shapes ((out, in, 1, 1)) and state-dict keys are those of
 ``nn.Conv2d``, so checkpoints and code that reads ``.weight`` are unchanged. Grouped 1x1 products
@@ -27,9 +28,13 @@ from torch import Tensor, nn
 __all__ = ["Conv1x1", "Mlp1x1", "batched_gemm", "block_diagonal", "conv1x1", "grouped_1x1"]
 
 
-def _is_channels_last(x: Tensor) -> bool:
-    # A tensor that is both (e.g. H = W = 1) takes the NCHW route: the result is then both too.
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+def _rows_are_channels(x: Tensor) -> bool:
+    """Whether the (B, H, W, C) view of x is contiguous (channels-last strides), i.e. the product is
+    one plain GEMM. With H = W = 1 x is both layouts and so is the result: this route then avoids the
+    batched product, whose weight gradient sums B per-image (C_out, C_in) products."""
+    if x.shape[2] * x.shape[3] == 1:
+        return True
+    return not x.is_contiguous() and x.permute(0, 2, 3, 1).is_contiguous()
 
 
 @torch.fx.wrap
@@ -46,7 +51,8 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
     Returns:
         (B, C_out, H, W): channels-last when x is channels-last (and not also contiguous), else
-        contiguous. Under autocast the product runs in the autocast dtype, as the convolution would.
+        contiguous (with H = W = 1 both). Under autocast the product runs in the autocast dtype, as
+        the convolution would.
     """
     if weight.dim() == 4:
         if weight.shape[2:] != (1, 1):
@@ -60,7 +66,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     b, c, h, w = x.shape
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"conv1x1: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if _is_channels_last(x):
+    if _rows_are_channels(x):
         # (B, H, W, C) is a free view; linear's result (B, H, W, C_out) is contiguous, i.e. the
         # permuted-back output is channels-last.
         return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
