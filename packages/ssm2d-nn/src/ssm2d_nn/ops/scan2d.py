@@ -148,17 +148,17 @@ def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor,
     du, ddelta = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty(u.shape, dtype=u.dtype, device=u.device)
     dz = torch.empty(u.shape, dtype=u.dtype, device=u.device) if z is not None else None
     # The per-batch partials of dA (b, d, n), dD (b, d) and ddelta_bias (b, d) in one buffer, one after
-    # the other (the kernel takes each as a pointer to a contiguous block); every cell is written.
+    # the other; the kernel takes each as a pointer to a contiguous block (passed as pointers: no views
+    # to make). Every cell is written.
     parts = torch.empty(b * d * (n + 2), dtype=acc, device=u.device)
-    dA_part = parts[: b * d * n].view(b, d, n)
-    dD_part, dbias_part = parts[b * d * n:].view(2, b, d).unbind(0)
+    p0, isz = parts.data_ptr(), parts.element_size()
     prob = K.problem(f, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    common = dict(dout=dout, y=y, carries=carries, du=du, ddelta=ddelta, dz=dz, dA_part=dA_part, dD_part=dD_part,
-                  ddelta_bias_part=dbias_part, workspace=K.backward_workspace(f, u))
+    common = dict(dout=dout, y=y, carries=carries, du=du, ddelta=ddelta, dz=dz, dA_part=p0,
+                  dD_part=p0 + b * d * n * isz, ddelta_bias_part=p0 + b * d * (n + 1) * isz,
+                  workspace=K.backward_workspace(f, u))
     # dB and dC in one zeroed buffer (added into: atomics, partials, the CPU kernel), cast once at the
     # end; each half is a fresh contiguous (batch, G, N, H, W) block, the frame's accumulator layout.
     dBC = torch.zeros((2,) + tuple(B.shape), dtype=acc, device=u.device)
-    dB, dC = dBC.unbind(0)
     if deterministic and u.is_cuda:
         # Per-channel partials of dB/dC, summed over each group's channels in a fixed order; chunks of
         # whole groups (or of one group's channels) keep the workspace under the budget.
@@ -174,13 +174,14 @@ def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor,
                        bc_layout=K.layout_of(pB, f.origin, f.order, True), **common)
             add_group_partials(dBC, pBC, d0, per_group, dim=2)
     else:
-        K.backward(f, prob, dB=dB, dC=dC, deterministic=False, d_begin=0, d_end=d, **common)
+        q0 = dBC.data_ptr()
+        K.backward(f, prob, dB=q0, dC=q0 + B.numel() * isz, deterministic=False, d_begin=0, d_end=d, **common)
     if n == 1:
         # dA_part is then (b, d) too: the three partials are one (3, b, d) tensor and one sum.
         dA, dD, dbias = parts.view(3, b, d).sum(1).unbind(0)
         dA = dA.unsqueeze(1)
     else:
-        dA = dA_part.sum(0)
+        dA = parts[: b * d * n].view(b, d, n).sum(0)
         dD, dbias = parts[b * d * n:].view(2, b, d).sum(1).unbind(0)
     dB, dC = dBC.to(B.dtype).unbind(0)  # B and C have u's dtype (checked)
     return du, ddelta, dA, dB, dC, dD if D is not None else None, dz, dbias if delta_bias is not None else None

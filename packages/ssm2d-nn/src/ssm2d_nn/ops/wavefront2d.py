@@ -10,6 +10,7 @@ intercept the call.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -164,17 +165,18 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
     # du, ddT, ddL in one zeroed buffer (the kernel adds into them), cast once at the end; each third
     # is a fresh contiguous block shaped like u, the frame's accumulator layout. The same for dBT, dBL,
     # dC (blocks shaped (batch, H, W, G, N)).
+    # The blocks go to the kernel as data pointers (no views to make).
+    isz = acc.itemsize
     cells = torch.zeros((3,) + tuple(u.shape), dtype=acc, device=u.device)
-    du, ddT, ddL = cells.unbind(0)
-    bn = torch.zeros((3,) + _bn_shape(BT, g), dtype=acc, device=u.device)
-    dB = bn.unbind(0)
+    c0, cstep = cells.data_ptr(), u.numel() * isz
+    bn_shape = _bn_shape(BT, g)
+    bn = torch.zeros((3,) + bn_shape, dtype=acc, device=u.device)
     # The per-batch partials of dAT and dAL (b, e, n) and of dD (b, e) one after the other (the kernel
     # takes each as a pointer to a contiguous block).
     parts = torch.zeros(b * e * (2 * n + 1), dtype=acc, device=u.device)
-    dAT_part, dAL_part = parts[: 2 * b * e * n].view(2, b, e, n).unbind(0)
-    dD_part = parts[2 * b * e * n:].view(b, e)
-    common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_part, dAL_part=dAL_part,
-                  dD_part=dD_part if D is not None else None)
+    p0 = parts.data_ptr()
+    common = dict(du=c0, ddT=c0 + cstep, ddL=c0 + 2 * cstep, dAT_part=p0, dAL_part=p0 + b * e * n * isz,
+                  dD_part=p0 + 2 * b * e * n * isz if D is not None else None)
     if deterministic and u.is_cuda:
         # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
         per_group = e // g
@@ -189,7 +191,8 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
                        e_end=e1, per_channel=True, **common)
             add_group_partials(bn, chunk_parts, e0, per_group, dim=4)
     else:
-        K.backward(f, dout, args, dBT=dB[0], dBL=dB[1], dC=dB[2], **common)
+        b0, bstep = bn.data_ptr(), math.prod(bn_shape) * isz
+        K.backward(f, dout, args, dBT=b0, dBL=b0 + bstep, dC=b0 + 2 * bstep, **common)
     dBT, dBL, dC = (x.view(BT.shape) for x in bn.to(BT.dtype).unbind(0))  # BL and C: BT's shape and dtype
     du, ddT, ddL = cells.to(u.dtype).unbind(0)
     if n == 1:
@@ -197,7 +200,7 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
         dAT, dAL = dAT.unsqueeze(1), dAL.unsqueeze(1)
     else:
         dAT, dAL = parts[: 2 * b * e * n].view(2, b, e, n).sum(1).unbind(0)
-        dD = dD_part.sum(0)
+        dD = parts[2 * b * e * n:].view(b, e).sum(0)
     return du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD if D is not None else None
 
 
