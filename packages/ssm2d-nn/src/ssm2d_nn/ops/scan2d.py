@@ -178,13 +178,16 @@ def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor,
         K.backward(f, prob, dB=q0, dC=q0 + B.numel() * isz, deterministic=False, d_begin=0, d_end=d, **common)
     if n == 1:
         # dA_part is then (b, d) too: the three partials are one (3, b, d) tensor and one sum.
-        dA, dD, dbias = parts.view(3, b, d).sum(1).unbind(0)
-        dA = dA.unsqueeze(1)
+        sums = parts.view(3, b, d).sum(1)
+        dA, i = sums.select(0, 0).view(d, 1), 1
     else:
         dA = parts[: b * d * n].view(b, d, n).sum(0)
-        dD, dbias = parts[b * d * n:].view(2, b, d).sum(1).unbind(0)
-    dB, dC = dBC.to(B.dtype).unbind(0)  # B and C have u's dtype (checked)
-    return du, ddelta, dA, dB, dC, dD if D is not None else None, dz, dbias if delta_bias is not None else None
+        sums, i = parts[b * d * n:].view(2, b, d).sum(1), 0
+    # Pieces by select (one cheap view each; unbind costs more host time than the two or three selects).
+    dD = sums.select(0, i) if D is not None else None
+    dbias = sums.select(0, i + 1) if delta_bias is not None else None
+    dBC = dBC.to(B.dtype)  # B and C have u's dtype (checked)
+    return du, ddelta, dA, dBC.select(0, 0), dBC.select(0, 1), dD, dz, dbias
 
 
 @torch.library.custom_op("ssm2d::scan2d_bwd", mutates_args=())

@@ -193,15 +193,19 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
     else:
         b0, bstep = bn.data_ptr(), math.prod(bn_shape) * isz
         K.backward(f, dout, args, dBT=b0, dBL=b0 + bstep, dC=b0 + 2 * bstep, **common)
-    dBT, dBL, dC = (x.view(BT.shape) for x in bn.to(BT.dtype).unbind(0))  # BL and C: BT's shape and dtype
-    du, ddT, ddL = cells.to(u.dtype).unbind(0)
+    # Pieces by select (one cheap view each; unbind costs more host time than the selects).
+    bn = bn.to(BT.dtype).view((3,) + tuple(BT.shape))  # BL and C: BT's shape and dtype
+    cells = cells.to(u.dtype)
     if n == 1:
-        dAT, dAL, dD = parts.view(3, b, e).sum(1).unbind(0)
-        dAT, dAL = dAT.unsqueeze(1), dAL.unsqueeze(1)
+        sums = parts.view(3, b, e, 1).sum(1)
+        dAT, dAL = sums.select(0, 0), sums.select(0, 1)
+        dD = sums.select(0, 2).view(e) if D is not None else None
     else:
-        dAT, dAL = parts[: 2 * b * e * n].view(2, b, e, n).sum(1).unbind(0)
-        dD = parts[2 * b * e * n:].view(b, e).sum(0)
-    return du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD if D is not None else None
+        sums = parts[: 2 * b * e * n].view(2, b, e, n).sum(1)
+        dAT, dAL = sums.select(0, 0), sums.select(0, 1)
+        dD = parts[2 * b * e * n:].view(b, e).sum(0) if D is not None else None
+    return (cells.select(0, 0), cells.select(0, 1), cells.select(0, 2), dAT, dAL, bn.select(0, 0), bn.select(0, 1),
+            bn.select(0, 2), dD)
 
 
 @torch.library.custom_op("ssm2d::wavefront2d_bwd", mutates_args=())
