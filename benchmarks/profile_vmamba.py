@@ -7,12 +7,15 @@ bench_models.py's training step). After --warmup steps, --steps steps are profil
   elementwise and copies (permute/contiguous copies included), GEMMs and convolutions, optimizer,
   other), the top-25 kernels, and the host side: wall time per step, device busy time, and the time
   the CPU spent waiting for the device (synchronisations);
+* the host side's operator counts per step: every aten operator, the top-level ones (called from
+  Python or autograd), the leaf non-view ones (those that do work: roughly the kernel launches and
+  allocations), and a few named ones (convolutions, GEMMs, copies, reductions, fills);
 * profile_vmamba_key_averages.txt: the profiler's raw key_averages table.
 
 On the CPU (--device cpu, for a smoke run: --batch 2 --image 64) there are no kernels: the same
 tables are built from the CPU operators' self time.
 
-    python benchmarks/profile_vmamba.py --out DIR [--model vmamba_tiny] [--batch 64] [--image 224]
+    python benchmarks/profile_vmamba.py --out DIR [--model vmamba_tiny] [--batch 64] [--image 224] [--channels-last]
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ CATEGORIES = [
     ("elementwise / copies", r"elementwise|copy|memcpy|memset|permute|transpose|contiguous|cat|fill|index"
                              r"|aten::(add|mul|sub|div|silu|gelu|exp|where|to|_to_copy|clone|zero_|fill_)"),
 ]
+# Operators that only make views or metadata (no kernel, no allocation): left out of the "leaf
+# non-view" count of operators that do work.
+VIEW_OPS = {"as_strided", "view", "select", "slice", "transpose", "t", "permute", "expand", "unsqueeze", "squeeze",
+            "_reshape_alias", "reshape", "detach", "resolve_conj", "resolve_neg", "narrow", "unbind", "split",
+            "split_with_sizes", "_unsafe_view", "alias", "unflatten", "flatten", "mT", "view_as", "expand_as",
+            "contiguous", "to", "lift_fresh", "chunk", "as_strided_", "diagonal"}
+NAMED_OPS = ("convolution", "convolution_backward", "mm", "addmm", "bmm", "baddbmm", "copy_", "sum", "fill_", "zero_",
+             "add_", "clone", "slice_backward", "empty")
 SYNC_CALLS = re.compile(r"cuda(Stream|Device|Event)Synchronize|cudaMemcpy(?!Async)|aten::item|aten::_local_scalar_dense")
 
 
@@ -96,6 +107,19 @@ def host_wait_us(prof) -> float:
     return sum(float(e.self_cpu_time_total) for e in prof.key_averages() if SYNC_CALLS.search(e.key))
 
 
+def op_counts(prof, steps: int) -> dict:
+    """aten operator counts per step: all, top-level (not inside another aten operator), leaf non-view
+    (no aten operator inside, not a view: the ones that do work), and the NAMED_OPS."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
+    top = sum(1 for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    leaf = sum(1 for e in events if e.name[6:] not in VIEW_OPS
+               and not any(c.name.startswith("aten::") for c in e.cpu_children))
+    counts = {"all aten": len(events), "top-level": top, "leaf non-view": leaf}
+    for name in NAMED_OPS:
+        counts[name] = sum(1 for e in events if e.name == "aten::" + name)
+    return {k: v / steps for k, v in counts.items()}
+
+
 def training_step(model, opt, x, labels, device):
     opt.zero_grad(set_to_none=True)
     with torch.autocast(device, dtype=torch.bfloat16):
@@ -119,6 +143,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and input in channels-last memory format (what bench_models.py picks on CUDA)")
     args = parser.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -128,9 +154,10 @@ def main() -> int:
         torch.backends.cudnn.benchmark = True
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    model = timm.create_model(args.model, num_classes=1000).to(device).train()
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = timm.create_model(args.model, num_classes=1000).to(device).train().to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    x = torch.randn(args.batch, 3, args.image, args.image, device=device)
+    x = torch.randn(args.batch, 3, args.image, args.image, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, 1000, (args.batch,), device=device)
     for _ in range(args.warmup):
         training_step(model, opt, x, labels, device)
@@ -158,7 +185,8 @@ def main() -> int:
     what = "device (kernel) time" if device == "cuda" else "CPU operator self time"
 
     lines = [f"# {args.model} training step profile", "", header(device), "",
-             f"batch {args.batch}, {args.image}x{args.image}, bf16 autocast, AdamW; {args.warmup} warm-up steps, "
+             f"batch {args.batch}, {args.image}x{args.image}, "
+             f"{'channels-last' if args.channels_last else 'channels-first'}, bf16 autocast, AdamW; {args.warmup} warm-up steps, "
              f"{args.steps} profiled; times per step.", "",
              f"Wall time per step (unprofiled): {wall_ms:.2f} ms ({args.batch / wall_ms * 1e3:.1f} img/s); "
              f"{what}: {busy_ms:.2f} ms" + (f" ({busy_ms / wall_ms:.0%} of the wall time busy)" if device == "cuda"
@@ -173,13 +201,18 @@ def main() -> int:
     top = sorted(times.items(), key=lambda kv: -kv[1])[: args.top]
     for i, ((name, cat), t) in enumerate(top, 1):
         lines.append(f"| {i} | `{short(name)}` | {cat} | {t / args.steps / 1e3:.3f} | {t / total_us:.1%} |")
+    counts = op_counts(prof, args.steps)
+    lines += ["", "## Host operators per step (optimizer step included)", "",
+              "| " + " | ".join(counts) + " |", "|" + "---|" * len(counts),
+              "| " + " | ".join(f"{v:.0f}" for v in counts.values()) + " |"]
     lines += ["", "Raw table: profile_vmamba_key_averages.txt"]
 
     sort_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     raw = prof.key_averages().table(sort_by=sort_key, row_limit=80, max_name_column_width=100)
     rows = [dict(category=c, ms_per_step=t / args.steps / 1e3) for c, t in by_cat.items()]
     rows += [dict(kernel=n, category=c, ms_per_step=t / args.steps / 1e3) for (n, c), t in top]
-    rows.append(dict(wall_ms=wall_ms, busy_ms=busy_ms, host_wait_ms=wait_ms, batch=args.batch, image=args.image))
+    rows.append(dict(wall_ms=wall_ms, busy_ms=busy_ms, host_wait_ms=wait_ms, batch=args.batch, image=args.image,
+                     channels_last=args.channels_last, ops_per_step=counts))
     write_report(args.out, "profile_vmamba", lines, rows)
     Path(args.out, "profile_vmamba_key_averages.txt").write_text(raw + "\n")
     return 0

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .conv1x1 import Conv1x1, _identity, batched_gemm, conv1x1, grouped_1x1
 from .norms import LayerNorm2d
 
 from ..ops import scan2d, scan2d_reference
@@ -93,7 +94,8 @@ class SS2D(nn.Module):
         self._dt_init = (dt_min, dt_max, dt_init_floor, dt_scale)
         d, n, r, k = self.d_inner, self.d_state, self.dt_rank, K_ROUTES
 
-        self.in_proj = nn.Conv2d(d_model, d, 1, bias=bias, **dd)
+        # 1x1 projections as GEMMs (Conv1x1: nn.Conv2d's parameters, a matrix product in forward).
+        self.in_proj = Conv1x1(d_model, d, bias=bias, **dd)
         self.conv2d = nn.Conv2d(d, d, d_conv, padding=(d_conv - 1) // 2, groups=d, bias=conv_bias, **dd)
         self.act = nn.SiLU()
         self.x_proj_weight = nn.Parameter(torch.empty(k, r + 2 * n, d, **dd))
@@ -102,7 +104,7 @@ class SS2D(nn.Module):
         self.A_logs = nn.Parameter(torch.empty(k * d, n, **dd))
         self.Ds = nn.Parameter(torch.empty(k * d, **dd))
         self.out_norm = LayerNorm2d(d, **dd)
-        self.out_proj = nn.Conv2d(d, d_model, 1, bias=bias, **dd)
+        self.out_proj = Conv1x1(d, d_model, bias=bias, **dd)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -146,11 +148,17 @@ class SS2D(nn.Module):
             y = self._scan_2d(u.contiguous())
         return self.dropout(self.out_proj(self.out_norm(y)))
 
-    def _ssm_params(self, like: Tensor):
-        """A = -exp(A_logs), D, dt bias in float32 (float64 for float64 inputs), as scan2d uses them."""
+    def _ssm_params(self, like: Tensor, parts: int):
+        """A = -exp(A_logs), D, dt bias in float32 (float64 for float64 inputs), as scan2d uses them,
+        each split into ``parts`` equal contiguous blocks of channels (one per scan2d call).
+
+        Blocks by unbind rather than by slicing: the backward of the pieces is one stack per
+        parameter, where each slice's backward fills a zeroed copy of the whole parameter."""
         pdt = torch.float64 if like.dtype == torch.float64 else torch.float32
         A = -torch.exp(self.A_logs.to(pdt))
-        return A, self.Ds.to(pdt), self.dt_projs_bias.to(pdt).reshape(-1)
+        bias = self.dt_projs_bias.to(pdt)
+        return (A.view(parts, -1, self.d_state).unbind(0), self.Ds.to(pdt).view(parts, -1).unbind(0),
+                bias.view(parts, -1).unbind(0))
 
     def _scan_cross1d(self, u: Tensor) -> Tensor:
         """The four 1D routes in two scan2d calls on a 1 x (H*W) grid.
@@ -167,29 +175,29 @@ class SS2D(nn.Module):
         xs = u.new_empty((b, 2, d, L))  # filled by one copy per layout, whatever u's memory format
         xs[:, 0].view(b, d, h, w).copy_(u)
         xs[:, 1].view(b, d, w, h).copy_(u.transpose(2, 3))
-        # x_proj grouped by layout j: its outputs come out as (b, j, s, c, L).
-        w_x = self.x_proj_weight.view(2, 2, c, d).transpose(0, 1).reshape(4 * c, d, 1).to(u.dtype)
-        x_dbl = F.conv1d(xs.view(b, 2 * d, L), w_x, groups=2).view(b, 2, 2, c, L)
-        # dt_proj grouped by route (s, j), so delta comes out as (b, s, j, d, L): each direction's
-        # (j, d) channels are one contiguous block for its scan2d call.
-        # Pieces by unbind / split rather than indexing: their backward is one stack / cat of the
+        # x_proj of route (s, j) reads layout j: one GEMM with the (s, j, c) x (j', d) weight that is
+        # zero where j != j', so its output rows come out in route order k = 2*s + j: (b, k, c, L).
+        w_x = self.x_proj_weight.to(u.dtype).view(2, 2, c, 1, d) * _identity(2, u).view(1, 2, 1, 2, 1)
+        x_dbl = batched_gemm(w_x.view(4 * c, 2 * d), xs.view(b, 2 * d, L)).view(b, 4, c, L)
+        # Pieces by split / unbind rather than indexing: their backward is one cat / stack of the
         # pieces' gradients, where each indexed view's backward fills a zeroed copy of the whole.
-        parts = [x_s.split([r, n, n], dim=2) for x_s in x_dbl.unbind(2)]  # per direction s: dt, B, C
-        dt_in = torch.stack([parts[0][0], parts[1][0]], dim=1).reshape(b, 4 * r, L)
-        w_dt = self.dt_projs_weight.reshape(4 * d, r, 1).to(u.dtype)
-        delta = F.conv1d(dt_in, w_dt, groups=4).view(b, 2, 2 * d, 1, L)
-        A, D, bias = self._ssm_params(u)
+        dt_in, B_all, C_all = x_dbl.split([r, n, n], dim=2)
+        # dt_proj grouped by route k, so delta comes out as (b, s, j, d, L): each direction's (j, d)
+        # channels are one contiguous block for its scan2d call.
+        delta = grouped_1x1(dt_in, self.dt_projs_weight.to(u.dtype)).view(b, 2, 2 * d, 1, L)
+        A, D, bias = self._ssm_params(u, 2)
         ys = []
-        for s, (origin, delta_s) in enumerate(zip(("tl", "tr"), delta.unbind(1))):
-            sl = slice(2 * s * d, 2 * (s + 1) * d)
-            Bs, Cs = parts[s][1].unsqueeze(3), parts[s][2].unsqueeze(3)  # (b, 2, N, 1, L), strided views
-            ys.append(scan2d(xs.view(b, 2 * d, 1, L), delta_s, A[sl], Bs, Cs, D[sl], None, bias[sl], True,
-                             origin=origin, order="hv", backend=self.backend))
+        routes = zip(("tl", "tr"), delta.unbind(1), B_all.unflatten(1, (2, 2)).unbind(1),
+                     C_all.unflatten(1, (2, 2)).unbind(1), A, D, bias)
+        for origin, delta_s, B_s, C_s, A_s, D_s, bias_s in routes:
+            # B_s, C_s: (b, 2, N, 1, L), strided views of x_dbl
+            ys.append(scan2d(xs.view(b, 2 * d, 1, L), delta_s, A_s, B_s.unsqueeze(3), C_s.unsqueeze(3), D_s, None,
+                             bias_s, True, origin=origin, order="hv", backend=self.backend))
         y_row, y_col = (ys[0] + ys[1]).view(b, 2, d, L).unbind(1)
         return y_row.view(b, d, h, w) + y_col.view(b, d, w, h).transpose(2, 3)
 
     def _scan_2d(self, u: Tensor) -> Tensor:
-        """The four 2D routes, one scan2d call each, all reading u in place.
+        """The four 2D routes, one scan2d call each, all reading u (contiguous) in place.
 
         The routes differ in origin and order, which are per call; stacking them would need a
         transposed (and for H != W differently shaped) copy of u, so each route gets its own call
@@ -198,19 +206,17 @@ class SS2D(nn.Module):
         b, d, h, w = u.shape
         n, r = self.d_state, self.dt_rank
         c = r + 2 * n
-        x_dbl = F.conv2d(u, self.x_proj_weight.reshape(4 * c, d, 1, 1).to(u.dtype)).view(b, 4, c, h, w)
+        x_dbl = conv1x1(u, self.x_proj_weight.to(u.dtype).view(4 * c, d)).view(b, 4, c, h * w)
         # Pieces by split / unbind rather than indexing (their backward is one cat / stack, where an
         # indexed view's backward fills a zeroed copy of the whole tensor per piece).
         dt_part, B_all, C_all = x_dbl.split([r, n, n], dim=2)
-        dt_in = dt_part.reshape(b, 4 * r, h, w)
-        delta = F.conv2d(dt_in, self.dt_projs_weight.reshape(4 * d, r, 1, 1).to(u.dtype), groups=4)
-        A, D, bias = self._ssm_params(u)
+        delta = grouped_1x1(dt_part, self.dt_projs_weight.to(u.dtype)).view(b, 4, d, h, w)
+        A, D, bias = self._ssm_params(u, 4)
         y: Optional[Tensor] = None
-        routes = zip(ROUTES_2D, delta.view(b, 4, d, h, w).unbind(1), B_all.split(1, dim=1), C_all.split(1, dim=1))
-        for k, ((origin, order), delta_k, B_k, C_k) in enumerate(routes):
-            sl = slice(k * d, (k + 1) * d)
-            yk = scan2d(u, delta_k, A[sl], B_k, C_k, D[sl], None, bias[sl], True, origin=origin, order=order,
-                        backend=self.backend)
+        routes = zip(ROUTES_2D, delta.unbind(1), B_all.split(1, dim=1), C_all.split(1, dim=1), A, D, bias)
+        for (origin, order), delta_k, B_k, C_k, A_k, D_k, bias_k in routes:
+            yk = scan2d(u, delta_k, A_k, B_k.view(b, 1, n, h, w), C_k.view(b, 1, n, h, w), D_k, None, bias_k, True,
+                        origin=origin, order=order, backend=self.backend)
             y = yk if y is None else y + yk
         return y
 

@@ -48,14 +48,20 @@ def scratch(floats: int, like: Tensor) -> Optional[Tensor]:
     return torch.empty(floats, dtype=torch.float32, device=like.device) if floats else None
 
 
-def data_ptr(t: Optional[Tensor]) -> Optional[int]:
-    """A kernel argument's pointer: None for None or an empty tensor."""
+def data_ptr(t) -> Optional[int]:
+    """A kernel argument's pointer: None for None or an empty tensor; an int is already a pointer
+    (a block inside a larger buffer, passed without making a view of it)."""
+    if isinstance(t, int):
+        return t
     return None if t is None or t.numel() == 0 else t.data_ptr()
 
 
-def at_layout(t: Optional[Tensor], layout: tuple) -> Optional[tuple]:
-    """A grid descriptor from a layout precomputed at pointer 0 (byte offset first): the data pointer added."""
-    return None if t is None else (t.data_ptr() + layout[0],) + tuple(layout[1:])
+def at_layout(t, layout: tuple) -> Optional[tuple]:
+    """A grid descriptor from a layout precomputed at pointer 0 (byte offset first): the data pointer
+    added. ``t`` is a tensor, None, or an int data pointer."""
+    if t is None:
+        return None
+    return ((t if isinstance(t, int) else t.data_ptr()) + layout[0],) + tuple(layout[1:])
 
 
 def contiguous_strides(shape) -> tuple:

@@ -125,7 +125,8 @@ def backward(f: Frame, prob: dict, *, dout, y, carries, du, ddelta, dz, dB, dC, 
              ddelta_bias_part, deterministic: bool, d_begin: int, d_end: int, workspace,
              bc_layout: Optional[tuple] = None) -> None:
     """One backward kernel call. du, ddelta, dz are fresh contiguous tensors like u; dB, dC fresh
-    contiguous accumulators (per-channel partials when ``bc_layout`` is given: their own layout)."""
+    contiguous accumulators (per-channel partials when ``bc_layout`` is given: their own layout);
+    dB, dC and the partials may be given as data pointers (blocks of a larger buffer)."""
     bc = f.bc_acc if bc_layout is None else bc_layout
     # The incoming gradient is usually contiguous like du (a fresh tensor like u): then its layout is
     # the frame's, and the descriptor costs an addition instead of a stride walk.

@@ -109,7 +109,8 @@ def forward(f: Frame, args: tuple) -> Tensor:
 def backward(f: Frame, dout: Tensor, args: tuple, *, du, ddT, ddL, dBT, dBL, dC, dAT_part, dAL_part, dD_part,
              deterministic: bool = False, e_begin: int = 0, e_end: int = -1, per_channel: bool = False) -> None:
     """One backward kernel call; du, ddT, ddL fresh contiguous accumulators, dBT, dBL, dC too (or
-    per-channel partials with ``per_channel``: their layout computed here)."""
+    per-channel partials with ``per_channel``: their layout computed here, so tensors then). The
+    accumulators and partials may be given as data pointers (blocks of a larger buffer)."""
     u = args[0]
     named = dict(ddT=ddT, ddL=ddL, dBT=dBT, dBL=dBL, dAT_part=dAT_part, dAL_part=dAL_part)
     (dt, dl), (bt, bl), (at_, al) = f.grads

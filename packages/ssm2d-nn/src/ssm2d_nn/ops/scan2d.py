@@ -140,20 +140,25 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, origin, order, determ
 def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], y: Optional[Tensor],
                   carries: Optional[Tensor], delta_softplus: bool, deterministic: bool) -> tuple:
-    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); empty for absent D, z, delta_bias."""
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); None for absent D, z, delta_bias. dA, dD and
+    ddelta_bias are views of one tensor, and so are dB and dC."""
     acc = A.dtype
     b, d, h, w = u.shape
     g, n = B.shape[1], A.shape[1]
     du, ddelta = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty(u.shape, dtype=u.dtype, device=u.device)
     dz = torch.empty(u.shape, dtype=u.dtype, device=u.device) if z is not None else None
-    dA_part = torch.empty(b, d, n, dtype=acc, device=u.device)
-    dD_part = torch.empty(b, d, dtype=acc, device=u.device)
-    dbias_part = torch.empty(b, d, dtype=acc, device=u.device)
+    # The per-batch partials of dA (b, d, n), dD (b, d) and ddelta_bias (b, d) in one buffer, one after
+    # the other; the kernel takes each as a pointer to a contiguous block (passed as pointers: no views
+    # to make). Every cell is written.
+    parts = torch.empty(b * d * (n + 2), dtype=acc, device=u.device)
+    p0, isz = parts.data_ptr(), parts.element_size()
     prob = K.problem(f, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    common = dict(dout=dout, y=y, carries=carries, du=du, ddelta=ddelta, dz=dz, dA_part=dA_part, dD_part=dD_part,
-                  ddelta_bias_part=dbias_part, workspace=K.backward_workspace(f, u))
-    dB = torch.zeros(B.shape, dtype=acc, device=u.device)  # added into (atomics, partials, the CPU kernel)
-    dC = torch.zeros(C.shape, dtype=acc, device=u.device)
+    common = dict(dout=dout, y=y, carries=carries, du=du, ddelta=ddelta, dz=dz, dA_part=p0,
+                  dD_part=p0 + b * d * n * isz, ddelta_bias_part=p0 + b * d * (n + 1) * isz,
+                  workspace=K.backward_workspace(f, u))
+    # dB and dC in one zeroed buffer (added into: atomics, partials, the CPU kernel), cast once at the
+    # end; each half is a fresh contiguous (batch, G, N, H, W) block, the frame's accumulator layout.
+    dBC = torch.zeros((2,) + tuple(B.shape), dtype=acc, device=u.device)
     if deterministic and u.is_cuda:
         # Per-channel partials of dB/dC, summed over each group's channels in a fixed order; chunks of
         # whole groups (or of one group's channels) keep the workspace under the budget.
@@ -163,18 +168,26 @@ def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor,
         chunk = (chunk // per_group) * per_group if chunk >= per_group else max(1, chunk)
         for d0 in range(0, d, chunk):
             d1 = min(d, d0 + chunk)
-            pB = torch.empty(b, d1 - d0, n, h, w, dtype=acc, device=u.device)  # every cell is written
-            pC = torch.empty_like(pB)
+            pBC = torch.empty(2, b, d1 - d0, n, h, w, dtype=acc, device=u.device)  # every cell is written
+            pB, pC = pBC.unbind(0)
             K.backward(f, prob, dB=pB, dC=pC, deterministic=True, d_begin=d0, d_end=d1,
                        bc_layout=K.layout_of(pB, f.origin, f.order, True), **common)
-            add_group_partials(dB, pB, d0, per_group, dim=1)
-            add_group_partials(dC, pC, d0, per_group, dim=1)
+            add_group_partials(dBC, pBC, d0, per_group, dim=2)
     else:
-        K.backward(f, prob, dB=dB, dC=dC, deterministic=False, d_begin=0, d_end=d, **common)
-    dA = dA_part.sum(0)
-    dD = dD_part.sum(0) if D is not None else _empty(u, acc)
-    dbias = dbias_part.sum(0) if delta_bias is not None else _empty(u, acc)
-    return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, _empty(u) if dz is None else dz, dbias
+        q0 = dBC.data_ptr()
+        K.backward(f, prob, dB=q0, dC=q0 + B.numel() * isz, deterministic=False, d_begin=0, d_end=d, **common)
+    if n == 1:
+        # dA_part is then (b, d) too: the three partials are one (3, b, d) tensor and one sum.
+        sums = parts.view(3, b, d).sum(1)
+        dA, i = sums.select(0, 0).view(d, 1), 1
+    else:
+        dA = parts[: b * d * n].view(b, d, n).sum(0)
+        sums, i = parts[b * d * n:].view(2, b, d).sum(1), 0
+    # Pieces by select (one cheap view each; unbind costs more host time than the two or three selects).
+    dD = sums.select(0, i) if D is not None else None
+    dbias = sums.select(0, i + 1) if delta_bias is not None else None
+    dBC = dBC.to(B.dtype)  # B and C have u's dtype (checked)
+    return du, ddelta, dA, dBC.select(0, 0), dBC.select(0, 1), dD, dz, dbias
 
 
 @torch.library.custom_op("ssm2d::scan2d_bwd", mutates_args=())
@@ -184,8 +197,15 @@ def scan2d_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
                                                                        Tensor, Tensor]:
     """Kernel backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias); empty for absent D, z, delta_bias."""
     f = _frame(u, delta, A, B, C, D, z, delta_bias, origin, order)
-    return _run_backward(f, dout, u, delta, A, B, C, D, z, delta_bias, y if y.numel() else None,
-                         carries if u.is_cuda else None, delta_softplus, deterministic)
+    du, ddelta, dA, dB, dC, dD, dz, dbias = _run_backward(f, dout, u, delta, A, B, C, D, z, delta_bias,
+                                                          y if y.numel() else None, carries if u.is_cuda else None,
+                                                          delta_softplus, deterministic)
+    # A custom op's outputs may not share storage; _run_backward's dA / dD / ddelta_bias and dB / dC
+    # are views of one buffer each (the eager path keeps them so, this traced path copies them). Its
+    # schema has no optional outputs: empty tensors stand for the absent ones.
+    acc = A.dtype
+    return (du, ddelta, dA, dB, dC.clone(), _empty(u, acc) if dD is None else dD.clone(),
+            _empty(u) if dz is None else dz, _empty(u, acc) if dbias is None else dbias.clone())
 
 
 @scan2d_bwd.register_fake
@@ -216,8 +236,7 @@ class _Scan2dFunction(torch.autograd.Function):
         softplus, deterministic = ctx.flags
         du, ddelta, dA, dB, dC, dD, dz, dbias = _run_backward(ctx.frame, dout, u, delta, A, B, C, D, z, delta_bias,
                                                               y, carries, softplus, deterministic)
-        return (None, None, None, du, ddelta, dA, dB, dC, dD if D is not None else None,
-                dz if z is not None else None, dbias if delta_bias is not None else None)
+        return None, None, None, du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
 def _setup_context(ctx, inputs, output):

@@ -10,6 +10,7 @@ intercept the call.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -154,20 +155,28 @@ def _bn_shape(t: Tensor, groups_axis: int) -> tuple:
 
 
 def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) -> tuple:
-    """(du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD); dD empty when D is None."""
+    """(du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD); dD None when D is None. Views of one tensor each:
+    (du, ddT, ddL), (dAT, dAL; with N = 1 dD too), (dBT, dBL, dC)."""
     u, dT, dL, AT, AL, BT, BL, C, D = args
     acc = AT.dtype
     b, h, w, e = u.shape
     n = AT.shape[1]
     g = 1 if BT.dim() == 4 else BT.shape[3]
-    cell = lambda: torch.zeros(u.shape, dtype=acc, device=u.device)  # noqa: E731  (added into)
-    du, ddT, ddL = cell(), cell(), cell()
-    dB = [torch.zeros(_bn_shape(BT, g), dtype=acc, device=u.device) for _ in range(3)]
-    dAT_part = torch.empty(b, e, n, dtype=acc, device=u.device)
-    dAL_part = torch.empty(b, e, n, dtype=acc, device=u.device)
-    dD_part = torch.zeros(b, e, dtype=acc, device=u.device)
-    common = dict(du=du, ddT=ddT, ddL=ddL, dAT_part=dAT_part, dAL_part=dAL_part,
-                  dD_part=dD_part if D is not None else None)
+    # du, ddT, ddL in one zeroed buffer (the kernel adds into them), cast once at the end; each third
+    # is a fresh contiguous block shaped like u, the frame's accumulator layout. The same for dBT, dBL,
+    # dC (blocks shaped (batch, H, W, G, N)).
+    # The blocks go to the kernel as data pointers (no views to make).
+    isz = acc.itemsize
+    cells = torch.zeros((3,) + tuple(u.shape), dtype=acc, device=u.device)
+    c0, cstep = cells.data_ptr(), u.numel() * isz
+    bn_shape = _bn_shape(BT, g)
+    bn = torch.zeros((3,) + bn_shape, dtype=acc, device=u.device)
+    # The per-batch partials of dAT and dAL (b, e, n) and of dD (b, e) one after the other (the kernel
+    # takes each as a pointer to a contiguous block).
+    parts = torch.zeros(b * e * (2 * n + 1), dtype=acc, device=u.device)
+    p0 = parts.data_ptr()
+    common = dict(du=c0, ddT=c0 + cstep, ddL=c0 + 2 * cstep, dAT_part=p0, dAL_part=p0 + b * e * n * isz,
+                  dD_part=p0 + 2 * b * e * n * isz if D is not None else None)
     if deterministic and u.is_cuda:
         # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
         per_group = e // g
@@ -176,17 +185,27 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
         chunk = (chunk // per_group) * per_group if chunk >= per_group else max(16, chunk // 16 * 16)
         for e0 in range(0, e, chunk):
             e1 = min(e, e0 + chunk)
-            parts = [torch.zeros(b, h, w, e1 - e0, n, dtype=acc, device=u.device) for _ in range(3)]
-            K.backward(f, dout, args, dBT=parts[0], dBL=parts[1], dC=parts[2], deterministic=True, e_begin=e0,
+            chunk_parts = torch.zeros(3, b, h, w, e1 - e0, n, dtype=acc, device=u.device)
+            pBT, pBL, pC = chunk_parts.unbind(0)
+            K.backward(f, dout, args, dBT=pBT, dBL=pBL, dC=pC, deterministic=True, e_begin=e0,
                        e_end=e1, per_channel=True, **common)
-            for total, part in zip(dB, parts):
-                add_group_partials(total, part, e0, per_group, dim=3)
+            add_group_partials(bn, chunk_parts, e0, per_group, dim=4)
     else:
-        K.backward(f, dout, args, dBT=dB[0], dBL=dB[1], dC=dB[2], **common)
-    shaped = [x.reshape(BT.shape).to(BT.dtype) for x in dB]
-    dD = dD_part.sum(0) if D is not None else u.new_empty(0, dtype=acc)
-    return (du.to(u.dtype), ddT.to(u.dtype), ddL.to(u.dtype), dAT_part.sum(0), dAL_part.sum(0), shaped[0], shaped[1],
-            shaped[2], dD)
+        b0, bstep = bn.data_ptr(), math.prod(bn_shape) * isz
+        K.backward(f, dout, args, dBT=b0, dBL=b0 + bstep, dC=b0 + 2 * bstep, **common)
+    # Pieces by select (one cheap view each; unbind costs more host time than the selects).
+    bn = bn.to(BT.dtype).view((3,) + tuple(BT.shape))  # BL and C: BT's shape and dtype
+    cells = cells.to(u.dtype)
+    if n == 1:
+        sums = parts.view(3, b, e, 1).sum(1)
+        dAT, dAL = sums.select(0, 0), sums.select(0, 1)
+        dD = sums.select(0, 2).view(e) if D is not None else None
+    else:
+        sums = parts[: 2 * b * e * n].view(2, b, e, n).sum(1)
+        dAT, dAL = sums.select(0, 0), sums.select(0, 1)
+        dD = parts[2 * b * e * n:].view(b, e).sum(0) if D is not None else None
+    return (cells.select(0, 0), cells.select(0, 1), cells.select(0, 2), dAT, dAL, bn.select(0, 0), bn.select(0, 1),
+            bn.select(0, 2), dD)
 
 
 @torch.library.custom_op("ssm2d::wavefront2d_bwd", mutates_args=())
@@ -195,7 +214,12 @@ def wavefront2d_bwd(dout: Tensor, u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor,
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD); dD empty when D is None."""
     args = (u, dT, dL, AT, AL, BT, BL, C, D)
-    return _run_backward(_frame(args, origin), dout, args, deterministic)
+    du, ddT, ddL, dAT, dAL, dBT, dBL, dC, dD = _run_backward(_frame(args, origin), dout, args, deterministic)
+    # A custom op's outputs may not share storage; _run_backward returns views of one buffer for
+    # (du, ddT, ddL), (dAT, dAL[, dD]) and (dBT, dBL, dC) (the eager path keeps them so).
+    # dD: an empty tensor when D is None (the schema has no optional outputs).
+    return (du, ddT.clone(), ddL.clone(), dAT, dAL.clone(), dBT, dBL.clone(), dC.clone(),
+            u.new_empty(0, dtype=AT.dtype) if dD is None else dD.clone())
 
 
 @wavefront2d_bwd.register_fake

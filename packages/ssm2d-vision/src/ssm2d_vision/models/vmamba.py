@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, Mlp, get_device_dtype
+from timm.layers import ClassifierHead, DropPath, get_device_dtype
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_module
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
+from ssm2d_nn.layers.conv1x1 import Mlp1x1
 from ssm2d_nn.layers.norms import LayerNorm2d
 from ssm2d_nn.layers.ss2d import SS2D
 
@@ -82,7 +83,8 @@ class VSSBlock(nn.Module):
         self.ssm = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, scan=scan, backend=backend, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm2d(dim, eps=LN_EPS, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate, use_conv=True, **dd)
+        # timm's Mlp(use_conv=True) with its 1x1 convolutions run as GEMMs (same parameter names).
+        self.mlp = Mlp1x1(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.ssm(self.norm1(x)))
