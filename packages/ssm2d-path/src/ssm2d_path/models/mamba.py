@@ -35,6 +35,7 @@ from ssm2d_nn.layers import TwoDMambaLayer
 from ..bag import Bag, SlideGrid
 from .base import MILModel, MILOutput
 from .common import GatedAttention, check_bag, embed_patches, embedding, init_linear_
+from .cooc import COOC_OPS, neighbour_cooc
 
 __all__ = ["M2DMIL", "MambaMIL", "TwoDMambaMIL"]
 
@@ -94,7 +95,7 @@ class _SSMMIL(MILModel):
                  d_conv: Union[int, tuple[int, int]] = 3, attn_dim: int = 128, backend: str = "auto",
                  checkpoint: Union[bool, str] = "auto", input_norm: bool = False, local_mix: int = 0,
                  pool: str = "attention", pool_k: int = 1, input_ica: int = 0,
-                 input_shrink: float = 0.0):
+                 input_shrink: float = 0.0, input_cooc: Union[bool, str] = False):
         super().__init__()
         name = type(self).__name__
         if n_layers < 1:
@@ -114,6 +115,11 @@ class _SSMMIL(MILModel):
         if isinstance(input_shrink, bool) or not isinstance(input_shrink, (int, float)) or not (
                 math.isfinite(input_shrink) and input_shrink >= 0):
             raise ValueError(f"{name}: input_shrink must be a finite number >= 0, got {input_shrink!r}")
+        if input_cooc is True:
+            input_cooc = "min"
+        if input_cooc is not False and input_cooc not in COOC_OPS:
+            raise ValueError(f"{name}: input_cooc must be false (off), true (= 'min') or one of "
+                             f"{', '.join(COOC_OPS)}, got {input_cooc!r}")
         self.in_dim, self.n_outputs = in_dim, n_outputs
         self.pool_name, self.pool_k = pool, pool_k
         self.input_shrink = float(input_shrink)
@@ -129,7 +135,11 @@ class _SSMMIL(MILModel):
             self.register_buffer("ica_mean", torch.zeros(in_dim))
             self.register_buffer("ica_unmix", torch.eye(in_dim, input_ica))
             self.register_buffer("ica_fitted", torch.zeros((), dtype=torch.bool))
-        self.embed = embedding(input_ica or in_dim, dim, dropout)
+        # input_cooc: next to the (transformed) inputs z (N, n), their n * n co-occurrences with the
+        # 4-neighbours' (models/cooc.py: max over neighbours j of op(z_i[c], z_j[d])), before the embedding.
+        self.input_cooc = input_cooc or None
+        n_in = input_ica or in_dim
+        self.embed = embedding(n_in + (n_in * n_in if self.input_cooc else 0), dim, dropout)
         self.local = nn.Conv2d(dim, dim, local_mix, padding=local_mix // 2) if local_mix else None
         self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=1e-5) for _ in range(n_layers))
         self.layers = nn.ModuleList(
@@ -149,6 +159,9 @@ class _SSMMIL(MILModel):
         check_bag(self, bag)
         dev = bag.features.device.type
         x = self._transform_input(bag.features)
+        if self.input_cooc:
+            x = torch.cat([x, torch.cat([neighbour_cooc(slide, xs, self.input_cooc)
+                                         for slide, xs in zip(bag.slides, bag.split(x))])], 1)
         h = embed_patches(self.embed, x)
         if torch.is_autocast_enabled(dev):
             h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
@@ -240,7 +253,10 @@ class TwoDMambaMIL(_SSMMIL):
     patches of each output, pool_k 1 being max pooling), input_ica (n: the features enter as their
     n independent components of highest kurtosis, fitted on the training patches before training;
     see :mod:`ssm2d_path.models.ica`; 0 off), input_shrink (t > 0: each input value x enters as
-    max(x - t, 0), after the ICA when there is one: only the upper tail of each component; 0 off).
+    max(x - t, 0), after the ICA when there is one: only the upper tail of each component; 0 off),
+    input_cooc ("min" or "prod", true meaning "min": next to the n transformed input channels z,
+    n * n local co-occurrence channels, max over the 4-neighbours j of op(z_i[c], z_j[d]), see
+    :mod:`ssm2d_path.models.cooc`; meant after input_ica with a few components; false off).
     """
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
