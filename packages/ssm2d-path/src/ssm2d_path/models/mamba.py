@@ -99,7 +99,7 @@ class _SSMMIL(MILModel):
                  pool: str = "attention", pool_k: int = 1, input_ica: int = 0,
                  input_shrink: float = 0.0, input_cooc: Union[bool, str] = False,
                  channel_source: Optional[str] = None, channel_pool: Optional[str] = None,
-                 pool_tau: Optional[float] = None):
+                 pool_tau: Optional[float] = None, input_ica_restarts: int = 1):
         super().__init__()
         name = type(self).__name__
         if n_layers < 1:
@@ -116,6 +116,10 @@ class _SSMMIL(MILModel):
         if isinstance(input_ica, bool) or not isinstance(input_ica, int) or not 0 <= input_ica <= in_dim:
             raise ValueError(f"{name}: input_ica must be 0 (off) or a number of components in [1, in_dim={in_dim}], "
                              f"got {input_ica!r}")
+        if isinstance(input_ica_restarts, bool) or not isinstance(input_ica_restarts, int) or input_ica_restarts < 1 or (
+                input_ica_restarts > 1 and not input_ica):
+            raise ValueError(f"{name}: input_ica_restarts must be an integer >= 1 (> 1 only with input_ica), "
+                             f"got {input_ica_restarts!r}")
         if isinstance(input_shrink, bool) or not isinstance(input_shrink, (int, float)) or not (
                 math.isfinite(input_shrink) and input_shrink >= 0):
             raise ValueError(f"{name}: input_shrink must be a finite number >= 0, got {input_shrink!r}")
@@ -155,7 +159,7 @@ class _SSMMIL(MILModel):
         # input_ica: the features enter as their input_ica independent components, fitted on the
         # training patches before training (fit_input_transform; the trainer calls it); until then
         # the transform keeps the first input_ica features.
-        self.input_ica = input_ica
+        self.input_ica, self.input_ica_restarts = input_ica, input_ica_restarts
         if input_ica:
             self.register_buffer("ica_mean", torch.zeros(in_dim))
             self.register_buffer("ica_unmix", torch.eye(in_dim, input_ica))
@@ -256,7 +260,7 @@ class _SSMMIL(MILModel):
         x = features.to(self.ica_mean.device, torch.float64)
         if self.input_norm is not None:
             x = self.input_norm(x)
-        mean, unmix, _ = fit_ica(x, self.input_ica, seed=seed)
+        mean, unmix, _ = fit_ica(x, self.input_ica, seed=seed, restarts=self.input_ica_restarts)
         self.ica_mean.copy_(mean)
         self.ica_unmix.copy_(unmix)
         self.ica_fitted.fill_(True)
@@ -336,7 +340,8 @@ class TwoDMambaMIL(_SSMMIL):
     attention; "topk": a per-patch classifier whose logits are averaged over the pool_k highest
     patches of each output, pool_k 1 being max pooling), input_ica (n: the features enter as their
     n independent components of highest kurtosis, fitted on the training patches before training;
-    see :mod:`ssm2d_path.models.ica`; 0 off), input_shrink (t > 0: each input value x enters as
+    see :mod:`ssm2d_path.models.ica`; 0 off; input_ica_restarts r: FastICA from r random starts, the
+    one of largest summed kurtosis kept, default 1), input_shrink (t > 0: each input value x enters as
     max(x - t, 0), after the ICA when there is one: only the upper tail of each component; 0 off),
     input_cooc ("min" or "prod", true meaning "min": next to the n transformed input channels z,
     n * n local co-occurrence channels, max over the 4-neighbours j of op(z_i[c], z_j[d]), see
