@@ -29,9 +29,9 @@ def fit_ica(x: Tensor, n: int, *, iters: int = 500, tol: float = 1e-8, seed: int
             successive estimates of every direction.
         seed: the random orthonormal start.
         eps: eigenvalues of the covariance below ``eps`` times the largest are treated as eps times it.
-        restarts: FastICA runs from the random starts of seeds ``seed, seed + 1, ...``; the run whose
-            components have the largest summed excess kurtosis is returned (FastICA can settle on a
-            sub-Gaussian direction, negative kurtosis, in place of a heavy-tailed one). 1: one run.
+        restarts: FastICA runs from the random starts of seeds ``seed, seed + 1, ...``; the run with the
+            largest contrast, the sum over its components of |excess kurtosis|, is returned (one run can
+            settle in a local optimum that misses a heavy-tailed direction). 1: one run.
     Returns:
         (mean (F,), unmix (F, n), kurtosis (n,)), float64: the components are ``(x - mean) @ unmix``,
         each of unit variance, uncorrelated with each other, excess kurtosis ``kurtosis`` (descending)
@@ -62,7 +62,7 @@ def fit_ica(x: Tensor, n: int, *, iters: int = 500, tol: float = 1e-8, seed: int
     for r in range(restarts):
         q = _fastica(z, n, int(seed) + r, iters, tol)
         k = (z @ q).pow(4).mean(0) - 3.0
-        if best is None or float(k.sum()) > float(best[1].sum()):
+        if best is None or float(k.abs().sum()) > float(best[1].abs().sum()):
             best = (q, k)
     q, kurt = best
     u = z @ q

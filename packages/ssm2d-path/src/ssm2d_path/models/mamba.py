@@ -341,7 +341,7 @@ class TwoDMambaMIL(_SSMMIL):
     patches of each output, pool_k 1 being max pooling), input_ica (n: the features enter as their
     n independent components of highest kurtosis, fitted on the training patches before training;
     see :mod:`ssm2d_path.models.ica`; 0 off; input_ica_restarts r: FastICA from r random starts, the
-    one of largest summed kurtosis kept, default 1), input_shrink (t > 0: each input value x enters as
+    one of largest summed |kurtosis| kept, default 1), input_shrink (t > 0: each input value x enters as
     max(x - t, 0), after the ICA when there is one: only the upper tail of each component; 0 off),
     input_cooc ("min" or "prod", true meaning "min": next to the n transformed input channels z,
     n * n local co-occurrence channels, max over the 4-neighbours j of op(z_i[c], z_j[d]), see
