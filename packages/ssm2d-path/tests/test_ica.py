@@ -152,3 +152,39 @@ def test_input_shrink_after_ica_equals_the_model_fed_the_shrunk_components():
 def test_input_shrink_out_of_range_names_the_argument(value):
     with pytest.raises(ValueError, match="input_shrink"):
         TwoDMambaMIL(10, 2, dim=8, d_inner=16, input_shrink=value)
+
+
+def test_fit_ica_restarts_keep_the_run_of_largest_summed_abs_kurtosis():
+    """restarts=r returns what the best of the r single runs (seeds seed .. seed + r - 1, summed
+    |kurtosis|) returns; restarts=1 is the single run."""
+    x, _, _ = _planted(3, n=6000, dim=10)
+    runs = [fit_ica(x, 5, seed=s, iters=30) for s in (4, 5, 6)]
+    sums = [float(k.abs().sum()) for _, _, k in runs]
+    want = runs[int(np.argmax(sums))]
+    got = fit_ica(x, 5, seed=4, iters=30, restarts=3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(fit_ica(x, 5, seed=4, iters=30, restarts=1), runs[0]):
+        torch.testing.assert_close(a, b)
+    assert float(got[2].abs().sum()) >= max(sums) - 1e-12
+
+
+def test_fit_ica_restarts_and_the_model_option_name_the_argument():
+    x = torch.randn(50, 6, dtype=torch.float64)
+    for r in (0, True, 1.5):
+        with pytest.raises(ValueError, match="restarts:"):
+            fit_ica(x, 2, restarts=r)
+    for r in (0, 2.0, True):
+        with pytest.raises(ValueError, match="input_ica_restarts"):
+            TwoDMambaMIL(6, 2, dim=8, d_inner=16, input_ica=2, input_ica_restarts=r)
+    with pytest.raises(ValueError, match="input_ica_restarts"):
+        TwoDMambaMIL(6, 2, dim=8, d_inner=16, input_ica_restarts=3)  # without input_ica
+
+
+def test_model_input_ica_restarts_fits_the_best_restart():
+    x, _, _ = _planted(4, n=4000, dim=6)
+    model = TwoDMambaMIL(6, 2, dim=8, d_inner=16, input_ica=3, input_ica_restarts=4).double()
+    model.fit_input_transform(x, seed=2)
+    mean, unmix, _ = fit_ica(x, 3, seed=2, restarts=4)
+    torch.testing.assert_close(model.ica_unmix, unmix)
+    torch.testing.assert_close(model.ica_mean, mean)

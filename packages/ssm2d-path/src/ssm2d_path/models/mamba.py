@@ -35,6 +35,7 @@ from ssm2d_nn.layers import TwoDMambaLayer
 from ..bag import Bag, SlideGrid
 from .base import MILModel, MILOutput
 from .common import GatedAttention, check_bag, embed_patches, embedding, init_linear_
+from .cooc import COOC_OPS, neighbour_cooc
 
 __all__ = ["M2DMIL", "MambaMIL", "TwoDMambaMIL"]
 
@@ -83,7 +84,9 @@ def _norm_to_grid(norm: nn.RMSNorm, h: Tensor) -> Tensor:
     return norm(h)
 
 
-POOLS = ("attention", "topk")
+POOLS = ("attention", "topk", "channels")
+CHANNEL_SOURCES = ("input", "hidden", "both")
+CHANNEL_POOLS = ("topk", "lme")
 
 
 class _SSMMIL(MILModel):
@@ -94,7 +97,9 @@ class _SSMMIL(MILModel):
                  d_conv: Union[int, tuple[int, int]] = 3, attn_dim: int = 128, backend: str = "auto",
                  checkpoint: Union[bool, str] = "auto", input_norm: bool = False, local_mix: int = 0,
                  pool: str = "attention", pool_k: int = 1, input_ica: int = 0,
-                 input_shrink: float = 0.0):
+                 input_shrink: float = 0.0, input_cooc: Union[bool, str] = False,
+                 channel_source: Optional[str] = None, channel_pool: Optional[str] = None,
+                 pool_tau: Optional[float] = None, input_ica_restarts: int = 1):
         super().__init__()
         name = type(self).__name__
         if n_layers < 1:
@@ -111,11 +116,41 @@ class _SSMMIL(MILModel):
         if isinstance(input_ica, bool) or not isinstance(input_ica, int) or not 0 <= input_ica <= in_dim:
             raise ValueError(f"{name}: input_ica must be 0 (off) or a number of components in [1, in_dim={in_dim}], "
                              f"got {input_ica!r}")
+        if isinstance(input_ica_restarts, bool) or not isinstance(input_ica_restarts, int) or input_ica_restarts < 1 or (
+                input_ica_restarts > 1 and not input_ica):
+            raise ValueError(f"{name}: input_ica_restarts must be an integer >= 1 (> 1 only with input_ica), "
+                             f"got {input_ica_restarts!r}")
         if isinstance(input_shrink, bool) or not isinstance(input_shrink, (int, float)) or not (
                 math.isfinite(input_shrink) and input_shrink >= 0):
             raise ValueError(f"{name}: input_shrink must be a finite number >= 0, got {input_shrink!r}")
+        if input_cooc is True:
+            input_cooc = "min"
+        if input_cooc is not False and input_cooc not in COOC_OPS:
+            raise ValueError(f"{name}: input_cooc must be false (off), true (= 'min') or one of "
+                             f"{', '.join(COOC_OPS)}, got {input_cooc!r}")
+        if pool != "channels":
+            for arg, val in (("channel_source", channel_source), ("channel_pool", channel_pool), ("pool_tau", pool_tau)):
+                if val is not None:
+                    raise ValueError(f"{name}: {arg} is an argument of pool='channels' (pool is {pool!r}), got {val!r}")
+        else:
+            channel_source = "hidden" if channel_source is None else channel_source
+            channel_pool = "topk" if channel_pool is None else channel_pool
+            if channel_source not in CHANNEL_SOURCES:
+                raise ValueError(f"{name}: channel_source must be one of {', '.join(CHANNEL_SOURCES)}, "
+                                 f"got {channel_source!r}")
+            if channel_pool not in CHANNEL_POOLS:
+                raise ValueError(f"{name}: channel_pool must be one of {', '.join(CHANNEL_POOLS)}, got {channel_pool!r}")
+            if channel_pool != "lme" and pool_tau is not None:
+                raise ValueError(f"{name}: pool_tau is the temperature of channel_pool='lme' (channel_pool is "
+                                 f"{channel_pool!r}), got {pool_tau!r}")
+            pool_tau = 1.0 if pool_tau is None else pool_tau
+            if isinstance(pool_tau, bool) or not isinstance(pool_tau, (int, float)) or not (
+                    math.isfinite(pool_tau) and pool_tau > 0):
+                raise ValueError(f"{name}: pool_tau must be a finite number > 0, got {pool_tau!r}")
         self.in_dim, self.n_outputs = in_dim, n_outputs
         self.pool_name, self.pool_k = pool, pool_k
+        self.channel_source, self.channel_pool = channel_source, channel_pool
+        self.pool_tau = None if pool_tau is None else float(pool_tau)
         self.input_shrink = float(input_shrink)
         # Options (off by default, i.e. the published model): a LayerNorm of the input features (no
         # affine), a dense local_mix x local_mix convolution of the embedded grid before the SSM layers
@@ -124,21 +159,36 @@ class _SSMMIL(MILModel):
         # input_ica: the features enter as their input_ica independent components, fitted on the
         # training patches before training (fit_input_transform; the trainer calls it); until then
         # the transform keeps the first input_ica features.
-        self.input_ica = input_ica
+        self.input_ica, self.input_ica_restarts = input_ica, input_ica_restarts
         if input_ica:
             self.register_buffer("ica_mean", torch.zeros(in_dim))
             self.register_buffer("ica_unmix", torch.eye(in_dim, input_ica))
             self.register_buffer("ica_fitted", torch.zeros((), dtype=torch.bool))
-        self.embed = embedding(input_ica or in_dim, dim, dropout)
+        # input_cooc: next to the (transformed) inputs z (N, n), their n * n co-occurrences with the
+        # 4-neighbours' (models/cooc.py: max over neighbours j of op(z_i[c], z_j[d])), before the embedding.
+        self.input_cooc = input_cooc or None
+        n_in = input_ica or in_dim
+        self.embed = embedding(n_in + (n_in * n_in if self.input_cooc else 0), dim, dropout)
         self.local = nn.Conv2d(dim, dim, local_mix, padding=local_mix // 2) if local_mix else None
         self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=1e-5) for _ in range(n_layers))
         self.layers = nn.ModuleList(
             TwoDMambaLayer(dim, d_inner, d_state, dt_rank, d_conv, scan=scan, backend=backend, checkpoint=checkpoint)
             for _ in range(n_layers))
-        self.norm = nn.LayerNorm(dim)
         self.pool = GatedAttention(dim, attn_dim) if pool == "attention" else None
-        self.classifier = nn.Linear(dim, n_outputs)
-        init_linear_(self.embed, self.classifier, *([self.pool] if self.pool is not None else []))
+        if pool == "channels":
+            # pool="channels": each per-patch channel (the model's transformed input x, its residual
+            # stream h after the SSM layers, or both) is pooled over the bag's patches on its own, and a
+            # linear layer, zero at the start, reads the pooled channels (see channel_readout).
+            self.norm = None
+            n_read = {"input": self.embed[0].in_features, "hidden": dim}
+            self.classifier = nn.Linear(sum(n_read[s] for s in n_read if channel_source in (s, "both")), n_outputs)
+            init_linear_(self.embed)
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
+        else:
+            self.norm = nn.LayerNorm(dim)
+            self.classifier = nn.Linear(dim, n_outputs)
+            init_linear_(self.embed, self.classifier, *([self.pool] if self.pool is not None else []))
 
     @property
     def scan_backend(self) -> Optional[str]:
@@ -147,20 +197,40 @@ class _SSMMIL(MILModel):
 
     def forward(self, bag: Bag) -> MILOutput:
         check_bag(self, bag)
-        dev = bag.features.device.type
-        x = self._transform_input(bag.features)
-        h = embed_patches(self.embed, x)
-        if torch.is_autocast_enabled(dev):
-            h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
-        if self.local is not None:
-            h = torch.cat([self._local(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
-        h = torch.cat([self._mix(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
+        x = self._model_input(bag)
+        if self.pool_name == "channels":
+            parts = [x] if self.channel_source in ("input", "both") else []
+            if self.channel_source in ("hidden", "both"):
+                parts.append(self._hidden(bag, x))
+            u = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            return channel_readout(u, self.classifier, self.channel_pool, self.pool_k, self.pool_tau)
+        h = self._hidden(bag, x)
         if self.pool is None:
             return topk_instance_pool(self.classifier(self.norm(h)), self.pool_k)
         # One low-precision copy of the normed patches under autocast: attention_v, attention_u and
         # the pooling matmul would each cast (and save) their own bf16 copy of a float32 input.
         scores, pooled = self.pool(_to_autocast_dtype(self.norm(h)))
         return MILOutput(self.classifier(pooled)[None], scores)
+
+    def _model_input(self, bag: Bag) -> Tensor:
+        """(N, n_in): the bag's features after the input transform, with the co-occurrence channels
+        (input_cooc) appended: what the embedding reads."""
+        x = self._transform_input(bag.features)
+        if self.input_cooc:
+            x = torch.cat([x, torch.cat([neighbour_cooc(slide, xs, self.input_cooc)
+                                         for slide, xs in zip(bag.slides, bag.split(x))])], 1)
+        return x
+
+    def _hidden(self, bag: Bag, x: Tensor) -> Tensor:
+        """(N, dim): the residual stream after the SSM layers (before the final LayerNorm) for the
+        model input ``x`` of :meth:`_model_input`."""
+        dev = bag.features.device.type
+        h = embed_patches(self.embed, x)
+        if torch.is_autocast_enabled(dev):
+            h = h.float()  # the residual stream stays float32 (N x dim, small); the grids go low-precision
+        if self.local is not None:
+            h = torch.cat([self._local(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
+        return torch.cat([self._mix(slide, hs) for slide, hs in zip(bag.slides, bag.split(h))])
 
     def _transform_input(self, x: Tensor) -> Tensor:
         """input_norm, then the ICA transform, where the model has them."""
@@ -190,7 +260,7 @@ class _SSMMIL(MILModel):
         x = features.to(self.ica_mean.device, torch.float64)
         if self.input_norm is not None:
             x = self.input_norm(x)
-        mean, unmix, _ = fit_ica(x, self.input_ica, seed=seed)
+        mean, unmix, _ = fit_ica(x, self.input_ica, seed=seed, restarts=self.input_ica_restarts)
         self.ica_mean.copy_(mean)
         self.ica_unmix.copy_(unmix)
         self.ica_fitted.fill_(True)
@@ -224,6 +294,37 @@ def topk_instance_pool(patch_logits: Tensor, k: int) -> MILOutput:
     return MILOutput(logits, patch_logits[:, int(logits.argmax(dim=1))])
 
 
+def pool_channels(u: Tensor, how: str, k: int = 1, tau: float = 1.0) -> Tensor:
+    """Pools each channel of per-patch values ``u`` (N, C) over the N patches on its own -> (C,).
+
+    ``how``: "topk", the mean of the ``k`` largest values of the channel (all N when N < k; k = 1 is the
+    maximum); "lme", the log-mean-exp ``log(mean_i exp(tau * u[i, c])) / tau`` (a soft maximum: the mean
+    as tau -> 0, the maximum as tau -> inf). Computed in float32 at least.
+    Raises ValueError naming ``u``, ``how``, ``k`` or ``tau``."""
+    if how not in CHANNEL_POOLS:
+        raise ValueError(f"how: must be one of {', '.join(CHANNEL_POOLS)}, got {how!r}")
+    if not isinstance(u, Tensor) or u.dim() != 2 or u.shape[0] < 1:
+        raise ValueError(f"u: expected an (N, C) tensor with N >= 1, got {getattr(u, 'shape', type(u).__name__)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: must be an integer >= 1, got {k!r}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau: must be a finite number > 0, got {tau!r}")
+    ua = u if u.dtype == torch.float64 else u.float()
+    if how == "topk":
+        return ua.topk(min(k, ua.shape[0]), dim=0).values.mean(0)
+    return (torch.logsumexp(tau * ua, dim=0) - math.log(ua.shape[0])) / tau
+
+
+def channel_readout(u: Tensor, classifier: nn.Linear, how: str, k: int = 1, tau: float = 1.0) -> MILOutput:
+    """The bag logits ``classifier(pool_channels(u))`` (1, n_outputs) for per-patch channels ``u``
+    (N, C); scores: each patch's ``u_i . w`` with w the classifier's weight row of the class the bag
+    predicts (what the patch's channels weigh towards that class where they are pooled)."""
+    pooled = pool_channels(u, how, k, tau)
+    logits = classifier(pooled.to(classifier.weight.dtype))[None]
+    w = classifier.weight[int(logits.argmax(dim=1))]
+    return MILOutput(logits, u.to(w.dtype) @ w)
+
+
 class TwoDMambaMIL(_SSMMIL):
     """2DMambaMIL: the 2DMamba scan (rows then columns) on each slide's tissue-cropped grid.
 
@@ -239,8 +340,19 @@ class TwoDMambaMIL(_SSMMIL):
     attention; "topk": a per-patch classifier whose logits are averaged over the pool_k highest
     patches of each output, pool_k 1 being max pooling), input_ica (n: the features enter as their
     n independent components of highest kurtosis, fitted on the training patches before training;
-    see :mod:`ssm2d_path.models.ica`; 0 off), input_shrink (t > 0: each input value x enters as
-    max(x - t, 0), after the ICA when there is one: only the upper tail of each component; 0 off).
+    see :mod:`ssm2d_path.models.ica`; 0 off; input_ica_restarts r: FastICA from r random starts, the
+    one of largest summed |kurtosis| kept, default 1), input_shrink (t > 0: each input value x enters as
+    max(x - t, 0), after the ICA when there is one: only the upper tail of each component; 0 off),
+    input_cooc ("min" or "prod", true meaning "min": next to the n transformed input channels z,
+    n * n local co-occurrence channels, max over the 4-neighbours j of op(z_i[c], z_j[d]), see
+    :mod:`ssm2d_path.models.cooc`; meant after input_ica with a few components; false off).
+    pool="channels": a per-channel bag read-out: every per-patch channel named by channel_source
+    ("hidden", the default: the dim channels of the residual stream after the SSM layers, before the
+    final LayerNorm; "input": the model's input channels, i.e. the transformed features and their
+    co-occurrences, without the SSM; "both") is pooled over the bag's patches on its own by
+    channel_pool ("topk", the default: mean of the pool_k largest values; "lme": log-mean-exp at
+    temperature pool_tau, default 1) and a linear layer (zero-initialised) reads the pooled channels;
+    see :func:`pool_channels`, :func:`channel_readout`.
     """
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,

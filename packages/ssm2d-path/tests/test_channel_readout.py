@@ -1,0 +1,190 @@
+"""2DMambaMIL's per-channel bag read-out (pool="channels"): pool_channels, channel_readout, the model option."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ssm2d_path.bag import Bag, SlideGrid
+from ssm2d_path.models import M2DMIL, MambaMIL, TwoDMambaMIL
+from ssm2d_path.models.mamba import pool_channels
+
+
+def _slide(seed, dim=3, shape=(5, 7), fill=0.6, stride=256):
+    """A random tissue mask on a small grid, patches in a random order, Gaussian features (float64)."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.nonzero(rng.random(shape) < fill)
+    perm = rng.permutation(len(rows))
+    rows, cols = rows[perm], cols[perm]
+    coords = np.stack([cols * stride, rows * stride], 1) + np.array([1000, 3000])
+    return SlideGrid.from_coords(f"s{seed}", torch.from_numpy(rng.normal(size=(len(rows), dim))), coords, stride)
+
+
+def _cooc_reference(coords, stride, z):
+    """min co-occurrences by loops over level-0 coordinates (as in test_cooc)."""
+    num, n = z.shape
+    out = np.zeros((num, n * n))
+    where = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
+    for i, (x, y) in enumerate(coords):
+        nbs = [where[p] for p in ((x - stride, y), (x + stride, y), (x, y - stride), (x, y + stride)) if p in where]
+        for c in range(n):
+            for d in range(n):
+                out[i, c * n + d] = max(min(z[i, c], z[j, d]) for j in nbs) if nbs else 0.0
+    return out
+
+
+def _pool_reference(u, how, k=1, tau=1.0):
+    """Per channel, by plain Python: mean of the k largest values, or log(mean exp(tau u)) / tau."""
+    u = np.asarray(u, dtype=np.float64)
+    out = []
+    for c in range(u.shape[1]):
+        col = sorted((float(v) for v in u[:, c]), reverse=True)
+        if how == "topk":
+            top = col[:k]
+            out.append(sum(top) / len(top))
+        else:
+            m = col[0]
+            out.append((tau * m + math.log(sum(math.exp(tau * (v - m)) for v in col) / len(col))) / tau)
+    return np.array(out)
+
+
+def _readout_reference(u, weight, bias, how, k=1, tau=1.0):
+    pooled = _pool_reference(u, how, k, tau)
+    logits = np.asarray(weight, dtype=np.float64) @ pooled + np.asarray(bias, dtype=np.float64)
+    w = np.asarray(weight, dtype=np.float64)[int(np.argmax(logits))]
+    return logits, np.asarray(u, dtype=np.float64) @ w
+
+
+@pytest.mark.parametrize("how,k,tau", [("topk", 1, 1.0), ("topk", 3, 1.0), ("topk", 50, 1.0),
+                                       ("lme", 1, 0.5), ("lme", 1, 4.0), ("lme", 1, 40.0)])
+def test_pool_channels_matches_the_loop_reference(how, k, tau):
+    u = torch.from_numpy(np.random.default_rng(k + int(tau)).normal(size=(23, 5)) * 3)
+    got = pool_channels(u, how, k, tau)
+    assert got.shape == (5,) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), _pool_reference(u.numpy(), how, k, tau), rtol=1e-12, atol=1e-12)
+
+
+def test_pool_channels_limits():
+    u = torch.randn(40, 3, dtype=torch.float64)
+    torch.testing.assert_close(pool_channels(u, "topk", 1), u.max(0).values)
+    torch.testing.assert_close(pool_channels(u, "topk", 40), u.mean(0))
+    torch.testing.assert_close(pool_channels(u, "lme", tau=1e-6), u.mean(0), rtol=0, atol=1e-5)
+    assert torch.all((pool_channels(u, "lme", tau=1e3) - u.max(0).values).abs() < 1e-2)
+    assert pool_channels(u.float(), "lme", tau=1e3).isfinite().all()  # no overflow in float32
+
+
+def test_pool_channels_fails_loudly():
+    u = torch.randn(5, 2)
+    for kwargs, name in (({"how": "max"}, "how:"), ({"how": "topk", "k": 0}, "k:"), ({"how": "topk", "k": 1.5}, "k:"),
+                         ({"how": "lme", "tau": 0.0}, "tau:"), ({"how": "lme", "tau": float("inf")}, "tau:")):
+        with pytest.raises(ValueError, match=name):
+            pool_channels(u, **kwargs)
+    with pytest.raises(ValueError, match="u:"):
+        pool_channels(u[:, 0], "topk")
+    with pytest.raises(ValueError, match="u:"):
+        pool_channels(u[:0], "topk")
+
+
+def _randomise_classifier(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=g, dtype=torch.float64))
+        model.classifier.bias.copy_(torch.randn(model.classifier.bias.shape, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("how,k,tau", [("topk", 3, None), ("lme", 3, 2.0)])
+def test_input_channels_readout_equals_the_loop_reference(how, k, tau):
+    """source "input" with input_ica and input_cooc: the pooled [z, co-occurrences of z] of a two-slide
+    bag (pooled over both slides' patches) through the classifier, computed by loops in float64."""
+    torch.manual_seed(0)
+    extra = {"pool_tau": tau} if tau is not None else {}
+    model = TwoDMambaMIL(6, 2, dim=8, d_inner=16, d_state=4, input_ica=2, input_cooc="min", pool="channels",
+                         channel_source="input", channel_pool=how, pool_k=k, **extra).double().eval()
+    model.fit_input_transform(torch.randn(500, 6, dtype=torch.float64), seed=1)
+    assert model.classifier.in_features == 2 + 4
+    assert torch.all(model.classifier.weight == 0) and torch.all(model.classifier.bias == 0)
+    _randomise_classifier(model)
+    slides = [_slide(20, dim=6), _slide(21, dim=6, shape=(4, 9))]
+    u = []
+    for s in slides:
+        z = ((s.features - model.ica_mean) @ model.ica_unmix).numpy()
+        u.append(np.concatenate([z, _cooc_reference(s.coords, s.stride, z)], 1))
+    u = np.concatenate(u)
+    out = model(Bag("a", slides))
+    logits, scores = _readout_reference(u, model.classifier.weight.detach(), model.classifier.bias.detach(),
+                                        how, k, tau or 1.0)
+    np.testing.assert_allclose(out.logits.detach().numpy()[0], logits, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(out.scores.detach().numpy(), scores, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [TwoDMambaMIL, M2DMIL, MambaMIL])
+@pytest.mark.parametrize("source", ["hidden", "both"])
+def test_hidden_channels_are_the_published_models_residual_stream(cls, source):
+    """source "hidden" reads h, the residual stream that the attention-pooled model (same weights)
+    normalises and pools: the attention model's output recomputed from h equals its forward; the read-out
+    on [x, h] or h equals the loop reference."""
+    torch.manual_seed(2)
+    kw = dict(dim=8, d_inner=16, d_state=4)
+    model = cls(5, 3, **kw, pool="channels", channel_source=source, pool_k=2).double().eval()
+    _randomise_classifier(model, 3)
+    published = cls(5, 3, **kw).double().eval()
+    published.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("classifier")},
+                              strict=False)
+    bag = Bag("b", [_slide(40, dim=5), _slide(41, dim=5, shape=(6, 4))])
+    x = model._model_input(bag)
+    h = model._hidden(bag, x)
+    scores, pooled = published.pool(published.norm(h))
+    want = published(bag)
+    torch.testing.assert_close(published.classifier(pooled)[None], want.logits)
+    torch.testing.assert_close(scores, want.scores)
+    u = torch.cat([x, h], 1) if source == "both" else h
+    assert model.classifier.in_features == u.shape[1]
+    out = model(bag)
+    logits, ref_scores = _readout_reference(u.detach().numpy(), model.classifier.weight.detach(),
+                                            model.classifier.bias.detach(), "topk", 2)
+    np.testing.assert_allclose(out.logits.detach().numpy()[0], logits, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(out.scores.detach().numpy(), ref_scores, rtol=1e-10, atol=1e-10)
+
+
+def test_channel_readout_trains_the_ssm_layer():
+    """From the zero classifier, one step gives the classifier a gradient; after it, the SSM layer and
+    the embedding get one too (source hidden)."""
+    torch.manual_seed(4)
+    model = TwoDMambaMIL(3, 2, dim=8, d_inner=16, d_state=4, pool="channels")
+    s = _slide(50, dim=3)
+    bag = Bag("c", [SlideGrid.from_coords("f", s.features.float(), s.coords, s.stride)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(bag).logits, torch.tensor([1])).backward()
+        assert model.classifier.weight.grad.abs().sum() > 0
+        if step == 1:
+            for p in (model.embed[0].weight, next(model.layers[0].parameters())):
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+        opt.step()
+
+
+def test_default_model_is_unchanged_by_the_option():
+    m = TwoDMambaMIL(4, 2, dim=8, d_inner=16)
+    assert m.pool_name == "attention" and m.channel_source is None and isinstance(m.norm, torch.nn.LayerNorm)
+    assert m.classifier.in_features == 8
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"pool": "channels", "channel_source": "output"}, "channel_source"),
+    ({"pool": "channels", "channel_pool": "max"}, "channel_pool"),
+    ({"pool": "channels", "channel_pool": "lme", "pool_tau": 0}, "pool_tau"),
+    ({"pool": "channels", "channel_pool": "lme", "pool_tau": True}, "pool_tau"),
+    ({"pool": "channels", "channel_pool": "topk", "pool_tau": 2.0}, "pool_tau"),
+    ({"pool": "channels", "pool_k": 0}, "pool_k"),
+    ({"pool": "attention", "channel_source": "input"}, "channel_source"),
+    ({"pool": "topk", "channel_pool": "lme"}, "channel_pool"),
+    ({"pool_tau": 1.0}, "pool_tau"),
+    ({"pool": "channel"}, "pool"),
+])
+def test_bad_readout_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TwoDMambaMIL(6, 2, dim=8, d_inner=16, **kwargs)
