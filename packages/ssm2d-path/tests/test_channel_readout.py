@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _cooc_ref import cooc_reference, random_slide  # noqa: E402
+
 from ssm2d_path.bag import Bag, SlideGrid
 from ssm2d_path.models import M2DMIL, MambaMIL, TwoDMambaMIL
 from ssm2d_path.models.mamba import pool_channels
-
-
-def _slide(seed, dim=3, shape=(5, 7), fill=0.6, stride=256):
-    """A random tissue mask on a small grid, patches in a random order, Gaussian features (float64)."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.nonzero(rng.random(shape) < fill)
-    perm = rng.permutation(len(rows))
-    rows, cols = rows[perm], cols[perm]
-    coords = np.stack([cols * stride, rows * stride], 1) + np.array([1000, 3000])
-    return SlideGrid.from_coords(f"s{seed}", torch.from_numpy(rng.normal(size=(len(rows), dim))), coords, stride)
-
-
-def _cooc_reference(coords, stride, z):
-    """min co-occurrences by loops over level-0 coordinates (as in test_cooc)."""
-    num, n = z.shape
-    out = np.zeros((num, n * n))
-    where = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
-    for i, (x, y) in enumerate(coords):
-        nbs = [where[p] for p in ((x - stride, y), (x + stride, y), (x, y - stride), (x, y + stride)) if p in where]
-        for c in range(n):
-            for d in range(n):
-                out[i, c * n + d] = max(min(z[i, c], z[j, d]) for j in nbs) if nbs else 0.0
-    return out
 
 
 def _pool_reference(u, how, k=1, tau=1.0):
@@ -107,11 +89,11 @@ def test_input_channels_readout_equals_the_loop_reference(how, k, tau):
     assert model.classifier.in_features == 2 + 4
     assert torch.all(model.classifier.weight == 0) and torch.all(model.classifier.bias == 0)
     _randomise_classifier(model)
-    slides = [_slide(20, dim=6), _slide(21, dim=6, shape=(4, 9))]
+    slides = [random_slide(20, dim=6), random_slide(21, dim=6, shape=(4, 9))]
     u = []
     for s in slides:
         z = ((s.features - model.ica_mean) @ model.ica_unmix).numpy()
-        u.append(np.concatenate([z, _cooc_reference(s.coords, s.stride, z)], 1))
+        u.append(np.concatenate([z, cooc_reference(s.coords, s.stride, z)], 1))
     u = np.concatenate(u)
     out = model(Bag("a", slides))
     logits, scores = _readout_reference(u, model.classifier.weight.detach(), model.classifier.bias.detach(),
@@ -133,7 +115,7 @@ def test_hidden_channels_are_the_published_models_residual_stream(cls, source):
     published = cls(5, 3, **kw).double().eval()
     published.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("classifier")},
                               strict=False)
-    bag = Bag("b", [_slide(40, dim=5), _slide(41, dim=5, shape=(6, 4))])
+    bag = Bag("b", [random_slide(40, dim=5), random_slide(41, dim=5, shape=(6, 4))])
     x = model._model_input(bag)
     h = model._hidden(bag, x)
     scores, pooled = published.pool(published.norm(h))
@@ -154,7 +136,7 @@ def test_channel_readout_trains_the_ssm_layer():
     the embedding get one too (source hidden)."""
     torch.manual_seed(4)
     model = TwoDMambaMIL(3, 2, dim=8, d_inner=16, d_state=4, pool="channels")
-    s = _slide(50, dim=3)
+    s = random_slide(50, dim=3)
     bag = Bag("c", [SlideGrid.from_coords("f", s.features.float(), s.coords, s.stride)])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(2):

@@ -2,48 +2,29 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _cooc_ref import cooc_reference, random_slide  # noqa: E402
 
 from ssm2d_path.bag import Bag, SlideGrid
 from ssm2d_path.models import TwoDMambaMIL
 from ssm2d_path.models.cooc import neighbour_cooc, neighbour_index
 
 
-def _slide(seed, dim=3, shape=(5, 7), fill=0.6, stride=256):
-    """A random tissue mask on a small grid, patches in a random order, Gaussian features."""
-    rng = np.random.default_rng(seed)
-    rows, cols = np.nonzero(rng.random(shape) < fill)
-    perm = rng.permutation(len(rows))
-    rows, cols = rows[perm], cols[perm]
-    coords = np.stack([cols * stride, rows * stride], 1) + np.array([1000, 3000])
-    return SlideGrid.from_coords(f"s{seed}", torch.from_numpy(rng.normal(size=(len(rows), dim))), coords, stride)
-
-
-def _reference(coords, stride, z, op):
-    """Slow loops straight from the definition: neighbours found by comparing level-0 coordinates."""
-    z = np.asarray(z, dtype=np.float64)
-    num, n = z.shape
-    out = np.zeros((num, n * n))
-    where = {(int(x), int(y)): i for i, (x, y) in enumerate(coords)}
-    for i, (x, y) in enumerate(coords):
-        nbs = [where[p] for p in ((x - stride, y), (x + stride, y), (x, y - stride), (x, y + stride)) if p in where]
-        for c in range(n):
-            for d in range(n):
-                vals = [min(z[i, c], z[j, d]) if op == "min" else z[i, c] * z[j, d] for j in nbs]
-                out[i, c * n + d] = max(vals) if vals else 0.0
-    return out
-
-
 @pytest.mark.parametrize("op", ["min", "prod"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_neighbour_cooc_matches_the_loop_reference(op, seed):
-    s = _slide(100 + seed, dim=3, fill=0.55 + 0.1 * seed)
+    s = random_slide(100 + seed, dim=3, fill=0.55 + 0.1 * seed)
     z = torch.from_numpy(np.random.default_rng(seed).normal(size=(s.num_patches, 3)))
     got = neighbour_cooc(s, z, op)
     assert got.shape == (s.num_patches, 9) and got.dtype == z.dtype
-    np.testing.assert_allclose(got.numpy(), _reference(s.coords, s.stride, z.numpy(), op), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.numpy(), cooc_reference(s.coords, s.stride, z.numpy(), op), rtol=0, atol=1e-12)
     # a lone patch (no tissue neighbour) really occurs in some of these grids and gets 0
     lone = (neighbour_index(s) < 0).all(1)
     assert torch.all(got[lone] == 0)
@@ -51,7 +32,7 @@ def test_neighbour_cooc_matches_the_loop_reference(op, seed):
 
 def test_neighbour_cooc_finds_a_planted_pair():
     """An "A" value next to a "B" value lights up channel (A, B) at the A cell and (B, A) at the B cell."""
-    s = _slide(7, dim=2, shape=(6, 6), fill=1.0)
+    s = random_slide(7, dim=2, shape=(6, 6), fill=1.0)
     z = torch.zeros(s.num_patches, 2, dtype=torch.float64)
     at = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(s.rows, s.cols))}
     ia, ib = at[(2, 3)], at[(2, 4)]
@@ -64,7 +45,7 @@ def test_neighbour_cooc_finds_a_planted_pair():
 
 
 def test_neighbour_cooc_is_invariant_under_rotations_and_flips():
-    s = _slide(11, dim=2)
+    s = random_slide(11, dim=2)
     z = torch.randn(s.num_patches, 2, dtype=torch.float64)
     x, y = s.coords[:, 0], s.coords[:, 1]
     for coords in (np.stack([y, -x], 1), np.stack([-x, y], 1), np.stack([y, x], 1)):
@@ -73,7 +54,7 @@ def test_neighbour_cooc_is_invariant_under_rotations_and_flips():
 
 
 def test_neighbour_cooc_fails_loudly_on_bad_input():
-    s = _slide(3)
+    s = random_slide(3)
     z = torch.randn(s.num_patches, 2)
     with pytest.raises(ValueError, match="op:"):
         neighbour_cooc(s, z, "max")
@@ -104,11 +85,11 @@ def test_input_cooc_forward_equals_the_model_fed_the_cooc_features(op):
     model.fit_input_transform(torch.randn(500, 6, dtype=torch.float64), seed=1)
     plain = TwoDMambaMIL(2 + 4, 2, dim=8, d_inner=16, d_state=4).double().eval()
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("ica_")})
-    slides = [_slide(20, dim=6), _slide(21, dim=6, shape=(4, 9))]
+    slides = [random_slide(20, dim=6), random_slide(21, dim=6, shape=(4, 9))]
     fed = []
     for s in slides:
         z = ((s.features - model.ica_mean) @ model.ica_unmix).numpy()
-        ref = _reference(s.coords, s.stride, z, "prod" if op == "prod" else "min")
+        ref = cooc_reference(s.coords, s.stride, z, "prod" if op == "prod" else "min")
         fed.append(SlideGrid.from_coords(s.slide_id, torch.from_numpy(np.concatenate([z, ref], 1)), s.coords, s.stride))
     out, want = model(Bag("a", slides)), plain(Bag("a", fed))
     torch.testing.assert_close(out.logits, want.logits)
@@ -119,7 +100,7 @@ def test_input_cooc_without_ica_uses_the_raw_features_and_trains():
     torch.manual_seed(1)
     model = TwoDMambaMIL(3, 2, dim=8, d_inner=16, d_state=4, input_cooc="min")
     assert model.embed[0].in_features == 3 + 9
-    bag = Bag("b", [_slide(30, dim=3)])
+    bag = Bag("b", [random_slide(30, dim=3)])
     bag = Bag("b", [SlideGrid.from_coords("f", bag.slides[0].features.float(), bag.slides[0].coords, 256)])
     loss = torch.nn.functional.cross_entropy(model(bag).logits, torch.tensor([1]))
     loss.backward()
