@@ -131,6 +131,41 @@ def test_hidden_channels_are_the_published_models_residual_stream(cls, source):
     np.testing.assert_allclose(out.scores.detach().numpy(), ref_scores, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("cls", [TwoDMambaMIL, M2DMIL, MambaMIL])
+def test_ssm_input_features_reads_the_features_in_the_ssm_and_the_components_in_the_readout(cls):
+    """ssm_input="features": the hidden channels are the residual stream of the published model (same
+    SSM weights) on the raw features; the input channels are the ICA components and their
+    co-occurrences (loop reference); the read-out on [input, hidden] equals the loop reference."""
+    torch.manual_seed(5)
+    kw = dict(dim=8, d_inner=16, d_state=4)
+    model = cls(5, 2, **kw, pool="channels", channel_source="both", pool_k=2, input_ica=2, input_cooc="min",
+                ssm_input="features").double().eval()
+    _randomise_classifier(model, 2)
+    unmix = torch.randn(5, 2, dtype=torch.float64)
+    mean = torch.randn(5, dtype=torch.float64)
+    model.ica_unmix.copy_(unmix)
+    model.ica_mean.copy_(mean)
+    assert model.embed[0].in_features == 5 and model.classifier.in_features == 2 + 4 + 8
+    published = cls(5, 2, **kw).double().eval()
+    published.load_state_dict({k: v for k, v in model.state_dict().items()
+                               if not k.startswith(("classifier", "ica_"))}, strict=False)
+    slides = [random_slide(42, dim=5), random_slide(43, dim=5, shape=(5, 7))]
+    bag = Bag("d", slides)
+    h = published._hidden(bag, bag.features)  # the published model's residual stream on the raw features
+    scores, pooled = published.pool(published.norm(h))
+    torch.testing.assert_close(published.classifier(pooled)[None], published(bag).logits)
+    parts = []
+    for s in slides:
+        z = ((s.features.double() - mean) @ unmix).numpy()
+        parts.append(np.concatenate([z, cooc_reference(s.coords, s.stride, z)], 1))
+    u = np.concatenate([np.concatenate(parts), h.detach().numpy()], 1)
+    out = model(bag)
+    logits, ref_scores = _readout_reference(u, model.classifier.weight.detach(), model.classifier.bias.detach(),
+                                            "topk", 2)
+    np.testing.assert_allclose(out.logits.detach().numpy()[0], logits, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(out.scores.detach().numpy(), ref_scores, rtol=1e-10, atol=1e-10)
+
+
 def test_channel_readout_trains_the_ssm_layer():
     """From the zero classifier, one step gives the classifier a gradient; after it, the SSM layer and
     the embedding get one too (source hidden)."""
@@ -166,6 +201,9 @@ def test_default_model_is_unchanged_by_the_option():
     ({"pool": "topk", "channel_pool": "lme"}, "channel_pool"),
     ({"pool_tau": 1.0}, "pool_tau"),
     ({"pool": "channel"}, "pool"),
+    ({"pool": "channels", "ssm_input": "raw"}, "ssm_input"),
+    ({"pool": "channels", "channel_source": "input", "ssm_input": "features"}, "ssm_input"),
+    ({"ssm_input": "features"}, "ssm_input"),
 ])
 def test_bad_readout_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -96,7 +96,8 @@ def test_manifest_contents(tmp_path):
 
 
 def test_real_model_kwargs_follow_kwargs_to_the_base_class():
-    cfg = parse_config({"model": {"name": "2dmambamil", "dim": 16, "d_state": 4, "backend": "reference"}})
+    cfg = parse_config({"model": {"name": "2dmambamil", "dim": 16, "d_state": 4, "backend": "reference"},
+                        "train": {"recipe": "paper"}})
     assert cfg.model.kwargs == {"dim": 16, "d_state": 4, "backend": "reference"}
     with pytest.raises(ConfigError, match=r"model\.dimm: unknown argument of TwoDMambaMIL; allowed keys of model: "
                                           r"name, dim, d_inner, d_state"):

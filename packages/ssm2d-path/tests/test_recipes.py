@@ -43,6 +43,33 @@ def test_recipe_fills_only_the_keys_not_given_and_is_recorded():
     assert parse_config(default.to_dict()) == default
 
 
+@pytest.mark.parametrize("name", ["2dmambamil", "m2dmil", "mambamil"])
+def test_default_recipe_gives_the_ssm_models_the_local_pairs_readout_as_one_set(name):
+    from ssm2d_path.recipes import LOCAL_PAIRS
+
+    cfg = parse_config({"model": {"name": name, "dim": 16}})
+    assert cfg.model.kwargs == {"dim": 16, **LOCAL_PAIRS}
+    assert run_config(cfg, feature_dim=8)["model"]["ssm_input"] == "features"  # recorded
+    # a config that gives any key of the set chooses its own model: none of the others is added
+    own = parse_config({"model": {"name": name, "pool": "attention"}})
+    assert own.model.kwargs == {"pool": "attention"}
+    own = parse_config({"model": {"name": name, "pool_k": 5}})
+    assert own.model.kwargs == {"pool_k": 5}
+    # the paper's recipe: the published model
+    assert parse_config({"model": {"name": name}, "train": {"recipe": "paper"}}).model.kwargs == {}
+    # the set builds, and the model it builds has the read-out
+    from ssm2d_path.models import build_model
+
+    m = build_model(name, in_dim=8, n_outputs=2, **cfg.model.kwargs)
+    assert m.pool_name == "channels" and m.input_ica == 4 and m.ssm_input == "features"
+    assert m.embed[0].in_features == 8 and m.classifier.in_features == 4 + 16 + 16
+
+
+@pytest.mark.parametrize("name", ["abmil", "transmil", "mean"])
+def test_default_recipe_leaves_models_without_the_options_alone(name):
+    assert parse_config({"model": {"name": name}}).model.kwargs == {}
+
+
 @pytest.mark.parametrize("raw, msg", [
     ({"train": {"recipe": "fast"}}, r"train\.recipe: unknown recipe 'fast'; allowed: default, paper"),
     ({"train": {"recipe": 3}}, r"train\.recipe: expected a string"),

@@ -111,7 +111,7 @@ class TrainConfig:
     min_epochs: int = 20  # never stop early before this epoch
     dihedral: bool = True  # augmentation: a random flip / 90-degree rotation of each training slide's grid
     crop: float = 1.0  # augmentation: keep a random window of at least this fraction of each grid side (1: off)
-    feature_noise: float = 0.5  # augmentation: Gaussian noise, std as a fraction of the per-dimension std (0: off)
+    feature_noise: float = 0.0  # augmentation: Gaussian noise, std as a fraction of the per-dimension std (0: off)
     seed: int = 0
     device: str = "auto"
     progress: bool = True

@@ -87,6 +87,7 @@ def _norm_to_grid(norm: nn.RMSNorm, h: Tensor) -> Tensor:
 POOLS = ("attention", "topk", "channels")
 CHANNEL_SOURCES = ("input", "hidden", "both")
 CHANNEL_POOLS = ("topk", "lme")
+SSM_INPUTS = ("model", "features")
 
 
 class _SSMMIL(MILModel):
@@ -99,7 +100,7 @@ class _SSMMIL(MILModel):
                  pool: str = "attention", pool_k: int = 1, input_ica: int = 0,
                  input_shrink: float = 0.0, input_cooc: Union[bool, str] = False,
                  channel_source: Optional[str] = None, channel_pool: Optional[str] = None,
-                 pool_tau: Optional[float] = None, input_ica_restarts: int = 1):
+                 pool_tau: Optional[float] = None, input_ica_restarts: int = 1, ssm_input: str = "model"):
         super().__init__()
         name = type(self).__name__
         if n_layers < 1:
@@ -147,6 +148,14 @@ class _SSMMIL(MILModel):
             if isinstance(pool_tau, bool) or not isinstance(pool_tau, (int, float)) or not (
                     math.isfinite(pool_tau) and pool_tau > 0):
                 raise ValueError(f"{name}: pool_tau must be a finite number > 0, got {pool_tau!r}")
+        if ssm_input not in SSM_INPUTS:
+            raise ValueError(f"{name}: ssm_input must be one of {', '.join(SSM_INPUTS)}, got {ssm_input!r}")
+        if ssm_input == "features" and channel_source != "both":
+            # with any other read-out the transformed channels would reach nothing (attention, hidden)
+            # or the SSM layer nothing (input)
+            raise ValueError(f"{name}: ssm_input='features' needs pool='channels' and channel_source='both', "
+                             f"got pool={pool!r}, channel_source={channel_source!r}")
+        self.ssm_input = ssm_input
         self.in_dim, self.n_outputs = in_dim, n_outputs
         self.pool_name, self.pool_k = pool, pool_k
         self.channel_source, self.channel_pool = channel_source, channel_pool
@@ -168,7 +177,10 @@ class _SSMMIL(MILModel):
         # 4-neighbours' (models/cooc.py: max over neighbours j of op(z_i[c], z_j[d])), before the embedding.
         self.input_cooc = input_cooc or None
         n_in = input_ica or in_dim
-        self.embed = embedding(n_in + (n_in * n_in if self.input_cooc else 0), dim, dropout)
+        n_model = n_in + (n_in * n_in if self.input_cooc else 0)
+        # ssm_input="features": the SSM layers embed the input features themselves (after input_norm),
+        # as the published model; the transformed channels (ICA, co-occurrences) reach only the read-out.
+        self.embed = embedding(in_dim if ssm_input == "features" else n_model, dim, dropout)
         self.local = nn.Conv2d(dim, dim, local_mix, padding=local_mix // 2) if local_mix else None
         self.norms = nn.ModuleList(nn.RMSNorm(dim, eps=1e-5) for _ in range(n_layers))
         self.layers = nn.ModuleList(
@@ -180,7 +192,7 @@ class _SSMMIL(MILModel):
             # stream h after the SSM layers, or both) is pooled over the bag's patches on its own, and a
             # linear layer, zero at the start, reads the pooled channels (see channel_readout).
             self.norm = None
-            n_read = {"input": self.embed[0].in_features, "hidden": dim}
+            n_read = {"input": n_model, "hidden": dim}
             self.classifier = nn.Linear(sum(n_read[s] for s in n_read if channel_source in (s, "both")), n_outputs)
             init_linear_(self.embed)
             nn.init.zeros_(self.classifier.weight)
@@ -201,7 +213,7 @@ class _SSMMIL(MILModel):
         if self.pool_name == "channels":
             parts = [x] if self.channel_source in ("input", "both") else []
             if self.channel_source in ("hidden", "both"):
-                parts.append(self._hidden(bag, x))
+                parts.append(self._hidden(bag, self._ssm_features(bag) if self.ssm_input == "features" else x))
             u = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
             return channel_readout(u, self.classifier, self.channel_pool, self.pool_k, self.pool_tau)
         h = self._hidden(bag, x)
@@ -221,9 +233,14 @@ class _SSMMIL(MILModel):
                                          for slide, xs in zip(bag.slides, bag.split(x))])], 1)
         return x
 
+    def _ssm_features(self, bag: Bag) -> Tensor:
+        """(N, in_dim): what the embedding reads with ssm_input="features": the features after input_norm."""
+        x = bag.features
+        return self.input_norm(x) if self.input_norm is not None else x
+
     def _hidden(self, bag: Bag, x: Tensor) -> Tensor:
         """(N, dim): the residual stream after the SSM layers (before the final LayerNorm) for the
-        model input ``x`` of :meth:`_model_input`."""
+        embedding's input ``x`` (:meth:`_model_input`, or :meth:`_ssm_features` with ssm_input="features")."""
         dev = bag.features.device.type
         h = embed_patches(self.embed, x)
         if torch.is_autocast_enabled(dev):
@@ -352,7 +369,10 @@ class TwoDMambaMIL(_SSMMIL):
     co-occurrences, without the SSM; "both") is pooled over the bag's patches on its own by
     channel_pool ("topk", the default: mean of the pool_k largest values; "lme": log-mean-exp at
     temperature pool_tau, default 1) and a linear layer (zero-initialised) reads the pooled channels;
-    see :func:`pool_channels`, :func:`channel_readout`.
+    see :func:`pool_channels`, :func:`channel_readout`. ssm_input ("model", the default: the SSM layers
+    embed the model's input channels, i.e. what channel_source="input" reads; "features": they embed
+    the input features themselves, after input_norm, as the published model does, and the transformed
+    channels reach only the read-out; needs channel_source="both").
     """
 
     def __init__(self, in_dim: int, n_outputs: int, dim: int = 128, d_inner: int = 256, d_state: int = 16,
