@@ -144,6 +144,13 @@ def test_block_diagonal_is_torch_block_diag():
     w5 = torch.randn(5, 2, 2, requires_grad=True)
     block_diagonal(w5).sum().backward()
     assert torch.equal(w5.grad, torch.ones(5, 2, 2))
+    # leading dimensions: one block-diagonal matrix each
+    w4 = torch.randn(2, 3, 2, 4, 5)
+    got = block_diagonal(w4)
+    assert got.shape == (2, 3, 8, 10)
+    for i in range(2):
+        for j in range(3):
+            assert torch.equal(got[i, j], torch.block_diag(*w4[i, j].unbind(0)))
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

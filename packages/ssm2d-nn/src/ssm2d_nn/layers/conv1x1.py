@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norms import _autocast_dtype
+
 __all__ = ["Conv1x1", "Mlp1x1", "batched_gemm", "block_diagonal", "conv1x1", "grouped_1x1"]
 
 
@@ -75,10 +77,8 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a matrix product of x runs in: autocast's when it is on for x's device, else x's."""
-    dev = x.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+    dt = _autocast_dtype(x.device.type)
+    return x.dtype if dt is None else dt
 
 
 def batched_gemm(weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -142,14 +142,15 @@ def _identity(g: int, like: Tensor) -> Tensor:
 
 
 def block_diagonal(weight: Tensor) -> Tensor:
-    """(G, M, K) -> the (G*M, G*K) block-diagonal matrix with ``weight[g]`` as block g.
+    """(..., G, M, K) -> the (..., G*M, G*K) block-diagonal matrices with ``weight[..., g, :, :]`` as
+    block g (leading dimensions: one matrix each).
 
     Built as one broadcast product with a 0/1 mask (exact: each entry is w*1 or w*0), so the grouped
     product becomes one GEMM; its backward is one product and one sum.
     """
-    g, m, k = weight.shape
+    *lead, g, m, k = weight.shape
     eye = _identity(g, weight)
-    return (weight.view(g, m, 1, k) * eye.view(g, 1, g, 1)).view(g * m, g * k)
+    return (weight.unsqueeze(-2) * eye.view(g, 1, g, 1)).reshape(*lead, g * m, g * k)
 
 
 def grouped_1x1(x: Tensor, weight: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conv1x1 import Conv1x1, _identity, batched_gemm, conv1x1, grouped_1x1
+from .conv1x1 import Conv1x1, batched_gemm, block_diagonal, conv1x1, grouped_1x1
 from .norms import LayerNorm2d
 
 from ..ops import scan2d, scan2d_reference
@@ -177,7 +177,7 @@ class SS2D(nn.Module):
         xs[:, 1].view(b, d, w, h).copy_(u.transpose(2, 3))
         # x_proj of route (s, j) reads layout j: one GEMM with the (s, j, c) x (j', d) weight that is
         # zero where j != j', so its output rows come out in route order k = 2*s + j: (b, k, c, L).
-        w_x = self.x_proj_weight.to(u.dtype).view(2, 2, c, 1, d) * _identity(2, u).view(1, 2, 1, 2, 1)
+        w_x = block_diagonal(self.x_proj_weight.to(u.dtype).view(2, 2, c, d))  # (s, (j, c), (j', d))
         x_dbl = batched_gemm(w_x.view(4 * c, 2 * d), xs.view(b, 2 * d, L)).view(b, 4, c, L)
         # Pieces by split / unbind rather than indexing: their backward is one cat / stack of the
         # pieces' gradients, where each indexed view's backward fills a zeroed copy of the whole.
