@@ -49,7 +49,7 @@ def test_default_recipe_gives_the_ssm_models_the_local_pairs_readout_as_one_set(
 
     cfg = parse_config({"model": {"name": name, "dim": 16}})
     assert cfg.model.kwargs == {"dim": 16, **LOCAL_PAIRS}
-    assert run_config(cfg, feature_dim=8)["model"]["ssm_input"] == "features"  # recorded
+    assert run_config(cfg, feature_dim=8)["model"]["input_cooc"] == "min"  # recorded
     # a config that gives any key of the set chooses its own model: none of the others is added
     own = parse_config({"model": {"name": name, "pool": "attention"}})
     assert own.model.kwargs == {"pool": "attention"}
@@ -61,8 +61,8 @@ def test_default_recipe_gives_the_ssm_models_the_local_pairs_readout_as_one_set(
     from ssm2d_path.models import build_model
 
     m = build_model(name, in_dim=8, n_outputs=2, **cfg.model.kwargs)
-    assert m.pool_name == "channels" and m.input_ica == 4 and m.ssm_input == "features"
-    assert m.embed[0].in_features == 8 and m.classifier.in_features == 4 + 16 + 16
+    assert m.pool_name == "channels" and m.input_ica == 4 and m.input_ica_restarts == 4
+    assert m.embed[0].in_features == 4 + 16 and m.classifier.in_features == 4 + 16 + 16
 
 
 @pytest.mark.parametrize("name", ["abmil", "transmil", "mean"])

@@ -35,12 +35,12 @@ class Recipe:
     about: str = ""
 
 
-# The SSM models' read-out of the default recipe: the features' 4 most heavy-tailed independent
-# components (FastICA, 4 restarts), their co-occurrences with each 4-neighbour's, and next to them the
-# SSM layer's residual stream on the features themselves, every channel pooled over the bag on its own
-# (mean of the 3 largest) and read by a linear layer. Models: TwoDMambaMIL's docstring.
+# The SSM models' read-out of the default recipe: the model's input is the features' 4 most heavy-tailed
+# independent components (FastICA, 4 restarts) and their co-occurrences with each 4-neighbour's; these
+# channels and the SSM layer's residual stream on them are each pooled over the bag on its own (mean of
+# the 3 largest) and read by a linear layer. Models: TwoDMambaMIL's docstring.
 LOCAL_PAIRS: Mapping = {"input_ica": 4, "input_ica_restarts": 4, "input_cooc": "min", "pool": "channels",
-                        "channel_source": "both", "pool_k": 3, "ssm_input": "features"}
+                        "channel_source": "both", "pool_k": 3}
 
 RECIPES: dict[str, Recipe] = {
     "default": Recipe(
