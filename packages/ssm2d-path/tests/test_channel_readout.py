@@ -208,3 +208,35 @@ def test_default_model_is_unchanged_by_the_option():
 def test_bad_readout_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         TwoDMambaMIL(6, 2, dim=8, d_inner=16, **kwargs)
+
+
+@pytest.mark.parametrize("cls,scan", [(TwoDMambaMIL, "scan2d"), (M2DMIL, "wavefront2d")])
+def test_default_model_draws_the_published_initial_weights(cls, scan):
+    """With the options off, the model's initial weights for a seed are those of the published
+    constructor sequence, spelled out here: embedding, RMSNorm, the SSM layer, LayerNorm, gated
+    attention, classifier, then Xavier init of embedding, attention and classifier in that order.
+    (The order of the random draws decides the initial weights; a reordered init trains differently.)"""
+    from ssm2d_nn.layers import TwoDMambaLayer
+    from ssm2d_path.models.common import GatedAttention, embedding, init_linear_
+
+    kw = dict(dim=8, d_inner=16, d_state=4, dropout=0.1)
+    torch.manual_seed(11)
+    model = cls(6, 2, attn_dim=5, **kw)
+    torch.manual_seed(11)
+    embed = embedding(6, 8, 0.1)
+    norms = torch.nn.ModuleList([torch.nn.RMSNorm(8, eps=1e-5)])
+    layers = torch.nn.ModuleList([TwoDMambaLayer(8, 16, 4, None, 3, scan=scan)])
+    norm = torch.nn.LayerNorm(8)
+    pool = GatedAttention(8, 5)
+    classifier = torch.nn.Linear(8, 2)
+    init_linear_(embed, pool, classifier)
+    want = {**{f"embed.{k}": v for k, v in embed.state_dict().items()},
+            **{f"norms.{k}": v for k, v in norms.state_dict().items()},
+            **{f"layers.{k}": v for k, v in layers.state_dict().items()},
+            **{f"norm.{k}": v for k, v in norm.state_dict().items()},
+            **{f"pool.{k}": v for k, v in pool.state_dict().items()},
+            **{f"classifier.{k}": v for k, v in classifier.state_dict().items()}}
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key

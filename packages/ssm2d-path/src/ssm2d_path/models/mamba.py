@@ -200,7 +200,9 @@ class _SSMMIL(MILModel):
         else:
             self.norm = nn.LayerNorm(dim)
             self.classifier = nn.Linear(dim, n_outputs)
-            init_linear_(self.embed, self.classifier, *([self.pool] if self.pool is not None else []))
+            # embed, pool, classifier: the order of the published model's initialisation (the random
+            # draws follow it; another order gives other initial weights for the same seed)
+            init_linear_(self.embed, *([self.pool] if self.pool is not None else []), self.classifier)
 
     @property
     def scan_backend(self) -> Optional[str]:
