@@ -61,11 +61,12 @@ def fit_ica(x: Tensor, n: int, *, iters: int = 500, tol: float = 1e-8, seed: int
     best = None
     for r in range(restarts):
         q = _fastica(z, n, int(seed) + r, iters, tol)
-        k = (z @ q).pow(4).mean(0) - 3.0
-        if best is None or float(k.abs().sum()) > float(best[1].abs().sum()):
-            best = (q, k)
-    q, kurt = best
-    u = z @ q
+        u = z @ q  # (N, n): kept with the best run for its skewness below
+        k = u.pow(4).mean(0) - 3.0
+        contrast = float(k.abs().sum())
+        if best is None or contrast > best[0]:
+            best = (contrast, q, u, k)
+    _, q, u, kurt = best
     skew = u.pow(3).mean(0)
     q = q * torch.where(skew < 0, -1.0, 1.0).to(q.dtype)
     order = torch.argsort(kurt, descending=True)
