@@ -20,7 +20,6 @@ layout serves both.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from .conv1x1 import Conv1x1, batched_gemm, block_diagonal, conv1x1, grouped_1x1
 from .norms import LayerNorm2d
 
-from ..ops import scan2d, scan2d_reference
+from ..ops import scan2d_reference, scan2d_routes
 
 __all__ = ["SS2D", "SCAN_MODES", "ROUTES_2D", "ss2d_reference"]
 
@@ -148,23 +147,20 @@ class SS2D(nn.Module):
             y = self._scan_2d(u.contiguous())
         return self.dropout(self.out_proj(self.out_norm(y)))
 
-    def _ssm_params(self, like: Tensor, parts: int):
-        """A = -exp(A_logs), D, dt bias in float32 (float64 for float64 inputs), as scan2d uses them,
-        each split into ``parts`` equal contiguous blocks of channels (one per scan2d call).
-
-        Blocks by unbind rather than by slicing: the backward of the pieces is one stack per
-        parameter, where each slice's backward fills a zeroed copy of the whole parameter."""
+    def _ssm_params(self, like: Tensor, routes: int):
+        """A = -exp(A_logs) as (routes, channels, N), D and the dt bias as (routes, channels), in
+        float32 (float64 for float64 inputs) as the scans use them; a route's channels are one
+        contiguous block of the released (K * d_inner) layouts."""
         pdt = torch.float64 if like.dtype == torch.float64 else torch.float32
         A = -torch.exp(self.A_logs.to(pdt))
-        bias = self.dt_projs_bias.to(pdt)
-        return (A.view(parts, -1, self.d_state).unbind(0), self.Ds.to(pdt).view(parts, -1).unbind(0),
-                bias.view(parts, -1).unbind(0))
+        return (A.view(routes, -1, self.d_state), self.Ds.to(pdt).view(routes, -1),
+                self.dt_projs_bias.to(pdt).view(routes, -1))
 
     def _scan_cross1d(self, u: Tensor) -> Tensor:
-        """The four 1D routes in two scan2d calls on a 1 x (H*W) grid.
+        """The four 1D routes as two scan directions on a 1 x (H*W) grid, in one scan2d_routes call.
 
-        A scan2d call has one scan direction for all its channels, so the four routes cannot share
-        one call without flipped copies of the input. Instead the two layouts (row-major x and its
+        A route has one scan direction for all its channels, so the four routes cannot be one
+        route without flipped copies of the input. Instead the two layouts (row-major x and its
         transpose, column-major) are stacked once as G = 2 channel groups, and the same buffer is
         scanned forwards (origin "tl") and backwards (origin "tr", a negative stride, no copy).
         Route k = 2*s + j of the released parameters is direction s, layout j.
@@ -179,46 +175,38 @@ class SS2D(nn.Module):
         # zero where j != j', so its output rows come out in route order k = 2*s + j: (b, k, c, L).
         w_x = block_diagonal(self.x_proj_weight.to(u.dtype).view(2, 2, c, d))  # (s, (j, c), (j', d))
         x_dbl = batched_gemm(w_x.view(4 * c, 2 * d), xs.view(b, 2 * d, L)).view(b, 4, c, L)
-        # Pieces by split / unbind rather than indexing: their backward is one cat / stack of the
-        # pieces' gradients, where each indexed view's backward fills a zeroed copy of the whole.
+        # Pieces by split rather than indexing: its backward is one cat of the pieces' gradients,
+        # where each indexed view's backward fills a zeroed copy of the whole.
         dt_in, B_all, C_all = x_dbl.split([r, n, n], dim=2)
         # dt_proj grouped by route k, so delta comes out as (b, s, j, d, L): each direction's (j, d)
-        # channels are one contiguous block for its scan2d call.
+        # channels are one contiguous block of its route.
         delta = grouped_1x1(dt_in, self.dt_projs_weight.to(u.dtype)).view(b, 2, 2 * d, 1, L)
         A, D, bias = self._ssm_params(u, 2)
-        ys = []
-        routes = zip(("tl", "tr"), delta.unbind(1), B_all.unflatten(1, (2, 2)).unbind(1),
-                     C_all.unflatten(1, (2, 2)).unbind(1), A, D, bias)
-        for origin, delta_s, B_s, C_s, A_s, D_s, bias_s in routes:
-            # B_s, C_s: (b, 2, N, 1, L), strided views of x_dbl
-            ys.append(scan2d(xs.view(b, 2 * d, 1, L), delta_s, A_s, B_s.unsqueeze(3), C_s.unsqueeze(3), D_s, None,
-                             bias_s, True, origin=origin, order="hv", backend=self.backend))
-        y_row, y_col = (ys[0] + ys[1]).view(b, 2, d, L).unbind(1)
+        # B_all, C_all: (b, (s, j), N, L) strided views of x_dbl -> (b, s, G = j, N, 1, L)
+        y = scan2d_routes(xs.view(b, 2 * d, 1, L), delta, A, B_all.view(b, 2, 2, n, 1, L),
+                          C_all.view(b, 2, 2, n, 1, L), D, bias, True, routes=(("tl", "hv"), ("tr", "hv")),
+                          backend=self.backend)
+        y_row, y_col = y.view(b, 2, d, L).unbind(1)
         return y_row.view(b, d, h, w) + y_col.view(b, d, w, h).transpose(2, 3)
 
     def _scan_2d(self, u: Tensor) -> Tensor:
-        """The four 2D routes, one scan2d call each, all reading u (contiguous) in place.
+        """The four 2D routes in one scan2d_routes call, all reading u (contiguous) in place.
 
-        The routes differ in origin and order, which are per call; stacking them would need a
-        transposed (and for H != W differently shaped) copy of u, so each route gets its own call
-        with the projections of all four computed at once in u's own layout.
+        The routes differ in origin and order, which the kernels take per route; stacking them as
+        channels of one scan would need a transposed (and for H != W differently shaped) copy of u.
+        The projections of all four are computed at once in u's own layout.
         """
         b, d, h, w = u.shape
         n, r = self.d_state, self.dt_rank
         c = r + 2 * n
         x_dbl = conv1x1(u, self.x_proj_weight.to(u.dtype).view(4 * c, d)).view(b, 4, c, h * w)
-        # Pieces by split / unbind rather than indexing (their backward is one cat / stack, where an
-        # indexed view's backward fills a zeroed copy of the whole tensor per piece).
+        # Pieces by split rather than indexing (its backward is one cat, where an indexed view's
+        # backward fills a zeroed copy of the whole tensor per piece).
         dt_part, B_all, C_all = x_dbl.split([r, n, n], dim=2)
         delta = grouped_1x1(dt_part, self.dt_projs_weight.to(u.dtype)).view(b, 4, d, h, w)
         A, D, bias = self._ssm_params(u, 4)
-        y: Optional[Tensor] = None
-        routes = zip(ROUTES_2D, delta.unbind(1), B_all.split(1, dim=1), C_all.split(1, dim=1), A, D, bias)
-        for (origin, order), delta_k, B_k, C_k, A_k, D_k, bias_k in routes:
-            yk = scan2d(u, delta_k, A_k, B_k.view(b, 1, n, h, w), C_k.view(b, 1, n, h, w), D_k, None, bias_k, True,
-                        origin=origin, order=order, backend=self.backend)
-            y = yk if y is None else y + yk
-        return y
+        return scan2d_routes(u, delta, A, B_all.view(b, 4, 1, n, h, w), C_all.view(b, 4, 1, n, h, w), D, bias,
+                             True, routes=ROUTES_2D, backend=self.backend)
 
 
 def ss2d_reference(module: SS2D, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:

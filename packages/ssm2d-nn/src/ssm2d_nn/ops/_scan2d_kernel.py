@@ -96,11 +96,16 @@ def frame(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Optional
 def problem(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> dict:
     """The kernel's problem descriptor. A, D, delta_bias must already be float32 (float64 with
     float64 inputs); D and delta_bias contiguous."""
-    sd, sn = A.stride()
+    return problem_at(f, u, delta, A.data_ptr(), A.stride(), B, C, D, z, delta_bias, softplus)
+
+
+def problem_at(f: Frame, u, delta, A_ptr: int, A_strides: tuple, B, C, D, z, delta_bias, softplus: bool) -> dict:
+    """``problem`` with A given as a data pointer and its (sd, sn) element strides; the other
+    operands are tensors, data pointers (ints) or None."""
+    sd, sn = A_strides
     return dict(f.problem, softplus=bool(softplus), u=at(u, f.u), delta=at(delta, f.delta), z=at(z, f.z),
-                B=at(B, f.B), C=at(C, f.C), A=A.data_ptr(), A_sd=sd, A_sn=sn,
-                D=None if D is None else D.data_ptr(),
-                delta_bias=None if delta_bias is None else delta_bias.data_ptr(), stream=raw_stream(f.device))
+                B=at(B, f.B), C=at(C, f.C), A=A_ptr, A_sd=sd, A_sn=sn, D=data_ptr(D), delta_bias=data_ptr(delta_bias),
+                stream=raw_stream(f.device))
 
 
 def forward(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
@@ -123,19 +128,26 @@ def backward_workspace(f: Frame, u: Tensor) -> Optional[Tensor]:
 
 def backward(f: Frame, prob: dict, *, dout, y, carries, du, ddelta, dz, dB, dC, dA_part, dD_part,
              ddelta_bias_part, deterministic: bool, d_begin: int, d_end: int, workspace,
-             bc_layout: Optional[tuple] = None) -> None:
-    """One backward kernel call. du, ddelta, dz are fresh contiguous tensors like u; dB, dC fresh
-    contiguous accumulators (per-channel partials when ``bc_layout`` is given: their own layout);
-    dB, dC and the partials may be given as data pointers (blocks of a larger buffer)."""
+             bc_layout: Optional[tuple] = None, ddelta_layout: Optional[tuple] = None) -> None:
+    """One backward kernel call. ``dout`` is a tensor or its descriptor (``dout_descriptor``). du,
+    ddelta, dz are fresh contiguous tensors like u (ddelta in ``ddelta_layout`` when given); dB, dC fresh contiguous accumulators (per-channel partials or
+    blocks of a larger buffer when ``bc_layout`` is given: their own layout); every output may be
+    given as a data pointer (a block of a larger buffer)."""
     bc = f.bc_acc if bc_layout is None else bc_layout
-    # The incoming gradient is usually contiguous like du (a fresh tensor like u): then its layout is
-    # the frame's, and the descriptor costs an addition instead of a stride walk.
-    like_du = dout.dtype == du.dtype and dout.shape == du.shape and dout.is_contiguous()
     _kernels().scan2d_backward(prob, dict(
-        dout=at(dout, f.cell) if like_du else grid(dout, f.origin, f.order), y=at(y, f.cell), carries=data_ptr(carries), du=at(du, f.cell),
-        ddelta=at(ddelta, f.cell), dz=at(dz, f.cell), dB=at(dB, bc), dC=at(dC, bc), dA_part=data_ptr(dA_part),
+        dout=dout if isinstance(dout, tuple) else dout_descriptor(f, dout, du), y=at(y, f.cell), carries=data_ptr(carries), du=at(du, f.cell),
+        ddelta=at(ddelta, f.cell if ddelta_layout is None else ddelta_layout), dz=at(dz, f.cell), dB=at(dB, bc), dC=at(dC, bc), dA_part=data_ptr(dA_part),
         dD_part=data_ptr(dD_part), ddelta_bias_part=data_ptr(ddelta_bias_part), deterministic=bool(deterministic),
         d_begin=int(d_begin), d_end=int(d_end), workspace=data_ptr(workspace)))
+
+
+def dout_descriptor(f: Frame, dout: Tensor, like: Tensor) -> tuple:
+    """The incoming gradient's descriptor. It is usually contiguous like ``like`` (a tensor shaped
+    like u in u's dtype): then its layout is the frame's, and the descriptor costs an addition
+    instead of a stride walk."""
+    if dout.dtype == like.dtype and dout.shape == like.shape and dout.is_contiguous():
+        return at(dout, f.cell)
+    return grid(dout, f.origin, f.order)
 
 
 def carry_floats(u: Tensor, A: Tensor, order: str) -> int:
