@@ -8,7 +8,9 @@ that over ``--repeats`` repeats, in microseconds.
 
 Cases: VMamba-T stage 1 as the issue states it: u (64, 384, 1, 3136) (the 1D routes' shape) and the
 2D shape (64, 384, 56, 56), N = 1, G = 4, softplus, delta_bias, D and z; forward without grad, forward
-with grad, forward+backward. ``--device cpu`` measures the same Python with the CPU kernel on tiny
+with grad, forward+backward. Also scan2d_routes as SS2D calls it at stage 1 (the four 2D routes of
+2DVMamba in one call; VMamba's two 1D directions over the stacked layouts), for comparison with four
+(two) scan2d calls. ``--device cpu`` measures the same Python with the CPU kernel on tiny
 grids of the same structure (the kernel's own time there is small but included; the numbers are a
 CPU host's, not a GPU host's).
 
@@ -28,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import header, write_report  # noqa: E402
 
-from ssm2d_nn.ops import scan2d, wavefront2d  # noqa: E402
+from ssm2d_nn.ops import scan2d, scan2d_routes, wavefront2d  # noqa: E402
 
 TARGET_US = 25.0  # issue 14: host time of a scan2d forward call at VMamba-T stage 1
 
@@ -37,6 +39,16 @@ SCAN2D_CASES = {
     "cuda": [("VMamba-T s1 route (64, 384, 1, 3136)", (64, 384, 1, 3136)),
              ("VMamba-T s1 2D (64, 384, 56, 56)", (64, 384, 56, 56))],
     "cpu": [("tiny route (1, 8, 1, 16)", (1, 8, 1, 16)), ("tiny 2D (1, 8, 4, 4)", (1, 8, 4, 4))],
+}
+# scan2d_routes as SS2D calls it: (name, u shape, routes, G). 2D: the four routes of 2DVMamba on
+# the (b, d_inner, H, W) input; cross1d: VMamba's two directions over the stacked layouts (G = 2).
+SS2D_2D = (("tl", "hv"), ("tl", "vh"), ("br", "hv"), ("br", "vh"))
+SS2D_1D = (("tl", "hv"), ("tr", "hv"))
+ROUTES_CASES = {
+    "cuda": [("SS2D 2D routes, VMamba-T s1 (64, 96, 56, 56), K=4", (64, 96, 56, 56), SS2D_2D, 1),
+             ("SS2D cross1d, VMamba-T s1 (64, 192, 1, 3136), K=2, G=2", (64, 192, 1, 3136), SS2D_1D, 2)],
+    "cpu": [("tiny 2D routes (1, 8, 4, 4), K=4", (1, 8, 4, 4), SS2D_2D, 1),
+            ("tiny cross1d (1, 16, 1, 16), K=2, G=2", (1, 16, 1, 16), SS2D_1D, 2)],
 }
 # wavefront2d (batch, H, W, E), N: M2D-T stage 1 on the GPU.
 WAVE_CASES = {"cuda": [("M2D-T s1 (64, 56, 56, 128), N=16", (64, 56, 56, 128), 16)],
@@ -56,6 +68,21 @@ def scan2d_inputs(shape, device, dtype, groups=4, dstate=1, requires_grad=False)
                 B=rnd(b, groups, dstate, h, w), C=rnd(b, groups, dstate, h, w),
                 D=rnd(d, dt=torch.float32), z=rnd(b, d, h, w), delta_bias=rnd(d, scale=0.1, dt=torch.float32),
                 delta_softplus=True)
+
+
+def routes_inputs(shape, routes, groups, device, dtype, requires_grad=False):
+    """scan2d_routes' arguments as SS2D passes them (N = 1, softplus, delta_bias and D per route)."""
+    b, d, h, w = shape
+    k = len(routes)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*s, scale=1.0, dt=dtype):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dt).requires_grad_(requires_grad)
+
+    return dict(u=rnd(b, d, h, w), delta=rnd(b, k, d, h, w, scale=0.5),
+                A=(-torch.rand(k, d, 1, generator=g) - 0.5).to(device).requires_grad_(requires_grad),
+                B=rnd(b, k, groups, 1, h, w), C=rnd(b, k, groups, 1, h, w), D=rnd(k, d, dt=torch.float32),
+                delta_bias=rnd(k, d, scale=0.1, dt=torch.float32), delta_softplus=True, routes=routes)
 
 
 def wavefront2d_inputs(shape, dstate, device, dtype, requires_grad=False):
@@ -142,6 +169,10 @@ def main() -> int:
         r = measure(scan2d, lambda requires_grad, s=shape: scan2d_inputs(s, dev, dtype, requires_grad=requires_grad),
                     dev, args.calls, args.repeats)
         rows.append(dict(op="scan2d", case=name, **r))
+    for name, shape, routes, groups in ROUTES_CASES[dev]:
+        r = measure(scan2d_routes, lambda requires_grad, s=shape, rt=routes, g=groups: routes_inputs(
+            s, rt, g, dev, dtype, requires_grad), dev, args.calls, args.repeats)
+        rows.append(dict(op="scan2d_routes", case=name, **r))
     for name, shape, n in WAVE_CASES[dev]:
         r = measure(wavefront2d, lambda requires_grad, s=shape, n=n: wavefront2d_inputs(s, n, dev, dtype, requires_grad),
                     dev, args.calls, args.repeats)
