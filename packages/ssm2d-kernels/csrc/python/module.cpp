@@ -74,6 +74,69 @@ ssm2d::Wave2dProblem to_wave_problem(const py::dict& d) {
   return p;
 }
 
+// ---- Frames: a scan2d problem fixed once per argument layout --------------------------------------
+// The torch ops (ssm2d-nn) check their arguments once per layout and keep each operand's layout as
+// a byte offset from its data pointer plus strides. A frame holds that problem and the layouts of
+// the results; a call adds the data pointers (ints, 0 for an absent operand) and checks nothing
+// again: building dicts and looking their keys up cost more host time than the rest of a call.
+
+// A layout: (byte offset from the data pointer, sb, sc, sn, si, sj); the offset may be negative.
+ssm2d::Grid to_layout(py::handle h) {
+  ssm2d::Grid g;
+  if (h.is_none()) return g;
+  auto t = h.cast<py::tuple>();
+  if (t.size() != 6) throw ssm2d::ArgumentError("internal: a layout has 6 fields");
+  g.data = reinterpret_cast<void*>(static_cast<std::intptr_t>(t[0].cast<int64_t>()));
+  g.sb = t[1].cast<int64_t>(); g.sc = t[2].cast<int64_t>(); g.sn = t[3].cast<int64_t>();
+  g.si = t[4].cast<int64_t>(); g.sj = t[5].cast<int64_t>();
+  return g;
+}
+
+// The grid of a layout at a data pointer; undefined for a null pointer.
+ssm2d::Grid at(const ssm2d::Grid& layout, std::uintptr_t ptr) {
+  ssm2d::Grid g = layout;
+  g.data = ptr ? reinterpret_cast<void*>(ptr + reinterpret_cast<std::uintptr_t>(layout.data)) : nullptr;
+  return g;
+}
+
+struct Scan2dFrame {
+  ssm2d::Scan2dProblem problem;  // u, delta, z, B, C hold layouts (offsets), no pointers
+  ssm2d::Grid cell;              // out, y, du, dz, and dout when it is contiguous like u
+  ssm2d::Grid ddelta;            // ddelta (the cell layout, or a slice of a larger buffer)
+  ssm2d::Grid bc;                // dB, dC accumulators
+};
+
+Scan2dFrame make_scan2d_frame(const py::dict& d, py::handle u, py::handle delta, py::handle z, py::handle B,
+                              py::handle C, py::handle cell, py::handle ddelta, py::handle bc) {
+  Scan2dFrame f;
+  auto& p = f.problem;
+  p.batch = d["batch"].cast<int64_t>(); p.dim = d["dim"].cast<int64_t>(); p.dstate = d["dstate"].cast<int64_t>();
+  p.groups = d["groups"].cast<int64_t>(); p.height = d["height"].cast<int64_t>(); p.width = d["width"].cast<int64_t>();
+  p.dtype = static_cast<ssm2d::DType>(d["dtype"].cast<int>());
+  p.param_dtype = static_cast<ssm2d::DType>(d["param_dtype"].cast<int>());
+  p.device.index = d["device"].cast<int>();
+  if (p.batch < 0 || p.dim < 1 || p.dstate < 1 || p.groups < 1 || p.dim % p.groups || p.height < 1 || p.width < 1)
+    throw ssm2d::ArgumentError("internal: inconsistent scan2d sizes");
+  p.u = to_layout(u); p.delta = to_layout(delta); p.z = to_layout(z); p.B = to_layout(B); p.C = to_layout(C);
+  f.cell = to_layout(cell); f.ddelta = to_layout(ddelta); f.bc = to_layout(bc);
+  return f;
+}
+
+// The problem of one call: the frame's layouts at the operands' pointers.
+ssm2d::Scan2dProblem scan2d_problem_at(const Scan2dFrame& f, std::uintptr_t u, std::uintptr_t delta,
+                                       std::uintptr_t z, std::uintptr_t B, std::uintptr_t C, std::uintptr_t A,
+                                       int64_t A_sd, int64_t A_sn, std::uintptr_t D, std::uintptr_t delta_bias,
+                                       bool softplus, std::uintptr_t stream) {
+  ssm2d::Scan2dProblem p = f.problem;
+  p.u = at(f.problem.u, u); p.delta = at(f.problem.delta, delta); p.z = at(f.problem.z, z);
+  p.B = at(f.problem.B, B); p.C = at(f.problem.C, C);
+  p.A = reinterpret_cast<const void*>(A); p.A_sd = A_sd; p.A_sn = A_sn;
+  p.D = reinterpret_cast<const void*>(D); p.delta_bias = reinterpret_cast<const void*>(delta_bias);
+  p.softplus = softplus;
+  p.stream = stream;
+  return p;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -197,6 +260,57 @@ PYBIND11_MODULE(_C, m) {
     if (p.device.is_cuda()) ssm2d::cuda::scan2d_backward(p, a);
     else ssm2d::cpu::scan2d_backward(p, a);
   });
+
+  py::class_<Scan2dFrame>(m, "Scan2dFrame",
+                          "A scan2d problem fixed for one argument layout: sizes, dtypes, device and the layouts "
+                          "(byte offset, sb, sc, sn, si, sj) of the operands and results; calls add data pointers.")
+      .def(py::init(&make_scan2d_frame), py::arg("problem"), py::arg("u"), py::arg("delta"), py::arg("z"),
+           py::arg("B"), py::arg("C"), py::arg("cell"), py::arg("ddelta"), py::arg("bc"));
+
+  m.def(
+      "scan2d_forward_at",
+      [](const Scan2dFrame& f, std::uintptr_t u, std::uintptr_t delta, std::uintptr_t z, std::uintptr_t B,
+         std::uintptr_t C, std::uintptr_t A, int64_t A_sd, int64_t A_sn, std::uintptr_t D, std::uintptr_t delta_bias,
+         bool softplus, std::uintptr_t stream, std::uintptr_t out, std::uintptr_t y, std::uintptr_t carries,
+         std::uintptr_t workspace) {
+        const auto p = scan2d_problem_at(f, u, delta, z, B, C, A, A_sd, A_sn, D, delta_bias, softplus, stream);
+        ssm2d::Scan2dForwardOutputs o;
+        o.out = at(f.cell, out); o.y = at(f.cell, y);
+        o.carries = reinterpret_cast<float*>(carries); o.workspace = reinterpret_cast<float*>(workspace);
+        if (p.batch == 0) return;
+        py::gil_scoped_release nogil;
+        if (p.device.is_cuda()) ssm2d::cuda::scan2d_forward(p, o);
+        else ssm2d::cpu::scan2d_forward(p, o);
+      },
+      "scan2d forward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
+
+  m.def(
+      "scan2d_backward_at",
+      [](const Scan2dFrame& f, std::uintptr_t u, std::uintptr_t delta, std::uintptr_t z, std::uintptr_t B,
+         std::uintptr_t C, std::uintptr_t A, int64_t A_sd, int64_t A_sn, std::uintptr_t D, std::uintptr_t delta_bias,
+         bool softplus, std::uintptr_t stream, py::handle dout, std::uintptr_t y, std::uintptr_t carries,
+         std::uintptr_t du, std::uintptr_t ddelta, std::uintptr_t dz, std::uintptr_t dB, std::uintptr_t dC,
+         py::handle bc, std::uintptr_t dA_part, std::uintptr_t dD_part, std::uintptr_t ddelta_bias_part,
+         bool deterministic, int64_t d_begin, int64_t d_end, std::uintptr_t workspace) {
+        const auto p = scan2d_problem_at(f, u, delta, z, B, C, A, A_sd, A_sn, D, delta_bias, softplus, stream);
+        ssm2d::Scan2dBackwardArgs a;
+        // dout: a data pointer when it is contiguous like u (the cell layout), else its grid descriptor.
+        a.dout = py::isinstance<py::int_>(dout) ? at(f.cell, dout.cast<std::uintptr_t>()) : to_grid(dout);
+        a.y = at(f.cell, y); a.carries = reinterpret_cast<const float*>(carries);
+        a.du = at(f.cell, du); a.ddelta = at(f.ddelta, ddelta); a.dz = at(f.cell, dz);
+        // bc: None for the frame's accumulator layout, else a layout (per-channel partials).
+        const ssm2d::Grid bc_layout = bc.is_none() ? f.bc : to_layout(bc);
+        a.dB = at(bc_layout, dB); a.dC = at(bc_layout, dC);
+        a.dA_part = reinterpret_cast<void*>(dA_part); a.dD_part = reinterpret_cast<void*>(dD_part);
+        a.ddelta_bias_part = reinterpret_cast<void*>(ddelta_bias_part);
+        a.deterministic = deterministic; a.d_begin = d_begin; a.d_end = d_end;
+        a.workspace = reinterpret_cast<float*>(workspace);
+        if (p.batch == 0) return;
+        py::gil_scoped_release nogil;
+        if (p.device.is_cuda()) ssm2d::cuda::scan2d_backward(p, a);
+        else ssm2d::cpu::scan2d_backward(p, a);
+      },
+      "scan2d backward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
 
   m.def("wavefront2d_max_states", &ssm2d::cuda::wavefront2d_max_states, py::arg("width"),
         "States one CUDA wavefront2d call takes (one warp each) for rows of this width.");

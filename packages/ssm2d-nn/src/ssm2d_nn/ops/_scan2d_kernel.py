@@ -1,12 +1,13 @@
-"""The scan2d kernel calls of the torch ops: descriptors built straight from tensors.
+"""The scan2d kernel calls of the torch ops: a compiled frame per argument layout, pointers per call.
 
 ``scan2d`` validates its arguments once per argument layout (``scan2d_plan``), and everything the
 kernel calls need that depends only on shapes, strides, dtypes and the device is computed then too:
-the ``Frame`` below (sizes, the logical-frame strides and pointer offsets of every operand, buffer
-sizes). A call then adds data pointers to the frame's offsets and hands the descriptors to the
-compiled kernels without validating again, which keeps the host time of an op call small (the
-checked array API of ``ssm2d_kernels.scan2d`` repeats every check for callers that bring their own
-arrays). Buffer sizes come from the same C++ functions the kernels use.
+the ``Frame`` below (sizes, the logical-frame strides and byte offsets of every operand and result,
+buffer sizes), held on the compiled side as a ``Scan2dFrame``. A call then passes the data pointers
+(ints) to the compiled kernels, which add them to the frame's offsets without validating again:
+no descriptor dicts to build or parse, which keeps the host time of an op call small (the checked
+array API of ``ssm2d_kernels.scan2d`` repeats every check for callers that bring their own arrays).
+Buffer sizes come from the same C++ functions the kernels use.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ._common import at_layout as at
 from ._common import compiled as _kernels
-from ._common import contiguous_strides, data_ptr, raw_stream, scratch
+from ._common import contiguous_strides, raw_stream, scratch
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -62,6 +62,7 @@ class Frame(NamedTuple):
     train_workspace_floats: int  # forward scratch when carries are saved
     backward_workspace_floats: int
     keep_y: bool  # the CUDA backward needs the pre-gate output (tiled kernels with z)
+    call: object  # the compiled frame (_C.Scan2dFrame): the problem and these layouts, pointers added per call
 
 
 def frame(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Optional[Tensor], origin: str,
@@ -77,76 +78,99 @@ def frame(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, z: Optional
     on_cuda = device >= 0
     sizes = (b, d, n, lh, lw)
     infer_ws = int(_C.scan2d_forward_workspace_floats(*sizes)) if on_cuda else 0
-    return Frame(
-        problem=dict(batch=b, dim=d, dstate=n, groups=g, height=lh, width=lw, dtype=_DTYPE_CODES[u.dtype],
-                     param_dtype=_DTYPE_CODES[param_dtype], device=device),
-        origin=origin, order=order, device=device,
-        u=layout_of(u, origin, order), delta=layout_of(delta, origin, order), z=layout_of(z, origin, order),
-        B=layout_of(B, origin, order, True), C=layout_of(C, origin, order, True),
-        cell=_layout(u.shape, contiguous_strides(u.shape), u.element_size(), origin, order),
-        bc_acc=_layout(B.shape, contiguous_strides(B.shape), param_dtype.itemsize, origin, order, True),
+    problem = dict(batch=b, dim=d, dstate=n, groups=g, height=lh, width=lw, dtype=_DTYPE_CODES[u.dtype],
+                   param_dtype=_DTYPE_CODES[param_dtype], device=device)
+    layouts = dict(u=layout_of(u, origin, order), delta=layout_of(delta, origin, order), z=layout_of(z, origin, order),
+                   B=layout_of(B, origin, order, True), C=layout_of(C, origin, order, True),
+                   cell=_layout(u.shape, contiguous_strides(u.shape), u.element_size(), origin, order),
+                   bc_acc=_layout(B.shape, contiguous_strides(B.shape), param_dtype.itemsize, origin, order, True))
+    f = Frame(
+        problem=problem, origin=origin, order=order, device=device, **layouts,
         carry_floats=int(_C.scan2d_carry_floats(*sizes)) if on_cuda else 0,
         infer_workspace_floats=infer_ws,
         train_workspace_floats=int(_C.scan2d_forward_workspace_floats(*sizes, True)) if on_cuda else 0,
         backward_workspace_floats=int(_C.scan2d_backward_workspace_floats(*sizes)) if on_cuda else 0,
         keep_y=on_cuda and z is not None and bool(_C.scan2d_backward_needs_y(d, g, n)),
+        call=None,
     )
+    return f._replace(call=compiled_frame(f))
 
 
-def problem(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> dict:
-    """The kernel's problem descriptor. A, D, delta_bias must already be float32 (float64 with
-    float64 inputs); D and delta_bias contiguous."""
-    return problem_at(f, u, delta, A.data_ptr(), A.stride(), B, C, D, z, delta_bias, softplus)
+def compiled_frame(f: Frame, ddelta: Optional[tuple] = None, bc: Optional[tuple] = None):
+    """The frame on the compiled side; ``ddelta`` / ``bc``: layouts of ddelta and of the dB / dC
+    accumulators other than the frame's fresh contiguous ones (slices of stacked gradients)."""
+    return _kernels().Scan2dFrame(f.problem, f.u, f.delta, f.z, f.B, f.C, f.cell, f.cell if ddelta is None else ddelta,
+                                  f.bc_acc if bc is None else bc)
 
 
-def problem_at(f: Frame, u, delta, A_ptr: int, A_strides: tuple, B, C, D, z, delta_bias, softplus: bool) -> dict:
-    """``problem`` with A given as a data pointer and its (sd, sn) element strides; the other
-    operands are tensors, data pointers (ints) or None."""
-    sd, sn = A_strides
-    return dict(f.problem, softplus=bool(softplus), u=at(u, f.u), delta=at(delta, f.delta), z=at(z, f.z),
-                B=at(B, f.B), C=at(C, f.C), A=A_ptr, A_sd=sd, A_sn=sn, D=data_ptr(D), delta_bias=data_ptr(delta_bias),
-                stream=raw_stream(f.device))
+def fresh_like(t: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor shaped like t in t's dtype (``empty_like`` parses its
+    arguments in half the host time of ``torch.empty(shape, dtype=, device=)``)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _ptr(t) -> int:
+    """A kernel argument's data pointer: 0 for None; an int is already a pointer."""
+    if t is None:
+        return 0
+    return t if isinstance(t, int) else t.data_ptr()
+
+
+def operands(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> tuple:
+    """A call's inputs as the compiled calls take them: data pointers (0 for None; ints pass through)
+    in the order u, delta, z, B, C, A, A's (sd, sn) strides, D, delta_bias, then softplus and the
+    stream. A, D, delta_bias must already be float32 (float64 with float64 inputs); D and delta_bias
+    contiguous. ``A`` may be (pointer, (sd, sn))."""
+    a_ptr, (sd, sn) = A if isinstance(A, tuple) else (A.data_ptr(), A.stride())
+    return (_ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), a_ptr, sd, sn, _ptr(D), _ptr(delta_bias), bool(softplus),
+            raw_stream(f.device))
 
 
 def forward(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
             save: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """(out, y, carries): ``save`` keeps what the backward needs (CUDA carries, and the pre-gate
     output y where the backward needs it); without it y and carries are None and nothing is saved."""
-    out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    out = fresh_like(u)
     y = torch.empty_like(out) if save and f.keep_y else None
     carries = torch.empty(f.carry_floats, dtype=torch.float32, device=u.device) if save else None
     workspace = scratch(f.train_workspace_floats if save else f.infer_workspace_floats, u)
-    _kernels().scan2d_forward(problem(f, u, delta, A, B, C, D, z, delta_bias, softplus),
-                              dict(out=at(out, f.cell), y=at(y, f.cell), carries=data_ptr(carries),
-                                   workspace=data_ptr(workspace)))
+    run(f, operands(f, u, delta, A, B, C, D, z, delta_bias, softplus), out, y, carries, workspace)
     return out, y, carries
+
+
+def run(f: Frame, ops: tuple, out, y, carries, workspace, call=None) -> None:
+    """One forward kernel call: ``ops`` from ``operands``; out, y tensors or pointers in the cell
+    layout; ``call`` a compiled frame other than f's (other result layouts)."""
+    _kernels().scan2d_forward_at(f.call if call is None else call, *ops, _ptr(out), _ptr(y), _ptr(carries),
+                                 _ptr(workspace))
 
 
 def backward_workspace(f: Frame, u: Tensor) -> Optional[Tensor]:
     return torch.empty(f.backward_workspace_floats, dtype=torch.float32, device=u.device) if f.device >= 0 else None
 
 
-def backward(f: Frame, prob: dict, *, dout, y, carries, du, ddelta, dz, dB, dC, dA_part, dD_part,
+def backward(f: Frame, ops: tuple, *, dout, y, carries, du, ddelta, dz, dB, dC, dA_part, dD_part,
              ddelta_bias_part, deterministic: bool, d_begin: int, d_end: int, workspace,
-             bc_layout: Optional[tuple] = None, ddelta_layout: Optional[tuple] = None) -> None:
-    """One backward kernel call. ``dout`` is a tensor or its descriptor (``dout_descriptor``). du,
-    ddelta, dz are fresh contiguous tensors like u (ddelta in ``ddelta_layout`` when given); dB, dC fresh contiguous accumulators (per-channel partials or
-    blocks of a larger buffer when ``bc_layout`` is given: their own layout); every output may be
+             bc_layout: Optional[tuple] = None, call=None) -> None:
+    """One backward kernel call; ``ops`` from ``operands``. ``dout`` is a tensor or its argument
+    (``dout_argument``). du, dz are fresh contiguous tensors like u, ddelta too unless ``call`` (a
+    compiled frame other than f's) says otherwise; dB, dC fresh contiguous accumulators, or with
+    ``bc_layout`` per-channel partials in that layout (or ``call``'s layout); every result may be
     given as a data pointer (a block of a larger buffer)."""
-    bc = f.bc_acc if bc_layout is None else bc_layout
-    _kernels().scan2d_backward(prob, dict(
-        dout=dout if isinstance(dout, tuple) else dout_descriptor(f, dout, du), y=at(y, f.cell), carries=data_ptr(carries), du=at(du, f.cell),
-        ddelta=at(ddelta, f.cell if ddelta_layout is None else ddelta_layout), dz=at(dz, f.cell), dB=at(dB, bc), dC=at(dC, bc), dA_part=data_ptr(dA_part),
-        dD_part=data_ptr(dD_part), ddelta_bias_part=data_ptr(ddelta_bias_part), deterministic=bool(deterministic),
-        d_begin=int(d_begin), d_end=int(d_end), workspace=data_ptr(workspace)))
+    if not isinstance(dout, (int, tuple)):
+        dout = dout_argument(f, dout, du)
+    _kernels().scan2d_backward_at(
+        f.call if call is None else call, *ops, dout, _ptr(y), _ptr(carries), _ptr(du), _ptr(ddelta), _ptr(dz),
+        _ptr(dB), _ptr(dC), bc_layout, _ptr(dA_part), _ptr(dD_part), _ptr(ddelta_bias_part), bool(deterministic),
+        int(d_begin), int(d_end), _ptr(workspace))
 
 
-def dout_descriptor(f: Frame, dout: Tensor, like: Tensor) -> tuple:
-    """The incoming gradient's descriptor. It is usually contiguous like ``like`` (a tensor shaped
-    like u in u's dtype): then its layout is the frame's, and the descriptor costs an addition
-    instead of a stride walk."""
+def dout_argument(f: Frame, dout: Tensor, like: Tensor):
+    """The incoming gradient as the compiled backward takes it. It is usually contiguous like
+    ``like`` (a tensor shaped like u in u's dtype): then its layout is the frame's cell layout and
+    its data pointer is enough; otherwise its grid descriptor (pointer and strides)."""
     if dout.dtype == like.dtype and dout.shape == like.shape and dout.is_contiguous():
-        return at(dout, f.cell)
+        return dout.data_ptr()
     return grid(dout, f.origin, f.order)
 
 

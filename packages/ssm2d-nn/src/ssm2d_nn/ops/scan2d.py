@@ -145,15 +145,15 @@ def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor,
     acc = A.dtype
     b, d, h, w = u.shape
     g, n = B.shape[1], A.shape[1]
-    du, ddelta = torch.empty(u.shape, dtype=u.dtype, device=u.device), torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    dz = torch.empty(u.shape, dtype=u.dtype, device=u.device) if z is not None else None
+    du, ddelta = K.fresh_like(u), K.fresh_like(u)
+    dz = K.fresh_like(u) if z is not None else None
     # The per-batch partials of dA (b, d, n), dD (b, d) and ddelta_bias (b, d) in one buffer, one after
     # the other; the kernel takes each as a pointer to a contiguous block (passed as pointers: no views
     # to make). Every cell is written.
     parts = torch.empty(b * d * (n + 2), dtype=acc, device=u.device)
     p0, isz = parts.data_ptr(), parts.element_size()
-    prob = K.problem(f, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    common = dict(dout=dout, y=y, carries=carries, du=du, ddelta=ddelta, dz=dz, dA_part=p0,
+    ops = K.operands(f, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    common = dict(dout=K.dout_argument(f, dout, du), y=y, carries=carries, du=du, ddelta=ddelta, dz=dz, dA_part=p0,
                   dD_part=p0 + b * d * n * isz, ddelta_bias_part=p0 + b * d * (n + 1) * isz,
                   workspace=K.backward_workspace(f, u))
     # dB and dC in one zeroed buffer (added into: atomics, partials, the CPU kernel), cast once at the
@@ -170,12 +170,12 @@ def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor,
             d1 = min(d, d0 + chunk)
             pBC = torch.empty(2, b, d1 - d0, n, h, w, dtype=acc, device=u.device)  # every cell is written
             pB, pC = pBC.unbind(0)
-            K.backward(f, prob, dB=pB, dC=pC, deterministic=True, d_begin=d0, d_end=d1,
+            K.backward(f, ops, dB=pB, dC=pC, deterministic=True, d_begin=d0, d_end=d1,
                        bc_layout=K.layout_of(pB, f.origin, f.order, True), **common)
             add_group_partials(dBC, pBC, d0, per_group, dim=2)
     else:
         q0 = dBC.data_ptr()
-        K.backward(f, prob, dB=q0, dC=q0 + B.numel() * isz, deterministic=False, d_begin=0, d_end=d, **common)
+        K.backward(f, ops, dB=q0, dC=q0 + B.numel() * isz, deterministic=False, d_begin=0, d_end=d, **common)
     if n == 1:
         # dA_part is then (b, d) too: the three partials are one (3, b, d) tensor and one sum.
         sums = parts.view(3, b, d).sum(1)

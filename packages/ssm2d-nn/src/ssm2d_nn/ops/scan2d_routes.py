@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _scan2d_kernel as K
-from ._common import PlanCache, at_layout as at, check_tensors, compiled, data_ptr, nothing_intercepts, \
-    refuse_double_backward, scratch
+from ._common import PlanCache, check_tensors, data_ptr, nothing_intercepts, refuse_double_backward, scratch
 from ._scan2d_args import ORDERS, ORIGINS, scan2d_plan
 from .scan2d import _run_backward, scan2d
 from .scan2d_reference import scan2d_reference
@@ -151,8 +150,7 @@ class RoutesPlan(NamedTuple):
     infer_workspace_floats: int  # one scratch buffer serves the routes, which run one after another
     train_workspace_floats: int
     backward_workspace_floats: int
-    ddelta: tuple  # per route: the layout of its slice of a fresh contiguous tensor like delta
-    dBC: tuple  # per route: the layout of its dB slice of a fresh contiguous (2, *B.shape) accumulator
+    calls: tuple  # per route: its compiled frame with ddelta / dB / dC in slices of the stacked gradients
 
 
 def _shifted(layout: tuple, nbytes: int) -> tuple:
@@ -169,7 +167,7 @@ def _build(u, delta, A, B, C, D, delta_bias, routes, backend) -> Optional[Routes
     _check_shapes(u, delta, A, B, C, D, delta_bias, len(routes))
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     A, D, delta_bias = _params(A, pdt), _params(D, pdt), _params(delta_bias, pdt)
-    frames, offsets, ddelta, dBC = [], [], [], []
+    frames, offsets, calls = [], [], []
     b, k = u.shape[0], len(routes)
     acc = torch.empty((2,) + tuple(B.shape), dtype=pdt, device="meta")
     grad_delta = torch.empty(delta.shape, dtype=u.dtype, device="meta")
@@ -186,10 +184,12 @@ def _build(u, delta, A, B, C, D, delta_bias, routes, backend) -> Optional[Routes
             return None
         frames.append(plan.frame)
         offsets.append(tuple(off(v, t) for v, t in zip(views, (delta, A, B, C, D, delta_bias))))
-        # Layouts from the whole buffer's data pointer: the slice's offset folded into the first entry.
-        ddelta.append(_shifted(K.layout_of(grad_delta[:, i], origin, order), off(grad_delta[:, i], grad_delta)))
+        # ddelta, dB and dC of the route: slices of the stacked gradients, their layouts taken from the
+        # whole buffers' data pointers (the slice's offset folded into the layout's byte offset).
         dB = acc[0, :, i]
-        dBC.append(_shifted(K.layout_of(dB, origin, order, True), off(dB, acc)))
+        calls.append(K.compiled_frame(
+            plan.frame, ddelta=_shifted(K.layout_of(grad_delta[:, i], origin, order), off(grad_delta[:, i], grad_delta)),
+            bc=_shifted(K.layout_of(dB, origin, order, True), off(dB, acc))))
     out_slot = _align(u.numel() * u.element_size())
     carry_offsets, total = [], 0
     for f in frames:
@@ -197,7 +197,7 @@ def _build(u, delta, A, B, C, D, delta_bias, routes, backend) -> Optional[Routes
         total += _align(f.carry_floats * 4) // 4
     return RoutesPlan(pdt, tuple(frames), tuple(offsets), A[0].stride(), out_slot, tuple(carry_offsets), total,
                       max(f.infer_workspace_floats for f in frames), max(f.train_workspace_floats for f in frames),
-                      max(f.backward_workspace_floats for f in frames), tuple(ddelta), tuple(dBC))
+                      max(f.backward_workspace_floats for f in frames), tuple(calls))
 
 
 _PLANS = PlanCache(_build)
@@ -216,14 +216,16 @@ def _slots(n: int, slot_bytes: int, like: Tensor) -> tuple[Tensor, int]:
     return buf.as_strided((n, b, d, h, w), (step, d * h * w, h * w, w, 1)), buf.data_ptr()
 
 
-def _problems(plan: RoutesPlan, args: tuple, softplus: bool) -> list:
+def _operands(plan: RoutesPlan, args: tuple, softplus: bool) -> list:
+    """Each route's operands (``K.operands``): its views' data pointers, computed from the stacked
+    tensors' pointers and the plan's offsets (no views made)."""
     u, delta, A, B, C, D, delta_bias = args
     ptrs = (delta.data_ptr(), A.data_ptr(), B.data_ptr(), C.data_ptr(), data_ptr(D), data_ptr(delta_bias))
-    probs = []
+    ops = []
     for f, offs in zip(plan.frames, plan.offsets):
         p = [None if q is None else q + o for q, o in zip(ptrs, offs)]
-        probs.append(K.problem_at(f, u, p[0], p[1], plan.A_strides, p[2], p[3], p[4], None, p[5], softplus))
-    return probs
+        ops.append(K.operands(f, u, p[0], (p[1], plan.A_strides), p[2], p[3], p[4], None, p[5], softplus))
+    return ops
 
 
 def _forward(plan: RoutesPlan, args: tuple, softplus: bool, save: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -233,11 +235,9 @@ def _forward(plan: RoutesPlan, args: tuple, softplus: bool, save: bool) -> tuple
     ys, y0 = _slots(k, plan.out_slot, u)
     carries = torch.empty(plan.carry_floats, dtype=torch.float32, device=u.device) if save and plan.carry_floats else None
     workspace = scratch(plan.train_workspace_floats if save else plan.infer_workspace_floats, u)
-    run = compiled().scan2d_forward
-    c0, w0 = data_ptr(carries), data_ptr(workspace)
-    for i, (f, prob) in enumerate(zip(plan.frames, _problems(plan, args, softplus))):
-        run(prob, dict(out=at(y0 + i * plan.out_slot, f.cell), y=None,
-                       carries=None if c0 is None else c0 + 4 * plan.carry_offsets[i], workspace=w0))
+    c0 = data_ptr(carries)
+    for i, (f, ops) in enumerate(zip(plan.frames, _operands(plan, args, softplus))):
+        K.run(f, ops, y0 + i * plan.out_slot, None, None if c0 is None else c0 + 4 * plan.carry_offsets[i], workspace)
     return (ys[0] if k == 1 else ys.sum(0)), carries
 
 
@@ -248,7 +248,7 @@ def _backward(plan: RoutesPlan, dout: Tensor, args: tuple, carries: Optional[Ten
     b, d = u.shape[0], u.shape[1]
     n = A.shape[2]
     dus, du0 = _slots(k, plan.out_slot, u)
-    ddelta = torch.empty(delta.shape, dtype=u.dtype, device=u.device)
+    ddelta = K.fresh_like(delta)
     dBC = torch.zeros((2,) + tuple(B.shape), dtype=acc, device=u.device)  # added into
     # Per-route, per-batch partials: dA (K, b, d, n), then dD (K, b, d), then ddelta_bias (K, b, d);
     # every value is written.
@@ -256,14 +256,14 @@ def _backward(plan: RoutesPlan, dout: Tensor, args: tuple, carries: Optional[Ten
     isz, p0, dd0, q0 = acc.itemsize, parts.data_ptr(), ddelta.data_ptr(), dBC.data_ptr()
     workspace = scratch(plan.backward_workspace_floats, u)
     c0, half = data_ptr(carries), B.numel() * isz
-    for i, (f, prob) in enumerate(zip(plan.frames, _problems(plan, args, softplus))):
-        K.backward(f, prob, dout=K.dout_descriptor(f, dout, u), y=None,
+    for i, (f, ops) in enumerate(zip(plan.frames, _operands(plan, args, softplus))):
+        # The compiled frame of the route writes ddelta, dB and dC into the stacked gradients' slices.
+        K.backward(f, ops, dout=K.dout_argument(f, dout, u), y=None,
                    carries=None if c0 is None else c0 + 4 * plan.carry_offsets[i],
-                   du=du0 + i * plan.out_slot, ddelta=dd0, ddelta_layout=plan.ddelta[i], dz=None,
-                   dB=q0, dC=q0 + half, bc_layout=plan.dBC[i],
+                   du=du0 + i * plan.out_slot, ddelta=dd0, dz=None, dB=q0, dC=q0 + half,
                    dA_part=p0 + i * b * d * n * isz, dD_part=p0 + (k * b * d * n + i * b * d) * isz,
                    ddelta_bias_part=p0 + (k * b * d * (n + 1) + i * b * d) * isz,
-                   deterministic=False, d_begin=0, d_end=d, workspace=workspace)
+                   deterministic=False, d_begin=0, d_end=d, workspace=workspace, call=plan.calls[i])
     dA = parts[: k * b * d * n].view(k, b, d, n).sum(1)
     sums = parts[k * b * d * n:].view(2, k, b, d).sum(2)
     dBC = dBC.to(B.dtype)
