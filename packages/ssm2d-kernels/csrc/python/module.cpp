@@ -137,6 +137,52 @@ ssm2d::Scan2dProblem scan2d_problem_at(const Scan2dFrame& f, std::uintptr_t u, s
   return p;
 }
 
+// The same for wavefront2d: operands in the kernel's slot order (u, dT, dL, BT, BL, C as scanned,
+// T and L exchanged by the caller for a transposed call), AT / AL likewise.
+struct Wave2dFrame {
+  ssm2d::Wave2dProblem problem;  // u, dT, dL, BT, BL, C hold layouts (offsets), no pointers
+  ssm2d::Grid cell;              // out, du, ddT, ddL accumulators
+  ssm2d::Grid bn;                // dBT, dBL, dC accumulators
+};
+
+Wave2dFrame make_wave2d_frame(const py::dict& d, py::handle u, py::handle dT, py::handle dL, py::handle BT,
+                              py::handle BL, py::handle C, py::handle cell, py::handle bn) {
+  Wave2dFrame f;
+  auto& p = f.problem;
+  p.batch = d["batch"].cast<int64_t>(); p.dim = d["dim"].cast<int64_t>(); p.dstate = d["dstate"].cast<int64_t>();
+  p.groups = d["groups"].cast<int64_t>(); p.height = d["height"].cast<int64_t>(); p.width = d["width"].cast<int64_t>();
+  p.dtype = static_cast<ssm2d::DType>(d["dtype"].cast<int>());
+  p.param_dtype = static_cast<ssm2d::DType>(d["param_dtype"].cast<int>());
+  p.origin_top = d["origin_top"].cast<bool>();
+  p.states_per_block = d["states_per_block"].cast<int64_t>();
+  p.device.index = d["device"].cast<int>();
+  if (p.batch < 0 || p.dim < 1 || p.dstate < 1 || p.groups < 1 || p.dim % p.groups || p.height < 1 || p.width < 1)
+    throw ssm2d::ArgumentError("internal: inconsistent wavefront2d sizes");
+  p.u = to_layout(u); p.dT = to_layout(dT); p.dL = to_layout(dL);
+  p.BT = to_layout(BT); p.BL = to_layout(BL); p.C = to_layout(C);
+  f.cell = to_layout(cell); f.bn = to_layout(bn);
+  return f;
+}
+
+ssm2d::Wave2dProblem wave2d_problem_at(const Wave2dFrame& f, std::uintptr_t u, std::uintptr_t dT, std::uintptr_t dL,
+                                       std::uintptr_t BT, std::uintptr_t BL, std::uintptr_t C, std::uintptr_t AT,
+                                       int64_t AT_sd, int64_t AT_sn, std::uintptr_t AL, int64_t AL_sd, int64_t AL_sn,
+                                       std::uintptr_t D, std::uintptr_t stream) {
+  ssm2d::Wave2dProblem p = f.problem;
+  p.u = at(f.problem.u, u); p.dT = at(f.problem.dT, dT); p.dL = at(f.problem.dL, dL);
+  p.BT = at(f.problem.BT, BT); p.BL = at(f.problem.BL, BL); p.C = at(f.problem.C, C);
+  p.AT = reinterpret_cast<const void*>(AT); p.A_sd = AT_sd; p.A_sn = AT_sn;
+  p.AL = reinterpret_cast<const void*>(AL); p.AL_sd = AL_sd; p.AL_sn = AL_sn;
+  p.D = reinterpret_cast<const void*>(D);
+  p.stream = stream;
+  return p;
+}
+
+// A result given as a data pointer (the frame's layout) or as a grid descriptor of its own.
+ssm2d::Grid result(const ssm2d::Grid& layout, py::handle h) {
+  return py::isinstance<py::int_>(h) ? at(layout, h.cast<std::uintptr_t>()) : to_grid(h);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -342,6 +388,53 @@ PYBIND11_MODULE(_C, m) {
     if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_backward(p, a);
     else ssm2d::cpu::wavefront2d_backward(p, a);
   });
+
+  py::class_<Wave2dFrame>(m, "Wave2dFrame",
+                          "A wavefront2d problem fixed for one argument layout (operands in the kernel's slot order); "
+                          "calls add data pointers.")
+      .def(py::init(&make_wave2d_frame), py::arg("problem"), py::arg("u"), py::arg("dT"), py::arg("dL"),
+           py::arg("BT"), py::arg("BL"), py::arg("C"), py::arg("cell"), py::arg("bn"));
+
+  m.def(
+      "wavefront2d_forward_at",
+      [](const Wave2dFrame& f, std::uintptr_t u, std::uintptr_t dT, std::uintptr_t dL, std::uintptr_t BT,
+         std::uintptr_t BL, std::uintptr_t C, std::uintptr_t AT, int64_t AT_sd, int64_t AT_sn, std::uintptr_t AL,
+         int64_t AL_sd, int64_t AL_sn, std::uintptr_t D, std::uintptr_t stream, std::uintptr_t workspace,
+         std::uintptr_t out) {
+        auto p = wave2d_problem_at(f, u, dT, dL, BT, BL, C, AT, AT_sd, AT_sn, AL, AL_sd, AL_sn, D, stream);
+        p.workspace = reinterpret_cast<float*>(workspace);
+        const auto o = at(f.cell, out);
+        if (p.batch == 0) return;
+        py::gil_scoped_release nogil;
+        if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_forward(p, o);
+        else ssm2d::cpu::wavefront2d_forward(p, o);
+      },
+      "wavefront2d forward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
+
+  m.def(
+      "wavefront2d_backward_at",
+      [](const Wave2dFrame& f, std::uintptr_t u, std::uintptr_t dT, std::uintptr_t dL, std::uintptr_t BT,
+         std::uintptr_t BL, std::uintptr_t C, std::uintptr_t AT, int64_t AT_sd, int64_t AT_sn, std::uintptr_t AL,
+         int64_t AL_sd, int64_t AL_sn, std::uintptr_t D, std::uintptr_t stream, std::uintptr_t workspace,
+         py::handle dout, std::uintptr_t du, std::uintptr_t ddT, std::uintptr_t ddL, py::handle dBT, py::handle dBL,
+         py::handle dC, std::uintptr_t dAT_part, std::uintptr_t dAL_part, std::uintptr_t dD_part, bool deterministic,
+         int64_t e_begin, int64_t e_end) {
+        const auto p = wave2d_problem_at(f, u, dT, dL, BT, BL, C, AT, AT_sd, AT_sn, AL, AL_sd, AL_sn, D, stream);
+        ssm2d::Wave2dBackwardArgs a;
+        a.dout = to_grid(dout);
+        a.du = at(f.cell, du); a.ddT = at(f.cell, ddT); a.ddL = at(f.cell, ddL);
+        // dBT, dBL, dC: pointers to the frame's accumulators, or grids of per-channel partials.
+        a.dBT = result(f.bn, dBT); a.dBL = result(f.bn, dBL); a.dC = result(f.bn, dC);
+        a.dAT_part = reinterpret_cast<void*>(dAT_part); a.dAL_part = reinterpret_cast<void*>(dAL_part);
+        a.dD_part = reinterpret_cast<void*>(dD_part);
+        a.deterministic = deterministic; a.e_begin = e_begin; a.e_end = e_end;
+        a.workspace = reinterpret_cast<float*>(workspace);
+        if (p.batch == 0) return;
+        py::gil_scoped_release nogil;
+        if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_backward(p, a);
+        else ssm2d::cpu::wavefront2d_backward(p, a);
+      },
+      "wavefront2d backward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
 
   m.def("get_num_threads", &ssm2d::cpu::get_num_threads, "Threads the CPU kernels use.");
   m.def("set_num_threads", &ssm2d::cpu::set_num_threads, py::arg("n"),

@@ -1,11 +1,11 @@
-"""The wavefront2d kernel calls of the torch ops: descriptors from a frame computed once per layout.
+"""The wavefront2d kernel calls of the torch ops: a compiled frame per argument layout, pointers per call.
 
 The array API of ``ssm2d_kernels.wavefront2d`` checks every operand and maps it onto the kernel's
 scanned frame (origin flips, the transpose of rows longer than the CUDA kernel takes, T and L
 exchanged with it) on every call. The ops run that mapping once per argument layout, on the
-first call's tensors, and keep what depends only on the layout: every descriptor's byte offset from
+first call's tensors, and keep what depends only on the layout: every operand's byte offset from
 its tensor's data pointer and its strides, which operand fills which slot, the sizes of the scratch
-buffers. A call then adds data pointers and calls the compiled kernels.
+buffers, held on the compiled side as a ``Wave2dFrame``. A call then passes data pointers (ints).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ._common import at_layout as _at
 from ._common import compiled as _kernels
-from ._common import contiguous_strides, data_ptr, raw_stream, scratch
+from ._common import contiguous_strides, raw_stream, scratch
 
 # Operands of the problem descriptor in argument order (u, dT, dL, AT, AL, BT, BL, C, D).
 _INPUTS = ("u", "dT", "dL", "AT", "AL", "BT", "BL", "C", "D")
@@ -36,6 +36,8 @@ class Frame(NamedTuple):
     acc_dtype: torch.dtype
     forward_workspace_floats: int
     backward_workspace_floats: int
+    dout: tuple  # layout of an incoming gradient contiguous like u (u's dtype) in the scanned frame
+    call: object  # the compiled frame (_C.Wave2dFrame)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -68,26 +70,28 @@ def frame(args: tuple, origin: str, acc_dtype: torch.dtype) -> Frame:
     b, h, w, e = u.shape
     g, n = chk.g, chk.n
     sizes = (b, e, n, h, w, chk.device)
+    cell_acc = chk.grid(_contiguous(u.shape, acc_dtype, chk), "x")
+    bn_acc = chk.grid(_contiguous((b, h, w, g, n), acc_dtype, chk), "bn")
+    call = _kernels().Wave2dFrame(fixed, *(layout for _, _, layout in slots), cell_acc, bn_acc)
     return Frame(
-        problem=fixed, slots=slots, params=params, checked=chk,
-        cell_acc=chk.grid(_contiguous(u.shape, acc_dtype, chk), "x"),
-        bn_acc=chk.grid(_contiguous((b, h, w, g, n), acc_dtype, chk), "bn"),
+        problem=fixed, slots=slots, params=params, checked=chk, cell_acc=cell_acc, bn_acc=bn_acc,
         grads=(chk.tl("ddT", "ddL"), chk.tl("dBT", "dBL"), chk.tl("dAT_part", "dAL_part")),
         device=chk.device, acc_dtype=acc_dtype,
         forward_workspace_floats=wavefront2d_workspace_floats(*sizes, backward=False, groups=g),
         backward_workspace_floats=wavefront2d_workspace_floats(*sizes, backward=True, groups=g),
+        dout=chk.grid(_contiguous(u.shape, u.dtype, chk), "x"), call=call,
     )
 
 
-def problem(f: Frame, args: tuple, workspace: Optional[Tensor]) -> dict:
-    prob = dict(f.problem, stream=raw_stream(f.device), workspace=data_ptr(workspace), D=data_ptr(args[8]))
-    for slot, i, layout in f.slots:
-        prob[slot] = _at(args[i], layout)
-    for slot, i in f.params:
-        t = args[i]
-        prob[slot] = t.data_ptr()
-        prob[slot + "_sd"], prob[slot + "_sn"] = t.stride()
-    return prob
+def operands(f: Frame, args: tuple) -> tuple:
+    """A call's inputs as the compiled calls take them: the grid operands' data pointers in slot
+    order (u, dT, dL, BT, BL, C as scanned), AT and AL (pointer, sd, sn) likewise, D (0: none), and
+    the stream."""
+    (_, it), (_, il) = f.params
+    AT, AL, D = args[it], args[il], args[8]
+    return tuple(args[i].data_ptr() for _, i, _ in f.slots) + (
+        AT.data_ptr(), *AT.stride(), AL.data_ptr(), *AL.stride(), 0 if D is None else D.data_ptr(),
+        raw_stream(f.device))
 
 
 def _layout(f: Frame, t: Tensor, kind: str) -> tuple:
@@ -102,8 +106,14 @@ def forward(f: Frame, args: tuple) -> Tensor:
     u = args[0]
     acc = torch.zeros(u.shape, dtype=f.acc_dtype, device=u.device)  # the kernel adds into it
     workspace = scratch(f.forward_workspace_floats, u)
-    _kernels().wavefront2d_forward(problem(f, args, workspace), _at(acc, f.cell_acc))
+    _kernels().wavefront2d_forward_at(f.call, *operands(f, args), _ptr(workspace), acc.data_ptr())
     return acc.to(u.dtype)
+
+
+def _ptr(t) -> int:
+    if t is None:
+        return 0
+    return t if isinstance(t, int) else t.data_ptr()
 
 
 def backward(f: Frame, dout: Tensor, args: tuple, *, du, ddT, ddL, dBT, dBL, dC, dAT_part, dAL_part, dD_part,
@@ -114,11 +124,10 @@ def backward(f: Frame, dout: Tensor, args: tuple, *, du, ddT, ddL, dBT, dBL, dC,
     u = args[0]
     named = dict(ddT=ddT, ddL=ddL, dBT=dBT, dBL=dBL, dAT_part=dAT_part, dAL_part=dAL_part)
     (dt, dl), (bt, bl), (at_, al) = f.grads
-    bn = (lambda t: _layout(f, t, "bn")) if per_channel else (lambda t: _at(t, f.bn_acc))
+    bn = (lambda t: _layout(f, t, "bn")) if per_channel else _ptr
+    like_u = dout.dtype == u.dtype and dout.shape == u.shape and dout.is_contiguous()
     workspace = scratch(f.backward_workspace_floats, u)
-    _kernels().wavefront2d_backward(problem(f, args, None), dict(
-        dout=_layout(f, dout, "x"), du=_at(du, f.cell_acc), ddT=_at(named[dt], f.cell_acc),
-        ddL=_at(named[dl], f.cell_acc), dBT=bn(named[bt]), dBL=bn(named[bl]), dC=bn(dC),
-        dAT_part=data_ptr(named[at_]), dAL_part=data_ptr(named[al]), dD_part=data_ptr(dD_part),
-        deterministic=bool(deterministic), e_begin=int(e_begin), e_end=int(e_end if e_end >= 0 else u.shape[3]),
-        workspace=data_ptr(workspace)))
+    _kernels().wavefront2d_backward_at(
+        f.call, *operands(f, args), _ptr(workspace), _at(dout, f.dout) if like_u else _layout(f, dout, "x"),
+        _ptr(du), _ptr(named[dt]), _ptr(named[dl]), bn(named[bt]), bn(named[bl]), bn(dC), _ptr(named[at_]),
+        _ptr(named[al]), _ptr(dD_part), bool(deterministic), int(e_begin), int(e_end if e_end >= 0 else u.shape[3]))
