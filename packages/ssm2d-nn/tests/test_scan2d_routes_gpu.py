@@ -44,36 +44,32 @@ def _grads(fn, inputs, gout, **kw):
     return out, torch.autograd.grad(out, wrt, gout.to(out.device, out.dtype))
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_against_float64(family):
+def _against_reference(family, dtype, fwd_tol, grad_tol, **kw):
+    """scan2d_routes on CUDA in ``dtype`` against the float64 reference: forward and every gradient."""
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     x64, routes = _inputs(rng, family)
     gout = torch.randn(x64["u"].shape, dtype=torch.float64)
     out_r, g_r = _grads(scan2d_routes_reference, cast(x64, "cpu", torch.float64), gout, delta_softplus=True,
                         routes=routes)
-    out_k, g_k = _grads(scan2d_routes, cast(x64, "cuda", torch.float32), gout, delta_softplus=True, routes=routes,
-                        backend="kernel")
-    assert out_k.is_cuda and rel_err(out_k, out_r) < 1e-5, f"forward seed={seed}"
+    out_k, g_k = _grads(scan2d_routes, cast(x64, "cuda", dtype), gout, delta_softplus=True, routes=routes, **kw)
+    assert out_k.is_cuda and out_k.dtype == dtype and rel_err(out_k, out_r) < fwd_tol, f"forward seed={seed}"
     for name, a, b in zip(NAMES, g_k, g_r):
-        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-4, f"d{name} seed={seed}: {rel_err(a, b):.2e}"
-    with torch.no_grad():
+        assert torch.isfinite(a).all() and rel_err(a, b) < grad_tol, f"d{name} seed={seed}: {rel_err(a, b):.2e}"
+    return x64, routes, out_r, seed
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_against_float64(family):
+    x64, routes, out_r, seed = _against_reference(family, torch.float32, 1e-5, 1e-4, backend="kernel")
+    with torch.no_grad():  # inference: nothing saved
         out_i = scan2d_routes(**cast(x64, "cuda", torch.float32), delta_softplus=True, routes=routes)
     assert rel_err(out_i, out_r) < 1e-5, f"inference seed={seed}"
 
 
 @pytest.mark.parametrize("family", ["chan", "lanes"])
 def test_bfloat16(family):
-    seed = random.randrange(2**31)
-    rng = random.Random(seed)
-    x64, routes = _inputs(rng, family)
-    gout = torch.randn(x64["u"].shape, dtype=torch.float64)
-    out_r, g_r = _grads(scan2d_routes_reference, cast(x64, "cpu", torch.float64), gout, delta_softplus=True,
-                        routes=routes)
-    out_k, g_k = _grads(scan2d_routes, cast(x64, "cuda", torch.bfloat16), gout, delta_softplus=True, routes=routes)
-    assert out_k.dtype == torch.bfloat16 and rel_err(out_k, out_r) < 2e-2, f"forward seed={seed}"
-    for name, a, b in zip(NAMES, g_k, g_r):
-        assert rel_err(a, b) < 5e-2, f"d{name} seed={seed}: {rel_err(a, b):.2e}"
+    _against_reference(family, torch.bfloat16, 2e-2, 5e-2)
 
 
 @pytest.mark.parametrize("family", ["chan", "band", "lanes"])
