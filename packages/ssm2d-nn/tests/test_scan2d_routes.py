@@ -139,3 +139,21 @@ def test_deterministic_backward_stacks_what_the_route_backward_writes():
     for name, a, b in zip(NAMES, per_route, one_pass):
         assert a.shape == b.shape, name
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_channels_last_output_has_the_same_values_and_gradients():
+    rng = random.Random(random.randrange(2**31))
+    cfg = dict(batch=2, dim=8, dstate=1, groups=1, height=4, width=6, routes=random_routes(rng, 4))
+    x64 = make_route_inputs(rng, **cfg)
+    gout = torch.randn(x64["u"].shape, dtype=torch.float64)
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        out, grads = _grads(scan2d_routes, cast(x64, "cpu", torch.float64), gout, delta_softplus=True,
+                            routes=cfg["routes"], memory_format=fmt)
+        assert out.is_contiguous(memory_format=fmt)
+        results.append((out, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="memory_format"):
+        scan2d_routes(**cast(x64, "cpu", torch.float64), routes=cfg["routes"], memory_format=torch.preserve_format)

@@ -141,3 +141,38 @@ def test_gradients_match_finite_differences(scan):
         return torch.func.functional_call(m, dict(zip(names, ps)), (xx,))
 
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("scan", ["cross1d", "2d"])
+def test_channels_last_model_scans_into_channels_last_and_same_gradients(scan):
+    """A channels-last model gets the scans' sum in channels-last (out_norm then needs no copy) and
+    the same gradients as a channels-first one."""
+    torch.manual_seed(11)
+    m = _randomised(SS2D(8, d_state=2, scan=scan), seed=12).double()
+    x = torch.randn(2, 8, 5, 7, dtype=torch.float64)
+    seen = []
+    m.out_norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    gout = torch.randn_like(x)
+    grads = []
+    for xi in (x.clone(), x.contiguous(memory_format=torch.channels_last)):
+        xi.requires_grad_(True)
+        m.zero_grad()
+        torch.autograd.backward(m(xi), gout)
+        grads.append([xi.grad] + [p.grad.clone() for p in m.parameters()])
+    assert seen == [False, True]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_row_column_sum_against_finite_differences(fmt):
+    from ssm2d_nn.layers.ss2d import _RowColumnSum
+
+    h, w = 3, 5
+    y = torch.randn(2, 2 * 4, 1, h * w, dtype=torch.float64, requires_grad=True)
+    out = _RowColumnSum.apply(y, h, w, fmt)
+    yy = y.detach().view(2, 2, 4, h * w)
+    torch.testing.assert_close(out, yy[:, 0].reshape(2, 4, h, w) + yy[:, 1].reshape(2, 4, w, h).transpose(2, 3))
+    assert out.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(lambda t: _RowColumnSum.apply(t, h, w, fmt), (y,))

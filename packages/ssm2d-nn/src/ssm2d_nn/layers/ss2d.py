@@ -139,12 +139,15 @@ class SS2D(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.d_model:
             raise ValueError(f"SS2D: x must have shape (B, {self.d_model}, H, W), got {tuple(x.shape)}")
         u = self.act(self.conv2d(self.in_proj(x)))
+        # The scans' output comes in u's layout: channels-last for a channels-last model, so that
+        # out_norm (a LayerNorm over the channels) reads it without a copy, forward and backward.
+        fmt = torch.channels_last if _is_channels_last(u) else torch.contiguous_format
         if self.scan == "cross1d":
-            y = self._scan_cross1d(u)
+            y = self._scan_cross1d(u, fmt)
         else:
             # The scan kernel walks each (batch, channel) plane: unit-stride rows keep its loads
             # coalesced (a no-op unless the model runs channels-last).
-            y = self._scan_2d(u.contiguous())
+            y = self._scan_2d(u.contiguous(), fmt)
         return self.dropout(self.out_proj(self.out_norm(y)))
 
     def _ssm_params(self, like: Tensor, routes: int):
@@ -156,7 +159,7 @@ class SS2D(nn.Module):
         return (A.view(routes, -1, self.d_state), self.Ds.to(pdt).view(routes, -1),
                 self.dt_projs_bias.to(pdt).view(routes, -1))
 
-    def _scan_cross1d(self, u: Tensor) -> Tensor:
+    def _scan_cross1d(self, u: Tensor, memory_format=torch.contiguous_format) -> Tensor:
         """The four 1D routes as two scan directions on a 1 x (H*W) grid, in one scan2d_routes call.
 
         A route has one scan direction for all its channels, so the four routes cannot be one
@@ -186,10 +189,9 @@ class SS2D(nn.Module):
         y = scan2d_routes(xs.view(b, 2 * d, 1, L), delta, A, B_all.view(b, 2, 2, n, 1, L),
                           C_all.view(b, 2, 2, n, 1, L), D, bias, True, routes=(("tl", "hv"), ("tr", "hv")),
                           backend=self.backend)
-        y_row, y_col = y.view(b, 2, d, L).unbind(1)
-        return y_row.view(b, d, h, w) + y_col.view(b, d, w, h).transpose(2, 3)
+        return _row_column_sum(y, h, w, memory_format)
 
-    def _scan_2d(self, u: Tensor) -> Tensor:
+    def _scan_2d(self, u: Tensor, memory_format=torch.contiguous_format) -> Tensor:
         """The four 2D routes in one scan2d_routes call, all reading u (contiguous) in place.
 
         The routes differ in origin and order, which the kernels take per route; stacking them as
@@ -206,7 +208,47 @@ class SS2D(nn.Module):
         delta = grouped_1x1(dt_part, self.dt_projs_weight.to(u.dtype)).view(b, 4, d, h, w)
         A, D, bias = self._ssm_params(u, 4)
         return scan2d_routes(u, delta, A, B_all.view(b, 4, 1, n, h, w), C_all.view(b, 4, 1, n, h, w), D, bias,
-                             True, routes=ROUTES_2D, backend=self.backend)
+                             True, routes=ROUTES_2D, backend=self.backend, memory_format=memory_format)
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _row_column_sum(y: Tensor, h: int, w: int, memory_format) -> Tensor:
+    """See _RowColumnSum; traced (torch.compile, which refuses a strided ``out=``) as plain ops."""
+    if torch.compiler.is_compiling():
+        b, d = y.shape[0], y.shape[1] // 2
+        y_row, y_col = y.view(b, 2, d, h * w).unbind(1)
+        return (y_row.view(b, d, h, w) + y_col.view(b, d, w, h).transpose(2, 3)).contiguous(memory_format=memory_format)
+    return _RowColumnSum.apply(y, h, w, memory_format)
+
+
+class _RowColumnSum(torch.autograd.Function):
+    """cross1d's two layouts summed back onto the grid: y (b, 2*d, 1, H*W) holds the row-major
+    routes' sum in channels [0, d) and the column-major one in [d, 2d); returns (b, d, H, W) =
+    row part + column part transposed, written in ``memory_format`` by the one add. The backward
+    writes the gradient straight into y's layout (two copies) instead of autograd's reshapes of a
+    transposed gradient and a stack."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, h: int, w: int, memory_format) -> Tensor:
+        b, d2 = y.shape[0], y.shape[1]
+        d = d2 // 2
+        y = y.view(b, 2, d, h * w)
+        out = torch.empty((b, d, h, w), dtype=y.dtype, device=y.device, memory_format=memory_format)
+        torch.add(y[:, 0].view(b, d, h, w), y[:, 1].view(b, d, w, h).transpose(2, 3), out=out)
+        ctx.hw = (h, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, w = ctx.hw
+        b, d = g.shape[:2]
+        gy = g.new_empty((b, 2, d, h * w))
+        gy[:, 0].view(b, d, h, w).copy_(g)
+        gy[:, 1].view(b, d, w, h).copy_(g.transpose(2, 3))
+        return gy.view(b, 2 * d, 1, h * w), None, None, None
 
 
 def ss2d_reference(module: SS2D, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:

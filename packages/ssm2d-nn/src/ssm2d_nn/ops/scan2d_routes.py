@@ -35,7 +35,8 @@ _SLOT_ALIGN = 256
 
 def scan2d_routes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                   delta_bias: Optional[Tensor] = None, delta_softplus: bool = False, *,
-                  routes: Sequence[tuple[str, str]], backend: str = "auto") -> Tensor:
+                  routes: Sequence[tuple[str, str]], backend: str = "auto",
+                  memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """Sum over routes k of ``scan2d(u, delta[:, k], A[k], B[:, k], C[:, k], D[k], None,
     delta_bias[k], delta_softplus, origin=routes[k][0], order=routes[k][1])``.
 
@@ -46,6 +47,9 @@ def scan2d_routes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
         D, delta_bias: (K, D) or None.
         routes: K pairs (origin, order), origin in "tl", "tr", "bl", "br", order "hv" or "vh".
         backend: "auto", "kernel" or "reference", as for scan2d.
+        memory_format: the output's layout, ``torch.contiguous_format`` or ``torch.channels_last``
+            (written so by the sum of the routes; a LayerNorm over the channels that follows reads a
+            channels-last output without a copy).
 
     Returns:
         (batch, D, H, W) in u's dtype: the routes' outputs (each accumulated in float32, float64 for
@@ -57,18 +61,24 @@ def scan2d_routes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     per-route du buffers summed into du.
     """
     routes = _check_routes(routes)
+    if memory_format not in (torch.contiguous_format, torch.channels_last):
+        raise ValueError(f"scan2d_routes: memory_format must be torch.contiguous_format or torch.channels_last, "
+                         f"got {memory_format!r}")
     if torch.compiler.is_compiling():
         # Traced: scan2d's custom ops enter the graph, one per route.
         _check_shapes(u, delta, A, B, C, D, delta_bias, len(routes))
-        return _sum_of_calls(scan2d, u, delta, A, B, C, D, delta_bias, delta_softplus, routes, backend)
+        out = _sum_of_calls(scan2d, u, delta, A, B, C, D, delta_bias, delta_softplus, routes, backend)
+        return out.contiguous(memory_format=memory_format)
     plan = _routes_plan(u, delta, A, B, C, D, delta_bias, routes, backend)
     if plan is None or not nothing_intercepts():
-        return _sum_of_calls(scan2d, u, delta, A, B, C, D, delta_bias, delta_softplus, routes, backend)
+        out = _sum_of_calls(scan2d, u, delta, A, B, C, D, delta_bias, delta_softplus, routes, backend)
+        return out.contiguous(memory_format=memory_format)
     A, D, delta_bias = _params(A, plan.param_dtype), _params(D, plan.param_dtype), _params(delta_bias, plan.param_dtype)
     args = (u, delta, A, B, C, D, delta_bias)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
-        return _forward(plan, args, delta_softplus, save=False)[0]
-    return _RoutesFunction.apply(plan, delta_softplus, torch.are_deterministic_algorithms_enabled(), *args)
+        return _forward(plan, args, delta_softplus, save=False, memory_format=memory_format)[0]
+    return _RoutesFunction.apply(plan, delta_softplus, torch.are_deterministic_algorithms_enabled(), memory_format,
+                                 *args)
 
 
 def scan2d_routes_reference(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, *, routes) -> Tensor:
@@ -228,8 +238,9 @@ def _operands(plan: RoutesPlan, args: tuple, softplus: bool) -> list:
     return ops
 
 
-def _forward(plan: RoutesPlan, args: tuple, softplus: bool, save: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """(sum of the routes' outputs, the routes' carries for the backward or None)."""
+def _forward(plan: RoutesPlan, args: tuple, softplus: bool, save: bool,
+             memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Optional[Tensor]]:
+    """(sum of the routes' outputs in ``memory_format``, the routes' carries for the backward or None)."""
     u = args[0]
     k = len(plan.frames)
     ys, y0 = _slots(k, plan.out_slot, u)
@@ -238,7 +249,14 @@ def _forward(plan: RoutesPlan, args: tuple, softplus: bool, save: bool) -> tuple
     c0 = data_ptr(carries)
     for i, (f, ops) in enumerate(zip(plan.frames, _operands(plan, args, softplus))):
         K.run(f, ops, y0 + i * plan.out_slot, None, None if c0 is None else c0 + 4 * plan.carry_offsets[i], workspace)
-    return (ys[0] if k == 1 else ys.sum(0)), carries
+    if memory_format == torch.contiguous_format:
+        return (ys[0] if k == 1 else ys.sum(0)), carries
+    out = torch.empty_like(u, memory_format=memory_format)
+    if k == 1:
+        out.copy_(ys[0])
+    else:
+        torch.sum(ys, dim=0, out=out)  # the one pass over the route outputs writes the layout asked for
+    return out, carries
 
 
 def _backward(plan: RoutesPlan, dout: Tensor, args: tuple, carries: Optional[Tensor], softplus: bool) -> tuple:
@@ -296,8 +314,10 @@ class _RoutesFunction(torch.autograd.Function):
     """The eager kernel path's autograd (one node for all routes)."""
 
     @staticmethod
-    def forward(ctx, plan: RoutesPlan, softplus: bool, deterministic: bool, u, delta, A, B, C, D, delta_bias):
-        out, carries = _forward(plan, (u, delta, A, B, C, D, delta_bias), softplus, save=True)
+    def forward(ctx, plan: RoutesPlan, softplus: bool, deterministic: bool, memory_format, u, delta, A, B, C, D,
+                delta_bias):
+        out, carries = _forward(plan, (u, delta, A, B, C, D, delta_bias), softplus, save=True,
+                                memory_format=memory_format)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, carries)
         ctx.plan, ctx.flags = plan, (softplus, deterministic)
         return out
@@ -308,4 +328,4 @@ class _RoutesFunction(torch.autograd.Function):
         refuse_double_backward("scan2d_routes", dout, *args)
         softplus, deterministic = ctx.flags
         run = _backward_deterministic if deterministic and dout.is_cuda else _backward
-        return (None, None, None) + run(ctx.plan, dout, tuple(args), carries, softplus)
+        return (None, None, None, None) + run(ctx.plan, dout, tuple(args), carries, softplus)
