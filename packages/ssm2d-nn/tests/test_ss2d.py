@@ -176,3 +176,23 @@ def test_row_column_sum_against_finite_differences(fmt):
     torch.testing.assert_close(out, yy[:, 0].reshape(2, 4, h, w) + yy[:, 1].reshape(2, 4, w, h).transpose(2, 3))
     assert out.is_contiguous(memory_format=fmt)
     assert torch.autograd.gradcheck(lambda t: _RowColumnSum.apply(t, h, w, fmt), (y,))
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_cross_layouts_against_finite_differences_and_its_adjoint(fmt):
+    """u -> (row-major u, column-major u) stacked, with its gradient in u's layout; it and the
+    row/column sum are adjoint: <split(u), y> == <u, merge(y)>."""
+    from ssm2d_nn.layers.ss2d import _CrossLayouts, _RowColumnSum
+
+    b, d, h, w = 2, 3, 4, 5
+    u = torch.randn(b, d, h, w, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_(True)
+    xs = _CrossLayouts.apply(u)
+    ud = u.detach()
+    torch.testing.assert_close(xs, torch.stack([ud.reshape(b, d, -1), ud.transpose(2, 3).reshape(b, d, -1)], 1))
+    (gu,) = torch.autograd.grad(xs, u, torch.randn_like(xs))
+    assert gu.is_contiguous(memory_format=fmt)
+    assert torch.autograd.gradcheck(_CrossLayouts.apply, (u,))
+    y = torch.randn(b, 2 * d, 1, h * w, dtype=torch.float64)
+    lhs = (xs.detach().reshape(-1) * y.reshape(-1)).sum()
+    rhs = (ud * _RowColumnSum.apply(y, h, w, fmt)).sum()
+    torch.testing.assert_close(lhs, rhs)

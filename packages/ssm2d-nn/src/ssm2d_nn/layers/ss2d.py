@@ -141,7 +141,7 @@ class SS2D(nn.Module):
         u = self.act(self.conv2d(self.in_proj(x)))
         # The scans' output comes in u's layout: channels-last for a channels-last model, so that
         # out_norm (a LayerNorm over the channels) reads it without a copy, forward and backward.
-        fmt = torch.channels_last if _is_channels_last(u) else torch.contiguous_format
+        fmt = _memory_format(u)
         if self.scan == "cross1d":
             y = self._scan_cross1d(u, fmt)
         else:
@@ -171,9 +171,7 @@ class SS2D(nn.Module):
         b, d, h, w = u.shape
         n, r, L = self.d_state, self.dt_rank, h * w
         c = r + 2 * n
-        xs = u.new_empty((b, 2, d, L))  # filled by one copy per layout, whatever u's memory format
-        xs[:, 0].view(b, d, h, w).copy_(u)
-        xs[:, 1].view(b, d, w, h).copy_(u.transpose(2, 3))
+        xs = _cross_layouts(u)  # (b, 2, d, L): row-major x and its transpose, one copy each
         # x_proj of route (s, j) reads layout j: one GEMM with the (s, j, c) x (j', d) weight that is
         # zero where j != j', so its output rows come out in route order k = 2*s + j: (b, k, c, L).
         w_x = block_diagonal(self.x_proj_weight.to(u.dtype).view(2, 2, c, d))  # (s, (j, c), (j', d))
@@ -215,40 +213,73 @@ def _is_channels_last(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+# cross1d's two layouts of the grid and back. _CrossLayouts (u -> the row-major and column-major
+# copies, stacked) and _RowColumnSum (the two layouts summed back onto the grid) are each other's
+# adjoint, so each backward is the other's forward: one pass each way, written in the layout its
+# consumer wants, instead of autograd's clones of the whole stacked gradient per copied slice
+# (in-place copies into a buffer), reshapes of transposed gradients and a stack. Traced by
+# torch.compile (which refuses a strided ``out=``) they are plain ops.
+
+def _split_layouts(t: Tensor) -> Tensor:
+    """(b, d, H, W) in any layout -> (b, 2, d, H*W) contiguous: t row-major, then t transposed."""
+    b, d, h, w = t.shape
+    xs = t.new_empty((b, 2, d, h * w))
+    xs[:, 0].view(b, d, h, w).copy_(t)
+    xs[:, 1].view(b, d, w, h).copy_(t.transpose(2, 3))
+    return xs
+
+
+def _merge_layouts(y: Tensor, h: int, w: int, memory_format) -> Tensor:
+    """(b, 2, d, H*W) -> (b, d, H, W) = row part + column part transposed, in ``memory_format``."""
+    b, _, d, _ = y.shape
+    out = torch.empty((b, d, h, w), dtype=y.dtype, device=y.device, memory_format=memory_format)
+    torch.add(y[:, 0].view(b, d, h, w), y[:, 1].view(b, d, w, h).transpose(2, 3), out=out)
+    return out
+
+
+def _memory_format(t: Tensor):
+    return torch.channels_last if _is_channels_last(t) else torch.contiguous_format
+
+
+class _CrossLayouts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u: Tensor) -> Tensor:
+        ctx.hw, ctx.fmt = tuple(u.shape[2:]), _memory_format(u)
+        return _split_layouts(u)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _merge_layouts(g.contiguous(), *ctx.hw, ctx.fmt)
+
+
+class _RowColumnSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, h: int, w: int, memory_format) -> Tensor:
+        ctx.shape = y.shape
+        b, d2 = y.shape[0], y.shape[1]
+        return _merge_layouts(y.view(b, 2, d2 // 2, h * w), h, w, memory_format)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return _split_layouts(g).view(ctx.shape), None, None, None
+
+
+def _cross_layouts(u: Tensor) -> Tensor:
+    """u (b, d, H, W) -> (b, 2, d, H*W): u in row-major order, then in column-major order."""
+    if torch.compiler.is_compiling():
+        b, d, h, w = u.shape
+        return torch.stack([u.reshape(b, d, h * w), u.transpose(2, 3).reshape(b, d, h * w)], dim=1)
+    return _CrossLayouts.apply(u)
+
+
 def _row_column_sum(y: Tensor, h: int, w: int, memory_format) -> Tensor:
-    """See _RowColumnSum; traced (torch.compile, which refuses a strided ``out=``) as plain ops."""
+    """y (b, 2*d, 1, H*W) with the row-major routes' sum in channels [0, d) and the column-major
+    one in [d, 2d) -> (b, d, H, W) = row part + column part transposed, in ``memory_format``."""
     if torch.compiler.is_compiling():
         b, d = y.shape[0], y.shape[1] // 2
         y_row, y_col = y.view(b, 2, d, h * w).unbind(1)
         return (y_row.view(b, d, h, w) + y_col.view(b, d, w, h).transpose(2, 3)).contiguous(memory_format=memory_format)
     return _RowColumnSum.apply(y, h, w, memory_format)
-
-
-class _RowColumnSum(torch.autograd.Function):
-    """cross1d's two layouts summed back onto the grid: y (b, 2*d, 1, H*W) holds the row-major
-    routes' sum in channels [0, d) and the column-major one in [d, 2d); returns (b, d, H, W) =
-    row part + column part transposed, written in ``memory_format`` by the one add. The backward
-    writes the gradient straight into y's layout (two copies) instead of autograd's reshapes of a
-    transposed gradient and a stack."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, h: int, w: int, memory_format) -> Tensor:
-        b, d2 = y.shape[0], y.shape[1]
-        d = d2 // 2
-        y = y.view(b, 2, d, h * w)
-        out = torch.empty((b, d, h, w), dtype=y.dtype, device=y.device, memory_format=memory_format)
-        torch.add(y[:, 0].view(b, d, h, w), y[:, 1].view(b, d, w, h).transpose(2, 3), out=out)
-        ctx.hw = (h, w)
-        return out
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        h, w = ctx.hw
-        b, d = g.shape[:2]
-        gy = g.new_empty((b, 2, d, h * w))
-        gy[:, 0].view(b, d, h, w).copy_(g)
-        gy[:, 1].view(b, d, w, h).copy_(g.transpose(2, 3))
-        return gy.view(b, 2 * d, 1, h * w), None, None, None
 
 
 def ss2d_reference(module: SS2D, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
