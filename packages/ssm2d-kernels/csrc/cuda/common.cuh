@@ -1,4 +1,4 @@
-// Error checks and the current-device guard shared by every CUDA source.
+// Error checks, the current-device guard and the device primitives shared by every CUDA source.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -41,5 +41,25 @@ class DeviceGuard {
   int previous_ = 0;
   bool changed_ = false;
 };
+
+// ---- Device primitives ------------------------------------------------------------------------
+
+// 2^x with the MUFU unit alone (relative error ~2^-22: far below float32 accumulation error here).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The hand-over flags between blocks of a pipelined kernel: a consumer's acquire load sees every
+// store the producer made before its release store (GPU scope).
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
 
 }  // namespace ssm2d::cuda

@@ -1271,21 +1271,15 @@ void backward_t(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStream_
   }
 }
 
-void check_cuda_problem(const Scan2dProblem& p, const char* what) {
-  if (p.dtype == DType::kFloat64 || p.param_dtype != DType::kFloat32)
-    throw ArgumentError(std::string(what) + ": the CUDA kernel takes float32, float16 or bfloat16 inputs with "
-                        "float32 A, D and delta_bias; float64 runs on the CPU kernel");
-}
-
 }  // namespace
 
 void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
   if (scan2d_tiled(p.dstate)) {
     if (!scan2d_lanes_fit(p)) return scan2d_tiled_forward(p, o);
-    check_cuda_problem(p, "scan2d_forward");
+    check_cuda_dtypes(p, "scan2d_forward");
     return scan2d_lanes_forward(p, o);
   }
-  check_cuda_problem(p, "scan2d_forward");
+  check_cuda_dtypes(p, "scan2d_forward");
   if (scan2d_chan_fit(p)) return scan2d_chan_forward(p, o);
   if (scan2d_forward_workspace_floats(p.batch, p.dim, p.dstate, p.height, p.width) > 0 && !o.workspace)
     throw ArgumentError("scan2d_forward: workspace is required on CUDA (scan2d_forward_workspace_floats)");
@@ -1297,12 +1291,12 @@ void scan2d_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
 void scan2d_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a_in) {
   if (scan2d_tiled(p.dstate)) {
     if (!scan2d_lanes_fit(p)) return scan2d_tiled_backward(p, a_in);
-    check_cuda_problem(p, "scan2d_backward");
+    check_cuda_dtypes(p, "scan2d_backward");
     Scan2dBackwardArgs a = a_in;
     if (a.d_end < 0) a.d_end = p.dim;
     return scan2d_lanes_backward(p, a);
   }
-  check_cuda_problem(p, "scan2d_backward");
+  check_cuda_dtypes(p, "scan2d_backward");
   Scan2dBackwardArgs a = a_in;
   if (a.d_end < 0) a.d_end = p.dim;
   if (scan2d_chan_fit(p)) return scan2d_chan_backward(p, a);

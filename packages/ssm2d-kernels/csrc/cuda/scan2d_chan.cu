@@ -232,11 +232,6 @@ __device__ __forceinline__ ChanConst chan_const(const Scan2dProblem& p, int64_t 
 
 // The MUFU forms (about 2 ulp; softplus absolute error ~1e-7): the per-cell work is a handful of
 // FMAs, and the accurate library calls (log1pf, IEEE division) would be most of the instructions.
-__device__ __forceinline__ float ex2_fast(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 __device__ __forceinline__ float lg2_fast(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -244,9 +239,9 @@ __device__ __forceinline__ float lg2_fast(float x) {
 }
 constexpr float kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ float softplus_fast(float v) {
-  return v > 20.f ? v : kLn2 * lg2_fast(1.f + ex2_fast(v * kLog2e));
+  return v > 20.f ? v : kLn2 * lg2_fast(1.f + fast_exp2(v * kLog2e));
 }
-__device__ __forceinline__ float sigmoid_fast(float v) { return __fdividef(1.f, 1.f + ex2_fast(-v * kLog2e)); }
+__device__ __forceinline__ float sigmoid_fast(float v) { return __fdividef(1.f, 1.f + fast_exp2(-v * kLog2e)); }
 
 __device__ __forceinline__ float dt_of(const Scan2dProblem& p, float delta, float bias) {
   const float v = delta + bias;
@@ -265,7 +260,7 @@ __device__ __forceinline__ float step_cells(float (&a)[WP], float (&ch)[WP], flo
   auto cell_in = [&](int kk) {  // a and the chain's input at cell kk (mode C: after the carry's update)
     const float u = su[lane * (WP + 1) + kk];
     const float dt = pi * WP + kk < K ? dt_of(p, sd[lane * (WP + 1) + kk], cc.bias) : 0.f;
-    a[kk] = ex2_fast(dt * cc.A2);
+    a[kk] = fast_exp2(dt * cc.A2);
     const float x = dt * bc.B(kk, pi) * u;
     if (kCols) carry[kk] = fmaf(a[kk], carry[kk], x);
     return kCols ? carry[kk] : x;

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <string>
 
 #include "ssm2d/ops.h"
 
@@ -21,6 +22,13 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// The CUDA kernels take float32, float16 or bfloat16 grids with float32 parameters.
+inline void check_cuda_dtypes(const Scan2dProblem& p, const char* what) {
+  if (p.dtype == DType::kFloat64 || p.param_dtype != DType::kFloat32)
+    throw ArgumentError(std::string(what) + ": the CUDA kernel takes float32, float16 or bfloat16 inputs with "
+                        "float32 A, D and delta_bias; float64 runs on the CPU kernel");
+}
 
 // Calls f(T{}) with T the element type of `t` (float, __half, __nv_bfloat16); the CUDA kernels take
 // no other (float64 is refused before this point).

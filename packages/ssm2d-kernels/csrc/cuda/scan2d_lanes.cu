@@ -54,19 +54,6 @@ constexpr int kLag = 4;
 // there are more blocks than SMs; four rows and one block per SM when every block has an SM of its
 // own (more independent work per warp is then the only way to hide latency).
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 
 // A read-only global load issued where it stands: the row loop loads the next row's operands at its
 // top and uses them at its end, and a plain load tends to be scheduled next to its use (the loop

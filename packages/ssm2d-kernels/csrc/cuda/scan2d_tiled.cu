@@ -519,9 +519,7 @@ void backward_t(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStream_
 }
 
 void check_cuda_problem(const Scan2dProblem& p, const char* what) {
-  if (p.dtype == DType::kFloat64 || p.param_dtype != DType::kFloat32)
-    throw ArgumentError(std::string(what) + ": the CUDA kernel takes float32, float16 or bfloat16 inputs with "
-                        "float32 A, D and delta_bias; float64 runs on the CPU kernel");
+  check_cuda_dtypes(p, what);
   if (p.dim > 0x7fffffff) throw ArgumentError(std::string(what) + ": D too large");
 }
 

@@ -55,12 +55,6 @@ __device__ __forceinline__ float* fplane(const Grid& g, int64_t b, int64_t c, in
   return static_cast<float*>(g.data) + b * g.sb + c * g.sc + n * g.sn + i * g.si + j * g.sj;
 }
 
-// 2^x with the MUFU unit alone (relative error ~2^-22: far below float32 accumulation error here).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 __device__ __forceinline__ int padded(int64_t j) { return static_cast<int>(j + (j >> 5)); }
 
@@ -528,14 +522,6 @@ struct StripSync {
   float* carry = nullptr;     // [item][strip < strips-1][row][256 lanes]: h at the strip's last column
 };
 
-__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 
 template <typename T, int WMAX>
 __global__ void __launch_bounds__(kSmallThreads, 2)
