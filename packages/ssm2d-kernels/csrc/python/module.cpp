@@ -183,6 +183,16 @@ ssm2d::Grid result(const ssm2d::Grid& layout, py::handle h) {
   return py::isinstance<py::int_>(h) ? at(layout, h.cast<std::uintptr_t>()) : to_grid(h);
 }
 
+// Runs the CUDA or the CPU implementation of a problem with the GIL released; an empty batch runs
+// nothing.
+template <typename Problem, typename Cuda, typename Cpu>
+void run_released(const Problem& p, Cuda&& cuda, Cpu&& cpu) {
+  if (p.batch == 0) return;
+  py::gil_scoped_release nogil;
+  if (p.device.is_cuda()) cuda();
+  else cpu();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -285,10 +295,7 @@ PYBIND11_MODULE(_C, m) {
     ssm2d::Scan2dForwardOutputs out;
     out.out = to_grid(o["out"]); out.y = to_grid(o["y"]); out.carries = to_ptr<float>(o["carries"]);
     out.workspace = to_ptr<float>(o["workspace"]);
-    if (p.batch == 0) return;
-    py::gil_scoped_release nogil;
-    if (p.device.is_cuda()) ssm2d::cuda::scan2d_forward(p, out);
-    else ssm2d::cpu::scan2d_forward(p, out);
+    run_released(p, [&] { ssm2d::cuda::scan2d_forward(p, out); }, [&] { ssm2d::cpu::scan2d_forward(p, out); });
   });
 
   m.def("scan2d_backward", [](const py::dict& d, const py::dict& g) {
@@ -301,10 +308,7 @@ PYBIND11_MODULE(_C, m) {
     a.deterministic = g["deterministic"].cast<bool>();
     a.d_begin = g["d_begin"].cast<int64_t>(); a.d_end = g["d_end"].cast<int64_t>();
     a.workspace = to_ptr<float>(g["workspace"]);
-    if (p.batch == 0) return;
-    py::gil_scoped_release nogil;
-    if (p.device.is_cuda()) ssm2d::cuda::scan2d_backward(p, a);
-    else ssm2d::cpu::scan2d_backward(p, a);
+    run_released(p, [&] { ssm2d::cuda::scan2d_backward(p, a); }, [&] { ssm2d::cpu::scan2d_backward(p, a); });
   });
 
   py::class_<Scan2dFrame>(m, "Scan2dFrame",
@@ -323,10 +327,7 @@ PYBIND11_MODULE(_C, m) {
         ssm2d::Scan2dForwardOutputs o;
         o.out = at(f.cell, out); o.y = at(f.cell, y);
         o.carries = reinterpret_cast<float*>(carries); o.workspace = reinterpret_cast<float*>(workspace);
-        if (p.batch == 0) return;
-        py::gil_scoped_release nogil;
-        if (p.device.is_cuda()) ssm2d::cuda::scan2d_forward(p, o);
-        else ssm2d::cpu::scan2d_forward(p, o);
+        run_released(p, [&] { ssm2d::cuda::scan2d_forward(p, o); }, [&] { ssm2d::cpu::scan2d_forward(p, o); });
       },
       "scan2d forward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
 
@@ -351,10 +352,7 @@ PYBIND11_MODULE(_C, m) {
         a.ddelta_bias_part = reinterpret_cast<void*>(ddelta_bias_part);
         a.deterministic = deterministic; a.d_begin = d_begin; a.d_end = d_end;
         a.workspace = reinterpret_cast<float*>(workspace);
-        if (p.batch == 0) return;
-        py::gil_scoped_release nogil;
-        if (p.device.is_cuda()) ssm2d::cuda::scan2d_backward(p, a);
-        else ssm2d::cpu::scan2d_backward(p, a);
+        run_released(p, [&] { ssm2d::cuda::scan2d_backward(p, a); }, [&] { ssm2d::cpu::scan2d_backward(p, a); });
       },
       "scan2d backward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
 
@@ -367,10 +365,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("wavefront2d_forward", [](const py::dict& d, py::handle out) {
     const auto p = to_wave_problem(d);
     const auto o = to_grid(out);
-    if (p.batch == 0) return;
-    py::gil_scoped_release nogil;
-    if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_forward(p, o);
-    else ssm2d::cpu::wavefront2d_forward(p, o);
+    run_released(p, [&] { ssm2d::cuda::wavefront2d_forward(p, o); }, [&] { ssm2d::cpu::wavefront2d_forward(p, o); });
   });
 
   m.def("wavefront2d_backward", [](const py::dict& d, const py::dict& g) {
@@ -383,10 +378,9 @@ PYBIND11_MODULE(_C, m) {
     a.deterministic = g["deterministic"].cast<bool>();
     a.e_begin = g["e_begin"].cast<int64_t>(); a.e_end = g["e_end"].cast<int64_t>();
     a.workspace = to_ptr<float>(g["workspace"]);
-    if (p.batch == 0) return;
-    py::gil_scoped_release nogil;
-    if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_backward(p, a);
-    else ssm2d::cpu::wavefront2d_backward(p, a);
+    run_released(
+        p, [&] { ssm2d::cuda::wavefront2d_backward(p, a); },
+        [&] { ssm2d::cpu::wavefront2d_backward(p, a); });
   });
 
   py::class_<Wave2dFrame>(m, "Wave2dFrame",
@@ -404,10 +398,9 @@ PYBIND11_MODULE(_C, m) {
         auto p = wave2d_problem_at(f, u, dT, dL, BT, BL, C, AT, AT_sd, AT_sn, AL, AL_sd, AL_sn, D, stream);
         p.workspace = reinterpret_cast<float*>(workspace);
         const auto o = at(f.cell, out);
-        if (p.batch == 0) return;
-        py::gil_scoped_release nogil;
-        if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_forward(p, o);
-        else ssm2d::cpu::wavefront2d_forward(p, o);
+        run_released(
+            p, [&] { ssm2d::cuda::wavefront2d_forward(p, o); },
+            [&] { ssm2d::cpu::wavefront2d_forward(p, o); });
       },
       "wavefront2d forward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
 
@@ -429,10 +422,9 @@ PYBIND11_MODULE(_C, m) {
         a.dD_part = reinterpret_cast<void*>(dD_part);
         a.deterministic = deterministic; a.e_begin = e_begin; a.e_end = e_end;
         a.workspace = reinterpret_cast<float*>(workspace);
-        if (p.batch == 0) return;
-        py::gil_scoped_release nogil;
-        if (p.device.is_cuda()) ssm2d::cuda::wavefront2d_backward(p, a);
-        else ssm2d::cpu::wavefront2d_backward(p, a);
+        run_released(
+            p, [&] { ssm2d::cuda::wavefront2d_backward(p, a); },
+            [&] { ssm2d::cpu::wavefront2d_backward(p, a); });
       },
       "wavefront2d backward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
 
