@@ -196,3 +196,16 @@ def test_cross_layouts_against_finite_differences_and_its_adjoint(fmt):
     lhs = (xs.detach().reshape(-1) * y.reshape(-1)).sum()
     rhs = (ud * _RowColumnSum.apply(y, h, w, fmt)).sum()
     torch.testing.assert_close(lhs, rhs)
+
+
+def test_silu_contiguous_of_a_channels_last_tensor():
+    """SiLU written NCHW in one pass, its gradient in the input's (channels-last) layout."""
+    from ssm2d_nn.layers.ss2d import _silu_contiguous
+
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = _silu_contiguous(x)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, torch.nn.functional.silu(x.detach()))
+    (g,) = torch.autograd.grad(y, x, torch.randn_like(y))
+    assert g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
+    assert torch.autograd.gradcheck(_silu_contiguous, (x,))

@@ -138,16 +138,17 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.d_model:
             raise ValueError(f"SS2D: x must have shape (B, {self.d_model}, H, W), got {tuple(x.shape)}")
-        u = self.act(self.conv2d(self.in_proj(x)))
-        # The scans' output comes in u's layout: channels-last for a channels-last model, so that
-        # out_norm (a LayerNorm over the channels) reads it without a copy, forward and backward.
-        fmt = _memory_format(u)
+        c = self.conv2d(self.in_proj(x))
+        # The scans' output comes in the model's layout: channels-last for a channels-last model, so
+        # that out_norm (a LayerNorm over the channels) reads it without a copy, forward and backward.
+        fmt = _memory_format(c)
         if self.scan == "cross1d":
-            y = self._scan_cross1d(u, fmt)
+            y = self._scan_cross1d(self.act(c), fmt)
         else:
             # The scan kernel walks each (batch, channel) plane: unit-stride rows keep its loads
-            # coalesced (a no-op unless the model runs channels-last).
-            y = self._scan_2d(u.contiguous(), fmt)
+            # coalesced, so SiLU writes u contiguous (NCHW) whatever the model's layout, and its
+            # gradient comes back in the convolution's layout.
+            y = self._scan_2d(_silu_contiguous(c), fmt)
         return self.dropout(self.out_proj(self.out_norm(y)))
 
     def _ssm_params(self, like: Tensor, routes: int):
@@ -262,6 +263,29 @@ class _RowColumnSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         return _split_layouts(g).view(ctx.shape), None, None, None
+
+
+class _SiluContiguous(torch.autograd.Function):
+    """silu(x) written contiguous (NCHW) in its one pass; the gradient in x's layout."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return torch.ops.aten.silu.out(x, out=out)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (x,) = ctx.saved_tensors
+        grad = torch.empty_like(x)  # x's memory format
+        return torch.ops.aten.silu_backward.grad_input(g, x, grad_input=grad)
+
+
+def _silu_contiguous(x: Tensor) -> Tensor:
+    """SiLU(x) as a contiguous tensor: for a channels-last x, the copy to NCHW made in the same pass."""
+    if x.is_contiguous() or torch.compiler.is_compiling():
+        return F.silu(x).contiguous()
+    return _SiluContiguous.apply(x)
 
 
 def _cross_layouts(u: Tensor) -> Tensor:
