@@ -209,3 +209,13 @@ def test_silu_contiguous_of_a_channels_last_tensor():
     (g,) = torch.autograd.grad(y, x, torch.randn_like(y))
     assert g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
     assert torch.autograd.gradcheck(_silu_contiguous, (x,))
+
+
+@pytest.mark.parametrize("scan", ["cross1d", "2d"])
+def test_reference_backend_keeps_second_order_gradients_on_channels_last_input(scan):
+    """The one-pass layout functions are once differentiable; with backend="reference" (the way to
+    higher-order gradients) SS2D runs plain ops, so second-order gradients stay correct."""
+    torch.manual_seed(13)
+    m = _randomised(SS2D(4, d_state=1, ssm_ratio=1.0, scan=scan, backend="reference"), seed=14).double()
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradgradcheck(lambda t: m(t), (x.requires_grad_(True),), atol=1e-5, rtol=1e-4)

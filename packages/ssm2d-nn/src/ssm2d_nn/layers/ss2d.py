@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .conv1x1 import Conv1x1, batched_gemm, block_diagonal, conv1x1, grouped_1x1
 from .norms import LayerNorm2d
@@ -142,13 +143,16 @@ class SS2D(nn.Module):
         # The scans' output comes in the model's layout: channels-last for a channels-last model, so
         # that out_norm (a LayerNorm over the channels) reads it without a copy, forward and backward.
         fmt = _memory_format(c)
+        # The one-pass layout functions below are once differentiable, like the kernels; with the
+        # reference backend (the way to higher-order gradients) the plain ops run instead.
+        plain = self.backend == "reference"
         if self.scan == "cross1d":
-            y = self._scan_cross1d(self.act(c), fmt)
+            y = self._scan_cross1d(self.act(c), fmt, plain)
         else:
             # The scan kernel walks each (batch, channel) plane: unit-stride rows keep its loads
             # coalesced, so SiLU writes u contiguous (NCHW) whatever the model's layout, and its
             # gradient comes back in the convolution's layout.
-            y = self._scan_2d(_silu_contiguous(c), fmt)
+            y = self._scan_2d(_silu_contiguous(c, plain), fmt)
         return self.dropout(self.out_proj(self.out_norm(y)))
 
     def _ssm_params(self, like: Tensor, routes: int):
@@ -160,7 +164,7 @@ class SS2D(nn.Module):
         return (A.view(routes, -1, self.d_state), self.Ds.to(pdt).view(routes, -1),
                 self.dt_projs_bias.to(pdt).view(routes, -1))
 
-    def _scan_cross1d(self, u: Tensor, memory_format=torch.contiguous_format) -> Tensor:
+    def _scan_cross1d(self, u: Tensor, memory_format=torch.contiguous_format, plain: bool = False) -> Tensor:
         """The four 1D routes as two scan directions on a 1 x (H*W) grid, in one scan2d_routes call.
 
         A route has one scan direction for all its channels, so the four routes cannot be one
@@ -172,7 +176,7 @@ class SS2D(nn.Module):
         b, d, h, w = u.shape
         n, r, L = self.d_state, self.dt_rank, h * w
         c = r + 2 * n
-        xs = _cross_layouts(u)  # (b, 2, d, L): row-major x and its transpose, one copy each
+        xs = _cross_layouts(u, plain)  # (b, 2, d, L): row-major x and its transpose, one copy each
         # x_proj of route (s, j) reads layout j: one GEMM with the (s, j, c) x (j', d) weight that is
         # zero where j != j', so its output rows come out in route order k = 2*s + j: (b, k, c, L).
         w_x = block_diagonal(self.x_proj_weight.to(u.dtype).view(2, 2, c, d))  # (s, (j, c), (j', d))
@@ -188,7 +192,7 @@ class SS2D(nn.Module):
         y = scan2d_routes(xs.view(b, 2 * d, 1, L), delta, A, B_all.view(b, 2, 2, n, 1, L),
                           C_all.view(b, 2, 2, n, 1, L), D, bias, True, routes=(("tl", "hv"), ("tr", "hv")),
                           backend=self.backend)
-        return _row_column_sum(y, h, w, memory_format)
+        return _row_column_sum(y, h, w, memory_format, plain)
 
     def _scan_2d(self, u: Tensor, memory_format=torch.contiguous_format) -> Tensor:
         """The four 2D routes in one scan2d_routes call, all reading u (contiguous) in place.
@@ -249,6 +253,7 @@ class _CrossLayouts(torch.autograd.Function):
         return _split_layouts(u)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: Tensor):
         return _merge_layouts(g.contiguous(), *ctx.hw, ctx.fmt)
 
@@ -261,6 +266,7 @@ class _RowColumnSum(torch.autograd.Function):
         return _merge_layouts(y.view(b, 2, d2 // 2, h * w), h, w, memory_format)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: Tensor):
         return _split_layouts(g).view(ctx.shape), None, None, None
 
@@ -275,31 +281,33 @@ class _SiluContiguous(torch.autograd.Function):
         return torch.ops.aten.silu.out(x, out=out)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g: Tensor):
         (x,) = ctx.saved_tensors
         grad = torch.empty_like(x)  # x's memory format
         return torch.ops.aten.silu_backward.grad_input(g, x, grad_input=grad)
 
 
-def _silu_contiguous(x: Tensor) -> Tensor:
-    """SiLU(x) as a contiguous tensor: for a channels-last x, the copy to NCHW made in the same pass."""
-    if x.is_contiguous() or torch.compiler.is_compiling():
+def _silu_contiguous(x: Tensor, plain: bool = False) -> Tensor:
+    """SiLU(x) as a contiguous tensor: for a channels-last x, the copy to NCHW made in the same pass
+    (``plain``: two ops, differentiable any number of times)."""
+    if plain or x.is_contiguous() or torch.compiler.is_compiling():
         return F.silu(x).contiguous()
     return _SiluContiguous.apply(x)
 
 
-def _cross_layouts(u: Tensor) -> Tensor:
+def _cross_layouts(u: Tensor, plain: bool = False) -> Tensor:
     """u (b, d, H, W) -> (b, 2, d, H*W): u in row-major order, then in column-major order."""
-    if torch.compiler.is_compiling():
+    if plain or torch.compiler.is_compiling():
         b, d, h, w = u.shape
         return torch.stack([u.reshape(b, d, h * w), u.transpose(2, 3).reshape(b, d, h * w)], dim=1)
     return _CrossLayouts.apply(u)
 
 
-def _row_column_sum(y: Tensor, h: int, w: int, memory_format) -> Tensor:
+def _row_column_sum(y: Tensor, h: int, w: int, memory_format, plain: bool = False) -> Tensor:
     """y (b, 2*d, 1, H*W) with the row-major routes' sum in channels [0, d) and the column-major
     one in [d, 2d) -> (b, d, H, W) = row part + column part transposed, in ``memory_format``."""
-    if torch.compiler.is_compiling():
+    if plain or torch.compiler.is_compiling():
         b, d = y.shape[0], y.shape[1] // 2
         y_row, y_col = y.view(b, 2, d, h * w).unbind(1)
         return (y_row.view(b, d, h, w) + y_col.view(b, d, w, h).transpose(2, 3)).contiguous(memory_format=memory_format)
