@@ -205,9 +205,10 @@ def test_short_rows_deterministic_in_channel_chunks(monkeypatch):
 
 @pytest.mark.parametrize("origin", ["tl", "br"])
 def test_column_strips(origin):
-    # N <= 16 with rows longer than 64 cells, or too few (batch, 16-channel) blocks, runs the forward as
-    # column strips pipelined across blocks: strip widths 16 / 32 / 64, a ragged last strip, channel
-    # tails, groups, and (6 x 4 blocks x 13 strips) more blocks than the GPU holds at once.
+    # N <= 16 with rows longer than 64 cells, or too few (batch, 16-channel) blocks, runs forward and
+    # backward as column strips pipelined across blocks (the forward from the left, the adjoint from the
+    # right): strip widths 16 / 32 / 64, a ragged last strip, channel tails, groups, and (6 x 4 blocks x
+    # 13 strips) more blocks than the GPU holds at once.
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     for b, h, w, e, n, g in [(1, 33, 64, 64, 16, None), (2, 20, 200, 40, 16, None), (1, 9, 300, 32, 5, 2),
@@ -216,3 +217,12 @@ def test_column_strips(origin):
         _check(make_wave_inputs(rng, **cfg), torch.float32, 1e-5, 1e-4, (seed, cfg), origin=origin)
     _check(make_wave_inputs(rng, batch=1, height=48, width=256, dim=64, dstate=16), torch.bfloat16, 2e-2, 5e-2,
            (seed, "bf16 48x256"), origin=origin)
+
+
+def test_column_strips_deterministic_in_channel_chunks(monkeypatch):
+    # The strip backward in deterministic mode: per-block dB partials, dAT/dAL/dD summed over the strips in
+    # a fixed order, channels in chunks of 16 (forced small): bitwise repeatable and equal to the atomics.
+    rng = random.Random()
+    b, h, w, e, n = 2, 12, 150, 48, 16
+    inputs = _to(make_wave_inputs(rng, batch=b, height=h, width=w, dim=e, dstate=n, groups=1), "cuda", torch.float32)
+    _check_deterministic(inputs, monkeypatch, chunk_bytes=20 * 3 * b * h * w * n * 4)  # 16-channel chunks

@@ -610,7 +610,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
 #pragma unroll
     for (int r = 0; r < PER; ++r) {  // out's row i is read back after the row: ask for it now
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
-      if (j < W && e0 + k < E) prefetch_l1(fplane(out, b, e0 + k, 0, i, jb + j));
+      if (out.defined() && j < W && e0 + k < E) prefetch_l1(fplane(out, b, e0 + k, 0, i, jb + j));
     }
     float hl = 0.f;  // h left of the strip's first column
     if (has_left) {
@@ -662,7 +662,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     for (int r = 0; r < PER; ++r) {
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       const int64_t ek = e0 + k;
-      if (j < W && ek < E) {
+      if (out.defined() && j < W && ek < E) {
         float* o = fplane(out, b, ek, 0, i, jb + j);
         *o += ybuf[k * WP + j];
       }
@@ -682,7 +682,26 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
 // Scratch per block: float4 [ceil(H/K) checkpoint slots + K segment rows][ceil(W/4)][256 lanes],
 // i.e. batch * ceil(E/16) * 256 * (ceil(H/K) + K) * 4 ceil(W/4) floats (N/16 * 256/N of that is
 // padding for N < 16): at K = 8 about (ceil(H/8) + 8) / H times the (batch, H, W, E, 16) state.
+//
+// Column strips (rows longer than 64 cells, or too few blocks): the same kernel runs a strip of
+// WMAX columns per block, pipelined from the right. The adjoint couples a strip to its right
+// neighbour only through lam's left-going term (cL aL lam at the neighbour's first column, one value
+// per lane and row), which the right strip publishes row by row, bottom-up, with a flag; the left
+// strip reads it before its row. Blocks take tickets right strip first, so a block only ever waits
+// on a block that started before it. The recompute of h needs h left of the strip on every row: a
+// first launch runs the forward's strip pipeline without output and leaves those carries in the
+// workspace. dAT, dAL, dD are summed per strip and reduced over the strips in a fixed order.
 constexpr int kSmallSegment = 8;
+
+// The strips of one backward call (flags null: whole rows, launched per batch; none of these).
+struct StripBwd {
+  int64_t strips = 1;
+  unsigned* flags = nullptr;      // [0]: ticket counter; [1 + item*strips + k]: rows strip k has published (bottom-up)
+  const float* hcarry = nullptr;  // [forward item][strip < strips-1][row][256 lanes]: h at the strip's last column
+  float* lcarry = nullptr;        // [item][strip < strips-1][row][256 lanes]: cL aL lam at strip k+1's first column
+  float* parts = nullptr;         // [item][strip][dAT, dAL, dD][256 lanes]
+  float* scratch = nullptr;       // [item][strip]: the block's checkpoints and segment rows
+};
 constexpr int kSmallBwdArrays = 7;  // dT, dL, u, dy (per channel); BT, BL, C (per state)
 
 __host__ __device__ __forceinline__ int64_t small_bwd_rows(int64_t H) {
@@ -697,7 +716,7 @@ constexpr size_t small_bwd_smem_floats() {
 
 template <typename T, int WMAX, bool kDet>
 __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
-    wave_bwd_small_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t b0) {
+    wave_bwd_small_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t b0, StripBwd sb) {
   constexpr int WP = WMAX + 4, ROWS = kSmallChannels * WP, BUF = kSmallBwdArrays * ROWS;
   constexpr int PER = (kSmallChannels * WMAX + kSmallThreads - 1) / kSmallThreads;
   constexpr int G4 = WMAX / 4, K = kSmallSegment, NWARP = kSmallThreads / 32;
@@ -705,8 +724,31 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
   float* s_dx = smem + 2 * BUF;       // [du, ddT, ddL][channel][column]: sums over states
   float* s_dB = s_dx + 3 * ROWS;      // [warp][dBT, dBL, dC][column][state]: sums over a warp's 2 channels
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, n = lane & 15, c = tid >> 4;
-  const int64_t E = p.dim, N = p.dstate, H = p.height, W = p.width;
-  const int64_t e0 = ga.e_begin + static_cast<int64_t>(blockIdx.x) * kSmallChannels, b = blockIdx.y + b0;
+  const int64_t E = p.dim, N = p.dstate, H = p.height;
+  const int64_t nEb = (E + kSmallChannels - 1) / kSmallChannels;                       // forward items per batch
+  const int64_t nEr = (ga.e_end - ga.e_begin + kSmallChannels - 1) / kSmallChannels;  // this call's
+  const bool strip_mode = sb.flags != nullptr;  // launched by bwd_strip_launch (any number of strips)
+  int64_t eb = blockIdx.x, b = blockIdx.y + b0, strip = 0;
+  if (strip_mode) {  // tickets right strip first: the block of strip k starts after those of strip k+1
+    __shared__ unsigned s_ticket;
+    if (tid == 0) s_ticket = atomicAdd(sb.flags, 1u);
+    __syncthreads();
+    const int64_t t = s_ticket, items = p.batch * nEr;
+    strip = sb.strips - 1 - t / items;
+    b = (t % items) / nEr;
+    eb = t % nEr;
+  }
+  const int64_t e0 = ga.e_begin + eb * kSmallChannels;
+  const int64_t item = b * nEr + eb, item_f = b * nEb + e0 / kSmallChannels;
+  const int64_t jb = strip * WMAX;  // the strip's first column
+  const int64_t W = min(static_cast<int64_t>(WMAX), p.width - jb);
+  const bool has_left = strip > 0, has_right = strip + 1 < sb.strips;
+  const int64_t bounds = sb.strips - 1;
+  const float* hcarry_left = has_left ? sb.hcarry + ((item_f * bounds + strip - 1) * H) * kSmallThreads + tid : nullptr;
+  const float* lcarry_right = has_right ? sb.lcarry + ((item * bounds + strip) * H) * kSmallThreads + tid : nullptr;
+  float* lcarry_self = has_left ? sb.lcarry + ((item * bounds + strip - 1) * H) * kSmallThreads + tid : nullptr;
+  const unsigned* flag_right = has_right ? sb.flags + 1 + item * sb.strips + strip + 1 : nullptr;
+  unsigned* flag_self = has_left ? sb.flags + 1 + item * sb.strips + strip : nullptr;
   const int64_t e = e0 + c, e_hi = ga.e_end;
   const bool has_e = e < e_hi, active = has_e && n < N;
   const int64_t g = e0 / (E / p.groups);
@@ -714,8 +756,11 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
   const float AL = active ? static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn] : 0.f;
   const float AT2 = AT * kLog2e, AL2 = AL * kLog2e;
   const int64_t W4 = (W + 3) / 4, nck = (H + K - 1) / K;
-  const int64_t blk = b * ((E + kSmallChannels - 1) / kSmallChannels) + e0 / kSmallChannels;
-  float4* ck = reinterpret_cast<float4*>(ga.workspace) + blk * small_bwd_rows(H) * W4 * kSmallThreads;
+  // A block's scratch: whole rows as before; a strip's block has room for WMAX columns.
+  float4* ck = strip_mode
+                   ? reinterpret_cast<float4*>(sb.scratch) +
+                         (item_f * sb.strips + strip) * small_bwd_rows(H) * (WMAX / 4) * kSmallThreads
+                   : reinterpret_cast<float4*>(ga.workspace) + item_f * small_bwd_rows(H) * W4 * kSmallThreads;
   float4* seg = ck + nck * W4 * kSmallThreads;
   auto row_of = [&](float4* base, int64_t r) { return base + r * W4 * kSmallThreads + tid; };
   // The write-out of a row gives a thread the same channel (tid % 16) in every row: D read once.
@@ -730,14 +775,14 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       const int64_t ek = e0 + k;
       const bool okc = j < W && ek < e_hi, oks = j < W && k < N;
-      r_t[r] = okc ? ld<T>(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + j * p.dT.sj) : 0.f;
-      r_l[r] = okc ? ld<T>(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + j * p.dL.sj) : 0.f;
-      r_u[r] = okc ? ld<T>(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + j * p.u.sj) : 0.f;
-      r_bt[r] = oks ? ld<T>(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + j * p.BT.sj) : 0.f;
-      r_bl[r] = oks ? ld<T>(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + j * p.BL.sj) : 0.f;
+      r_t[r] = okc ? ld<T>(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + (jb + j) * p.dT.sj) : 0.f;
+      r_l[r] = okc ? ld<T>(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + (jb + j) * p.dL.sj) : 0.f;
+      r_u[r] = okc ? ld<T>(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + (jb + j) * p.u.sj) : 0.f;
+      r_bt[r] = oks ? ld<T>(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + (jb + j) * p.BT.sj) : 0.f;
+      r_bl[r] = oks ? ld<T>(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + (jb + j) * p.BL.sj) : 0.f;
       if (adjoint) {
-        r_y[r] = okc ? ld<T>(static_cast<const T*>(ga.dout.data) + b * ga.dout.sb + ek * ga.dout.sc + i * ga.dout.si + j * ga.dout.sj) : 0.f;
-        r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + j * p.C.sj) : 0.f;
+        r_y[r] = okc ? ld<T>(static_cast<const T*>(ga.dout.data) + b * ga.dout.sb + ek * ga.dout.sc + i * ga.dout.si + (jb + j) * ga.dout.sj) : 0.f;
+        r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + (jb + j) * p.C.sj) : 0.f;
       }
     }
   };
@@ -761,7 +806,7 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
   // row also goes to `hout` (one float4 per 4 columns) when given.
   float hrow[WMAX];
   auto forward_row = [&](int64_t i, const float* buf, float4* hout) {
-    float hl = 0.f;
+    float hl = has_left ? __ldcg(hcarry_left + i * kSmallThreads) : 0.f;  // h left of the strip
 #pragma unroll
     for (int g4 = 0; g4 < G4; ++g4) {
       const int j0 = 4 * g4;
@@ -774,7 +819,7 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         float cL, cT;
-        coefficients(i, j0 + k, p.origin_top, cL, cT);
+        coefficients(i, jb + j0 + k, p.origin_top, cL, cT);
         const float aL = fast_exp2(l[k] * AL2), aT = fast_exp2(t[k] * AT2);
         const float h = cL * fmaf(aL, hl, l[k] * uu[k] * bl[k]) + cT * fmaf(aT, hrow[j0 + k], t[k] * uu[k] * bt[k]);
         hrow[j0 + k] = h;
@@ -837,21 +882,30 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
       for (int r = 0; r < PER; ++r) {  // the accumulators' row i is read back after the row
         const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
         if (j < W && e0 + k < e_hi) {
-          if (ga.du.defined()) prefetch_l1(fplane(ga.du, b, e0 + k, 0, i, j));
-          if (ga.ddT.defined()) prefetch_l1(fplane(ga.ddT, b, e0 + k, 0, i, j));
-          if (ga.ddL.defined()) prefetch_l1(fplane(ga.ddL, b, e0 + k, 0, i, j));
+          if (ga.du.defined()) prefetch_l1(fplane(ga.du, b, e0 + k, 0, i, jb + j));
+          if (ga.ddT.defined()) prefetch_l1(fplane(ga.ddT, b, e0 + k, 0, i, jb + j));
+          if (ga.ddL.defined()) prefetch_l1(fplane(ga.ddL, b, e0 + k, 0, i, jb + j));
         }
       }
       if (i - 2 >= r0)  // h of row i - 2, the next row's upper neighbour
         for (int64_t g4 = 0; g4 < W4; ++g4) prefetch_l1(row_of(seg, i - 2 - r0) + g4 * kSmallThreads);
       float lam = 0.f, coefR = 0.f;  // lam at the column to the right, and its (cL aL)
+      if (has_right) {  // the right strip's cL aL lam at its first column, once it has run row i
+        for (int64_t spin = 0; ld_acquire(flag_right) < static_cast<unsigned>(H - i); ++spin) {
+          if (spin > (int64_t{1} << 32)) __trap();  // a lost neighbour: fail, never hang
+          __nanosleep(32);
+        }
+        lam = __ldcg(lcarry_right + i * kSmallThreads);
+        coefR = 1.f;
+      }
+      const float hleft = has_left ? __ldcg(hcarry_left + i * kSmallThreads) : 0.f;  // h left of the strip
       float4 hnext = zero4;          // h of the group to the left
 #pragma unroll
       for (int g4 = G4 - 1; g4 >= 0; --g4) {
         const int j0 = 4 * g4;
         if (j0 >= W) continue;
         const float4 hc4 = j0 + 4 >= W ? hc_row[g4 * kSmallThreads] : hnext;
-        hnext = g4 > 0 ? hc_row[(g4 - 1) * kSmallThreads] : zero4;
+        hnext = g4 > 0 ? hc_row[(g4 - 1) * kSmallThreads] : make_float4(0.f, 0.f, 0.f, hleft);
         const float4 hu4 = hu_row ? hu_row[g4 * kSmallThreads] : zero4;
         const float hc[4] = {hc4.x, hc4.y, hc4.z, hc4.w}, hu[4] = {hu4.x, hu4.y, hu4.z, hu4.w};
         float t[4], l[4], uu[4], dy[4], bt[4], bl[4], cc[4];
@@ -868,7 +922,7 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
           const int j = j0 + k;
           const bool valid = j < W;
           float cL, cT;
-          coefficients(i, j, p.origin_top, cL, cT);
+          coefficients(i, jb + j, p.origin_top, cL, cT);
           const float aL = fast_exp2(l[k] * AL2), aT = fast_exp2(t[k] * AT2);
           lam = valid ? fmaf(coefR, lam, fmaf(dy[k], cc[k], down[j])) : 0.f;
           coefR = valid ? cL * aL : 0.f;
@@ -901,7 +955,12 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
           s_dx[2 * ROWS + c * WP + j] = ddl;
         }
       }
+      if (has_left) {  // cL aL lam at the strip's first column, for the strip on the left
+        lcarry_self[i * kSmallThreads] = coefR * lam;
+        __threadfence();
+      }
       __syncthreads();
+      if (has_left && tid == 0) st_release(flag_self, static_cast<unsigned>(H - i));
       // Row i's sums: per cell and channel (du += D dy too), per cell and state over the 16 channels.
 #pragma unroll
       for (int r = 0; r < PER; ++r) {
@@ -910,9 +969,9 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
         const int64_t ek = e0 + k;
         if (ek < e_hi) {
           const int at = k * WP + j;
-          if (ga.du.defined()) *fplane(ga.du, b, ek, 0, i, j) += fmaf(Dk, cur[3 * ROWS + at], s_dx[0 * ROWS + at]);
-          if (ga.ddT.defined()) *fplane(ga.ddT, b, ek, 0, i, j) += s_dx[1 * ROWS + at];
-          if (ga.ddL.defined()) *fplane(ga.ddL, b, ek, 0, i, j) += s_dx[2 * ROWS + at];
+          if (ga.du.defined()) *fplane(ga.du, b, ek, 0, i, jb + j) += fmaf(Dk, cur[3 * ROWS + at], s_dx[0 * ROWS + at]);
+          if (ga.ddT.defined()) *fplane(ga.ddT, b, ek, 0, i, jb + j) += s_dx[1 * ROWS + at];
+          if (ga.ddL.defined()) *fplane(ga.ddL, b, ek, 0, i, jb + j) += s_dx[2 * ROWS + at];
         }
         if (k < N) {
           float sum[3] = {0.f, 0.f, 0.f};
@@ -925,7 +984,7 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
 #pragma unroll
           for (int q = 0; q < 3; ++q) {
             if (!dst[q]->defined()) continue;
-            float* o = fplane(*dst[q], b, bc, k, i, j);
+            float* o = fplane(*dst[q], b, bc, k, i, jb + j);
             if (kDet) *o = sum[q]; else atomicAdd(o, sum[q]);
           }
         }
@@ -934,11 +993,42 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
       __syncthreads();
     }
   }
+  if (strip_mode) {  // per strip; strip_parts_kernel sums them
+    float* part = sb.parts + (item * sb.strips + strip) * 3 * kSmallThreads + tid;
+    part[0] = dAT;
+    part[kSmallThreads] = dAL;
+    part[2 * kSmallThreads] = dD;
+    return;
+  }
   if (active) {
     if (ga.dAT_part) static_cast<float*>(ga.dAT_part)[(b * E + e) * N + n] = dAT;
     if (ga.dAL_part) static_cast<float*>(ga.dAL_part)[(b * E + e) * N + n] = dAL;
   }
   if (has_e && n == 0 && p.D && ga.dD_part) static_cast<float*>(ga.dD_part)[b * E + e] = dD;
+}
+
+// dAT, dAL (per batch, channel, state) and dD (per batch, channel) of a strip backward: the strips'
+// sums added in strip order (deterministic). One thread per (batch, channel of the call, state < 16).
+__global__ void strip_parts_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, StripBwd sb) {
+  const int64_t Er = ga.e_end - ga.e_begin, nEr = (Er + kSmallChannels - 1) / kSmallChannels;
+  const int64_t x = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (x >= p.batch * Er * 16) return;
+  const int n = static_cast<int>(x & 15);
+  const int64_t er = (x >> 4) % Er, b = (x >> 4) / Er, e = ga.e_begin + er;
+  const int64_t item = b * nEr + er / kSmallChannels;
+  const int lane = static_cast<int>(er % kSmallChannels) * 16 + n;
+  float s[3] = {0.f, 0.f, 0.f};
+  for (int64_t k = 0; k < sb.strips; ++k) {
+    const float* part = sb.parts + (item * sb.strips + k) * 3 * kSmallThreads + lane;
+#pragma unroll
+    for (int q = 0; q < 3; ++q) s[q] += part[q * kSmallThreads];
+  }
+  const int64_t E = p.dim, N = p.dstate;
+  if (n < N) {
+    if (ga.dAT_part) static_cast<float*>(ga.dAT_part)[(b * E + e) * N + n] = s[0];
+    if (ga.dAL_part) static_cast<float*>(ga.dAL_part)[(b * E + e) * N + n] = s[1];
+  }
+  if (n == 0 && p.D && ga.dD_part) static_cast<float*>(ga.dD_part)[b * E + e] = s[2];
 }
 
 // A block walks its 16 channels' grid serially, so the short-row kernel needs enough blocks to fill
@@ -973,7 +1063,7 @@ void bwd_small_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaS
   const unsigned ch_blocks = static_cast<unsigned>((a.e_end - a.e_begin + kSmallChannels - 1) / kSmallChannels);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(ch_blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, a, b0);
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, a, b0, StripBwd{});
     SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_small_kernel");
   }
 }
@@ -1049,6 +1139,64 @@ void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
   if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s);
   else if (sp.wmax == 32) fwd_small_launch<T, 32>(p, out, sp, s);
   else fwd_small_launch<T, 64>(p, out, sp, s);
+}
+
+// The strip backward's workspace, in floats: first the forward's strip flags and carries (the
+// recompute launch's, at the same offsets as a forward call's), then the backward's flags, its lam
+// carries, the per-strip dAT/dAL/dD sums and the blocks' scratch (float4-aligned). Sized for all
+// channels; a call over a channel range uses the front of each part.
+struct StripBwdLayout {
+  int64_t flags, lcarry, parts, scratch, total;
+};
+
+StripBwdLayout strip_bwd_layout(const Wave2dProblem& p, const StripPlan& sp) {
+  const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels), S = sp.strips;
+  StripBwdLayout L;
+  L.flags = strip_workspace_floats(p, sp);
+  L.lcarry = L.flags + 1 + items * S;
+  L.parts = L.lcarry + items * (S - 1) * p.height * kSmallThreads;
+  L.scratch = (L.parts + items * S * 3 * kSmallThreads + 3) / 4 * 4;
+  L.total = L.scratch + items * S * small_bwd_rows(p.height) * sp.wmax * kSmallThreads;
+  return L;
+}
+
+template <typename T, int WMAX, bool Det>
+void bwd_strip_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, const StripPlan& sp, cudaStream_t stream) {
+  const StripBwdLayout L = strip_bwd_layout(p, sp);
+  // 1. h at each strip's last column on every row: the forward's strip pipeline, no output.
+  Wave2dProblem pf = p;
+  pf.workspace = a.workspace;
+  if (sp.strips > 1) fwd_small_launch<T, WMAX>(pf, Grid{}, sp, stream);
+  // 2. The adjoint, strips pipelined from the right.
+  StripBwd sb;
+  sb.strips = sp.strips;
+  sb.flags = reinterpret_cast<unsigned*>(a.workspace + L.flags);
+  sb.hcarry = a.workspace + strip_flag_floats(p, sp);
+  sb.lcarry = a.workspace + L.lcarry;
+  sb.parts = a.workspace + L.parts;
+  sb.scratch = a.workspace + L.scratch;
+  const int64_t items = p.batch * ((a.e_end - a.e_begin + kSmallChannels - 1) / kSmallChannels);
+  const int64_t blocks = items * sp.strips;
+  if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_backward: too many (batch, channel, strip) blocks");
+  SSM2D_CUDA_CHECK(cudaMemsetAsync(sb.flags, 0, (1 + blocks) * sizeof(unsigned), stream));
+  const size_t smem = small_bwd_smem_floats<WMAX>() * sizeof(float);
+  auto kernel = wave_bwd_small_kernel<T, WMAX, Det>;
+  SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, a, 0, sb);
+  SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_small_kernel");
+  // 3. dAT, dAL, dD: the strips' sums.
+  const int64_t threads = p.batch * (a.e_end - a.e_begin) * 16;
+  strip_parts_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p, a, sb);
+  SSM2D_CUDA_CHECK_LAUNCH("strip_parts_kernel");
+}
+
+template <typename T, bool Det>
+void bwd_strip_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) {
+  check_small_range(a, p.dim);
+  const StripPlan sp = strip_plan(p);
+  if (sp.wmax == 16) bwd_strip_launch<T, 16, Det>(p, a, sp, s);
+  else if (sp.wmax == 32) bwd_strip_launch<T, 32, Det>(p, a, sp, s);
+  else bwd_strip_launch<T, 64, Det>(p, a, sp, s);
 }
 
 
@@ -1134,6 +1282,7 @@ void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
 template <typename T, bool Det>
 void bwd_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) {
   if (small_rows_fit(p)) return bwd_small_t<T, Det>(p, a, s);
+  if (lanes_fit(p)) return bwd_strip_t<T, Det>(p, a, s);
   switch (segment_for(p.width)) {
     case 4: bwd_launch<T, 4, Det>(p, a, s); break;
     case 16: bwd_launch<T, 16, Det>(p, a, s); break;
@@ -1159,6 +1308,7 @@ int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p) {
 
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p) {
   if (small_rows_fit(p)) return small_bwd_workspace_floats(p);
+  if (lanes_fit(p)) return strip_bwd_layout(p, strip_plan(p)).total;
   const int64_t parts = p.states_per_block > 0 ? 3 * (chunks_of(p) - 1) * cells_of(p) : 0;
   return parts + p.batch * p.dim * p.dstate * ((p.height + kCheckpoint - 1) / kCheckpoint + kCheckpoint) * p.width;
 }

@@ -65,7 +65,9 @@ def wavefront2d_workspace_floats(batch: int, dim: int, dstate: int, height: int,
     """float32 scratch of a CUDA call, for the grid as scanned (after any transpose). N <= 16 (each
     block's 16 channels in one group): forward, the column strips' flags and carries (none when whole
     rows run); backward with rows of at most 64 cells and enough blocks, row checkpoints every 8 rows
-    plus one 8-row segment per (batch, 16 channels, 16 states). Otherwise (chunks - 1) per-cell
+    plus one 8-row segment per (batch, 16 channels, 16 states); backward in column strips, the
+    forward's carries, as many carries of the adjoint, and per (batch, 16 channels, strip) row
+    checkpoints every 8 rows plus one 8-row segment of the strip's columns. Otherwise (chunks - 1) per-cell
     partials per per-cell output (1 forward, 3 backward), plus in the backward the row checkpoints
     (every CHECKPOINT rows) and one segment of rows per (batch, channel, state)."""
     if device < 0:

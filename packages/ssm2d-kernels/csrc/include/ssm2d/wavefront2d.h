@@ -19,7 +19,10 @@ constexpr int64_t kWave2dMaxWidth = 2048;
 // float32 scratch of a CUDA call. N <= 16 (16 channels of one group per block): the forward's
 // strip flags and carries, batch*ceil(E/16)*((strips - 1)*H*256 + strips) + 1 floats (none when
 // whole rows run); with rows of at most 64 cells and enough blocks the backward's row checkpoints
-// every 8 rows and one 8-row segment per (batch, 16 channels, 16 states). Otherwise: the forward's
+// every 8 rows and one 8-row segment per (batch, 16 channels, 16 states); in column strips the
+// backward's: the forward's carries, as many carries of the adjoint (strips - 1) * H * 256 per
+// (batch, 16 channels), and row checkpoints and a segment per (batch, 16 channels, strip) of the
+// strip's width. Otherwise (N > 16, or a block's channels in two groups): the forward's
 // per-cell partials of state chunks after the first; the backward's three such partials plus row
 // checkpoints and one 32-row segment per state.
 int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p);

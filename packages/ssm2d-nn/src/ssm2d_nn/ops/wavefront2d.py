@@ -78,9 +78,10 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
 
     Memory (kernel backend): the output only is kept; the backward recomputes the states. On CUDA
     the forward's transient scratch, when it runs column strips (N <= 16, long rows or few
-    blocks), is batch*ceil(E/16)*(strips - 1)*H*256 float32 carries; the backward's is, for rows of
-    at most 64 cells (N <= 16), batch*ceil(E/16)*256*(ceil(H/8) + 8)*W float32 values (row
-    checkpoints every 8 rows and one 8-row segment), else batch*E*N*(ceil(H/32) + 32)*W; plus
+    blocks), is batch*ceil(E/16)*(strips - 1)*H*256 float32 carries; the backward's is, with
+    N <= 16, batch*ceil(E/16)*256*(ceil(H/8) + 8)*W float32 values (row checkpoints every 8 rows
+    and one 8-row segment; in column strips each strip rounded up to the strip width) plus, in
+    column strips, twice the forward's carries; else batch*E*N*(ceil(H/32) + 32)*W; plus
     float32 dBT/dBL/dC accumulators. The (batch, H, W, E, N) state is never stored.
     """
     args = (u, dT, dL, AT, AL, BT, BL, C, D)
