@@ -6,6 +6,7 @@
     python3 tools/dev.py demo [ARGS]    setup, then the main job (self-tests, then `ssm2d-path demo ARGS`)
     python3 tools/dev.py dist           setup, then every package's wheel and sdist into dist/, checked
     python3 tools/dev.py gpu-wheel      build the kernel wheel for the GPU test machines into dist/gpu/
+    python3 tools/dev.py ab-tree REV    commit REV's sources and kernel wheel in build/ab/SHORT/ (tools/gpu_ab.sh)
 
 Environment:
     SSM2D_VENV                 where the development environment lives (default: .venv)
@@ -212,6 +213,49 @@ def cmd_gpu_wheel(args: list[str]) -> int:
     return 0
 
 
+def cmd_ab_tree(args: list[str]) -> int:
+    """A tree of commit REV for same-machine comparisons on the GPU (tools/gpu_ab.sh): the Python
+    sources, the benchmarks and a kernel wheel built from REV's own kernel sources, in build/ab/SHORT/
+    (about 22 MB: carry it to the device machine). ARGS: REV [python3.12]."""
+    if not args:
+        log("usage: tools/dev.py ab-tree REV [/path/to/python3.12]")
+        return 2
+    short = subprocess.run(["git", "rev-parse", "--short", args[0]], cwd=ROOT, capture_output=True, text=True)
+    if short.returncode != 0:
+        log(f"not a commit: {args[0]!r} ({short.stderr.strip()})")
+        return 2
+    rev = short.stdout.strip()
+    target_python = args[1] if len(args) > 1 else find_python("3.12")
+    if target_python is None:
+        log("no Python 3.12 found: pass one, e.g. tools/dev.py ab-tree REV /path/to/python3.12")
+        return 2
+    dest = ROOT / "build" / "ab" / rev
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    paths = ["packages/ssm2d-kernels", "packages/ssm2d-nn/src", "packages/ssm2d-vision/src",
+             "packages/ssm2d-path/src", "benchmarks/harness.py", "benchmarks/bench_models.py",
+             "benchmarks/bench_op_overhead.py", "benchmarks/profile_vmamba.py"]
+    archive = subprocess.run(["git", "archive", "--format=tar", rev, "--", *paths], cwd=ROOT, capture_output=True)
+    if archive.returncode != 0:
+        log(f"git archive failed: {archive.stderr.decode().strip()}")
+        return 1
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    builder = ROOT / "build" / "gpu-wheel" / "venv"
+    bpy = builder / "bin" / "python"
+    if not bpy.exists():
+        run([target_python, "-m", "venv", builder])
+        run([bpy, "-m", "pip", "install", "-q", "scikit-build-core>=0.10", "pybind11>=2.13", "ninja"])
+    env = dict(os.environ, SSM2D_WITH_CUDA="ON")
+    env.setdefault("SSM2D_CUDA_ARCHITECTURES", "90")
+    run([bpy, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", dest / "wheel",
+         dest / "packages/ssm2d-kernels"], env=env)
+    shutil.rmtree(dest / "packages/ssm2d-kernels")  # the wheel is what runs; its build tree is large
+    (dest / "COMMIT").write_text(rev + "\n")
+    log(f"A/B tree of {rev}: {dest.relative_to(ROOT)} ({[p.name for p in (dest / 'wheel').glob('*.whl')]})")
+    return 0
+
+
 def find_python(version: str) -> str | None:
     """A working interpreter of `version` (pyenv installs first: its shims may not resolve)."""
     candidates = sorted(Path.home().glob(f".pyenv/versions/{version}*/bin/python"), reverse=True)
@@ -224,7 +268,7 @@ def find_python(version: str) -> str | None:
 
 
 COMMANDS = {"setup": lambda a: (setup(), 0)[1], "test": cmd_test, "demo": cmd_demo, "dist": cmd_dist,
-            "gpu-wheel": cmd_gpu_wheel}
+            "gpu-wheel": cmd_gpu_wheel, "ab-tree": cmd_ab_tree}
 
 
 def main() -> int:
