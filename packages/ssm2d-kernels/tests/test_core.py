@@ -133,3 +133,36 @@ def test_scan2d_chan_rule_and_carry_size():
                 return b * dim * inner * (-(-steps // 4) - 1) if shape(steps, inner) else 0
             band = b * dim * (-(-h // 16) - 1) * w
             assert _C.scan2d_carry_floats(b, dim, 1, h, w) == max(band, chan(h, w), chan(w, h)), (b, dim, h, w)
+
+
+@pytest.mark.skipif(not k.build_info()["cuda"], reason="the CUDA sizes need a CUDA build")
+def test_wavefront2d_strip_backward_workspace_size():
+    # N <= 16 with rows longer than 64 cells or fewer than 16 (batch, 16-channel) blocks: the backward
+    # runs column strips (the widest of 64 / 32 columns that gives 264 blocks, else 16). Its scratch, as
+    # documented: the forward's strip flags and carries, the backward's flags and lambda carries, the
+    # per-strip parameter sums, and per (batch, 16 channels, strip) checkpoints every 8 rows plus one
+    # 8-row segment of the strip's width (float4-aligned).
+    from ssm2d_kernels import _C
+
+    rng = random.Random()
+    checked = 0
+    while checked < 200:
+        b, g = rng.choice([1, 2, 5, 64]), rng.choice([1, 1, 2])
+        e = g * rng.choice([16, 32, 48]) if g > 1 else rng.choice([8, 16, 40, 64, 128])
+        n, h, w = rng.randint(1, 16), rng.randint(1, 300), rng.randint(1, 3000)
+        items = b * -(-e // 16)
+        if w <= 64 and items >= 16:
+            continue  # whole rows: the short-row backward
+        checked += 1
+        wmax, strips = 16, -(-w // 16)
+        for sw in (64, 32):
+            if items * -(-w // sw) >= 264:
+                wmax, strips = sw, -(-w // sw)
+                break
+        fwd = 0 if strips == 1 else 1 + items * strips + items * (strips - 1) * h * 256
+        parts = fwd + (1 + items * strips) + items * (strips - 1) * h * 256
+        scratch = -(-(parts + items * strips * 3 * 256) // 4) * 4
+        total = scratch + items * strips * (-(-h // 8) + 8) * wmax * 256
+        got = _C.wavefront2d_workspace_floats(b, e, n, g, h, w, 1, True)
+        assert got == total, (b, e, n, g, h, w, got, total)
+        assert _C.wavefront2d_workspace_floats(b, e, n, g, h, w, 1, False) == fwd, (b, e, n, g, h, w)
