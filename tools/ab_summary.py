@@ -46,9 +46,10 @@ def fmt(v: float | None, digits: int = 0) -> str:
 
 def summarize(out: Path, names: list[str]) -> str:
     lines = [f"# A/B on one machine: {' vs '.join(names)} (medians over rounds)", ""]
-    per_tree = {}
+    per_tree, rounds = {}, {}
     for name in names:
         runs = [models_table(p) for p in sorted(out.glob(f"ab_models_{name}_r*.md"))]
+        rounds[name] = len(runs)
         stats = {}
         for model in sorted({m for r in runs for m in r}):
             inf = [r[model][0] for r in runs if model in r]
@@ -56,7 +57,7 @@ def summarize(out: Path, names: list[str]) -> str:
             base = [r.get(BASELINE, (None, None)) for r in runs if model in r]
             rinf = [a / b[0] if a and b[0] else None for a, b in zip(inf, base)]
             rtrn = [a / b[1] if a and b[1] else None for a, b in zip(trn, base)]
-            stats[model] = (median(inf), median(rinf), median(trn), median(rtrn), len(runs))
+            stats[model] = (median(inf), median(rinf), median(trn), median(rtrn))
         per_tree[name] = stats
     models = sorted({m for s in per_tree.values() for m in s})
     head = "| model | " + " | ".join(f"{n} infer b128 img/s (ratio) | {n} train b64 img/s (ratio)" for n in names) + " |"
@@ -67,7 +68,6 @@ def summarize(out: Path, names: list[str]) -> str:
             s = per_tree[n].get(m)
             cells += ["-", "-"] if s is None else [f"{fmt(s[0])} ({fmt(s[1], 3)}x)", f"{fmt(s[2])} ({fmt(s[3], 3)}x)"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    rounds = {n: max((s[4] for s in per_tree[n].values()), default=0) for n in names}
     lines += ["", "rounds: " + ", ".join(f"{n} {rounds[n]}" for n in names), ""]
     overhead = {}
     for name in names:

@@ -200,6 +200,14 @@ def cmd_gpu_wheel(args: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("ssm2d_kernels-*.whl"):
         old.unlink()
+    build_gpu_wheel(target_python, ROOT / "packages/ssm2d-kernels", out)
+    log(f"GPU wheel: {[p.name for p in out.glob('*.whl')]}")
+    return 0
+
+
+def build_gpu_wheel(target_python: str, package: Path, out: Path) -> None:
+    """The CUDA kernel wheel of the ssm2d-kernels sources in `package` into `out`, built by the
+    persistent builder environment (build/gpu-wheel/venv, made with `target_python` on first use)."""
     builder = ROOT / "build" / "gpu-wheel" / "venv"
     bpy = builder / "bin" / "python"
     if not bpy.exists():
@@ -207,10 +215,7 @@ def cmd_gpu_wheel(args: list[str]) -> int:
         run([bpy, "-m", "pip", "install", "-q", "scikit-build-core>=0.10", "pybind11>=2.13", "ninja"])
     env = dict(os.environ, SSM2D_WITH_CUDA="ON")
     env.setdefault("SSM2D_CUDA_ARCHITECTURES", "90")
-    run([bpy, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", out,
-         ROOT / "packages/ssm2d-kernels"], env=env)
-    log(f"GPU wheel: {[p.name for p in out.glob('*.whl')]}")
-    return 0
+    run([bpy, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", out, package], env=env)
 
 
 def cmd_ab_tree(args: list[str]) -> int:
@@ -241,15 +246,7 @@ def cmd_ab_tree(args: list[str]) -> int:
         log(f"git archive failed: {archive.stderr.decode().strip()}")
         return 1
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
-    builder = ROOT / "build" / "gpu-wheel" / "venv"
-    bpy = builder / "bin" / "python"
-    if not bpy.exists():
-        run([target_python, "-m", "venv", builder])
-        run([bpy, "-m", "pip", "install", "-q", "scikit-build-core>=0.10", "pybind11>=2.13", "ninja"])
-    env = dict(os.environ, SSM2D_WITH_CUDA="ON")
-    env.setdefault("SSM2D_CUDA_ARCHITECTURES", "90")
-    run([bpy, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", dest / "wheel",
-         dest / "packages/ssm2d-kernels"], env=env)
+    build_gpu_wheel(target_python, dest / "packages/ssm2d-kernels", dest / "wheel")
     shutil.rmtree(dest / "packages/ssm2d-kernels")  # the wheel is what runs; its build tree is large
     (dest / "COMMIT").write_text(rev + "\n")
     log(f"A/B tree of {rev}: {dest.relative_to(ROOT)} ({[p.name for p in (dest / 'wheel').glob('*.whl')]})")

@@ -508,7 +508,8 @@ __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefe
 // once the block of strip k-1 has published h at its last column for row i (a flag per strip, the
 // carries in the workspace), so strip k trails strip k-1 by about one row: H + strips row steps in
 // all. Blocks take their strip from a ticket counter in strip order, so a block only ever waits on
-// blocks that started before it (no deadlock, however many blocks are resident).
+// blocks that started before it (no deadlock, however many blocks are resident). With `out`
+// undefined the kernel only publishes the strips' carries (the strip backward's first pass).
 constexpr int kSmallChannels = 16;
 constexpr int kSmallThreads = 256;
 constexpr int kSmallArrays = 8;  // dT, dL, dT*u, dL*u, D*u (per channel); BT, BL, C (per state)
@@ -1146,12 +1147,13 @@ void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
 // carries, the per-strip dAT/dAL/dD sums and the blocks' scratch (float4-aligned). Sized for all
 // channels; a call over a channel range uses the front of each part.
 struct StripBwdLayout {
-  int64_t flags, lcarry, parts, scratch, total;
+  int64_t hcarry, flags, lcarry, parts, scratch, total;
 };
 
 StripBwdLayout strip_bwd_layout(const Wave2dProblem& p, const StripPlan& sp) {
   const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels), S = sp.strips;
   StripBwdLayout L;
+  L.hcarry = strip_flag_floats(p, sp);  // where fwd_small_launch puts a forward call's carries
   L.flags = strip_workspace_floats(p, sp);
   L.lcarry = L.flags + 1 + items * S;
   L.parts = L.lcarry + items * (S - 1) * p.height * kSmallThreads;
@@ -1171,7 +1173,7 @@ void bwd_strip_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, const
   StripBwd sb;
   sb.strips = sp.strips;
   sb.flags = reinterpret_cast<unsigned*>(a.workspace + L.flags);
-  sb.hcarry = a.workspace + strip_flag_floats(p, sp);
+  sb.hcarry = a.workspace + L.hcarry;
   sb.lcarry = a.workspace + L.lcarry;
   sb.parts = a.workspace + L.parts;
   sb.scratch = a.workspace + L.scratch;

@@ -144,8 +144,9 @@ class SS2D(nn.Module):
         # that out_norm (a LayerNorm over the channels) reads it without a copy, forward and backward.
         fmt = _memory_format(c)
         # The one-pass layout functions below are once differentiable, like the kernels; with the
-        # reference backend (the way to higher-order gradients) the plain ops run instead.
-        plain = self.backend == "reference"
+        # reference backend (the way to higher-order gradients), and for torch.compile to trace, the
+        # plain ops run instead.
+        plain = self.backend == "reference" or torch.compiler.is_compiling()
         if self.scan == "cross1d":
             y = self._scan_cross1d(self.act(c), fmt, plain)
         else:
@@ -290,15 +291,16 @@ class _SiluContiguous(torch.autograd.Function):
 
 def _silu_contiguous(x: Tensor, plain: bool = False) -> Tensor:
     """SiLU(x) as a contiguous tensor: for a channels-last x, the copy to NCHW made in the same pass
-    (``plain``: two ops, differentiable any number of times)."""
-    if plain or x.is_contiguous() or torch.compiler.is_compiling():
+    (``plain``: two ops, differentiable any number of times and traceable)."""
+    if plain or x.is_contiguous():
         return F.silu(x).contiguous()
     return _SiluContiguous.apply(x)
 
 
 def _cross_layouts(u: Tensor, plain: bool = False) -> Tensor:
-    """u (b, d, H, W) -> (b, 2, d, H*W): u in row-major order, then in column-major order."""
-    if plain or torch.compiler.is_compiling():
+    """u (b, d, H, W) -> (b, 2, d, H*W): u in row-major order, then in column-major order
+    (``plain``: the stacked copies as plain ops)."""
+    if plain:
         b, d, h, w = u.shape
         return torch.stack([u.reshape(b, d, h * w), u.transpose(2, 3).reshape(b, d, h * w)], dim=1)
     return _CrossLayouts.apply(u)
@@ -306,8 +308,9 @@ def _cross_layouts(u: Tensor, plain: bool = False) -> Tensor:
 
 def _row_column_sum(y: Tensor, h: int, w: int, memory_format, plain: bool = False) -> Tensor:
     """y (b, 2*d, 1, H*W) with the row-major routes' sum in channels [0, d) and the column-major
-    one in [d, 2d) -> (b, d, H, W) = row part + column part transposed, in ``memory_format``."""
-    if plain or torch.compiler.is_compiling():
+    one in [d, 2d) -> (b, d, H, W) = row part + column part transposed, in ``memory_format``
+    (``plain``: as plain ops)."""
+    if plain:
         b, d = y.shape[0], y.shape[1] // 2
         y_row, y_col = y.view(b, 2, d, h * w).unbind(1)
         return (y_row.view(b, d, h, w) + y_col.view(b, d, w, h).transpose(2, 3)).contiguous(memory_format=memory_format)
