@@ -2,7 +2,7 @@
 
     python benchmarks/bench_wavefront2d.py [--out DIR] [--cases 0,5] [--fwd-only] [--no-reference]
 
-bf16, N=16, with D, on given dT, dL, A, B, C (projections not timed), B=1, E=64 grids 64^2 .. 2048^2 and
+bf16, N=16, with D, on given dT, dL, A, B, C (projections not timed), B=1, E=64 grids 64^2 .. 4096^2 and
 the M2D-T layer shapes. Forward and forward+backward medians (CUDA events, warm, inputs rotated among 3
 fresh random sets), the authors' figures (Mamba2D's wf_cuda_fn_pr, measured on one NVIDIA H200 side by
 side with ssm2d 139592e: the spec's ANCHORS.md, first section) and the ratio authors / ours, the
@@ -39,6 +39,7 @@ CASES = [
     ("2048x2048 (fwd)", (1, 2048, 2048, 64, 16), None, None, None),
     ("M2D-T layer 56x56", (64, 56, 56, 64, 16), 5.646, 20.03, 1614),
     ("M2D-T layer 28x28", (64, 28, 28, 128, 16), 2.990, 10.47, 812),
+    ("4096x4096", (1, 4096, 4096, 64, 16), None, None, None),  # both sides > 2048: column strips, no transpose
 ]
 FWD_ONLY = {"2048x2048 (fwd)"}
 
@@ -81,7 +82,7 @@ def measure_case(shape, fwd_only: bool, reference: bool, bw: float) -> dict:
     sets = [one] + [make(shape) for _ in range(2)]
     for s in sets[1:]:
         s["_g"] = torch.randn_like(s["u"])
-    reps = 10 if shape[1] >= 1024 else 30
+    reps = 5 if shape[1] >= 4096 else 10 if shape[1] >= 1024 else 30
     t_f = gpu_time_ms(fstep, sets, reps=reps)
     t_fb = None if fwd_only else gpu_time_ms(step, sets, reps=reps)
     ref = None

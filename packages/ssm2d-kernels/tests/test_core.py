@@ -166,3 +166,24 @@ def test_wavefront2d_strip_backward_workspace_size():
         got = _C.wavefront2d_workspace_floats(b, e, n, g, h, w, 1, True)
         assert got == total, (b, e, n, g, h, w, got, total)
         assert _C.wavefront2d_workspace_floats(b, e, n, g, h, w, 1, False) == fwd, (b, e, n, g, h, w)
+
+
+def test_wavefront2d_cuda_grid_rule():
+    # CUDA scans a grid whose rows are longer than 2048 cells (and columns not) transposed; with both
+    # sides longer, only the lane-per-state kernels (N <= 16, each 16-channel block in one group) take
+    # it, as it is; anything else is refused with a message naming the sizes.
+    from ssm2d_kernels.wavefront2d import cuda_refusal, scanned_hw
+
+    rng = random.Random()
+    for _ in range(300):
+        h, w = rng.choice([1, 2048, 2049, 5000]) + rng.randint(0, 3), rng.choice([1, 2048, 2049, 5000]) + rng.randint(0, 3)
+        g = rng.choice([1, 2, 3])
+        e, n = g * rng.choice([8, 16, 32, 40]), rng.randint(1, 20)
+        lanes = n <= 16 and (g == 1 or (e // g) % 16 == 0)
+        refused = h > 2048 and w > 2048 and not lanes
+        why = cuda_refusal(h, w, e, n, g)
+        assert (why is not None) == refused, (h, w, e, n, g, why)
+        if refused:
+            assert f"{h} x {w}" in why and f"N={n}" in why
+        assert scanned_hw(h, w, 0) == ((w, h) if w > 2048 >= h else (h, w))
+        assert scanned_hw(h, w, -1) == (h, w)

@@ -152,6 +152,28 @@ def test_more_than_2_31_elements():
     torch.cuda.empty_cache()
 
 
+@pytest.mark.parametrize("origin", ["tl", "br"])
+def test_both_sides_longer_than_2048(origin):
+    # N <= 16 scans a grid with both sides > 2048 as it is, in column strips (no transpose, no
+    # refusal): forward and every gradient against the CPU kernel in float64 (a second implementation,
+    # itself checked against the reference), on fresh random inputs.
+    seed = random.randrange(2**31)
+    inputs64 = make_wave_inputs(random.Random(seed), batch=1, height=2050, width=2060, dim=16, dstate=2)
+    gout = torch.randn(inputs64["u"].shape, dtype=torch.float64)
+    out_c, g_c = _run(_to(inputs64, "cpu", torch.float64), gout, backend="kernel", origin=origin)
+    out_k, g_k = _run(_to(inputs64, "cuda", torch.float32), gout, backend="kernel", origin=origin)
+    assert rel_err(out_k, out_c) < 1e-5, (seed, rel_err(out_k, out_c))
+    for name, a, b in zip(NAMES, g_k, g_c):
+        assert rel_err(a, b) < 1e-4, (seed, name, rel_err(a, b))
+    del out_k, g_k
+    torch.cuda.empty_cache()
+    # N > 16 runs the general kernel, which holds a row in registers: still refused, by name.
+    big = {k: v.cuda().float() for k, v in make_wave_inputs(random.Random(seed), batch=1, height=2049, width=2049,
+                                                             dim=1, dstate=17).items()}
+    with pytest.raises(BackendUnavailableError, match="both sides > 2048"):
+        wavefront2d(**big, backend="kernel")
+
+
 def test_float64_refused_by_the_kernel_and_mixed_devices_raise():
     rng = random.Random()
     inputs = {k: v.cuda() for k, v in make_wave_inputs(rng, batch=1, height=4, width=5, dim=2, dstate=2).items()}

@@ -21,6 +21,8 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 
 #include "common.cuh"
 #include "ssm2d/wavefront2d.h"
@@ -493,6 +495,7 @@ __device__ __forceinline__ float half_warp_sum4(const float (&v)[4], int n) {
 
 // Asks L1 for a line this thread will read-modify-write at the end of the row step.
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // ---- Short rows (W <= 64, N <= 16): the model shapes (M2D stages 1-2 are 56x56 and 28x28). ----
 // The general kernel above spends its time on per-row block phases that a 56-wide row cannot fill.
@@ -521,6 +524,8 @@ struct StripSync {
   int64_t strips = 1;
   unsigned* flags = nullptr;  // [0]: ticket counter; [1 + item*strips + k]: rows strip k has published
   float* carry = nullptr;     // [item][strip < strips-1][row][256 lanes]: h at the strip's last column
+  int publish = 1;            // rows between publications (a fence and a flag store)
+  int lookahead = 0;          // rows ahead whose inputs are asked into L2 (0: none)
 };
 
 
@@ -595,12 +600,38 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     }
   };
 
+  // Asks L2 for row i of the staged values (a row a few steps ahead), so the double-buffered staging
+  // waits on L2 rather than on memory. One thread per column asks: its 16 channels / states lie in
+  // one line in the channels-last layout (a hint only; other layouts stay correct).
+  auto prefetch_inputs = [&](int64_t i) {
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+      const int64_t ek = e0 + k, jg = jb + j;
+      if (k != 0) continue;
+      if (j < W && ek < E) {
+        prefetch_l2(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + jg * p.u.sj);
+        prefetch_l2(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + jg * p.dT.sj);
+        prefetch_l2(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + jg * p.dL.sj);
+      }
+      if (j < W && k < N) {
+        prefetch_l2(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + jg * p.BT.sj);
+        prefetch_l2(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + jg * p.BL.sj);
+        prefetch_l2(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + jg * p.C.sj);
+      }
+    }
+  };
+
   float hrow[WMAX];
 #pragma unroll
   for (int j = 0; j < WMAX; ++j) hrow[j] = 0.f;
+  for (int64_t i = 1; i < min(H, static_cast<int64_t>(ss.lookahead)); ++i) prefetch_inputs(i);
   load_row(0);
   store_row(smem);
   __syncthreads();
+  unsigned avail = 0;        // rows of the left strip known to be published
+  bool next_ready = false;   // hl_next holds the next row's carry
+  float hl_next = 0.f;
   for (int64_t i = 0; i < H; ++i) {
     const float* buf = smem + (i & 1) * BUF;
     float* ybuf = s_y + (i & 1) * ROWS;
@@ -613,13 +644,22 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       if (out.defined() && j < W && e0 + k < E) prefetch_l1(fplane(out, b, e0 + k, 0, i, jb + j));
     }
+    if (ss.lookahead > 0 && i + ss.lookahead < H) prefetch_inputs(i + ss.lookahead);
     float hl = 0.f;  // h left of the strip's first column
     if (has_left) {
-      for (int64_t spin = 0; ld_acquire(flag_left) <= static_cast<unsigned>(i); ++spin) {
-        if (spin > (int64_t{1} << 32)) __trap();  // a lost predecessor: fail, never hang
-        __nanosleep(32);
+      if (next_ready) {
+        hl = hl_next;
+      } else {
+        for (int64_t spin = 0; avail <= static_cast<unsigned>(i); ++spin) {
+          if (spin > 0) __nanosleep(32);
+          if (spin > (int64_t{1} << 32)) __trap();  // a lost predecessor: fail, never hang
+          avail = ld_acquire(flag_left);
+        }
+        hl = __ldcg(carry_left + i * kSmallThreads);
       }
-      hl = __ldcg(carry_left + i * kSmallThreads);
+      // The next row's carry, when already published, is read now: its latency hides behind this row.
+      next_ready = i + 1 < static_cast<int64_t>(avail);
+      if (next_ready) hl_next = __ldcg(carry_left + (i + 1) * kSmallThreads);
     }
 #pragma unroll
     for (int j0 = 0; j0 < WMAX; j0 += 4) {
@@ -651,13 +691,16 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
         ybuf[c * WP + j] = y + buf[4 * ROWS + c * WP + j];
       }
     }
-    if (has_right) {  // h at the strip's last column, for the strip on the right
+    // h at the strip's last column, for the strip on the right; made visible every `publish` rows:
+    // the fence waits for this thread's outstanding stores, so it is paid once per batch of rows.
+    const bool publish = has_right && ((i + 1) % ss.publish == 0 || i + 1 == H);
+    if (has_right) {
       carry_self[i * kSmallThreads] = hrow[WMAX - 1];
-      __threadfence();
+      if (publish) __threadfence();
     }
     if (i + 1 < H) store_row(smem + ((i + 1) & 1) * BUF);
     __syncthreads();
-    if (has_right && tid == 0) st_release(flag_self, static_cast<unsigned>(i + 1));
+    if (publish && tid == 0) st_release(flag_self, static_cast<unsigned>(i + 1));
     // out += y for row i, 16 adjacent channels per column together.
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
@@ -702,6 +745,8 @@ struct StripBwd {
   float* lcarry = nullptr;        // [item][strip < strips-1][row][256 lanes]: cL aL lam at strip k+1's first column
   float* parts = nullptr;         // [item][strip][dAT, dAL, dD][256 lanes]
   float* scratch = nullptr;       // [item][strip]: the block's checkpoints and segment rows
+  int publish = 1;                // rows between publications of lam's carries (and every segment's top)
+  int lookahead = 0;              // rows ahead whose inputs are asked into L2 (0: none)
 };
 constexpr int kSmallBwdArrays = 7;  // dT, dL, u, dy (per channel); BT, BL, C (per state)
 
@@ -802,12 +847,30 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
       }
     }
   };
+  // Asks L2 for row i of the staged operands (with dout and C when `adjoint`), one thread per column
+  // (as in the forward: a hint for the channels-last layout).
+  auto prefetch_inputs = [&](int64_t i, bool adjoint) {
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+      if (k != 0 || j >= W) continue;
+      const int64_t jg = jb + j;
+      prefetch_l2(static_cast<const T*>(p.u.data) + b * p.u.sb + e0 * p.u.sc + i * p.u.si + jg * p.u.sj);
+      prefetch_l2(static_cast<const T*>(p.dT.data) + b * p.dT.sb + e0 * p.dT.sc + i * p.dT.si + jg * p.dT.sj);
+      prefetch_l2(static_cast<const T*>(p.dL.data) + b * p.dL.sb + e0 * p.dL.sc + i * p.dL.si + jg * p.dL.sj);
+      prefetch_l2(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + i * p.BT.si + jg * p.BT.sj);
+      prefetch_l2(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + i * p.BL.si + jg * p.BL.sj);
+      if (adjoint) {
+        prefetch_l2(static_cast<const T*>(ga.dout.data) + b * ga.dout.sb + e0 * ga.dout.sc + i * ga.dout.si + jg * ga.dout.sj);
+        prefetch_l2(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + i * p.C.si + jg * p.C.sj);
+      }
+    }
+  };
 
   // One forward row from the staged inputs: hrow holds row i-1 on entry and row i on return; the
   // row also goes to `hout` (one float4 per 4 columns) when given.
   float hrow[WMAX];
-  auto forward_row = [&](int64_t i, const float* buf, float4* hout) {
-    float hl = has_left ? __ldcg(hcarry_left + i * kSmallThreads) : 0.f;  // h left of the strip
+  auto forward_row = [&](int64_t i, const float* buf, float4* hout, float hl) {  // hl: h left of the strip
 #pragma unroll
     for (int g4 = 0; g4 < G4; ++g4) {
       const int j0 = 4 * g4;
@@ -831,15 +894,22 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
     }
   };
   // Sweeps rows [r0, r1) forward with the 1-barrier double-buffered staging; `out(i)` says where
-  // row i goes (nullptr: nowhere).
-  auto sweep = [&](int64_t r0, int64_t r1, auto out) {
+  // row i goes (nullptr: nowhere). With `adjoint`, the rows' dout and C are asked into L2 too (the
+  // segment's adjoint walk reads them next). h left of the strip is read a row ahead.
+  auto sweep = [&](int64_t r0, int64_t r1, auto out, bool adjoint) {
+    const int64_t la = sb.lookahead;
+    for (int64_t i = r0 + 1; la > 0 && i < min(r1, r0 + la); ++i) prefetch_inputs(i, adjoint);
     load_row(r0, false);
     store_row(smem, false);
+    float hl = has_left ? __ldcg(hcarry_left + r0 * kSmallThreads) : 0.f;
     __syncthreads();
     for (int64_t i = r0; i < r1; ++i) {
       const float* cur = smem + ((i - r0) & 1) * BUF;
+      if (la > 0 && i + la < r1) prefetch_inputs(i + la, adjoint);
       if (i + 1 < r1) load_row(i + 1, false);
-      forward_row(i, cur, out(i));
+      const float hl_next = has_left && i + 1 < r1 ? __ldcg(hcarry_left + (i + 1) * kSmallThreads) : 0.f;
+      forward_row(i, cur, out(i), hl);
+      hl = hl_next;
       if (i + 1 < r1) store_row(smem + ((i + 1 - r0) & 1) * BUF, false);
       __syncthreads();
     }
@@ -849,13 +919,16 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
 #pragma unroll
   for (int j = 0; j < WMAX; ++j) hrow[j] = 0.f;
   if (nck > 1)
-    sweep(0, (nck - 1) * K, [&](int64_t i) { return (i + 1) % K == 0 ? row_of(ck, (i + 1) / K) : nullptr; });
+    sweep(0, (nck - 1) * K, [&](int64_t i) { return (i + 1) % K == 0 ? row_of(ck, (i + 1) / K) : nullptr; }, false);
 
   float down[WMAX];  // cT aT lam of the row below, per column
 #pragma unroll
   for (int j = 0; j < WMAX; ++j) down[j] = 0.f;
   float dAT = 0.f, dAL = 0.f, dD = 0.f;
   const float4 zero4 = make_float4(0.f, 0.f, 0.f, 0.f);
+  unsigned avail = 0;       // rows (from the bottom) the right strip is known to have published
+  bool next_ready = false;  // lam_next holds the next row's carry from the right
+  float lam_next = 0.f;
 
   for (int64_t s = nck - 1; s >= 0; --s) {
     const int64_t r0 = s * K, r1 = min(H, r0 + K);
@@ -868,11 +941,12 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
       hrow[4 * g4 + 2] = v.z;
       hrow[4 * g4 + 3] = v.w;
     }
-    sweep(r0, r1, [&](int64_t i) { return row_of(seg, i - r0); });
+    sweep(r0, r1, [&](int64_t i) { return row_of(seg, i - r0); }, true);
 
     // 3. The adjoint, bottom-up through the segment.
     load_row(r1 - 1, true);
     store_row(smem, true);
+    float hleft = has_left ? __ldcg(hcarry_left + (r1 - 1) * kSmallThreads) : 0.f;  // h left of the strip
     __syncthreads();
     for (int64_t i = r1 - 1; i >= r0; --i) {
       const float* cur = smem + ((r1 - 1 - i) & 1) * BUF;
@@ -892,14 +966,22 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
         for (int64_t g4 = 0; g4 < W4; ++g4) prefetch_l1(row_of(seg, i - 2 - r0) + g4 * kSmallThreads);
       float lam = 0.f, coefR = 0.f;  // lam at the column to the right, and its (cL aL)
       if (has_right) {  // the right strip's cL aL lam at its first column, once it has run row i
-        for (int64_t spin = 0; ld_acquire(flag_right) < static_cast<unsigned>(H - i); ++spin) {
-          if (spin > (int64_t{1} << 32)) __trap();  // a lost neighbour: fail, never hang
-          __nanosleep(32);
+        if (next_ready) {
+          lam = lam_next;
+        } else {
+          for (int64_t spin = 0; avail < static_cast<unsigned>(H - i); ++spin) {
+            if (spin > 0) __nanosleep(32);
+            if (spin > (int64_t{1} << 32)) __trap();  // a lost neighbour: fail, never hang
+            avail = ld_acquire(flag_right);
+          }
+          lam = __ldcg(lcarry_right + i * kSmallThreads);
         }
-        lam = __ldcg(lcarry_right + i * kSmallThreads);
+        // Row i - 1's carry, when already published, is read now: its latency hides behind this row.
+        next_ready = i > r0 && static_cast<unsigned>(H - i + 1) <= avail;
+        if (next_ready) lam_next = __ldcg(lcarry_right + (i - 1) * kSmallThreads);
         coefR = 1.f;
       }
-      const float hleft = has_left ? __ldcg(hcarry_left + i * kSmallThreads) : 0.f;  // h left of the strip
+      const float hleft_next = has_left && i > r0 ? __ldcg(hcarry_left + (i - 1) * kSmallThreads) : 0.f;
       float4 hnext = zero4;          // h of the group to the left
 #pragma unroll
       for (int g4 = G4 - 1; g4 >= 0; --g4) {
@@ -956,12 +1038,16 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
           s_dx[2 * ROWS + c * WP + j] = ddl;
         }
       }
-      if (has_left) {  // cL aL lam at the strip's first column, for the strip on the left
+      hleft = hleft_next;
+      // cL aL lam at the strip's first column, for the strip on the left: published every `publish`
+      // rows and at the segment's top row (the next segment's recompute would delay it).
+      const bool publish = has_left && ((H - i) % sb.publish == 0 || i == r0);
+      if (has_left) {
         lcarry_self[i * kSmallThreads] = coefR * lam;
-        __threadfence();
+        if (publish) __threadfence();
       }
       __syncthreads();
-      if (has_left && tid == 0) st_release(flag_self, static_cast<unsigned>(H - i));
+      if (publish && tid == 0) st_release(flag_self, static_cast<unsigned>(H - i));
       // Row i's sums: per cell and channel (du += D dy too), per cell and state over the 16 channels.
 #pragma unroll
       for (int r = 0; r < PER; ++r) {
@@ -1032,6 +1118,29 @@ __global__ void strip_parts_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, Strip
   if (n == 0 && p.D && ga.dD_part) static_cast<float*>(ga.dD_part)[b * E + e] = s[2];
 }
 
+// The strip pipelines' hand-over: rows between publications (each costs a fence and a release
+// store on the producer's critical path) and rows of L2 look-ahead for the next rows' inputs.
+// Measured on the H100 (bf16, N = 16, fwd / fwd+bwd ms): publishing every row without look-ahead
+// 1.36 / 6.24 at 256x256 and 0.99 / 6.45 at B=64 56x56; every 2 rows, 2 ahead 1.18 / 5.51 and
+// 0.86 / 5.93; every 4 or 8 rows was slower again (the consumer waits longer for a row); strips of
+// 32 or 64 columns 1.6x / 3x slower than 16 (fewer blocks in the pipeline).
+// SSM2D_WAVE_STRIP_TUNE="publish,lookahead[,width]" overrides them (read once; for measurements).
+struct StripTuning {
+  int publish = 2, lookahead = 2, width = 0;  // width: strip width when strips run (0: the plan's)
+};
+const StripTuning& strip_tuning() {
+  static const StripTuning t = [] {
+    StripTuning r;
+    if (const char* s = std::getenv("SSM2D_WAVE_STRIP_TUNE")) {
+      int a = 0, b = 0, w = 0;
+      const int got = std::sscanf(s, "%d,%d,%d", &a, &b, &w);
+      if (got >= 2 && a >= 1 && b >= 0) r = {a, b, (w == 16 || w == 32 || w == 64) ? w : 0};
+    }
+    return r;
+  }();
+  return t;
+}
+
 // A block walks its 16 channels' grid serially, so the short-row kernel needs enough blocks to fill
 // the GPU: at batch 1 x 64 channels (4 blocks) the general kernel's 64 blocks are faster (measured
 // on the H100: 0.6 vs 0.9 ms at 64x64); from batch x channels/16 >= 16 blocks on it wins.
@@ -1064,7 +1173,9 @@ void bwd_small_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaS
   const unsigned ch_blocks = static_cast<unsigned>((a.e_end - a.e_begin + kSmallChannels - 1) / kSmallChannels);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(ch_blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, a, b0, StripBwd{});
+    StripBwd whole;  // whole rows: no strips, only the look-ahead
+    whole.lookahead = strip_tuning().lookahead;
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, a, b0, whole);
     SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_small_kernel");
   }
 }
@@ -1093,6 +1204,7 @@ struct StripPlan {
 
 StripPlan strip_plan(const Wave2dProblem& p) {
   if (small_rows_fit(p)) return {p.width <= 16 ? 16 : p.width <= 32 ? 32 : 64, 1};
+  if (const int w = strip_tuning().width) return {w, (p.width + w - 1) / w};
   const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
   for (int sw : {64, 32})
     if (items * ((p.width + sw - 1) / sw) >= kStripBlocks) return {sw, (p.width + sw - 1) / sw};
@@ -1120,6 +1232,8 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
     ss.strips = sp.strips;
     ss.flags = reinterpret_cast<unsigned*>(p.workspace);
     ss.carry = p.workspace + strip_flag_floats(p, sp);
+    ss.publish = strip_tuning().publish;
+    ss.lookahead = strip_tuning().lookahead;
     SSM2D_CUDA_CHECK(cudaMemsetAsync(ss.flags, 0, strip_flag_floats(p, sp) * sizeof(float), stream));
     const int64_t blocks = p.batch * ch_blocks * sp.strips;
     if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_forward: too many (batch, channel, strip) blocks");
@@ -1129,7 +1243,9 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
   }
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(ch_blocks), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, StripSync{});
+    StripSync whole;  // whole rows: no strips, only the look-ahead
+    whole.lookahead = strip_tuning().lookahead;
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, whole);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
   }
 }
@@ -1177,6 +1293,8 @@ void bwd_strip_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, const
   sb.lcarry = a.workspace + L.lcarry;
   sb.parts = a.workspace + L.parts;
   sb.scratch = a.workspace + L.scratch;
+  sb.publish = strip_tuning().publish;
+  sb.lookahead = strip_tuning().lookahead;
   const int64_t items = p.batch * ((a.e_end - a.e_begin + kSmallChannels - 1) / kSmallChannels);
   const int64_t blocks = items * sp.strips;
   if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_backward: too many (batch, channel, strip) blocks");
@@ -1216,9 +1334,12 @@ void check_problem(const Wave2dProblem& p, const char* what) {
   if (p.dtype == DType::kFloat64 || p.param_dtype != DType::kFloat32)
     throw ArgumentError(std::string(what) + ": the CUDA kernel takes float32, float16 or bfloat16 inputs with "
                         "float32 AT, AL and D; float64 runs on the CPU kernel");
-  if (p.width > kWave2dMaxWidth)
-    throw ArgumentError(std::string(what) + ": the CUDA kernel scans rows of at most " +
-                        std::to_string(kWave2dMaxWidth) + " cells (the caller transposes longer ones)");
+  // The lanes (N <= 16) run rows of any length as column strips; the general kernel holds a row in
+  // registers.
+  if (p.width > kWave2dMaxWidth && !lanes_fit(p))
+    throw ArgumentError(std::string(what) + ": with N > 16 (or a block's 16 channels in two groups) the CUDA "
+                        "kernel scans rows of at most " + std::to_string(kWave2dMaxWidth) +
+                        " cells (the caller transposes longer ones)");
   const int64_t spb = p.states_per_block;
   if (spb < 1 || (spb & (spb - 1)) || spb > wavefront2d_max_states(p.width))
     throw ArgumentError(std::string(what) + ": states_per_block must be a power of two <= " +

@@ -10,8 +10,9 @@ The exact function is SCANS.md section 2 of the project spec (channels last):
 Shapes: u, dT, dL, out: (batch, H, W, E); AT, AL: (E, N); BT, BL, C: (batch, H, W, N) or
 (batch, H, W, G, N) with E % G == 0; D: (E,). dT, dL are the already-positive steps. Any strides.
 ``origin`` ("tl", "tr", "bl", "br") is mapped onto strides. On CUDA a grid whose rows are longer than
-``MAX_CUDA_WIDTH`` is scanned transposed (T and L exchanged: the same function), and a grid with
-both sides longer is refused.
+``MAX_CUDA_WIDTH`` and whose columns are not is scanned transposed (T and L exchanged: the same
+function). With both sides longer, the lane-per-state kernels (``lanes_fit``: N <= 16, each block's
+16 channels in one group) scan it as it is, in column strips; other problems are refused.
 
 ``out`` (and the backward's du, ddT, ddL) are accumulation buffers of float32 (float64 for float64
 inputs) that the kernels ADD into: the caller zeroes them and casts once at the end.
@@ -37,9 +38,24 @@ CHECKPOINT = 32  # rows between checkpoints in the CUDA backward; keep equal to 
 
 
 
+def lanes_fit(dim: int, dstate: int, groups: int = 1) -> bool:
+    """Whether CUDA runs the problem with a lane per state (N <= 16, each block of 16 channels in one
+    group): rows of any length, in column strips. Keep equal to lanes_fit in csrc/cuda/wavefront2d.cu."""
+    return dstate <= 16 and (groups == 1 or (dim // groups) % 16 == 0)
+
+
+def cuda_refusal(height: int, width: int, dim: int, dstate: int, groups: int = 1) -> str | None:
+    """Why the CUDA kernels cannot scan this grid (None when they can): both sides longer than
+    MAX_CUDA_WIDTH with N > 16 or a block's channels in two groups."""
+    if min(height, width) > MAX_CUDA_WIDTH and not lanes_fit(dim, dstate, groups):
+        return (f"the CUDA wavefront2d scans grids with both sides > {MAX_CUDA_WIDTH} (got {height} x {width}) "
+                f"only with N <= 16 and groups of a multiple of 16 channels (got N={dstate}, E={dim}, G={groups})")
+    return None
+
+
 def scanned_hw(height: int, width: int, device: int = 0) -> tuple[int, int]:
-    """(rows, row length) as the CUDA kernel scans the grid: transposed when rows are too long."""
-    return (width, height) if device >= 0 and width > MAX_CUDA_WIDTH else (height, width)
+    """(rows, row length) as the CUDA kernel scans the grid: transposed when only the rows are too long."""
+    return (width, height) if device >= 0 and width > MAX_CUDA_WIDTH >= height else (height, width)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -140,10 +156,10 @@ class _Checked:
         if self.device >= 0 and self.u.dtype == "float64":
             raise TypeError("u is float64 on CUDA: the CUDA kernel takes float32, float16 or bfloat16 "
                             "(float64 runs on the CPU kernel)")
-        self.transpose = self.device >= 0 and w > MAX_CUDA_WIDTH
-        if self.transpose and h > MAX_CUDA_WIDTH:
-            raise ValueError(f"the CUDA wavefront2d scans grids with H or W <= {MAX_CUDA_WIDTH}, got {h} x {w}; "
-                             "use the CPU kernel or tile the grid")
+        self.transpose = self.device >= 0 and w > MAX_CUDA_WIDTH >= h
+        refusal = cuda_refusal(h, w, e, n, groups) if self.device >= 0 else None
+        if refusal:
+            raise ValueError(f"{refusal}; use the CPU kernel or tile the grid")
         self.arrays = arrays
         self.b, self.h, self.w, self.e, self.n, self.g = b, h, w, e, n, groups
         self.origin = origin

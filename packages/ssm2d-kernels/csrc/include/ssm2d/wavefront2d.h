@@ -14,7 +14,8 @@ void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& g);
 }  // namespace cpu
 
 namespace cuda {
-// Longest logical row the CUDA kernels hold in registers (32 lanes x 64 columns).
+// Longest logical row the general CUDA kernel (N > 16, or a block's 16 channels in two groups) holds
+// in registers (32 lanes x 64 columns); the lane-per-state kernels (N <= 16) take any row length.
 constexpr int64_t kWave2dMaxWidth = 2048;
 // float32 scratch of a CUDA call. N <= 16 (16 channels of one group per block): the forward's
 // strip flags and carries, batch*ceil(E/16)*((strips - 1)*H*256 + strips) + 1 floats (none when

@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..backends import resolve_backend
 from ..ops import scan2d, wavefront2d
+from ..ops._wavefront2d_kernel import cuda_refusal as wavefront2d_cuda_refusal
 
 __all__ = ["TwoDMambaLayer", "masked_softplus"]
 
@@ -442,8 +443,8 @@ class TwoDMambaLayer(nn.Module):
         unsupported = None
         if x.is_cuda and x.dtype == torch.float64:
             unsupported = "the CUDA kernel takes float32, float16 or bfloat16, not float64"
-        elif self.scan == "wavefront2d" and x.is_cuda and min(x.shape[2], x.shape[3]) > 2048:
-            unsupported = "the CUDA kernel scans grids with H or W <= 2048"
+        elif self.scan == "wavefront2d" and x.is_cuda:
+            unsupported = wavefront2d_cuda_refusal(x.shape[2], x.shape[3], self.d_inner, self.d_state)
         return resolve_backend(self.scan, self.backend, x.device, unsupported=unsupported)
 
     def _forward(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -19,6 +19,16 @@ from ._common import at_layout as _at
 from ._common import compiled as _kernels
 from ._common import contiguous_strides, raw_stream, scratch
 
+def cuda_refusal(height: int, width: int, dim: int, dstate: int, groups: int = 1) -> Optional[str]:
+    """Why the CUDA kernels cannot scan this grid, or None (also when the kernels are not installed:
+    the backend resolution says that)."""
+    try:
+        from ssm2d_kernels.wavefront2d import cuda_refusal as refusal
+    except ImportError:
+        return None
+    return refusal(height, width, dim, dstate, groups)
+
+
 # Operands of the problem descriptor in argument order (u, dT, dL, AT, AL, BT, BL, C, D).
 _INPUTS = ("u", "dT", "dL", "AT", "AL", "BT", "BL", "C", "D")
 _GRIDS = ("u", "dT", "dL", "BT", "BL", "C")  # grid descriptors; AT, AL, D are plain pointers

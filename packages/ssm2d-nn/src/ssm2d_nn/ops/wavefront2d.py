@@ -107,8 +107,8 @@ def _checked_plan(u, dT, dL, AT, AL, BT, BL, C, D, origin, backend) -> OpPlan:
     unsupported = None
     if u.is_cuda and u.dtype == torch.float64:
         unsupported = "the CUDA kernel takes float32, float16 or bfloat16, not float64"
-    elif u.is_cuda and min(u.shape[1], u.shape[2]) > 2048:
-        unsupported = "the CUDA kernel scans grids with H or W <= 2048"
+    elif u.is_cuda:
+        unsupported = K.cuda_refusal(u.shape[1], u.shape[2], u.shape[3], AT.shape[1], 1 if BT.dim() == 4 else BT.shape[3])
     which = backends.resolve_backend("wavefront2d", backend, u.device, unsupported=unsupported)
     pdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     cast = AT.dtype != pdt or AL.dtype != pdt or (D is not None and (D.dtype != pdt or not D.is_contiguous()))
