@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (authors_table, beside_authors, copy_bandwidth_gbs, gpu_time_ms, header, peak_mib,  # noqa: E402
+from harness import (authors_line, authors_table, beside_authors, copy_bandwidth_gbs, gpu_time_ms, header, peak_mib,  # noqa: E402
                      write_report)
 
 from ssm2d_nn.ops import scan2d  # noqa: E402
@@ -127,8 +127,8 @@ def main():
         beside_authors(r, AUTHORS_DEVICE, a_fwd, a_fb, a_mem)
         rows.append(r)
     lines = ["# scan2d benchmark (fp32, softplus, gated, D and delta_bias)", "", header(),
-             f"measured copy bandwidth {bw:.0f} GB/s; authors' figures: 2DMamba's kernel on one {AUTHORS_DEVICE} "
-             "(spec ANCHORS.md, first table); ratio = authors' time / ours", ""] + authors_table(rows)
+             f"measured copy bandwidth {bw:.0f} GB/s; " + authors_line(AUTHORS_DEVICE, "2DMamba's kernel", "first table"),
+             ""] + authors_table(rows)
     write_report(args.out, "bench_scan2d" + ("_fwd" if args.fwd_only else ""), lines, rows)
 
 

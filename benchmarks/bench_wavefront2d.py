@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (authors_table, beside_authors, copy_bandwidth_gbs, gpu_time_ms, header, peak_mib,  # noqa: E402
+from harness import (authors_line, authors_table, beside_authors, copy_bandwidth_gbs, gpu_time_ms, header, peak_mib,  # noqa: E402
                      write_report)
 
 from ssm2d_nn.ops import wavefront2d  # noqa: E402
@@ -112,9 +112,8 @@ def main():
         beside_authors(r, AUTHORS_DEVICE, a_fwd, a_fb, a_mem)
         rows.append(r)
     lines = ["# wavefront2d benchmark (bf16, N=16, with D)", "", header(),
-             f"measured copy bandwidth {bw:.0f} GB/s; authors' figures: Mamba2D's kernel on one {AUTHORS_DEVICE} "
-             "(spec ANCHORS.md, first section); ratio = authors' time / ours; peak: forward+backward "
-             "(forward alone for fwd-only cases)", ""] + authors_table(rows)
+             f"measured copy bandwidth {bw:.0f} GB/s; " + authors_line(AUTHORS_DEVICE, "Mamba2D's kernel", "first section")
+             + "; peak: forward+backward (forward alone for fwd-only cases)", ""] + authors_table(rows)
     write_report(args.out, "bench_wavefront2d" + ("_fwd" if args.fwd_only else ""), lines, rows)
 
 

@@ -94,12 +94,32 @@ def write_report(out_dir, name: str, lines: list, rows: list) -> None:
     Path(out_dir, f"{name}.json").write_text(json.dumps(rows, indent=1))
 
 
+def same_device_as(authors_device: str) -> bool:
+    """Whether this process's GPU is the model the authors measured on ("NVIDIA H200": an H200 of any
+    memory size); time ratios across different GPU models mean nothing, so they are left out."""
+    if not torch.cuda.is_available():
+        return False
+    model = authors_device.replace("NVIDIA", "").split()[0].lower()
+    return model in torch.cuda.get_device_name(0).lower().split()
+
+
+def authors_line(authors_device: str, kernel: str, table: str) -> str:
+    """The header line naming where the authors' figures come from, and whether ratios are given."""
+    line = f"authors' figures: {kernel} on one {authors_device} (spec ANCHORS.md, {table}); "
+    if same_device_as(authors_device):
+        return line + "ratio = authors' time / ours"
+    here = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    return line + f"no ratio: measured on {here}, not on the authors' device"
+
+
 def beside_authors(r: dict, authors_device: str, fwd_ms, fwd_bwd_ms, extra_mib) -> dict:
-    """Adds the authors' figures (None: not measured), the ratios authors / ours and the forward's
-    share of its floor to a measured case ``r`` (fwd_ms, fwd_bwd_ms, floor_fwd_ms)."""
+    """Adds the authors' figures (None: not measured), the ratios authors / ours (None unless this
+    GPU is the authors' model) and the forward's share of its floor to a measured case ``r``
+    (fwd_ms, fwd_bwd_ms, floor_fwd_ms)."""
+    same = same_device_as(authors_device)
     r.update(authors_device=authors_device, authors_fwd_ms=fwd_ms, authors_fwd_bwd_ms=fwd_bwd_ms,
-             authors_extra_mib=extra_mib, ratio_fwd=fwd_ms / r["fwd_ms"] if fwd_ms else None,
-             ratio_fwd_bwd=fwd_bwd_ms / r["fwd_bwd_ms"] if fwd_bwd_ms and r["fwd_bwd_ms"] else None,
+             authors_extra_mib=extra_mib, ratio_fwd=fwd_ms / r["fwd_ms"] if fwd_ms and same else None,
+             ratio_fwd_bwd=fwd_bwd_ms / r["fwd_bwd_ms"] if fwd_bwd_ms and r["fwd_bwd_ms"] and same else None,
              fwd_pct_of_floor=100 * r["floor_fwd_ms"] / r["fwd_ms"])
     return r
 
