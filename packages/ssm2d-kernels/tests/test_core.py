@@ -138,8 +138,7 @@ def test_scan2d_chan_rule_and_carry_size():
 @pytest.mark.skipif(not k.build_info()["cuda"], reason="the CUDA sizes need a CUDA build")
 def test_wavefront2d_strip_backward_workspace_size():
     # N <= 16 with rows longer than 64 cells or fewer than 16 (batch, 16-channel) blocks: the backward
-    # runs column strips (the widest of 64 / 32 columns that gives 264 blocks, else 16 if that gives 132,
-    # else 8). Its scratch, as
+    # runs column strips (the widest of 64 / 32 columns that gives 264 blocks, else 16). Its scratch, as
     # documented: the forward's strip flags and carries, the backward's flags and lambda carries, the
     # per-strip parameter sums, and per (batch, 16 channels, strip) checkpoints every 8 rows plus one
     # 8-row segment of the strip's width (float4-aligned).
@@ -155,7 +154,7 @@ def test_wavefront2d_strip_backward_workspace_size():
         if w <= 64 and items >= 16:
             continue  # whole rows: the short-row backward
         checked += 1
-        wmax, strips = (16, -(-w // 16)) if items * -(-w // 16) >= 132 else (8, -(-w // 8))
+        wmax, strips = 16, -(-w // 16)
         for sw in (64, 32):
             if items * -(-w // sw) >= 264:
                 wmax, strips = sw, -(-w // sw)

@@ -1120,7 +1120,7 @@ __global__ void strip_parts_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, Strip
 
 // The strip pipelines' hand-over: rows between publications (each costs a fence and a release
 // store on the producer's critical path) and rows of L2 look-ahead for the next rows' inputs.
-// Measured on the H100 (bf16, N = 16, strips of 16 columns, fwd / fwd+bwd ms): publishing every row without look-ahead
+// Measured on the H100 (bf16, N = 16, fwd / fwd+bwd ms): publishing every row without look-ahead
 // 1.36 / 6.24 at 256x256 and 0.99 / 6.45 at B=64 56x56; every 2 rows, 2 ahead 1.18 / 5.51 and
 // 0.86 / 5.93; every 4 or 8 rows was slower again (the consumer waits longer for a row); strips of
 // 32 or 64 columns 1.6x / 3x slower than 16 (fewer blocks in the pipeline).
@@ -1134,7 +1134,7 @@ const StripTuning& strip_tuning() {
     if (const char* s = std::getenv("SSM2D_WAVE_STRIP_TUNE")) {
       int a = 0, b = 0, w = 0;
       const int got = std::sscanf(s, "%d,%d,%d", &a, &b, &w);
-      if (got >= 2 && a >= 1 && b >= 0) r = {a, b, (w == 8 || w == 16 || w == 32 || w == 64) ? w : 0};
+      if (got >= 2 && a >= 1 && b >= 0) r = {a, b, (w == 16 || w == 32 || w == 64) ? w : 0};
     }
     return r;
   }();
@@ -1190,11 +1190,7 @@ void bwd_small_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream
 
 // The forward's lanes (a half-warp per channel, a lane per state) fit N <= 16 with each block's 16
 // channels in one group. Whole rows when they have at most 64 cells and the batch has enough blocks;
-// else strips of 64 or 32 columns, the widest that still gives kStripBlocks blocks, else 16 when
-// that gives half as many, else 8. A block's row step costs ~0.2 us per column of the strip on top of
-// ~1.5 us (H100, bf16, N = 16: 4.3 / 7.1 / 14 us per step for 16 / 32 / 64 columns at 256x256, B=1,
-// E=64), and with fewer blocks than SMs nothing hides it: narrower strips on small batches, wider
-// ones where the blocks already fill the GPU twice over.
+// else strips of 64, 32 or 16 columns, the widest that still gives kStripBlocks blocks.
 constexpr int64_t kStripBlocks = 264;  // two blocks per SM of a 132-SM GPU
 
 bool lanes_fit(const Wave2dProblem& p) {
@@ -1212,8 +1208,7 @@ StripPlan strip_plan(const Wave2dProblem& p) {
   const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
   for (int sw : {64, 32})
     if (items * ((p.width + sw - 1) / sw) >= kStripBlocks) return {sw, (p.width + sw - 1) / sw};
-  if (items * ((p.width + 15) / 16) >= kStripBlocks / 2) return {16, (p.width + 15) / 16};
-  return {8, (p.width + 7) / 8};
+  return {16, (p.width + 15) / 16};
 }
 
 // Flags (a ticket counter, then one per (item, strip)) and carries, in floats of the workspace.
@@ -1258,8 +1253,7 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
 template <typename T>
 void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
   const StripPlan sp = strip_plan(p);
-  if (sp.wmax == 8) fwd_small_launch<T, 8>(p, out, sp, s);
-  else if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s);
+  if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s);
   else if (sp.wmax == 32) fwd_small_launch<T, 32>(p, out, sp, s);
   else fwd_small_launch<T, 64>(p, out, sp, s);
 }
@@ -1320,8 +1314,7 @@ template <typename T, bool Det>
 void bwd_strip_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) {
   check_small_range(a, p.dim);
   const StripPlan sp = strip_plan(p);
-  if (sp.wmax == 8) bwd_strip_launch<T, 8, Det>(p, a, sp, s);
-  else if (sp.wmax == 16) bwd_strip_launch<T, 16, Det>(p, a, sp, s);
+  if (sp.wmax == 16) bwd_strip_launch<T, 16, Det>(p, a, sp, s);
   else if (sp.wmax == 32) bwd_strip_launch<T, 32, Det>(p, a, sp, s);
   else bwd_strip_launch<T, 64, Det>(p, a, sp, s);
 }
