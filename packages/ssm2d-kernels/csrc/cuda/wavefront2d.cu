@@ -1141,6 +1141,16 @@ const StripTuning& strip_tuning() {
   return t;
 }
 
+// A launch's StripSync / StripBwd with the hand-over settings filled in (whole rows use only the
+// look-ahead; the strip fields are set by the strip launches).
+template <typename S>
+S tuned() {
+  S s;
+  s.publish = strip_tuning().publish;
+  s.lookahead = strip_tuning().lookahead;
+  return s;
+}
+
 // A block walks its 16 channels' grid serially, so the short-row kernel needs enough blocks to fill
 // the GPU: at batch 1 x 64 channels (4 blocks) the general kernel's 64 blocks are faster (measured
 // on the H100: 0.6 vs 0.9 ms at 64x64); from batch x channels/16 >= 16 blocks on it wins.
@@ -1173,9 +1183,7 @@ void bwd_small_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaS
   const unsigned ch_blocks = static_cast<unsigned>((a.e_end - a.e_begin + kSmallChannels - 1) / kSmallChannels);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(ch_blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    StripBwd whole;  // whole rows: no strips, only the look-ahead
-    whole.lookahead = strip_tuning().lookahead;
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, a, b0, whole);
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, a, b0, tuned<StripBwd>());
     SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_small_kernel");
   }
 }
@@ -1228,12 +1236,10 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int64_t ch_blocks = (p.dim + kSmallChannels - 1) / kSmallChannels;
   if (sp.strips > 1) {
-    StripSync ss;
+    StripSync ss = tuned<StripSync>();
     ss.strips = sp.strips;
     ss.flags = reinterpret_cast<unsigned*>(p.workspace);
     ss.carry = p.workspace + strip_flag_floats(p, sp);
-    ss.publish = strip_tuning().publish;
-    ss.lookahead = strip_tuning().lookahead;
     SSM2D_CUDA_CHECK(cudaMemsetAsync(ss.flags, 0, strip_flag_floats(p, sp) * sizeof(float), stream));
     const int64_t blocks = p.batch * ch_blocks * sp.strips;
     if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_forward: too many (batch, channel, strip) blocks");
@@ -1243,9 +1249,7 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
   }
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(ch_blocks), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    StripSync whole;  // whole rows: no strips, only the look-ahead
-    whole.lookahead = strip_tuning().lookahead;
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, whole);
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, tuned<StripSync>());
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
   }
 }
@@ -1286,15 +1290,13 @@ void bwd_strip_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, const
   pf.workspace = a.workspace;
   if (sp.strips > 1) fwd_small_launch<T, WMAX>(pf, Grid{}, sp, stream);
   // 2. The adjoint, strips pipelined from the right.
-  StripBwd sb;
+  StripBwd sb = tuned<StripBwd>();
   sb.strips = sp.strips;
   sb.flags = reinterpret_cast<unsigned*>(a.workspace + L.flags);
   sb.hcarry = a.workspace + L.hcarry;
   sb.lcarry = a.workspace + L.lcarry;
   sb.parts = a.workspace + L.parts;
   sb.scratch = a.workspace + L.scratch;
-  sb.publish = strip_tuning().publish;
-  sb.lookahead = strip_tuning().lookahead;
   const int64_t items = p.batch * ((a.e_end - a.e_begin + kSmallChannels - 1) / kSmallChannels);
   const int64_t blocks = items * sp.strips;
   if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_backward: too many (batch, channel, strip) blocks");

@@ -156,7 +156,7 @@ class _Checked:
         if self.device >= 0 and self.u.dtype == "float64":
             raise TypeError("u is float64 on CUDA: the CUDA kernel takes float32, float16 or bfloat16 "
                             "(float64 runs on the CPU kernel)")
-        self.transpose = self.device >= 0 and w > MAX_CUDA_WIDTH >= h
+        self.transpose = scanned_hw(h, w, self.device) != (h, w)
         refusal = cuda_refusal(h, w, e, n, groups) if self.device >= 0 else None
         if refusal:
             raise ValueError(f"{refusal}; use the CPU kernel or tile the grid")
