@@ -138,10 +138,11 @@ def test_scan2d_chan_rule_and_carry_size():
 @pytest.mark.skipif(not k.build_info()["cuda"], reason="the CUDA sizes need a CUDA build")
 def test_wavefront2d_strip_backward_workspace_size():
     # N <= 16 with rows longer than 64 cells or fewer than 16 (batch, 16-channel) blocks: the backward
-    # runs column strips (the widest of 64 / 32 columns that gives 264 blocks, else 16). Its scratch, as
-    # documented: the forward's strip flags and carries, the backward's flags and lambda carries, the
-    # per-strip parameter sums, and per (batch, 16 channels, strip) checkpoints every 8 rows plus one
-    # 8-row segment of the strip's width (float4-aligned).
+    # runs column strips (the widest of 64 / 32 columns that gives 264 blocks, else 16 if that gives 132,
+    # else 8; the forward stops at 16). The backward's scratch, as documented: its recompute pass's
+    # strip flags and carries, the backward's flags and lambda carries, the per-strip parameter sums,
+    # and per (batch, 16 channels, strip) checkpoints every 8 rows plus one 8-row segment of the
+    # strip's width (float4-aligned). The forward's: its strip flags and carries.
     from ssm2d_kernels import _C
 
     rng = random.Random()
@@ -154,13 +155,16 @@ def test_wavefront2d_strip_backward_workspace_size():
         if w <= 64 and items >= 16:
             continue  # whole rows: the short-row backward
         checked += 1
-        wmax, strips = 16, -(-w // 16)
+        wmax, strips = (16, -(-w // 16)) if items * -(-w // 16) >= 132 else (8, -(-w // 8))
+        fwd_strips = -(-w // 16)
         for sw in (64, 32):
             if items * -(-w // sw) >= 264:
                 wmax, strips = sw, -(-w // sw)
+                fwd_strips = strips
                 break
-        fwd = 0 if strips == 1 else 1 + items * strips + items * (strips - 1) * h * 256
-        parts = fwd + (1 + items * strips) + items * (strips - 1) * h * 256
+        recompute = 0 if strips == 1 else 1 + items * strips + items * (strips - 1) * h * 256
+        fwd = 0 if fwd_strips == 1 else 1 + items * fwd_strips + items * (fwd_strips - 1) * h * 256
+        parts = recompute + (1 + items * strips) + items * (strips - 1) * h * 256
         scratch = -(-(parts + items * strips * 3 * 256) // 4) * 4
         total = scratch + items * strips * (-(-h // 8) + 8) * wmax * 256
         got = _C.wavefront2d_workspace_floats(b, e, n, g, h, w, 1, True)

@@ -229,8 +229,8 @@ def test_short_rows_deterministic_in_channel_chunks(monkeypatch):
 def test_column_strips(origin):
     # N <= 16 with rows longer than 64 cells, or too few (batch, 16-channel) blocks, runs forward and
     # backward as column strips pipelined across blocks (the forward from the left, the adjoint from the
-    # right): strip widths 16 (few blocks; 1 x 4 x 38 strips), 32 (6 x 4 blocks x 13 strips: more blocks
-    # than the GPU holds at once) and 64 (8 x 4 x 10), ragged last strips, channel tails, groups.
+    # right): strip widths 8 (few blocks), 16 (1 x 4 x 38 strips), 32 (6 x 4 blocks x 13 strips: more
+    # blocks than the GPU holds at once) and 64 (8 x 4 x 10), ragged last strips, channel tails, groups.
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     for b, h, w, e, n, g in [(1, 33, 64, 64, 16, None), (2, 20, 200, 40, 16, None), (1, 9, 300, 32, 5, 2),

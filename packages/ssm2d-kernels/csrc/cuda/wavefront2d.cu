@@ -39,6 +39,15 @@ template <> __device__ __forceinline__ float ld<float>(const float* p) { return 
 template <> __device__ __forceinline__ float ld<__half>(const __half* p) { return __half2float(*p); }
 template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
+// Staged loads: the value as stored (the dtype's bits), converted where it is used. A load converted
+// at once (ld above) inside a branch makes the thread wait for it right there, one round trip per
+// array and row; the staging below loads from an always-valid address without a branch and masks
+// at the conversion, so a row's loads issue together and their latency overlaps the row's arithmetic.
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 struct Strided {
   const char* base;  // byte pointer of element (0, 0)
   int64_t si, sj;    // element strides
@@ -497,6 +506,32 @@ __device__ __forceinline__ float half_warp_sum4(const float (&v)[4], int n) {
 __device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
+// Asks L2 for row i of a lane block's staged inputs (u, dT, dL of channels e0.., BT, BL of group g,
+// and C and `dout` when given), so the double-buffered staging of that row waits on L2 rather than
+// on memory. One thread per column asks (threads with tid % 16 == 0 of each PER slice): a column's
+// 16 channels / states lie in one line in the channels-last layout (a hint only; other layouts stay
+// correct).
+template <typename T, int PER, int kThreads>
+__device__ __forceinline__ void prefetch_row_l2(const Wave2dProblem& p, const Grid* dout, bool with_c, int64_t b,
+                                                int64_t e0, int64_t g, int64_t i, int64_t jb, int64_t W) {
+  auto at = [&](const Grid& a, int64_t c, int64_t j) {
+    return static_cast<const T*>(a.data) + b * a.sb + c * a.sc + i * a.si + j * a.sj;
+  };
+#pragma unroll
+  for (int r = 0; r < PER; ++r) {
+    const int x = threadIdx.x + r * kThreads, j = x >> 4;
+    if ((x & 15) != 0 || j >= W) continue;
+    const int64_t jg = jb + j;
+    prefetch_l2(at(p.u, e0, jg));
+    prefetch_l2(at(p.dT, e0, jg));
+    prefetch_l2(at(p.dL, e0, jg));
+    prefetch_l2(at(p.BT, g, jg));
+    prefetch_l2(at(p.BL, g, jg));
+    if (with_c) prefetch_l2(at(p.C, g, jg));
+    if (dout) prefetch_l2(at(*dout, e0, jg));
+  }
+}
+
 // ---- Short rows (W <= 64, N <= 16): the model shapes (M2D stages 1-2 are 56x56 and 28x28). ----
 // The general kernel above spends its time on per-row block phases that a 56-wide row cannot fill.
 // Here a half-warp runs one (batch, channel) and a lane one state, walking the grid in raster order
@@ -565,7 +600,8 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
 
   // Staging: thread t handles (column j, index k) pairs x = t + r*256 with k = x % 16 (a channel for
   // u/dT/dL, a state for BT/BL/C) and j = x / 16, so 16 adjacent channels / states are read together.
-  float r_u[PER], r_t[PER], r_l[PER], r_bt[PER], r_bl[PER], r_c[PER];
+  // Out-of-range pairs read element 0 of their array and are zeroed at the store (see to_f).
+  T r_u[PER], r_t[PER], r_l[PER], r_bt[PER], r_bl[PER], r_c[PER];
   auto load_row = [&](int64_t i) {
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
@@ -573,12 +609,12 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
       const int64_t ek = e0 + k;
       const bool okc = j < W && ek < E, oks = j < W && k < N;
       const int64_t jg = jb + j;
-      r_u[r] = okc ? ld<T>(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + jg * p.u.sj) : 0.f;
-      r_t[r] = okc ? ld<T>(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + jg * p.dT.sj) : 0.f;
-      r_l[r] = okc ? ld<T>(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + jg * p.dL.sj) : 0.f;
-      r_bt[r] = oks ? ld<T>(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + jg * p.BT.sj) : 0.f;
-      r_bl[r] = oks ? ld<T>(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + jg * p.BL.sj) : 0.f;
-      r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + jg * p.C.sj) : 0.f;
+      r_u[r] = static_cast<const T*>(p.u.data)[okc ? b * p.u.sb + ek * p.u.sc + i * p.u.si + jg * p.u.sj : 0];
+      r_t[r] = static_cast<const T*>(p.dT.data)[okc ? b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + jg * p.dT.sj : 0];
+      r_l[r] = static_cast<const T*>(p.dL.data)[okc ? b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + jg * p.dL.sj : 0];
+      r_bt[r] = static_cast<const T*>(p.BT.data)[oks ? b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + jg * p.BT.sj : 0];
+      r_bl[r] = static_cast<const T*>(p.BL.data)[oks ? b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + jg * p.BL.sj : 0];
+      r_c[r] = static_cast<const T*>(p.C.data)[oks ? b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + jg * p.C.sj : 0];
     }
   };
   // A thread stages the same channel (tid % 16) in every row: its D is read once.
@@ -588,39 +624,21 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     for (int r = 0; r < PER; ++r) {
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       if (j >= WMAX) continue;
+      const bool okc = j < W && e0 + k < E, oks = j < W && k < N;
+      const float u = okc ? to_f(r_u[r]) : 0.f, t = okc ? to_f(r_t[r]) : 0.f, l = okc ? to_f(r_l[r]) : 0.f;
       const int at = k * WP + j;
-      buf[0 * ROWS + at] = r_t[r];
-      buf[1 * ROWS + at] = r_l[r];
-      buf[2 * ROWS + at] = r_t[r] * r_u[r];
-      buf[3 * ROWS + at] = r_l[r] * r_u[r];
-      buf[4 * ROWS + at] = Dk * r_u[r];
-      buf[5 * ROWS + at] = r_bt[r];
-      buf[6 * ROWS + at] = r_bl[r];
-      buf[7 * ROWS + at] = r_c[r];
+      buf[0 * ROWS + at] = t;
+      buf[1 * ROWS + at] = l;
+      buf[2 * ROWS + at] = t * u;
+      buf[3 * ROWS + at] = l * u;
+      buf[4 * ROWS + at] = Dk * u;
+      buf[5 * ROWS + at] = oks ? to_f(r_bt[r]) : 0.f;
+      buf[6 * ROWS + at] = oks ? to_f(r_bl[r]) : 0.f;
+      buf[7 * ROWS + at] = oks ? to_f(r_c[r]) : 0.f;
     }
   };
 
-  // Asks L2 for row i of the staged values (a row a few steps ahead), so the double-buffered staging
-  // waits on L2 rather than on memory. One thread per column asks: its 16 channels / states lie in
-  // one line in the channels-last layout (a hint only; other layouts stay correct).
-  auto prefetch_inputs = [&](int64_t i) {
-#pragma unroll
-    for (int r = 0; r < PER; ++r) {
-      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
-      const int64_t ek = e0 + k, jg = jb + j;
-      if (k != 0) continue;
-      if (j < W && ek < E) {
-        prefetch_l2(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + jg * p.u.sj);
-        prefetch_l2(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + jg * p.dT.sj);
-        prefetch_l2(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + jg * p.dL.sj);
-      }
-      if (j < W && k < N) {
-        prefetch_l2(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + jg * p.BT.sj);
-        prefetch_l2(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + jg * p.BL.sj);
-        prefetch_l2(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + jg * p.C.sj);
-      }
-    }
-  };
+  auto prefetch_inputs = [&](int64_t i) { prefetch_row_l2<T, PER, kSmallThreads>(p, nullptr, true, b, e0, g, i, jb, W); };
 
   float hrow[WMAX];
 #pragma unroll
@@ -639,10 +657,14 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     // Border rule of SCANS.md: first row left only, first column top only, else the average.
     const float cLr = i == 0 ? 1.f : 0.5f, cTr = i == 0 ? 0.f : 0.5f;
     const bool origin_top = i == 0 && p.origin_top;
+    float o_prev[PER];  // out's row i (an accumulator), read now and added to after the row
+    if (out.defined()) {
 #pragma unroll
-    for (int r = 0; r < PER; ++r) {  // out's row i is read back after the row: ask for it now
-      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
-      if (out.defined() && j < W && e0 + k < E) prefetch_l1(fplane(out, b, e0 + k, 0, i, jb + j));
+      for (int r = 0; r < PER; ++r) {
+        const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+        const bool ok = j < W && e0 + k < E;
+        o_prev[r] = *(ok ? fplane(out, b, e0 + k, 0, i, jb + j) : static_cast<const float*>(out.data));
+      }
     }
     if (ss.lookahead > 0 && i + ss.lookahead < H) prefetch_inputs(i + ss.lookahead);
     float hl = 0.f;  // h left of the strip's first column
@@ -706,10 +728,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     for (int r = 0; r < PER; ++r) {
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       const int64_t ek = e0 + k;
-      if (out.defined() && j < W && ek < E) {
-        float* o = fplane(out, b, ek, 0, i, jb + j);
-        *o += ybuf[k * WP + j];
-      }
+      if (out.defined() && j < W && ek < E) *fplane(out, b, ek, 0, i, jb + j) = o_prev[r] + ybuf[k * WP + j];
     }
   }
 }
@@ -814,21 +833,22 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
 
   // Staging, as in the forward: thread t takes (column j, index k) pairs with k = x % 16 (a channel
   // or a state), so 16 adjacent channels / states are read together.
-  float r_t[PER], r_l[PER], r_u[PER], r_y[PER], r_bt[PER], r_bl[PER], r_c[PER];
+  // Loaded as stored, from element 0 for out-of-range pairs, masked at the store (see to_f).
+  T r_t[PER], r_l[PER], r_u[PER], r_y[PER], r_bt[PER], r_bl[PER], r_c[PER];
   auto load_row = [&](int64_t i, bool adjoint) {
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
-      const int64_t ek = e0 + k;
+      const int64_t ek = e0 + k, jg = jb + j;
       const bool okc = j < W && ek < e_hi, oks = j < W && k < N;
-      r_t[r] = okc ? ld<T>(static_cast<const T*>(p.dT.data) + b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + (jb + j) * p.dT.sj) : 0.f;
-      r_l[r] = okc ? ld<T>(static_cast<const T*>(p.dL.data) + b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + (jb + j) * p.dL.sj) : 0.f;
-      r_u[r] = okc ? ld<T>(static_cast<const T*>(p.u.data) + b * p.u.sb + ek * p.u.sc + i * p.u.si + (jb + j) * p.u.sj) : 0.f;
-      r_bt[r] = oks ? ld<T>(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + (jb + j) * p.BT.sj) : 0.f;
-      r_bl[r] = oks ? ld<T>(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + (jb + j) * p.BL.sj) : 0.f;
+      r_t[r] = static_cast<const T*>(p.dT.data)[okc ? b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + jg * p.dT.sj : 0];
+      r_l[r] = static_cast<const T*>(p.dL.data)[okc ? b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + jg * p.dL.sj : 0];
+      r_u[r] = static_cast<const T*>(p.u.data)[okc ? b * p.u.sb + ek * p.u.sc + i * p.u.si + jg * p.u.sj : 0];
+      r_bt[r] = static_cast<const T*>(p.BT.data)[oks ? b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + jg * p.BT.sj : 0];
+      r_bl[r] = static_cast<const T*>(p.BL.data)[oks ? b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + jg * p.BL.sj : 0];
       if (adjoint) {
-        r_y[r] = okc ? ld<T>(static_cast<const T*>(ga.dout.data) + b * ga.dout.sb + ek * ga.dout.sc + i * ga.dout.si + (jb + j) * ga.dout.sj) : 0.f;
-        r_c[r] = oks ? ld<T>(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + (jb + j) * p.C.sj) : 0.f;
+        r_y[r] = static_cast<const T*>(ga.dout.data)[okc ? b * ga.dout.sb + ek * ga.dout.sc + i * ga.dout.si + jg * ga.dout.sj : 0];
+        r_c[r] = static_cast<const T*>(p.C.data)[oks ? b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + jg * p.C.sj : 0];
       }
     }
   };
@@ -836,35 +856,21 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4, at = k * WP + j;
-      buf[0 * ROWS + at] = r_t[r];
-      buf[1 * ROWS + at] = r_l[r];
-      buf[2 * ROWS + at] = r_u[r];
-      buf[4 * ROWS + at] = r_bt[r];
-      buf[5 * ROWS + at] = r_bl[r];
+      if (j >= WMAX) continue;  // 8-column strips: 256 threads cover 16 columns, the row has WMAX + 4
+      const bool okc = j < W && e0 + k < e_hi, oks = j < W && k < N;
+      buf[0 * ROWS + at] = okc ? to_f(r_t[r]) : 0.f;
+      buf[1 * ROWS + at] = okc ? to_f(r_l[r]) : 0.f;
+      buf[2 * ROWS + at] = okc ? to_f(r_u[r]) : 0.f;
+      buf[4 * ROWS + at] = oks ? to_f(r_bt[r]) : 0.f;
+      buf[5 * ROWS + at] = oks ? to_f(r_bl[r]) : 0.f;
       if (adjoint) {
-        buf[3 * ROWS + at] = r_y[r];
-        buf[6 * ROWS + at] = r_c[r];
+        buf[3 * ROWS + at] = okc ? to_f(r_y[r]) : 0.f;
+        buf[6 * ROWS + at] = oks ? to_f(r_c[r]) : 0.f;
       }
     }
   };
-  // Asks L2 for row i of the staged operands (with dout and C when `adjoint`), one thread per column
-  // (as in the forward: a hint for the channels-last layout).
   auto prefetch_inputs = [&](int64_t i, bool adjoint) {
-#pragma unroll
-    for (int r = 0; r < PER; ++r) {
-      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
-      if (k != 0 || j >= W) continue;
-      const int64_t jg = jb + j;
-      prefetch_l2(static_cast<const T*>(p.u.data) + b * p.u.sb + e0 * p.u.sc + i * p.u.si + jg * p.u.sj);
-      prefetch_l2(static_cast<const T*>(p.dT.data) + b * p.dT.sb + e0 * p.dT.sc + i * p.dT.si + jg * p.dT.sj);
-      prefetch_l2(static_cast<const T*>(p.dL.data) + b * p.dL.sb + e0 * p.dL.sc + i * p.dL.si + jg * p.dL.sj);
-      prefetch_l2(static_cast<const T*>(p.BT.data) + b * p.BT.sb + g * p.BT.sc + i * p.BT.si + jg * p.BT.sj);
-      prefetch_l2(static_cast<const T*>(p.BL.data) + b * p.BL.sb + g * p.BL.sc + i * p.BL.si + jg * p.BL.sj);
-      if (adjoint) {
-        prefetch_l2(static_cast<const T*>(ga.dout.data) + b * ga.dout.sb + e0 * ga.dout.sc + i * ga.dout.si + jg * ga.dout.sj);
-        prefetch_l2(static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc + i * p.C.si + jg * p.C.sj);
-      }
-    }
+    prefetch_row_l2<T, PER, kSmallThreads>(p, adjoint ? &ga.dout : nullptr, adjoint, b, e0, g, i, jb, W);
   };
 
   // One forward row from the staged inputs: hrow holds row i-1 on entry and row i on return; the
@@ -1120,7 +1126,7 @@ __global__ void strip_parts_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, Strip
 
 // The strip pipelines' hand-over: rows between publications (each costs a fence and a release
 // store on the producer's critical path) and rows of L2 look-ahead for the next rows' inputs.
-// Measured on the H100 (bf16, N = 16, fwd / fwd+bwd ms): publishing every row without look-ahead
+// Measured on the H100 (bf16, N = 16, strips of 16 columns, fwd / fwd+bwd ms): publishing every row without look-ahead
 // 1.36 / 6.24 at 256x256 and 0.99 / 6.45 at B=64 56x56; every 2 rows, 2 ahead 1.18 / 5.51 and
 // 0.86 / 5.93; every 4 or 8 rows was slower again (the consumer waits longer for a row); strips of
 // 32 or 64 columns 1.6x / 3x slower than 16 (fewer blocks in the pipeline).
@@ -1134,7 +1140,7 @@ const StripTuning& strip_tuning() {
     if (const char* s = std::getenv("SSM2D_WAVE_STRIP_TUNE")) {
       int a = 0, b = 0, w = 0;
       const int got = std::sscanf(s, "%d,%d,%d", &a, &b, &w);
-      if (got >= 2 && a >= 1 && b >= 0) r = {a, b, (w == 16 || w == 32 || w == 64) ? w : 0};
+      if (got >= 2 && a >= 1 && b >= 0) r = {a, b, (w == 8 || w == 16 || w == 32 || w == 64) ? w : 0};
     }
     return r;
   }();
@@ -1198,7 +1204,11 @@ void bwd_small_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream
 
 // The forward's lanes (a half-warp per channel, a lane per state) fit N <= 16 with each block's 16
 // channels in one group. Whole rows when they have at most 64 cells and the batch has enough blocks;
-// else strips of 64, 32 or 16 columns, the widest that still gives kStripBlocks blocks.
+// else strips of 64 or 32 columns, the widest that still gives kStripBlocks blocks, else 16 when
+// that gives half as many, else 8. A block's row step costs ~0.2 us per column of the strip on top of
+// ~1.5 us (H100, bf16, N = 16: 4.3 / 7.1 / 14 us per step for 16 / 32 / 64 columns at 256x256, B=1,
+// E=64), and with fewer blocks than SMs nothing hides it: narrower strips on small batches, wider
+// ones where the blocks already fill the GPU twice over.
 constexpr int64_t kStripBlocks = 264;  // two blocks per SM of a 132-SM GPU
 
 bool lanes_fit(const Wave2dProblem& p) {
@@ -1210,13 +1220,18 @@ struct StripPlan {
   int64_t strips = 1;
 };
 
-StripPlan strip_plan(const Wave2dProblem& p) {
+// The forward stops at 16 columns: 8-column strips measured no faster there (H100: 256^2 0.825 vs
+// 0.807 ms, 512^2 1.863 vs 1.697), while the backward, with twice the work per row step, gains from
+// the doubled block count (256^2 fwd+bwd 3.45 vs 4.12 ms). The backward's recompute pass uses the
+// backward's plan (its carries sit at the backward's strip edges).
+StripPlan strip_plan(const Wave2dProblem& p, bool backward) {
   if (small_rows_fit(p)) return {p.width <= 16 ? 16 : p.width <= 32 ? 32 : 64, 1};
   if (const int w = strip_tuning().width) return {w, (p.width + w - 1) / w};
   const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
   for (int sw : {64, 32})
     if (items * ((p.width + sw - 1) / sw) >= kStripBlocks) return {sw, (p.width + sw - 1) / sw};
-  return {16, (p.width + 15) / 16};
+  if (!backward || items * ((p.width + 15) / 16) >= kStripBlocks / 2) return {16, (p.width + 15) / 16};
+  return {8, (p.width + 7) / 8};
 }
 
 // Flags (a ticket counter, then one per (item, strip)) and carries, in floats of the workspace.
@@ -1256,8 +1271,9 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
 
 template <typename T>
 void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
-  const StripPlan sp = strip_plan(p);
-  if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s);
+  const StripPlan sp = strip_plan(p, false);
+  if (sp.wmax == 8) fwd_small_launch<T, 8>(p, out, sp, s);
+  else if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s);
   else if (sp.wmax == 32) fwd_small_launch<T, 32>(p, out, sp, s);
   else fwd_small_launch<T, 64>(p, out, sp, s);
 }
@@ -1315,8 +1331,9 @@ void bwd_strip_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, const
 template <typename T, bool Det>
 void bwd_strip_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) {
   check_small_range(a, p.dim);
-  const StripPlan sp = strip_plan(p);
-  if (sp.wmax == 16) bwd_strip_launch<T, 16, Det>(p, a, sp, s);
+  const StripPlan sp = strip_plan(p, true);
+  if (sp.wmax == 8) bwd_strip_launch<T, 8, Det>(p, a, sp, s);
+  else if (sp.wmax == 16) bwd_strip_launch<T, 16, Det>(p, a, sp, s);
   else if (sp.wmax == 32) bwd_strip_launch<T, 32, Det>(p, a, sp, s);
   else bwd_strip_launch<T, 64, Det>(p, a, sp, s);
 }
@@ -1427,13 +1444,13 @@ int wavefront2d_max_states(int64_t width) {
 }
 
 int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p) {
-  if (lanes_fit(p)) return strip_workspace_floats(p, strip_plan(p));
+  if (lanes_fit(p)) return strip_workspace_floats(p, strip_plan(p, false));
   return p.states_per_block > 0 ? (chunks_of(p) - 1) * cells_of(p) : 0;
 }
 
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p) {
   if (small_rows_fit(p)) return small_bwd_workspace_floats(p);
-  if (lanes_fit(p)) return strip_bwd_layout(p, strip_plan(p)).total;
+  if (lanes_fit(p)) return strip_bwd_layout(p, strip_plan(p, true)).total;
   const int64_t parts = p.states_per_block > 0 ? 3 * (chunks_of(p) - 1) * cells_of(p) : 0;
   return parts + p.batch * p.dim * p.dstate * ((p.height + kCheckpoint - 1) / kCheckpoint + kCheckpoint) * p.width;
 }
