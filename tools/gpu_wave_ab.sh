@@ -24,8 +24,10 @@ export PYTHONUNBUFFERED=1
 status=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
+  echo "# GPU test log: $(cat "$OUT/device.txt"), $(date -u +%F), commit ${SSM2D_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}" \
+    > "$OUT/gpu_tests_wavefront2d.log"
   PYTHONPATH=$NEW_PATH python3 -m pytest -q -m gpu -p no:cacheprovider packages/ssm2d-nn/tests/test_wavefront2d_gpu.py \
-    2>&1 | tee "$OUT/gpu_tests_wavefront2d.log" | tail -n 4
+    2>&1 | tee -a "$OUT/gpu_tests_wavefront2d.log" | tail -n 4
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   PYTHONPATH=$NEW_PATH python3 -m pytest -q -m gpu -p no:cacheprovider packages/ssm2d-kernels/tests tests \
     -k "wavefront2d or wave or m2d or mamba2d" 2>&1 | tee -a "$OUT/gpu_tests_wavefront2d.log" | tail -n 3
