@@ -47,9 +47,9 @@ def _version_string(v: int) -> str | None:
 
 
 def _architectures(cmake_list: str) -> list[str]:
-    """CMake's '80-real;90-real;120-virtual' -> ['sm_80', 'sm_90', 'compute_120']."""
+    """CMake's '80-real;90-real;120-virtual' (as built in: commas) -> ['sm_80', 'sm_90', 'compute_120']."""
     out = []
-    for item in filter(None, cmake_list.split(";")):
+    for item in filter(None, cmake_list.replace(",", ";").split(";")):
         arch, _, kind = item.partition("-")
         if kind == "virtual":
             out.append(f"compute_{arch}")
