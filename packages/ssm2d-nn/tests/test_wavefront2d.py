@@ -94,6 +94,25 @@ def test_cpu_kernel_low_precision_against_float64(dtype, tol):
     assert out.dtype == dtype and rel_err(out, wavefront2d_reference(**inputs)) < tol
 
 
+def test_cpu_frame_accumulates_and_refuses_the_dtype_output_path():
+    # On CUDA the lane kernels write the output in u's dtype; the CPU kernel adds into a float32
+    # accumulator, so a CPU frame never takes that path and the compiled call refuses it by name.
+    from ssm2d_kernels import _C
+    from ssm2d_nn.ops import _wavefront2d_kernel as K
+
+    inputs = make_wave_inputs(random.Random(), batch=1, height=5, width=6, dim=16, dstate=4)
+    low = {k: None if v is None else v.float() for k, v in inputs.items()}
+    args = tuple(low[k] for k in ("u", "dT", "dL", "AT", "AL", "BT", "BL", "C", "D"))
+    f = K.frame(args, "tl", torch.float32)
+    assert f.out_in_dtype is False
+    out = torch.empty_like(low["u"])
+    with pytest.raises(ValueError, match="out_in_dtype is a CUDA path"):
+        _C.wavefront2d_forward_at(f.call, *K.operands(f, args), 0, out.data_ptr(), True)
+    acc = torch.zeros_like(low["u"])
+    _C.wavefront2d_forward_at(f.call, *K.operands(f, args), 0, acc.data_ptr(), False)
+    assert rel_err(acc, wavefront2d_reference(**inputs)) < 1e-5
+
+
 def test_backward_is_bitwise_deterministic_and_compiles():
     rng = random.Random()
     inputs = make_wave_inputs(rng, batch=2, height=9, width=11, dim=4, dstate=4, groups=2, dtype=torch.float32)

@@ -23,8 +23,10 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include "common.cuh"
+#include "scan2d_common.cuh"
 #include "ssm2d/wavefront2d.h"
 
 namespace ssm2d::cuda {
@@ -39,14 +41,13 @@ template <> __device__ __forceinline__ float ld<float>(const float* p) { return 
 template <> __device__ __forceinline__ float ld<__half>(const __half* p) { return __half2float(*p); }
 template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
-// Staged loads: the value as stored (the dtype's bits), converted where it is used. A load converted
-// at once (ld above) inside a branch makes the thread wait for it right there, one round trip per
-// array and row; the staging below loads from an always-valid address without a branch and masks
-// at the conversion, so a row's loads issue together and their latency overlaps the row's arithmetic.
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+// Staged loads: the value as stored (the dtype's bits), converted where it is used (to_f). A load
+// converted at once (ld above) inside a branch makes the thread wait for it right there, one round
+// trip per array and row; the staging below loads from an always-valid address without a branch and
+// masks at the conversion, so a row's loads issue together and their latency overlaps the row's
+// arithmetic.
+using s2d::from_f;
+using s2d::to_f;
 
 struct Strided {
   const char* base;  // byte pointer of element (0, 0)
@@ -566,7 +567,7 @@ struct StripSync {
 
 template <typename T, int WMAX>
 __global__ void __launch_bounds__(kSmallThreads, 2)
-    wave_fwd_small_kernel(Wave2dProblem p, Grid out, int64_t b0, StripSync ss) {
+    wave_fwd_small_kernel(Wave2dProblem p, Grid out, int64_t b0, StripSync ss, bool out_t) {
   constexpr int WP = WMAX + 4, ROWS = kSmallChannels * WP, BUF = kSmallArrays * ROWS;
   constexpr int PER = (kSmallChannels * WMAX + kSmallThreads - 1) / kSmallThreads;  // staged values per thread
   extern __shared__ __align__(16) float smem[];
@@ -657,8 +658,8 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     // Border rule of SCANS.md: first row left only, first column top only, else the average.
     const float cLr = i == 0 ? 1.f : 0.5f, cTr = i == 0 ? 0.f : 0.5f;
     const bool origin_top = i == 0 && p.origin_top;
-    float o_prev[PER];  // out's row i (an accumulator), read now and added to after the row
-    if (out.defined()) {
+    float o_prev[PER];  // out's row i (a float32 accumulator), read now and added to after the row
+    if (out.defined() && !out_t) {
 #pragma unroll
       for (int r = 0; r < PER; ++r) {
         const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
@@ -723,12 +724,16 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     if (i + 1 < H) store_row(smem + ((i + 1) & 1) * BUF);
     __syncthreads();
     if (publish && tid == 0) st_release(flag_self, static_cast<unsigned>(i + 1));
-    // out += y for row i, 16 adjacent channels per column together.
+    // y of row i into out (in T: written; in float32: added), 16 adjacent channels per column together.
 #pragma unroll
     for (int r = 0; r < PER; ++r) {
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       const int64_t ek = e0 + k;
-      if (out.defined() && j < W && ek < E) *fplane(out, b, ek, 0, i, jb + j) = o_prev[r] + ybuf[k * WP + j];
+      if (!out.defined() || j >= W || ek >= E) continue;
+      if (out_t)
+        static_cast<T*>(out.data)[b * out.sb + ek * out.sc + i * out.si + (jb + j) * out.sj] = from_f<T>(ybuf[k * WP + j]);
+      else
+        *fplane(out, b, ek, 0, i, jb + j) = o_prev[r] + ybuf[k * WP + j];
     }
   }
 }
@@ -960,7 +965,7 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
       const float4* hc_row = row_of(seg, i - r0);
       const float4* hu_row = i > r0 ? row_of(seg, i - 1 - r0) : (s > 0 ? row_of(ck, s) : nullptr);
 #pragma unroll
-      for (int r = 0; r < PER; ++r) {  // the accumulators' row i is read back after the row
+      for (int r = 0; r < PER && !ga.cells_in_dtype; ++r) {  // the accumulators' row i is read back after the row
         const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
         if (j < W && e0 + k < e_hi) {
           if (ga.du.defined()) prefetch_l1(fplane(ga.du, b, e0 + k, 0, i, jb + j));
@@ -1062,9 +1067,16 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
         const int64_t ek = e0 + k;
         if (ek < e_hi) {
           const int at = k * WP + j;
-          if (ga.du.defined()) *fplane(ga.du, b, ek, 0, i, jb + j) += fmaf(Dk, cur[3 * ROWS + at], s_dx[0 * ROWS + at]);
-          if (ga.ddT.defined()) *fplane(ga.ddT, b, ek, 0, i, jb + j) += s_dx[1 * ROWS + at];
-          if (ga.ddL.defined()) *fplane(ga.ddL, b, ek, 0, i, jb + j) += s_dx[2 * ROWS + at];
+          const float v[3] = {fmaf(Dk, cur[3 * ROWS + at], s_dx[0 * ROWS + at]), s_dx[1 * ROWS + at], s_dx[2 * ROWS + at]};
+          const Grid* dst[3] = {&ga.du, &ga.ddT, &ga.ddL};
+#pragma unroll
+          for (int q = 0; q < 3; ++q) {
+            if (!dst[q]->defined()) continue;
+            const Grid& d = *dst[q];
+            const int64_t off = b * d.sb + ek * d.sc + i * d.si + (jb + j) * d.sj;
+            if (ga.cells_in_dtype) static_cast<T*>(d.data)[off] = from_f<T>(v[q]);  // this thread's cell alone
+            else static_cast<float*>(d.data)[off] += v[q];
+          }
         }
         if (k < N) {
           float sum[3] = {0.f, 0.f, 0.f};
@@ -1129,10 +1141,12 @@ __global__ void strip_parts_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, Strip
 // Measured on the H100 (bf16, N = 16, strips of 16 columns, fwd / fwd+bwd ms): publishing every row without look-ahead
 // 1.36 / 6.24 at 256x256 and 0.99 / 6.45 at B=64 56x56; every 2 rows, 2 ahead 1.18 / 5.51 and
 // 0.86 / 5.93; every 4 or 8 rows was slower again (the consumer waits longer for a row); strips of
-// 32 or 64 columns 1.6x / 3x slower than 16 (fewer blocks in the pipeline).
+// 32 or 64 columns 1.6x / 3x slower than 16 (fewer blocks in the pipeline). With the branch-free
+// staging (ae37e5d), 4 rows ahead beat 2 in two calls: 256x256 0.79 / 3.37 vs 0.80-0.81 / 3.43,
+// 512x512 1.55 / 7.70 vs 1.57 / 7.78, 28x28 layer fwd+bwd 1.80 vs 1.88.
 // SSM2D_WAVE_STRIP_TUNE="publish,lookahead[,width]" overrides them (read once; for measurements).
 struct StripTuning {
-  int publish = 2, lookahead = 2, width = 0;  // width: strip width when strips run (0: the plan's)
+  int publish = 2, lookahead = 4, width = 0;  // width: strip width when strips run (0: the plan's)
 };
 const StripTuning& strip_tuning() {
   static const StripTuning t = [] {
@@ -1245,7 +1259,8 @@ int64_t strip_workspace_floats(const Wave2dProblem& p, const StripPlan& sp) {
 }
 
 template <typename T, int WMAX>
-void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& sp, cudaStream_t stream) {
+void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& sp, cudaStream_t stream,
+                      bool out_t = false) {
   const size_t smem = (2 * kSmallArrays + 2) * static_cast<size_t>(kSmallChannels * small_pitch(WMAX)) * sizeof(float);
   auto kernel = wave_fwd_small_kernel<T, WMAX>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -1258,24 +1273,24 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
     SSM2D_CUDA_CHECK(cudaMemsetAsync(ss.flags, 0, strip_flag_floats(p, sp) * sizeof(float), stream));
     const int64_t blocks = p.batch * ch_blocks * sp.strips;
     if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_forward: too many (batch, channel, strip) blocks");
-    kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, out, 0, ss);
+    kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, out, 0, ss, out_t);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
     return;
   }
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(ch_blocks), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, tuned<StripSync>());
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, tuned<StripSync>(), out_t);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
   }
 }
 
 template <typename T>
-void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
+void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s, bool out_t) {
   const StripPlan sp = strip_plan(p, false);
-  if (sp.wmax == 8) fwd_small_launch<T, 8>(p, out, sp, s);
-  else if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s);
-  else if (sp.wmax == 32) fwd_small_launch<T, 32>(p, out, sp, s);
-  else fwd_small_launch<T, 64>(p, out, sp, s);
+  if (sp.wmax == 8) fwd_small_launch<T, 8>(p, out, sp, s, out_t);
+  else if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s, out_t);
+  else if (sp.wmax == 32) fwd_small_launch<T, 32>(p, out, sp, s, out_t);
+  else fwd_small_launch<T, 64>(p, out, sp, s, out_t);
 }
 
 // The strip backward's workspace, in floats: first the forward's strip flags and carries (the
@@ -1411,8 +1426,8 @@ void bwd_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_
 }
 
 template <typename T>
-void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s) {
-  if (lanes_fit(p)) return fwd_small_t<T>(p, out, s);
+void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s, bool out_t) {
+  if (lanes_fit(p)) return fwd_small_t<T>(p, out, s, out_t);
   switch (segment_for(p.width)) {
     case 4: fwd_launch<T, 4>(p, out, s); break;
     case 16: fwd_launch<T, 16>(p, out, s); break;
@@ -1463,22 +1478,38 @@ int64_t wavefront2d_workspace_floats(int64_t batch, int64_t dim, int64_t dstate,
   return backward ? wavefront2d_backward_workspace_floats(p) : wavefront2d_forward_workspace_floats(p);
 }
 
-void wavefront2d_forward(const Wave2dProblem& p, const Grid& out) {
-  check_problem(p, "wavefront2d_forward");
+namespace {
+void forward_impl(const Wave2dProblem& p, const Grid& out, bool out_t, const char* what) {
+  check_problem(p, what);
   if (wavefront2d_forward_workspace_floats(p) > 0 && !p.workspace)
-    throw ArgumentError("wavefront2d_forward: the float32 workspace (wavefront2d_workspace_floats) is required here");
+    throw ArgumentError(std::string(what) + ": the float32 workspace (wavefront2d_workspace_floats) is required here");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   switch (p.dtype) {
-    case DType::kFloat32: fwd_t<float>(p, out, stream); break;
-    case DType::kFloat16: fwd_t<__half>(p, out, stream); break;
-    case DType::kBFloat16: fwd_t<__nv_bfloat16>(p, out, stream); break;
+    case DType::kFloat32: fwd_t<float>(p, out, stream, out_t); break;
+    case DType::kFloat16: fwd_t<__half>(p, out, stream, out_t); break;
+    case DType::kBFloat16: fwd_t<__nv_bfloat16>(p, out, stream, out_t); break;
     default: break;
   }
+}
+}  // namespace
+
+void wavefront2d_forward(const Wave2dProblem& p, const Grid& out) { forward_impl(p, out, false, "wavefront2d_forward"); }
+
+bool wavefront2d_forward_writes_dtype(const Wave2dProblem& p) { return lanes_fit(p); }
+
+void wavefront2d_forward_dtype(const Wave2dProblem& p, const Grid& out) {
+  if (!lanes_fit(p))
+    throw ArgumentError("wavefront2d_forward_dtype: only the lane kernels (N <= 16, each 16-channel block in one "
+                        "group) write the output in the inputs' dtype; use wavefront2d_forward");
+  forward_impl(p, out, true, "wavefront2d_forward_dtype");
 }
 
 void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& a_in) {
   check_problem(p, "wavefront2d_backward");
+  if (a_in.cells_in_dtype && !lanes_fit(p))
+    throw ArgumentError("wavefront2d_backward: du, ddT, ddL in the inputs' dtype (cells_in_dtype) need the lane "
+                        "kernels (N <= 16, each 16-channel block in one group)");
   if (!a_in.workspace) throw ArgumentError("wavefront2d_backward: workspace is required on CUDA");
   Wave2dBackwardArgs a = a_in;
   if (a.e_end < 0) a.e_end = p.dim;

@@ -143,10 +143,11 @@ struct Wave2dFrame {
   ssm2d::Wave2dProblem problem;  // u, dT, dL, BT, BL, C hold layouts (offsets), no pointers
   ssm2d::Grid cell;              // out, du, ddT, ddL accumulators
   ssm2d::Grid bn;                // dBT, dBL, dC accumulators
+  ssm2d::Grid out;               // an output contiguous like u in u's dtype (forward_at with out_in_dtype)
 };
 
 Wave2dFrame make_wave2d_frame(const py::dict& d, py::handle u, py::handle dT, py::handle dL, py::handle BT,
-                              py::handle BL, py::handle C, py::handle cell, py::handle bn) {
+                              py::handle BL, py::handle C, py::handle cell, py::handle bn, py::handle out) {
   Wave2dFrame f;
   auto& p = f.problem;
   p.batch = d["batch"].cast<int64_t>(); p.dim = d["dim"].cast<int64_t>(); p.dstate = d["dstate"].cast<int64_t>();
@@ -160,7 +161,7 @@ Wave2dFrame make_wave2d_frame(const py::dict& d, py::handle u, py::handle dT, py
     throw ssm2d::ArgumentError("internal: inconsistent wavefront2d sizes");
   p.u = to_layout(u); p.dT = to_layout(dT); p.dL = to_layout(dL);
   p.BT = to_layout(BT); p.BL = to_layout(BL); p.C = to_layout(C);
-  f.cell = to_layout(cell); f.bn = to_layout(bn);
+  f.cell = to_layout(cell); f.bn = to_layout(bn); f.out = to_layout(out);
   return f;
 }
 
@@ -387,22 +388,32 @@ PYBIND11_MODULE(_C, m) {
                           "A wavefront2d problem fixed for one argument layout (operands in the kernel's slot order); "
                           "calls add data pointers.")
       .def(py::init(&make_wave2d_frame), py::arg("problem"), py::arg("u"), py::arg("dT"), py::arg("dL"),
-           py::arg("BT"), py::arg("BL"), py::arg("C"), py::arg("cell"), py::arg("bn"));
+           py::arg("BT"), py::arg("BL"), py::arg("C"), py::arg("cell"), py::arg("bn"), py::arg("out"));
 
   m.def(
       "wavefront2d_forward_at",
       [](const Wave2dFrame& f, std::uintptr_t u, std::uintptr_t dT, std::uintptr_t dL, std::uintptr_t BT,
          std::uintptr_t BL, std::uintptr_t C, std::uintptr_t AT, int64_t AT_sd, int64_t AT_sn, std::uintptr_t AL,
          int64_t AL_sd, int64_t AL_sn, std::uintptr_t D, std::uintptr_t stream, std::uintptr_t workspace,
-         std::uintptr_t out) {
+         std::uintptr_t out, bool out_in_dtype) {
         auto p = wave2d_problem_at(f, u, dT, dL, BT, BL, C, AT, AT_sd, AT_sn, AL, AL_sd, AL_sn, D, stream);
         p.workspace = reinterpret_cast<float*>(workspace);
+        if (out_in_dtype) {  // the lane kernels write the output in u's dtype (CUDA only)
+          if (!p.device.is_cuda())
+            throw ssm2d::ArgumentError("wavefront2d_forward_at: out_in_dtype is a CUDA path (the CPU kernel adds into a "
+                                       "float32 accumulator)");
+          const auto o = at(f.out, out);
+          run_released(p, [&] { ssm2d::cuda::wavefront2d_forward_dtype(p, o); }, [] {});
+          return;
+        }
         const auto o = at(f.cell, out);
         run_released(
             p, [&] { ssm2d::cuda::wavefront2d_forward(p, o); },
             [&] { ssm2d::cpu::wavefront2d_forward(p, o); });
       },
-      "wavefront2d forward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
+      "wavefront2d forward of a frame at data pointers (0: absent); the frame's checks are not repeated. "
+      "out: a float32 accumulator in the frame's cell layout (added into), or with out_in_dtype a tensor "
+      "contiguous like u in u's dtype (written; CUDA, where wavefront2d_forward_writes_dtype).");
 
   m.def(
       "wavefront2d_backward_at",
@@ -411,11 +422,16 @@ PYBIND11_MODULE(_C, m) {
          int64_t AL_sd, int64_t AL_sn, std::uintptr_t D, std::uintptr_t stream, std::uintptr_t workspace,
          py::handle dout, std::uintptr_t du, std::uintptr_t ddT, std::uintptr_t ddL, py::handle dBT, py::handle dBL,
          py::handle dC, std::uintptr_t dAT_part, std::uintptr_t dAL_part, std::uintptr_t dD_part, bool deterministic,
-         int64_t e_begin, int64_t e_end) {
+         int64_t e_begin, int64_t e_end, bool cells_in_dtype) {
         const auto p = wave2d_problem_at(f, u, dT, dL, BT, BL, C, AT, AT_sd, AT_sn, AL, AL_sd, AL_sn, D, stream);
+        if (cells_in_dtype && !p.device.is_cuda())
+          throw ssm2d::ArgumentError("wavefront2d_backward_at: cells_in_dtype is a CUDA path (the CPU kernel adds into "
+                                     "float32 accumulators)");
         ssm2d::Wave2dBackwardArgs a;
         a.dout = to_grid(dout);
-        a.du = at(f.cell, du); a.ddT = at(f.cell, ddT); a.ddL = at(f.cell, ddL);
+        const ssm2d::Grid& cell = cells_in_dtype ? f.out : f.cell;  // like u in u's dtype, or float32
+        a.du = at(cell, du); a.ddT = at(cell, ddT); a.ddL = at(cell, ddL);
+        a.cells_in_dtype = cells_in_dtype;
         // dBT, dBL, dC: pointers to the frame's accumulators, or grids of per-channel partials.
         a.dBT = result(f.bn, dBT); a.dBL = result(f.bn, dBL); a.dC = result(f.bn, dC);
         a.dAT_part = reinterpret_cast<void*>(dAT_part); a.dAL_part = reinterpret_cast<void*>(dAL_part);
@@ -426,7 +442,9 @@ PYBIND11_MODULE(_C, m) {
             p, [&] { ssm2d::cuda::wavefront2d_backward(p, a); },
             [&] { ssm2d::cpu::wavefront2d_backward(p, a); });
       },
-      "wavefront2d backward of a frame at data pointers (0: absent); the frame's checks are not repeated.");
+      "wavefront2d backward of a frame at data pointers (0: absent); the frame's checks are not repeated. du, ddT, "
+      "ddL: float32 accumulators in the frame's cell layout (added into), or with cells_in_dtype blocks contiguous like "
+      "u in u's dtype (written; CUDA, where wavefront2d_forward_writes_dtype).");
 
   m.def("get_num_threads", &ssm2d::cpu::get_num_threads, "Threads the CPU kernels use.");
   m.def("set_num_threads", &ssm2d::cpu::set_num_threads, py::arg("n"),

@@ -47,6 +47,7 @@ class Frame(NamedTuple):
     forward_workspace_floats: int
     backward_workspace_floats: int
     dout: tuple  # layout of an incoming gradient contiguous like u (u's dtype) in the scanned frame
+    out_in_dtype: bool  # CUDA lane kernels: the forward writes the output in u's dtype (no accumulator)
     call: object  # the compiled frame (_C.Wave2dFrame)
 
 
@@ -64,7 +65,7 @@ def _contiguous(shape, dtype: torch.dtype, chk) -> object:
 def frame(args: tuple, origin: str, acc_dtype: torch.dtype) -> Frame:
     """The frame of checked arguments (u, dT, dL, AT, AL, BT, BL, C, D), AT, AL and D already in
     ``acc_dtype`` and D contiguous. Runs the kernels' own checks and mapping once."""
-    from ssm2d_kernels.wavefront2d import _Checked, wavefront2d_workspace_floats
+    from ssm2d_kernels.wavefront2d import _Checked, lanes_fit, wavefront2d_workspace_floats
 
     chk = _Checked(*args, origin)
     prob = chk.problem(0)
@@ -82,14 +83,15 @@ def frame(args: tuple, origin: str, acc_dtype: torch.dtype) -> Frame:
     sizes = (b, e, n, h, w, chk.device)
     cell_acc = chk.grid(_contiguous(u.shape, acc_dtype, chk), "x")
     bn_acc = chk.grid(_contiguous((b, h, w, g, n), acc_dtype, chk), "bn")
-    call = _kernels().Wave2dFrame(fixed, *(layout for _, _, layout in slots), cell_acc, bn_acc)
+    like_u = chk.grid(_contiguous(u.shape, u.dtype, chk), "x")  # dout, and the output in u's dtype
+    call = _kernels().Wave2dFrame(fixed, *(layout for _, _, layout in slots), cell_acc, bn_acc, like_u)
     return Frame(
         problem=fixed, slots=slots, params=params, checked=chk, cell_acc=cell_acc, bn_acc=bn_acc,
         grads=(chk.tl("ddT", "ddL"), chk.tl("dBT", "dBL"), chk.tl("dAT_part", "dAL_part")),
         device=chk.device, acc_dtype=acc_dtype,
         forward_workspace_floats=wavefront2d_workspace_floats(*sizes, backward=False, groups=g),
         backward_workspace_floats=wavefront2d_workspace_floats(*sizes, backward=True, groups=g),
-        dout=chk.grid(_contiguous(u.shape, u.dtype, chk), "x"), call=call,
+        dout=like_u, out_in_dtype=chk.device >= 0 and lanes_fit(e, n, g), call=call,
     )
 
 
@@ -112,11 +114,16 @@ def _layout(f: Frame, t: Tensor, kind: str) -> tuple:
 
 
 def forward(f: Frame, args: tuple) -> Tensor:
-    """The output in u's dtype (accumulated in the parameters' dtype)."""
+    """The output in u's dtype (accumulated in the parameters' dtype). The CUDA lane kernels write it
+    directly; the other kernels add into a zeroed accumulator (state chunks), cast at the end."""
     u = args[0]
-    acc = torch.zeros(u.shape, dtype=f.acc_dtype, device=u.device)  # the kernel adds into it
     workspace = scratch(f.forward_workspace_floats, u)
-    _kernels().wavefront2d_forward_at(f.call, *operands(f, args), _ptr(workspace), acc.data_ptr())
+    if f.out_in_dtype:
+        out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        _kernels().wavefront2d_forward_at(f.call, *operands(f, args), _ptr(workspace), out.data_ptr(), True)
+        return out
+    acc = torch.zeros(u.shape, dtype=f.acc_dtype, device=u.device)  # the kernel adds into it
+    _kernels().wavefront2d_forward_at(f.call, *operands(f, args), _ptr(workspace), acc.data_ptr(), False)
     return acc.to(u.dtype)
 
 
@@ -127,10 +134,13 @@ def _ptr(t) -> int:
 
 
 def backward(f: Frame, dout: Tensor, args: tuple, *, du, ddT, ddL, dBT, dBL, dC, dAT_part, dAL_part, dD_part,
-             deterministic: bool = False, e_begin: int = 0, e_end: int = -1, per_channel: bool = False) -> None:
-    """One backward kernel call; du, ddT, ddL fresh contiguous accumulators, dBT, dBL, dC too (or
-    per-channel partials with ``per_channel``: their layout computed here, so tensors then). The
-    accumulators and partials may be given as data pointers (blocks of a larger buffer)."""
+             deterministic: bool = False, e_begin: int = 0, e_end: int = -1, per_channel: bool = False,
+             cells_in_dtype: bool = False) -> None:
+    """One backward kernel call; du, ddT, ddL fresh contiguous accumulators (float32, added into), or
+    with ``cells_in_dtype`` (``f.out_in_dtype`` frames) fresh contiguous blocks in u's dtype that the
+    lane kernels write; dBT, dBL, dC fresh contiguous accumulators (or per-channel partials with
+    ``per_channel``: their layout computed here, so tensors then). Results may be given as data
+    pointers (blocks of a larger buffer)."""
     u = args[0]
     named = dict(ddT=ddT, ddL=ddL, dBT=dBT, dBL=dBL, dAT_part=dAT_part, dAL_part=dAL_part)
     (dt, dl), (bt, bl), (at_, al) = f.grads
@@ -140,4 +150,5 @@ def backward(f: Frame, dout: Tensor, args: tuple, *, du, ddT, ddL, dBT, dBL, dC,
     _kernels().wavefront2d_backward_at(
         f.call, *operands(f, args), _ptr(workspace), _at(dout, f.dout) if like_u else _layout(f, dout, "x"),
         _ptr(du), _ptr(named[dt]), _ptr(named[dl]), bn(named[bt]), bn(named[bl]), bn(dC), _ptr(named[at_]),
-        _ptr(named[al]), _ptr(dD_part), bool(deterministic), int(e_begin), int(e_end if e_end >= 0 else u.shape[3]))
+        _ptr(named[al]), _ptr(dD_part), bool(deterministic), int(e_begin), int(e_end if e_end >= 0 else u.shape[3]),
+        bool(cells_in_dtype))

@@ -163,13 +163,16 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
     b, h, w, e = u.shape
     n = AT.shape[1]
     g = 1 if BT.dim() == 4 else BT.shape[3]
-    # du, ddT, ddL in one zeroed buffer (the kernel adds into them), cast once at the end; each third
-    # is a fresh contiguous block shaped like u, the frame's accumulator layout. The same for dBT, dBL,
-    # dC (blocks shaped (batch, H, W, G, N)).
-    # The blocks go to the kernel as data pointers (no views to make).
+    # du, ddT, ddL in one buffer, each third a fresh contiguous block shaped like u: in u's dtype,
+    # written once, where the CUDA lane kernels run (f.out_in_dtype: one thread per cell and channel);
+    # else zeroed accumulators the kernel adds into (state chunks), cast once at the end. dBT, dBL,
+    # dC: one zeroed accumulator of blocks shaped (batch, H, W, G, N) (16-channel blocks share a
+    # cell's states: float32 atomics). The blocks go to the kernel as data pointers (no views to make).
     isz = acc.itemsize
-    cells = torch.zeros((3,) + tuple(u.shape), dtype=acc, device=u.device)
-    c0, cstep = cells.data_ptr(), u.numel() * isz
+    direct = f.out_in_dtype
+    cells = (torch.empty if direct else torch.zeros)((3,) + tuple(u.shape), dtype=u.dtype if direct else acc,
+                                                      device=u.device)
+    c0, cstep = cells.data_ptr(), u.numel() * cells.element_size()
     bn_shape = _bn_shape(BT, g)
     bn = torch.zeros((3,) + bn_shape, dtype=acc, device=u.device)
     # The per-batch partials of dAT and dAL (b, e, n) and of dD (b, e) one after the other (the kernel
@@ -177,7 +180,7 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
     parts = torch.zeros(b * e * (2 * n + 1), dtype=acc, device=u.device)
     p0 = parts.data_ptr()
     common = dict(du=c0, ddT=c0 + cstep, ddL=c0 + 2 * cstep, dAT_part=p0, dAL_part=p0 + b * e * n * isz,
-                  dD_part=p0 + 2 * b * e * n * isz if D is not None else None)
+                  dD_part=p0 + 2 * b * e * n * isz if D is not None else None, cells_in_dtype=direct)
     if deterministic and u.is_cuda:
         # Per-channel partials of dBT/dBL/dC, summed over each group's channels in channel order.
         per_group = e // g
@@ -196,7 +199,7 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
         K.backward(f, dout, args, dBT=b0, dBL=b0 + bstep, dC=b0 + 2 * bstep, **common)
     # Pieces by select (one cheap view each; unbind costs more host time than the selects).
     bn = bn.to(BT.dtype).view((3,) + tuple(BT.shape))  # BL and C: BT's shape and dtype
-    cells = cells.to(u.dtype)
+    cells = cells.to(u.dtype)  # no copy where the kernel wrote them in u's dtype
     if n == 1:
         sums = parts.view(3, b, e, 1).sum(1)
         dAT, dAL = sums.select(0, 0), sums.select(0, 1)
