@@ -35,11 +35,18 @@ def raw_stream(device_index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device_index) if device_index >= 0 else 0
 
 
-def compiled():
-    """The compiled kernels module (imported on first use: ssm2d-nn imports without a kernel wheel)."""
-    from ssm2d_kernels import _C
+_COMPILED = None
 
-    return _C
+
+def compiled():
+    """The compiled kernels module (imported on first use: ssm2d-nn imports without a kernel wheel;
+    kept afterwards: an import statement per kernel call is measurable host time)."""
+    global _COMPILED
+    if _COMPILED is None:
+        from ssm2d_kernels import _C
+
+        _COMPILED = _C
+    return _COMPILED
 
 
 def scratch(floats: int, like: Tensor) -> Optional[Tensor]:
@@ -113,7 +120,14 @@ class PlanCache:
 
     def plan(self, tensors: tuple, options: tuple) -> OpPlan:
         try:
-            key = options + tuple(map(tensor_meta, tensors))
+            # tensor_meta of each tensor, flattened and inlined: this key is most of a call's Python time.
+            key = list(options)
+            for t in tensors:
+                if t is None:
+                    key.append(None)
+                else:
+                    key += (type(t), t.shape, t.stride(), t.dtype, t.device)
+            key = tuple(key)
             plan = self._plans.get(key)
         except (AttributeError, TypeError):  # not a tensor, or an unhashable option: the checks refuse it
             return self._build(*tensors, *options)

@@ -63,7 +63,8 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
     (per-channel partial sums, at most 256 MiB of workspace per chunk). The CPU kernel is always
     deterministic for a fixed number of threads.
     """
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if compiling:
         # Traced: the checks run at trace time and the custom ops below enter the graph.
         plan = checked_plan(u, delta, A, B, C, D, z, delta_bias, origin, order, backend)
     else:
@@ -76,7 +77,7 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
         D = None if D is None else D.to(pdt).contiguous()  # the kernels read D[d], delta_bias[d]
         delta_bias = None if delta_bias is None else delta_bias.to(pdt).contiguous()
     needs_backward = _needs_backward(u, delta, A, B, C, D, z, delta_bias)
-    if plan.frame is not None and not torch.compiler.is_compiling() and nothing_intercepts():
+    if plan.frame is not None and not compiling and nothing_intercepts():
         # Eager: straight to the kernel (the dispatcher's custom-op layers cost more host time than
         # the rest of the call); the same kernels and autograd as the custom ops below.
         if not needs_backward:

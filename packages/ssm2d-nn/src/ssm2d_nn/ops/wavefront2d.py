@@ -85,7 +85,8 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
     float32 dBT/dBL/dC accumulators. The (batch, H, W, E, N) state is never stored.
     """
     args = (u, dT, dL, AT, AL, BT, BL, C, D)
-    plan = _checked_plan(*args, origin, backend) if torch.compiler.is_compiling() else _plan(*args, origin, backend)
+    compiling = torch.compiler.is_compiling()
+    plan = _checked_plan(*args, origin, backend) if compiling else _plan(*args, origin, backend)
     if plan.backend == "reference":
         return wavefront2d_reference(*args, origin=origin)
     if plan.cast_params:
@@ -93,7 +94,7 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
         AT, AL, D = AT.to(pdt), AL.to(pdt), None if D is None else D.to(pdt).contiguous()
         args = (u, dT, dL, AT, AL, BT, BL, C, D)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    if plan.frame is not None and not torch.compiler.is_compiling() and nothing_intercepts():
+    if plan.frame is not None and not compiling and nothing_intercepts():
         # Eager: straight to the kernels (see scan2d).
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
             return K.forward(plan.frame, args)
