@@ -12,6 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] && [ -f "$1/COMMIT" ] || { echo "usage: tools/gpu_wave_ab.sh OLD_TREE (made by tools/dev.py ab-tree)" >&2; exit 2; }
 OUT=${OUT:-benchmarks/results/latest}
+# The lent machines get a copy of the tree whose git HEAD may be stale: name the commit measured.
+[ -n "${SSM2D_COMMIT:-}" ] || echo "warning: SSM2D_COMMIT is not set; the tables will name the copy's git HEAD" >&2
 OLD=$1
 old=$(cat "$OLD/COMMIT")
 CASES=${CASES:-0,1,2,3,4,6,7}
