@@ -82,7 +82,10 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
     N <= 16, batch*ceil(E/16)*256*(ceil(H/8) + 8)*W float32 values (row checkpoints every 8 rows
     and one 8-row segment; in column strips each strip rounded up to the strip width) plus, in
     column strips, twice the forward's carries; else batch*E*N*(ceil(H/32) + 32)*W; plus
-    float32 dBT/dBL/dC accumulators. The (batch, H, W, E, N) state is never stored.
+    float32 dBT/dBL/dC accumulators. With N <= 16 on CUDA (G = 1 or groups of a multiple of 16
+    channels) the output and du, ddT, ddL are written once in u's dtype; otherwise (and on the
+    CPU) they are float32 accumulators cast at the end. The (batch, H, W, E, N) state is never
+    stored.
     """
     args = (u, dT, dL, AT, AL, BT, BL, C, D)
     compiling = torch.compiler.is_compiling()
