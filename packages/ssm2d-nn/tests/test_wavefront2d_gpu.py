@@ -249,3 +249,39 @@ def test_column_strips_deterministic_in_channel_chunks(monkeypatch):
     b, h, w, e, n = 2, 12, 150, 48, 16
     inputs = _to(make_wave_inputs(rng, batch=b, height=h, width=w, dim=e, dstate=n, groups=1), "cuda", torch.float32)
     _check_deterministic(inputs, monkeypatch, chunk_bytes=20 * 3 * b * h * w * n * 4)  # 16-channel chunks
+
+
+@pytest.mark.parametrize("h,w,b,e", [(20, 150, 1, 32), (9, 40, 16, 16)])
+def test_array_api_accumulators_equal_the_ops_dtype_outputs(h, w, b, e):
+    # ssm2d-nn's op has the lane kernels write out, du, ddT, ddL in u's dtype; the kernels' array API
+    # keeps the float32 accumulators the kernels ADD into. Both paths, one on column strips (B = 1) and
+    # one on whole rows (16 blocks): the accumulators, pre-filled with noise, gain exactly what the op
+    # returns (same arithmetic, float32 inputs).
+    from ssm2d_kernels.wavefront2d import wavefront2d_backward, wavefront2d_forward, wavefront2d_workspace_floats
+
+    rng = random.Random()
+    x = _to(make_wave_inputs(rng, batch=b, height=h, width=w, dim=e, dstate=16), "cuda", torch.float32)
+    gout = torch.randn(b, h, w, e, device="cuda")
+    out_op, grads_op = _run(x, gout, backend="kernel", origin="br")
+    plain = {k: None if v is None else v.detach() for k, v in x.items()}
+    ws = lambda bwd: torch.empty(wavefront2d_workspace_floats(b, e, 16, h, w, 0, backward=bwd),  # noqa: E731
+                                 dtype=torch.float32, device="cuda")
+    noise = lambda: torch.randn(b, h, w, e, device="cuda")  # noqa: E731
+    out0 = noise()
+    out = out0.clone()
+    wavefront2d_forward(**plain, out=out, origin="br", workspace=ws(False))
+    torch.cuda.synchronize()
+    assert rel_err(out - out0, out_op) < 1e-5
+    cells0 = {k: noise() for k in ("du", "ddT", "ddL")}
+    cells = {k: v.clone() for k, v in cells0.items()}
+    bn = {k: torch.zeros(b, h, w, 1, 16, device="cuda") for k in ("dBT", "dBL", "dC")}  # (batch, H, W, G, N)
+    parts = dict(dAT_part=torch.zeros(b, e, 16, device="cuda"), dAL_part=torch.zeros(b, e, 16, device="cuda"),
+                 dD_part=torch.zeros(b, e, device="cuda"))
+    wavefront2d_backward(gout, **plain, **cells, **bn, **parts, origin="br", workspace=ws(True))
+    torch.cuda.synchronize()
+    got = dict(u=cells["du"] - cells0["du"], dT=cells["ddT"] - cells0["ddT"], dL=cells["ddL"] - cells0["ddL"],
+               AT=parts["dAT_part"].sum(0), AL=parts["dAL_part"].sum(0), BT=bn["dBT"].view(b, h, w, 16),
+               BL=bn["dBL"].view(b, h, w, 16), C=bn["dC"].view(b, h, w, 16),
+               D=parts["dD_part"].sum(0))
+    for name, g in zip([k for k in NAMES if x[k] is not None], grads_op):
+        assert rel_err(got[name], g) < 1e-5, f"d{name} ({h}x{w}, batch {b}, E {e}): {rel_err(got[name], g):.2e}"
