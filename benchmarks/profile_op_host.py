@@ -75,7 +75,7 @@ def main() -> int:
     s = io.StringIO()
     st = pstats.Stats(pr, stream=s)
     st.sort_stats("tottime")
-    print(f"## cProfile, own time per call (us), top 20")
+    print("## cProfile, own time per call (us), top 20")
     rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:20]
     for (file, line, fn), (cc, nc, tt, ct, _) in rows:
         print(f"{tt / args.calls * 1e6:9.2f} own {ct / args.calls * 1e6:9.2f} cum  {nc / args.calls:5.1f}x  "

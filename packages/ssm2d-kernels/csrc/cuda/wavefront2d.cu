@@ -567,7 +567,7 @@ struct StripSync {
 
 template <typename T, int WMAX>
 __global__ void __launch_bounds__(kSmallThreads, 2)
-    wave_fwd_small_kernel(Wave2dProblem p, Grid out, int64_t b0, StripSync ss, bool out_t) {
+    wave_fwd_small_kernel(Wave2dProblem p, Grid out, int64_t b0, StripSync ss, bool out_in_dtype) {
   constexpr int WP = WMAX + 4, ROWS = kSmallChannels * WP, BUF = kSmallArrays * ROWS;
   constexpr int PER = (kSmallChannels * WMAX + kSmallThreads - 1) / kSmallThreads;  // staged values per thread
   extern __shared__ __align__(16) float smem[];
@@ -659,7 +659,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     const float cLr = i == 0 ? 1.f : 0.5f, cTr = i == 0 ? 0.f : 0.5f;
     const bool origin_top = i == 0 && p.origin_top;
     float o_prev[PER];  // out's row i (a float32 accumulator), read now and added to after the row
-    if (out.defined() && !out_t) {
+    if (out.defined() && !out_in_dtype) {
 #pragma unroll
       for (int r = 0; r < PER; ++r) {
         const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
@@ -730,7 +730,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
       const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
       const int64_t ek = e0 + k;
       if (!out.defined() || j >= W || ek >= E) continue;
-      if (out_t)
+      if (out_in_dtype)
         static_cast<T*>(out.data)[b * out.sb + ek * out.sc + i * out.si + (jb + j) * out.sj] = from_f<T>(ybuf[k * WP + j]);
       else
         *fplane(out, b, ek, 0, i, jb + j) = o_prev[r] + ybuf[k * WP + j];
@@ -1260,7 +1260,7 @@ int64_t strip_workspace_floats(const Wave2dProblem& p, const StripPlan& sp) {
 
 template <typename T, int WMAX>
 void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& sp, cudaStream_t stream,
-                      bool out_t = false) {
+                      bool out_in_dtype = false) {
   const size_t smem = (2 * kSmallArrays + 2) * static_cast<size_t>(kSmallChannels * small_pitch(WMAX)) * sizeof(float);
   auto kernel = wave_fwd_small_kernel<T, WMAX>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -1273,24 +1273,24 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
     SSM2D_CUDA_CHECK(cudaMemsetAsync(ss.flags, 0, strip_flag_floats(p, sp) * sizeof(float), stream));
     const int64_t blocks = p.batch * ch_blocks * sp.strips;
     if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_forward: too many (batch, channel, strip) blocks");
-    kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, out, 0, ss, out_t);
+    kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, out, 0, ss, out_in_dtype);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
     return;
   }
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(ch_blocks), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, tuned<StripSync>(), out_t);
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, tuned<StripSync>(), out_in_dtype);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
   }
 }
 
 template <typename T>
-void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s, bool out_t) {
+void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s, bool out_in_dtype) {
   const StripPlan sp = strip_plan(p, false);
-  if (sp.wmax == 8) fwd_small_launch<T, 8>(p, out, sp, s, out_t);
-  else if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s, out_t);
-  else if (sp.wmax == 32) fwd_small_launch<T, 32>(p, out, sp, s, out_t);
-  else fwd_small_launch<T, 64>(p, out, sp, s, out_t);
+  if (sp.wmax == 8) fwd_small_launch<T, 8>(p, out, sp, s, out_in_dtype);
+  else if (sp.wmax == 16) fwd_small_launch<T, 16>(p, out, sp, s, out_in_dtype);
+  else if (sp.wmax == 32) fwd_small_launch<T, 32>(p, out, sp, s, out_in_dtype);
+  else fwd_small_launch<T, 64>(p, out, sp, s, out_in_dtype);
 }
 
 // The strip backward's workspace, in floats: first the forward's strip flags and carries (the
@@ -1426,8 +1426,8 @@ void bwd_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_
 }
 
 template <typename T>
-void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s, bool out_t) {
-  if (lanes_fit(p)) return fwd_small_t<T>(p, out, s, out_t);
+void fwd_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s, bool out_in_dtype) {
+  if (lanes_fit(p)) return fwd_small_t<T>(p, out, s, out_in_dtype);
   switch (segment_for(p.width)) {
     case 4: fwd_launch<T, 4>(p, out, s); break;
     case 16: fwd_launch<T, 16>(p, out, s); break;
@@ -1479,24 +1479,22 @@ int64_t wavefront2d_workspace_floats(int64_t batch, int64_t dim, int64_t dstate,
 }
 
 namespace {
-void forward_impl(const Wave2dProblem& p, const Grid& out, bool out_t, const char* what) {
+void forward_impl(const Wave2dProblem& p, const Grid& out, bool out_in_dtype, const char* what) {
   check_problem(p, what);
   if (wavefront2d_forward_workspace_floats(p) > 0 && !p.workspace)
     throw ArgumentError(std::string(what) + ": the float32 workspace (wavefront2d_workspace_floats) is required here");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   switch (p.dtype) {
-    case DType::kFloat32: fwd_t<float>(p, out, stream, out_t); break;
-    case DType::kFloat16: fwd_t<__half>(p, out, stream, out_t); break;
-    case DType::kBFloat16: fwd_t<__nv_bfloat16>(p, out, stream, out_t); break;
+    case DType::kFloat32: fwd_t<float>(p, out, stream, out_in_dtype); break;
+    case DType::kFloat16: fwd_t<__half>(p, out, stream, out_in_dtype); break;
+    case DType::kBFloat16: fwd_t<__nv_bfloat16>(p, out, stream, out_in_dtype); break;
     default: break;
   }
 }
 }  // namespace
 
 void wavefront2d_forward(const Wave2dProblem& p, const Grid& out) { forward_impl(p, out, false, "wavefront2d_forward"); }
-
-bool wavefront2d_forward_writes_dtype(const Wave2dProblem& p) { return lanes_fit(p); }
 
 void wavefront2d_forward_dtype(const Wave2dProblem& p, const Grid& out) {
   if (!lanes_fit(p))

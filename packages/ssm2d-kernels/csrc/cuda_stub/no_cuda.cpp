@@ -40,7 +40,6 @@ int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem&) { return 0; 
 int64_t wavefront2d_workspace_floats(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool) { return 0; }
 int wavefront2d_max_states(int64_t) { return 0; }
 void wavefront2d_forward(const Wave2dProblem&, const Grid&) { no_cuda("wavefront2d_forward"); }
-bool wavefront2d_forward_writes_dtype(const Wave2dProblem&) { return false; }
 void wavefront2d_forward_dtype(const Wave2dProblem&, const Grid&) { no_cuda("wavefront2d_forward_dtype"); }
 void wavefront2d_backward(const Wave2dProblem&, const Wave2dBackwardArgs&) { no_cuda("wavefront2d_backward"); }
 

@@ -413,7 +413,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "wavefront2d forward of a frame at data pointers (0: absent); the frame's checks are not repeated. "
       "out: a float32 accumulator in the frame's cell layout (added into), or with out_in_dtype a tensor "
-      "contiguous like u in u's dtype (written; CUDA, where wavefront2d_forward_writes_dtype).");
+      "contiguous like u in u's dtype (written; CUDA, where wavefront2d.lanes_fit).");
 
   m.def(
       "wavefront2d_backward_at",
@@ -444,7 +444,7 @@ PYBIND11_MODULE(_C, m) {
       },
       "wavefront2d backward of a frame at data pointers (0: absent); the frame's checks are not repeated. du, ddT, "
       "ddL: float32 accumulators in the frame's cell layout (added into), or with cells_in_dtype blocks contiguous like "
-      "u in u's dtype (written; CUDA, where wavefront2d_forward_writes_dtype).");
+      "u in u's dtype (written; CUDA, where wavefront2d.lanes_fit).");
 
   m.def("get_num_threads", &ssm2d::cpu::get_num_threads, "Threads the CPU kernels use.");
   m.def("set_num_threads", &ssm2d::cpu::set_num_threads, py::arg("n"),

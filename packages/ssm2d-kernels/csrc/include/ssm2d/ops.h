@@ -167,7 +167,7 @@ struct Wave2dProblem {
 
 // wavefront2d's per-cell outputs (out; du, ddT, ddL) are grids of the accumulation type (float32;
 // float64 for float64 inputs on the CPU) that the kernels ADD into, so states can run in chunks;
-// on CUDA, where the lane kernels run (wavefront2d_forward_writes_dtype), they may instead be in the
+// on CUDA, where the lane kernels run (N <= 16, each 16-channel block in one group), they may instead be in the
 // inputs' dtype and written once (cuda::wavefront2d_forward_dtype; `cells_in_dtype` below).
 // Backward of wavefront2d: dBT, dBL, dC grids of the accumulation type that are also ADDED into (per-channel partials (b, e - e_begin, n, i, j) with
 // `deterministic` on CUDA); dAT_part, dAL_part (batch, dim, dstate) and dD_part (batch, dim) are

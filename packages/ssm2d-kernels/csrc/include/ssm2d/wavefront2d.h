@@ -35,11 +35,9 @@ int64_t wavefront2d_workspace_floats(int64_t batch, int64_t dim, int64_t dstate,
 int wavefront2d_max_states(int64_t width);
 // `out` is a float32 accumulator the forward adds into (zero it first).
 void wavefront2d_forward(const Wave2dProblem& p, const Grid& out);
-// Whether the lane kernels run p (N <= 16, each 16-channel block in one group): one thread writes each
-// output cell, so the forward can write the output in the inputs' dtype (wavefront2d_forward_dtype).
-bool wavefront2d_forward_writes_dtype(const Wave2dProblem& p);
 // The forward with `out` in p.dtype, written (not added to): no float32 accumulator to zero, read or
-// cast. Only where wavefront2d_forward_writes_dtype(p); ArgumentError otherwise.
+// cast. Only where the lane kernels run (N <= 16, each 16-channel block in one group: one thread
+// writes each output cell; ssm2d_kernels.wavefront2d.lanes_fit says so); ArgumentError otherwise.
 void wavefront2d_forward_dtype(const Wave2dProblem& p, const Grid& out);
 void wavefront2d_backward(const Wave2dProblem& p, const Wave2dBackwardArgs& g);
 }  // namespace cuda

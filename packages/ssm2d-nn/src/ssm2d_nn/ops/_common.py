@@ -76,12 +76,6 @@ def contiguous_strides(shape) -> tuple:
     return torch.empty(shape, device="meta").stride()
 
 
-def tensor_meta(t: Optional[Tensor]) -> Optional[tuple]:
-    """What an op's argument checks and kernel frames depend on: (type, shape, strides, dtype,
-    device), None for None. Raises AttributeError for an object that is not a tensor."""
-    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
-
-
 # Tensor types whose kernel calls may skip the dispatcher: no subclass behaviour to honour.
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -108,8 +102,9 @@ class OpPlan(NamedTuple):
 
 
 class PlanCache:
-    """A bounded map from an op call's argument layout (``tensor_meta`` of each tensor plus the
-    options) to its OpPlan, built once by ``build(*tensors, *options)``. A call whose layout was
+    """A bounded map from an op call's argument layout (type, shape, strides, dtype and device of each
+    tensor, None for None, plus the options) to its OpPlan, built once by
+    ``build(*tensors, *options)``. A call whose layout was
     seen before costs the key and one dict lookup; any difference in shape, strides, dtype, device
     or type is another key, so it is checked again from scratch. Only successful calls are stored:
     ``build`` raises for a refused call, on every attempt."""
@@ -120,7 +115,7 @@ class PlanCache:
 
     def plan(self, tensors: tuple, options: tuple) -> OpPlan:
         try:
-            # tensor_meta of each tensor, flattened and inlined: this key is most of a call's Python time.
+            # Flat and built inline (no call per tensor): this key is most of a call's Python time.
             key = list(options)
             for t in tensors:
                 if t is None:

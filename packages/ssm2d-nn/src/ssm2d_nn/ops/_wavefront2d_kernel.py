@@ -47,7 +47,7 @@ class Frame(NamedTuple):
     forward_workspace_floats: int
     backward_workspace_floats: int
     dout: tuple  # layout of an incoming gradient contiguous like u (u's dtype) in the scanned frame
-    out_in_dtype: bool  # CUDA lane kernels: the forward writes the output in u's dtype (no accumulator)
+    out_in_dtype: bool  # CUDA lane kernels: out, du, ddT, ddL written once in u's dtype (no accumulators)
     call: object  # the compiled frame (_C.Wave2dFrame)
 
 
@@ -118,13 +118,11 @@ def forward(f: Frame, args: tuple) -> Tensor:
     directly; the other kernels add into a zeroed accumulator (state chunks), cast at the end."""
     u = args[0]
     workspace = scratch(f.forward_workspace_floats, u)
-    if f.out_in_dtype:
-        out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-        _kernels().wavefront2d_forward_at(f.call, *operands(f, args), _ptr(workspace), out.data_ptr(), True)
-        return out
-    acc = torch.zeros(u.shape, dtype=f.acc_dtype, device=u.device)  # the kernel adds into it
-    _kernels().wavefront2d_forward_at(f.call, *operands(f, args), _ptr(workspace), acc.data_ptr(), False)
-    return acc.to(u.dtype)
+    direct = f.out_in_dtype
+    # else a zeroed accumulator the kernel adds into
+    out = (torch.empty if direct else torch.zeros)(u.shape, dtype=u.dtype if direct else f.acc_dtype, device=u.device)
+    _kernels().wavefront2d_forward_at(f.call, *operands(f, args), _ptr(workspace), out.data_ptr(), direct)
+    return out.to(u.dtype)  # no copy where the kernel wrote u's dtype
 
 
 def _ptr(t) -> int:
