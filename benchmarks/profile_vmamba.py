@@ -1,7 +1,9 @@
 """Where a vmamba_tiny training step spends its time: torch.profiler over a few AdamW steps.
 
 One step: bf16 autocast forward at --image x --image, cross-entropy, backward, AdamW step (as
-bench_models.py's training step). After --warmup steps, --steps steps are profiled. Written to --out:
+bench_models.py's training step); with --inference, one bf16 autocast forward without autograd in
+eval mode (bench_models.py's inference step; use --batch 128 for its batch). After --warmup steps,
+--steps steps are profiled. Written to --out (file names get an `_inference` suffix in that mode):
 
 * profile_vmamba.md / .json: device time per step grouped by category (scan kernels, norms,
   elementwise and copies (permute/contiguous copies included), GEMMs and convolutions, optimizer,
@@ -128,6 +130,11 @@ def training_step(model, opt, x, labels, device):
     opt.step()
 
 
+def inference_step(model, x, device):
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        model(x)
+
+
 def short(name: str, width: int = 90) -> str:
     name = name.replace("|", "\\|")
     return name if len(name) <= width else name[: width - 3] + "..."
@@ -145,6 +152,8 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--channels-last", action="store_true",
                         help="model and input in channels-last memory format (what bench_models.py picks on CUDA)")
+    parser.add_argument("--inference", action="store_true",
+                        help="profile the inference step (eval mode, no autograd) instead of a training step")
     args = parser.parse_args()
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -155,24 +164,32 @@ def main() -> int:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = timm.create_model(args.model, num_classes=1000).to(device).train().to(memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    model = timm.create_model(args.model, num_classes=1000).to(device).to(memory_format=fmt)
+    model.train(not args.inference)
     x = torch.randn(args.batch, 3, args.image, args.image, device=device).contiguous(memory_format=fmt)
-    labels = torch.randint(0, 1000, (args.batch,), device=device)
+    if args.inference:
+        def step():
+            inference_step(model, x, device)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        labels = torch.randint(0, 1000, (args.batch,), device=device)
+
+        def step():
+            training_step(model, opt, x, labels, device)
     for _ in range(args.warmup):
-        training_step(model, opt, x, labels, device)
+        step()
     sync()
 
     # Wall time per step without the profiler's own overhead, then the profiled steps.
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        training_step(model, opt, x, labels, device)
+        step()
     sync()
     wall_ms = (time.perf_counter() - t0) / args.steps * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
-            training_step(model, opt, x, labels, device)
+            step()
         sync()
 
     times = kernel_times(prof, device)
@@ -184,9 +201,11 @@ def main() -> int:
     busy_ms = total_us / args.steps / 1e3
     what = "device (kernel) time" if device == "cuda" else "CPU operator self time"
 
-    lines = [f"# {args.model} training step profile", "", header(device), "",
+    kind = "inference" if args.inference else "training"
+    lines = [f"# {args.model} {kind} step profile", "", header(device), "",
              f"batch {args.batch}, {args.image}x{args.image}, "
-             f"{'channels-last' if args.channels_last else 'channels-first'}, bf16 autocast, AdamW; {args.warmup} warm-up steps, "
+             f"{'channels-last' if args.channels_last else 'channels-first'}, bf16 autocast, "
+             f"{'eval mode, no autograd' if args.inference else 'AdamW'}; {args.warmup} warm-up steps, "
              f"{args.steps} profiled; times per step.", "",
              f"Wall time per step (unprofiled): {wall_ms:.2f} ms ({args.batch / wall_ms * 1e3:.1f} img/s); "
              f"{what}: {busy_ms:.2f} ms" + (f" ({busy_ms / wall_ms:.0%} of the wall time busy)" if device == "cuda"
@@ -202,10 +221,11 @@ def main() -> int:
     for i, ((name, cat), t) in enumerate(top, 1):
         lines.append(f"| {i} | `{short(name)}` | {cat} | {t / args.steps / 1e3:.3f} | {t / total_us:.1%} |")
     counts = op_counts(prof, args.steps)
-    lines += ["", "## Host operators per step (optimizer step included)", "",
+    lines += ["", "## Host operators per step" + ("" if args.inference else " (optimizer step included)"), "",
               "| " + " | ".join(counts) + " |", "|" + "---|" * len(counts),
               "| " + " | ".join(f"{v:.0f}" for v in counts.values()) + " |"]
-    lines += ["", "Raw table: profile_vmamba_key_averages.txt"]
+    stem = "profile_vmamba" + ("_inference" if args.inference else "")
+    lines += ["", f"Raw table: {stem}_key_averages.txt"]
 
     sort_key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     raw = prof.key_averages().table(sort_by=sort_key, row_limit=80, max_name_column_width=100)
@@ -213,8 +233,8 @@ def main() -> int:
     rows += [dict(kernel=n, category=c, ms_per_step=t / args.steps / 1e3) for (n, c), t in top]
     rows.append(dict(wall_ms=wall_ms, busy_ms=busy_ms, host_wait_ms=wait_ms, batch=args.batch, image=args.image,
                      channels_last=args.channels_last, ops_per_step=counts))
-    write_report(args.out, "profile_vmamba", lines, rows)
-    Path(args.out, "profile_vmamba_key_averages.txt").write_text(raw + "\n")
+    write_report(args.out, stem, lines, rows)
+    Path(args.out, f"{stem}_key_averages.txt").write_text(raw + "\n")
     return 0
 
 
