@@ -603,19 +603,43 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
   // u/dT/dL, a state for BT/BL/C) and j = x / 16, so 16 adjacent channels / states are read together.
   // Out-of-range pairs read element 0 of their array and are zeroed at the store (see to_f).
   T r_u[PER], r_t[PER], r_l[PER], r_bt[PER], r_bl[PER], r_c[PER];
+  // With one staged pair per thread (strips of at most 16 columns: the B = 1 grids), the row-invariant
+  // part of each address is computed once here and a row adds i * si to it (the generic form below
+  // redoes the whole 64-bit sum on every row: ~60 64-bit multiplies per row step in the PTX). A masked
+  // pair keeps pointing at element 0 (its row index is 0).
+  const int k1 = tid & 15, j1 = tid >> 4;
+  const bool okc1 = PER == 1 && j1 < W && e0 + k1 < E, oks1 = PER == 1 && j1 < W && k1 < N;
+  const int64_t jg1 = jb + j1, ek1 = e0 + k1;
+  const T* const pu1 = static_cast<const T*>(p.u.data) + (okc1 ? b * p.u.sb + ek1 * p.u.sc + jg1 * p.u.sj : 0);
+  const T* const pt1 = static_cast<const T*>(p.dT.data) + (okc1 ? b * p.dT.sb + ek1 * p.dT.sc + jg1 * p.dT.sj : 0);
+  const T* const pl1 = static_cast<const T*>(p.dL.data) + (okc1 ? b * p.dL.sb + ek1 * p.dL.sc + jg1 * p.dL.sj : 0);
+  const T* const pbt1 = static_cast<const T*>(p.BT.data) + (oks1 ? b * p.BT.sb + g * p.BT.sc + k1 * p.BT.sn + jg1 * p.BT.sj : 0);
+  const T* const pbl1 = static_cast<const T*>(p.BL.data) + (oks1 ? b * p.BL.sb + g * p.BL.sc + k1 * p.BL.sn + jg1 * p.BL.sj : 0);
+  const T* const pc1 = static_cast<const T*>(p.C.data) + (oks1 ? b * p.C.sb + g * p.C.sc + k1 * p.C.sn + jg1 * p.C.sj : 0);
+  const int64_t po1 = out.defined() && okc1 ? b * out.sb + ek1 * out.sc + jg1 * out.sj : 0;  // out's element
   auto load_row = [&](int64_t i) {
+    if constexpr (PER == 1) {
+      const int64_t ic = okc1 ? i : 0, is = oks1 ? i : 0;
+      r_u[0] = pu1[ic * p.u.si];
+      r_t[0] = pt1[ic * p.dT.si];
+      r_l[0] = pl1[ic * p.dL.si];
+      r_bt[0] = pbt1[is * p.BT.si];
+      r_bl[0] = pbl1[is * p.BL.si];
+      r_c[0] = pc1[is * p.C.si];
+    } else {
 #pragma unroll
-    for (int r = 0; r < PER; ++r) {
-      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
-      const int64_t ek = e0 + k;
-      const bool okc = j < W && ek < E, oks = j < W && k < N;
-      const int64_t jg = jb + j;
-      r_u[r] = static_cast<const T*>(p.u.data)[okc ? b * p.u.sb + ek * p.u.sc + i * p.u.si + jg * p.u.sj : 0];
-      r_t[r] = static_cast<const T*>(p.dT.data)[okc ? b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + jg * p.dT.sj : 0];
-      r_l[r] = static_cast<const T*>(p.dL.data)[okc ? b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + jg * p.dL.sj : 0];
-      r_bt[r] = static_cast<const T*>(p.BT.data)[oks ? b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + jg * p.BT.sj : 0];
-      r_bl[r] = static_cast<const T*>(p.BL.data)[oks ? b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + jg * p.BL.sj : 0];
-      r_c[r] = static_cast<const T*>(p.C.data)[oks ? b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + jg * p.C.sj : 0];
+      for (int r = 0; r < PER; ++r) {
+        const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+        const int64_t ek = e0 + k;
+        const bool okc = j < W && ek < E, oks = j < W && k < N;
+        const int64_t jg = jb + j;
+        r_u[r] = static_cast<const T*>(p.u.data)[okc ? b * p.u.sb + ek * p.u.sc + i * p.u.si + jg * p.u.sj : 0];
+        r_t[r] = static_cast<const T*>(p.dT.data)[okc ? b * p.dT.sb + ek * p.dT.sc + i * p.dT.si + jg * p.dT.sj : 0];
+        r_l[r] = static_cast<const T*>(p.dL.data)[okc ? b * p.dL.sb + ek * p.dL.sc + i * p.dL.si + jg * p.dL.sj : 0];
+        r_bt[r] = static_cast<const T*>(p.BT.data)[oks ? b * p.BT.sb + g * p.BT.sc + k * p.BT.sn + i * p.BT.si + jg * p.BT.sj : 0];
+        r_bl[r] = static_cast<const T*>(p.BL.data)[oks ? b * p.BL.sb + g * p.BL.sc + k * p.BL.sn + i * p.BL.si + jg * p.BL.sj : 0];
+        r_c[r] = static_cast<const T*>(p.C.data)[oks ? b * p.C.sb + g * p.C.sc + k * p.C.sn + i * p.C.si + jg * p.C.sj : 0];
+      }
     }
   };
   // A thread stages the same channel (tid % 16) in every row: its D is read once.
@@ -639,7 +663,20 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     }
   };
 
-  auto prefetch_inputs = [&](int64_t i) { prefetch_row_l2<T, PER, kSmallThreads>(p, nullptr, true, b, e0, g, i, jb, W); };
+  auto prefetch_inputs = [&](int64_t i) {
+    if constexpr (PER == 1) {  // the lanes of channel / state 0 ask for their column's lines
+      if (k1 == 0 && okc1) {
+        prefetch_l2(pu1 + i * p.u.si);
+        prefetch_l2(pt1 + i * p.dT.si);
+        prefetch_l2(pl1 + i * p.dL.si);
+        prefetch_l2(pbt1 + i * p.BT.si);
+        prefetch_l2(pbl1 + i * p.BL.si);
+        prefetch_l2(pc1 + i * p.C.si);
+      }
+    } else {
+      prefetch_row_l2<T, PER, kSmallThreads>(p, nullptr, true, b, e0, g, i, jb, W);
+    }
+  };
 
   float hrow[WMAX];
 #pragma unroll
@@ -659,7 +696,9 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     const float cLr = i == 0 ? 1.f : 0.5f, cTr = i == 0 ? 0.f : 0.5f;
     const bool origin_top = i == 0 && p.origin_top;
     float o_prev[PER];  // out's row i (a float32 accumulator), read now and added to after the row
-    if (out.defined() && !out_in_dtype) {
+    if constexpr (PER == 1) {
+      if (out.defined() && !out_in_dtype) o_prev[0] = static_cast<const float*>(out.data)[po1 + (okc1 ? i * out.si : 0)];
+    } else if (out.defined() && !out_in_dtype) {
 #pragma unroll
       for (int r = 0; r < PER; ++r) {
         const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
@@ -725,15 +764,24 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     __syncthreads();
     if (publish && tid == 0) st_release(flag_self, static_cast<unsigned>(i + 1));
     // y of row i into out (in T: written; in float32: added), 16 adjacent channels per column together.
+    if constexpr (PER == 1) {
+      if (out.defined() && okc1) {
+        const int64_t o = po1 + i * out.si;
+        const float y = ybuf[k1 * WP + j1];
+        if (out_in_dtype) static_cast<T*>(out.data)[o] = from_f<T>(y);
+        else static_cast<float*>(out.data)[o] = o_prev[0] + y;
+      }
+    } else {
 #pragma unroll
-    for (int r = 0; r < PER; ++r) {
-      const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
-      const int64_t ek = e0 + k;
-      if (!out.defined() || j >= W || ek >= E) continue;
-      if (out_in_dtype)
-        static_cast<T*>(out.data)[b * out.sb + ek * out.sc + i * out.si + (jb + j) * out.sj] = from_f<T>(ybuf[k * WP + j]);
-      else
-        *fplane(out, b, ek, 0, i, jb + j) = o_prev[r] + ybuf[k * WP + j];
+      for (int r = 0; r < PER; ++r) {
+        const int x = tid + r * kSmallThreads, k = x & 15, j = x >> 4;
+        const int64_t ek = e0 + k;
+        if (!out.defined() || j >= W || ek >= E) continue;
+        if (out_in_dtype)
+          static_cast<T*>(out.data)[b * out.sb + ek * out.sc + i * out.si + (jb + j) * out.sj] = from_f<T>(ybuf[k * WP + j]);
+        else
+          *fplane(out, b, ek, 0, i, jb + j) = o_prev[r] + ybuf[k * WP + j];
+      }
     }
   }
 }
