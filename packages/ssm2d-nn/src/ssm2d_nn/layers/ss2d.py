@@ -161,9 +161,10 @@ class SS2D(nn.Module):
         float32 (float64 for float64 inputs) as the scans use them; a route's channels are one
         contiguous block of the released (K * d_inner) layouts."""
         pdt = torch.float64 if like.dtype == torch.float64 else torch.float32
-        A = -torch.exp(self.A_logs.to(pdt))
-        return (A.view(routes, -1, self.d_state), self.Ds.to(pdt).view(routes, -1),
-                self.dt_projs_bias.to(pdt).view(routes, -1))
+        # .to only where the dtype differs: a no-op .to is still an operator call on the host.
+        a_log, ds, bias = (t if t.dtype == pdt else t.to(pdt) for t in (self.A_logs, self.Ds, self.dt_projs_bias))
+        A = -torch.exp(a_log)
+        return A.view(routes, -1, self.d_state), ds.view(routes, -1), bias.view(routes, -1)
 
     def _scan_cross1d(self, u: Tensor, memory_format=torch.contiguous_format, plain: bool = False) -> Tensor:
         """The four 1D routes as two scan directions on a 1 x (H*W) grid, in one scan2d_routes call.
