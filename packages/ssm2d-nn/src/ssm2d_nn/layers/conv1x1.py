@@ -93,8 +93,8 @@ def batched_gemm(weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Te
     materialise B copies of it.
     """
     dt = _compute_dtype(x)
-    weight = weight.to(dt)
-    x = x.to(dt)
+    weight = weight if weight.dtype == dt else weight.to(dt)  # no no-op casts: each is a host op call
+    x = x if x.dtype == dt else x.to(dt)
     wb = weight.expand(x.shape[0], -1, -1)
     if bias is None:
         return torch.bmm(wb, x)

@@ -40,7 +40,8 @@ def _layer_norm_lowp(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optio
     w = None if weight is None else weight.to(dt)
     b = None if bias is None else bias.to(dt)
     with torch.autocast(dev, enabled=False):
-        return F.layer_norm(x.to(dt), normalized_shape, w, b, eps)
+        # x is usually in dt already: skip the (no-op) cast, an operator call on the host per norm
+        return F.layer_norm(x if x.dtype == dt else x.to(dt), normalized_shape, w, b, eps)
 
 
 def layer_norm_lowp(x: Tensor, norm: nn.LayerNorm) -> Tensor:
