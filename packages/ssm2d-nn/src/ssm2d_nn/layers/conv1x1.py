@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norms import _autocast_dtype
+from .norms import _as_dtype, _autocast_dtype
 
 __all__ = ["Conv1x1", "Mlp1x1", "batched_gemm", "block_diagonal", "conv1x1", "grouped_1x1"]
 
@@ -93,8 +93,7 @@ def batched_gemm(weight: Tensor, x: Tensor, bias: Optional[Tensor] = None) -> Te
     materialise B copies of it.
     """
     dt = _compute_dtype(x)
-    weight = weight if weight.dtype == dt else weight.to(dt)  # no no-op casts: each is a host op call
-    x = x if x.dtype == dt else x.to(dt)
+    weight, x = _as_dtype(weight, dt), _as_dtype(x, dt)
     wb = weight.expand(x.shape[0], -1, -1)
     if bias is None:
         return torch.bmm(wb, x)

@@ -28,6 +28,12 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype``; t itself when it already is (a no-op ``.to`` is still an operator call on the
+    host: the layers call this on every forward)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 @torch.fx.wrap
 def _layer_norm_lowp(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optional[Tensor],
                      bias: Optional[Tensor], eps: float) -> Tensor:
@@ -40,8 +46,7 @@ def _layer_norm_lowp(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optio
     w = None if weight is None else weight.to(dt)
     b = None if bias is None else bias.to(dt)
     with torch.autocast(dev, enabled=False):
-        # x is usually in dt already: skip the (no-op) cast, an operator call on the host per norm
-        return F.layer_norm(x if x.dtype == dt else x.to(dt), normalized_shape, w, b, eps)
+        return F.layer_norm(_as_dtype(x, dt), normalized_shape, w, b, eps)
 
 
 def layer_norm_lowp(x: Tensor, norm: nn.LayerNorm) -> Tensor:

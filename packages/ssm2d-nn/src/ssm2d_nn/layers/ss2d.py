@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from .conv1x1 import Conv1x1, batched_gemm, block_diagonal, conv1x1, grouped_1x1
-from .norms import LayerNorm2d
+from .norms import LayerNorm2d, _as_dtype
 
 from ..ops import scan2d_reference, scan2d_routes
 
@@ -161,10 +161,9 @@ class SS2D(nn.Module):
         float32 (float64 for float64 inputs) as the scans use them; a route's channels are one
         contiguous block of the released (K * d_inner) layouts."""
         pdt = torch.float64 if like.dtype == torch.float64 else torch.float32
-        # .to only where the dtype differs: a no-op .to is still an operator call on the host.
-        a_log, ds, bias = (t if t.dtype == pdt else t.to(pdt) for t in (self.A_logs, self.Ds, self.dt_projs_bias))
-        A = -torch.exp(a_log)
-        return A.view(routes, -1, self.d_state), ds.view(routes, -1), bias.view(routes, -1)
+        A = -torch.exp(_as_dtype(self.A_logs, pdt))
+        return (A.view(routes, -1, self.d_state), _as_dtype(self.Ds, pdt).view(routes, -1),
+                _as_dtype(self.dt_projs_bias, pdt).view(routes, -1))
 
     def _scan_cross1d(self, u: Tensor, memory_format=torch.contiguous_format, plain: bool = False) -> Tensor:
         """The four 1D routes as two scan directions on a 1 x (H*W) grid, in one scan2d_routes call.

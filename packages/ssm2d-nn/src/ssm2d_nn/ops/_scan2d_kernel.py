@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._common import compiled as _kernels
-from ._common import contiguous_strides, scratch
+from ._common import contiguous_strides, raw_stream, scratch
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -116,27 +116,14 @@ def _ptr(t) -> int:
     return t if isinstance(t, int) else t.data_ptr()
 
 
-# The current CUDA stream's handle of a device (raw_stream without its call; absent in CPU builds).
-_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
 def operands(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool) -> tuple:
     """A call's inputs as the compiled calls take them: data pointers (0 for None; ints pass through)
     in the order u, delta, z, B, C, A, A's (sd, sn) strides, D, delta_bias, then softplus and the
     stream. A, D, delta_bias must already be float32 (float64 with float64 inputs); D and delta_bias
     contiguous. ``A`` may be (pointer, (sd, sn))."""
-    # Inline conditionals, not a helper per operand: this runs on every call (host time, issue 14).
-    a_ptr, (sd, sn) = A if A.__class__ is tuple else (A.data_ptr(), A.stride())
-    dev = f.device
-    return (u if u.__class__ is int else u.data_ptr(),
-            delta if delta.__class__ is int else delta.data_ptr(),
-            0 if z is None else z if z.__class__ is int else z.data_ptr(),
-            B if B.__class__ is int else B.data_ptr(),
-            C if C.__class__ is int else C.data_ptr(),
-            a_ptr, sd, sn,
-            0 if D is None else D if D.__class__ is int else D.data_ptr(),
-            0 if delta_bias is None else delta_bias if delta_bias.__class__ is int else delta_bias.data_ptr(),
-            bool(softplus), _current_stream(dev) if dev >= 0 else 0)
+    a_ptr, (sd, sn) = A if isinstance(A, tuple) else (A.data_ptr(), A.stride())
+    return (_ptr(u), _ptr(delta), _ptr(z), _ptr(B), _ptr(C), a_ptr, sd, sn, _ptr(D), _ptr(delta_bias), bool(softplus),
+            raw_stream(f.device))
 
 
 def forward(f: Frame, u, delta, A, B, C, D, z, delta_bias, softplus: bool,
