@@ -63,3 +63,24 @@ def test_layer_norm_traces_with_fx_and_checks_autocast_when_run(cls, shape):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, ref = traced(x), norm(x)
     assert low.dtype == torch.bfloat16 and torch.equal(low, ref)
+
+
+def test_ops_layer_norm_on_the_cpu_is_torchs_and_refuses_the_kernel_by_name():
+    from ssm2d_nn import BackendUnavailableError
+    from ssm2d_nn.ops import layer_norm, layer_norm_kernel_refusal
+
+    x = torch.randn(5, 7, 40, dtype=torch.float64)
+    w, b = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    expected = torch.nn.functional.layer_norm(x, (40,), w, b, 1e-6)
+    assert torch.equal(layer_norm(x, (40,), w, b, 1e-6), expected)
+    assert "CUDA only" in layer_norm_kernel_refusal(x, (40,))
+    with pytest.raises(BackendUnavailableError, match="CUDA only"):
+        layer_norm(x, (40,), w, b, backend="kernel")
+    with pytest.raises(ValueError, match="backend"):
+        layer_norm(x, (40,), w, b, backend="fast")
+    # a low-precision x with float32 parameters (what the norms pass under autocast): the parameters
+    # are read in x's dtype by PyTorch's kernel
+    xb = x.to(torch.bfloat16)
+    got = layer_norm(xb, (40,), w.float(), b.float(), 1e-6)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.nn.functional.layer_norm(xb, (40,), w.bfloat16(), b.bfloat16(), 1e-6))
