@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ssm2d_nn import BackendUnavailableError
 from ssm2d_nn.layers.norms import LayerNorm, LayerNorm2d
 from ssm2d_nn.ops import layer_norm, layer_norm_kernel_refusal
+from ssm2d_nn.ops.layer_norm import row_layout
 
 pytestmark = pytest.mark.gpu
 
@@ -71,6 +72,19 @@ def test_kernel_is_deterministic_and_takes_any_leading_shape_strides_and_offsets
     xp = base.permute(0, 2, 3, 1)
     assert not xp.is_contiguous()
     assert _rel(layer_norm(xp, (64,), w, b, backend="kernel"), F.layer_norm(xp.double(), (64,), w.double(), b.double())) < 2e-6
+    # the q half of a (batch, L, 2, heads, head_dim) tensor: read in place (two-level row layout)
+    qk = (torch.randn(3, 50, 2, 10, 32, device="cuda") * 2).to(torch.bfloat16).requires_grad_(True)
+    q = qk[:, :, 0]
+    assert row_layout(q) == (10, 32, 2 * 10 * 32)
+    w32 = torch.randn(32, device="cuda", requires_grad=True)
+    yq = layer_norm(q, (32,), w32, None, backend="kernel")
+    dyq = torch.randn_like(yq)
+    gqk, gw = torch.autograd.grad(yq, [qk, w32], dyq)
+    qk64, w64 = qk.detach().double().requires_grad_(True), w32.detach().double().requires_grad_(True)
+    y64 = F.layer_norm(qk64[:, :, 0], (32,), w64)
+    rqk, rw = torch.autograd.grad(y64, [qk64, w64], dyq.double())
+    assert _rel(yq, y64) < 1e-2 and _rel(gqk, rqk) < 2e-2 and _rel(gw, rw) < 2e-2
+    assert gqk[:, :, 1].abs().max() == 0  # the k half gets no gradient
     flat = torch.randn(1 + 40 * 32, device="cuda")
     xo = flat[1:].view(40, 32)  # data pointer 4 bytes past a 16-byte boundary
     assert _rel(layer_norm(xo, (32,), backend="kernel"), F.layer_norm(xo.double(), (32,))) < 2e-6

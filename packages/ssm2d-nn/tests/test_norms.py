@@ -84,3 +84,27 @@ def test_ops_layer_norm_on_the_cpu_is_torchs_and_refuses_the_kernel_by_name():
     got = layer_norm(xb, (40,), w.float(), b.float(), 1e-6)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, torch.nn.functional.layer_norm(xb, (40,), w.bfloat16(), b.bfloat16(), 1e-6))
+
+
+def test_row_layout_places_every_row_of_a_view():
+    from ssm2d_nn.ops.layer_norm import row_layout
+
+    base = torch.arange(2 * 6 * 2 * 4 * 16, dtype=torch.float32).to(torch.bfloat16).view(2, 6, 2, 4, 16)
+    views = {"contiguous": base, "q half": base[:, :, 0], "k half": base[:, :, 1],
+             "heads swapped": base.transpose(2, 3), "leading permute": base.permute(1, 0, 2, 3, 4),
+             "broadcast rows": base[:1, :1, :1, :1].expand(3, 1, 1, 5, 16)}
+    placed = 0
+    for name, v in views.items():
+        layout = row_layout(v)
+        rows = v.reshape(-1, 16)
+        if layout is None:  # three or more strided leading dims: copied, never misread
+            assert name in ("leading permute", "heads swapped")
+            continue
+        inner, rs, gs = layout
+        flat = base.reshape(-1)
+        start = (v.data_ptr() - base.data_ptr()) // v.element_size()
+        for r in range(rows.shape[0]):
+            off = start + (r // inner) * gs + (r % inner) * rs
+            assert torch.equal(flat[off:off + 16], rows[r]), (name, r)
+        placed += 1
+    assert placed >= 4

@@ -39,6 +39,12 @@ struct alignas(16) Pack {
   T v[kVec<T>];
 };
 
+// Row r of x (see LayerNormArgs).
+template <typename T>
+__device__ __forceinline__ const T* x_row(const LayerNormArgs& a, int64_t r) {
+  return static_cast<const T*>(a.x) + (r / a.x_inner) * a.x_gs + (r % a.x_inner) * a.x_rs;
+}
+
 // Sum over the LANES lanes of this lane's group (groups are aligned runs of LANES lanes).
 template <int LANES>
 __device__ __forceinline__ float group_sum(float v) {
@@ -78,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(LayerNormArgs a, T* __
     const int64_t row = r0 + grp;
     const bool ok = row < a.rows;
     float v[CH][V];
-    load_row<T, LANES, CH>(static_cast<const T*>(a.x) + (ok ? row : 0) * a.x_rs, ok, gl, nvec, v);
+    load_row<T, LANES, CH>(x_row<T>(a, ok ? row : 0), ok, gl, nvec, v);
     float s = 0.f;
 #pragma unroll
     for (int k = 0; k < CH; ++k)
@@ -137,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(LayerNormArgs a, const
     const int64_t row = r0 + grp;
     const bool ok = row < a.rows;
     float xh[CH][V], g[CH][V];
-    load_row<T, LANES, CH>(static_cast<const T*>(a.x) + (ok ? row : 0) * a.x_rs, ok, gl, nvec, xh);
+    load_row<T, LANES, CH>(x_row<T>(a, ok ? row : 0), ok, gl, nvec, xh);
     load_row<T, LANES, CH>(dy + (ok ? row : 0) * dy_rs, ok, gl, nvec, g);  // dy for now
     const float mean = ok ? a.mean[row] : 0.f, rstd = ok ? a.rstd[row] : 0.f;
     float s1 = 0.f, s2 = 0.f;
@@ -251,7 +257,10 @@ void check_args(const LayerNormArgs& a, const char* what) {
     throw ArgumentError(std::string(what) + ": the normalized dim must be a multiple of " + std::to_string(v) +
                         " and at most " + std::to_string(layer_norm_max_cols(a.dtype)) + " for " +
                         dtype_name(a.dtype) + ", got " + std::to_string(a.cols));
-  if (a.rows < 0) throw ArgumentError(std::string(what) + ": rows must be >= 0");
+  if (a.rows < 0 || a.x_inner < 1) throw ArgumentError(std::string(what) + ": rows must be >= 0 and x_inner >= 1");
+  if (reinterpret_cast<std::uintptr_t>(a.x) % 16 || a.x_rs % v || a.x_gs % v)
+    throw ArgumentError(std::string(what) + ": x's rows must start on 16-byte boundaries (strides multiples of " +
+                        std::to_string(v) + ")");
 }
 
 template <typename T, int LANES, int CH>

@@ -76,11 +76,11 @@ ssm2d::Wave2dProblem to_wave_problem(const py::dict& d) {
 }
 
 // LayerNorm (CUDA only): pointers as ints, 0 for an absent operand; sizes checked by the kernels.
-ssm2d::LayerNormArgs layer_norm_args(std::uintptr_t x, int64_t x_rs, std::uintptr_t weight, std::uintptr_t bias,
+ssm2d::LayerNormArgs layer_norm_args(std::uintptr_t x, int64_t x_inner, int64_t x_rs, int64_t x_gs, std::uintptr_t weight, std::uintptr_t bias,
                                      std::uintptr_t mean, std::uintptr_t rstd, int64_t rows, int64_t cols, int dtype,
                                      double eps, int device, std::uintptr_t stream) {
   ssm2d::LayerNormArgs a;
-  a.x = reinterpret_cast<const void*>(x); a.x_rs = x_rs;
+  a.x = reinterpret_cast<const void*>(x); a.x_inner = x_inner; a.x_rs = x_rs; a.x_gs = x_gs;
   a.weight = reinterpret_cast<const float*>(weight); a.bias = reinterpret_cast<const float*>(bias);
   a.mean = reinterpret_cast<float*>(mean); a.rstd = reinterpret_cast<float*>(rstd);
   a.rows = rows; a.cols = cols;
@@ -473,21 +473,25 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rows"), py::arg("cols"), py::arg("dtype"), "float32 scratch of layer_norm_backward's dweight / dbias.");
   m.def(
       "layer_norm_forward",
-      [](std::uintptr_t x, int64_t x_rs, std::uintptr_t y, int64_t y_rs, std::uintptr_t weight, std::uintptr_t bias,
-         std::uintptr_t mean, std::uintptr_t rstd, int64_t rows, int64_t cols, int dtype, double eps, int device,
-         std::uintptr_t stream) {
-        const auto a = layer_norm_args(x, x_rs, weight, bias, mean, rstd, rows, cols, dtype, eps, device, stream);
+      [](std::uintptr_t x, int64_t x_inner, int64_t x_rs, int64_t x_gs, std::uintptr_t y, int64_t y_rs,
+         std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd, int64_t rows, int64_t cols,
+         int dtype, double eps, int device, std::uintptr_t stream) {
+        const auto a = layer_norm_args(x, x_inner, x_rs, x_gs, weight, bias, mean, rstd, rows, cols, dtype, eps, device,
+                                       stream);
         py::gil_scoped_release nogil;
         ssm2d::cuda::layer_norm_forward(a, reinterpret_cast<void*>(y), y_rs);
       },
-      "CUDA LayerNorm over the last dim of (rows, cols) x (row stride x_rs, 16-byte aligned rows) into y; float32 "
+      "CUDA LayerNorm over the last dim of (rows, cols) x (row r at (r / x_inner) * x_gs + (r % x_inner) * x_rs "
+      "elements, 16-byte aligned) into y (row stride y_rs); float32 "
       "weight / bias (0: absent); mean / rstd (rows float32 each) saved when given.");
   m.def(
       "layer_norm_backward",
-      [](std::uintptr_t dy, int64_t dy_rs, std::uintptr_t x, int64_t x_rs, std::uintptr_t weight, std::uintptr_t mean,
-         std::uintptr_t rstd, std::uintptr_t dx, int64_t dx_rs, std::uintptr_t dweight, std::uintptr_t dbias,
-         std::uintptr_t workspace, int64_t rows, int64_t cols, int dtype, int device, std::uintptr_t stream) {
-        const auto a = layer_norm_args(x, x_rs, weight, 0, mean, rstd, rows, cols, dtype, 0.0, device, stream);
+      [](std::uintptr_t dy, int64_t dy_rs, std::uintptr_t x, int64_t x_inner, int64_t x_rs, int64_t x_gs,
+         std::uintptr_t weight, std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dx, int64_t dx_rs,
+         std::uintptr_t dweight, std::uintptr_t dbias, std::uintptr_t workspace, int64_t rows, int64_t cols, int dtype,
+         int device, std::uintptr_t stream) {
+        const auto a = layer_norm_args(x, x_inner, x_rs, x_gs, weight, 0, mean, rstd, rows, cols, dtype, 0.0, device,
+                                       stream);
         py::gil_scoped_release nogil;
         ssm2d::cuda::layer_norm_backward(a, reinterpret_cast<const void*>(dy), dy_rs, reinterpret_cast<void*>(dx), dx_rs,
                                          reinterpret_cast<float*>(dweight), reinterpret_cast<float*>(dbias),

@@ -2,8 +2,10 @@
 // models built on the scans (M2D, VMamba): rows of 32 to 2048 elements, where a block per row (what
 // PyTorch's kernel launches) leaves most of its threads idle.
 //
-// x (rows, cols) in float32 / float16 / bfloat16 with a row stride, weight and bias float32 (cols)
-// or absent; y in x's dtype. Mean and variance in float32, the variance exactly as the mean of
+// x (rows, cols) in float32 / float16 / bfloat16, its rows in groups of x_inner (row r at
+// (r / x_inner) * x_gs + (r % x_inner) * x_rs elements: any view whose leading dims collapse to two,
+// e.g. the q half of a (batch, L, 2, heads, head_dim) tensor), weight and bias float32 (cols) or
+// absent; y in x's dtype. Mean and variance in float32, the variance exactly as the mean of
 // (x - mean)^2 (two passes over registers, not E[x^2] - mean^2).
 #pragma once
 
@@ -15,7 +17,8 @@ struct LayerNormArgs {
   int64_t rows = 0, cols = 0;
   DType dtype = DType::kFloat32;  // x, y, dy, dx
   const void* x = nullptr;
-  int64_t x_rs = 0;                 // row stride of x in elements (its last dim has stride 1)
+  int64_t x_inner = 1;              // rows per group (>= 1)
+  int64_t x_rs = 0, x_gs = 0;       // strides of x's rows within a group and of its groups, in elements
   const float* weight = nullptr;    // cols floats, or null (1)
   const float* bias = nullptr;      // cols floats, or null (0)
   float* mean = nullptr;            // rows floats saved by the forward (or null); read by the backward

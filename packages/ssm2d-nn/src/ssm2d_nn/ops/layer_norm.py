@@ -22,7 +22,7 @@ from torch import Tensor
 from ..backends import kernel_unavailable_reason, logger
 from ._common import compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
 
-__all__ = ["layer_norm", "layer_norm_kernel_refusal"]
+__all__ = ["layer_norm", "layer_norm_kernel_refusal", "row_layout"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _announced: set = set()
@@ -100,7 +100,9 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
     Returns:
         (..., C) in x's dtype; mean and variance (biased) in float32, the variance as the mean of
         (x - mean)^2. Memory (kernel): the output plus 8 bytes per row saved for the backward
-        (mean, 1/std); a non-contiguous x is copied once (as PyTorch's kernel does).
+        (mean, 1/std). x is read in place when its leading dims collapse to two strided ones (any
+        contiguous tensor, or e.g. the q half of a (batch, L, 2, heads, head_dim) tensor), else
+        copied once (as PyTorch's kernel copies every non-contiguous x).
     """
     normalized_shape = tuple(normalized_shape)
     if _choose(backend, x, normalized_shape) == "reference":
@@ -116,7 +118,6 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
     b = None if bias is None else bias.to(torch.float32)
     if torch.compiler.is_compiling() or not nothing_intercepts() or not plain_tensors(x, w, b):
         return torch.ops.ssm2d.layer_norm_fwd(x, w, b, float(eps))[0]
-    x = x.contiguous()
     w = None if w is None else w.contiguous()
     b = None if b is None else b.contiguous()
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
@@ -124,33 +125,71 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
     return _LayerNormFunction.apply(x, w, b, float(eps))
 
 
+def row_layout(x: Tensor) -> Optional[tuple]:
+    """(x_inner, x_rs, x_gs) placing the rows of x's last dim as the kernel reads them (row r at
+    (r // x_inner) * x_gs + (r % x_inner) * x_rs elements), or None when x's leading dims do not
+    collapse to two strided ones or its rows are not on 16-byte boundaries (then x is copied)."""
+    if x.stride(-1) != 1 and x.shape[-1] != 1:
+        return None
+    merged: list = []  # (size, stride) from the innermost leading dim out, contiguous runs merged
+    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+        if size == 1:
+            continue
+        if merged and merged[-1][0] * merged[-1][1] == stride:
+            merged[-1] = (merged[-1][0] * size, merged[-1][1])
+        else:
+            merged.append((size, stride))
+    if len(merged) > 2:
+        return None
+    if not merged:
+        layout = (1, 0, 0)
+    elif len(merged) == 1:
+        layout = (merged[0][0], merged[0][1], 0)
+    else:
+        layout = (merged[0][0], merged[0][1], merged[1][1])
+    vec = 16 // x.element_size()
+    if x.data_ptr() % 16 or layout[1] % vec or layout[2] % vec:
+        return None
+    return layout
+
+
+def _as_rows(x: Tensor) -> tuple:
+    """x (or its contiguous copy) and its row layout for the kernel."""
+    layout = row_layout(x)
+    if layout is None:
+        x = x.contiguous()
+        if x.data_ptr() % 16:  # an offset view: realigned by a copy
+            x = x.clone()
+        layout = row_layout(x)
+    return x, layout
+
+
 def _forward(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float, save: bool):
-    """y, mean, rstd of a contiguous x (mean / rstd None unless save)."""
+    """y (contiguous), mean, rstd of x (mean / rstd None unless save). x is read in place where its
+    rows allow (row_layout), else copied once."""
     cols = x.shape[-1]
     rows = x.numel() // cols if cols else 0
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device) if save else None
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device) if save else None
-    if x.data_ptr() % 16:  # the kernel reads 16-byte vectors: an offset view is realigned by a copy
-        x = x.clone()
+    x, (inner, rs, gs) = _as_rows(x)
     dev = x.device.index
     compiled().layer_norm_forward(
-        x.data_ptr(), cols, y.data_ptr(), cols, 0 if w is None else w.data_ptr(), 0 if b is None else b.data_ptr(),
-        0 if mean is None else mean.data_ptr(), 0 if rstd is None else rstd.data_ptr(), rows, cols,
-        _DTYPE_CODES[x.dtype], eps, dev, raw_stream(dev))
+        x.data_ptr(), inner, rs, gs, y.data_ptr(), cols, 0 if w is None else w.data_ptr(),
+        0 if b is None else b.data_ptr(), 0 if mean is None else mean.data_ptr(),
+        0 if rstd is None else rstd.data_ptr(), rows, cols, _DTYPE_CODES[x.dtype], eps, dev, raw_stream(dev))
     return y, mean, rstd
 
 
 def _backward(dy: Tensor, x: Tensor, w: Optional[Tensor], mean: Tensor, rstd: Tensor, need_w: bool, need_b: bool):
-    """dx (x's dtype), dweight, dbias (float32, None unless asked for) from a contiguous x."""
+    """dx (x's dtype, contiguous), dweight, dbias (float32, None unless asked for)."""
     cols = x.shape[-1]
     rows = x.numel() // cols if cols else 0
     dy = dy.to(x.dtype).contiguous()
     if dy.data_ptr() % 16:
         dy = dy.clone()
-    if x.data_ptr() % 16:
-        x = x.clone()
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x, (inner, rs, gs) = _as_rows(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty(cols, dtype=torch.float32, device=x.device) if need_w else None
     db = torch.empty(cols, dtype=torch.float32, device=x.device) if need_b else None
     C = compiled()
@@ -160,7 +199,8 @@ def _backward(dy: Tensor, x: Tensor, w: Optional[Tensor], mean: Tensor, rstd: Te
         ws = torch.empty(C.layer_norm_backward_workspace_floats(rows, cols, code), dtype=torch.float32, device=x.device)
     dev = x.device.index
     C.layer_norm_backward(
-        dy.data_ptr(), cols, x.data_ptr(), cols, 0 if w is None else w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+        dy.data_ptr(), cols, x.data_ptr(), inner, rs, gs, 0 if w is None else w.data_ptr(), mean.data_ptr(),
+        rstd.data_ptr(),
         dx.data_ptr(), cols, 0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(),
         0 if ws is None else ws.data_ptr(), rows, cols, code, dev, raw_stream(dev))
     return dx, dw, db
@@ -187,7 +227,6 @@ class _LayerNormFunction(torch.autograd.Function):
 
 @torch.library.custom_op("ssm2d::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    x = x.contiguous()
     return _forward(x, None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
                     eps, save=True)
 
@@ -202,7 +241,7 @@ def _(x, weight, bias, eps):
 @torch.library.custom_op("ssm2d::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, need_w: bool,
                    need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _backward(dy, x.contiguous(), None if weight is None else weight.contiguous(), mean, rstd,
+    dx, dw, db = _backward(dy, x, None if weight is None else weight.contiguous(), mean, rstd,
                            need_w, need_b)
     empty = x.new_empty(0, dtype=torch.float32)  # a custom op returns tensors: empty for "not asked for"
     return dx, empty if dw is None else dw, empty if db is None else db
