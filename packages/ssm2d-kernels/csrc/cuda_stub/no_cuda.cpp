@@ -3,6 +3,7 @@
 
 #include "ssm2d/cuda_api.h"
 #include "ssm2d/layer_norm.h"
+#include "ssm2d/star_relu.h"
 #include "ssm2d/scan2d.h"
 #include "ssm2d/wavefront2d.h"
 
@@ -50,5 +51,9 @@ void layer_norm_forward(const LayerNormArgs&, void*, int64_t) { no_cuda("layer_n
 void layer_norm_backward(const LayerNormArgs&, const void*, int64_t, void*, int64_t, float*, float*, float*) {
   no_cuda("layer_norm_backward");
 }
+
+void star_relu_forward(const StarReluArgs&, void*) { no_cuda("star_relu_forward"); }
+int64_t star_relu_backward_workspace_floats(int64_t, DType) { return 0; }
+void star_relu_backward(const StarReluArgs&, const void*, void*, float*, float*, float*) { no_cuda("star_relu_backward"); }
 
 }  // namespace ssm2d::cuda

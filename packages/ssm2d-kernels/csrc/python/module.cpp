@@ -5,6 +5,7 @@
 
 #include "ssm2d/cuda_api.h"
 #include "ssm2d/layer_norm.h"
+#include "ssm2d/star_relu.h"
 #include "ssm2d/ops.h"
 #include "ssm2d/parallel.h"
 #include "ssm2d/scan2d.h"
@@ -87,6 +88,18 @@ ssm2d::LayerNormArgs layer_norm_args(std::uintptr_t x, int64_t x_inner, int64_t 
   if (dtype < 0 || dtype > 3) throw ssm2d::ArgumentError("layer_norm: unknown dtype code " + std::to_string(dtype));
   a.dtype = static_cast<ssm2d::DType>(dtype);
   a.eps = static_cast<float>(eps);
+  a.device.index = device;
+  a.stream = stream;
+  return a;
+}
+
+ssm2d::StarReluArgs star_relu_args(std::uintptr_t x, int64_t n, std::uintptr_t scale, std::uintptr_t bias, int dtype,
+                                   int device, std::uintptr_t stream) {
+  ssm2d::StarReluArgs a;
+  a.x = reinterpret_cast<const void*>(x); a.n = n;
+  a.scale = reinterpret_cast<const float*>(scale); a.bias = reinterpret_cast<const float*>(bias);
+  if (dtype < 0 || dtype > 3) throw ssm2d::ArgumentError("star_relu: unknown dtype code " + std::to_string(dtype));
+  a.dtype = static_cast<ssm2d::DType>(dtype);
   a.device.index = device;
   a.stream = stream;
   return a;
@@ -499,6 +512,32 @@ PYBIND11_MODULE(_C, m) {
       },
       "CUDA LayerNorm backward: dx from dy and the forward's mean / rstd; dweight / dbias (float32, 0: not wanted) "
       "summed in a fixed order through the workspace.");
+
+  m.def(
+      "star_relu_forward",
+      [](std::uintptr_t x, std::uintptr_t y, int64_t n, std::uintptr_t scale, std::uintptr_t bias, int dtype, int device,
+         std::uintptr_t stream) {
+        const auto a = star_relu_args(x, n, scale, bias, dtype, device, stream);
+        py::gil_scoped_release nogil;
+        ssm2d::cuda::star_relu_forward(a, reinterpret_cast<void*>(y));
+      },
+      "CUDA StarReLU y = scale * relu(x)^2 + bias over n elements of a dense array (16-byte aligned); scale and "
+      "bias point at one float32 each.");
+  m.def("star_relu_backward_workspace_floats",
+        [](int64_t n, int dtype) { return ssm2d::cuda::star_relu_backward_workspace_floats(n, static_cast<ssm2d::DType>(dtype)); },
+        py::arg("n"), py::arg("dtype"), "float32 scratch of star_relu_backward's dscale / dbias.");
+  m.def(
+      "star_relu_backward",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t dx, int64_t n, std::uintptr_t scale, std::uintptr_t dscale,
+         std::uintptr_t dbias, std::uintptr_t workspace, int dtype, int device, std::uintptr_t stream) {
+        const auto a = star_relu_args(x, n, scale, scale, dtype, device, stream);
+        py::gil_scoped_release nogil;
+        ssm2d::cuda::star_relu_backward(a, reinterpret_cast<const void*>(dy), reinterpret_cast<void*>(dx),
+                                        reinterpret_cast<float*>(dscale), reinterpret_cast<float*>(dbias),
+                                        reinterpret_cast<float*>(workspace));
+      },
+      "CUDA StarReLU backward: dx = dy * 2 scale relu(x); dscale, dbias (one float32 each, 0: not wanted) summed in "
+      "a fixed order through the workspace.");
 
   m.def("get_num_threads", &ssm2d::cpu::get_num_threads, "Threads the CPU kernels use.");
   m.def("set_num_threads", &ssm2d::cpu::set_num_threads, py::arg("n"),
