@@ -68,7 +68,21 @@ def _choose(backend: str, x: Tensor, normalized_shape: tuple) -> str:
 @torch.compiler.assume_constant_result
 def _decide(backend: str, device_type: str, index: int, dtype: torch.dtype, cols: int, nd: int, shape: tuple) -> str:
     # Depends only on the installation, the device and the row shape: under torch.compile it is
-    # decided once while tracing.
+    # decided once while tracing; eager calls look the decision up.
+    key = (backend, device_type, index, dtype, cols, nd, shape)
+    chosen = _DECIDED.get(key)
+    if chosen is None:
+        chosen = _decide_once(backend, device_type, index, dtype, cols, nd, shape)
+        if len(_DECIDED) > 4096:
+            _DECIDED.clear()
+        _DECIDED[key] = chosen
+    return chosen
+
+
+_DECIDED: dict = {}
+
+
+def _decide_once(backend: str, device_type: str, index: int, dtype: torch.dtype, cols: int, nd: int, shape: tuple) -> str:
     if backend not in ("auto", "kernel", "reference"):
         raise ValueError(f"layer_norm: backend must be 'auto', 'kernel' or 'reference', got {backend!r}")
     if backend == "reference":
@@ -129,16 +143,31 @@ def row_layout(x: Tensor) -> Optional[tuple]:
     """(x_inner, x_rs, x_gs) placing the rows of x's last dim as the kernel reads them (row r at
     (r // x_inner) * x_gs + (r % x_inner) * x_rs elements), or None when x's leading dims do not
     collapse to two strided ones or its rows are not on 16-byte boundaries (then x is copied)."""
-    if x.stride(-1) != 1 and x.shape[-1] != 1:
+    key = (x.shape, x.stride(), x.element_size())
+    layout = _LAYOUTS.get(key, False)
+    if layout is False:  # derived once per shape and strides (a call's Python time matters: 70+ norms a step)
+        if len(_LAYOUTS) > 4096:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _strided_rows(x.shape, x.stride(), 16 // x.element_size())
+    if layout is None or x.data_ptr() % 16:
+        return None
+    return layout
+
+
+_LAYOUTS: dict = {}
+
+
+def _strided_rows(shape, strides, vec: int) -> Optional[tuple]:
+    if strides[-1] != 1 and shape[-1] != 1:
         return None
     merged: list = []  # (size, stride) from the innermost leading dim out, contiguous runs merged
-    for size, stride in zip(reversed(x.shape[:-1]), reversed(x.stride()[:-1])):
+    for size, st in zip(reversed(shape[:-1]), reversed(strides[:-1])):
         if size == 1:
             continue
-        if merged and merged[-1][0] * merged[-1][1] == stride:
+        if merged and merged[-1][0] * merged[-1][1] == st:
             merged[-1] = (merged[-1][0] * size, merged[-1][1])
         else:
-            merged.append((size, stride))
+            merged.append((size, st))
     if len(merged) > 2:
         return None
     if not merged:
@@ -147,8 +176,7 @@ def row_layout(x: Tensor) -> Optional[tuple]:
         layout = (merged[0][0], merged[0][1], 0)
     else:
         layout = (merged[0][0], merged[0][1], merged[1][1])
-    vec = 16 // x.element_size()
-    if x.data_ptr() % 16 or layout[1] % vec or layout[2] % vec:
+    if layout[1] % vec or layout[2] % vec:
         return None
     return layout
 
