@@ -46,7 +46,7 @@ def _refusal(device_type: str, index: int, dtype: torch.dtype, cols: int, nd: in
     if reason is not None:
         return reason
     vec, limit = 16 // dtype.itemsize, _max_cols(code)
-    if cols % vec or cols > limit:
+    if cols < 1 or cols % vec or cols > limit:
         return f"the LayerNorm kernel takes rows of a multiple of {vec} and at most {limit} {dtype} elements (got {cols})"
     return None
 
