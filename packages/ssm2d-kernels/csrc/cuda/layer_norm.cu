@@ -70,6 +70,21 @@ __device__ __forceinline__ void load_row(const T* row, bool ok, int gl, int64_t 
   }
 }
 
+// Writes a row's chunks (those inside the row) as 16-byte vectors: element i of chunk k, column c,
+// is value(k, i, c).
+template <typename T, int LANES, int CH, typename F>
+__device__ __forceinline__ void store_row(T* row, int gl, int64_t nvec, F&& value) {
+#pragma unroll
+  for (int k = 0; k < CH; ++k) {
+    const int64_t q = static_cast<int64_t>(k) * LANES + gl;
+    if (q >= nvec) continue;
+    Pack<T> out;
+#pragma unroll
+    for (int i = 0; i < kVec<T>; ++i) out.v[i] = from_f<T>(value(k, i, q * kVec<T> + i));
+    *reinterpret_cast<Pack<T>*>(row + q * kVec<T>) = out;
+  }
+}
+
 template <typename T, int LANES, int CH>
 __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(LayerNormArgs a, T* __restrict__ y, int64_t y_rs) {
   constexpr int V = kVec<T>, RPW = 32 / LANES;  // rows per warp at once
@@ -107,20 +122,10 @@ __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(LayerNormArgs a, T* __
       a.mean[row] = mean;
       a.rstd[row] = rstd;
     }
-    T* yr = y + row * y_rs;
-#pragma unroll
-    for (int k = 0; k < CH; ++k) {
-      const int64_t q = static_cast<int64_t>(k) * LANES + gl;
-      if (q >= nvec) continue;
-      Pack<T> out;
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const int64_t c = q * V + i;
-        const float w = a.weight ? __ldg(a.weight + c) : 1.f, b = a.bias ? __ldg(a.bias + c) : 0.f;
-        out.v[i] = from_f<T>(fmaf((v[k][i] - mean) * rstd, w, b));
-      }
-      *reinterpret_cast<Pack<T>*>(yr + q * V) = out;
-    }
+    store_row<T, LANES, CH>(y + row * y_rs, gl, nvec, [&](int k, int i, int64_t c) {
+      const float w = a.weight ? __ldg(a.weight + c) : 1.f, b = a.bias ? __ldg(a.bias + c) : 0.f;
+      return fmaf((v[k][i] - mean) * rstd, w, b);
+    });
   }
 }
 
@@ -164,16 +169,8 @@ __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(LayerNormArgs a, const
     s1 = group_sum<LANES>(s1) * inv_c;
     s2 = group_sum<LANES>(s2) * inv_c;
     if (!ok) continue;
-    T* dxr = dx + row * dx_rs;
-#pragma unroll
-    for (int k = 0; k < CH; ++k) {
-      const int64_t q = static_cast<int64_t>(k) * LANES + gl;
-      if (q >= nvec) continue;
-      Pack<T> out;
-#pragma unroll
-      for (int i = 0; i < V; ++i) out.v[i] = from_f<T>(rstd * (g[k][i] - fmaf(xh[k][i], s2, s1)));
-      *reinterpret_cast<Pack<T>*>(dxr + q * V) = out;
-    }
+    store_row<T, LANES, CH>(dx + row * dx_rs, gl, nvec,
+                            [&](int k, int i, int64_t) { return rstd * (g[k][i] - fmaf(xh[k][i], s2, s1)); });
   }
   if (!part) return;
   // The warp's groups hold the same columns: sum them (fixed order), then the block's warps.

@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import kernel_unavailable_reason, logger
+from ..backends import kernel_unavailable_reason, resolve_fused
 from ._common import compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
 
 __all__ = ["layer_norm", "layer_norm_kernel_refusal", "row_layout"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_announced: set = set()
 
 
 def layer_norm_kernel_refusal(x: Tensor, normalized_shape: Sequence[int]) -> Optional[str]:
@@ -83,23 +82,8 @@ _DECIDED: dict = {}
 
 
 def _decide_once(backend: str, device_type: str, index: int, dtype: torch.dtype, cols: int, nd: int, shape: tuple) -> str:
-    if backend not in ("auto", "kernel", "reference"):
-        raise ValueError(f"layer_norm: backend must be 'auto', 'kernel' or 'reference', got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    reason = _refusal(device_type, index, dtype, cols, nd, shape)
-    if backend == "kernel" and reason is not None:
-        from ..backends import BackendUnavailableError
-
-        raise BackendUnavailableError(f"layer_norm: backend='kernel' cannot run this call: {reason}")
-    chosen = "kernel" if reason is None else "reference"
-    key = (device_type, chosen, reason)
-    if key not in _announced:
-        _announced.add(key)
-        logger.info("layer_norm on %s: backend=%r runs %s%s", device_type, backend,
-                    "the ssm2d-kernels kernel" if reason is None else "torch.nn.functional.layer_norm",
-                    "" if reason is None else f" ({reason})")
-    return chosen
+    return resolve_fused("layer_norm", backend, device_type, lambda: _refusal(device_type, index, dtype, cols, nd, shape),
+                         "torch.nn.functional.layer_norm")
 
 
 def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,

@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import kernel_unavailable_reason, logger
+from ..backends import kernel_unavailable_reason, resolve_fused
 from ._common import compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
 
 __all__ = ["star_relu", "star_relu_reference"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_announced: set = set()
 
 
 def star_relu_reference(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
@@ -47,28 +46,13 @@ def _dense(x: Tensor) -> bool:
 
 @torch.compiler.assume_constant_result
 def _decide(backend: str, device_type: str, index: int, dtype: torch.dtype) -> str:
-    if backend not in ("auto", "kernel", "reference"):
-        raise ValueError(f"star_relu: backend must be 'auto', 'kernel' or 'reference', got {backend!r}")
-    if backend == "reference":
-        return "reference"
-    if device_type != "cuda":
-        reason = f"the StarReLU kernel runs on CUDA only (x is on {device_type})"
-    elif dtype not in _DTYPE_CODES:
-        reason = f"the StarReLU kernel takes float32, float16 or bfloat16 (x is {dtype})"
-    else:
-        reason = kernel_unavailable_reason(torch.device(device_type, index) if index >= 0 else torch.device(device_type))
-    if backend == "kernel" and reason is not None:
-        from ..backends import BackendUnavailableError
-
-        raise BackendUnavailableError(f"star_relu: backend='kernel' cannot run this call: {reason}")
-    chosen = "kernel" if reason is None else "reference"
-    key = (device_type, chosen, reason)
-    if key not in _announced:
-        _announced.add(key)
-        logger.info("star_relu on %s: backend=%r runs %s%s", device_type, backend,
-                    "the ssm2d-kernels kernel" if reason is None else "the PyTorch formula",
-                    "" if reason is None else f" ({reason})")
-    return chosen
+    def refusal():
+        if device_type != "cuda":
+            return f"the StarReLU kernel runs on CUDA only (x is on {device_type})"
+        if dtype not in _DTYPE_CODES:
+            return f"the StarReLU kernel takes float32, float16 or bfloat16 (x is {dtype})"
+        return kernel_unavailable_reason(torch.device(device_type, index) if index >= 0 else torch.device(device_type))
+    return resolve_fused("star_relu", backend, device_type, refusal, "the PyTorch formula")
 
 
 def star_relu(x: Tensor, scale: Tensor, bias: Tensor, *, backend: str = "auto") -> Tensor:
