@@ -224,3 +224,20 @@ def test_star_relu_keeps_dtype_and_gradients():
     y.float().sum().backward()
     assert act.scale.grad.item() == pytest.approx(torch.relu(x.detach().float()).square().sum().item(), rel=1e-2)
     assert act.bias.grad.item() == 50
+
+
+def test_star_relu_op_on_the_cpu_is_the_formula_and_refuses_the_kernel_by_name():
+    from ssm2d_nn import BackendUnavailableError
+    from ssm2d_nn.ops import star_relu
+
+    x = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.3], dtype=torch.float64, requires_grad=True)
+    y = star_relu(x, s, b)
+    assert torch.allclose(y, 0.7 * torch.relu(x) ** 2 + 0.3, rtol=0, atol=1e-15)
+    gx, = torch.autograd.grad(y.sum(), [x])
+    assert torch.allclose(gx, 1.4 * torch.relu(x), rtol=0, atol=1e-15)
+    with pytest.raises(BackendUnavailableError, match="CUDA only"):
+        star_relu(x, s, b, backend="kernel")
+    with pytest.raises(ValueError, match="one element each"):
+        star_relu(x, torch.ones(2), b)

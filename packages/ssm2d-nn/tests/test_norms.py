@@ -63,3 +63,48 @@ def test_layer_norm_traces_with_fx_and_checks_autocast_when_run(cls, shape):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low, ref = traced(x), norm(x)
     assert low.dtype == torch.bfloat16 and torch.equal(low, ref)
+
+
+def test_ops_layer_norm_on_the_cpu_is_torchs_and_refuses_the_kernel_by_name():
+    from ssm2d_nn import BackendUnavailableError
+    from ssm2d_nn.ops import layer_norm, layer_norm_kernel_refusal
+
+    x = torch.randn(5, 7, 40, dtype=torch.float64)
+    w, b = torch.randn(40, dtype=torch.float64), torch.randn(40, dtype=torch.float64)
+    expected = torch.nn.functional.layer_norm(x, (40,), w, b, 1e-6)
+    assert torch.equal(layer_norm(x, (40,), w, b, 1e-6), expected)
+    assert "CUDA only" in layer_norm_kernel_refusal(x, (40,))
+    with pytest.raises(BackendUnavailableError, match="CUDA only"):
+        layer_norm(x, (40,), w, b, backend="kernel")
+    with pytest.raises(ValueError, match="backend"):
+        layer_norm(x, (40,), w, b, backend="fast")
+    # a low-precision x with float32 parameters (what the norms pass under autocast): the parameters
+    # are read in x's dtype by PyTorch's kernel
+    xb = x.to(torch.bfloat16)
+    got = layer_norm(xb, (40,), w.float(), b.float(), 1e-6)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.nn.functional.layer_norm(xb, (40,), w.bfloat16(), b.bfloat16(), 1e-6))
+
+
+def test_row_layout_places_every_row_of_a_view():
+    from ssm2d_nn.ops.layer_norm import row_layout
+
+    base = torch.arange(2 * 6 * 2 * 4 * 16, dtype=torch.float32).to(torch.bfloat16).view(2, 6, 2, 4, 16)
+    views = {"contiguous": base, "q half": base[:, :, 0], "k half": base[:, :, 1],
+             "heads swapped": base.transpose(2, 3), "leading permute": base.permute(1, 0, 2, 3, 4),
+             "broadcast rows": base[:1, :1, :1, :1].expand(3, 1, 1, 5, 16)}
+    placed = 0
+    for name, v in views.items():
+        layout = row_layout(v)
+        rows = v.reshape(-1, 16)
+        if layout is None:  # three or more strided leading dims: copied, never misread
+            assert name in ("leading permute", "heads swapped")
+            continue
+        inner, rs, gs = layout
+        flat = base.reshape(-1)
+        start = (v.data_ptr() - base.data_ptr()) // v.element_size()
+        for r in range(rows.shape[0]):
+            off = start + (r // inner) * gs + (r % inner) * rs
+            assert torch.equal(flat[off:off + 16], rows[r]), (name, r)
+        placed += 1
+    assert placed >= 4

@@ -2,6 +2,8 @@
 #include <stdexcept>
 
 #include "ssm2d/cuda_api.h"
+#include "ssm2d/layer_norm.h"
+#include "ssm2d/star_relu.h"
 #include "ssm2d/scan2d.h"
 #include "ssm2d/wavefront2d.h"
 
@@ -42,5 +44,16 @@ int wavefront2d_max_states(int64_t) { return 0; }
 void wavefront2d_forward(const Wave2dProblem&, const Grid&) { no_cuda("wavefront2d_forward"); }
 void wavefront2d_forward_dtype(const Wave2dProblem&, const Grid&) { no_cuda("wavefront2d_forward_dtype"); }
 void wavefront2d_backward(const Wave2dProblem&, const Wave2dBackwardArgs&) { no_cuda("wavefront2d_backward"); }
+
+int64_t layer_norm_max_cols(DType) { return 0; }
+int64_t layer_norm_backward_workspace_floats(int64_t, int64_t, DType) { return 0; }
+void layer_norm_forward(const LayerNormArgs&, void*, int64_t) { no_cuda("layer_norm_forward"); }
+void layer_norm_backward(const LayerNormArgs&, const void*, int64_t, void*, int64_t, float*, float*, float*) {
+  no_cuda("layer_norm_backward");
+}
+
+void star_relu_forward(const StarReluArgs&, void*) { no_cuda("star_relu_forward"); }
+int64_t star_relu_backward_workspace_floats(int64_t, DType) { return 0; }
+void star_relu_backward(const StarReluArgs&, const void*, void*, float*, float*, float*) { no_cuda("star_relu_backward"); }
 
 }  // namespace ssm2d::cuda

@@ -4,6 +4,8 @@
 #include <pybind11/stl.h>
 
 #include "ssm2d/cuda_api.h"
+#include "ssm2d/layer_norm.h"
+#include "ssm2d/star_relu.h"
 #include "ssm2d/ops.h"
 #include "ssm2d/parallel.h"
 #include "ssm2d/scan2d.h"
@@ -72,6 +74,35 @@ ssm2d::Wave2dProblem to_wave_problem(const py::dict& d) {
   if (p.batch < 0 || p.dim < 1 || p.dstate < 1 || p.groups < 1 || p.dim % p.groups || p.height < 1 || p.width < 1)
     throw ssm2d::ArgumentError("internal: inconsistent wavefront2d sizes");
   return p;
+}
+
+// LayerNorm (CUDA only): pointers as ints, 0 for an absent operand; sizes checked by the kernels.
+ssm2d::LayerNormArgs layer_norm_args(std::uintptr_t x, int64_t x_inner, int64_t x_rs, int64_t x_gs, std::uintptr_t weight, std::uintptr_t bias,
+                                     std::uintptr_t mean, std::uintptr_t rstd, int64_t rows, int64_t cols, int dtype,
+                                     double eps, int device, std::uintptr_t stream) {
+  ssm2d::LayerNormArgs a;
+  a.x = reinterpret_cast<const void*>(x); a.x_inner = x_inner; a.x_rs = x_rs; a.x_gs = x_gs;
+  a.weight = reinterpret_cast<const float*>(weight); a.bias = reinterpret_cast<const float*>(bias);
+  a.mean = reinterpret_cast<float*>(mean); a.rstd = reinterpret_cast<float*>(rstd);
+  a.rows = rows; a.cols = cols;
+  if (dtype < 0 || dtype > 3) throw ssm2d::ArgumentError("layer_norm: unknown dtype code " + std::to_string(dtype));
+  a.dtype = static_cast<ssm2d::DType>(dtype);
+  a.eps = static_cast<float>(eps);
+  a.device.index = device;
+  a.stream = stream;
+  return a;
+}
+
+ssm2d::StarReluArgs star_relu_args(std::uintptr_t x, int64_t n, std::uintptr_t scale, std::uintptr_t bias, int dtype,
+                                   int device, std::uintptr_t stream) {
+  ssm2d::StarReluArgs a;
+  a.x = reinterpret_cast<const void*>(x); a.n = n;
+  a.scale = reinterpret_cast<const float*>(scale); a.bias = reinterpret_cast<const float*>(bias);
+  if (dtype < 0 || dtype > 3) throw ssm2d::ArgumentError("star_relu: unknown dtype code " + std::to_string(dtype));
+  a.dtype = static_cast<ssm2d::DType>(dtype);
+  a.device.index = device;
+  a.stream = stream;
+  return a;
 }
 
 // ---- Frames: a scan2d problem fixed once per argument layout --------------------------------------
@@ -445,6 +476,68 @@ PYBIND11_MODULE(_C, m) {
       "wavefront2d backward of a frame at data pointers (0: absent); the frame's checks are not repeated. du, ddT, "
       "ddL: float32 accumulators in the frame's cell layout (added into), or with cells_in_dtype blocks contiguous like "
       "u in u's dtype (written; CUDA, where wavefront2d.lanes_fit).");
+
+  m.def("layer_norm_max_cols", [](int dtype) { return ssm2d::cuda::layer_norm_max_cols(static_cast<ssm2d::DType>(dtype)); },
+        py::arg("dtype"), "Longest row the CUDA LayerNorm takes for a dtype code (0 in a build without CUDA).");
+  m.def("layer_norm_backward_workspace_floats",
+        [](int64_t rows, int64_t cols, int dtype) {
+          return ssm2d::cuda::layer_norm_backward_workspace_floats(rows, cols, static_cast<ssm2d::DType>(dtype));
+        },
+        py::arg("rows"), py::arg("cols"), py::arg("dtype"), "float32 scratch of layer_norm_backward's dweight / dbias.");
+  m.def(
+      "layer_norm_forward",
+      [](std::uintptr_t x, int64_t x_inner, int64_t x_rs, int64_t x_gs, std::uintptr_t y, int64_t y_rs,
+         std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t mean, std::uintptr_t rstd, int64_t rows, int64_t cols,
+         int dtype, double eps, int device, std::uintptr_t stream) {
+        const auto a = layer_norm_args(x, x_inner, x_rs, x_gs, weight, bias, mean, rstd, rows, cols, dtype, eps, device,
+                                       stream);
+        py::gil_scoped_release nogil;
+        ssm2d::cuda::layer_norm_forward(a, reinterpret_cast<void*>(y), y_rs);
+      },
+      "CUDA LayerNorm over the last dim of (rows, cols) x (row r at (r / x_inner) * x_gs + (r % x_inner) * x_rs "
+      "elements, 16-byte aligned) into y (row stride y_rs); float32 "
+      "weight / bias (0: absent); mean / rstd (rows float32 each) saved when given.");
+  m.def(
+      "layer_norm_backward",
+      [](std::uintptr_t dy, int64_t dy_rs, std::uintptr_t x, int64_t x_inner, int64_t x_rs, int64_t x_gs,
+         std::uintptr_t weight, std::uintptr_t mean, std::uintptr_t rstd, std::uintptr_t dx, int64_t dx_rs,
+         std::uintptr_t dweight, std::uintptr_t dbias, std::uintptr_t workspace, int64_t rows, int64_t cols, int dtype,
+         int device, std::uintptr_t stream) {
+        const auto a = layer_norm_args(x, x_inner, x_rs, x_gs, weight, 0, mean, rstd, rows, cols, dtype, 0.0, device,
+                                       stream);
+        py::gil_scoped_release nogil;
+        ssm2d::cuda::layer_norm_backward(a, reinterpret_cast<const void*>(dy), dy_rs, reinterpret_cast<void*>(dx), dx_rs,
+                                         reinterpret_cast<float*>(dweight), reinterpret_cast<float*>(dbias),
+                                         reinterpret_cast<float*>(workspace));
+      },
+      "CUDA LayerNorm backward: dx from dy and the forward's mean / rstd; dweight / dbias (float32, 0: not wanted) "
+      "summed in a fixed order through the workspace.");
+
+  m.def(
+      "star_relu_forward",
+      [](std::uintptr_t x, std::uintptr_t y, int64_t n, std::uintptr_t scale, std::uintptr_t bias, int dtype, int device,
+         std::uintptr_t stream) {
+        const auto a = star_relu_args(x, n, scale, bias, dtype, device, stream);
+        py::gil_scoped_release nogil;
+        ssm2d::cuda::star_relu_forward(a, reinterpret_cast<void*>(y));
+      },
+      "CUDA StarReLU y = scale * relu(x)^2 + bias over n elements of a dense array (16-byte aligned); scale and "
+      "bias point at one float32 each.");
+  m.def("star_relu_backward_workspace_floats",
+        [](int64_t n, int dtype) { return ssm2d::cuda::star_relu_backward_workspace_floats(n, static_cast<ssm2d::DType>(dtype)); },
+        py::arg("n"), py::arg("dtype"), "float32 scratch of star_relu_backward's dscale / dbias.");
+  m.def(
+      "star_relu_backward",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t dx, int64_t n, std::uintptr_t scale, std::uintptr_t dscale,
+         std::uintptr_t dbias, std::uintptr_t workspace, int dtype, int device, std::uintptr_t stream) {
+        const auto a = star_relu_args(x, n, scale, scale, dtype, device, stream);
+        py::gil_scoped_release nogil;
+        ssm2d::cuda::star_relu_backward(a, reinterpret_cast<const void*>(dy), reinterpret_cast<void*>(dx),
+                                        reinterpret_cast<float*>(dscale), reinterpret_cast<float*>(dbias),
+                                        reinterpret_cast<float*>(workspace));
+      },
+      "CUDA StarReLU backward: dx = dy * 2 scale relu(x); dscale, dbias (one float32 each, 0: not wanted) summed in "
+      "a fixed order through the workspace.");
 
   m.def("get_num_threads", &ssm2d::cpu::get_num_threads, "Threads the CPU kernels use.");
   m.def("set_num_threads", &ssm2d::cpu::set_num_threads, py::arg("n"),

@@ -98,3 +98,25 @@ def _resolve(op: str, backend: str, device_type: str, index: int, unsupported: s
                 op, device.type, reason,
             )
     return chosen
+
+
+def resolve_fused(op: str, backend: str, device_type: str, refusal, fallback: str) -> str:
+    """"kernel" or "reference" for a fused helper op (layer_norm, star_relu) whose "reference" is
+    PyTorch's own implementation, not a slow one. ``refusal()`` says why the kernel cannot take the
+    call (None: it can); asked only when the kernel is wanted. ``backend="kernel"`` raises
+    BackendUnavailableError with that reason; "auto" logs its choice once per (op, device type,
+    reason) at INFO level, naming ``fallback`` when PyTorch's implementation runs."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    reason = refusal()
+    if backend == "kernel" and reason is not None:
+        raise BackendUnavailableError(f"{op}: backend='kernel' cannot run this call: {reason}")
+    chosen = "kernel" if reason is None else "reference"
+    key = (op, device_type, chosen, reason)
+    if key not in _announced:
+        _announced.add(key)
+        logger.info("%s on %s: backend=%r runs %s%s", op, device_type, backend,
+                    "the ssm2d-kernels kernel" if reason is None else fallback, "" if reason is None else f" ({reason})")
+    return chosen

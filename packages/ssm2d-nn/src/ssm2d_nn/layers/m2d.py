@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends import BACKENDS
-from ..ops import wavefront2d
+from ..ops import star_relu, wavefront2d
 from .norms import LayerNorm
 
 __all__ = ["M2DMixer", "RoPEAttention2d", "SepConvLocal", "StarReLU", "axial_rope_cos_sin", "apply_rope"]
@@ -41,7 +41,8 @@ class StarReLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # In x's dtype: the float32 scalars would otherwise promote a bfloat16 activation to float32
         # under autocast (twice the memory traffic, and a cast back before the next conv/linear).
-        return torch.addcmul(self.bias.to(x.dtype), F.relu(x).square(), self.scale.to(x.dtype))
+        # On CUDA one fused pass (ssm2d_nn.ops.star_relu), elsewhere the PyTorch formula.
+        return star_relu(x, self.scale, self.bias)
 
 
 class SepConvLocal(nn.Module):

@@ -1,10 +1,13 @@
-"""LayerNorms that keep autocast's low precision.
+"""LayerNorms that keep autocast's low precision, on the ssm2d-kernels kernel where it fits.
 
 Under autocast PyTorch runs ``nn.LayerNorm`` in float32 and returns float32, so every norm writes
 twice the bytes and turns the residual stream that follows it into float32 (profiled: a third of
 M2D-T's bf16 inference time went to LayerNorm). These read and write the autocast dtype instead;
-the kernel still accumulates the mean and variance in float32 (as timm's ``fast_norm`` does).
-Outside autocast they are exactly ``nn.LayerNorm``. Parameters and state-dict keys are those of
+mean and variance are still accumulated in float32 (as timm's ``fast_norm`` does), with the
+float32 weight and bias. On CUDA they run :func:`ssm2d_nn.ops.layer_norm` (the ssm2d-kernels
+kernel for rows of up to 1024-2048 channels; PyTorch's block-per-row kernel left most threads idle
+on these short rows), elsewhere ``torch.nn.functional.layer_norm``; outside autocast they compute
+``nn.LayerNorm``'s function (to float32 rounding). Parameters and state-dict keys are those of
 ``nn.LayerNorm``. They work on the "meta" device and under ``torch.fx`` symbolic tracing (the
 norm is one leaf call of the graph, which checks autocast when it runs).
 """
@@ -16,6 +19,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..ops.layer_norm import layer_norm
 
 __all__ = ["LayerNorm", "LayerNorm2d", "layer_norm_lowp"]
 
@@ -41,12 +46,12 @@ def _layer_norm_lowp(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optio
     # runs, not baked in while tracing (where x is a Proxy without a real device).
     dev = x.device.type
     dt = _autocast_dtype(dev)
-    if dt is None:
+    if dev == "meta":  # shapes only
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    w = None if weight is None else weight.to(dt)
-    b = None if bias is None else bias.to(dt)
+    if dt is None:
+        return layer_norm(x, normalized_shape, weight, bias, eps)
     with torch.autocast(dev, enabled=False):
-        return F.layer_norm(_as_dtype(x, dt), normalized_shape, w, b, eps)
+        return layer_norm(_as_dtype(x, dt), normalized_shape, weight, bias, eps)
 
 
 def layer_norm_lowp(x: Tensor, norm: nn.LayerNorm) -> Tensor:
