@@ -140,3 +140,30 @@ def test_compiled_layer_norm_equals_eager():
     assert torch.equal(y_c, y_e)
     for a, c in zip(g_c, g_e):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["auto", "kernel"])
+def test_compiled_with_dynamic_shapes_equals_float64(backend):
+    # dynamic=True makes every dim symbolic (as torch.compile does after a recompile on a new batch
+    # size): the kernel's checks must not need the row length as a constant while tracing.
+    fn = torch.compile(lambda x, w, b: layer_norm(x, (64,), w, b, backend=backend), dynamic=True, fullgraph=True)
+    w = torch.randn(64, device="cuda", requires_grad=True)
+    b = torch.randn(64, device="cuda", requires_grad=True)
+    for rows in (7, 300):
+        x = torch.randn(rows, 3, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn_like(x)
+        y = fn(x, w, b)
+        g = torch.autograd.grad(y, [x, w, b], dy)
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        y64 = F.layer_norm(x64, (64,), w64, b64, 1e-5)
+        r = torch.autograd.grad(y64, [x64, w64, b64], dy.double())
+        assert _rel(y, y64) < 1e-2
+        for a, ref in zip(g, r):
+            assert _rel(a, ref) < 3e-2
+
+
+def test_compiled_kernel_backend_refuses_rows_it_cannot_take():
+    fn = torch.compile(lambda x: layer_norm(x, (12,), backend="kernel"), dynamic=True)
+    x = torch.randn(5, 12, device="cuda", dtype=torch.bfloat16)  # 12 is not a multiple of 8 bf16
+    with pytest.raises(Exception, match="multiple of 8"):
+        fn(x)
