@@ -40,11 +40,11 @@ import timm  # noqa: E402
 # First match wins: the optimizer's fused/foreach kernels before the elementwise ones they resemble.
 CATEGORIES = [
     ("optimizer", r"adam|multi_tensor_apply|foreach|optimizer"),
-    ("scan kernels", r"scan2d|wave_(fwd|bwd)|add_chunks_kernel|ssm2d::"),
-    ("norms", r"layer_?norm|group_?norm|batch_?norm|rms_?norm|welford|native_layer_norm"),
+    ("norms", r"layer_?norm|group_?norm|batch_?norm|rms_?norm|welford|native_layer_norm|ssm2d::.*\bln_"),
+    ("scan kernels", r"^(?!.*star_relu).*(scan2d|wave_(fwd|bwd)|add_chunks_kernel|ssm2d::)"),
     ("GEMMs / convs", r"gemm|cutlass|xmma|cublas|nvjet|conv|cudnn|wgrad|dgrad|fprop|implicit|winograd"
                       r"|aten::(mm|addmm|bmm|matmul|linear)\b"),
-    ("elementwise / copies", r"elementwise|copy|memcpy|memset|permute|transpose|contiguous|cat|fill|index"
+    ("elementwise / copies", r"elementwise|star_relu|copy|memcpy|memset|permute|transpose|contiguous|cat|fill|index"
                              r"|aten::(add|mul|sub|div|silu|gelu|exp|where|to|_to_copy|clone|zero_|fill_)"),
 ]
 # Operators that only make views or metadata (no kernel, no allocation): left out of the "leaf
