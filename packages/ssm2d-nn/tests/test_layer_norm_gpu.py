@@ -21,7 +21,7 @@ TOL = {torch.float32: (2e-6, 1e-5), torch.float16: (2e-3, 4e-3), torch.bfloat16:
 
 
 def _rel(a, b):
-    return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+    return float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def _reference(x, w, b, eps, dy):
