@@ -93,6 +93,8 @@ def bench_model(name: str, device: str, args) -> dict:
         cl = max(results, key=lambda k: results[k][0])
         row[f"infer_{batch}"] = results[cl]
         row[f"layout_{batch}"] = "cl" if cl else "cf"
+        # the layout not kept, for the record (a model's two layouts can differ by 1.5x)
+        row[f"other_{batch}"] = [("cl" if k else "cf", results[k][0]) for k in results if k != cl]
         if results[cl][0] > best:
             best, best_cl = results[cl][0], cl
     model.to(memory_format=torch.channels_last if best_cl else torch.contiguous_format)
@@ -107,10 +109,17 @@ def bench_model(name: str, device: str, args) -> dict:
     return row
 
 
+def _rate(ips: float) -> str:
+    return f"{ips:,.0f}" if ips >= 100 else f"{ips:.3g}"
+
+
 def fmt(pair) -> str:
     ips, peak = pair
-    rate = f"{ips:,.0f}" if ips >= 100 else f"{ips:.3g}"
-    return rate + (f" ({peak:.1f} GiB)" if peak is not None else "")
+    return _rate(ips) + (f" ({peak:.1f} GiB)" if peak is not None else "")
+
+
+def _others(others: list) -> str:
+    return "".join(f"; {name} {_rate(ips)}" for name, ips in others)
 
 
 def table(rows: list[dict], args, head: str, skipped: list[str]) -> str:
@@ -119,11 +128,12 @@ def table(rows: list[dict], args, head: str, skipped: list[str]) -> str:
         cols += [f"compiled infer b{args.batch[0]}", f"compiled train b{args.train_batch}"]
     lines = [head, "",
              f"224x224, bf16 autocast, AdamW training step; median of {args.steps} after {args.warmup} warm-up; "
-             "peak memory in parentheses; layout cf = channels-first, cl = channels-last.", "",
+             "peak memory in parentheses; layout cf = channels-first, cl = channels-last (the faster one "
+             "kept, the other's img/s after it).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["model"], f"{r['params']:,}"]
-        cells += [f"{fmt(r[f'infer_{b}'])} [{r[f'layout_{b}']}]" for b in args.batch]
+        cells += [f"{fmt(r[f'infer_{b}'])} [{r[f'layout_{b}']}{_others(r[f'other_{b}'])}]" for b in args.batch]
         cells.append(fmt(r["train"]))
         if args.compile:
             cells += [fmt(r["compiled_infer"]), fmt(r["compiled_train"])]
