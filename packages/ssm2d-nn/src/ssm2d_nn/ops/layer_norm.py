@@ -8,7 +8,9 @@ ssm2d-kernels kernel gives each row a few lanes of a warp (see csrc/cuda/layer_n
 Backends (``backend=``): "kernel" (CUDA, raises when the call does not fit: say why), "reference"
 (``torch.nn.functional.layer_norm``, which is also what the CPU runs) and "auto" (the kernel when it
 fits, else PyTorch's; which one runs is logged once per reason at INFO level on the "ssm2d_nn"
-logger). Both compute in float32 and return x's dtype.
+logger). Both compute in float32 and return x's dtype. Under torch.compile "auto" leaves the norm to
+inductor (it generates and fuses its own) and "kernel" checks the row when the graph runs (the row
+length may be symbolic while tracing).
 """
 
 from __future__ import annotations
