@@ -108,3 +108,26 @@ def test_row_layout_places_every_row_of_a_view():
             assert torch.equal(flat[off:off + 16], rows[r]), (name, r)
         placed += 1
     assert placed >= 4
+
+
+def test_ops_layer_norm_compiles_with_symbolic_row_lengths():
+    # dynamic=True makes every dim symbolic, as torch.compile does once one traced frame has seen
+    # several shapes (the models' norms share frames across stages): the backend decision must not
+    # need the row length as a constant while tracing (it did: "assume_constant_result argument
+    # conversion failed"). aot_eager: the same tracing as inductor, no code generation.
+    from ssm2d_nn.ops import layer_norm
+
+    fn = torch.compile(lambda x, w, b: layer_norm(x, (x.shape[-1],), w, b), dynamic=True, fullgraph=True,
+                       backend="aot_eager")
+    for rows, cols in ((7, 64), (300, 48)):
+        x = torch.randn(rows, 3, cols, requires_grad=True)
+        w, b = torch.randn(cols, requires_grad=True), torch.randn(cols, requires_grad=True)
+        dy = torch.randn_like(x)
+        y = fn(x, w, b)
+        got = torch.autograd.grad(y, [x, w, b], dy)
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+        y64 = torch.nn.functional.layer_norm(x64, (cols,), w64, b64)
+        ref = torch.autograd.grad(y64, [x64, w64, b64], dy.double())
+        assert torch.allclose(y.double(), y64, atol=1e-5)
+        for g, r in zip(got, ref):
+            assert torch.allclose(g.double(), r, atol=1e-4)
