@@ -63,6 +63,12 @@ def _unavailable_reason(device: torch.device) -> str | None:
     return f"ssm2d-kernels has no kernels for device type '{device.type}'"
 
 
+def check_backend_name(op: str, backend: str) -> None:
+    """Raises ValueError unless ``backend`` is one of BACKENDS (the message names ``op``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def resolve_backend(op: str, backend: str, device: torch.device, unsupported: str | None = None) -> str:
     """Returns "kernel" or "reference" for running ``op`` on ``device``.
 
@@ -77,8 +83,7 @@ def resolve_backend(op: str, backend: str, device: torch.device, unsupported: st
 @torch.compiler.assume_constant_result
 def _resolve(op: str, backend: str, device_type: str, index: int, unsupported: str | None) -> str:
     device = torch.device(device_type) if index < 0 else torch.device(device_type, index)
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(op, backend)
     if backend == "reference":
         return "reference"
     reason = unsupported or kernel_unavailable_reason(device)
@@ -106,8 +111,7 @@ def resolve_fused(op: str, backend: str, device_type: str, refusal, fallback: st
     call (None: it can); asked only when the kernel is wanted. ``backend="kernel"`` raises
     BackendUnavailableError with that reason; "auto" logs its choice once per (op, device type,
     reason) at INFO level, naming ``fallback`` when PyTorch's implementation runs."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(op, backend)
     if backend == "reference":
         return "reference"
     reason = refusal()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..backends import BACKENDS, BackendUnavailableError, kernel_unavailable_reason, resolve_fused
+from ..backends import check_backend_name, kernel_unavailable_reason, resolve_fused
 from ._common import compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
 
 __all__ = ["layer_norm", "layer_norm_kernel_refusal", "row_layout"]
@@ -65,8 +65,7 @@ def _choose(backend: str, x: Tensor, normalized_shape: tuple) -> str:
     if torch.compiler.is_compiling():
         # Traced: inductor generates (and fuses) the norm itself, so "auto" leaves it PyTorch's; and
         # the row length may be symbolic here, so "kernel" defers its checks to the custom op's run.
-        if backend not in BACKENDS:
-            raise ValueError(f"layer_norm: backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend_name("layer_norm", backend)
         return "kernel" if backend == "kernel" else "reference"
     return _decide(backend, x.device.type, -1 if x.device.index is None else x.device.index, x.dtype,
                    int(x.shape[-1]) if x.dim() else 0, len(normalized_shape), normalized_shape)
@@ -247,9 +246,9 @@ class _LayerNormFunction(torch.autograd.Function):
 
 @torch.library.custom_op("ssm2d::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    reason = layer_norm_kernel_refusal(x, (x.shape[-1],) if x.dim() else ())
-    if reason is not None:  # reached with backend="kernel" under torch.compile (checked here, at run time)
-        raise BackendUnavailableError(f"layer_norm: backend='kernel' cannot run this call: {reason}")
+    # Reached with backend="kernel" under torch.compile, whose trace could not check the row: the
+    # cached decision raises, saying why, where the kernel cannot take it.
+    _choose("kernel", x, (x.shape[-1],) if x.dim() else ())
     return _forward(x, None if weight is None else weight.contiguous(), None if bias is None else bias.contiguous(),
                     eps, save=True)
 
