@@ -8,7 +8,9 @@ swin_tiny_patch4_window7_224 (names timm does not know are reported and skipped)
 inference img/s at 224x224 for every --batch (median of --steps timed calls after --warmup, CUDA
 events, inputs rotated among 3 fresh random sets, cudnn.benchmark on), in channels-first and
 channels-last layout (--layout best keeps the faster, the table says which); one training step
-(forward, cross-entropy, backward, AdamW step) at --train-batch in the layout inference preferred;
+(forward, cross-entropy, backward, AdamW step) at --train-batch, in both layouts with --layout best
+(the faster kept, as for inference: a model's faster layout for inference need not be its faster
+one for training);
 peak memory of each. --compile adds the same for torch.compile(model). Prints a Markdown table
 headed by device, date, torch version and commit (env SSM2D_COMMIT where the tree has no .git).
 
@@ -97,8 +99,14 @@ def bench_model(name: str, device: str, args) -> dict:
         row[f"other_{batch}"] = [("cl" if k else "cf", results[k][0]) for k in results if k != cl]
         if results[cl][0] > best:
             best, best_cl = results[cl][0], cl
+    train = {}
+    for cl in layouts:
+        model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        train[cl] = training(model, args.train_batch, device, cl, args)
+    cl = max(train, key=lambda k: train[k][0])
+    row["train"], row["layout_train"] = train[cl], "cl" if cl else "cf"
+    row["other_train"] = [("cl" if k else "cf", train[k][0]) for k in train if k != cl]
     model.to(memory_format=torch.channels_last if best_cl else torch.contiguous_format)
-    row["train"] = training(model, args.train_batch, device, best_cl, args)
     if args.compile:
         compiled = torch.compile(model)
         row["compiled_infer"] = inference(compiled, args.batch[0], device, best_cl, args)
@@ -134,7 +142,7 @@ def table(rows: list[dict], args, head: str, skipped: list[str]) -> str:
     for r in rows:
         cells = [r["model"], f"{r['params']:,}"]
         cells += [f"{fmt(r[f'infer_{b}'])} [{r[f'layout_{b}']}{_others(r[f'other_{b}'])}]" for b in args.batch]
-        cells.append(fmt(r["train"]))
+        cells.append(f"{fmt(r['train'])} [{r['layout_train']}{_others(r['other_train'])}]")
         if args.compile:
             cells += [fmt(r["compiled_infer"]), fmt(r["compiled_train"])]
         lines.append("| " + " | ".join(cells) + " |")
