@@ -186,7 +186,9 @@ void launch(Site site, dim3 grid, dim3 block, size_t smem, void (*kernel)(P...),
   g_grid = grid;
   g_block = block;
   const long long nblocks = static_cast<long long>(grid.x) * grid.y * grid.z;
-  const long long wave = std::max(1, env_int("CUDA_EMU_BLOCKS", 1));
+  // Blocks per wave: CUDA_EMU_BLOCKS, within CUDA_EMU_MAX_THREADS OS threads at once (default 4096).
+  const long long wave =
+      std::max(1, std::min(env_int("CUDA_EMU_BLOCKS", 1), env_int("CUDA_EMU_MAX_THREADS", 4096) / threads));
   const int warps = (threads + 31) / 32;
   ++stats.launches;
   if (env_int("CUDA_EMU_TRACE", 0))
