@@ -27,8 +27,9 @@ PYTHONPATH=$P timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider $N/tes
 snap
 for side in new old; do
   mkdir -p "$R/$side"
-  if [ $side = new ]; then PP=$P; B=benchmarks; C=${SSM2D_COMMIT:-unknown}; else PP=$PO; B=$OLD/benchmarks; C=$old; fi
-  PYTHONPATH=$PP SSM2D_COMMIT=$C timeout 100 python3 $B/bench_models.py convnext_tiny m2d_tiny vmamba_tiny --batch 128 \
+  # (this tree's bench_models times training in both layouts too: a longer limit)
+  if [ $side = new ]; then PP=$P; B=benchmarks; C=${SSM2D_COMMIT:-unknown}; T=150; else PP=$PO; B=$OLD/benchmarks; C=$old; T=100; fi
+  PYTHONPATH=$PP SSM2D_COMMIT=$C timeout $T python3 $B/bench_models.py convnext_tiny m2d_tiny vmamba_tiny --batch 128 \
     --steps 10 --warmup 3 --out "$R/$side/bench_models.md" 2>&1 | tail -n 4
   snap
 done
