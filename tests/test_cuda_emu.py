@@ -1,4 +1,4 @@
-"""scan2d's CUDA kernels run on the CPU under tools/cuda_emu, against the CPU kernel.
+"""scan2d's and wavefront2d's CUDA kernels run on the CPU under tools/cuda_emu, against the CPU kernels.
 
 Not a GPU test: this checks what the CUDA sources compute (indexing, barriers, shuffles, the
 dispatch between kernel families) on machines without a GPU, every CUDA thread an OS thread. The
@@ -23,10 +23,10 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("g++") is None, reason="tools/cuda_emu builds with g++")]
 
 
-@pytest.mark.parametrize("dtype,cases", [("f32", 10), ("bf16", 4)])
-def test_scan2d_cuda_sources_match_the_cpu_kernel_under_emulation(dtype, cases):
+@pytest.mark.parametrize("driver,dtype,cases", [("scan2d", "f32", 6), ("scan2d", "bf16", 4), ("wavefront2d", "f32", 6)])
+def test_cuda_sources_match_the_cpu_kernels_under_emulation(driver, dtype, cases):
     seed = random.randrange(1 << 30)
-    cmd = [sys.executable, str(ROOT / "tools" / "cuda_emu" / "emu.py"), "scan2d", "--no-asan", "--",
+    cmd = [sys.executable, str(ROOT / "tools" / "cuda_emu" / "emu.py"), driver, "--no-asan", "--",
            "--cases", str(cases), "--bwd", "--dtype", dtype, "--seed", str(seed)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, f"seed {seed}: {' '.join(cmd)}\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"

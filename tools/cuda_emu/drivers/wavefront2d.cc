@@ -171,7 +171,7 @@ bool run_case(const Case& c, std::mt19937& rng, bool bwd, bool verbose) {
   }
   if (!bwd || !ok) return ok;
 
-  Buf dout(DType::kFloat32, cells);
+  Buf dout(c.dt, cells);  // in the inputs' dtype (the per-cell results are float32 accumulators)
   for (int64_t i = 0; i < cells; ++i) dout.set(i, nd(rng));
   struct Grads {
     Buf du, ddT, ddL, dBT, dBL, dC;
