@@ -217,7 +217,7 @@ def build(driver: str, sanitizer: str) -> Path:
         flags.append(f"-fsanitize={sanitizer}")
     # Headers every unit sees: a change in any of them rebuilds everything (a unit's own text and the
     # flags are in its key too); unchanged units are not recompiled.
-    common = "".join(p.read_text() for d in (HERE / "include", src_dir, KERNELS / "include" / "ssm2d")
+    common = "".join(p.read_text() for d in (HERE / "include", HERE / "drivers", src_dir, KERNELS / "include" / "ssm2d")
                      for p in sorted(d.iterdir()) if p.suffix in (".h", ".cuh"))
     objs = []
     jobs = []

@@ -17,39 +17,14 @@
 #include <string>
 #include <vector>
 
-#include "ssm2d/half.h"
+#include "common.h"
 #include "ssm2d/wavefront2d.h"
 
 using namespace ssm2d;
+using namespace emu_driver;
 
 namespace {
 
-struct Buf {
-  DType dt = DType::kFloat32;
-  std::vector<unsigned char> bytes;
-  int64_t n = 0;
-  Buf() = default;
-  Buf(DType t, int64_t count) : dt(t), bytes(static_cast<size_t>(count) * dtype_size(t)), n(count) {}
-  void* data() { return bytes.data(); }
-  float get(int64_t i) const {
-    switch (dt) {
-      case DType::kFloat32: { float v; std::memcpy(&v, &bytes[i * 4], 4); return v; }
-      case DType::kBFloat16: { cpu::bfloat16_t v; std::memcpy(&v, &bytes[i * 2], 2); return cpu::to_float(v); }
-      case DType::kFloat16: { cpu::half_t v; std::memcpy(&v, &bytes[i * 2], 2); return cpu::to_float(v); }
-      default: std::abort();
-    }
-  }
-  void set(int64_t i, float x) {
-    switch (dt) {
-      case DType::kFloat32: std::memcpy(&bytes[i * 4], &x, 4); break;
-      case DType::kBFloat16: { auto v = cpu::from_float_bf16(x); std::memcpy(&bytes[i * 2], &v, 2); break; }
-      case DType::kFloat16: { auto v = cpu::from_float_half(x); std::memcpy(&bytes[i * 2], &v, 2); break; }
-      default: std::abort();
-    }
-  }
-  void zero() { std::memset(bytes.data(), 0, bytes.size()); }
-  void fill_nan() { std::memset(bytes.data(), 0xFF, bytes.size()); }
-};
 
 struct Case {
   int64_t b, e, n, g, h, w;
@@ -71,31 +46,6 @@ Grid frame(Buf& buf, int64_t H, int64_t W, int64_t C, int64_t N, const Case& c) 
   if (c.flip & 2) { off += (W - 1) * g.sj; g.sj = -g.sj; }
   g.data = static_cast<unsigned char*>(buf.data()) + off * dtype_size(buf.dt);
   return g;
-}
-
-double tol_of(DType t) { return t == DType::kFloat32 ? 2e-4 : t == DType::kBFloat16 ? 2e-2 : 4e-3; }
-
-bool close(const char* what, const Buf& a, const Buf& r, double tol, bool verbose) {
-  double scale = 0.0;
-  for (int64_t i = 0; i < r.n; ++i) scale = std::max(scale, std::fabs(static_cast<double>(r.get(i))));
-  double worst = 0.0;
-  int64_t at = -1;
-  for (int64_t i = 0; i < r.n; ++i) {
-    const double x = a.get(i), y = r.get(i);
-    const double e = std::isfinite(x) ? std::fabs(x - y) / (std::fabs(y) + 1e-2 * scale + 1e-30) : INFINITY;
-    if (!(e <= worst)) { worst = e; at = i; }
-  }
-  const bool ok = worst <= tol;
-  if (!ok || verbose)
-    std::printf("    %-8s max rel err %.3g%s (at %lld: %.6g vs %.6g)\n", what, worst, ok ? "" : "  MISMATCH",
-                static_cast<long long>(at), at >= 0 ? a.get(at) : 0.0, at >= 0 ? r.get(at) : 0.0);
-  return ok;
-}
-
-Buf floats(const std::vector<float>& v) {
-  Buf b(DType::kFloat32, static_cast<int64_t>(v.size()));
-  std::memcpy(b.data(), v.data(), v.size() * 4);
-  return b;
 }
 
 int states_per_block(const Case& c) {  // as ssm2d_kernels.wavefront2d.states_per_block
@@ -246,61 +196,30 @@ bool run_case(const Case& c, std::mt19937& rng, bool bwd, bool verbose) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  unsigned seed = 1;
-  int cases = 6;
-  bool bwd = false, verbose = false;
-  DType dt = DType::kFloat32;
-  std::vector<int64_t> only;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    if (a == "--seed" && i + 1 < argc) seed = static_cast<unsigned>(std::stoul(argv[++i]));
-    else if (a == "--cases" && i + 1 < argc) cases = std::stoi(argv[++i]);
-    else if (a == "--bwd") bwd = true;
-    else if (a == "--verbose") verbose = true;
-    else if (a == "--dtype" && i + 1 < argc) {
-      std::string t = argv[++i];
-      dt = t == "bf16" ? DType::kBFloat16 : t == "f16" ? DType::kFloat16 : DType::kFloat32;
-    } else if (a == "--only" && i + 1 < argc) {
-      std::string s = argv[++i];
-      size_t pos = 0;
-      while (pos <= s.size()) {
-        size_t e = s.find(',', pos);
-        only.push_back(std::stoll(s.substr(pos, e - pos)));
-        if (e == std::string::npos) break;
-        pos = e + 1;
-      }
-      if (only.size() != 6) { std::fprintf(stderr, "--only takes b,e,n,g,h,w\n"); return 2; }
-    } else {
-      std::fprintf(stderr, "unknown argument %s\n", argv[i]);
-      return 2;
-    }
-  }
-  std::mt19937 rng(seed);
-  auto pick = [&](std::initializer_list<int64_t> v) { return *(v.begin() + rng() % v.size()); };
-  int failed = 0;
-  for (int k = 0; k < cases; ++k) {
+  Options o;
+  if (!parse(argc, argv, o, "b,e,n,g,h,w")) return 2;
+  auto make = [&](std::mt19937& rng) {
     Case c;
-    if (!only.empty()) {
-      c.b = only[0]; c.e = only[1]; c.n = only[2]; c.g = only[3]; c.h = only[4]; c.w = only[5];
+    if (!o.only.empty()) {
+      c.b = o.only[0]; c.e = o.only[1]; c.n = o.only[2]; c.g = o.only[3]; c.h = o.only[4]; c.w = o.only[5];
     } else {
-      c.n = pick({2, 4, 16, 20});
-      c.g = pick({1, 1, 2});
-      c.e = c.g * pick({8, 16});
-      c.b = pick({1, 2});
+      c.n = pick(rng, {2, 4, 16, 20});
+      c.g = pick(rng, {1, 1, 2});
+      c.e = c.g * pick(rng, {8, 16});
+      c.b = pick(rng, {1, 2});
       // The general kernel (N > 16) runs a block of N warps per (batch, channel), all at once here.
       if (c.n > 16) c.e = c.g * 4, c.b = 1;
-      c.h = pick({1, 5, 17});
-      c.w = pick({1, 7, 33, 70});
+      c.h = pick(rng, {1, 5, 17});
+      c.w = pick(rng, {1, 7, 33, 70});
     }
-    c.D = rng() % 2; c.origin_top = rng() % 2; c.flip = static_cast<int>(rng() % 4); c.dt = dt;
-    std::printf("case %d: b=%lld e=%lld n=%lld g=%lld %lldx%lld flip=%d origin_top=%d D=%d\n", k, (long long)c.b,
-                (long long)c.e, (long long)c.n, (long long)c.g, (long long)c.h, (long long)c.w, c.flip, c.origin_top, c.D);
-    std::fflush(stdout);
-    const bool ok = run_case(c, rng, bwd, verbose);
-    std::printf("  %s\n", ok ? "ok" : "FAILED");
-    std::fflush(stdout);
-    if (!ok) ++failed;
-  }
-  std::printf("%d of %d cases failed\n", failed, cases);
-  return failed ? 1 : 0;
+    c.D = rng() % 2; c.origin_top = rng() % 2; c.flip = static_cast<int>(rng() % 4); c.dt = o.dt;
+    return c;
+  };
+  auto describe = [](const Case& c) {
+    char line[256];
+    std::snprintf(line, sizeof line, "b=%lld e=%lld n=%lld g=%lld %lldx%lld flip=%d origin_top=%d D=%d", (long long)c.b,
+                  (long long)c.e, (long long)c.n, (long long)c.g, (long long)c.h, (long long)c.w, c.flip, c.origin_top, c.D);
+    return std::string(line);
+  };
+  return run_cases<Case>(o, make, describe, [&](const Case& c, std::mt19937& rng) { return run_case(c, rng, o.bwd, o.verbose); });
 }
