@@ -87,30 +87,19 @@ def _split_top(s: str, sep: str = ",") -> list[str]:
 
 
 def _callee_start(text: str, end: int) -> int:
-    """Start of the callee expression ending at text[end - 1] (identifiers, ::, template args)."""
-    i = end
-    while True:
-        while i > 0 and text[i - 1].isspace():
+    """Start of the callee ending at text[end - 1]: a name (identifiers and ::), then optionally one
+    template-argument list (``kernel`` or ``scan2d_fwd_row_kernel<T, CPL>``)."""
+    i = len(text[:end].rstrip())
+    if i > 0 and text[i - 1] == ">":
+        depth = 0
+        while i > 0:
             i -= 1
-        if i > 0 and text[i - 1] == ">":
-            depth, k = 0, i - 1
-            while k >= 0:
-                if text[k] == ">":
-                    depth += 1
-                elif text[k] == "<":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                k -= 1
-            i = k
-            continue
-        k = i
-        while k > 0 and (text[k - 1].isalnum() or text[k - 1] in "_:"):
-            k -= 1
-        if k == i:
-            return i
-        i = k
-        return i
+            depth += {">": 1, "<": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
+        i -= 1
+    return i
 
 
 def rewrite_launches(text: str) -> str:

@@ -164,11 +164,6 @@ inline void st_release(void* p, unsigned v) { __atomic_store_n(static_cast<unsig
 
 // ---- launch -----------------------------------------------------------------------------------
 
-struct LaunchStats {
-  long long launches = 0, blocks = 0;
-};
-inline LaunchStats stats;
-
 // Where a launch was written (CUDA_EMU_TRACE=1 prints each launch with it).
 struct Site {
   const char* file;
@@ -190,7 +185,6 @@ void launch(Site site, dim3 grid, dim3 block, size_t smem, void (*kernel)(P...),
   const long long wave =
       std::max(1, std::min(env_int("CUDA_EMU_BLOCKS", 1), env_int("CUDA_EMU_MAX_THREADS", 4096) / threads));
   const int warps = (threads + 31) / 32;
-  ++stats.launches;
   if (env_int("CUDA_EMU_TRACE", 0))
     std::fprintf(stderr, "[cuda_emu] %s:%d %s grid (%u, %u, %u) block (%u, %u, %u) smem %zu\n", site.file, site.line,
                  site.callee, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem);
@@ -225,7 +219,6 @@ void launch(Site site, dim3 grid, dim3 block, size_t smem, void (*kernel)(P...),
       }
     }
     for (auto& th : pool) th.join();
-    stats.blocks += last - first;
   }
 }
 
