@@ -75,6 +75,39 @@ def test_equals_the_sum_of_scan2d_calls(dtype):
             assert a.dtype == b.dtype and rel_err(a, b) < tol, f"d{name} seed={seed} {cfg}: {rel_err(a, b):.2e}"
 
 
+def test_backward_reads_a_gradient_handed_in_another_dtype():
+    """Autograd hands a node its output's gradient in the output's dtype, which need not be the
+    inputs' (under CUDA autocast a plain sum of bfloat16 route outputs came out float32): the kernels
+    read dout in u's dtype, so a float32 dout of bfloat16 inputs must give exactly what the same
+    values in bfloat16 give (before the fix the kernel read the float32 bytes as bfloat16)."""
+    import sys
+
+    routes_mod = sys.modules["ssm2d_nn.ops.scan2d_routes"]
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    for _ in range(3):
+        cfg = _config(rng)
+        x = cast(make_route_inputs(rng, **cfg), "cpu", torch.bfloat16)
+        args = tuple(x[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias"))
+        dout16 = torch.randn(x["u"].shape, dtype=torch.float64).to(torch.bfloat16)
+        plan = routes_mod._routes_plan(*args, tuple(cfg["routes"]), "kernel")
+        assert plan is not None, cfg
+        got = routes_mod._backward(plan, dout16.float(), args, None, cfg["softplus"])
+        want = routes_mod._backward(plan, dout16, args, None, cfg["softplus"])
+        for name, a, b in zip(NAMES, got, want):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"d{name} seed={seed} {cfg}"
+        # scan2d's own backward op, one route
+        (o, r), k = cfg["routes"][0], 0
+        u, delta, A, B, C = x["u"], x["delta"][:, k], x["A"][k], x["B"][:, k], x["C"][:, k]
+        D = None if x["D"] is None else x["D"][k]
+        bias = None if x["delta_bias"] is None else x["delta_bias"][k]
+        out, y, carries = torch.ops.ssm2d.scan2d_fwd(u, delta, A, B, C, D, None, bias, cfg["softplus"], o, r, True)
+        run = lambda g: torch.ops.ssm2d.scan2d_bwd(g, u, delta, A, B, C, D, None, bias, y, carries,  # noqa: E731
+                                                   cfg["softplus"], o, r, False)
+        for a, b in zip(run(dout16.float()), run(dout16)):
+            assert torch.equal(a, b), f"scan2d_bwd seed={seed} {cfg}"
+
+
 def test_no_grad_call_equals_the_autograd_call_and_builds_no_graph():
     rng = random.Random(random.randrange(2**31))
     cfg = dict(batch=2, dim=8, dstate=2, groups=2, height=5, width=7, routes=random_routes(rng, 3))

@@ -67,9 +67,32 @@ def test_against_float64(family):
     assert rel_err(out_i, out_r) < 1e-5, f"inference seed={seed}"
 
 
-@pytest.mark.parametrize("family", ["chan", "lanes"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_bfloat16(family):
     _against_reference(family, torch.bfloat16, 2e-2, 5e-2)
+
+
+@pytest.mark.parametrize("family", ["row", "chan", "lanes"])
+def test_autocast_keeps_the_inputs_dtype_and_the_gradients(family):
+    # Under CUDA autocast a plain sum of the route outputs runs in float32; the op's output stays in
+    # u's dtype, and a float32 consumer's gradient (a LayerNorm autocast runs in float32, as SS2D's
+    # out_norm) still gives the float64 reference's gradients (it was read as bfloat16 bytes before).
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    x64, routes = _inputs(rng, family)
+    gout = torch.randn(x64["u"].shape, dtype=torch.float64)
+    out_r, g_r = _grads(scan2d_routes_reference, cast(x64, "cpu", torch.float64), gout, delta_softplus=True,
+                        routes=routes)
+    x = cast(x64, "cuda", torch.bfloat16)
+    wrt = [x[k] for k in NAMES if x[k] is not None]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = scan2d_routes(**x, delta_softplus=True, routes=routes)
+        consumer = out.float() * 1.0
+    assert out.dtype == torch.bfloat16, f"seed={seed}"
+    assert rel_err(out, out_r) < 2e-2, f"forward seed={seed}"
+    grads = torch.autograd.grad(consumer, wrt, gout.to("cuda", torch.float32))
+    for name, a, b in zip(NAMES, grads, g_r):
+        assert rel_err(a, b) < 5e-2, f"d{name} seed={seed}: {rel_err(a, b):.2e}"
 
 
 @pytest.mark.parametrize("family", ["chan", "band", "lanes"])

@@ -249,13 +249,13 @@ def _forward(plan: RoutesPlan, args: tuple, softplus: bool, save: bool,
     c0 = data_ptr(carries)
     for i, (f, ops) in enumerate(zip(plan.frames, _operands(plan, args, softplus))):
         K.run(f, ops, y0 + i * plan.out_slot, None, None if c0 is None else c0 + 4 * plan.carry_offsets[i], workspace)
-    if memory_format == torch.contiguous_format:
-        return (ys[0] if k == 1 else ys.sum(0)), carries
-    out = torch.empty_like(u, memory_format=memory_format)
     if k == 1:
-        out.copy_(ys[0])
-    else:
-        torch.sum(ys, dim=0, out=out)  # the one pass over the route outputs writes the layout asked for
+        return (ys[0] if memory_format == torch.contiguous_format else ys[0].contiguous(memory_format=memory_format)), \
+            carries
+    # The one pass over the route outputs writes the layout asked for, in u's dtype (accumulated in
+    # float32): into a given tensor, since autocast would run a plain sum in float32 and return that.
+    out = torch.empty_like(u, memory_format=memory_format)
+    torch.sum(ys, dim=0, out=out)
     return out, carries
 
 
@@ -265,6 +265,7 @@ def _backward(plan: RoutesPlan, dout: Tensor, args: tuple, carries: Optional[Ten
     acc, k = plan.param_dtype, len(plan.frames)
     b, d = u.shape[0], u.shape[1]
     n = A.shape[2]
+    dout = K.dout_in_dtype(dout, u)
     dus, du0 = _slots(k, plan.out_slot, u)
     ddelta = K.fresh_like(delta)
     dBC = torch.zeros((2,) + tuple(B.shape), dtype=acc, device=u.device)  # added into
