@@ -2,6 +2,7 @@
 
     python benchmarks/profile_scan2d.py            # the benchmark's cases
     ncu --kernel-name regex:scan2d --launch-count 2 python benchmarks/profile_scan2d.py --once
+    python benchmarks/profile_scan2d.py --inference  # the forward alone, nothing saved (no_grad)
 """
 
 from __future__ import annotations
@@ -21,14 +22,22 @@ from ssm2d_nn.ops import scan2d  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--once", action="store_true", help="one forward+backward per case (for ncu)")
+    ap.add_argument("--once", action="store_true", help="one call per case (for ncu)")
     ap.add_argument("--cases", default="0,3")
+    ap.add_argument("--inference", action="store_true", help="the forward under no_grad instead of fwd+bwd")
     args = ap.parse_args()
+    what = "forward (no_grad)" if args.inference else "fwd+bwd"
     for idx in map(int, args.cases.split(",")):
         name, shape, *_ = CASES[idx]
         t = make(shape)
         gout = torch.randn_like(t["u"])
-        step = lambda: torch.autograd.grad(scan2d(**t, delta_softplus=True, backend="kernel"), list(t.values()), gout)  # noqa: E731
+        if args.inference:
+            def step():
+                with torch.no_grad():
+                    return scan2d(**t, delta_softplus=True, backend="kernel")
+        else:
+            def step():
+                return torch.autograd.grad(scan2d(**t, delta_softplus=True, backend="kernel"), list(t.values()), gout)
         step()
         torch.cuda.synchronize()
         if args.once:
@@ -42,7 +51,7 @@ def main():
             for _ in range(10):
                 step()
             torch.cuda.synchronize()
-        print(f"== {name} {shape}: wall {wall:.3f} ms per fwd+bwd")
+        print(f"== {name} {shape}: wall {wall:.3f} ms per {what}")
         for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
             print(f"   {ev.device_time_total / 10 / 1e3:8.3f} ms/step  {ev.count // 10:3d}x  {ev.key[:90]}")
 
