@@ -250,10 +250,10 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scan", ["scan2d", "wavefront2d"])
-def test_cuda_kernel_vs_reference_and_bf16_autocast(scan):
+@pytest.mark.parametrize("scan,checkpoint", [("scan2d", False), ("scan2d", True), ("wavefront2d", False)])
+def test_cuda_kernel_vs_reference_and_bf16_autocast(scan, checkpoint):
     torch.manual_seed(0)
-    layer = TwoDMambaLayer(32, 64, 16, scan=scan, checkpoint=False).cuda()
+    layer = TwoDMambaLayer(32, 64, 16, scan=scan, checkpoint=checkpoint).cuda()
     x = torch.randn(2, 32, 20, 23, device="cuda", requires_grad=True)
     mask = torch.rand(2, 20, 23, device="cuda") > 0.4
     outs = {}
@@ -272,8 +272,13 @@ def test_cuda_kernel_vs_reference_and_bf16_autocast(scan):
     assert out.dtype == torch.bfloat16
     err = (out.float() - outs["kernel"][0]).norm() / outs["kernel"][0].norm()
     assert err < 3e-2, err
-    out.float().square().sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    # The gradients under autocast are the float32 ones up to bfloat16 rounding (a dtype slip in a
+    # backward reads garbage: finite, and far off).
+    grads = torch.autograd.grad(out.float().square().sum(), [x] + list(layer.parameters()))
+    names = ["x"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, grads, outs["kernel"][1]):
+        rel = ((a.float() - b).norm() / b.norm().clamp_min(1e-12)).item()
+        assert torch.isfinite(a).all() and rel < 5e-2, (name, rel)
 
 
 @pytest.mark.parametrize("backend", ["kernel", "reference"])
