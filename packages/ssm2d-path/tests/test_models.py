@@ -258,12 +258,20 @@ def test_2dmambamil_cuda_kernel_vs_reference_and_bf16():
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-5)
     for layer in model.layers:
         layer.backend = "kernel"
+    model.zero_grad()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(bag)
     rel = (out.logits.float() - res["kernel"][0]).norm() / res["kernel"][0].norm()
     assert rel < 5e-2, rel
-    out.logits.float().sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # The gradients under autocast are the float32 ones up to bfloat16 rounding (a dtype slip in a
+    # backward reads garbage: finite, and far off).
+    # (A gradient that is zero in exact arithmetic, as the attention bias's under the softmax, is
+    # measured against the largest one: bfloat16 leaves rounding noise there.)
+    out.logits.float().square().sum().backward()
+    floor = 1e-3 * max(b.norm() for b in res["kernel"][2])
+    for (name, p), b in zip(model.named_parameters(), res["kernel"][2]):
+        rel = ((p.grad.float() - b).norm() / torch.maximum(b.norm(), floor)).item()
+        assert torch.isfinite(p.grad).all() and rel < 1e-1, (name, rel)
 
 
 def test_relu_dropout_equals_relu_then_dropout_with_the_same_mask():
