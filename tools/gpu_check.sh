@@ -4,28 +4,32 @@
 # logs and tables in $OUT (default: benchmarks/results/latest). Set SSM2D_COMMIT to the commit
 # measured when the tree has no .git (as on the lent GPU machines).
 #
-#   bash tools/gpu_check.sh [PHASE ...]      PHASE: tests vision bench overhead models all (default: tests bench)
+#   bash tools/gpu_check.sh [PHASE ...]      PHASE: tests vision bench overhead models mil all (default: tests bench)
 #
 # Each phase fits one call of at most 10 minutes on an H200:
 #   tests     the GPU tests of tests/, ssm2d-kernels and ssm2d-nn            -> gpu_tests.log
 #   vision    the GPU tests of ssm2d-vision (they compile with inductor)     -> gpu_tests_vision.log
 #   bench     bench_scan2d, bench_wavefront2d, profile_scan2d                -> bench_*.md, profile_scan2d.txt
 #   overhead  bench_op_overhead (host time per op call)                      -> op_overhead.md
-#   models    bench_models (convnext_tiny and the project's models, one run) and one profiled
-#             vmamba2d_tiny training step                                    -> bench_models.md, vmamba2d_tiny/
-# Environment: TESTS_K (a pytest -k expression for the tests phases), SKIP_SCAN2D_BENCH=1 (bench
-# phase: wavefront2d only), MODELS (models phase; default below).
+#   models    bench_models (convnext_tiny and the project's models, one run; each in the faster
+#             layout, the other's img/s beside it) and one profiled vmamba2d_tiny training step
+#                                                                            -> bench_models.md, vmamba2d_tiny/
+#   mil       one 2DMambaMIL training step at 150k patches, bf16, with its device time per kernel
+#                                                                            -> bench_mil_150k.md
+# Environment: WHEEL_DIR (the kernel wheel's folder; default dist/gpu), TESTS_K (a pytest -k expression
+# for the tests phases), SKIP_SCAN2D_BENCH=1 (bench phase: wavefront2d only), MODELS (models phase;
+# default below).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/ssm2d-site \
-  dist/gpu/ssm2d_kernels-*.whl || exit 1
+  "${WHEEL_DIR:-dist/gpu}"/ssm2d_kernels-*.whl || exit 1
 export PYTHONPATH=/tmp/ssm2d-site:packages/ssm2d-nn/src:packages/ssm2d-vision/src:packages/ssm2d-path/src
 export PYTHONUNBUFFERED=1
 PHASES=("$@")
 [ ${#PHASES[@]} -gt 0 ] || PHASES=(tests bench)
-[ "${PHASES[0]}" != all ] || PHASES=(tests vision bench overhead models)
+[ "${PHASES[0]}" != all ] || PHASES=(tests vision bench overhead models mil)
 status=0
 
 header() {
@@ -55,10 +59,12 @@ for phase in "${PHASES[@]}"; do
     overhead) python3 benchmarks/bench_op_overhead.py --out "$OUT" 2>&1 | tail -n 14 ;;
     models)
       python3 benchmarks/bench_models.py ${MODELS:-convnext_tiny vmamba_tiny vmamba2d_tiny m2d_tiny} --batch 128 \
-        --steps 20 --warmup 5 --layout cl --out "$OUT/bench_models.md" 2>&1 | tail -n 12
+        --steps 20 --warmup 5 --out "$OUT/bench_models.md" 2>&1 | tail -n 12
       python3 benchmarks/profile_vmamba.py --model vmamba2d_tiny --channels-last --out "$OUT/vmamba2d_tiny" 2>&1 |
         tail -n 5 ;;
-    *) echo "unknown phase: $phase (tests vision bench overhead models all)" >&2; exit 2 ;;
+    mil) python3 benchmarks/bench_mil.py --models 2dmambamil --sizes 150000 --precision bf16 --profile --top 12 \
+           2>&1 | tee "$OUT/bench_mil_150k.md" | tail -n 24 ;;
+    *) echo "unknown phase: $phase (tests vision bench overhead models mil all)" >&2; exit 2 ;;
   esac
 done
 exit $status

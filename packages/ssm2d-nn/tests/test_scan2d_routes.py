@@ -80,9 +80,7 @@ def test_backward_reads_a_gradient_handed_in_another_dtype():
     inputs' (under CUDA autocast a plain sum of bfloat16 route outputs came out float32): the kernels
     read dout in u's dtype, so a float32 dout of bfloat16 inputs must give exactly what the same
     values in bfloat16 give (before the fix the kernel read the float32 bytes as bfloat16)."""
-    import sys
-
-    routes_mod = sys.modules["ssm2d_nn.ops.scan2d_routes"]
+    routes_mod = importlib.import_module("ssm2d_nn.ops.scan2d_routes")
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     for _ in range(3):

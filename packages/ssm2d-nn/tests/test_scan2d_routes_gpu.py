@@ -44,14 +44,21 @@ def _grads(fn, inputs, gout, **kw):
     return out, torch.autograd.grad(out, wrt, gout.to(out.device, out.dtype))
 
 
-def _against_reference(family, dtype, fwd_tol, grad_tol, **kw):
-    """scan2d_routes on CUDA in ``dtype`` against the float64 reference: forward and every gradient."""
+def _reference_case(family):
+    """Fresh inputs of ``family`` (float64, CPU), its routes, an incoming gradient, and the float64
+    reference's output and gradients; with the seed for failure messages."""
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     x64, routes = _inputs(rng, family)
     gout = torch.randn(x64["u"].shape, dtype=torch.float64)
     out_r, g_r = _grads(scan2d_routes_reference, cast(x64, "cpu", torch.float64), gout, delta_softplus=True,
                         routes=routes)
+    return seed, x64, routes, gout, out_r, g_r
+
+
+def _against_reference(family, dtype, fwd_tol, grad_tol, **kw):
+    """scan2d_routes on CUDA in ``dtype`` against the float64 reference: forward and every gradient."""
+    seed, x64, routes, gout, out_r, g_r = _reference_case(family)
     out_k, g_k = _grads(scan2d_routes, cast(x64, "cuda", dtype), gout, delta_softplus=True, routes=routes, **kw)
     assert out_k.is_cuda and out_k.dtype == dtype and rel_err(out_k, out_r) < fwd_tol, f"forward seed={seed}"
     for name, a, b in zip(NAMES, g_k, g_r):
@@ -77,12 +84,7 @@ def test_autocast_keeps_the_inputs_dtype_and_the_gradients(family):
     # Under CUDA autocast a plain sum of the route outputs runs in float32; the op's output stays in
     # u's dtype, and a float32 consumer's gradient (a LayerNorm autocast runs in float32, as SS2D's
     # out_norm) still gives the float64 reference's gradients (it was read as bfloat16 bytes before).
-    seed = random.randrange(2**31)
-    rng = random.Random(seed)
-    x64, routes = _inputs(rng, family)
-    gout = torch.randn(x64["u"].shape, dtype=torch.float64)
-    out_r, g_r = _grads(scan2d_routes_reference, cast(x64, "cpu", torch.float64), gout, delta_softplus=True,
-                        routes=routes)
+    seed, x64, routes, gout, out_r, g_r = _reference_case(family)
     x = cast(x64, "cuda", torch.bfloat16)
     wrt = [x[k] for k in NAMES if x[k] is not None]
     with torch.autocast("cuda", dtype=torch.bfloat16):

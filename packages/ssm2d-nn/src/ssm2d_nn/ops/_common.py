@@ -134,6 +134,14 @@ class PlanCache:
         return plan
 
 
+def dout_in_dtype(dout: Tensor, like: Tensor) -> Tensor:
+    """The incoming gradient in ``like``'s dtype, the one the kernels read it in (a copy when it
+    differs). Autograd hands a node the gradient in its output's dtype, and an output need not be in
+    the inputs' dtype (a reduction autocast ran in float32, say): a backward must not read float32
+    bytes as bfloat16 ones. Callers keep the returned tensor alive until the kernels are launched."""
+    return dout if dout.dtype == like.dtype else dout.to(like.dtype)
+
+
 def refuse_double_backward(op: str, *tensors: Optional[Tensor]) -> None:
     """The kernels' backward is not differentiable: say so when a graph of it is asked for."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

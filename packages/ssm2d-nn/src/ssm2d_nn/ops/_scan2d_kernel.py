@@ -165,22 +165,14 @@ def backward(f: Frame, ops: tuple, *, dout, y, carries, du, ddelta, dz, dB, dC, 
         int(d_begin), int(d_end), _ptr(workspace))
 
 
-def dout_in_dtype(dout: Tensor, like: Tensor) -> Tensor:
-    """The incoming gradient in ``like``'s dtype, the one the kernels read it in (a copy when it
-    differs). Autograd hands a node the gradient in its output's dtype, and an output need not be in
-    the inputs' dtype (a reduction autocast ran in float32, say): the backward must not read float32
-    bytes as bfloat16 ones. Callers keep the returned tensor alive until the kernel is launched."""
-    return dout if dout.dtype == like.dtype else dout.to(like.dtype)
-
-
 def dout_argument(f: Frame, dout: Tensor, like: Tensor):
     """The incoming gradient as the compiled backward takes it, ``dout`` already in ``like``'s dtype
-    (``dout_in_dtype``). It is usually contiguous like ``like`` (a tensor shaped like u in u's dtype):
-    then its layout is the frame's cell layout and its data pointer is enough; otherwise its grid
-    descriptor (pointer and strides)."""
+    (``_common.dout_in_dtype``). It is usually contiguous like ``like`` (a tensor shaped like u in
+    u's dtype): then its layout is the frame's cell layout and its data pointer is enough; otherwise
+    its grid descriptor (pointer and strides)."""
     if dout.dtype != like.dtype:
         raise TypeError(f"scan2d backward: dout is {dout.dtype} but the kernels read it as {like.dtype} "
-                        "(convert it with dout_in_dtype first)")
+                        "(convert it with _common.dout_in_dtype first)")
     if dout.shape == like.shape and dout.is_contiguous():
         return dout.data_ptr()
     return grid(dout, f.origin, f.order)

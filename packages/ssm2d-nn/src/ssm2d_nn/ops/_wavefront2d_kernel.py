@@ -140,10 +140,6 @@ def backward(f: Frame, dout: Tensor, args: tuple, *, du, ddT, ddL, dBT, dBL, dC,
     ``per_channel``: their layout computed here, so tensors then). Results may be given as data
     pointers (blocks of a larger buffer)."""
     u = args[0]
-    # The kernels read dout in u's dtype (a gradient in another dtype is converted; kept alive here
-    # until the launch below).
-    if dout.dtype != u.dtype:
-        dout = dout.to(u.dtype)
     named = dict(ddT=ddT, ddL=ddL, dBT=dBT, dBL=dBL, dAT_part=dAT_part, dAL_part=dAL_part)
     (dt, dl), (bt, bl), (at_, al) = f.grads
     bn = (lambda t: _layout(f, t, "bn")) if per_channel else _ptr

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _scan2d_kernel as K
-from ._common import add_group_partials, nothing_intercepts, refuse_double_backward
+from ._common import add_group_partials, dout_in_dtype, nothing_intercepts, refuse_double_backward
 from ._scan2d_args import checked_plan, scan2d_plan
 from .scan2d_reference import scan2d_reference
 
@@ -146,7 +146,7 @@ def _run_backward(f: K.Frame, dout: Tensor, u: Tensor, delta: Tensor, A: Tensor,
     acc = A.dtype
     b, d, h, w = u.shape
     g, n = B.shape[1], A.shape[1]
-    dout = K.dout_in_dtype(dout, u)
+    dout = dout_in_dtype(dout, u)
     du, ddelta = K.fresh_like(u), K.fresh_like(u)
     dz = K.fresh_like(u) if z is not None else None
     # The per-batch partials of dA (b, d, n), dD (b, d) and ddelta_bias (b, d) in one buffer, one after

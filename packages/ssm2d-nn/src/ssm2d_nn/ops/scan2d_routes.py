@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from . import _scan2d_kernel as K
-from ._common import PlanCache, check_tensors, data_ptr, nothing_intercepts, refuse_double_backward, scratch
+from ._common import (PlanCache, check_tensors, data_ptr, dout_in_dtype, nothing_intercepts, refuse_double_backward,
+                      scratch)
 from ._scan2d_args import ORDERS, ORIGINS, scan2d_plan
 from .scan2d import _run_backward, scan2d
 from .scan2d_reference import scan2d_reference
@@ -250,8 +251,7 @@ def _forward(plan: RoutesPlan, args: tuple, softplus: bool, save: bool,
     for i, (f, ops) in enumerate(zip(plan.frames, _operands(plan, args, softplus))):
         K.run(f, ops, y0 + i * plan.out_slot, None, None if c0 is None else c0 + 4 * plan.carry_offsets[i], workspace)
     if k == 1:
-        return (ys[0] if memory_format == torch.contiguous_format else ys[0].contiguous(memory_format=memory_format)), \
-            carries
+        return ys[0].contiguous(memory_format=memory_format), carries  # the slot itself when already so
     # The one pass over the route outputs writes the layout asked for, in u's dtype (accumulated in
     # float32): into a given tensor, since autocast would run a plain sum in float32 and return that.
     out = torch.empty_like(u, memory_format=memory_format)
@@ -265,7 +265,7 @@ def _backward(plan: RoutesPlan, dout: Tensor, args: tuple, carries: Optional[Ten
     acc, k = plan.param_dtype, len(plan.frames)
     b, d = u.shape[0], u.shape[1]
     n = A.shape[2]
-    dout = K.dout_in_dtype(dout, u)
+    dout = dout_in_dtype(dout, u)
     dus, du0 = _slots(k, plan.out_slot, u)
     ddelta = K.fresh_like(delta)
     dBC = torch.zeros((2,) + tuple(B.shape), dtype=acc, device=u.device)  # added into

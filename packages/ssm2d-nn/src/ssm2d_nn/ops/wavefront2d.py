@@ -18,8 +18,8 @@ from torch import Tensor
 
 from .. import backends
 from . import _wavefront2d_kernel as K
-from ._common import (OpPlan, PlanCache, add_group_partials, check_devices, check_tensors, nothing_intercepts,
-                      plain_tensors, refuse_double_backward)
+from ._common import (OpPlan, PlanCache, add_group_partials, check_devices, check_tensors, dout_in_dtype,
+                      nothing_intercepts, plain_tensors, refuse_double_backward)
 from .wavefront2d_reference import ORIGINS, wavefront2d_reference
 
 __all__ = ["wavefront2d", "wavefront2d_reference"]
@@ -165,6 +165,7 @@ def _run_backward(f: K.Frame, dout: Tensor, args: tuple, deterministic: bool) ->
     u, dT, dL, AT, AL, BT, BL, C, D = args
     acc = AT.dtype
     b, h, w, e = u.shape
+    dout = dout_in_dtype(dout, u)  # read in u's dtype by every call below
     n = AT.shape[1]
     g = 1 if BT.dim() == 4 else BT.shape[3]
     # du, ddT, ddL in one buffer, each third a fresh contiguous block shaped like u: in u's dtype,
