@@ -555,6 +555,23 @@ constexpr int kSmallArrays = 8;  // dT, dL, dT*u, dL*u, D*u (per channel); BT, B
 
 __host__ __device__ __forceinline__ int small_pitch(int wmax) { return wmax + 4; }  // 16-byte rows, banks shifted
 
+// Rows per segment K: the scratch holds ceil(H/K) checkpoint rows plus K segment rows, least near
+// K = sqrt(H); the recompute work does not depend on K. 8 up to 128 rows (the layer shapes), then
+// the power of two with 2 K^2 >= H (16 at 256 and 512 rows, 32 at 1024, 64 at 4096).
+__host__ __device__ __forceinline__ int segment_rows(int64_t H) {
+  int k = 8;
+  while (k < 256 && 2 * static_cast<int64_t>(k) * k < H) k *= 2;
+  return k;
+}
+
+
+// Rows a backward block's scratch holds: ceil(H/K) checkpoint slots (slot s: h of row s*K - 1) and K
+// segment rows.
+__host__ __device__ __forceinline__ int64_t small_bwd_rows(int64_t H) {
+  const int k = segment_rows(H);
+  return (H + k - 1) / k + k;
+}
+
 // The strips of one forward call and their synchronisation (strips == 1: whole rows, none).
 struct StripSync {
   int64_t strips = 1;
@@ -562,6 +579,13 @@ struct StripSync {
   float* carry = nullptr;     // [item][strip < strips-1][row][256 lanes]: h at the strip's last column
   int publish = 1;            // rows between publications (a fence and a flag store)
   int lookahead = 0;          // rows ahead whose inputs are asked into L2 (0: none)
+  // Channels [e_begin, e_end) (e_end < 0: to E). Blocks, flags and carries count the range's
+  // 16-channel blocks from its start: the backward's recompute of one chunk of channels.
+  int64_t e_begin = 0, e_end = -1;
+  // The strip backward's recompute pass: its blocks' scratch (float4 [item][strip][small_bwd_rows(H)]
+  // [WMAX/4][256 lanes]), where the pass leaves the checkpoints the backward would otherwise sweep
+  // for; null in a forward.
+  float* checkpoints = nullptr;
 };
 
 
@@ -573,7 +597,8 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
   extern __shared__ __align__(16) float smem[];
   float* s_y = smem + 2 * BUF;  // [2][channel][column]
   const int tid = threadIdx.x, lane = tid & 31, n = lane & 15, c = tid >> 4;
-  const int64_t H = p.height, E = p.dim, N = p.dstate, nEb = (E + kSmallChannels - 1) / kSmallChannels;
+  const int64_t H = p.height, E = ss.e_end < 0 ? p.dim : ss.e_end, N = p.dstate;  // E: the range's end
+  const int64_t nEb = (E - ss.e_begin + kSmallChannels - 1) / kSmallChannels;
   int64_t eb = blockIdx.x, b = blockIdx.y + b0, strip = 0;
   if (ss.strips > 1) {  // strip-major tickets: every block of strip k starts after those of strip k-1
     __shared__ unsigned s_ticket;
@@ -586,7 +611,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
   }
   const int64_t item = b * nEb + eb, jb = strip * WMAX;  // jb: the strip's first column
   const int64_t W = min(static_cast<int64_t>(WMAX), p.width - jb);  // columns of this strip
-  const int64_t e0 = eb * kSmallChannels;
+  const int64_t e0 = ss.e_begin + eb * kSmallChannels;
   const bool has_left = strip > 0, has_right = strip + 1 < ss.strips;
   const unsigned* flag_left = has_left ? ss.flags + 1 + item * ss.strips + strip - 1 : nullptr;
   unsigned* flag_self = ss.flags + 1 + item * ss.strips + strip;
@@ -595,7 +620,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
   float* carry_self = has_right ? ss.carry + ((item * (ss.strips - 1) + strip) * H) * kSmallThreads + tid : nullptr;
   const int64_t e = e0 + c;
   const bool has_e = e < E, active = has_e && n < N;
-  const int64_t g = e0 / (E / p.groups);
+  const int64_t g = e0 / (p.dim / p.groups);
   const float AT2 = active ? static_cast<const float*>(p.AT)[e * p.A_sd + n * p.A_sn] * kLog2e : 0.f;
   const float AL2 = active ? static_cast<const float*>(p.AL)[e * p.AL_sd + n * p.AL_sn] * kLog2e : 0.f;
 
@@ -678,6 +703,8 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     }
   };
 
+  const int K = segment_rows(H), lgK = __ffs(K) - 1;
+  const int64_t W4 = (W + 3) / 4;
   float hrow[WMAX];
 #pragma unroll
   for (int j = 0; j < WMAX; ++j) hrow[j] = 0.f;
@@ -755,6 +782,15 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     }
     // h at the strip's last column, for the strip on the right; made visible every `publish` rows:
     // the fence waits for this thread's outstanding stores, so it is paid once per batch of rows.
+    // h of every K-th row, for the backward that runs next (slot (i + 1) / K, as its own sweep would).
+    if (ss.checkpoints && ((i + 1) & (K - 1)) == 0 && i + 1 < H) {
+      float4* slot = reinterpret_cast<float4*>(ss.checkpoints) +
+                     ((item * ss.strips + strip) * small_bwd_rows(H) * (WMAX / 4) + ((i + 1) >> lgK) * W4) *
+                         kSmallThreads + tid;
+#pragma unroll
+      for (int g4 = 0; g4 < WMAX / 4; ++g4)
+        if (4 * g4 < W) slot[g4 * kSmallThreads] = make_float4(hrow[4 * g4], hrow[4 * g4 + 1], hrow[4 * g4 + 2], hrow[4 * g4 + 3]);
+    }
     const bool publish = has_right && ((i + 1) % ss.publish == 0 || i + 1 == H);
     if (has_right) {
       carry_self[i * kSmallThreads] = hrow[WMAX - 1];
@@ -788,7 +824,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
 
 // ---- Short rows, backward: the adjoint with the forward's lanes (a half-warp per channel, a lane
 // per state, 16 channels per block), walking the grid bottom-up, each row right to left. ----
-// h is recomputed in segments of kSmallSegment rows: a first sweep keeps h of every segment's last
+// h is recomputed in segments of K = segment_rows(H) rows: a first sweep keeps h of every segment's last
 // row (checkpoints), then per segment (bottom segment first) its rows are recomputed into scratch
 // and the adjoint walks them upwards. The adjoint's coupling to the row below (cT aT lam per column)
 // and the recomputed row stay in registers. Per cell, the sums over states (du, ddT, ddL) are
@@ -797,7 +833,8 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
 // per (cell, state) and block. Two barriers per row.
 // Scratch per block: float4 [ceil(H/K) checkpoint slots + K segment rows][ceil(W/4)][256 lanes],
 // i.e. batch * ceil(E/16) * 256 * (ceil(H/K) + K) * 4 ceil(W/4) floats (N/16 * 256/N of that is
-// padding for N < 16): at K = 8 about (ceil(H/8) + 8) / H times the (batch, H, W, E, 16) state.
+// padding for N < 16): about (ceil(H/K) + K) / H times the (batch, H, W, E, 16) state, 2 / sqrt(H)
+// at most (8 / 56 at the 56x56 layer shape, 64 / 1024 at 1024x1024).
 //
 // Column strips (rows longer than 64 cells, or too few blocks): the same kernel runs a strip of
 // WMAX columns per block, pipelined from the right. The adjoint couples a strip to its right
@@ -806,25 +843,28 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
 // strip reads it before its row. Blocks take tickets right strip first, so a block only ever waits
 // on a block that started before it. The recompute of h needs h left of the strip on every row: a
 // first launch runs the forward's strip pipeline without output and leaves those carries in the
-// workspace. dAT, dAL, dD are summed per strip and reduced over the strips in a fixed order.
-constexpr int kSmallSegment = 8;
-
+// workspace, and the blocks' checkpoints in their scratch (so the adjoint launch does not sweep the
+// grid for them again). dAT, dAL, dD are summed per strip and reduced over the strips in a fixed
+// order.
+//
 // The strips of one backward call (flags null: whole rows, launched per batch; none of these).
+// Items count the call's (batch, 16-channel block) pairs from its first channel.
 struct StripBwd {
   int64_t strips = 1;
   unsigned* flags = nullptr;      // [0]: ticket counter; [1 + item*strips + k]: rows strip k has published (bottom-up)
-  const float* hcarry = nullptr;  // [forward item][strip < strips-1][row][256 lanes]: h at the strip's last column
-  float* lcarry = nullptr;        // [item][strip < strips-1][row][256 lanes]: cL aL lam at strip k+1's first column
+  const float* hcarry = nullptr;  // [item][strip < strips-1][row][256 lanes]: h at the strip's last column
+  // cL aL lam at strip k+1's first column, written by strip k+1 over the h carry of the same row
+  // and boundary (hcarry's storage): that block is the h carry's only reader and has read row i's
+  // for the last time before it writes row i's lam.
+  float* lcarry = nullptr;
   float* parts = nullptr;         // [item][strip][dAT, dAL, dD][256 lanes]
   float* scratch = nullptr;       // [item][strip]: the block's checkpoints and segment rows
   int publish = 1;                // rows between publications of lam's carries (and every segment's top)
   int lookahead = 0;              // rows ahead whose inputs are asked into L2 (0: none)
+  bool checkpoints_ready = false; // the recompute pass left the checkpoints in scratch (StripSync)
 };
 constexpr int kSmallBwdArrays = 7;  // dT, dL, u, dy (per channel); BT, BL, C (per state)
 
-__host__ __device__ __forceinline__ int64_t small_bwd_rows(int64_t H) {
-  return (H + kSmallSegment - 1) / kSmallSegment + kSmallSegment;
-}
 
 template <int WMAX>
 constexpr size_t small_bwd_smem_floats() {
@@ -837,7 +877,8 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
     wave_bwd_small_kernel(Wave2dProblem p, Wave2dBackwardArgs ga, int64_t b0, StripBwd sb) {
   constexpr int WP = WMAX + 4, ROWS = kSmallChannels * WP, BUF = kSmallBwdArrays * ROWS;
   constexpr int PER = (kSmallChannels * WMAX + kSmallThreads - 1) / kSmallThreads;
-  constexpr int G4 = WMAX / 4, K = kSmallSegment, NWARP = kSmallThreads / 32;
+  constexpr int G4 = WMAX / 4, NWARP = kSmallThreads / 32;
+  const int K = segment_rows(p.height), lgK = __ffs(K) - 1;  // a power of two: masks and shifts below
   extern __shared__ __align__(16) float smem[];
   float* s_dx = smem + 2 * BUF;       // [du, ddT, ddL][channel][column]: sums over states
   float* s_dB = s_dx + 3 * ROWS;      // [warp][dBT, dBL, dC][column][state]: sums over a warp's 2 channels
@@ -862,7 +903,7 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
   const int64_t W = min(static_cast<int64_t>(WMAX), p.width - jb);
   const bool has_left = strip > 0, has_right = strip + 1 < sb.strips;
   const int64_t bounds = sb.strips - 1;
-  const float* hcarry_left = has_left ? sb.hcarry + ((item_f * bounds + strip - 1) * H) * kSmallThreads + tid : nullptr;
+  const float* hcarry_left = has_left ? sb.hcarry + ((item * bounds + strip - 1) * H) * kSmallThreads + tid : nullptr;
   const float* lcarry_right = has_right ? sb.lcarry + ((item * bounds + strip) * H) * kSmallThreads + tid : nullptr;
   float* lcarry_self = has_left ? sb.lcarry + ((item * bounds + strip - 1) * H) * kSmallThreads + tid : nullptr;
   const unsigned* flag_right = has_right ? sb.flags + 1 + item * sb.strips + strip + 1 : nullptr;
@@ -877,7 +918,7 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
   // A block's scratch: whole rows as before; a strip's block has room for WMAX columns.
   float4* ck = strip_mode
                    ? reinterpret_cast<float4*>(sb.scratch) +
-                         (item_f * sb.strips + strip) * small_bwd_rows(H) * (WMAX / 4) * kSmallThreads
+                         (item * sb.strips + strip) * small_bwd_rows(H) * (WMAX / 4) * kSmallThreads
                    : reinterpret_cast<float4*>(ga.workspace) + item_f * small_bwd_rows(H) * W4 * kSmallThreads;
   float4* seg = ck + nck * W4 * kSmallThreads;
   auto row_of = [&](float4* base, int64_t r) { return base + r * W4 * kSmallThreads + tid; };
@@ -977,8 +1018,9 @@ __global__ void __launch_bounds__(kSmallThreads, WMAX <= 32 ? 2 : 1)
   // 1. Checkpoints: slot s holds h of row s*K - 1.
 #pragma unroll
   for (int j = 0; j < WMAX; ++j) hrow[j] = 0.f;
-  if (nck > 1)
-    sweep(0, (nck - 1) * K, [&](int64_t i) { return (i + 1) % K == 0 ? row_of(ck, (i + 1) / K) : nullptr; }, false);
+  if (nck > 1 && !sb.checkpoints_ready)
+    sweep(0, (nck - 1) * K, [&](int64_t i) { return ((i + 1) & (K - 1)) == 0 ? row_of(ck, (i + 1) >> lgK) : nullptr; },
+          false);
 
   float down[WMAX];  // cT aT lam of the row below, per column
 #pragma unroll
@@ -1280,7 +1322,23 @@ bool lanes_fit(const Wave2dProblem& p) {
 struct StripPlan {
   int wmax = 64;
   int64_t strips = 1;
+  int64_t chunk = 0;  // backward: 16-channel blocks per launch (the call's channels in chunks of this many)
 };
+
+// (batch, 16-channel block) items of `channels` channels.
+int64_t items_of(const Wave2dProblem& p, int64_t channels) {
+  return p.batch * ((channels + kSmallChannels - 1) / kSmallChannels);
+}
+
+// The widest strips that give kStripBlocks blocks for `items` (see kStripBlocks), else 16 columns
+// when that gives half as many, else 8 (backward only).
+StripPlan strip_width_for(const Wave2dProblem& p, int64_t items, bool backward) {
+  if (const int w = strip_tuning().width) return {w, (p.width + w - 1) / w};
+  for (int sw : {64, 32})
+    if (items * ((p.width + sw - 1) / sw) >= kStripBlocks) return {sw, (p.width + sw - 1) / sw};
+  if (!backward || items * ((p.width + 15) / 16) >= kStripBlocks / 2) return {16, (p.width + 15) / 16};
+  return {8, (p.width + 7) / 8};
+}
 
 // The forward stops at 16 columns: 8-column strips measured no faster there (H100: 256^2 0.825 vs
 // 0.807 ms, 512^2 1.863 vs 1.697), while the backward, with twice the work per row step, gains from
@@ -1288,38 +1346,38 @@ struct StripPlan {
 // backward's plan (its carries sit at the backward's strip edges).
 StripPlan strip_plan(const Wave2dProblem& p, bool backward) {
   if (small_rows_fit(p)) return {p.width <= 16 ? 16 : p.width <= 32 ? 32 : 64, 1};
-  if (const int w = strip_tuning().width) return {w, (p.width + w - 1) / w};
-  const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
-  for (int sw : {64, 32})
-    if (items * ((p.width + sw - 1) / sw) >= kStripBlocks) return {sw, (p.width + sw - 1) / sw};
-  if (!backward || items * ((p.width + 15) / 16) >= kStripBlocks / 2) return {16, (p.width + 15) / 16};
-  return {8, (p.width + 7) / 8};
+  return strip_width_for(p, items_of(p, p.dim), backward);
 }
 
 // Flags (a ticket counter, then one per (item, strip)) and carries, in floats of the workspace.
-int64_t strip_flag_floats(const Wave2dProblem& p, const StripPlan& sp) {
-  return 1 + p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels) * sp.strips;
-}
-int64_t strip_workspace_floats(const Wave2dProblem& p, const StripPlan& sp) {
+int64_t strip_flag_floats(int64_t items, const StripPlan& sp) { return 1 + items * sp.strips; }
+int64_t strip_workspace_floats(int64_t items, int64_t height, const StripPlan& sp) {
   if (sp.strips == 1) return 0;
-  const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels);
-  return strip_flag_floats(p, sp) + items * (sp.strips - 1) * p.height * kSmallThreads;
+  return strip_flag_floats(items, sp) + items * (sp.strips - 1) * height * kSmallThreads;
 }
 
+// A forward over channels [e_begin, e_end) (e_end < 0: all); its flags and carries at the front of
+// p.workspace, counted for that range's items.
 template <typename T, int WMAX>
 void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& sp, cudaStream_t stream,
-                      bool out_in_dtype = false) {
+                      bool out_in_dtype = false, int64_t e_begin = 0, int64_t e_end = -1,
+                      float* checkpoints = nullptr) {
   const size_t smem = (2 * kSmallArrays + 2) * static_cast<size_t>(kSmallChannels * small_pitch(WMAX)) * sizeof(float);
   auto kernel = wave_fwd_small_kernel<T, WMAX>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const int64_t ch_blocks = (p.dim + kSmallChannels - 1) / kSmallChannels;
+  if (e_end < 0) e_end = p.dim;
+  const int64_t ch_blocks = (e_end - e_begin + kSmallChannels - 1) / kSmallChannels;
+  const int64_t items = p.batch * ch_blocks;
+  StripSync ss = tuned<StripSync>();
+  ss.e_begin = e_begin;
+  ss.e_end = e_end;
+  ss.checkpoints = checkpoints;
   if (sp.strips > 1) {
-    StripSync ss = tuned<StripSync>();
     ss.strips = sp.strips;
     ss.flags = reinterpret_cast<unsigned*>(p.workspace);
-    ss.carry = p.workspace + strip_flag_floats(p, sp);
-    SSM2D_CUDA_CHECK(cudaMemsetAsync(ss.flags, 0, strip_flag_floats(p, sp) * sizeof(float), stream));
-    const int64_t blocks = p.batch * ch_blocks * sp.strips;
+    ss.carry = p.workspace + strip_flag_floats(items, sp);
+    SSM2D_CUDA_CHECK(cudaMemsetAsync(ss.flags, 0, strip_flag_floats(items, sp) * sizeof(float), stream));
+    const int64_t blocks = items * sp.strips;
     if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_forward: too many (batch, channel, strip) blocks");
     kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, out, 0, ss, out_in_dtype);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
@@ -1327,7 +1385,7 @@ void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& 
   }
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(ch_blocks), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, tuned<StripSync>(), out_in_dtype);
+    kernel<<<grid, kSmallThreads, smem, stream>>>(p, out, b0, ss, out_in_dtype);
     SSM2D_CUDA_CHECK_LAUNCH("wave_fwd_small_kernel");
   }
 }
@@ -1341,60 +1399,108 @@ void fwd_small_t(const Wave2dProblem& p, const Grid& out, cudaStream_t s, bool o
   else fwd_small_launch<T, 64>(p, out, sp, s, out_in_dtype);
 }
 
-// The strip backward's workspace, in floats: first the forward's strip flags and carries (the
-// recompute launch's, at the same offsets as a forward call's), then the backward's flags, its lam
-// carries, the per-strip dAT/dAL/dD sums and the blocks' scratch (float4-aligned). Sized for all
-// channels; a call over a channel range uses the front of each part.
+// The strip backward's workspace for one launch over `items` items, in floats: first the recompute
+// pass's strip flags and h carries (where fwd_small_launch puts them; the adjoint's lam carries
+// overwrite the h carries in place, see StripBwd), then the backward's flags, the per-strip
+// dAT/dAL/dD sums and the blocks' scratch (float4-aligned).
 struct StripBwdLayout {
-  int64_t hcarry, flags, lcarry, parts, scratch, total;
+  int64_t hcarry, flags, parts, scratch, total;
 };
 
-StripBwdLayout strip_bwd_layout(const Wave2dProblem& p, const StripPlan& sp) {
-  const int64_t items = p.batch * ((p.dim + kSmallChannels - 1) / kSmallChannels), S = sp.strips;
+StripBwdLayout strip_bwd_layout(const Wave2dProblem& p, const StripPlan& sp, int64_t items) {
+  const int64_t S = sp.strips;
   StripBwdLayout L;
-  L.hcarry = strip_flag_floats(p, sp);  // where fwd_small_launch puts a forward call's carries
-  L.flags = strip_workspace_floats(p, sp);
-  L.lcarry = L.flags + 1 + items * S;
-  L.parts = L.lcarry + items * (S - 1) * p.height * kSmallThreads;
+  L.hcarry = strip_flag_floats(items, sp);
+  L.flags = strip_workspace_floats(items, p.height, sp);
+  L.parts = L.flags + 1 + items * S;
   L.scratch = (L.parts + items * S * 3 * kSmallThreads + 3) / 4 * 4;
   L.total = L.scratch + items * S * small_bwd_rows(p.height) * sp.wmax * kSmallThreads;
   return L;
 }
 
+// The strip backward's workspace is bounded: when all channels at once would need more than this,
+// the channels run in chunks of whole 16-channel blocks, one launch pair each, with strips of at
+// least 16 columns (8-column strips double the carries). 1024x1024, B = 1, E = 64: 508 MiB in one
+// launch, 254 MiB in two chunks of 32 channels; that keeps the whole backward under 1 GiB beyond
+// its inputs (out, du, ddT, ddL and dBT, dBL, dC included).
+constexpr int64_t kBwdWorkspaceBudget = int64_t{256} << 20;  // bytes
+
+// SSM2D_WAVE_BWD_BUDGET (bytes) overrides it, read once: for tests of the chunked path at small sizes.
+int64_t bwd_workspace_budget() {
+  static const int64_t budget = [] {
+    long long v = 0;
+    const char* s = std::getenv("SSM2D_WAVE_BWD_BUDGET");
+    return s && std::sscanf(s, "%lld", &v) == 1 && v > 0 ? static_cast<int64_t>(v) : kBwdWorkspaceBudget;
+  }();
+  return budget;
+}
+
+StripPlan bwd_strip_plan(const Wave2dProblem& p) {
+  const int64_t blocks = (p.dim + kSmallChannels - 1) / kSmallChannels;
+  auto bytes = [&](const StripPlan& sp) { return strip_bwd_layout(p, sp, p.batch * sp.chunk).total * 4; };
+  StripPlan sp = strip_plan(p, true);
+  sp.chunk = blocks;
+  if (bytes(sp) <= bwd_workspace_budget() || small_rows_fit(p) || strip_tuning().width) return sp;
+  for (int64_t k = 2, prev = blocks; k <= blocks; ++k) {  // k chunks of about blocks / k blocks each
+    const int64_t c = (blocks + k - 1) / k;
+    if (c == prev) continue;
+    prev = c;
+    StripPlan t = strip_width_for(p, p.batch * c, true);
+    if (t.wmax == 8) t = {16, (p.width + 15) / 16};
+    t.chunk = c;
+    sp = t;  // the last (one block per launch) when none fits: the smallest of these
+    if (bytes(t) <= bwd_workspace_budget()) break;
+  }
+  return sp;
+}
+
 template <typename T, int WMAX, bool Det>
 void bwd_strip_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, const StripPlan& sp, cudaStream_t stream) {
-  const StripBwdLayout L = strip_bwd_layout(p, sp);
-  // 1. h at each strip's last column on every row: the forward's strip pipeline, no output.
-  Wave2dProblem pf = p;
-  pf.workspace = a.workspace;
-  if (sp.strips > 1) fwd_small_launch<T, WMAX>(pf, Grid{}, sp, stream);
-  // 2. The adjoint, strips pipelined from the right.
-  StripBwd sb = tuned<StripBwd>();
-  sb.strips = sp.strips;
-  sb.flags = reinterpret_cast<unsigned*>(a.workspace + L.flags);
-  sb.hcarry = a.workspace + L.hcarry;
-  sb.lcarry = a.workspace + L.lcarry;
-  sb.parts = a.workspace + L.parts;
-  sb.scratch = a.workspace + L.scratch;
-  const int64_t items = p.batch * ((a.e_end - a.e_begin + kSmallChannels - 1) / kSmallChannels);
-  const int64_t blocks = items * sp.strips;
-  if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_backward: too many (batch, channel, strip) blocks");
-  SSM2D_CUDA_CHECK(cudaMemsetAsync(sb.flags, 0, (1 + blocks) * sizeof(unsigned), stream));
   const size_t smem = small_bwd_smem_floats<WMAX>() * sizeof(float);
   auto kernel = wave_bwd_small_kernel<T, WMAX, Det>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, a, 0, sb);
-  SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_small_kernel");
-  // 3. dAT, dAL, dD: the strips' sums.
-  const int64_t threads = p.batch * (a.e_end - a.e_begin) * 16;
-  strip_parts_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p, a, sb);
-  SSM2D_CUDA_CHECK_LAUNCH("strip_parts_kernel");
+  // The call's channels in chunks of sp.chunk blocks, one after another in the same workspace.
+  for (int64_t cb = a.e_begin; cb < a.e_end; cb += sp.chunk * kSmallChannels) {
+    Wave2dBackwardArgs ac = a;
+    ac.e_begin = cb;
+    ac.e_end = std::min(a.e_end, cb + sp.chunk * kSmallChannels);
+    if (Det && cb > a.e_begin) {  // per-channel partials: indexed from the caller's first channel
+      for (Grid* g : {&ac.dBT, &ac.dBL, &ac.dC})
+        if (g->defined()) g->data = static_cast<float*>(g->data) + (cb - a.e_begin) * g->sc;
+    }
+    const int64_t items = items_of(p, ac.e_end - ac.e_begin);
+    const StripBwdLayout L = strip_bwd_layout(p, sp, items);
+    // 1. h at each strip's last column on every row: the forward's strip pipeline, no output; it
+    // leaves the backward's checkpoints too (the adjoint launch then starts at the bottom segment).
+    Wave2dProblem pf = p;
+    pf.workspace = a.workspace;
+    if (sp.strips > 1)
+      fwd_small_launch<T, WMAX>(pf, Grid{}, sp, stream, false, ac.e_begin, ac.e_end, a.workspace + L.scratch);
+    // 2. The adjoint, strips pipelined from the right.
+    StripBwd sb = tuned<StripBwd>();
+    sb.strips = sp.strips;
+    sb.flags = reinterpret_cast<unsigned*>(a.workspace + L.flags);
+    sb.hcarry = a.workspace + L.hcarry;
+    sb.lcarry = a.workspace + L.hcarry;  // in place of the h carries (see StripBwd)
+    sb.parts = a.workspace + L.parts;
+    sb.scratch = a.workspace + L.scratch;
+    sb.checkpoints_ready = sp.strips > 1;
+    const int64_t blocks = items * sp.strips;
+    if (blocks > 0x7fffffff) throw ArgumentError("wavefront2d_backward: too many (batch, channel, strip) blocks");
+    SSM2D_CUDA_CHECK(cudaMemsetAsync(sb.flags, 0, (1 + blocks) * sizeof(unsigned), stream));
+    kernel<<<static_cast<unsigned>(blocks), kSmallThreads, smem, stream>>>(p, ac, 0, sb);
+    SSM2D_CUDA_CHECK_LAUNCH("wave_bwd_small_kernel");
+    // 3. dAT, dAL, dD: the strips' sums.
+    const int64_t threads = p.batch * (ac.e_end - ac.e_begin) * 16;
+    strip_parts_kernel<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(p, ac, sb);
+    SSM2D_CUDA_CHECK_LAUNCH("strip_parts_kernel");
+  }
 }
 
 template <typename T, bool Det>
 void bwd_strip_t(const Wave2dProblem& p, const Wave2dBackwardArgs& a, cudaStream_t s) {
   check_small_range(a, p.dim);
-  const StripPlan sp = strip_plan(p, true);
+  const StripPlan sp = bwd_strip_plan(p);
   if (sp.wmax == 8) bwd_strip_launch<T, 8, Det>(p, a, sp, s);
   else if (sp.wmax == 16) bwd_strip_launch<T, 16, Det>(p, a, sp, s);
   else if (sp.wmax == 32) bwd_strip_launch<T, 32, Det>(p, a, sp, s);
@@ -1507,13 +1613,16 @@ int wavefront2d_max_states(int64_t width) {
 }
 
 int64_t wavefront2d_forward_workspace_floats(const Wave2dProblem& p) {
-  if (lanes_fit(p)) return strip_workspace_floats(p, strip_plan(p, false));
+  if (lanes_fit(p)) return strip_workspace_floats(items_of(p, p.dim), p.height, strip_plan(p, false));
   return p.states_per_block > 0 ? (chunks_of(p) - 1) * cells_of(p) : 0;
 }
 
 int64_t wavefront2d_backward_workspace_floats(const Wave2dProblem& p) {
   if (small_rows_fit(p)) return small_bwd_workspace_floats(p);
-  if (lanes_fit(p)) return strip_bwd_layout(p, strip_plan(p, true)).total;
+  if (lanes_fit(p)) {
+    const StripPlan sp = bwd_strip_plan(p);
+    return strip_bwd_layout(p, sp, p.batch * sp.chunk).total;
+  }
   const int64_t parts = p.states_per_block > 0 ? 3 * (chunks_of(p) - 1) * cells_of(p) : 0;
   return parts + p.batch * p.dim * p.dstate * ((p.height + kCheckpoint - 1) / kCheckpoint + kCheckpoint) * p.width;
 }

@@ -80,12 +80,15 @@ def wavefront2d_workspace_floats(batch: int, dim: int, dstate: int, height: int,
                                  backward: bool = True, groups: int = 1) -> int:
     """float32 scratch of a CUDA call, for the grid as scanned (after any transpose). N <= 16 (each
     block's 16 channels in one group): forward, the column strips' flags and carries (none when whole
-    rows run); backward with rows of at most 64 cells and enough blocks, row checkpoints every 8 rows
-    plus one 8-row segment per (batch, 16 channels, 16 states); backward in column strips, the
-    forward's carries, as many carries of the adjoint, and per (batch, 16 channels, strip) row
-    checkpoints every 8 rows plus one 8-row segment of the strip's columns. Otherwise (chunks - 1) per-cell
-    partials per per-cell output (1 forward, 3 backward), plus in the backward the row checkpoints
-    (every CHECKPOINT rows) and one segment of rows per (batch, channel, state)."""
+    rows run); backward with rows of at most 64 cells and enough blocks, row checkpoints every K rows
+    plus one K-row segment per (batch, 16 channels, 16 states), K = 8 up to 128 rows, else about
+    sqrt(H / 2) (a power of two); backward in column strips, the forward's carries (the adjoint's
+    carries overwrite them in place) and per (batch, 16 channels, strip) the same checkpoints and
+    segment over the strip's columns, for the channels of one launch: when all of them would need
+    more than 256 MiB the channels run in chunks of 16-channel blocks, the fewest that fit
+    (1024 x 1024, B = 1, E = 64: two chunks, 254 MiB). Otherwise (chunks - 1) per-cell partials per
+    per-cell output (1 forward, 3 backward), plus in the backward the row checkpoints (every
+    CHECKPOINT rows) and one segment of rows per (batch, channel, state)."""
     if device < 0:
         return 0
     rows, w = scanned_hw(height, width, device)

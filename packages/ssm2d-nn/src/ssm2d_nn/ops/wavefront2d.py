@@ -79,10 +79,12 @@ def wavefront2d(u: Tensor, dT: Tensor, dL: Tensor, AT: Tensor, AL: Tensor, BT: T
     Memory (kernel backend): the output only is kept; the backward recomputes the states. On CUDA
     the forward's transient scratch, when it runs column strips (N <= 16, long rows or few
     blocks), is batch*ceil(E/16)*(strips - 1)*H*256 float32 carries; the backward's is, with
-    N <= 16, batch*ceil(E/16)*256*(ceil(H/8) + 8)*W float32 values (row checkpoints every 8 rows
-    and one 8-row segment; in column strips each strip rounded up to the strip width) plus, in
-    column strips, twice the forward's carries; else batch*E*N*(ceil(H/32) + 32)*W; plus
-    float32 dBT/dBL/dC accumulators. With N <= 16 on CUDA (G = 1 or groups of a multiple of 16
+    N <= 16, batch*ceil(E/16)*256*(ceil(H/K) + K)*W float32 values (row checkpoints every K rows
+    and one K-row segment, K = 8 up to 128 rows, else about sqrt(H/2); in column strips each strip
+    rounded up to the strip width) plus, in column strips, the forward's carries, for at most
+    256 MiB of it per launch where the channels can be split (they then run in chunks of 16-channel
+    blocks: at 1024 x 1024, B = 1, E = 64, two of 32 channels); else batch*E*N*(ceil(H/32) + 32)*W;
+    plus float32 dBT/dBL/dC accumulators. With N <= 16 on CUDA (G = 1 or groups of a multiple of 16
     channels) the output and du, ddT, ddL are written once in u's dtype; otherwise (and on the
     CPU) they are float32 accumulators cast at the end. The (batch, H, W, E, N) state is never
     stored.
