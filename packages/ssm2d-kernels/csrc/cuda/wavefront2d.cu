@@ -589,7 +589,9 @@ struct StripSync {
 };
 
 
-template <typename T, int WMAX>
+// kRecompute: the strip backward's recompute pass (a channel range, checkpoints; no output). A
+// template flag so that the forward's own instances carry none of it (registers, branches).
+template <typename T, int WMAX, bool kRecompute>
 __global__ void __launch_bounds__(kSmallThreads, 2)
     wave_fwd_small_kernel(Wave2dProblem p, Grid out, int64_t b0, StripSync ss, bool out_in_dtype) {
   constexpr int WP = WMAX + 4, ROWS = kSmallChannels * WP, BUF = kSmallArrays * ROWS;
@@ -597,8 +599,9 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
   extern __shared__ __align__(16) float smem[];
   float* s_y = smem + 2 * BUF;  // [2][channel][column]
   const int tid = threadIdx.x, lane = tid & 31, n = lane & 15, c = tid >> 4;
-  const int64_t H = p.height, E = ss.e_end < 0 ? p.dim : ss.e_end, N = p.dstate;  // E: the range's end
-  const int64_t nEb = (E - ss.e_begin + kSmallChannels - 1) / kSmallChannels;
+  const int64_t e_begin = kRecompute ? ss.e_begin : 0;
+  const int64_t H = p.height, E = kRecompute && ss.e_end >= 0 ? ss.e_end : p.dim, N = p.dstate;  // E: the range's end
+  const int64_t nEb = (E - e_begin + kSmallChannels - 1) / kSmallChannels;
   int64_t eb = blockIdx.x, b = blockIdx.y + b0, strip = 0;
   if (ss.strips > 1) {  // strip-major tickets: every block of strip k starts after those of strip k-1
     __shared__ unsigned s_ticket;
@@ -611,7 +614,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
   }
   const int64_t item = b * nEb + eb, jb = strip * WMAX;  // jb: the strip's first column
   const int64_t W = min(static_cast<int64_t>(WMAX), p.width - jb);  // columns of this strip
-  const int64_t e0 = ss.e_begin + eb * kSmallChannels;
+  const int64_t e0 = e_begin + eb * kSmallChannels;
   const bool has_left = strip > 0, has_right = strip + 1 < ss.strips;
   const unsigned* flag_left = has_left ? ss.flags + 1 + item * ss.strips + strip - 1 : nullptr;
   unsigned* flag_self = ss.flags + 1 + item * ss.strips + strip;
@@ -783,7 +786,7 @@ __global__ void __launch_bounds__(kSmallThreads, 2)
     // h at the strip's last column, for the strip on the right; made visible every `publish` rows:
     // the fence waits for this thread's outstanding stores, so it is paid once per batch of rows.
     // h of every K-th row, for the backward that runs next (slot (i + 1) / K, as its own sweep would).
-    if (ss.checkpoints && ((i + 1) & (K - 1)) == 0 && i + 1 < H) {
+    if (kRecompute && ((i + 1) & (K - 1)) == 0 && i + 1 < H) {
       float4* slot = reinterpret_cast<float4*>(ss.checkpoints) +
                      ((item * ss.strips + strip) * small_bwd_rows(H) * (WMAX / 4) + ((i + 1) >> lgK) * W4) *
                          kSmallThreads + tid;
@@ -1358,12 +1361,12 @@ int64_t strip_workspace_floats(int64_t items, int64_t height, const StripPlan& s
 
 // A forward over channels [e_begin, e_end) (e_end < 0: all); its flags and carries at the front of
 // p.workspace, counted for that range's items.
-template <typename T, int WMAX>
+template <typename T, int WMAX, bool kRecompute = false>
 void fwd_small_launch(const Wave2dProblem& p, const Grid& out, const StripPlan& sp, cudaStream_t stream,
                       bool out_in_dtype = false, int64_t e_begin = 0, int64_t e_end = -1,
                       float* checkpoints = nullptr) {
   const size_t smem = (2 * kSmallArrays + 2) * static_cast<size_t>(kSmallChannels * small_pitch(WMAX)) * sizeof(float);
-  auto kernel = wave_fwd_small_kernel<T, WMAX>;
+  auto kernel = wave_fwd_small_kernel<T, WMAX, kRecompute>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   if (e_end < 0) e_end = p.dim;
   const int64_t ch_blocks = (e_end - e_begin + kSmallChannels - 1) / kSmallChannels;
@@ -1475,7 +1478,7 @@ void bwd_strip_launch(const Wave2dProblem& p, const Wave2dBackwardArgs& a, const
     Wave2dProblem pf = p;
     pf.workspace = a.workspace;
     if (sp.strips > 1)
-      fwd_small_launch<T, WMAX>(pf, Grid{}, sp, stream, false, ac.e_begin, ac.e_end, a.workspace + L.scratch);
+      fwd_small_launch<T, WMAX, true>(pf, Grid{}, sp, stream, false, ac.e_begin, ac.e_end, a.workspace + L.scratch);
     // 2. The adjoint, strips pipelined from the right.
     StripBwd sb = tuned<StripBwd>();
     sb.strips = sp.strips;
