@@ -195,7 +195,8 @@ def test_short_rows_at_model_shapes(origin):
     # channel tails (E = 40), grouped states (E / G = 16), W on both sides of 16 / 32 / 64, N < 16.
     seed = random.randrange(2**31)
     rng = random.Random(seed)
-    # The backward recomputes h in 8-row segments: H = 1, 8, 9, 17 and 37 cover one, whole and partial segments.
+    # The backward recomputes h in 8-row segments up to 128 rows: H = 1, 8, 9, 17 and 37 cover one, whole and
+    # partial segments.
     for h, w, e, n, g in [(9, 1, 40, 16, None), (5, 16, 16, 3, 1), (7, 17, 40, 16, None), (6, 33, 64, 16, 4),
                           (12, 56, 32, 16, None), (3, 64, 48, 1, 3), (4, 65, 16, 16, None), (1, 50, 20, 8, 1),
                           (37, 23, 16, 16, None), (8, 31, 32, 5, 2), (17, 56, 16, 16, 1)]:
