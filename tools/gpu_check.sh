@@ -18,7 +18,7 @@
 #                                                                            -> bench_mil_150k.md
 # Environment: WHEEL_DIR (the kernel wheel's folder; default dist/gpu), TESTS_K (a pytest -k expression
 # for the tests phases), SKIP_SCAN2D_BENCH=1 (bench phase: wavefront2d only), MODELS (models phase;
-# default below).
+# default below), MODEL_REPEATS (models phase: bench_models --repeat, round-robin; ratio medians).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
@@ -59,7 +59,7 @@ for phase in "${PHASES[@]}"; do
     overhead) python3 benchmarks/bench_op_overhead.py --out "$OUT" 2>&1 | tail -n 14 ;;
     models)
       python3 benchmarks/bench_models.py ${MODELS:-convnext_tiny vmamba_tiny vmamba2d_tiny m2d_tiny} --batch 128 \
-        --steps 20 --warmup 5 --out "$OUT/bench_models.md" 2>&1 | tail -n 12
+        --steps 20 --warmup 5 --repeat "${MODEL_REPEATS:-1}" --out "$OUT/bench_models.md" 2>&1 | tail -n 18
       python3 benchmarks/profile_vmamba.py --model vmamba2d_tiny --channels-last --out "$OUT/vmamba2d_tiny" 2>&1 |
         tail -n 5 ;;
     mil) python3 benchmarks/bench_mil.py --models 2dmambamil --sizes 150000 --precision bf16 --profile --top 12 \
