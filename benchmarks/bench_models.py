@@ -14,22 +14,13 @@ one for training);
 peak memory of each. --compile adds the same for torch.compile(model). Prints a Markdown table
 headed by device, date, torch version and commit (env SSM2D_COMMIT where the tree has no .git).
 
---repeat R runs the whole list R times, round-robin (each model built afresh each time), so that
-drift of the machine over the run falls on every model alike: the table then gives the medians over
-the repeats, and a second table each model's ratio to --baseline (default convnext_tiny) when that
-is in the list: the median over the repeats of the ratio within each repeat, with its range. A
-host-bound training step moves 10-20% between two runs a minute apart on one machine; a single run
-does not decide a ratio target that close.
-
 CPU smoke run: python benchmarks/bench_models.py --device cpu --batch 2 --train-batch 2 --steps 1
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -126,53 +117,6 @@ def bench_model(name: str, device: str, args) -> dict:
     return row
 
 
-def merge_repeats(runs: list[dict]) -> dict:
-    """One model's row from its rows of several repeats: img/s the median over the repeats, peak
-    memory the largest, the layout the one most often faster (ties: the earliest), the other layout's
-    img/s its median where it was measured."""
-    if len(runs) == 1:
-        return runs[0]
-    row = dict(runs[0])
-    for key in [k for k in runs[0] if k.startswith(("infer_", "train", "compiled_")) and isinstance(runs[0][k], tuple)]:
-        peaks = [r[key][1] for r in runs if r[key][1] is not None]
-        row[key] = (statistics.median(r[key][0] for r in runs), max(peaks) if peaks else None)
-    for key in [k for k in runs[0] if k.startswith("layout_")]:
-        row[key] = Counter(r[key] for r in runs).most_common(1)[0][0]
-        other = "other_" + key.removeprefix("layout_")
-        rates = {}
-        for r in runs:
-            for name, ips in r[other]:
-                rates.setdefault(name, []).append(ips)
-        row[other] = [(name, statistics.median(v)) for name, v in rates.items()]
-    return row
-
-
-def ratios(repeats: list[dict[str, dict]], baseline: str, batch: int) -> dict[str, list[tuple[float, float]]]:
-    """{model: [(inference ratio, training ratio) per repeat]} to the baseline's figures of the same
-    repeat (inference at ``batch``)."""
-    out: dict[str, list[tuple[float, float]]] = {}
-    for rows in repeats:
-        base = rows[baseline]
-        for name, r in rows.items():
-            if name != baseline:
-                out.setdefault(name, []).append((r[f"infer_{batch}"][0] / base[f"infer_{batch}"][0],
-                                                 r["train"][0] / base["train"][0]))
-    return out
-
-
-def ratio_table(per_model: dict[str, list[tuple[float, float]]], baseline: str, batch: int, train_batch: int) -> str:
-    def cell(values):
-        med = statistics.median(values)
-        return f"{med:.3f}" if len(values) == 1 else f"{med:.3f} [{min(values):.3f}-{max(values):.3f}]"
-
-    repeats = max((len(v) for v in per_model.values()), default=0)
-    lines = [f"Ratio to {baseline} within each repeat: median [min-max] over {repeats} repeat(s).", "",
-             f"| model | infer b{batch} | train b{train_batch} |", "|---|---|---|"]
-    for name, pairs in per_model.items():
-        lines.append(f"| {name} | {cell([p[0] for p in pairs])} | {cell([p[1] for p in pairs])} |")
-    return "\n".join(lines) + "\n"
-
-
 def _rate(ips: float) -> str:
     return f"{ips:,.0f}" if ips >= 100 else f"{ips:.3g}"
 
@@ -191,8 +135,7 @@ def table(rows: list[dict], args, head: str, skipped: list[str]) -> str:
     if args.compile:
         cols += [f"compiled infer b{args.batch[0]}", f"compiled train b{args.train_batch}"]
     lines = [head, "",
-             f"224x224, bf16 autocast, AdamW training step; median of {args.steps} after {args.warmup} warm-up"
-             + (f", then the median over {args.repeat} round-robin repeats" if args.repeat > 1 else "") + "; "
+             f"224x224, bf16 autocast, AdamW training step; median of {args.steps} after {args.warmup} warm-up; "
              "peak memory in parentheses; layout cf = channels-first, cl = channels-last (the faster one "
              "kept, the other's img/s after it).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -218,14 +161,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--layout", default="best", choices=["best", "cf", "cl"])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(model)")
-    parser.add_argument("--repeat", type=int, default=1, help="run the list this many times, round-robin")
-    parser.add_argument("--baseline", default="convnext_tiny", help="the model the ratio table divides by")
     parser.add_argument("--out", help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device (use --device cpu for a smoke run)")
-    if min(args.batch + [args.train_batch, args.steps, args.repeat]) < 1 or args.warmup < 0:
-        parser.error("--batch, --train-batch, --steps and --repeat must be >= 1, --warmup >= 0")
+    if min(args.batch + [args.train_batch, args.steps]) < 1 or args.warmup < 0:
+        parser.error("--batch, --train-batch and --steps must be >= 1, --warmup >= 0")
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -235,20 +176,12 @@ def main(argv=None) -> int:
     skipped = [n for n in args.models if n not in known]
     for n in skipped:
         print(f"skipping {n}: not registered with timm", file=sys.stderr)
-    repeats = []
-    for r in range(args.repeat):
-        rows = {}
-        for name in names:
-            print(f"benchmarking {name} ..." + (f" (repeat {r + 1} of {args.repeat})" if args.repeat > 1 else ""),
-                  file=sys.stderr, flush=True)
-            rows[name] = bench_model(name, args.device, args)
-        repeats.append(rows)
-    merged = [merge_repeats([rows[name] for rows in repeats]) for name in names]
+    rows = []
+    for name in names:
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        rows.append(bench_model(name, args.device, args))
     head = header(args.device)
-    text = table(merged, args, head, skipped)
-    if args.baseline in names and len(names) > 1:
-        text += "\n" + ratio_table(ratios(repeats, args.baseline, args.batch[0]), args.baseline, args.batch[0],
-                                   args.train_batch)
+    text = table(rows, args, head, skipped)
     print(text)
     if args.out:
         with atomic_output(args.out) as tmp:

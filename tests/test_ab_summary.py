@@ -63,3 +63,20 @@ def test_a_failed_cell_is_left_out_not_read_as_zero():
     assert ab.img_per_s("failed: CUDA out of memory") is None
     assert ab.img_per_s("4,479 (1.4 GiB) [cl]") == 4479.0
     assert ab.median([None, 3.0, 5.0]) == 4.0
+
+
+def test_one_tree_repeated(tmp_path, capsys):
+    # tools/gpu_check.sh models with MODEL_REPEATS: repeated runs of one tree, summarized by name.
+    ab = _module()
+    rng = random.Random()
+    runs = []
+    for r in range(1, 4):
+        rows = {m: (float(rng.randint(1000, 9000)), float(rng.randint(100, 2000))) for m in ("convnext_tiny", "m2d_tiny")}
+        runs.append(rows)
+        (tmp_path / f"ab_models_abc1234_r{r}.md").write_text(_models_md(rows))
+    assert ab.main([str(tmp_path), "abc1234"]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("| m2d_tiny |"))
+    ratio = statistics.median(r["m2d_tiny"][1] / r["convnext_tiny"][1] for r in runs)
+    assert f"{statistics.median(r['m2d_tiny'][0] for r in runs):,.0f} (" in row and f"({ratio:.3f}x)" in row
+    assert "rounds: abc1234 3" in text

@@ -2,9 +2,10 @@
 """Medians of a tools/gpu_ab.sh run: per tree, bench_models' img/s (and the ratio to convnext_tiny of
 the same run) and bench_op_overhead's host microseconds per call, over the rounds.
 
-    python3 tools/ab_summary.py OUT_DIR NAME_A NAME_B
+    python3 tools/ab_summary.py OUT_DIR NAME [NAME ...]
 
 Reads OUT_DIR/ab_models_NAME_rK.md and OUT_DIR/ab_overhead_NAME_rK/op_overhead.json; prints Markdown.
+One NAME summarizes repeated runs of one tree (tools/gpu_check.sh models with MODEL_REPEATS).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def summarize(out: Path, names: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 3:
+    if len(argv) < 2:
         print(__doc__, file=sys.stderr)
         return 2
     out = Path(argv[0])

@@ -18,7 +18,7 @@
 #                                                                            -> bench_mil_150k.md
 # Environment: WHEEL_DIR (the kernel wheel's folder; default dist/gpu), TESTS_K (a pytest -k expression
 # for the tests phases), SKIP_SCAN2D_BENCH=1 (bench phase: wavefront2d only), MODELS (models phase;
-# default below), MODEL_REPEATS (models phase: bench_models --repeat, round-robin; ratio medians).
+# default below), MODEL_REPEATS (models phase: bench_models that many times; medians by tools/ab_summary.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/latest}
@@ -58,8 +58,18 @@ for phase in "${PHASES[@]}"; do
         tee "$OUT/profile_scan2d.txt" | tail -n 30 ;;
     overhead) python3 benchmarks/bench_op_overhead.py --out "$OUT" 2>&1 | tail -n 14 ;;
     models)
-      python3 benchmarks/bench_models.py ${MODELS:-convnext_tiny vmamba_tiny vmamba2d_tiny m2d_tiny} --batch 128 \
-        --steps 20 --warmup 5 --repeat "${MODEL_REPEATS:-1}" --out "$OUT/bench_models.md" 2>&1 | tail -n 18
+      models=${MODELS:-convnext_tiny vmamba_tiny vmamba2d_tiny m2d_tiny}
+      if [ "${MODEL_REPEATS:-1}" -le 1 ]; then
+        python3 benchmarks/bench_models.py $models --batch 128 --steps 20 --warmup 5 --out "$OUT/bench_models.md" 2>&1 |
+          tail -n 12
+      else  # the whole list each time (drift falls on every model alike); medians by tools/ab_summary.py
+        name=${SSM2D_COMMIT:-this}
+        for r in $(seq 1 "$MODEL_REPEATS"); do
+          python3 benchmarks/bench_models.py $models --batch 128 --steps 20 --warmup 5 \
+            --out "$OUT/ab_models_${name}_r$r.md" 2>&1 | tail -n 8
+        done
+        python3 tools/ab_summary.py "$OUT" "$name" | tee "$OUT/bench_models_repeats.md"
+      fi
       python3 benchmarks/profile_vmamba.py --model vmamba2d_tiny --channels-last --out "$OUT/vmamba2d_tiny" 2>&1 |
         tail -n 5 ;;
     mil) python3 benchmarks/bench_mil.py --models 2dmambamil --sizes 150000 --precision bf16 --profile --top 12 \

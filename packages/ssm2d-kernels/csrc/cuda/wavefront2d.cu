@@ -1443,7 +1443,7 @@ StripPlan bwd_strip_plan(const Wave2dProblem& p) {
   auto bytes = [&](const StripPlan& sp) { return strip_bwd_layout(p, sp, p.batch * sp.chunk).total * 4; };
   StripPlan sp = strip_plan(p, true);
   sp.chunk = blocks;
-  if (bytes(sp) <= bwd_workspace_budget() || small_rows_fit(p) || strip_tuning().width) return sp;
+  if (bytes(sp) <= bwd_workspace_budget() || strip_tuning().width) return sp;
   for (int64_t k = 2, prev = blocks; k <= blocks; ++k) {  // k chunks of about blocks / k blocks each
     const int64_t c = (blocks + k - 1) / k;
     if (c == prev) continue;
