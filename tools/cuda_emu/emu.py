@@ -50,6 +50,7 @@ PTX = [
 DRIVERS = {
     "scan2d": (["scan2d*.cu"], ["scan2d_cpu.cpp", "parallel.cpp"]),
     "wavefront2d": (["wavefront2d.cu"], ["wavefront2d_cpu.cpp", "parallel.cpp"]),
+    "dwconv2d": (["dwconv2d.cu"], []),
 }
 # Drivers whose kernels' blocks wait on each other: every block of a launch runs at once.
 CONCURRENT = {"wavefront2d"}

@@ -34,7 +34,6 @@
 // partials the caller sums in order.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "common.cuh"
 #include "scan2d_chan.h"
@@ -552,11 +551,20 @@ template <typename T, int CPL>
 __device__ __forceinline__ void load_cols(T (&v)[CPL], const Plane<const T>& pl, int64_t j0, int64_t W) {
   using V = typename ColSpan<T, CPL>::V;
   if (const T* lo = ColSpan<T, CPL>::lowest(pl, j0, W)) {
-    const V raw = __ldg(reinterpret_cast<const V*>(lo));
-    T t[CPL];
-    memcpy(t, &raw, sizeof(V));
+    // A union, not memcpy (which takes t's address: local memory); two loops with constant indices
+    // (an index that depends on the stride would put t in local memory too).
+    union {
+      V raw;
+      T t[CPL];
+    } w;
+    w.raw = __ldg(reinterpret_cast<const V*>(lo));
+    if (pl.sj == 1) {
 #pragma unroll
-    for (int k = 0; k < CPL; ++k) v[k] = t[pl.sj == 1 ? k : CPL - 1 - k];
+      for (int k = 0; k < CPL; ++k) v[k] = w.t[k];
+    } else {
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) v[k] = w.t[CPL - 1 - k];
+    }
     return;
   }
 #pragma unroll
@@ -568,12 +576,18 @@ template <typename T, int CPL>
 __device__ __forceinline__ void store_cols(const Plane<T>& pl, int64_t j0, int64_t W, const float (&v)[CPL]) {
   using V = typename ColSpan<T, CPL>::V;
   if (T* lo = ColSpan<T, CPL>::lowest(pl, j0, W)) {
-    T t[CPL];
+    union {
+      V raw;
+      T t[CPL];
+    } w;
+    if (pl.sj == 1) {
 #pragma unroll
-    for (int k = 0; k < CPL; ++k) t[pl.sj == 1 ? k : CPL - 1 - k] = from_f<T>(v[k]);
-    V raw;
-    memcpy(&raw, t, sizeof(V));
-    *reinterpret_cast<V*>(lo) = raw;
+      for (int k = 0; k < CPL; ++k) w.t[k] = from_f<T>(v[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) w.t[CPL - 1 - k] = from_f<T>(v[k]);
+    }
+    *reinterpret_cast<V*>(lo) = w.raw;
     return;
   }
 #pragma unroll
@@ -585,12 +599,12 @@ __device__ __forceinline__ void store_cols(const Plane<T>& pl, int64_t j0, int64
 // the last one (in range; their results are not used). z only when gated.
 template <typename T, int CPL>
 __device__ __forceinline__ void load_row_band(SoloRow<T, CPL>& r, const Plane<const T>& pd, const Plane<const T>& pu,
-                                              const Plane<const T>* pz, const Plane<const T>& pB,
+                                              const Plane<const T>& pz, bool gated, const Plane<const T>& pB,
                                               const Plane<const T>& pC, int64_t m, int lane, int64_t W) {
   const int64_t j0 = m * 32 * CPL + lane * CPL;
   load_cols<T, CPL>(r.d, pd, j0, W);
   load_cols<T, CPL>(r.u, pu, j0, W);
-  if (pz) load_cols<T, CPL>(r.z, *pz, j0, W);
+  if (gated) load_cols<T, CPL>(r.z, pz, j0, W);
   load_cols<T, CPL>(r.B, pB, j0, W);
   load_cols<T, CPL>(r.C, pC, j0, W);
 }
@@ -614,7 +628,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
   const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
   const Plane<T> out = plane<T>(o.out, b, d, 0);
   SoloRow<T, CPL> cur, nxt;
-  auto load_band = [&](int64_t m) { load_row_band<T, CPL>(nxt, pd, pu, gated ? &pz : nullptr, pB, pC, m, lane, W); };
+  auto load_band = [&](int64_t m) { load_row_band<T, CPL>(nxt, pd, pu, pz, gated, pB, pC, m, lane, W); };
   load_band(0);
   float carry = 0.f;
   float* saved = o.carries ? o.carries + (b * p.dim + d) * L.nb : nullptr;  // G entering each band
@@ -1033,7 +1047,7 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
   SoloRow<T, CPL> cur, nxt;
   T gcur[CPL], gnxt[CPL];  // dout
   auto load_band = [&](int64_t m) {
-    load_row_band<T, CPL>(nxt, pd, pu, gated ? &pz : nullptr, pB, pC, m, lane, W);
+    load_row_band<T, CPL>(nxt, pd, pu, pz, gated, pB, pC, m, lane, W);
     load_cols<T, CPL>(gnxt, pg, m * BW + lane * CPL, W);
   };
   load_band(nb - 1);

@@ -2,6 +2,7 @@
 #include <stdexcept>
 
 #include "ssm2d/cuda_api.h"
+#include "ssm2d/dwconv2d.h"
 #include "ssm2d/layer_norm.h"
 #include "ssm2d/star_relu.h"
 #include "ssm2d/scan2d.h"
@@ -55,5 +56,9 @@ void layer_norm_backward(const LayerNormArgs&, const void*, int64_t, void*, int6
 void star_relu_forward(const StarReluArgs&, void*) { no_cuda("star_relu_forward"); }
 int64_t star_relu_backward_workspace_floats(int64_t, DType) { return 0; }
 void star_relu_backward(const StarReluArgs&, const void*, void*, float*, float*, float*) { no_cuda("star_relu_backward"); }
+
+void dwconv2d_forward(const DwConv2dArgs&, void*) { no_cuda("dwconv2d_forward"); }
+int64_t dwconv2d_backward_workspace_floats(int64_t, int64_t, int64_t, int64_t, int, int) { return 0; }
+void dwconv2d_backward(const DwConv2dArgs&, const void*, void*, float*, float*, float*) { no_cuda("dwconv2d_backward"); }
 
 }  // namespace ssm2d::cuda

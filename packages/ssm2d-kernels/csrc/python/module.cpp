@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "ssm2d/cuda_api.h"
+#include "ssm2d/dwconv2d.h"
 #include "ssm2d/layer_norm.h"
 #include "ssm2d/star_relu.h"
 #include "ssm2d/ops.h"
@@ -99,6 +100,21 @@ ssm2d::StarReluArgs star_relu_args(std::uintptr_t x, int64_t n, std::uintptr_t s
   a.x = reinterpret_cast<const void*>(x); a.n = n;
   a.scale = reinterpret_cast<const float*>(scale); a.bias = reinterpret_cast<const float*>(bias);
   if (dtype < 0 || dtype > 3) throw ssm2d::ArgumentError("star_relu: unknown dtype code " + std::to_string(dtype));
+  a.dtype = static_cast<ssm2d::DType>(dtype);
+  a.device.index = device;
+  a.stream = stream;
+  return a;
+}
+
+ssm2d::DwConv2dArgs dwconv2d_args(std::uintptr_t x, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                                   int kernel, std::uintptr_t weight, std::uintptr_t bias, int dtype, int device,
+                                   std::uintptr_t stream) {
+  ssm2d::DwConv2dArgs a;
+  a.x = reinterpret_cast<const void*>(x);
+  a.batch = batch; a.channels = channels; a.height = height; a.width = width;
+  a.kh = a.kw = kernel;
+  a.weight = reinterpret_cast<const float*>(weight); a.bias = reinterpret_cast<const float*>(bias);
+  if (dtype < 0 || dtype > 3) throw ssm2d::ArgumentError("dwconv2d: unknown dtype code " + std::to_string(dtype));
   a.dtype = static_cast<ssm2d::DType>(dtype);
   a.device.index = device;
   a.stream = stream;
@@ -538,6 +554,36 @@ PYBIND11_MODULE(_C, m) {
       },
       "CUDA StarReLU backward: dx = dy * 2 scale relu(x); dscale, dbias (one float32 each, 0: not wanted) summed in "
       "a fixed order through the workspace.");
+
+  m.def(
+      "dwconv2d_forward",
+      [](std::uintptr_t x, std::uintptr_t y, int64_t batch, int64_t channels, int64_t height, int64_t width, int kernel,
+         std::uintptr_t weight, std::uintptr_t bias, int dtype, int device, std::uintptr_t stream) {
+        const auto a = dwconv2d_args(x, batch, channels, height, width, kernel, weight, bias, dtype, device, stream);
+        py::gil_scoped_release nogil;
+        ssm2d::cuda::dwconv2d_forward(a, reinterpret_cast<void*>(y));
+      },
+      "CUDA depthwise convolution y = w (*) x + bias of (batch, C, H, W) contiguous arrays, a k x k kernel per "
+      "channel (k = 3, 5, 7), stride 1, zero padding k // 2; weight (C, k, k) and bias (C; 0: none) float32.");
+  m.def("dwconv2d_backward_workspace_floats",
+        [](int64_t batch, int64_t channels, int64_t height, int64_t width, int kernel) {
+          return ssm2d::cuda::dwconv2d_backward_workspace_floats(batch, channels, height, width, kernel, kernel);
+        },
+        py::arg("batch"), py::arg("channels"), py::arg("height"), py::arg("width"), py::arg("kernel"),
+        "float32 scratch of dwconv2d_backward's dweight / dbias.");
+  m.def(
+      "dwconv2d_backward",
+      [](std::uintptr_t dy, std::uintptr_t x, std::uintptr_t dx, int64_t batch, int64_t channels, int64_t height,
+         int64_t width, int kernel, std::uintptr_t weight, std::uintptr_t dweight, std::uintptr_t dbias,
+         std::uintptr_t workspace, int dtype, int device, std::uintptr_t stream) {
+        const auto a = dwconv2d_args(x, batch, channels, height, width, kernel, weight, 0, dtype, device, stream);
+        py::gil_scoped_release nogil;
+        ssm2d::cuda::dwconv2d_backward(a, reinterpret_cast<const void*>(dy), reinterpret_cast<void*>(dx),
+                                       reinterpret_cast<float*>(dweight), reinterpret_cast<float*>(dbias),
+                                       reinterpret_cast<float*>(workspace));
+      },
+      "CUDA depthwise convolution backward: dx (0: not wanted); dweight (C, k, k), dbias (C) float32 (0: not "
+      "wanted) summed in a fixed order through the workspace.");
 
   m.def("get_num_threads", &ssm2d::cpu::get_num_threads, "Threads the CPU kernels use.");
   m.def("set_num_threads", &ssm2d::cpu::set_num_threads, py::arg("n"),

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..backends import resolve_backend
-from ..ops import scan2d, wavefront2d
+from ..ops import depthwise_conv2d, scan2d, wavefront2d
 from ..ops._wavefront2d_kernel import cuda_refusal as wavefront2d_cuda_refusal
 
 __all__ = ["TwoDMambaLayer", "masked_softplus"]
@@ -306,8 +306,15 @@ def _u_from_xi(cfg, xi, mask, conv_w, conv_b, sl) -> Tensor:
     if mask is not None:
         xi = xi * mask.to(xi.dtype)
     k = xi.shape[1]
-    u = F.silu(F.conv2d(xi.view(b, k, h, w), conv_w[sl], conv_b[sl], padding=cfg["padding"], groups=k))
+    u = F.silu(depthwise_conv2d(xi.view(b, k, h, w), conv_w[sl], conv_b[sl], backend=_conv_backend(cfg["backend"])))
     return u.view(b, k, h * w)
+
+
+def _conv_backend(scan_backend: str) -> str:
+    """The depthwise convolution's backend for the layer's scan backend: PyTorch's for "reference"
+    (float64 checks, higher-order gradients), else the kernel where it fits (it has no CPU kernel,
+    so "kernel" for the scan does not make the convolution refuse the CPU)."""
+    return "reference" if scan_backend == "reference" else "auto"
 
 
 def _gated_scan(cfg, u, z, mask, r_, bm, cm, w_dt, b_dt, a_log, d_skip, sl) -> Tensor:
@@ -462,7 +469,8 @@ class TwoDMambaLayer(nn.Module):
         if m is not None:
             xi = xi * m.to(xi.dtype)
         z = _cf_linear(flat, w_z)
-        u = F.silu(self.conv(xi.view(b, e, h, w)))
+        u = F.silu(depthwise_conv2d(xi.view(b, e, h, w), self.conv.weight, self.conv.bias,
+                                    backend=_conv_backend(self.backend)))
         del xi
         proj = _cf_linear(u.view(b, e, h * w), self.x_proj.weight)
         dt = masked_softplus(_cf_linear(proj[:, :r], self.dt_proj.weight), self.dt_proj.bias[:, None], m)
