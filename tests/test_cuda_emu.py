@@ -1,4 +1,5 @@
-"""scan2d's and wavefront2d's CUDA kernels run on the CPU under tools/cuda_emu, against the CPU kernels.
+"""scan2d's and wavefront2d's CUDA kernels run on the CPU under tools/cuda_emu, against the CPU kernels
+(the depthwise convolution's against a float64 loop over its definition).
 
 Not a GPU test: this checks what the CUDA sources compute (indexing, barriers, shuffles, the
 dispatch between kernel families) on machines without a GPU, every CUDA thread an OS thread. The
@@ -23,7 +24,8 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("g++") is None, reason="tools/cuda_emu builds with g++")]
 
 
-@pytest.mark.parametrize("driver,dtype,cases", [("scan2d", "f32", 6), ("scan2d", "bf16", 4), ("wavefront2d", "f32", 6)])
+@pytest.mark.parametrize("driver,dtype,cases", [("scan2d", "f32", 6), ("scan2d", "bf16", 4), ("wavefront2d", "f32", 6),
+                                                ("dwconv2d", "bf16", 6)])
 def test_cuda_sources_match_the_cpu_kernels_under_emulation(driver, dtype, cases):
     seed = random.randrange(1 << 30)
     cmd = [sys.executable, str(ROOT / "tools" / "cuda_emu" / "emu.py"), driver, "--no-asan", "--",

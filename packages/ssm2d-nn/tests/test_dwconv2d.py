@@ -53,3 +53,15 @@ def test_bad_arguments_are_refused_by_name():
         depthwise_conv2d(x, torch.randn(4, 1, 3, 3), backend="kernel")
     with pytest.raises(ValueError, match="backend"):
         depthwise_conv2d(x, torch.randn(4, 1, 3, 3), backend="fast")
+
+
+def test_auto_leaves_small_planes_and_channels_last_to_pytorch_and_kernel_takes_them():
+    from ssm2d_nn.ops.dwconv2d import _decide
+
+    # (decided before the device is looked at: these hold on a machine without a GPU too)
+    assert _decide("auto", "cuda", 0, torch.bfloat16, 3, 3, True, True) == "reference"  # a 14 x 14 plane
+    assert _decide("auto", "cuda", 0, torch.bfloat16, 3, 3, False, False) == "reference"  # channels-last
+    assert _decide("auto", "cuda", 0, torch.bfloat16, 3, 5, True, False) == "reference"  # not square
+    assert _decide("auto", "cuda", 0, torch.float64, 3, 3, True, False) == "reference"
+    with pytest.raises(BackendUnavailableError, match="3x3, 5x5 or 7x7"):
+        _decide("kernel", "cuda", 0, torch.bfloat16, 9, 9, True, False)

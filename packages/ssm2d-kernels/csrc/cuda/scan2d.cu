@@ -33,7 +33,6 @@
 // dB/dC sum over the channels of a group with float32 atomics or, deterministically, as per-channel
 // partials the caller sums in order.
 #include <algorithm>
-#include <cstdint>
 
 #include "common.cuh"
 #include "scan2d_chan.h"
@@ -523,90 +522,21 @@ __global__ void __launch_bounds__(128) scan2d_fwd_solo_kernel(Scan2dProblem p, S
   }
 }
 
-// A lane's CPL consecutive columns of a row as ONE load or store when the row's column stride is +1
-// or -1 (VMamba's routes read their buffer forwards and backwards) and the span is aligned: the row
-// kernels below are bound by memory, and CPL strided scalar accesses per operand cost CPL times the
-// load/store instructions and L1 wavefronts of one vector access for the same bytes.
-template <int Bytes> struct VecOf;
-template <> struct VecOf<16> { using type = uint4; };
-template <> struct VecOf<8> { using type = uint2; };
-template <> struct VecOf<4> { using type = unsigned; };
-template <> struct VecOf<2> { using type = unsigned short; };
-
-template <typename T, int CPL>
-struct ColSpan {
-  using V = typename VecOf<CPL * sizeof(T)>::type;
-  // The lowest address of columns j0 .. j0 + CPL - 1 when one vector access covers them, else null.
-  template <typename P>
-  static __device__ __forceinline__ P* lowest(const Plane<P>& pl, int64_t j0, int64_t W) {
-    if (CPL == 1 || j0 + CPL > W || (pl.sj != 1 && pl.sj != -1)) return nullptr;
-    P* lo = &pl.at(0, pl.sj == 1 ? j0 : j0 + CPL - 1);
-    return reinterpret_cast<uintptr_t>(lo) % sizeof(V) == 0 ? lo : nullptr;
-  }
-};
-
-// Columns j0 .. j0 + CPL - 1 of row 0 of a plane; columns past the end read the last one (in range;
-// their results are not used).
-template <typename T, int CPL>
-__device__ __forceinline__ void load_cols(T (&v)[CPL], const Plane<const T>& pl, int64_t j0, int64_t W) {
-  using V = typename ColSpan<T, CPL>::V;
-  if (const T* lo = ColSpan<T, CPL>::lowest(pl, j0, W)) {
-    // A union, not memcpy (which takes t's address: local memory); two loops with constant indices
-    // (an index that depends on the stride would put t in local memory too).
-    union {
-      V raw;
-      T t[CPL];
-    } w;
-    w.raw = __ldg(reinterpret_cast<const V*>(lo));
-    if (pl.sj == 1) {
-#pragma unroll
-      for (int k = 0; k < CPL; ++k) v[k] = w.t[k];
-    } else {
-#pragma unroll
-      for (int k = 0; k < CPL; ++k) v[k] = w.t[CPL - 1 - k];
-    }
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < CPL; ++k) v[k] = pl.at(0, min(j0 + k, W - 1));
-}
-
-// Writes v[k] to column j0 + k of row 0 of a plane, for the columns inside the row.
-template <typename T, int CPL>
-__device__ __forceinline__ void store_cols(const Plane<T>& pl, int64_t j0, int64_t W, const float (&v)[CPL]) {
-  using V = typename ColSpan<T, CPL>::V;
-  if (T* lo = ColSpan<T, CPL>::lowest(pl, j0, W)) {
-    union {
-      V raw;
-      T t[CPL];
-    } w;
-    if (pl.sj == 1) {
-#pragma unroll
-      for (int k = 0; k < CPL; ++k) w.t[k] = from_f<T>(v[k]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < CPL; ++k) w.t[CPL - 1 - k] = from_f<T>(v[k]);
-    }
-    *reinterpret_cast<V*>(lo) = w.raw;
-    return;
-  }
-#pragma unroll
-  for (int k = 0; k < CPL; ++k)
-    if (j0 + k < W) pl.at(0, j0 + k) = from_f<T>(v[k]);
-}
-
 // The operands of a lane's CPL columns of band m of a 1-row grid (N == 1); columns past the end read
-// the last one (in range; their results are not used). z only when gated.
+// the last one (in range; their results are not used).
 template <typename T, int CPL>
 __device__ __forceinline__ void load_row_band(SoloRow<T, CPL>& r, const Plane<const T>& pd, const Plane<const T>& pu,
-                                              const Plane<const T>& pz, bool gated, const Plane<const T>& pB,
+                                              const Plane<const T>& pz, const Plane<const T>& pB,
                                               const Plane<const T>& pC, int64_t m, int lane, int64_t W) {
-  const int64_t j0 = m * 32 * CPL + lane * CPL;
-  load_cols<T, CPL>(r.d, pd, j0, W);
-  load_cols<T, CPL>(r.u, pu, j0, W);
-  if (gated) load_cols<T, CPL>(r.z, pz, j0, W);
-  load_cols<T, CPL>(r.B, pB, j0, W);
-  load_cols<T, CPL>(r.C, pC, j0, W);
+#pragma unroll
+  for (int k = 0; k < CPL; ++k) {
+    const int64_t j = min(m * 32 * CPL + lane * CPL + k, W - 1);
+    r.d[k] = pd.at(0, j);
+    r.u[k] = pu.at(0, j);
+    r.z[k] = pz.at(0, j);
+    r.B[k] = pB.at(0, j);
+    r.C[k] = pC.at(0, j);
+  }
 }
 
 // N == 1 and H == 1 (VMamba's 1D routes): a warp walks its whole row band after band, the carry
@@ -628,7 +558,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
   const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
   const Plane<T> out = plane<T>(o.out, b, d, 0);
   SoloRow<T, CPL> cur, nxt;
-  auto load_band = [&](int64_t m) { load_row_band<T, CPL>(nxt, pd, pu, pz, gated, pB, pC, m, lane, W); };
+  auto load_band = [&](int64_t m) { load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W); };
   load_band(0);
   float carry = 0.f;
   float* saved = o.carries ? o.carries + (b * p.dim + d) * L.nb : nullptr;  // G entering each band
@@ -646,16 +576,16 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
       x[k] = dt * to_f(cur.u[k]) * to_f(cur.B[k]);
     }
     carry = band_scan<CPL, false>(a, x, carry, e, lane);
-    float y[CPL];
 #pragma unroll
     for (int k = 0; k < CPL; ++k) {
-      y[k] = fmaf(Dd, to_f(cur.u[k]), to_f(cur.C[k]) * fmaf(a[k], e[k], x[k]));
+      if (j0 + k >= W) continue;
+      float y = fmaf(Dd, to_f(cur.u[k]), to_f(cur.C[k]) * fmaf(a[k], e[k], x[k]));
       if (gated) {
         const float zv = to_f(cur.z[k]);
-        y[k] *= zv / (1.f + __expf(-zv));
+        y *= zv / (1.f + __expf(-zv));
       }
+      out.at(0, j0 + k) = from_f<T>(y);
     }
-    store_cols<T, CPL>(out, j0, W, y);
   }
 }
 
@@ -1047,8 +977,9 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
   SoloRow<T, CPL> cur, nxt;
   T gcur[CPL], gnxt[CPL];  // dout
   auto load_band = [&](int64_t m) {
-    load_row_band<T, CPL>(nxt, pd, pu, pz, gated, pB, pC, m, lane, W);
-    load_cols<T, CPL>(gnxt, pg, m * BW + lane * CPL, W);
+    load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W);
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) gnxt[k] = pg.at(0, min(m * BW + lane * CPL + k, W - 1));
   };
   load_band(nb - 1);
   float cR = 0.f, dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
@@ -1081,7 +1012,6 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
     band_scan<CPL, false>(a, x, cin, ef, lane);
     cR = band_scan<CPL, true>(a, xr, cR, er, lane);
     float* sb = group_sum ? &sred[m & 1][warp][0][0] : nullptr;
-    float du_v[CPL], ddelta_v[CPL], dz_v[CPL];
 #pragma unroll
     for (int k = 0; k < CPL; ++k) {
       const int64_t j = j0 + k;
@@ -1106,18 +1036,15 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
           if (kDet) *dst = dCv; else atomicAdd(dst, dCv);
         }
       }
-      const float ddelta = ddt * dsp[k];
-      du_v[k] = fmaf(Dd, dy[k], lamH * bv * dt[k]);
-      ddelta_v[k] = ddelta;
-      dz_v[k] = fmaf(Dd, uv, cv * h) * gz[k];
       if (!in) continue;
       dA_acc = fmaf(q, dt[k], dA_acc);
+      const float ddelta = ddt * dsp[k];
       dbias_acc += ddelta;
       dD_acc = fmaf(dy[k], uv, dD_acc);
+      if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, dy[k], lamH * bv * dt[k]));
+      if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(0, j) = from_f<T>(ddelta);
+      if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, uv, cv * h) * gz[k]);
     }
-    if (ga.du.defined()) store_cols<T, CPL>(plane<T>(ga.du, b, d, 0), j0, W, du_v);
-    if (ga.ddelta.defined()) store_cols<T, CPL>(plane<T>(ga.ddelta, b, d, 0), j0, W, ddelta_v);
-    if (ga.dz.defined()) store_cols<T, CPL>(plane<T>(ga.dz, b, d, 0), j0, W, dz_v);
     if (group_sum) {
       // One barrier per band: the parity buffers keep the next band's writes off this one's readers.
       __syncthreads();

@@ -11,7 +11,8 @@ Backends as :func:`ssm2d_nn.ops.layer_norm`: "kernel" (CUDA, square kernels of 3
 contiguous NCHW; raises, saying why, when the call does not fit), "reference" (``F.conv2d``, also
 what the CPU runs), "auto" (the kernel where it fits, else ``F.conv2d``; which one runs is logged once
 per reason at INFO level). Channels-last inputs go to ``F.conv2d`` under "auto" (cuDNN takes them
-without a layout copy); "kernel" copies them to NCHW.
+without a layout copy); "kernel" copies them to NCHW. So do planes of fewer than 1024 cells under
+"auto" (a 14 x 14 plane fills a fifth of the kernel's 16 x 64 tile: PyTorch was faster there).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = ["depthwise_conv2d", "depthwise_conv2d_reference", "DWCONV_KERNEL_SIZE
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DWCONV_KERNEL_SIZES = (3, 5, 7)
+# Under "auto", planes smaller than this run F.conv2d (the kernel's 16 x 64 tiles are mostly idle).
+SMALL_PLANE_CELLS = 1024
 
 
 def depthwise_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -58,7 +61,8 @@ def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
 
 
 @torch.compiler.assume_constant_result
-def _decide(backend: str, device_type: str, index: int, dtype: torch.dtype, kh: int, kw: int, nchw: bool) -> str:
+def _decide(backend: str, device_type: str, index: int, dtype: torch.dtype, kh: int, kw: int, nchw: bool,
+            small: bool) -> str:
     def refusal():
         if device_type != "cuda":
             return f"the depthwise convolution kernel runs on CUDA only (x is on {device_type})"
@@ -68,6 +72,10 @@ def _decide(backend: str, device_type: str, index: int, dtype: torch.dtype, kh: 
             return f"the depthwise convolution kernel takes 3x3, 5x5 or 7x7 kernels (got {kh}x{kw})"
         if not nchw and backend == "auto":
             return "x is not contiguous NCHW (cuDNN takes channels-last without a copy)"
+        if small and backend == "auto":
+            # 14 x 14 planes fill a fifth of a 16 x 64 tile: PyTorch's kernel was faster there
+            # (results/2026-12-06-h100-dwconv2d-cc638c3).
+            return f"planes of fewer than {SMALL_PLANE_CELLS} cells are faster in F.conv2d"
         return kernel_unavailable_reason(torch.device(device_type, index) if index >= 0 else torch.device(device_type))
     return resolve_fused("depthwise_conv2d", backend, device_type, refusal, "F.conv2d")
 
@@ -91,7 +99,8 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
         x = x.to(torch.get_autocast_dtype(x.device.type))
     kh, kw = weight.shape[-2:]
     nchw = x.is_contiguous()
-    chosen = _decide(backend, x.device.type, -1 if x.device.index is None else x.device.index, x.dtype, kh, kw, nchw)
+    chosen = _decide(backend, x.device.type, -1 if x.device.index is None else x.device.index, x.dtype, kh, kw, nchw,
+                     x.shape[2] * x.shape[3] < SMALL_PLANE_CELLS)
     if chosen == "reference":
         return depthwise_conv2d_reference(x, weight, bias)
     if not nchw:
