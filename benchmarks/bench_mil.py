@@ -99,6 +99,8 @@ def main(argv=None) -> None:
     ap.add_argument("--inputs", type=int, default=3, help="distinct random bags the repeats cycle through")
     ap.add_argument("--chunk-channels", type=int, default=None,
                     help="channels per chunk of the SSM layers' chunked scan2d path (default: the layer's auto)")
+    ap.add_argument("--checkpoint", choices=("auto", "true", "false"), default="auto",
+                    help="the SSM layers' checkpoint setting (default: the models' 'auto')")
     ap.add_argument("--breakdown", action="store_true", help="print mil_memory.py's byte count for each row")
     ap.add_argument("--profile", action="store_true",
                     help="print where one step's device time goes (torch.profiler, top kernels) for each row")
@@ -131,9 +133,11 @@ def main(argv=None) -> None:
             for prec in precisions:
                 torch.manual_seed(0)
                 model = build_model(name, args.in_dim, args.n_outputs, **model_kwargs(name, args.backend)).to(args.device)
-                if args.chunk_channels is not None:
-                    for layer in getattr(model, "layers", []):
+                for layer in getattr(model, "layers", []):
+                    if args.chunk_channels is not None:
                         layer.chunk_channels = args.chunk_channels
+                    if args.checkpoint != "auto":
+                        layer.checkpoint = args.checkpoint == "true"
                 model.train()
                 opt = torch.optim.AdamW(param_groups(model, 1e-5), lr=1e-4)
                 g = torch.Generator().manual_seed(n)
