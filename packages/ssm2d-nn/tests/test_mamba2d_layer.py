@@ -396,3 +396,22 @@ def test_chunked_scan2d_on_a_sequence_grid_with_a_1x3_conv():
         res.append((out.detach(), torch.autograd.grad(out.square().sum(), [x] + list(layer.parameters()))))
     for a, b in zip([res[1][0], *res[1][1]], [res[0][0], *res[0][1]]):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_auto_checkpoint_follows_the_plain_layers_saved_bytes():
+    from ssm2d_nn.layers.mamba2d import CHECKPOINT_BYTES
+
+    layer = TwoDMambaLayer(8, d_inner=256, d_state=16)
+    bf16_bytes, f32_bytes = 256 * (16 * 2 + 4 * 2), 256 * (16 * 4 + 4 * 2)  # activations + carries per cell
+    n = CHECKPOINT_BYTES // bf16_bytes  # the largest grid kept plain under bf16 autocast
+    grid = lambda w: torch.zeros(1, 1, 1, 1).expand(2, 8, 1, w // 2)  # noqa: E731  (no memory behind it)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.plain_layer_saved_bytes(grid(2 * (n // 2))) == 2 * (n // 2) * bf16_bytes
+        assert not layer._use_checkpoint(grid(2 * (n // 2)))
+        assert layer._use_checkpoint(grid(2 * (n // 2) + 2))
+    assert layer.plain_layer_saved_bytes(grid(2 * (n // 2))) == 2 * (n // 2) * f32_bytes
+    assert layer._use_checkpoint(grid(2 * (n // 2)))  # float32 keeps more: the lean path
+    with torch.no_grad():
+        assert not layer._use_checkpoint(grid(2 * (n // 2) + 2))  # nothing to keep without a backward
+    layer.checkpoint = False
+    assert not layer._use_checkpoint(grid(4 * n))

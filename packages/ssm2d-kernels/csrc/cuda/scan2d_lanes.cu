@@ -433,6 +433,19 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
       r_c[r] = ld_early(pC[r] + i * p.C.si);
     }
   };
+  // Asks L2 for row i's operands of this thread (the segment above, while this one is recomputed: its
+  // first pass otherwise waits on device memory at every row).
+  auto prefetch_row = [&](int64_t i) {
+    prefetch_l2(pu + i * p.u.si);
+    prefetch_l2(pdl + i * p.delta.si);
+    prefetch_l2(pdo + i * ga.dout.si);
+    if (gated) prefetch_l2(pz + i * p.z.si);
+#pragma unroll
+    for (int r = 0; r < kBC; ++r) {
+      prefetch_l2(pB[r] + i * p.B.si);
+      prefetch_l2(pC[r] + i * p.C.si);
+    }
+  };
   // Stages the loaded row (cells outside the grid: dt = 0, u = dy = 0) and keeps the cell's values.
   auto store_row = [&](float* buf) {
     float dt = 0.f, dy = 0.f;
@@ -489,10 +502,14 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
       load_row(r0);
       store_row(smem);
       __syncthreads();
+      // The G carry entering each row, a row ahead (an L2 round trip otherwise waited for per row).
+      float G_next = gin ? __ldcg(gin + r0 * row_stride) : 0.f;
       for (int64_t i = r0; i < h1; ++i) {
         const float* buf = smem + ((i - r0) & 1) * BUF;
         if (i + 1 < h1) load_row(i + 1);
-        float G = gin ? __ldcg(gin + i * row_stride) : 0.f;
+        if (i >= kSeg) prefetch_row(i - kSeg);
+        float G = G_next;
+        if (gin && i + 1 < h1) G_next = __ldcg(gin + (i + 1) * row_stride);
 #pragma unroll
         for (int q = 0; q < kCols; q += 4) {
           const float4 dt4 = *reinterpret_cast<const float4*>(buf + c * kPitch + q);
@@ -521,6 +538,15 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
     load_row(h1 - 1);
     store_row(smem);
     __syncthreads();
+    // This block's h row and the G carry, a row ahead (both L2 reads).
+    auto load_h = [&](int64_t i, float4 (&v)[kCols / 4]) {
+      const float* src = seg + (i - h0) * kThreads * 16;
+#pragma unroll
+      for (int q = 0; q < kCols / 4; ++q) v[q] = __ldcg(reinterpret_cast<const float4*>(src + 4 * q));
+    };
+    float4 h_next[kCols / 4];
+    load_h(h1 - 1, h_next);
+    float G_next = gin ? __ldcg(gin + (h1 - 1) * row_stride) : 0.f;
     for (int64_t i = h1 - 1; i >= h0; --i) {
       const float* buf = smem + ((h1 - 1 - i) & 1) * BUF;
       if (i > h0) load_row(i - 1);
@@ -533,18 +559,18 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         }
       }
       float cH = hand_right ? __ldcg(hand_right + i * row_stride) : 0.f;
-      float G = gin ? __ldcg(gin + i * row_stride) : 0.f;
+      float G = G_next;
       float hr[kCols], av[kCols], Gc[kCols];
-      {
-        const float* src = seg + (i - h0) * kThreads * 16;
 #pragma unroll
-        for (int j = 0; j < kCols; j += 4) {
-          const float4 v = __ldcg(reinterpret_cast<const float4*>(src + j));
-          hr[j] = v.x;
-          hr[j + 1] = v.y;
-          hr[j + 2] = v.z;
-          hr[j + 3] = v.w;
-        }
+      for (int q = 0; q < kCols / 4; ++q) {
+        hr[4 * q] = h_next[q].x;
+        hr[4 * q + 1] = h_next[q].y;
+        hr[4 * q + 2] = h_next[q].z;
+        hr[4 * q + 3] = h_next[q].w;
+      }
+      if (i > h0) {
+        load_h(i - 1, h_next);
+        if (gin) G_next = __ldcg(gin + (i - 1) * row_stride);
       }
       const float* bdt = buf + c * kPitch;
       const float* bdu = buf + (CB + c) * kPitch;

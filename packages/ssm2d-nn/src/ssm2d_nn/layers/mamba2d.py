@@ -42,8 +42,17 @@ from ..ops._wavefront2d_kernel import cuda_refusal as wavefront2d_cuda_refusal
 __all__ = ["TwoDMambaLayer", "masked_softplus"]
 
 SCANS = ("scan2d", "wavefront2d")
-# Above this many cells (batch * H * W) checkpoint="auto" recomputes the layer in the backward.
-CHECKPOINT_CELLS = 65536
+# checkpoint="auto" keeps the plain layer (the fastest: nothing recomputed) while what it keeps for
+# the backward, estimated by plain_layer_saved_bytes, stays at or under CHECKPOINT_BYTES; above it
+# the memory-lean path runs. The 2DMambaMIL training step at 150k patches (bf16) took 39.3 ms with
+# the lean path and 30.1 ms plain, 1.44 vs 2.07 GiB beyond its inputs, on an H100
+# (benchmarks/results/2026-12-06-h100-mil-checkpoint-b0780e7).
+CHECKPOINT_BYTES = 4 << 30
+# Activations the plain layer keeps per inner channel and cell (xi, conv output, u, z, dt and the
+# scan's operands and output, their casts), in the activations' dtype; the scan's float32 carries
+# come on top. Measured: 2.07 GiB beyond the inputs for 256 x 236,684 channel-cells at bf16 (the
+# estimate below gives 2.25 GiB).
+SAVED_ACTIVATIONS_PER_CHANNEL_CELL = 16
 
 
 class _MaskedSoftplus(torch.autograd.Function):
@@ -342,7 +351,10 @@ class TwoDMambaLayer(nn.Module):
         origin, order: the scan's start corner and, for scan2d, "hv" rows first or "vh".
         backend: "auto", "kernel" or "reference", passed to the op; ``last_backend`` records which
             one the last forward ran ("kernel" or "reference").
-        checkpoint: True, False or "auto" (on when gradients are needed and batch*H*W >= 65536 cells).
+        checkpoint: True, False or "auto" (on when gradients are needed and the plain layer would keep
+            more than CHECKPOINT_BYTES = 4 GiB for the backward: ``plain_layer_saved_bytes``, about
+            40 bytes per inner channel and cell under bf16 autocast, 72 in float32; 2DMambaMIL at
+            150k patches (256 x 236,684 channel-cells) stays plain under bf16).
             On, scan2d runs the channel-chunked layer (_ChunkedScan2dLayer), wavefront2d recomputes
             the layer with torch.utils.checkpoint; either way only the input (and for scan2d the
             narrow x_proj output) is kept between forward and backward (memory note below).
@@ -442,8 +454,20 @@ class TwoDMambaLayer(nn.Module):
         if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
         if self.checkpoint == "auto":
-            return x.shape[0] * x.shape[2] * x.shape[3] >= CHECKPOINT_CELLS
+            return self.plain_layer_saved_bytes(x) > CHECKPOINT_BYTES
         return bool(self.checkpoint)
+
+    def plain_layer_saved_bytes(self, x: Tensor) -> int:
+        """Estimated bytes the plain layer (checkpoint off) keeps between forward and backward for an
+        input shaped like x: SAVED_ACTIVATIONS_PER_CHANNEL_CELL activations per inner channel and
+        cell in the activations' dtype (autocast's when it is on) plus the scan's float32 carries
+        ((1 + ceil(N / 16)) values per channel and cell). checkpoint="auto" compares it with
+        CHECKPOINT_BYTES."""
+        cells = x.shape[0] * x.shape[2] * x.shape[3]
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        carries = 4 * (1 + -(-self.d_state // 16))
+        return cells * self.d_inner * (SAVED_ACTIVATIONS_PER_CHANNEL_CELL * dtype.itemsize + carries)
 
     def _resolve(self, x: Tensor) -> str:
         """The backend the op will run, with the same per-call exclusions the ops apply."""

@@ -350,8 +350,8 @@ class TwoDMambaMIL(_SSMMIL):
     Args: in_dim (encoder feature dim), n_outputs (classes, or time bins for survival), dim 128,
     d_inner 256, d_state 16, n_layers 1, dropout 0.25 (the published setting); keyword-only:
     dt_rank (ceil(dim/16)), d_conv 3 (depthwise 3x3), attn_dim 128, backend ("auto"/"kernel"/
-    "reference"), checkpoint (True/False/"auto": recompute each layer in the backward when its grid
-    has >= 65536 cells). forward(bag) -> MILOutput(logits (1, n_outputs), scores (N_total,)).
+    "reference"), checkpoint (True/False/"auto": recompute each layer in the backward when the plain
+    layer would keep more than 4 GiB for it; TwoDMambaLayer.plain_layer_saved_bytes). forward(bag) -> MILOutput(logits (1, n_outputs), scores (N_total,)).
 
     Options, off by default (the published model): input_norm (LayerNorm of the input features,
     no affine), local_mix (odd kernel size k: h + ReLU(conv_k x k(h)) on the embedded grid before
