@@ -39,8 +39,8 @@ __device__ __forceinline__ void stage(float* s, const T* plane, int64_t H, int64
   constexpr int SW = kTileW + 2 * PW, SH = kTileH + 2 * PH;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   // columns of the tile inside the plane: [c_lo, c_hi)
-  const int c_lo = static_cast<int>(max<int64_t>(0, PW - j0));
-  const int c_hi = static_cast<int>(min<int64_t>(SW, W - j0 + PW));
+  const int c_lo = static_cast<int>(max(int64_t{0}, static_cast<int64_t>(PW) - j0));
+  const int c_hi = static_cast<int>(min(static_cast<int64_t>(SW), W - j0 + PW));
   for (int r = warp; r < SH; r += kThreads / 32) {
     const int64_t i = i0 + r - PH;
     float* srow = s + r * SW;
