@@ -31,25 +31,17 @@ int64_t tiles_of(int64_t height, int64_t width) {
 }
 
 // Stages rows i0 - PH .. i0 + kTileH - 1 + PH, columns j0 - PW .. j0 + kTileW - 1 + PW of a plane
-// into s (pitch kTileW + 2 PW), zeros outside the plane. A warp per staged row, its lanes along the
-// row: 64-bit address arithmetic once per row, not per element (it was most of the kernel's
-// instructions when each thread derived its element's row and column from a flat index).
+// into s (pitch kTileW + 2 PW), zeros outside the plane. Every thread takes every kThreads-th
+// element of the flat tile: its index arithmetic is most of the forward's instructions (Nsight
+// Compute), but a warp per staged row (fewer instructions, uneven rows per warp) measured slower in
+// the backward (results/2026-12-06-h100-dwconv2d-9a1635d).
 template <typename T, int PH, int PW>
 __device__ __forceinline__ void stage(float* s, const T* plane, int64_t H, int64_t W, int64_t i0, int64_t j0) {
   constexpr int SW = kTileW + 2 * PW, SH = kTileH + 2 * PH;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  // columns of the tile inside the plane: [c_lo, c_hi)
-  const int c_lo = static_cast<int>(max(int64_t{0}, static_cast<int64_t>(PW) - j0));
-  const int c_hi = static_cast<int>(min(static_cast<int64_t>(SW), W - j0 + PW));
-  for (int r = warp; r < SH; r += kThreads / 32) {
-    const int64_t i = i0 + r - PH;
-    float* srow = s + r * SW;
-    if (i < 0 || i >= H) {
-      for (int c = lane; c < SW; c += 32) srow[c] = 0.f;
-      continue;
-    }
-    const T* prow = plane + i * W + (j0 - PW);  // column c of the staged row
-    for (int c = lane; c < SW; c += 32) srow[c] = (c >= c_lo && c < c_hi) ? to_f(prow[c]) : 0.f;
+  for (int idx = threadIdx.x; idx < SH * SW; idx += kThreads) {
+    const int r = idx / SW, c = idx % SW;
+    const int64_t i = i0 + r - PH, j = j0 + c - PW;
+    s[idx] = (i >= 0 && i < H && j >= 0 && j < W) ? to_f(plane[i * W + j]) : 0.f;
   }
 }
 
