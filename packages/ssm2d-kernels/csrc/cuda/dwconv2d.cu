@@ -34,7 +34,7 @@ int64_t tiles_of(int64_t height, int64_t width) {
 // into s (pitch kTileW + 2 PW), zeros outside the plane. Every thread takes every kThreads-th
 // element of the flat tile: its index arithmetic is most of the forward's instructions (Nsight
 // Compute), but a warp per staged row (fewer instructions, uneven rows per warp) measured slower in
-// the backward (results/2026-12-06-h100-dwconv2d-9a1635d).
+// the backward (results/2026-12-06-h100-mil-step-models-9a1635d/dwconv-staging-attempt).
 template <typename T, int PH, int PW>
 __device__ __forceinline__ void stage(float* s, const T* plane, int64_t H, int64_t W, int64_t i0, int64_t j0) {
   constexpr int SW = kTileW + 2 * PW, SH = kTileH + 2 * PH;

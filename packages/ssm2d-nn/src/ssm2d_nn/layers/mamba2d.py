@@ -46,7 +46,8 @@ SCANS = ("scan2d", "wavefront2d")
 # the backward, estimated by plain_layer_saved_bytes, stays at or under CHECKPOINT_BYTES; above it
 # the memory-lean path runs. The 2DMambaMIL training step at 150k patches (bf16) took 39.3 ms with
 # the lean path and 30.1 ms plain, 1.44 vs 2.07 GiB beyond its inputs, on an H100
-# (benchmarks/results/2026-12-06-h100-mil-checkpoint-b0780e7).
+# (benchmarks/results/2026-12-06-h100-mil-checkpoint-b0780e7; with this policy:
+# 2026-12-06-h100-mil-step-models-9a1635d).
 CHECKPOINT_BYTES = 4 << 30
 # Activations the plain layer keeps per inner channel and cell (xi, conv output, u, z, dt and the
 # scan's operands and output, their casts), in the activations' dtype; the scan's float32 carries
