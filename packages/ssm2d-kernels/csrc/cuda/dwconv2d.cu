@@ -45,11 +45,12 @@ __device__ __forceinline__ void stage(float* s, const T* plane, int64_t H, int64
   }
 }
 
-// acc[o] += sum_{p,q} w[p][q] s[(row0 + o + p) * SW + col + q], o < kRowsPer: each staged row is read
-// once (K values) and used by every cell it reaches.
-template <int K>
-__device__ __forceinline__ void correlate(float (&acc)[kRowsPer], const float (&w)[K][K], const float* s, int SW,
-                                          int row0, int col) {
+// Calls f(o, p, q, v) for every tap (p, q) of the kernel and cell o < kRowsPer of the thread's
+// column, v being the staged value at (row0 + o + p, col + q): each staged row is read once (K
+// values) and used by every cell it reaches. The forward's sum and the weight gradient's are both
+// this walk.
+template <int K, typename F>
+__device__ __forceinline__ void for_taps(const float* s, int SW, int row0, int col, F&& f) {
 #pragma unroll
   for (int r = 0; r < kRowsPer + K - 1; ++r) {
     float v[K];
@@ -60,9 +61,16 @@ __device__ __forceinline__ void correlate(float (&acc)[kRowsPer], const float (&
       const int p = r - o;
       if (p < 0 || p >= K) continue;
 #pragma unroll
-      for (int q = 0; q < K; ++q) acc[o] = fmaf(w[p][q], v[q], acc[o]);
+      for (int q = 0; q < K; ++q) f(o, p, q, v[q]);
     }
   }
+}
+
+// acc[o] += sum_{p,q} w[p][q] s[(row0 + o + p) * SW + col + q], o < kRowsPer.
+template <int K>
+__device__ __forceinline__ void correlate(float (&acc)[kRowsPer], const float (&w)[K][K], const float* s, int SW,
+                                          int row0, int col) {
+  for_taps<K>(s, SW, row0, col, [&](int o, int p, int q, float v) { acc[o] = fmaf(w[p][q], v, acc[o]); });
 }
 
 template <typename T, int K>
@@ -146,19 +154,7 @@ __global__ void __launch_bounds__(kThreads) dwconv2d_bwd_kernel(DwConv2dArgs a, 
   for (int p = 0; p < K; ++p)
 #pragma unroll
     for (int q = 0; q < K; ++q) dw[p][q] = 0.f;
-#pragma unroll
-  for (int r = 0; r < kRowsPer + K - 1; ++r) {
-    float v[K];
-#pragma unroll
-    for (int q = 0; q < K; ++q) v[q] = s_x[(row0 + r) * SW + col + q];
-#pragma unroll
-    for (int o = 0; o < kRowsPer; ++o) {
-      const int p = r - o;
-      if (p < 0 || p >= K) continue;
-#pragma unroll
-      for (int q = 0; q < K; ++q) dw[p][q] = fmaf(g[o], v[q], dw[p][q]);
-    }
-  }
+  for_taps<K>(s_x, SW, row0, col, [&](int o, int p, int q, float v) { dw[p][q] = fmaf(g[o], v, dw[p][q]); });
   // Per warp (shuffles), then the warps in order: K*K + 1 sums, one barrier.
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
 #pragma unroll
