@@ -89,6 +89,14 @@ def masked_softplus(v: Tensor, bias: Tensor, mask: Optional[Tensor] = None) -> T
     return _MaskedSoftplus.apply(v, bias, mask)
 
 
+def _masked_steps(v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """The step sizes before scan2d's own ``delta_bias`` and softplus, -inf at empty cells: there
+    softplus(-inf + bias) = 0 exactly (decay 1, no input: transparent, as masked_softplus makes them)
+    and its gradient is 0. One pass in v's dtype instead of masked_softplus's float32 passes (the
+    scan kernels apply the bias and the softplus in registers)."""
+    return v if mask is None else torch.where(mask, v, float("-inf"))
+
+
 def _dt_init_(proj: nn.Linear, dt_min: float, dt_max: float, floor: float, scale: float = 1.0) -> None:
     """Mamba's step-size init: weight U(+-rank^-0.5), bias = softplus^-1(dt), dt log-uniform in
     [dt_min, dt_max] (floored), so the initial steps span the time scales the scan can represent."""
@@ -154,7 +162,7 @@ class _ChunkedScan2dLayer(torch.autograd.Function):
     through x_proj (proj = W_xp @ u sums over all channels), so:
 
     forward:  pass 1 per chunk: u_c = silu(conv_c(mask * W_x[c] @ x)); proj += W_xp[:, c] @ u_c.
-              pass 2 per chunk: z_c = W_z[c] @ x, dt_c = masked_softplus(W_dt[c] @ r + b_c),
+              pass 2 per chunk: z_c = W_z[c] @ x, dt_c = softplus(W_dt[c] @ r + b_c) (0 at empty cells),
               y_c = scan2d(u_c, dt_c, ..., z=z_c); out += W_out[:, c] @ y_c.
     backward: pass 1 per chunk: recompute u_c, z_c and the gated scan (a small graph: softplus,
               scan2d with its carries), feed it dy_c = W_out[:, c]^T @ dout: du_c (kept, E x L in
@@ -165,7 +173,7 @@ class _ChunkedScan2dLayer(torch.autograd.Function):
     The sums over chunks that the plain layer does inside one GEMM (proj, out, dx) accumulate in
     float32 (float64 for float64) with the weights rounded to the autocast dtype first, as autocast's
     GEMM would: values and gradients are the plain layer's up to summation order. The per-chunk
-    graphs use the plain layer's ops (masked_softplus, scan2d, conv2d, silu).
+    graphs use the plain layer's ops (scan2d with its softplus, depthwise conv, silu).
 
     Memory (L = B*H*W cells, k = channels per chunk): saved between forward and backward: x (C*L)
     and proj ((R+2N)*L) in the grid dtype. Backward peak: dout (C*L), du (E*L, u's dtype), dx
@@ -328,13 +336,14 @@ def _conv_backend(scan_backend: str) -> str:
 
 
 def _gated_scan(cfg, u, z, mask, r_, bm, cm, w_dt, b_dt, a_log, d_skip, sl) -> Tensor:
-    """scan2d(u, dt, ...) * silu(z) for channels ``sl``, (B, k, L); dt = masked_softplus(W_dt[sl] @ r + b)."""
+    """scan2d(u, dt, ...) * silu(z) for channels ``sl``, (B, k, L); dt = softplus(W_dt[sl] @ r + b) at
+    tissue cells, 0 at empty ones (the scan applies the bias and the softplus)."""
     b, h, w = cfg["b"], cfg["h"], cfg["w"]
     k = u.shape[1]
-    dt = masked_softplus(_cf_linear(r_, w_dt[sl]), b_dt[sl][:, None], mask)
-    y = scan2d(u.view(b, k, h, w), dt.view(b, k, h, w), -torch.exp(_acc(a_log[sl])), bm.to(u.dtype), cm.to(u.dtype),
-               _acc(d_skip[sl]), z=z.view(b, k, h, w).to(u.dtype), delta_softplus=False, origin=cfg["origin"],
-               order=cfg["order"], backend=cfg["backend"])
+    delta = _masked_steps(_cf_linear(r_, w_dt[sl]), mask)
+    y = scan2d(u.view(b, k, h, w), delta.view(b, k, h, w), -torch.exp(_acc(a_log[sl])), bm.to(u.dtype),
+               cm.to(u.dtype), _acc(d_skip[sl]), z=z.view(b, k, h, w).to(u.dtype), delta_bias=_acc(b_dt[sl]),
+               delta_softplus=True, origin=cfg["origin"], order=cfg["order"], backend=cfg["backend"])
     return y.view(b, k, h * w)
 
 
@@ -498,13 +507,15 @@ class TwoDMambaLayer(nn.Module):
                                     backend=_conv_backend(self.backend)))
         del xi
         proj = _cf_linear(u.view(b, e, h * w), self.x_proj.weight)
-        dt = masked_softplus(_cf_linear(proj[:, :r], self.dt_proj.weight), self.dt_proj.bias[:, None], m)
+        # dt = softplus(dt_proj(r) + bias) at tissue cells, 0 at empty ones: the scan applies the bias
+        # and the softplus to the raw projection (-inf at empty cells).
+        delta = _masked_steps(_cf_linear(proj[:, :r], self.dt_proj.weight), m)
         B = proj[:, r:r + n].reshape(b, 1, n, h, w).contiguous()
         C = proj[:, r + n:].reshape(b, 1, n, h, w).contiguous()
         A = -torch.exp(_acc(self.A_log))
-        y = scan2d(u, dt.view(b, e, h, w), A, B.to(u.dtype), C.to(u.dtype), _acc(self.D),
-                   z=z.view(b, e, h, w).to(u.dtype), delta_softplus=False, origin=self.origin, order=self.order,
-                   backend=self.last_backend)
+        y = scan2d(u, delta.view(b, e, h, w), A, B.to(u.dtype), C.to(u.dtype), _acc(self.D),
+                   z=z.view(b, e, h, w).to(u.dtype), delta_bias=_acc(self.dt_proj.bias), delta_softplus=True,
+                   origin=self.origin, order=self.order, backend=self.last_backend)
         return _cf_linear(y.view(b, e, h * w), self.out_proj.weight).view(b, c, h, w)
 
     def _forward_scan2d_chunked(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
