@@ -1,7 +1,11 @@
 // scan2d's CUDA forward and backward (every kernel family the dispatch picks) under cuda_emu, against
 // the CPU implementation on the same random inputs.
 //
-//   scan2d [--seed S] [--cases K] [--only b,d,n,g,h,w] [--bwd] [--dtype f32|bf16|f16] [--verbose]
+//   scan2d [--seed S] [--cases K] [--only b,d,n,g,h,w] [--bwd] [--dtype f32|bf16|f16] [--verbose] [--masked]
+//
+// --masked: every case with softplus has delta = -inf at about a third of its cells (how the MIL
+// layer marks empty cells: softplus(-inf + bias) = 0, a transparent cell) and each kernel must agree
+// with the CPU kernel there, finite.
 //
 // Each case: random sizes (or --only), origin (negative strides), order (transposed strides), z,
 // D, delta_bias, softplus on or off; the no-grad forward, the training forward (carries saved) and,
@@ -26,7 +30,7 @@ namespace {
 
 struct Case {
   int64_t b, d, n, g, h, w;  // physical H x W
-  bool z, D, bias, softplus, transpose;
+  bool z, D, bias, softplus, transpose, masked = false;
   int origin;  // bit 0: flip rows, bit 1: flip columns (of the logical frame)
   DType dt;
 };
@@ -56,7 +60,7 @@ Inputs make_inputs(const Case& c, std::mt19937& rng) {
   Inputs in{Buf(c.dt, cells), Buf(c.dt, cells), Buf(c.dt, c.z ? cells : 0), Buf(c.dt, bc), Buf(c.dt, bc), {}, {}, {}};
   for (int64_t i = 0; i < cells; ++i) {
     in.u.set(i, nd(rng));
-    in.delta.set(i, c.softplus ? nd(rng) - 1.f : 0.05f + 0.3f * ud(rng));
+    in.delta.set(i, c.softplus ? (c.masked && ud(rng) < 0.33f ? -INFINITY : nd(rng) - 1.f) : 0.05f + 0.3f * ud(rng));
     if (c.z) in.z.set(i, nd(rng));
   }
   for (int64_t i = 0; i < bc; ++i) {
@@ -223,7 +227,13 @@ bool run_case(const Case& c, std::mt19937& rng, bool bwd, bool verbose) {
 
 int main(int argc, char** argv) {
   Options o;
-  if (!parse(argc, argv, o, "b,d,n,g,h,w")) return 2;
+  bool masked = false;  // (--masked is this driver's own option: taken out before the common ones)
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (std::string(argv[i]) == "--masked") masked = true;
+    else args.push_back(argv[i]);
+  }
+  if (!parse(static_cast<int>(args.size()), args.data(), o, "b,d,n,g,h,w")) return 2;
   auto make = [&](std::mt19937& rng) {
     Case c;
     if (!o.only.empty()) {
@@ -236,7 +246,8 @@ int main(int argc, char** argv) {
       c.h = pick(rng, {1, 3, 16, 17, 40});
       c.w = pick(rng, {1, 5, 16, 33, 130, 300});
     }
-    c.z = rng() % 2; c.D = rng() % 2; c.bias = rng() % 2; c.softplus = rng() % 2;
+    c.z = rng() % 2; c.D = rng() % 2; c.bias = rng() % 2; c.softplus = masked || rng() % 2;
+    c.masked = masked;
     c.transpose = rng() % 2; c.origin = static_cast<int>(rng() % 4); c.dt = o.dt;
     return c;
   };
