@@ -100,7 +100,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
     kh, kw = weight.shape[-2:]
     nchw = x.is_contiguous()
     chosen = _decide(backend, x.device.type, -1 if x.device.index is None else x.device.index, x.dtype, kh, kw, nchw,
-                     x.shape[2] * x.shape[3] < SMALL_PLANE_CELLS)
+                     bool(x.shape[2] * x.shape[3] < SMALL_PLANE_CELLS))
     if chosen == "reference":
         return depthwise_conv2d_reference(x, weight, bias)
     if not nchw:
