@@ -9,6 +9,8 @@ from torch import Tensor
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The compiled kernels' dtype codes (ssm2d::DType) of the dtypes their CUDA kernels take.
+CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def check_tensors(op: str, named: tuple) -> None:

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import kernel_unavailable_reason, resolve_fused
-from ._common import compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
+from ._common import CUDA_DTYPE_CODES, compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
 
 __all__ = ["depthwise_conv2d", "depthwise_conv2d_reference", "DWCONV_KERNEL_SIZES"]
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DWCONV_KERNEL_SIZES = (3, 5, 7)
 # Under "auto", planes smaller than this run F.conv2d (the kernel's 16 x 64 tiles are mostly idle).
 SMALL_PLANE_CELLS = 1024
@@ -66,7 +65,7 @@ def _decide(backend: str, device_type: str, index: int, dtype: torch.dtype, kh: 
     def refusal():
         if device_type != "cuda":
             return f"the depthwise convolution kernel runs on CUDA only (x is on {device_type})"
-        if dtype not in _DTYPE_CODES:
+        if dtype not in CUDA_DTYPE_CODES:
             return f"the depthwise convolution kernel takes float32, float16 or bfloat16 (x is {dtype})"
         if kh != kw or kh not in DWCONV_KERNEL_SIZES:
             return f"the depthwise convolution kernel takes 3x3, 5x5 or 7x7 kernels (got {kh}x{kw})"
@@ -121,7 +120,7 @@ def _forward(x: Tensor, w: Tensor, b: Optional[Tensor], k: int) -> Tensor:
     n, c, h, wd = x.shape
     dev = x.device.index
     compiled().dwconv2d_forward(x.data_ptr(), y.data_ptr(), n, c, h, wd, k, w.data_ptr(), 0 if b is None else b.data_ptr(),
-                                _DTYPE_CODES[x.dtype], dev, raw_stream(dev))
+                                CUDA_DTYPE_CODES[x.dtype], dev, raw_stream(dev))
     return y
 
 
@@ -139,7 +138,7 @@ def _backward(dy: Tensor, x: Tensor, w: Tensor, k: int, need_x: bool, need_w: bo
     dev = x.device.index
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     C.dwconv2d_backward(dy.data_ptr(), x.data_ptr(), ptr(dx), n, c, h, wd, k, w.data_ptr(), ptr(dw), ptr(db), ptr(ws),
-                        _DTYPE_CODES[x.dtype], dev, raw_stream(dev))
+                        CUDA_DTYPE_CODES[x.dtype], dev, raw_stream(dev))
     return dx, dw, db
 
 

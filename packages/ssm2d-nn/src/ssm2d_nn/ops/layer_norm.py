@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import check_backend_name, kernel_unavailable_reason, resolve_fused
-from ._common import compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
+from ._common import CUDA_DTYPE_CODES, compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
 
 __all__ = ["layer_norm", "layer_norm_kernel_refusal", "row_layout"]
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def layer_norm_kernel_refusal(x: Tensor, normalized_shape: Sequence[int]) -> Optional[str]:
@@ -40,7 +39,7 @@ def _refusal(device_type: str, index: int, dtype: torch.dtype, cols: int, nd: in
         return f"the LayerNorm kernel runs on CUDA only (x is on {device_type})"
     if nd != 1:
         return f"the LayerNorm kernel normalizes the last dim only (normalized_shape {shape})"
-    code = _DTYPE_CODES.get(dtype)
+    code = CUDA_DTYPE_CODES.get(dtype)
     if code is None:
         return f"the LayerNorm kernel takes float32, float16 or bfloat16 (x is {dtype})"
     reason = kernel_unavailable_reason(torch.device(device_type, index) if index >= 0 else torch.device(device_type))
@@ -196,7 +195,7 @@ def _forward(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float, sa
     compiled().layer_norm_forward(
         x.data_ptr(), inner, rs, gs, y.data_ptr(), cols, 0 if w is None else w.data_ptr(),
         0 if b is None else b.data_ptr(), 0 if mean is None else mean.data_ptr(),
-        0 if rstd is None else rstd.data_ptr(), rows, cols, _DTYPE_CODES[x.dtype], eps, dev, raw_stream(dev))
+        0 if rstd is None else rstd.data_ptr(), rows, cols, CUDA_DTYPE_CODES[x.dtype], eps, dev, raw_stream(dev))
     return y, mean, rstd
 
 
@@ -212,7 +211,7 @@ def _backward(dy: Tensor, x: Tensor, w: Optional[Tensor], mean: Tensor, rstd: Te
     dw = torch.empty(cols, dtype=torch.float32, device=x.device) if need_w else None
     db = torch.empty(cols, dtype=torch.float32, device=x.device) if need_b else None
     C = compiled()
-    code = _DTYPE_CODES[x.dtype]
+    code = CUDA_DTYPE_CODES[x.dtype]
     ws = None
     if need_w or need_b:
         ws = torch.empty(C.layer_norm_backward_workspace_floats(rows, cols, code), dtype=torch.float32, device=x.device)

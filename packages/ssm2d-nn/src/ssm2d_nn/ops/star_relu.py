@@ -17,11 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import kernel_unavailable_reason, resolve_fused
-from ._common import compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
+from ._common import CUDA_DTYPE_CODES, compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
 
 __all__ = ["star_relu", "star_relu_reference"]
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def star_relu_reference(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
@@ -49,7 +48,7 @@ def _decide(backend: str, device_type: str, index: int, dtype: torch.dtype) -> s
     def refusal():
         if device_type != "cuda":
             return f"the StarReLU kernel runs on CUDA only (x is on {device_type})"
-        if dtype not in _DTYPE_CODES:
+        if dtype not in CUDA_DTYPE_CODES:
             return f"the StarReLU kernel takes float32, float16 or bfloat16 (x is {dtype})"
         return kernel_unavailable_reason(torch.device(device_type, index) if index >= 0 else torch.device(device_type))
     return resolve_fused("star_relu", backend, device_type, refusal, "the PyTorch formula")
@@ -94,7 +93,7 @@ def _forward(x: Tensor, s: Tensor, b: Tensor) -> Tensor:
     dev = x.device.index
     s, b = s.contiguous(), b.contiguous()
     compiled().star_relu_forward(x.data_ptr(), y.data_ptr(), x.numel(), s.data_ptr(), b.data_ptr(),
-                                 _DTYPE_CODES[x.dtype], dev, raw_stream(dev))
+                                 CUDA_DTYPE_CODES[x.dtype], dev, raw_stream(dev))
     return y
 
 
@@ -108,7 +107,7 @@ def _backward(dy: Tensor, x: Tensor, s: Tensor, need_s: bool, need_b: bool):
     ds = torch.empty((), dtype=torch.float32, device=x.device) if need_s else None
     db = torch.empty((), dtype=torch.float32, device=x.device) if need_b else None
     C = compiled()
-    code = _DTYPE_CODES[x.dtype]
+    code = CUDA_DTYPE_CODES[x.dtype]
     ws = None
     if need_s or need_b:
         ws = torch.empty(C.star_relu_backward_workspace_floats(x.numel(), code), dtype=torch.float32, device=x.device)
