@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import header, time_ms  # noqa: E402
+from harness import device_gaps, header, time_ms  # noqa: E402
 
 from ssm2d_path.bag import Bag, SlideGrid  # noqa: E402
 from ssm2d_path.models import build_model, param_groups  # noqa: E402
@@ -167,12 +167,18 @@ def main(argv=None) -> None:
 
 
 def profile_step(step, inputs, top: int, steps: int = 3) -> str:
-    """torch.profiler over a few steps: the CUDA kernels by device time per step, and the step's
-    device-busy total (the rest of the step is the GPU waiting for the host)."""
+    """torch.profiler over a few steps: the CUDA kernels by device time per step, the step's
+    device-busy total (the rest of the step is the GPU waiting for the host), and which host
+    operators the device waits for (harness.device_gaps, from a second run recording the host side)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for k in range(steps):
+            step(inputs[k % len(inputs)])
+        torch.cuda.synchronize()
+    # A second run with the host side recorded too: which host operators the device waits for.
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as host_prof:
         for k in range(steps):
             step(inputs[k % len(inputs)])
         torch.cuda.synchronize()
@@ -181,6 +187,7 @@ def profile_step(step, inputs, top: int, steps: int = 3) -> str:
     lines = [f"device busy {busy:.2f} ms per step", "", "| kernel | ms per step | calls per step |", "|---|---|---|"]
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         lines.append(f"| {e.key[:90]} | {e.self_device_time_total / steps / 1e3:.3f} | {e.count // steps} |")
+    lines += ["", "Host side (a second profiled run, CPU operators recorded too):", "", device_gaps(host_prof, steps, top)]
     return "\n".join(lines)
 
 

@@ -136,3 +136,51 @@ def authors_table(rows: list) -> list:
                      f"{r['floor_fwd_ms']:.4f} ({r['fwd_pct_of_floor']:.0f}%) | {f(r['extra_mib'], '.0f')} "
                      f"({f(r['authors_extra_mib'], '')}) | {f(r['ref_fwd_bwd_ms'], '.2f')} |")
     return lines
+
+
+def device_gaps(prof, steps: int, top: int = 12, min_us: float = 20.0) -> str:
+    """Where the device waits for the host, from a torch.profiler run with CPU and CUDA activities:
+    every idle stretch of at least ``min_us`` between consecutive device activities (kernels, copies,
+    memsets) is charged to the host operator that launched the activity ending it (the outermost
+    operator around the launch, and the innermost one), per step. The profiler's own per-op cost
+    lengthens the gaps somewhat; the ranking is what this is for."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = [e for e in json.load(fh)["traceEvents"] if e.get("ph") == "X"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                    key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops: dict = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation"):
+            ops.setdefault(e["tid"], []).append(e)
+
+    def around(launch) -> tuple[str, str]:
+        t = launch["ts"]
+        inside = [o for o in ops.get(launch["tid"], []) if o["ts"] <= t <= o["ts"] + o["dur"]]
+        if not inside:
+            return "(no operator)", "(no operator)"
+        inside.sort(key=lambda o: (o["ts"], -o["dur"]))
+        return inside[0]["name"], inside[-1]["name"]
+
+    total, charged = 0.0, {}
+    end = device[0]["ts"] + device[0]["dur"] if device else 0.0
+    for e in device[1:]:
+        gap = e["ts"] - end
+        if gap >= min_us:
+            total += gap
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            key = around(launch) if launch is not None else ("(launch not recorded)", "")
+            n, us = charged.get(key, (0, 0.0))
+            charged[key] = (n + 1, us + gap)
+        end = max(end, e["ts"] + e["dur"])
+    lines = [f"device idle in gaps >= {min_us:.0f} us: {total / steps / 1e3:.2f} ms per step", "",
+             "| launched by (outermost op) | innermost op | gaps per step | idle ms per step |", "|---|---|---|---|"]
+    for (outer, inner), (n, us) in sorted(charged.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"| {outer[:70]} | {inner[:50]} | {n / steps:.1f} | {us / steps / 1e3:.3f} |")
+    return "\n".join(lines)

@@ -330,6 +330,40 @@ def test_scatter_and_gather_by_hand():
     torch.testing.assert_close(s.gather(grid), x, rtol=0, atol=0)
 
 
+def _index_reference(s):
+    """mask and flat index from the slide's numpy rows/cols by a Python loop (not the grid's code)."""
+    h, w = s.shape
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    flat = []
+    for r, c in zip(s.rows.tolist(), s.cols.tolist()):
+        mask[r, c] = True
+        flat.append(r * w + c)
+    return mask, torch.tensor(flat, dtype=torch.long)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grid_index_tensors_are_made_once_per_device_and_right(device):
+    from dataclasses import replace
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    s = make_slide(7, 11, 0.55, 5).to(device)
+    mask_ref, flat_ref = _index_reference(s)
+    assert s.mask.device.type == device and s.flat_index().device.type == device
+    torch.testing.assert_close(s.mask.cpu(), mask_ref, rtol=0, atol=0)
+    torch.testing.assert_close(s.flat_index().cpu(), flat_ref, rtol=0, atol=0)
+    torch.testing.assert_close(s.index_tensor(0).cpu(), torch.from_numpy(s.rows.astype(np.int64)), rtol=0, atol=0)
+    torch.testing.assert_close(s.index_tensor(1).cpu(), torch.from_numpy(s.cols.astype(np.int64)), rtol=0, atol=0)
+    # made once: the same tensors on every call (no copy to the device per layer)
+    assert s.mask is s.mask and s.flat_index() is s.flat_index() and s.index_tensor(1) is s.index_tensor(1)
+    # another grid (other cells) starts with its own: nothing of the first one's is reused
+    t = replace(s, rows=s.rows[::-1].copy(), cols=s.cols[::-1].copy())
+    assert t.flat_index() is not s.flat_index()
+    torch.testing.assert_close(t.flat_index().cpu(), flat_ref.flip(0), rtol=0, atol=0)
+    moved = s.to("cpu")
+    torch.testing.assert_close(moved.mask, mask_ref, rtol=0, atol=0)
+
+
 def test_gather_gradient_lands_on_the_patch_cells_only():
     # d/dgrid of sum(w * gather(grid)) is w at each patch's cell and 0 on empty cells, by hand.
     s = make_slide(6, 9, 0.5, 2)

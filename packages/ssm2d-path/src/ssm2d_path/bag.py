@@ -77,6 +77,11 @@ class SlideGrid:
     shape: tuple[int, int]
     patch_size_level0: Optional[int] = None
     meta: dict = field(default_factory=dict)
+    # The grid's index tensors on the features' device (index_tensor, flat_index, mask), made once:
+    # each is a host-to-device copy, and a blocking one drains the device queue, which a model that
+    # asks for them per layer would otherwise pay several times per step. Not part of the grid's
+    # value: dataclasses.replace and to() start with an empty cache.
+    _device_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_coords(cls, slide_id: str, features: Tensor, coords: np.ndarray, stride: int, **kw) -> "SlideGrid":
@@ -90,21 +95,43 @@ class SlideGrid:
     def num_patches(self) -> int:
         return int(self.features.shape[0])
 
+    def _cached(self, key: str, make) -> Tensor:
+        device = self.features.device
+        hit = self._device_cache.get(key)
+        if hit is None or hit.device != device:
+            hit = self._device_cache[key] = make(device)
+        return hit
+
+    @staticmethod
+    def _upload(a: np.ndarray, device: torch.device) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+        if device.type != "cuda":
+            return t.to(device)
+        # From pinned memory, not blocking: the copy queues behind the device's work instead of
+        # waiting for all of it (a pageable copy synchronises the stream).
+        return t.pin_memory().to(device, non_blocking=True)
+
     @property
     def mask(self) -> Tensor:
-        """(H, W) bool, True where a cell holds a patch (on the features' device)."""
-        m = torch.zeros(self.shape, dtype=torch.bool, device=self.features.device)
-        m[self.index_tensor(0), self.index_tensor(1)] = True
-        return m
+        """(H, W) bool, True where a cell holds a patch (on the features' device). Made once per device
+        and shared: read it, do not modify it."""
+        def make(device):
+            m = torch.zeros(self.shape, dtype=torch.bool, device=device)
+            m.view(-1)[self.flat_index()] = True
+            return m
+        return self._cached("mask", make)
 
     def index_tensor(self, axis: int) -> Tensor:
-        """rows (axis 0) or cols (axis 1) as an int64 tensor on the features' device."""
+        """rows (axis 0) or cols (axis 1) as an int64 tensor on the features' device (made once per
+        device and shared: do not modify it)."""
         a = self.rows if axis == 0 else self.cols
-        return torch.as_tensor(a, dtype=torch.long, device=self.features.device)
+        return self._cached(f"index{axis}", lambda device: self._upload(a, device))
 
     def flat_index(self) -> Tensor:
-        """(N,) row-major cell index ``row * W + col`` on the features' device."""
-        return self.index_tensor(0) * self.shape[1] + self.index_tensor(1)
+        """(N,) row-major cell index ``row * W + col`` on the features' device (made once per device
+        and shared: do not modify it)."""
+        w = self.shape[1]
+        return self._cached("flat", lambda device: self._upload(self.rows.astype(np.int64) * w + self.cols, device))
 
     def scatter(self, x: Tensor, fill: float = 0.0) -> Tensor:
         """Patches to a dense grid: (N, C) -> (C, H, W); empty cells get ``fill``. Memory: C*H*W."""
