@@ -318,6 +318,36 @@ def test_ssm_mil_embedding_and_training_forward_match_the_modules():
     torch.testing.assert_close(tr.logits, ev.logits, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_recast_linear_matches_a_float64_reference_and_saves_no_copy_of_x(bias):
+    """_RecastLinear: autocast's bf16 linear (inputs rounded to bf16, float32 accumulation) forward
+    and backward against float64 on the rounded inputs; between forward and backward it keeps x
+    itself (no N x in_dim bf16 copy) and the small bf16 weight."""
+    from ssm2d_path.models.common import _RecastLinear
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 64, generator=g).requires_grad_(True)
+    w = (torch.randn(24, 64, generator=g) / 8).requires_grad_(True)
+    b = torch.randn(24, generator=g).requires_grad_(True) if bias else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _RecastLinear.apply(x, w, b, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+    assert sum(t.numel() * t.element_size() for t in saved if t.data_ptr() != x.data_ptr()) <= w.numel() * 2
+    grad = torch.randn(out.shape, generator=g).to(torch.bfloat16)
+    out.backward(grad)
+    r = lambda t: t.detach().to(torch.bfloat16).double()  # noqa: E731
+    ref = r(x) @ r(w).t() + (r(b) if bias else 0)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+    gd = grad.double()
+    torch.testing.assert_close(x.grad.double(), gd @ r(w), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad.double(), gd.t() @ r(x), rtol=2e-2, atol=5e-2)
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    if bias:
+        torch.testing.assert_close(b.grad.double(), gd.sum(0), rtol=1e-5, atol=1e-4)
+
+
 def test_scatter_and_gather_by_hand():
     s = make_slide(5, 7, 0.6, 4)
     x = torch.randn(s.num_patches, 3)

@@ -10,8 +10,9 @@ logits.
 Memory: the dense grid of a slide is its tissue bounding box only (M = H*W cells, not a canvas).
 With the defaults (dim 128, d_inner 256) and bf16 autocast, one training step at N = 150k patches
 (M = 237k cells, 63% fill) keeps between forward and backward (``benchmarks/mil_memory.py``):
-the embedding output N x 128 float32 (73 MiB; the Linear keeps a reference to the input
-features, not a bf16 copy; ReLU and dropout are fused and save nothing more), the residual sum
+the embedding output N x 128 (73 MiB in float32; on CUDA without TF32 the Linear runs in bf16
+and keeps its bf16 output, 37 MiB, beside the float32 residual stream; either way it keeps a
+reference to the input features, not a bf16 copy; ReLU and dropout are fused and save nothing more), the residual sum
 before the LayerNorm (73 MiB), one bf16 copy of the normed patches and the gated attention's
 tanh, sigmoid and product (4 x 37 MiB), and per layer its grid input M x 128 bf16 (58 MiB) and
 x_proj output M x 40 bf16 (18 MiB): ~374 MiB. The peak is reached in the layer's backward (see
