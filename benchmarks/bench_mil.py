@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import device_gaps, header, time_ms  # noqa: E402
+from harness import HostDeviceTrace, device_gaps, device_time_by_operator, header, time_ms  # noqa: E402
 
 from ssm2d_path.bag import Bag, SlideGrid  # noqa: E402
 from ssm2d_path.models import build_model, param_groups  # noqa: E402
@@ -187,7 +187,10 @@ def profile_step(step, inputs, top: int, steps: int = 3) -> str:
     lines = [f"device busy {busy:.2f} ms per step", "", "| kernel | ms per step | calls per step |", "|---|---|---|"]
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         lines.append(f"| {e.key[:90]} | {e.self_device_time_total / steps / 1e3:.3f} | {e.count // steps} |")
-    lines += ["", "Host side (a second profiled run, CPU operators recorded too):", "", device_gaps(host_prof, steps, top)]
+    trace = HostDeviceTrace(host_prof)
+    lines += ["", "Host side (a second profiled run, CPU operators recorded too):", "", device_gaps(trace, steps, top),
+              "", "Device time by the operators that launched it (same run):", "",
+              device_time_by_operator(trace, steps, top)]
     return "\n".join(lines)
 
 

@@ -138,44 +138,56 @@ def authors_table(rows: list) -> list:
     return lines
 
 
-def device_gaps(prof, steps: int, top: int = 12, min_us: float = 20.0) -> str:
-    """Where the device waits for the host, from a torch.profiler run with CPU and CUDA activities:
-    every idle stretch of at least ``min_us`` between consecutive device activities (kernels, copies,
-    memsets) is charged to the host operator that launched the activity ending it (the outermost
-    operator around the launch, and the innermost one), per step. The profiler's own per-op cost
-    lengthens the gaps somewhat; the ranking is what this is for."""
-    import tempfile
+class HostDeviceTrace:
+    """A torch.profiler run with CPU and CUDA activities, read back from its Chrome trace: the device
+    activities (kernels, copies, memsets) in time order, and for each the host operators around its
+    launch (outermost and innermost), so device time and device idle time can be charged to the
+    operators that caused them."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as fh:
-            events = [e for e in json.load(fh)["traceEvents"] if e.get("ph") == "X"]
-    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                    key=lambda e: e["ts"])
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    ops: dict = {}
-    for e in events:
-        if e.get("cat") in ("cpu_op", "user_annotation"):
-            ops.setdefault(e["tid"], []).append(e)
+    def __init__(self, prof):
+        import tempfile
 
-    def around(launch) -> tuple[str, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as fh:
+                events = [e for e in json.load(fh)["traceEvents"] if e.get("ph") == "X"]
+        self.device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                             key=lambda e: e["ts"])
+        self._launches = {e["args"]["correlation"]: e for e in events
+                          if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+        self._ops: dict = {}
+        for e in events:
+            if e.get("cat") in ("cpu_op", "user_annotation"):
+                self._ops.setdefault(e["tid"], []).append(e)
+
+    def launched_by(self, activity) -> tuple[str, str]:
+        """(outermost, innermost) host operator around the launch of a device activity."""
+        launch = self._launches.get(activity.get("args", {}).get("correlation"))
+        if launch is None:
+            return "(launch not recorded)", ""
         t = launch["ts"]
-        inside = [o for o in ops.get(launch["tid"], []) if o["ts"] <= t <= o["ts"] + o["dur"]]
+        inside = [o for o in self._ops.get(launch["tid"], []) if o["ts"] <= t <= o["ts"] + o["dur"]]
         if not inside:
             return "(no operator)", "(no operator)"
         inside.sort(key=lambda o: (o["ts"], -o["dur"]))
         return inside[0]["name"], inside[-1]["name"]
 
+
+def device_gaps(prof, steps: int, top: int = 12, min_us: float = 20.0) -> str:
+    """Where the device waits for the host (a torch.profiler run with CPU and CUDA activities): every
+    idle stretch of at least ``min_us`` between consecutive device activities is charged to the host
+    operators that launched the activity ending it (HostDeviceTrace.launched_by), per step. The
+    profiler's own per-op cost lengthens the gaps somewhat; the ranking is what this is for."""
+    trace = prof if isinstance(prof, HostDeviceTrace) else HostDeviceTrace(prof)
+    device = trace.device
     total, charged = 0.0, {}
     end = device[0]["ts"] + device[0]["dur"] if device else 0.0
     for e in device[1:]:
         gap = e["ts"] - end
         if gap >= min_us:
             total += gap
-            launch = launches.get(e.get("args", {}).get("correlation"))
-            key = around(launch) if launch is not None else ("(launch not recorded)", "")
+            key = trace.launched_by(e)
             n, us = charged.get(key, (0, 0.0))
             charged[key] = (n + 1, us + gap)
         end = max(end, e["ts"] + e["dur"])
@@ -183,4 +195,21 @@ def device_gaps(prof, steps: int, top: int = 12, min_us: float = 20.0) -> str:
              "| launched by (outermost op) | innermost op | gaps per step | idle ms per step |", "|---|---|---|---|"]
     for (outer, inner), (n, us) in sorted(charged.items(), key=lambda kv: -kv[1][1])[:top]:
         lines.append(f"| {outer[:70]} | {inner[:50]} | {n / steps:.1f} | {us / steps / 1e3:.3f} |")
+    return "\n".join(lines)
+
+
+def device_time_by_operator(prof, steps: int, top: int = 12) -> str:
+    """Device time per step charged to (kernel, the host operators that launched it): which model
+    operation each of the heaviest kernels belongs to (a generic elementwise kernel says nothing by
+    its name). Same profiler run as device_gaps."""
+    trace = prof if isinstance(prof, HostDeviceTrace) else HostDeviceTrace(prof)
+    charged: dict = {}
+    for e in trace.device:
+        key = (e["name"], *trace.launched_by(e))
+        n, us = charged.get(key, (0, 0.0))
+        charged[key] = (n + 1, us + e["dur"])
+    lines = ["| kernel | launched by (outermost op) | innermost op | calls per step | ms per step |",
+             "|---|---|---|---|---|"]
+    for (name, outer, inner), (n, us) in sorted(charged.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"| {name[:60]} | {outer[:60]} | {inner[:40]} | {n / steps:.1f} | {us / steps / 1e3:.3f} |")
     return "\n".join(lines)
