@@ -43,8 +43,6 @@ PTX = [
     ("ld.global.nc.f32", "{0} = *reinterpret_cast<const float*>({1});"),
     ("ld.global.nc.b16", "{0} = *reinterpret_cast<const unsigned short*>({1});"),
     ("add.s64", "{0} = ::cuda_emu::add_bytes({0}, {1});"),  # "+l"(ptr) : "l"(bytes): operands ptr, bytes
-    ("bar.arrive", "::cuda_emu::bar_arrive({0}, {1});"),  # named barriers: id, threads
-    ("bar.sync", "::cuda_emu::bar_sync({0}, {1});"),
 ]
 
 

@@ -14,7 +14,6 @@
 #pragma once
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -53,8 +52,6 @@ struct Block {
   std::vector<unsigned char> dynamic_smem;
   std::mutex m;
   std::map<std::pair<int, size_t>, SharedBytes> statics;  // __shared__ arrays
-  std::array<std::unique_ptr<std::barrier<>>, 16> named;  // bar.arrive / bar.sync by id
-  std::array<int, 16> named_threads{};
 };
 
 struct Thread {
@@ -97,29 +94,6 @@ A& shared_static(int site) {
 
 inline void syncthreads() { t_ctx.blk->bar->arrive_and_wait(); }
 inline void syncwarp() { t_ctx.blk->warp_bar[t_ctx.warp]->arrive_and_wait(); }
-
-// A named barrier: made at its first use for `threads` arrivals (each emulated thread arrives for
-// itself, as each hardware warp arrives for its 32 threads); another count for the same id is a
-// kernel bug and stops the run.
-inline std::barrier<>& named_barrier(int id, int threads) {
-  Block* b = t_ctx.blk;
-  std::lock_guard<std::mutex> lock(b->m);
-  if (id < 1 || id > 15 || threads <= 0 || threads % 32) {
-    std::fprintf(stderr, "cuda_emu: named barrier %d with %d threads (ids 1..15, a multiple of 32)\n", id, threads);
-    std::abort();
-  }
-  auto& bar = b->named[id];
-  if (!bar) {
-    bar = std::make_unique<std::barrier<>>(threads);
-    b->named_threads[id] = threads;
-  } else if (b->named_threads[id] != threads) {
-    std::fprintf(stderr, "cuda_emu: named barrier %d used with %d and %d threads\n", id, b->named_threads[id], threads);
-    std::abort();
-  }
-  return *bar;
-}
-inline void bar_arrive(int id, int threads) { (void)named_barrier(id, threads).arrive(); }
-inline void bar_sync(int id, int threads) { named_barrier(id, threads).arrive_and_wait(); }
 
 template <typename T>
 T exchange(T v, int src) {

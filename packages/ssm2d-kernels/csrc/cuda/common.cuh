@@ -62,15 +62,4 @@ __device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-// Named barriers (ids 1..15; 0 is __syncthreads) for producer / consumer hand-overs inside a block:
-// `threads` (a multiple of 32) must arrive for the barrier to complete; bar_arrive does not wait,
-// bar_wait arrives and waits. When it completes, the shared-memory writes the arriving threads made
-// before arriving are visible to the waiting ones.
-__device__ __forceinline__ void bar_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void bar_wait(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
 }  // namespace ssm2d::cuda

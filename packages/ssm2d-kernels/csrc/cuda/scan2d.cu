@@ -948,20 +948,13 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
 // second), and finishes every cell. No summaries, no per-band partials: dA, dD, ddelta_bias leave as
 // per-(batch, channel) sums. The 8 warps of a block are 8 channels; when they share a group (channels
 // per group a multiple of 8) their dB, dC meet in shared memory first: one atomic per 8 channels.
-// That meeting is not a block barrier per band (the block would walk at the pace of its slowest
-// warp in every band: 15% of the kernel's stall samples): band t's sums go to buffer t % kRowBufs,
-// one warp (t % 8, in turn) waits for the other seven to have written it (named barrier "full"),
-// adds the eight in warp order and frees the buffer ("free"); a warp waits only before writing a
-// buffer whose previous band is not summed yet, so the warps may drift kRowBufs bands apart.
 constexpr int kRowBwdWarps = 8;
-constexpr int kRowBufs = 4;
-constexpr int kRowBarFull = 1, kRowBarFree = kRowBarFull + kRowBufs;  // named barrier ids
 
 template <typename T, int CPL, bool kDet>
 __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                              Plan L, bool group_sum, int64_t b0) {
   constexpr int BW = 32 * CPL;
-  __shared__ float sred[kRowBufs][kRowBwdWarps][2][BW];  // [band % kRowBufs][warp][dB, dC][column]
+  __shared__ float sred[2][kRowBwdWarps][2][BW];  // [band parity][warp][dB, dC][column]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t dl = static_cast<int64_t>(blockIdx.x) * kRowBwdWarps + warp, d = L.d_begin + dl, b = blockIdx.y + b0;
   if (!group_sum && d >= L.d_end) return;  // (with group_sum every warp of the block has a channel)
@@ -1018,13 +1011,7 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
     }
     band_scan<CPL, false>(a, x, cin, ef, lane);
     cR = band_scan<CPL, true>(a, xr, cR, er, lane);
-    const int64_t t = nb - 1 - m;  // bands walked before this one
-    const int buf = static_cast<int>(t % kRowBufs);
-    // The buffer's previous band (t - kRowBufs) must be summed before it is written again; the warp
-    // that summed it has arrived at "free" already.
-    if (group_sum && t >= kRowBufs && warp != (t - kRowBufs) % kRowBwdWarps)
-      bar_wait(kRowBarFree + buf, kRowBwdWarps * 32);
-    float* sb = group_sum ? &sred[buf][warp][0][0] : nullptr;
+    float* sb = group_sum ? &sred[m & 1][warp][0][0] : nullptr;
 #pragma unroll
     for (int k = 0; k < CPL; ++k) {
       const int64_t j = j0 + k;
@@ -1059,25 +1046,19 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
       if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, uv, cv * h) * gz[k]);
     }
     if (group_sum) {
-      if (warp != t % kRowBwdWarps) {
-        bar_arrive(kRowBarFull + buf, kRowBwdWarps * 32);
-      } else {  // this band's summing warp
-        bar_wait(kRowBarFull + buf, kRowBwdWarps * 32);
-        const int64_t jb = m * BW;
-        float* dBg = ga.dB.defined() ? &plane<float>(ga.dB, b, g, 0).at(0, 0) : nullptr;
-        float* dCg = ga.dC.defined() ? &plane<float>(ga.dC, b, g, 0).at(0, 0) : nullptr;
-#pragma unroll 1
-        for (int c = lane; c < 2 * BW; c += 32) {
-          const int q = c / BW, col = c % BW;
-          if (jb + col >= W) continue;
-          float v = 0.f;
+      // One barrier per band: the parity buffers keep the next band's writes off this one's readers.
+      __syncthreads();
+      const int64_t jb = m * BW;
+      float* dBg = ga.dB.defined() ? &plane<float>(ga.dB, b, g, 0).at(0, 0) : nullptr;
+      float* dCg = ga.dC.defined() ? &plane<float>(ga.dC, b, g, 0).at(0, 0) : nullptr;
+      for (int c = threadIdx.x; c < 2 * BW; c += kRowBwdWarps * 32) {
+        const int q = c / BW, col = c % BW;
+        if (jb + col >= W) continue;
+        float v = 0.f;
 #pragma unroll
-          for (int w = 0; w < kRowBwdWarps; ++w) v += sred[buf][w][q][col];
-          float* dst = q == 0 ? dBg : dCg;
-          if (dst) atomicAdd(dst + (jb + col) * (q == 0 ? ga.dB.sj : ga.dC.sj), v);
-        }
-        // Only when a later band writes this buffer (every arrival at "free" is waited for).
-        if (m >= kRowBufs) bar_arrive(kRowBarFree + buf, kRowBwdWarps * 32);
+        for (int w = 0; w < kRowBwdWarps; ++w) v += sred[m & 1][w][q][col];
+        float* dst = q == 0 ? dBg : dCg;
+        if (dst) atomicAdd(dst + (jb + col) * (q == 0 ? ga.dB.sj : ga.dC.sj), v);
       }
     }
   }
