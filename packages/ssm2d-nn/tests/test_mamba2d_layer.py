@@ -415,3 +415,34 @@ def test_auto_checkpoint_follows_the_plain_layers_saved_bytes():
         assert not layer._use_checkpoint(grid(2 * (n // 2) + 2))  # nothing to keep without a backward
     layer.checkpoint = False
     assert not layer._use_checkpoint(grid(4 * n))
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_channels_first_linear_against_float64_einsum(batch, sliced):
+    """_cf_linear (one mm for a single grid, matmul for a batch) equals the float64 einsum, for a
+    contiguous input and for a strided channel slice (as the layer's proj[:, :r]), with gradients;
+    under bf16 autocast its output is bf16 and within bf16 rounding."""
+    from ssm2d_nn.layers.mamba2d import _cf_linear
+
+    g = torch.Generator().manual_seed(torch.seed() % (1 << 31))
+    leaf = torch.randn(batch, 9 if sliced else 6, 37, generator=g, dtype=torch.float64, requires_grad=True)
+    x = leaf[:, 2:8] if sliced else leaf
+    w = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64)
+    y = _cf_linear(x, w, bias)
+    assert y.shape == (batch, 5, 37) and y.is_contiguous()
+    torch.testing.assert_close(y, torch.einsum("mk,bkl->bml", w.detach(), x.detach()) + bias[:, None],
+                               rtol=1e-12, atol=1e-12)
+    gout = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gout)
+    torch.testing.assert_close(w.grad, torch.einsum("bml,bkl->mk", gout, x.detach()), rtol=1e-12, atol=1e-12)
+    dx = torch.einsum("mk,bml->bkl", w.detach(), gout)
+    torch.testing.assert_close(leaf.grad[:, 2:8] if sliced else leaf.grad, dx, rtol=1e-12, atol=1e-12)
+    if sliced:
+        assert not leaf.grad[:, :2].any() and not leaf.grad[:, 8:].any()
+    xf, wf = x.detach().float(), torch.randn(5, 6, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = _cf_linear(xf, wf)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.double(), torch.einsum("mk,bkl->bml", wf.double(), xf.double()), rtol=3e-2, atol=3e-2)

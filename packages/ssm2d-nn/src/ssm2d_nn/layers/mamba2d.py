@@ -121,9 +121,12 @@ def _acc(p: Tensor) -> Tensor:
 
 
 def _cf_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """A linear map over the channels of a channels-first (B, C, L) tensor: (B, out, L), one GEMM,
-    output contiguous (no layout transposes)."""
-    y = torch.matmul(weight.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else weight, x)
+    """A linear map over the channels of a channels-first (B, C, L) tensor: (B, out, L), output
+    contiguous, no layout copies. With B == 1 (a MIL slide) one ``mm`` on x[0] (C, L), whose rows may
+    be strided (a channel slice); ``matmul(weight, x)`` would fold (B, C, L) into (B*L, C) instead, a
+    transposed copy of x per call (on a 150k-patch slide 5 such copies, 2.3 ms of a 25 ms step)."""
+    w = weight.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else weight
+    y = torch.mm(w, x[0]).unsqueeze(0) if x.shape[0] == 1 else torch.matmul(w, x)
     return y if bias is None else y + bias[:, None]
 
 
