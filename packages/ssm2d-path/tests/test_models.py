@@ -392,6 +392,13 @@ def test_grid_index_tensors_are_made_once_per_device_and_right(device):
     torch.testing.assert_close(t.flat_index().cpu(), flat_ref.flip(0), rtol=0, atol=0)
     moved = s.to("cpu")
     torch.testing.assert_close(moved.mask, mask_ref, rtol=0, atol=0)
+    # raster order: row by row, left to right, by sorting (row, col) pairs in Python; inverse undoes it
+    order, inverse = s.raster_order()
+    pairs = list(zip(s.rows.tolist(), s.cols.tolist()))
+    assert order.device.type == device and order.cpu().tolist() == sorted(range(len(pairs)), key=lambda i: pairs[i])
+    x = torch.randn(len(pairs), 3, device=device)
+    torch.testing.assert_close(x[order][inverse], x, rtol=0, atol=0)
+    assert s.raster_order()[0] is order
 
 
 def test_gather_gradient_lands_on_the_patch_cells_only():

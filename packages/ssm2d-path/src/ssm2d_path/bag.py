@@ -95,10 +95,10 @@ class SlideGrid:
     def num_patches(self) -> int:
         return int(self.features.shape[0])
 
-    def _cached(self, key: str, make) -> Tensor:
+    def _cached(self, key: str, make):
         device = self.features.device
         hit = self._device_cache.get(key)
-        if hit is None or hit.device != device:
+        if hit is None or (hit[0] if isinstance(hit, tuple) else hit).device != device:
             hit = self._device_cache[key] = make(device)
         return hit
 
@@ -132,6 +132,18 @@ class SlideGrid:
         and shared: do not modify it)."""
         w = self.shape[1]
         return self._cached("flat", lambda device: self._upload(self.rows.astype(np.int64) * w + self.cols, device))
+
+    def raster_order(self) -> tuple[Tensor, Tensor]:
+        """(order, inverse), (N,) int64 each on the features' device: ``x[order]`` lists the patches
+        row by row, left to right, and ``y[inverse]`` puts a raster-ordered y back in patch order.
+        Made once per device and shared: do not modify them."""
+        def make(device):
+            order = np.lexsort((self.cols, self.rows))
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(order.size)
+            both = self._upload(np.stack([order, inverse]), device)
+            return both[0], both[1]
+        return self._cached("raster", make)
 
     def scatter(self, x: Tensor, fill: float = 0.0) -> Tensor:
         """Patches to a dense grid: (N, C) -> (C, H, W); empty cells get ``fill``. Memory: C*H*W."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -414,9 +413,7 @@ class MambaMIL(_SSMMIL):
         super().__init__(in_dim, n_outputs, dim, d_inner, d_state, n_layers, dropout, **kwargs)
 
     def _mix(self, slide: SlideGrid, h: Tensor) -> Tensor:
-        order = torch.as_tensor(np.lexsort((slide.cols, slide.rows)), device=h.device)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=h.device)
+        order, inverse = slide.raster_order()
         for norm, layer in zip(self.norms, self.layers):
             seq = _norm_to_grid(norm, h)[order].t()[None, :, None, :]  # (1, dim, 1, N) raster order
             out = layer(seq, None)
