@@ -160,10 +160,16 @@ class HostDeviceTrace:
         for e in events:
             if e.get("cat") in ("cpu_op", "user_annotation"):
                 self._ops.setdefault(e["tid"], []).append(e)
+        self._owners: dict = {}  # correlation id -> launched_by's answer (each analysis asks again)
 
     def launched_by(self, activity) -> tuple[str, str]:
         """(outermost, innermost) host operator around the launch of a device activity."""
-        launch = self._launches.get(activity.get("args", {}).get("correlation"))
+        corr = activity.get("args", {}).get("correlation")
+        if corr not in self._owners:
+            self._owners[corr] = self._owner(self._launches.get(corr))
+        return self._owners[corr]
+
+    def _owner(self, launch) -> tuple[str, str]:
         if launch is None:
             return "(launch not recorded)", ""
         t = launch["ts"]
@@ -174,12 +180,11 @@ class HostDeviceTrace:
         return inside[0]["name"], inside[-1]["name"]
 
 
-def device_gaps(prof, steps: int, top: int = 12, min_us: float = 20.0) -> str:
-    """Where the device waits for the host (a torch.profiler run with CPU and CUDA activities): every
+def device_gaps(trace: HostDeviceTrace, steps: int, top: int = 12, min_us: float = 20.0) -> str:
+    """Where the device waits for the host (a trace of a run with CPU and CUDA activities): every
     idle stretch of at least ``min_us`` between consecutive device activities is charged to the host
     operators that launched the activity ending it (HostDeviceTrace.launched_by), per step. The
     profiler's own per-op cost lengthens the gaps somewhat; the ranking is what this is for."""
-    trace = prof if isinstance(prof, HostDeviceTrace) else HostDeviceTrace(prof)
     device = trace.device
     total, charged = 0.0, {}
     end = device[0]["ts"] + device[0]["dur"] if device else 0.0
@@ -198,11 +203,10 @@ def device_gaps(prof, steps: int, top: int = 12, min_us: float = 20.0) -> str:
     return "\n".join(lines)
 
 
-def device_time_by_operator(prof, steps: int, top: int = 12) -> str:
+def device_time_by_operator(trace: HostDeviceTrace, steps: int, top: int = 12) -> str:
     """Device time per step charged to (kernel, the host operators that launched it): which model
     operation each of the heaviest kernels belongs to (a generic elementwise kernel says nothing by
-    its name). Same profiler run as device_gaps."""
-    trace = prof if isinstance(prof, HostDeviceTrace) else HostDeviceTrace(prof)
+    its name). Same trace as device_gaps."""
     charged: dict = {}
     for e in trace.device:
         key = (e["name"], *trace.launched_by(e))

@@ -3,7 +3,6 @@ Chrome traces, against a brute-force timeline at 1 us resolution."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -12,18 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-
-def _harness():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("harness_under_test", ROOT / "benchmarks" / "harness.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+import harness  # noqa: E402
 
 
 class _FakeProfile:
@@ -77,7 +67,6 @@ def _owner(events, launches, corr):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_gaps_and_device_time_match_a_brute_force_timeline(seed):
-    h = _harness()
     rng = random.Random(seed * 7919 + random.randrange(1 << 20))
     events, device, launches = _random_trace(rng)
     min_us = rng.choice([1, 5, 20])
@@ -103,7 +92,7 @@ def test_gaps_and_device_time_match_a_brute_force_timeline(seed):
             n, us = expect_gaps.get(key, (0, 0))
             expect_gaps[key] = (n + 1, us + (t - s))
     total = sum(us for _, us in expect_gaps.values())
-    out = h.device_gaps(_FakeProfile(events), steps=1, top=100, min_us=min_us)
+    out = harness.device_gaps(harness.HostDeviceTrace(_FakeProfile(events)), steps=1, top=100, min_us=min_us)
     assert f"{total / 1e3:.2f} ms per step" in out
     rows = {(m[0], m[1]): (float(m[2]), float(m[3]))
             for m in re.findall(r"^\| (\S+) \| (\S+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)}
@@ -114,7 +103,7 @@ def test_gaps_and_device_time_match_a_brute_force_timeline(seed):
         key = (e["name"], *_owner(events, launches, e["args"]["correlation"]))
         n, us = expect_time.get(key, (0, 0))
         expect_time[key] = (n + 1, us + e["dur"])
-    out = h.device_time_by_operator(_FakeProfile(events), steps=1, top=1000)
+    out = harness.device_time_by_operator(harness.HostDeviceTrace(_FakeProfile(events)), steps=1, top=1000)
     rows = {(m[0], m[1], m[2]): (float(m[3]), float(m[4]))
             for m in re.findall(r"^\| (\S+) \| (\S+) \| (\S+) \| ([\d.]+) \| ([\d.]+) \|$", out, re.M)}
     assert rows == {k: (float(n), round(us / 1e3, 3)) for k, (n, us) in expect_time.items()}

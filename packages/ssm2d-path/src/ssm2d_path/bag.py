@@ -77,7 +77,7 @@ class SlideGrid:
     shape: tuple[int, int]
     patch_size_level0: Optional[int] = None
     meta: dict = field(default_factory=dict)
-    # The grid's index tensors on the features' device (index_tensor, flat_index, mask), made once:
+    # The grid's index tensors per (name, device) (index_tensor, flat_index, mask, raster_order), made once:
     # each is a host-to-device copy, and a blocking one drains the device queue, which a model that
     # asks for them per layer would otherwise pay several times per step. Not part of the grid's
     # value: dataclasses.replace and to() start with an empty cache.
@@ -97,9 +97,9 @@ class SlideGrid:
 
     def _cached(self, key: str, make):
         device = self.features.device
-        hit = self._device_cache.get(key)
-        if hit is None or (hit[0] if isinstance(hit, tuple) else hit).device != device:
-            hit = self._device_cache[key] = make(device)
+        hit = self._device_cache.get((key, device))
+        if hit is None:
+            hit = self._device_cache[(key, device)] = make(device)
         return hit
 
     @staticmethod

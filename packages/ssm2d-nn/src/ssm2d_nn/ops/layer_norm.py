@@ -27,7 +27,6 @@ from ._common import CUDA_DTYPE_CODES, compiled, nothing_intercepts, plain_tenso
 __all__ = ["layer_norm", "layer_norm_kernel_refusal", "row_layout"]
 
 
-
 def layer_norm_kernel_refusal(x: Tensor, normalized_shape: Sequence[int]) -> Optional[str]:
     """Why the CUDA kernel cannot normalize ``x`` over ``normalized_shape`` (a sentence), or None."""
     return _refusal(x.device.type, -1 if x.device.index is None else x.device.index, x.dtype,

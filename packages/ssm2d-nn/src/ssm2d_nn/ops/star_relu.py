@@ -22,7 +22,6 @@ from ._common import CUDA_DTYPE_CODES, compiled, nothing_intercepts, plain_tenso
 __all__ = ["star_relu", "star_relu_reference"]
 
 
-
 def star_relu_reference(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     """The PyTorch formula in x's dtype (the parameters cast to it)."""
     return torch.addcmul(bias.to(x.dtype), F.relu(x).square(), scale.to(x.dtype))
