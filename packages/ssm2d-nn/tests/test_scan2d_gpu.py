@@ -338,12 +338,16 @@ def test_inference_kernel_matches_float64_reference(origin, order):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_one_row_routes_backward(deterministic):
     # N = 1 on a 1-row scanned grid (VMamba's 1D routes; an H x 1 grid in order "vh" scans as 1 x H) runs
-    # the row backward: one, two and 25 bands; 8 channels per group (dB, dC summed in the block) or not;
-    # with and without z, softplus, D, delta_bias; deterministic mode stores per-channel partials.
+    # the row backward (a lane per channel, 16-column chunks): rows of one chunk, of a partial last chunk
+    # and of many (vector accesses where rows are aligned: widths a multiple of 8); warps whose 32
+    # channels share a group (dB, dC summed across the lanes), warps across two groups and warps with
+    # idle lanes; with and without z, softplus, D, delta_bias; deterministic mode stores per-channel
+    # partials.
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     cases = [(1, 3000, 32, 2, "hv"), (1, 97, 16, 1, "hv"), (1, 1000, 24, 3, "hv"), (33, 1, 8, 8, "vh"),
-             (1, 129, 16, 2, "hv"), (1, 20, 40, 5, "hv")]
+             (1, 129, 16, 2, "hv"), (1, 20, 40, 5, "hv"), (1, 3136, 64, 1, "hv"), (1, 1000, 96, 2, "hv"),
+             (1, 13, 70, 2, "hv"), (200, 1, 64, 2, "vh")]
     for h, w, dim, groups, order in cases:
         cfg = dict(batch=rng.randint(1, 3), dim=dim, dstate=1, groups=groups, height=h, width=w,
                    with_D=rng.random() < 0.7, with_z=rng.random() < 0.7, with_bias=rng.random() < 0.7,
@@ -355,5 +359,5 @@ def test_one_row_routes_backward(deterministic):
                                    origin=rng.choice(ORIGINS), order=order)
         finally:
             torch.use_deterministic_algorithms(False)
-    inputs = make_inputs(rng, batch=2, dim=16, dstate=1, groups=2, height=1, width=3136)
+    inputs = make_inputs(rng, batch=2, dim=64, dstate=1, groups=2, height=1, width=3136)
     _check_against_float64(inputs, torch.bfloat16, 2e-2, 5e-2, seed, delta_softplus=True)

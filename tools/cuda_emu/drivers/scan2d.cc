@@ -1,7 +1,7 @@
 // scan2d's CUDA forward and backward (every kernel family the dispatch picks) under cuda_emu, against
 // the CPU implementation on the same random inputs.
 //
-//   scan2d [--seed S] [--cases K] [--only b,d,n,g,h,w] [--bwd] [--dtype f32|bf16|f16] [--verbose] [--masked]
+//   scan2d [--seed S] [--cases K] [--only b,d,n,g,h,w] [--bwd] [--dtype f32|bf16|f16] [--verbose] [--masked] [--hv]
 //
 // --masked: every case with softplus has delta = -inf at about a third of its cells (how the MIL
 // layer marks empty cells: softplus(-inf + bias) = 0, a transparent cell) and each kernel must agree
@@ -227,10 +227,12 @@ bool run_case(const Case& c, std::mt19937& rng, bool bwd, bool verbose) {
 
 int main(int argc, char** argv) {
   Options o;
-  bool masked = false;  // (--masked is this driver's own option: taken out before the common ones)
+  bool masked = false;  // (--masked, --hv: this driver's own options, taken out before the common ones)
+  bool hv_only = false;  // --hv: no transposed ("vh") cases, so that --only's H x W is the scanned grid
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     if (std::string(argv[i]) == "--masked") masked = true;
+    else if (std::string(argv[i]) == "--hv") hv_only = true;
     else args.push_back(argv[i]);
   }
   if (!parse(static_cast<int>(args.size()), args.data(), o, "b,d,n,g,h,w")) return 2;
@@ -248,7 +250,7 @@ int main(int argc, char** argv) {
     }
     c.z = rng() % 2; c.D = rng() % 2; c.bias = rng() % 2; c.softplus = masked || rng() % 2;
     c.masked = masked;
-    c.transpose = rng() % 2; c.origin = static_cast<int>(rng() % 4); c.dt = o.dt;
+    c.transpose = !hv_only && rng() % 2; c.origin = static_cast<int>(rng() % 4); c.dt = o.dt;
     return c;
   };
   auto describe = [](const Case& c) {

@@ -33,6 +33,7 @@
 // dB/dC sum over the channels of a group with float32 atomics or, deterministically, as per-channel
 // partials the caller sums in order.
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "scan2d_chan.h"
@@ -561,11 +562,12 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
   auto load_band = [&](int64_t m) { load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W); };
   load_band(0);
   float carry = 0.f;
-  float* saved = o.carries ? o.carries + (b * p.dim + d) * L.nb : nullptr;  // G entering each band
+  // G entering every kScan2dRowChunk-th column (the backward's chunks), from the lanes whose first
+  // column starts a chunk.
+  float* saved = o.carries ? o.carries + (b * p.dim + d) * ceil_div(W, kScan2dRowChunk) : nullptr;
   for (int64_t m = 0; m < L.nb; ++m) {
     cur = nxt;
     if (m + 1 < L.nb) load_band(m + 1);
-    if (saved && lane == 0) saved[m] = carry;
     const int64_t j0 = m * BW + lane * CPL;
     float a[CPL], x[CPL], e[CPL];
 #pragma unroll
@@ -576,6 +578,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
       x[k] = dt * to_f(cur.u[k]) * to_f(cur.B[k]);
     }
     carry = band_scan<CPL, false>(a, x, carry, e, lane);
+    if (saved && (lane * CPL) % kScan2dRowChunk == 0 && j0 < W) saved[j0 / kScan2dRowChunk] = e[0];
 #pragma unroll
     for (int k = 0; k < CPL; ++k) {
       if (j0 + k >= W) continue;
@@ -942,24 +945,137 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   }
 }
 
-// N == 1 and H == 1 (VMamba's 1D routes), backward: one warp per (batch, channel) walks its row
-// right to left, band by band: it rebuilds G from the carry the forward saved at the band's left
-// edge (one band scan), runs the reverse scan of lam with the carry from the band on its right (a
-// second), and finishes every cell. No summaries, no per-band partials: dA, dD, ddelta_bias leave as
-// per-(batch, channel) sums. The 8 warps of a block are 8 channels; when they share a group (channels
-// per group a multiple of 8) their dB, dC meet in shared memory first: one atomic per 8 channels.
-constexpr int kRowBwdWarps = 8;
+// N == 1 and H == 1 (VMamba's 1D routes), backward: a lane per channel, a warp per 32 channels of one
+// batch. Each lane walks its own row right to left in chunks of kRowChunk columns, sequentially: the
+// h entering the chunk is the carry the forward saved there; the chunk's h rebuilt left to right in
+// registers (pass 1), then the adjoint lam right to left (pass 2), every cell finished in place. No
+// shuffle scans and no block barrier: the only exchange is the channel sum of dB and dC when the
+// warp's 32 channels share a group, a reduce-scatter over the lanes (31 shuffles per chunk) after
+// which each lane adds one column's dB or dC (one atomic per column per 32 channels). Rows of one
+// warp are 32 different rows in memory: each lane reads whole 32-byte sectors of its row (16-byte
+// vector accesses where every operand's row has stride +1 or -1 and is aligned: kVec), and the L2 is
+// asked for the chunk two ahead.
+constexpr int kRowChunk = static_cast<int>(kScan2dRowChunk);
+constexpr int kRowBwdWarps = 4;
 
-template <typename T, int CPL, bool kDet>
-__global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
-                                                                             Plan L, bool group_sum, int64_t b0) {
-  constexpr int BW = 32 * CPL;
-  __shared__ float sred[2][kRowBwdWarps][2][BW];  // [band parity][warp][dB, dC][column]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t dl = static_cast<int64_t>(blockIdx.x) * kRowBwdWarps + warp, d = L.d_begin + dl, b = blockIdx.y + b0;
-  if (!group_sum && d >= L.d_end) return;  // (with group_sum every warp of the block has a channel)
-  const int64_t W = p.width, g = d / (p.dim / p.groups), nb = L.nb;
-  const int64_t bc_c = kDet ? dl : g;
+// Bits of a 16-byte vector's elements: element e of 4 words (16-bit types two to a word).
+template <typename T>
+__device__ __forceinline__ float vec_elem(const uint32_t (&w)[4], int e) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(w[e]);
+  } else {
+    const unsigned short bits = static_cast<unsigned short>(e & 1 ? w[e >> 1] >> 16 : w[e >> 1] & 0xffffu);
+    if constexpr (std::is_same_v<T, __half>) return __half2float(__ushort_as_half(bits));
+    else return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+}
+template <typename T>
+__device__ __forceinline__ uint32_t vec_word(const float* v) {  // v[0] (and v[1]) as one word
+  if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(v[0]);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v[0]))) |
+           static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v[1]))) << 16;
+  } else {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[0]))) |
+           static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[1]))) << 16;
+  }
+}
+
+// v[k] = column j0 + k of a row (element j at row[j * sj]) as float32; columns past n repeat the
+// last valid one. kVec: sj is +1 or -1 and the chunk's 16-byte vectors are aligned (host-checked).
+template <typename T, bool kVec>
+__device__ __forceinline__ void load_chunk(float (&v)[kRowChunk], const T* row, int64_t sj, int64_t j0, int n) {
+  constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte vector
+  if (kVec && n == kRowChunk) {
+    const bool fwd = sj > 0;
+    const uint4* src = reinterpret_cast<const uint4*>(fwd ? row + j0 : row - j0 - (kRowChunk - 1));
+#pragma unroll
+    for (int t = 0; t < kRowChunk / kPer; ++t) {
+      const uint4 q = __ldg(src + t);
+      const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) {  // memory element t*kPer + e is column k (reversed for sj < 0)
+        const float x = vec_elem<T>(w, e);
+        const int k = t * kPer + e;
+        if (fwd) v[k] = x; else v[kRowChunk - 1 - k] = x;
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kRowChunk; ++k) v[k] = to_f(row[(j0 + (k < n ? k : n - 1)) * sj]);
+}
+
+// Columns j0 .. j0 + n - 1 of a row from v (float32, rounded to T).
+template <typename T, bool kVec>
+__device__ __forceinline__ void store_chunk(T* row, int64_t sj, int64_t j0, int n, const float (&v)[kRowChunk]) {
+  constexpr int kPer = 16 / sizeof(T);
+  if (kVec && n == kRowChunk) {
+    const bool fwd = sj > 0;
+    float m[kRowChunk];  // memory order
+#pragma unroll
+    for (int k = 0; k < kRowChunk; ++k) m[k] = fwd ? v[k] : v[kRowChunk - 1 - k];
+    uint4* dst = reinterpret_cast<uint4*>(fwd ? row + j0 : row - j0 - (kRowChunk - 1));
+    constexpr int kWordElems = sizeof(T) == 4 ? 1 : 2;
+#pragma unroll
+    for (int t = 0; t < kRowChunk / kPer; ++t) {
+      const float* q = m + t * kPer;
+      dst[t] = make_uint4(vec_word<T>(q), vec_word<T>(q + kWordElems), vec_word<T>(q + 2 * kWordElems),
+                          vec_word<T>(q + 3 * kWordElems));
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kRowChunk; ++k)
+    if (k < n) row[(j0 + k) * sj] = from_f<T>(v[k]);
+}
+
+// Asks L2 for the lines of columns j0 .. j0 + kRowChunk - 1 of a row (both ends: they span at most
+// two 128-byte lines).
+template <typename T>
+__device__ __forceinline__ void prefetch_chunk(const T* row, int64_t sj, int64_t j0, int n) {
+  prefetch_l2(row + j0 * sj);
+  prefetch_l2(row + (j0 + n - 1) * sj);
+}
+
+// One round of reduce_scatter32: lanes differing in bit S exchange half of their S * 2 values.
+template <int S>
+__device__ __forceinline__ void reduce_scatter_round(float (&v)[32], int lane) {
+  const bool up = lane & S;
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+    const float send = up ? v[i] : v[i + S];
+    const float keep = up ? v[i + S] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFull, send, S);
+  }
+}
+
+// Sum over the warp's 32 lanes of v[i], i < 32, scattered: lane l returns the sum of v[l].
+// 31 shuffles and adds (each round halves the values a lane holds).
+__device__ __forceinline__ float reduce_scatter32(float (&v)[32], int lane) {
+  reduce_scatter_round<16>(v, lane);
+  reduce_scatter_round<8>(v, lane);
+  reduce_scatter_round<4>(v, lane);
+  reduce_scatter_round<2>(v, lane);
+  reduce_scatter_round<1>(v, lane);
+  return v[0];
+}
+
+template <typename T, bool kDet, bool kVec>
+__global__ void __launch_bounds__(kRowBwdWarps * 32) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+                                                                          Plan L, int64_t b0) {
+  constexpr int CH = kRowChunk;
+  const int lane = threadIdx.x & 31;
+  const int64_t dw = L.d_begin + (static_cast<int64_t>(blockIdx.x) * kRowBwdWarps + (threadIdx.x >> 5)) * 32;
+  if (dw >= L.d_end) return;
+  // Lanes past the channel range run the last channel (the warp's shuffles need every lane) and
+  // write nothing.
+  const bool valid = dw + lane < L.d_end;
+  const int64_t d = valid ? dw + lane : L.d_end - 1, dl = d - L.d_begin, b = blockIdx.y + b0;
+  const int64_t W = p.width, cpg = p.dim / p.groups, g = d / cpg, nc = ceil_div(W, CH);
+  // The warp's channels share one group: their dB, dC meet in the warp before one atomic per column.
+  const bool warp_sum_bc = !kDet && dw + 31 < L.d_end && dw / cpg == (dw + 31) / cpg;
   const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
   const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
   const float An = static_cast<const float*>(p.A)[d * p.A_sd], A2 = An * kLog2e;
@@ -968,104 +1084,105 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
   const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
   const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
   const Plane<const T> pg = plane<const T>(ga.dout, b, d, 0);
-  const float* car = ga.carries + (b * p.dim + d) * nb;  // G entering band m, saved by the forward
-  auto dt_of = [&](T raw, int64_t j) {
-    const float v = to_f(raw) + bias;
-    return j < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
-  };
+  const float* car = ga.carries + (b * p.dim + d) * nc;  // h entering each chunk, saved by the forward
+  const int64_t bc_c = kDet ? dl : g;
+  float* dBrow = ga.dB.defined() ? &plane<float>(ga.dB, b, bc_c, 0).at(0, 0) : nullptr;
+  float* dCrow = ga.dC.defined() ? &plane<float>(ga.dC, b, bc_c, 0).at(0, 0) : nullptr;
+  const int64_t dBsj = ga.dB.sj, dCsj = ga.dC.sj;
 
-  SoloRow<T, CPL> cur, nxt;
-  T gcur[CPL], gnxt[CPL];  // dout
-  auto load_band = [&](int64_t m) {
-    load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W);
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) gnxt[k] = pg.at(0, min(m * BW + lane * CPL + k, W - 1));
+  auto prefetch = [&](int64_t c) {
+    const int64_t j0 = c * CH;
+    const int n = static_cast<int>(W - j0 < CH ? W - j0 : CH);
+    prefetch_chunk(pd.base, pd.sj, j0, n);
+    prefetch_chunk(pu.base, pu.sj, j0, n);
+    if (gated) prefetch_chunk(pz.base, pz.sj, j0, n);
+    prefetch_chunk(pB.base, pB.sj, j0, n);
+    prefetch_chunk(pC.base, pC.sj, j0, n);
+    prefetch_chunk(pg.base, pg.sj, j0, n);
   };
-  load_band(nb - 1);
-  float cR = 0.f, dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
-  for (int64_t m = nb - 1; m >= 0; --m) {
-    cur = nxt;
+  for (int64_t c = nc - 1; c >= 0 && c >= nc - 2; --c) prefetch(c);
+
+  float lamR = 0.f;  // a * lamH of the column to the right (what enters from the right)
+  float dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
+  for (int64_t c = nc - 1; c >= 0; --c) {
+    const int64_t j0 = c * CH;
+    const int n = static_cast<int>(W - j0 < CH ? W - j0 : CH);
+    float rd[CH], ru[CH], rB[CH], rC[CH], rg[CH], rz[CH];
+    load_chunk<T, kVec>(rd, pd.base, pd.sj, j0, n);
+    load_chunk<T, kVec>(ru, pu.base, pu.sj, j0, n);
+    load_chunk<T, kVec>(rB, pB.base, pB.sj, j0, n);
+    load_chunk<T, kVec>(rC, pC.base, pC.sj, j0, n);
+    load_chunk<T, kVec>(rg, pg.base, pg.sj, j0, n);
+    if (gated) load_chunk<T, kVec>(rz, pz.base, pz.sj, j0, n);
+    if (c >= 2) prefetch(c - 2);
+    // Pass 1, left to right: dt, the softplus slope, the decay and the h entering each column.
+    // Columns past the row's end get dt = 0 (decay 1, no input) and dout = 0: they add nothing.
+    float dt[CH], dsp[CH], a[CH], hin[CH];
+    float h = car[c];
 #pragma unroll
-    for (int k = 0; k < CPL; ++k) gcur[k] = gnxt[k];
-    if (m > 0) load_band(m - 1);
-    const int64_t j0 = m * BW + lane * CPL;
-    const float cin = car[m];
-    float dt[CPL], a[CPL], x[CPL], ef[CPL], xr[CPL], er[CPL], lamV[CPL], dy[CPL], gz[CPL], dsp[CPL];
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      dt[k] = dt_of(cur.d[k], j0 + k);
-      // d softplus(v)/dv = sigmoid(v), from v itself: two MUFU operations, no cancellation.
-      dsp[k] = p.softplus ? 1.f / (1.f + __expf(-(to_f(cur.d[k]) + bias))) : 1.f;
+    for (int k = 0; k < CH; ++k) {
+      const float v = rd[k] + bias;
+      dt[k] = k < n ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      // d softplus(v)/dv = sigmoid(v), from v itself: no cancellation.
+      dsp[k] = p.softplus ? __fdividef(1.f, 1.f + __expf(-v)) : 1.f;
       a[k] = exp2f(dt[k] * A2);
-      x[k] = dt[k] * to_f(cur.u[k]) * to_f(cur.B[k]);
-      const float go = j0 + k < W ? to_f(gcur[k]) : 0.f;
-      dy[k] = go;
-      gz[k] = 0.f;
+      hin[k] = h;
+      h = fmaf(a[k], h, dt[k] * ru[k] * rB[k]);
+    }
+    // Pass 2, right to left: lam and every gradient of the column.
+    float vdu[CH], vdd[CH], vdz[CH], bc[2 * CH];
+#pragma unroll
+    for (int k = CH - 1; k >= 0; --k) {
+      const float uv = ru[k], bv = rB[k], cv = rC[k];
+      const float go = k < n ? rg[k] : 0.f;
+      float dy = go, gz = 0.f;
       if (gated) {
-        const float zv = to_f(cur.z[k]), sz = 1.f / (1.f + __expf(-zv));
-        dy[k] = go * zv * sz;
-        gz[k] = go * sz * (1.f + zv * (1.f - sz));
+        const float zv = rz[k], sz = __fdividef(1.f, 1.f + __expf(-zv));
+        dy = go * zv * sz;
+        gz = go * sz * (1.f + zv * (1.f - sz));
       }
-      lamV[k] = dy[k] * to_f(cur.C[k]);
-      xr[k] = a[k] * lamV[k];
-    }
-    band_scan<CPL, false>(a, x, cin, ef, lane);
-    cR = band_scan<CPL, true>(a, xr, cR, er, lane);
-    float* sb = group_sum ? &sred[m & 1][warp][0][0] : nullptr;
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      const int64_t j = j0 + k;
-      const bool in = j < W;
-      const float uv = to_f(cur.u[k]), bv = to_f(cur.B[k]), cv = to_f(cur.C[k]);
-      const float ah = a[k] * ef[k];  // G - x, exactly the decayed carry
-      const float h = ah + x[k];
-      const float lamH = lamV[k] + er[k];
+      const float ah = a[k] * hin[k];  // the decayed carry
+      const float hv = fmaf(dt[k] * uv, bv, ah);
+      const float lamH = fmaf(dy, cv, lamR);
+      lamR = a[k] * lamH;
       const float q = lamH * ah;
-      const float ddt = fmaf(q, An, lamH * bv * uv);
-      const float dBv = in ? lamH * dt[k] * uv : 0.f, dCv = in ? dy[k] * h : 0.f;
-      if (sb) {
-        sb[lane * CPL + k] = dBv;
-        sb[BW + lane * CPL + k] = dCv;
-      } else if (in) {
-        if (ga.dB.defined()) {
-          float* dst = &plane<float>(ga.dB, b, bc_c, 0).at(0, j);
-          if (kDet) *dst = dBv; else atomicAdd(dst, dBv);
-        }
-        if (ga.dC.defined()) {
-          float* dst = &plane<float>(ga.dC, b, bc_c, 0).at(0, j);
-          if (kDet) *dst = dCv; else atomicAdd(dst, dCv);
-        }
-      }
-      if (!in) continue;
+      const float lbu = lamH * bv;
+      const float ddt = fmaf(q, An, lbu * uv);
+      bc[k] = lamH * dt[k] * uv;
+      bc[CH + k] = dy * hv;
       dA_acc = fmaf(q, dt[k], dA_acc);
-      const float ddelta = ddt * dsp[k];
-      dbias_acc += ddelta;
-      dD_acc = fmaf(dy[k], uv, dD_acc);
-      if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, dy[k], lamH * bv * dt[k]));
-      if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(0, j) = from_f<T>(ddelta);
-      if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, uv, cv * h) * gz[k]);
+      vdd[k] = ddt * dsp[k];
+      dbias_acc += vdd[k];
+      dD_acc = fmaf(dy, uv, dD_acc);
+      vdu[k] = fmaf(Dd, dy, lbu * dt[k]);
+      vdz[k] = fmaf(Dd, uv, cv * hv) * gz;
     }
-    if (group_sum) {
-      // One barrier per band: the parity buffers keep the next band's writes off this one's readers.
-      __syncthreads();
-      const int64_t jb = m * BW;
-      float* dBg = ga.dB.defined() ? &plane<float>(ga.dB, b, g, 0).at(0, 0) : nullptr;
-      float* dCg = ga.dC.defined() ? &plane<float>(ga.dC, b, g, 0).at(0, 0) : nullptr;
-      for (int c = threadIdx.x; c < 2 * BW; c += kRowBwdWarps * 32) {
-        const int q = c / BW, col = c % BW;
-        if (jb + col >= W) continue;
-        float v = 0.f;
+    if (valid) {
+      if (ga.du.defined()) store_chunk<T, kVec>(&plane<T>(ga.du, b, d, 0).at(0, 0), ga.du.sj, j0, n, vdu);
+      if (ga.ddelta.defined()) store_chunk<T, kVec>(&plane<T>(ga.ddelta, b, d, 0).at(0, 0), ga.ddelta.sj, j0, n, vdd);
+      if (ga.dz.defined()) store_chunk<T, kVec>(&plane<T>(ga.dz, b, d, 0).at(0, 0), ga.dz.sj, j0, n, vdz);
+    }
+    if (warp_sum_bc) {
+      const float s = reduce_scatter32(bc, lane);
+      const int k = lane & (CH - 1);
+      float* dst = lane < CH ? dBrow : dCrow;
+      if (dst && k < n) atomicAdd(dst + (j0 + k) * (lane < CH ? dBsj : dCsj), s);
+    } else if (valid) {
 #pragma unroll
-        for (int w = 0; w < kRowBwdWarps; ++w) v += sred[m & 1][w][q][col];
-        float* dst = q == 0 ? dBg : dCg;
-        if (dst) atomicAdd(dst + (jb + col) * (q == 0 ? ga.dB.sj : ga.dC.sj), v);
+      for (int k = 0; k < CH; ++k) {
+        if (k >= n) continue;
+        if (dBrow) {
+          float* dst = dBrow + (j0 + k) * dBsj;
+          if (kDet) *dst = bc[k]; else atomicAdd(dst, bc[k]);
+        }
+        if (dCrow) {
+          float* dst = dCrow + (j0 + k) * dCsj;
+          if (kDet) *dst = bc[CH + k]; else atomicAdd(dst, bc[CH + k]);
+        }
       }
     }
   }
-  dA_acc = warp_sum(dA_acc);
-  dD_acc = warp_sum(dD_acc);
-  dbias_acc = warp_sum(dbias_acc);
-  if (lane == 0) {
+  if (valid) {
     if (ga.dA_part) static_cast<float*>(ga.dA_part)[b * p.dim + d] = dA_acc;
     if (ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + d] = dD_acc;
     if (ga.ddelta_bias_part) static_cast<float*>(ga.ddelta_bias_part)[b * p.dim + d] = dbias_acc;
@@ -1233,16 +1350,30 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
   SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_reduce_kernel");
 }
 
-template <typename T, int CPL, bool Det>
+// Whether every row operand of the 1D backward can be read and written as 16-byte vectors: column
+// stride +1 or -1, and every (batch, channel) row aligned where a chunk's vector starts (for stride
+// -1, one element past the row's last address).
+bool row_vectors_fit(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
+  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2;
+  auto fits = [&](const Grid& g, int64_t channels) {
+    if (!g.defined()) return true;
+    if (g.sj != 1 && g.sj != -1) return false;
+    const auto addr = reinterpret_cast<uintptr_t>(g.data) + (g.sj < 0 ? es : 0);
+    return addr % 16 == 0 && (p.batch == 1 || (g.sb * es) % 16 == 0) && (channels == 1 || (g.sc * es) % 16 == 0);
+  };
+  return fits(p.delta, p.dim) && fits(p.u, p.dim) && fits(p.z, p.dim) && fits(p.B, p.groups) &&
+         fits(p.C, p.groups) && fits(a.dout, p.dim) && fits(a.du, p.dim) && fits(a.ddelta, p.dim) && fits(a.dz, p.dim);
+}
+
+template <typename T, bool Det>
 void backward_row(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan& L, cudaStream_t stream) {
   const int64_t channels = L.d_end - L.d_begin;
-  // Channel sums of dB, dC in the block need its 8 channels in one group (and no per-channel partials).
-  const bool group_sum = !Det && (p.dim / p.groups) % kRowBwdWarps == 0 && L.d_begin % kRowBwdWarps == 0 &&
-                         channels % kRowBwdWarps == 0;
+  const bool vec = row_vectors_fit(p, a);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
-    dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps)),
+    dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps * 32)),
               static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    scan2d_bwd_row_kernel<T, CPL, Det><<<grid, kRowBwdWarps * 32, 0, stream>>>(p, a, L, group_sum, b0);
+    auto kernel = vec ? scan2d_bwd_row_kernel<T, Det, true> : scan2d_bwd_row_kernel<T, Det, false>;
+    kernel<<<grid, kRowBwdWarps * 32, 0, stream>>>(p, a, L, b0);
     SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_row_kernel");
   }
 }
@@ -1252,7 +1383,7 @@ void backward_cpl(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStrea
   Plan L = band_plan(p, CPL, a.workspace, true);
   L.d_begin = a.d_begin;
   L.d_end = a.d_end;
-  if (p.dstate == 1 && p.height == 1) return backward_row<T, CPL, Det>(p, a, L, stream);
+  if (p.dstate == 1 && p.height == 1) return backward_row<T, Det>(p, a, L, stream);
   if (L.nb > 1) launch_summaries<T, CPL>(p, L, stream);
   const int64_t items = p.batch * (a.d_end - a.d_begin) * L.nb;
   switch (states_per_warp(items, p.dstate)) {
