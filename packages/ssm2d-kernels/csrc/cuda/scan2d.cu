@@ -945,17 +945,19 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   }
 }
 
-// N == 1 and H == 1 (VMamba's 1D routes), backward: a lane per channel, a warp per 32 channels of one
-// batch. Each lane walks its own row right to left in chunks of kRowChunk columns, sequentially: the
-// h entering the chunk is the carry the forward saved there; the chunk's h rebuilt left to right in
-// registers (pass 1), then the adjoint lam right to left (pass 2), every cell finished in place. No
-// shuffle scans and no block barrier: the only exchange is the channel sum of dB and dC when the
-// warp's 32 channels share a group, a reduce-scatter over the lanes (31 shuffles per chunk) after
-// which each lane adds one column's dB or dC (one atomic per column per 32 channels). Rows of one
-// warp are 32 different rows in memory: each lane reads whole 32-byte sectors of its row (16-byte
-// vector accesses where every operand's row has stride +1 or -1 and is aligned: kVec), and the L2 is
-// asked for the chunk two ahead.
-constexpr int kRowChunk = static_cast<int>(kScan2dRowChunk);
+// N == 1 and H == 1 (VMamba's 1D routes), backward: 4 lanes per channel, a warp per 8 channels of
+// one batch. The channel's lanes walk its row right to left a super-chunk of kScan2dRowChunk = 32
+// columns at a time, 8 columns per lane, each lane's columns in sequence: no block barrier and
+// only 4-lane scans. Per super-chunk: the h entering it is the carry the forward saved there; each
+// lane's map of h over its columns, a 4-lane scan, then the lane's h rebuilt in registers (pass 1);
+// each lane's adjoint map, a 4-lane scan from the carry entering on the right, then lam and every
+// gradient of its columns (pass 2). When the warp's 8 channels share a group, their dB and dC meet
+// in a reduce-scatter over the lanes (3 rounds), then one atomic per column per 8 channels. A lane
+// reads whole 16-byte pieces of its row (vectors where every operand's row has stride +1 or -1
+// and is aligned: kVec), and the L2 is asked for the super-chunk two ahead.
+constexpr int kRowChunk = 8;  // columns per lane
+constexpr int kRowSeg = static_cast<int>(kScan2dRowChunk) / kRowChunk;  // lanes per channel (4)
+constexpr int kRowChans = 32 / kRowSeg;    // channels per warp
 constexpr int kRowBwdWarps = 4;
 
 // Bits of a 16-byte vector's elements: element e of 4 words (16-bit types two to a word).
@@ -1039,43 +1041,37 @@ __device__ __forceinline__ void prefetch_chunk(const T* row, int64_t sj, int64_t
   prefetch_l2(row + (j0 + n - 1) * sj);
 }
 
-// One round of reduce_scatter32: lanes differing in bit S exchange half of their S * 2 values.
-template <int S>
-__device__ __forceinline__ void reduce_scatter_round(float (&v)[32], int lane) {
-  const bool up = lane & S;
+// One round of a reduce-scatter over the warp: lanes differing in lane bit LB exchange half of their
+// 2 * S values (S shuffles and adds); after it v[i], i < S, holds the pair's sum of value
+// i + S * (lane has bit LB).
+template <int S, int LB, int NV>
+__device__ __forceinline__ void reduce_scatter_round(float (&v)[NV], int lane) {
+  static_assert(2 * S <= NV, "a round exchanges 2 * S values");
+  const bool up = lane & LB;
 #pragma unroll
   for (int i = 0; i < S; ++i) {
     const float send = up ? v[i] : v[i + S];
     const float keep = up ? v[i + S] : v[i];
-    v[i] = keep + __shfl_xor_sync(kFull, send, S);
+    v[i] = keep + __shfl_xor_sync(kFull, send, LB);
   }
 }
 
-// Sum over the warp's 32 lanes of v[i], i < 32, scattered: lane l returns the sum of v[l].
-// 31 shuffles and adds (each round halves the values a lane holds).
-__device__ __forceinline__ float reduce_scatter32(float (&v)[32], int lane) {
-  reduce_scatter_round<16>(v, lane);
-  reduce_scatter_round<8>(v, lane);
-  reduce_scatter_round<4>(v, lane);
-  reduce_scatter_round<2>(v, lane);
-  reduce_scatter_round<1>(v, lane);
-  return v[0];
-}
-
 template <typename T, bool kDet, bool kVec>
-__global__ void __launch_bounds__(kRowBwdWarps * 32) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+__global__ void __launch_bounds__(kRowBwdWarps * 32, 3) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                           Plan L, int64_t b0) {
-  constexpr int CH = kRowChunk;
-  const int lane = threadIdx.x & 31;
-  const int64_t dw = L.d_begin + (static_cast<int64_t>(blockIdx.x) * kRowBwdWarps + (threadIdx.x >> 5)) * 32;
+  constexpr int CH = kRowChunk, SEG = kRowSeg;
+  const int lane = threadIdx.x & 31, s = lane % SEG, cw = lane / SEG;
+  const int64_t dw =
+      L.d_begin + (static_cast<int64_t>(blockIdx.x) * kRowBwdWarps + (threadIdx.x >> 5)) * kRowChans;
   if (dw >= L.d_end) return;
-  // Lanes past the channel range run the last channel (the warp's shuffles need every lane) and
+  // Lanes of channels past the range run the last channel (the warp's shuffles need every lane) and
   // write nothing.
-  const bool valid = dw + lane < L.d_end;
-  const int64_t d = valid ? dw + lane : L.d_end - 1, dl = d - L.d_begin, b = blockIdx.y + b0;
+  const bool valid = dw + cw < L.d_end;
+  const int64_t d = valid ? dw + cw : L.d_end - 1, dl = d - L.d_begin, b = blockIdx.y + b0;
   const int64_t W = p.width, cpg = p.dim / p.groups, g = d / cpg, nc = ceil_div(W, CH);
-  // The warp's channels share one group: their dB, dC meet in the warp before one atomic per column.
-  const bool warp_sum_bc = !kDet && dw + 31 < L.d_end && dw / cpg == (dw + 31) / cpg;
+  const int64_t nsc = ceil_div(nc, SEG);
+  // The warp's channels share one group: their dB, dC meet in the warp before the atomics.
+  const bool warp_sum_bc = !kDet && dw + kRowChans - 1 < L.d_end && dw / cpg == (dw + kRowChans - 1) / cpg;
   const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
   const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
   const float An = static_cast<const float*>(p.A)[d * p.A_sd], A2 = An * kLog2e;
@@ -1084,13 +1080,15 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32) scan2d_bwd_row_kernel(Scan2
   const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
   const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
   const Plane<const T> pg = plane<const T>(ga.dout, b, d, 0);
-  const float* car = ga.carries + (b * p.dim + d) * nc;  // h entering each chunk, saved by the forward
+  // h entering each super-chunk of SEG chunks (kScan2dRowChunk columns), saved by the forward.
+  const float* car = ga.carries + (b * p.dim + d) * nsc;
   const int64_t bc_c = kDet ? dl : g;
   float* dBrow = ga.dB.defined() ? &plane<float>(ga.dB, b, bc_c, 0).at(0, 0) : nullptr;
   float* dCrow = ga.dC.defined() ? &plane<float>(ga.dC, b, bc_c, 0).at(0, 0) : nullptr;
   const int64_t dBsj = ga.dB.sj, dCsj = ga.dC.sj;
 
   auto prefetch = [&](int64_t c) {
+    if (c >= nc) return;
     const int64_t j0 = c * CH;
     const int n = static_cast<int>(W - j0 < CH ? W - j0 : CH);
     prefetch_chunk(pd.base, pd.sj, j0, n);
@@ -1100,25 +1098,32 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32) scan2d_bwd_row_kernel(Scan2
     prefetch_chunk(pC.base, pC.sj, j0, n);
     prefetch_chunk(pg.base, pg.sj, j0, n);
   };
-  for (int64_t c = nc - 1; c >= 0 && c >= nc - 2; --c) prefetch(c);
+  prefetch((nsc - 1) * SEG + s);
+  if (nsc >= 2) prefetch((nsc - 2) * SEG + s);
 
-  float lamR = 0.f;  // a * lamH of the column to the right (what enters from the right)
+  float carry = 0.f;  // a * lamH entering the super-chunk from its right (same on the channel's lanes)
   float dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
-  for (int64_t c = nc - 1; c >= 0; --c) {
-    const int64_t j0 = c * CH;
-    const int n = static_cast<int>(W - j0 < CH ? W - j0 : CH);
+  for (int64_t sc = nsc - 1; sc >= 0; --sc) {
+    // This lane's chunk; chunks past the row's end (the last super-chunk's) are identities: no
+    // columns, decay 1 (their loads read column 0, in range).
+    const int64_t c = sc * SEG + s;
+    const bool active = c < nc;
+    const int64_t j0 = active ? c * CH : 0;
+    const int n = active ? static_cast<int>(W - j0 < CH ? W - j0 : CH) : 0;
+    const int nl = n > 0 ? n : 1;
     float rd[CH], ru[CH], rB[CH], rC[CH], rg[CH], rz[CH];
-    load_chunk<T, kVec>(rd, pd.base, pd.sj, j0, n);
-    load_chunk<T, kVec>(ru, pu.base, pu.sj, j0, n);
-    load_chunk<T, kVec>(rB, pB.base, pB.sj, j0, n);
-    load_chunk<T, kVec>(rC, pC.base, pC.sj, j0, n);
-    load_chunk<T, kVec>(rg, pg.base, pg.sj, j0, n);
-    if (gated) load_chunk<T, kVec>(rz, pz.base, pz.sj, j0, n);
-    if (c >= 2) prefetch(c - 2);
-    // Pass 1, left to right: dt, the softplus slope, the decay and the h entering each column.
-    // Columns past the row's end get dt = 0 (decay 1, no input) and dout = 0: they add nothing.
-    float dt[CH], dsp[CH], a[CH], hin[CH];
-    float h = car[c];
+    load_chunk<T, kVec>(rd, pd.base, pd.sj, j0, nl);
+    load_chunk<T, kVec>(ru, pu.base, pu.sj, j0, nl);
+    load_chunk<T, kVec>(rB, pB.base, pB.sj, j0, nl);
+    load_chunk<T, kVec>(rC, pC.base, pC.sj, j0, nl);
+    load_chunk<T, kVec>(rg, pg.base, pg.sj, j0, nl);
+    if (gated) load_chunk<T, kVec>(rz, pz.base, pz.sj, j0, nl);
+    if (sc >= 2) prefetch((sc - 2) * SEG + s);
+    // Pass 1a, left to right: dt, the softplus slope, the decay and input of each column, and the
+    // chunk's map h -> Pf*h + Xf. Columns past the row's end get dt = 0 (decay 1, no input) and
+    // dout = 0: they add nothing.
+    float dt[CH], dsp[CH], a[CH], x[CH], dy[CH];
+    float Pf = 1.f, Xf = 0.f;
 #pragma unroll
     for (int k = 0; k < CH; ++k) {
       const float v = rd[k] + bias;
@@ -1126,47 +1131,103 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32) scan2d_bwd_row_kernel(Scan2
       // d softplus(v)/dv = sigmoid(v), from v itself: no cancellation.
       dsp[k] = p.softplus ? __fdividef(1.f, 1.f + __expf(-v)) : 1.f;
       a[k] = exp2f(dt[k] * A2);
-      hin[k] = h;
-      h = fmaf(a[k], h, dt[k] * ru[k] * rB[k]);
+      x[k] = dt[k] * ru[k] * rB[k];
+      Xf = fmaf(a[k], Xf, x[k]);
+      Pf *= a[k];
+      const float go = k < n ? rg[k] : 0.f;
+      dy[k] = gated ? go * rz[k] * __fdividef(1.f, 1.f + __expf(-rz[k])) : go;
     }
-    // Pass 2, right to left: lam and every gradient of the column.
+    // The h entering each chunk: a scan over the channel's SEG lanes from the h the forward saved
+    // at the super-chunk's first column.
+#pragma unroll
+    for (int off = 1; off < SEG; off <<= 1) {  // inclusive, from the left: lane s composes 0 .. s
+      const float Pp = __shfl_up_sync(kFull, Pf, off, SEG), Xp = __shfl_up_sync(kFull, Xf, off, SEG);
+      if (s >= off) {
+        Xf = fmaf(Pf, Xp, Xf);
+        Pf *= Pp;
+      }
+    }
+    float Pl = __shfl_up_sync(kFull, Pf, 1, SEG), Xl = __shfl_up_sync(kFull, Xf, 1, SEG);
+    if (s == 0) {
+      Pl = 1.f;
+      Xl = 0.f;
+    }
+    const float h0 = car[sc];
+    // Pass 1b: the h entering each column.
+    float hin[CH];
+    float h = fmaf(Pl, h0, Xl);
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      hin[k] = h;
+      h = fmaf(a[k], h, x[k]);
+    }
+    // Pass 2a, right to left: the chunk's adjoint map R -> P*R + X (R = a*lamH leaving a column
+    // to the left), then R entering each chunk of the super-chunk by a scan over the channel's
+    // SEG lanes, from the carry entering on the right.
+    float P = 1.f, X = 0.f;
+#pragma unroll
+    for (int k = CH - 1; k >= 0; --k) {
+      X = a[k] * fmaf(dy[k], rC[k], X);
+      P *= a[k];
+    }
+#pragma unroll
+    for (int off = 1; off < SEG; off <<= 1) {  // inclusive, from the right: lane s composes s .. SEG-1
+      const float Pn = __shfl_down_sync(kFull, P, off, SEG), Xn = __shfl_down_sync(kFull, X, off, SEG);
+      if (s + off < SEG) {
+        X = fmaf(P, Xn, X);
+        P *= Pn;
+      }
+    }
+    float Pe = __shfl_down_sync(kFull, P, 1, SEG), Xe = __shfl_down_sync(kFull, X, 1, SEG);
+    if (s == SEG - 1) {
+      Pe = 1.f;
+      Xe = 0.f;
+    }
+    float lamR = fmaf(Pe, carry, Xe);
+    carry = __shfl_sync(kFull, fmaf(P, carry, X), 0, SEG);  // leaving the super-chunk on the left
+    // Pass 2b, right to left: lam and every gradient of the column.
     float vdu[CH], vdd[CH], vdz[CH], bc[2 * CH];
 #pragma unroll
     for (int k = CH - 1; k >= 0; --k) {
       const float uv = ru[k], bv = rB[k], cv = rC[k];
-      const float go = k < n ? rg[k] : 0.f;
-      float dy = go, gz = 0.f;
-      if (gated) {
-        const float zv = rz[k], sz = __fdividef(1.f, 1.f + __expf(-zv));
-        dy = go * zv * sz;
-        gz = go * sz * (1.f + zv * (1.f - sz));
-      }
       const float ah = a[k] * hin[k];  // the decayed carry
-      const float hv = fmaf(dt[k] * uv, bv, ah);
-      const float lamH = fmaf(dy, cv, lamR);
+      const float hv = ah + x[k];
+      const float lamH = fmaf(dy[k], cv, lamR);
       lamR = a[k] * lamH;
       const float q = lamH * ah;
       const float lbu = lamH * bv;
       const float ddt = fmaf(q, An, lbu * uv);
       bc[k] = lamH * dt[k] * uv;
-      bc[CH + k] = dy * hv;
+      bc[CH + k] = dy[k] * hv;
       dA_acc = fmaf(q, dt[k], dA_acc);
       vdd[k] = ddt * dsp[k];
-      dbias_acc += vdd[k];
-      dD_acc = fmaf(dy, uv, dD_acc);
-      vdu[k] = fmaf(Dd, dy, lbu * dt[k]);
-      vdz[k] = fmaf(Dd, uv, cv * hv) * gz;
+      if (k < n) dbias_acc += vdd[k];
+      dD_acc = fmaf(dy[k], uv, dD_acc);
+      vdu[k] = fmaf(Dd, dy[k], lbu * dt[k]);
+      if (gated) {
+        const float go = k < n ? rg[k] : 0.f, zv = rz[k], sz = __fdividef(1.f, 1.f + __expf(-zv));
+        vdz[k] = fmaf(Dd, uv, cv * hv) * (go * sz * (1.f + zv * (1.f - sz)));
+      }
     }
-    if (valid) {
+    if (valid && active) {
       if (ga.du.defined()) store_chunk<T, kVec>(&plane<T>(ga.du, b, d, 0).at(0, 0), ga.du.sj, j0, n, vdu);
       if (ga.ddelta.defined()) store_chunk<T, kVec>(&plane<T>(ga.ddelta, b, d, 0).at(0, 0), ga.ddelta.sj, j0, n, vdd);
       if (ga.dz.defined()) store_chunk<T, kVec>(&plane<T>(ga.dz, b, d, 0).at(0, 0), ga.dz.sj, j0, n, vdz);
     }
     if (warp_sum_bc) {
-      const float s = reduce_scatter32(bc, lane);
-      const int k = lane & (CH - 1);
-      float* dst = lane < CH ? dBrow : dCrow;
-      if (dst && k < n) atomicAdd(dst + (j0 + k) * (lane < CH ? dBsj : dCsj), s);
+      // Lanes of one segment (same chunk) differ in the channel bits of the lane index (bits 2-4):
+      // three rounds leave lane (cw, s) the channel sums of values 2*cw, 2*cw + 1 (dB below CH,
+      // else dC).
+      static_assert(SEG == 4 && CH == 8, "the rounds below take the channel bits of 8 channels x 4 lanes");
+      reduce_scatter_round<8, 16>(bc, lane);
+      reduce_scatter_round<4, 8>(bc, lane);
+      reduce_scatter_round<2, 4>(bc, lane);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int idx = 2 * cw + i, k = idx & (CH - 1);
+        float* dst = idx < CH ? dBrow : dCrow;
+        if (dst && k < n) atomicAdd(dst + (j0 + k) * (idx < CH ? dBsj : dCsj), bc[i]);
+      }
     } else if (valid) {
 #pragma unroll
       for (int k = 0; k < CH; ++k) {
@@ -1182,7 +1243,14 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32) scan2d_bwd_row_kernel(Scan2
       }
     }
   }
-  if (valid) {
+  // The channel's sums over its SEG lanes, in a fixed order.
+#pragma unroll
+  for (int off = 1; off < SEG; off <<= 1) {
+    dA_acc += __shfl_xor_sync(kFull, dA_acc, off, SEG);
+    dD_acc += __shfl_xor_sync(kFull, dD_acc, off, SEG);
+    dbias_acc += __shfl_xor_sync(kFull, dbias_acc, off, SEG);
+  }
+  if (valid && s == 0) {
     if (ga.dA_part) static_cast<float*>(ga.dA_part)[b * p.dim + d] = dA_acc;
     if (ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + d] = dD_acc;
     if (ga.ddelta_bias_part) static_cast<float*>(ga.ddelta_bias_part)[b * p.dim + d] = dbias_acc;
@@ -1370,7 +1438,7 @@ void backward_row(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Pla
   const int64_t channels = L.d_end - L.d_begin;
   const bool vec = row_vectors_fit(p, a);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
-    dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps * 32)),
+    dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps * kRowChans)),
               static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
     auto kernel = vec ? scan2d_bwd_row_kernel<T, Det, true> : scan2d_bwd_row_kernel<T, Det, false>;
     kernel<<<grid, kRowBwdWarps * 32, 0, stream>>>(p, a, L, b0);
