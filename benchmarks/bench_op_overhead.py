@@ -147,6 +147,30 @@ def empty_op_us(device: str, calls: int, repeats: int) -> float:
     return host_us(lambda: x.add_(1.0), device, calls, repeats)
 
 
+class _EmptyFunction(torch.autograd.Function):
+    """An autograd node with scan2d's eager signature (frame, two flags, eight tensor slots) whose
+    forward only allocates its output and saves its inputs, as scan2d's does: what recording one
+    custom node costs before any kernel work."""
+
+    @staticmethod
+    def forward(ctx, frame, softplus, deterministic, u, delta, A, B, C, D, z, delta_bias):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, None, None)
+        ctx.frame, ctx.flags = frame, (softplus, deterministic)
+        return torch.empty_like(u)
+
+    @staticmethod
+    def backward(ctx, dout):  # pragma: no cover - never called: the floor times the forward only
+        return (None,) * 11
+
+
+def autograd_floor_us(device: str, calls: int, repeats: int) -> float:
+    """Host us of ``_EmptyFunction.apply`` on scan2d's arguments (grad on): the part of a grad-on
+    call that is torch.autograd's own, whatever the op does."""
+    args = scan2d_inputs((1, 8, 1, 16), device, torch.float32, requires_grad=True)
+    tensors = [args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    return host_us(lambda: _EmptyFunction.apply(None, True, False, *tensors), device, calls, repeats)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for op_overhead.md / .json")
@@ -178,6 +202,7 @@ def main() -> int:
                     dev, args.calls, args.repeats)
         rows.append(dict(op="wavefront2d", case=name, **r))
     floor = empty_op_us(dev, args.calls * 5, args.repeats)
+    node_floor = autograd_floor_us(dev, args.calls * 5, args.repeats)
     lines = [f"# Op call host time ({args.dtype})", "", header(dev), "",
              f"Host microseconds per call (perf_counter around each call, queue drained before it; median "
              f"of {args.calls} calls, median of {args.repeats} repeats); target for the scan2d forward at VMamba-T stage 1: <= {TARGET_US:.0f} us."
@@ -189,8 +214,12 @@ def main() -> int:
                                                  else f"<= {TARGET_US:.0f} on the GPU host")
         lines.append(f"| {r['op']} | {r['case']} | {r['fwd_nograd']:.1f} | {r['fwd_grad']:.1f} | "
                      f"{r['fwd_bwd']:.1f} | {target} |")
-    lines += ["", f"For scale: one in-place add on a 16-element tensor costs {floor:.1f} us here."]
-    write_report(args.out, "op_overhead", lines, rows + [dict(op="add_", floor_us=floor)])
+    lines += ["", f"For scale: one in-place add on a 16-element tensor costs {floor:.1f} us here; an empty "
+              f"autograd.Function with scan2d's arguments (it allocates its output and saves its inputs, "
+              f"grad on) costs {node_floor:.1f} us: the part of the grad-on column that torch.autograd "
+              "takes whatever the op does."]
+    write_report(args.out, "op_overhead", lines, rows + [dict(op="add_", floor_us=floor),
+                                                         dict(op="empty_autograd_function", floor_us=node_floor)])
     return 0
 
 
