@@ -338,9 +338,11 @@ def test_inference_kernel_matches_float64_reference(origin, order):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_one_row_routes_backward(deterministic):
     # N = 1 on a 1-row scanned grid (VMamba's 1D routes; an H x 1 grid in order "vh" scans as 1 x H) runs
-    # the row backward: one, two and 25 bands, a partial last band; 8 channels per group (dB, dC summed in
-    # the block) or not, groups of 32 and 48 channels, channel counts that fill no whole block; with and
-    # without z, softplus, D, delta_bias; deterministic mode stores per-channel partials.
+    # the row backward (4 lanes per channel, 32-column super-chunks): rows of one chunk, of a partial
+    # last super-chunk and of many (vector accesses where rows are aligned: widths a multiple of 8);
+    # warps whose 8 channels share a group (dB, dC summed across the lanes), warps across two groups
+    # and warps with idle lanes; with and without z, softplus, D, delta_bias; deterministic mode
+    # stores per-channel partials.
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     cases = [(1, 3000, 32, 2, "hv"), (1, 97, 16, 1, "hv"), (1, 1000, 24, 3, "hv"), (33, 1, 8, 8, "vh"),

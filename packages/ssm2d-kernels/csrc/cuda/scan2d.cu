@@ -33,6 +33,7 @@
 // dB/dC sum over the channels of a group with float32 atomics or, deterministically, as per-channel
 // partials the caller sums in order.
 #include <algorithm>
+#include <type_traits>
 
 #include "common.cuh"
 #include "scan2d_chan.h"
@@ -561,11 +562,12 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
   auto load_band = [&](int64_t m) { load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W); };
   load_band(0);
   float carry = 0.f;
-  float* saved = o.carries ? o.carries + (b * p.dim + d) * L.nb : nullptr;  // G entering each band
+  // G entering every kScan2dRowChunk-th column (the backward's chunks), from the lanes whose first
+  // column starts a chunk.
+  float* saved = o.carries ? o.carries + (b * p.dim + d) * ceil_div(W, kScan2dRowChunk) : nullptr;
   for (int64_t m = 0; m < L.nb; ++m) {
     cur = nxt;
     if (m + 1 < L.nb) load_band(m + 1);
-    if (saved && lane == 0) saved[m] = carry;
     const int64_t j0 = m * BW + lane * CPL;
     float a[CPL], x[CPL], e[CPL];
 #pragma unroll
@@ -576,6 +578,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
       x[k] = dt * to_f(cur.u[k]) * to_f(cur.B[k]);
     }
     carry = band_scan<CPL, false>(a, x, carry, e, lane);
+    if (saved && (lane * CPL) % kScan2dRowChunk == 0 && j0 < W) saved[j0 / kScan2dRowChunk] = e[0];
 #pragma unroll
     for (int k = 0; k < CPL; ++k) {
       if (j0 + k >= W) continue;
@@ -942,24 +945,133 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   }
 }
 
-// N == 1 and H == 1 (VMamba's 1D routes), backward: one warp per (batch, channel) walks its row
-// right to left, band by band: it rebuilds G from the carry the forward saved at the band's left
-// edge (one band scan), runs the reverse scan of lam with the carry from the band on its right (a
-// second), and finishes every cell. No summaries, no per-band partials: dA, dD, ddelta_bias leave as
-// per-(batch, channel) sums. The 8 warps of a block are 8 channels; when they share a group (channels
-// per group a multiple of 8) their dB, dC meet in shared memory first: one atomic per 8 channels.
-constexpr int kRowBwdWarps = 8;
+// N == 1 and H == 1 (VMamba's 1D routes), backward: 4 lanes per channel, a warp per 8 channels of
+// one batch. The channel's lanes walk its row right to left a super-chunk of kScan2dRowChunk = 32
+// columns at a time, 8 columns per lane, each lane's columns in sequence: no block barrier and
+// only 4-lane scans. Per super-chunk: the h entering it is the carry the forward saved there; each
+// lane's map of h over its columns, a 4-lane scan, then the lane's h rebuilt in registers (pass 1);
+// each lane's adjoint map, a 4-lane scan from the carry entering on the right, then lam and every
+// gradient of its columns (pass 2). When the warp's 8 channels share a group, their dB and dC meet
+// in a reduce-scatter over the lanes (3 rounds), then one atomic per column per 8 channels. A lane
+// reads whole 16-byte pieces of its row (vectors where every operand's row has stride +1 or -1
+// and is aligned: kVec), and the L2 is asked for the super-chunk two ahead.
+constexpr int kRowChunk = 8;  // columns per lane
+constexpr int kRowSeg = static_cast<int>(kScan2dRowChunk) / kRowChunk;  // lanes per channel (4)
+constexpr int kRowChans = 32 / kRowSeg;    // channels per warp
+constexpr int kRowBwdWarps = 4;
 
-template <typename T, int CPL, bool kDet>
-__global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
-                                                                             Plan L, bool group_sum, int64_t b0) {
-  constexpr int BW = 32 * CPL;
-  __shared__ float sred[2][kRowBwdWarps][2][BW];  // [band parity][warp][dB, dC][column]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t dl = static_cast<int64_t>(blockIdx.x) * kRowBwdWarps + warp, d = L.d_begin + dl, b = blockIdx.y + b0;
-  if (!group_sum && d >= L.d_end) return;  // (with group_sum every warp of the block has a channel)
-  const int64_t W = p.width, g = d / (p.dim / p.groups), nb = L.nb;
-  const int64_t bc_c = kDet ? dl : g;
+// Bits of a 16-byte vector's elements: element e of 4 words (16-bit types two to a word).
+template <typename T>
+__device__ __forceinline__ float vec_elem(const uint32_t (&w)[4], int e) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(w[e]);
+  } else {
+    const unsigned short bits = static_cast<unsigned short>(e & 1 ? w[e >> 1] >> 16 : w[e >> 1] & 0xffffu);
+    if constexpr (std::is_same_v<T, __half>) return __half2float(__ushort_as_half(bits));
+    else return __bfloat162float(__ushort_as_bfloat16(bits));
+  }
+}
+template <typename T>
+__device__ __forceinline__ uint32_t vec_word(const float* v) {  // v[0] (and v[1]) as one word
+  if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(v[0]);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v[0]))) |
+           static_cast<uint32_t>(__half_as_ushort(__float2half_rn(v[1]))) << 16;
+  } else {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[0]))) |
+           static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[1]))) << 16;
+  }
+}
+
+// v[k] = column j0 + k of a row (element j at row[j * sj]) as float32; columns past n repeat the
+// last valid one. kVec: sj is +1 or -1 and the chunk's 16-byte vectors are aligned (host-checked).
+template <typename T, bool kVec>
+__device__ __forceinline__ void load_chunk(float (&v)[kRowChunk], const T* row, int64_t sj, int64_t j0, int n) {
+  constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte vector
+  if (kVec && n == kRowChunk) {
+    const bool fwd = sj > 0;
+    const uint4* src = reinterpret_cast<const uint4*>(fwd ? row + j0 : row - j0 - (kRowChunk - 1));
+#pragma unroll
+    for (int t = 0; t < kRowChunk / kPer; ++t) {
+      const uint4 q = __ldg(src + t);
+      const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int e = 0; e < kPer; ++e) {  // memory element t*kPer + e is column k (reversed for sj < 0)
+        const float x = vec_elem<T>(w, e);
+        const int k = t * kPer + e;
+        if (fwd) v[k] = x; else v[kRowChunk - 1 - k] = x;
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kRowChunk; ++k) v[k] = to_f(row[(j0 + (k < n ? k : n - 1)) * sj]);
+}
+
+// Columns j0 .. j0 + n - 1 of a row from v (float32, rounded to T).
+template <typename T, bool kVec>
+__device__ __forceinline__ void store_chunk(T* row, int64_t sj, int64_t j0, int n, const float (&v)[kRowChunk]) {
+  constexpr int kPer = 16 / sizeof(T);
+  if (kVec && n == kRowChunk) {
+    const bool fwd = sj > 0;
+    float m[kRowChunk];  // memory order
+#pragma unroll
+    for (int k = 0; k < kRowChunk; ++k) m[k] = fwd ? v[k] : v[kRowChunk - 1 - k];
+    uint4* dst = reinterpret_cast<uint4*>(fwd ? row + j0 : row - j0 - (kRowChunk - 1));
+    constexpr int kWordElems = sizeof(T) == 4 ? 1 : 2;
+#pragma unroll
+    for (int t = 0; t < kRowChunk / kPer; ++t) {
+      const float* q = m + t * kPer;
+      dst[t] = make_uint4(vec_word<T>(q), vec_word<T>(q + kWordElems), vec_word<T>(q + 2 * kWordElems),
+                          vec_word<T>(q + 3 * kWordElems));
+    }
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kRowChunk; ++k)
+    if (k < n) row[(j0 + k) * sj] = from_f<T>(v[k]);
+}
+
+// Asks L2 for the lines of columns j0 .. j0 + kRowChunk - 1 of a row (both ends: they span at most
+// two 128-byte lines).
+template <typename T>
+__device__ __forceinline__ void prefetch_chunk(const T* row, int64_t sj, int64_t j0, int n) {
+  prefetch_l2(row + j0 * sj);
+  prefetch_l2(row + (j0 + n - 1) * sj);
+}
+
+// One round of a reduce-scatter over the warp: lanes differing in lane bit LB exchange half of their
+// 2 * S values (S shuffles and adds); after it v[i], i < S, holds the pair's sum of value
+// i + S * (lane has bit LB).
+template <int S, int LB, int NV>
+__device__ __forceinline__ void reduce_scatter_round(float (&v)[NV], int lane) {
+  static_assert(2 * S <= NV, "a round exchanges 2 * S values");
+  const bool up = lane & LB;
+#pragma unroll
+  for (int i = 0; i < S; ++i) {
+    const float send = up ? v[i] : v[i + S];
+    const float keep = up ? v[i + S] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFull, send, LB);
+  }
+}
+
+template <typename T, bool kDet, bool kVec>
+__global__ void __launch_bounds__(kRowBwdWarps * 32, 3) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+                                                                          Plan L, int64_t b0) {
+  constexpr int CH = kRowChunk, SEG = kRowSeg;
+  const int lane = threadIdx.x & 31, s = lane % SEG, cw = lane / SEG;
+  const int64_t dw =
+      L.d_begin + (static_cast<int64_t>(blockIdx.x) * kRowBwdWarps + (threadIdx.x >> 5)) * kRowChans;
+  if (dw >= L.d_end) return;
+  // Lanes of channels past the range run the last channel (the warp's shuffles need every lane) and
+  // write nothing.
+  const bool valid = dw + cw < L.d_end;
+  const int64_t d = valid ? dw + cw : L.d_end - 1, dl = d - L.d_begin, b = blockIdx.y + b0;
+  const int64_t W = p.width, cpg = p.dim / p.groups, g = d / cpg, nc = ceil_div(W, CH);
+  const int64_t nsc = ceil_div(nc, SEG);
+  // The warp's channels share one group: their dB, dC meet in the warp before the atomics.
+  const bool warp_sum_bc = !kDet && dw + kRowChans - 1 < L.d_end && dw / cpg == (dw + kRowChans - 1) / cpg;
   const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
   const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
   const float An = static_cast<const float*>(p.A)[d * p.A_sd], A2 = An * kLog2e;
@@ -968,104 +1080,177 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 2) scan2d_bwd_row_kernel(Sc
   const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
   const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
   const Plane<const T> pg = plane<const T>(ga.dout, b, d, 0);
-  const float* car = ga.carries + (b * p.dim + d) * nb;  // G entering band m, saved by the forward
-  auto dt_of = [&](T raw, int64_t j) {
-    const float v = to_f(raw) + bias;
-    return j < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
-  };
+  // h entering each super-chunk of SEG chunks (kScan2dRowChunk columns), saved by the forward.
+  const float* car = ga.carries + (b * p.dim + d) * nsc;
+  const int64_t bc_c = kDet ? dl : g;
+  float* dBrow = ga.dB.defined() ? &plane<float>(ga.dB, b, bc_c, 0).at(0, 0) : nullptr;
+  float* dCrow = ga.dC.defined() ? &plane<float>(ga.dC, b, bc_c, 0).at(0, 0) : nullptr;
+  const int64_t dBsj = ga.dB.sj, dCsj = ga.dC.sj;
 
-  SoloRow<T, CPL> cur, nxt;
-  T gcur[CPL], gnxt[CPL];  // dout
-  auto load_band = [&](int64_t m) {
-    load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W);
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) gnxt[k] = pg.at(0, min(m * BW + lane * CPL + k, W - 1));
+  auto prefetch = [&](int64_t c) {
+    if (c >= nc) return;
+    const int64_t j0 = c * CH;
+    const int n = static_cast<int>(W - j0 < CH ? W - j0 : CH);
+    prefetch_chunk(pd.base, pd.sj, j0, n);
+    prefetch_chunk(pu.base, pu.sj, j0, n);
+    if (gated) prefetch_chunk(pz.base, pz.sj, j0, n);
+    prefetch_chunk(pB.base, pB.sj, j0, n);
+    prefetch_chunk(pC.base, pC.sj, j0, n);
+    prefetch_chunk(pg.base, pg.sj, j0, n);
   };
-  load_band(nb - 1);
-  float cR = 0.f, dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
-  for (int64_t m = nb - 1; m >= 0; --m) {
-    cur = nxt;
+  prefetch((nsc - 1) * SEG + s);
+  if (nsc >= 2) prefetch((nsc - 2) * SEG + s);
+
+  float carry = 0.f;  // a * lamH entering the super-chunk from its right (same on the channel's lanes)
+  float dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
+  for (int64_t sc = nsc - 1; sc >= 0; --sc) {
+    // This lane's chunk; chunks past the row's end (the last super-chunk's) are identities: no
+    // columns, decay 1 (their loads read column 0, in range).
+    const int64_t c = sc * SEG + s;
+    const bool active = c < nc;
+    const int64_t j0 = active ? c * CH : 0;
+    const int n = active ? static_cast<int>(W - j0 < CH ? W - j0 : CH) : 0;
+    const int nl = n > 0 ? n : 1;
+    float rd[CH], ru[CH], rB[CH], rC[CH], rg[CH], rz[CH];
+    load_chunk<T, kVec>(rd, pd.base, pd.sj, j0, nl);
+    load_chunk<T, kVec>(ru, pu.base, pu.sj, j0, nl);
+    load_chunk<T, kVec>(rB, pB.base, pB.sj, j0, nl);
+    load_chunk<T, kVec>(rC, pC.base, pC.sj, j0, nl);
+    load_chunk<T, kVec>(rg, pg.base, pg.sj, j0, nl);
+    if (gated) load_chunk<T, kVec>(rz, pz.base, pz.sj, j0, nl);
+    if (sc >= 2) prefetch((sc - 2) * SEG + s);
+    // Pass 1a, left to right: dt, the softplus slope, the decay and input of each column, and the
+    // chunk's map h -> Pf*h + Xf. Columns past the row's end get dt = 0 (decay 1, no input) and
+    // dout = 0: they add nothing.
+    float dt[CH], dsp[CH], a[CH], x[CH], dy[CH];
+    float Pf = 1.f, Xf = 0.f;
 #pragma unroll
-    for (int k = 0; k < CPL; ++k) gcur[k] = gnxt[k];
-    if (m > 0) load_band(m - 1);
-    const int64_t j0 = m * BW + lane * CPL;
-    const float cin = car[m];
-    float dt[CPL], a[CPL], x[CPL], ef[CPL], xr[CPL], er[CPL], lamV[CPL], dy[CPL], gz[CPL], dsp[CPL];
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      dt[k] = dt_of(cur.d[k], j0 + k);
-      // d softplus(v)/dv = sigmoid(v), from v itself: two MUFU operations, no cancellation.
-      dsp[k] = p.softplus ? 1.f / (1.f + __expf(-(to_f(cur.d[k]) + bias))) : 1.f;
+    for (int k = 0; k < CH; ++k) {
+      const float v = rd[k] + bias;
+      dt[k] = k < n ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      // d softplus(v)/dv = sigmoid(v), from v itself: no cancellation.
+      dsp[k] = p.softplus ? __fdividef(1.f, 1.f + __expf(-v)) : 1.f;
       a[k] = exp2f(dt[k] * A2);
-      x[k] = dt[k] * to_f(cur.u[k]) * to_f(cur.B[k]);
-      const float go = j0 + k < W ? to_f(gcur[k]) : 0.f;
-      dy[k] = go;
-      gz[k] = 0.f;
-      if (gated) {
-        const float zv = to_f(cur.z[k]), sz = 1.f / (1.f + __expf(-zv));
-        dy[k] = go * zv * sz;
-        gz[k] = go * sz * (1.f + zv * (1.f - sz));
-      }
-      lamV[k] = dy[k] * to_f(cur.C[k]);
-      xr[k] = a[k] * lamV[k];
+      x[k] = dt[k] * ru[k] * rB[k];
+      Xf = fmaf(a[k], Xf, x[k]);
+      Pf *= a[k];
+      const float go = k < n ? rg[k] : 0.f;
+      dy[k] = gated ? go * rz[k] * __fdividef(1.f, 1.f + __expf(-rz[k])) : go;
     }
-    band_scan<CPL, false>(a, x, cin, ef, lane);
-    cR = band_scan<CPL, true>(a, xr, cR, er, lane);
-    float* sb = group_sum ? &sred[m & 1][warp][0][0] : nullptr;
+    // The h entering each chunk: a scan over the channel's SEG lanes from the h the forward saved
+    // at the super-chunk's first column.
 #pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      const int64_t j = j0 + k;
-      const bool in = j < W;
-      const float uv = to_f(cur.u[k]), bv = to_f(cur.B[k]), cv = to_f(cur.C[k]);
-      const float ah = a[k] * ef[k];  // G - x, exactly the decayed carry
-      const float h = ah + x[k];
-      const float lamH = lamV[k] + er[k];
+    for (int off = 1; off < SEG; off <<= 1) {  // inclusive, from the left: lane s composes 0 .. s
+      const float Pp = __shfl_up_sync(kFull, Pf, off, SEG), Xp = __shfl_up_sync(kFull, Xf, off, SEG);
+      if (s >= off) {
+        Xf = fmaf(Pf, Xp, Xf);
+        Pf *= Pp;
+      }
+    }
+    float Pl = __shfl_up_sync(kFull, Pf, 1, SEG), Xl = __shfl_up_sync(kFull, Xf, 1, SEG);
+    if (s == 0) {
+      Pl = 1.f;
+      Xl = 0.f;
+    }
+    const float h0 = car[sc];
+    // Pass 1b: the h entering each column.
+    float hin[CH];
+    float h = fmaf(Pl, h0, Xl);
+#pragma unroll
+    for (int k = 0; k < CH; ++k) {
+      hin[k] = h;
+      h = fmaf(a[k], h, x[k]);
+    }
+    // Pass 2a, right to left: the chunk's adjoint map R -> P*R + X (R = a*lamH leaving a column
+    // to the left), then R entering each chunk of the super-chunk by a scan over the channel's
+    // SEG lanes, from the carry entering on the right.
+    float P = 1.f, X = 0.f;
+#pragma unroll
+    for (int k = CH - 1; k >= 0; --k) {
+      X = a[k] * fmaf(dy[k], rC[k], X);
+      P *= a[k];
+    }
+#pragma unroll
+    for (int off = 1; off < SEG; off <<= 1) {  // inclusive, from the right: lane s composes s .. SEG-1
+      const float Pn = __shfl_down_sync(kFull, P, off, SEG), Xn = __shfl_down_sync(kFull, X, off, SEG);
+      if (s + off < SEG) {
+        X = fmaf(P, Xn, X);
+        P *= Pn;
+      }
+    }
+    float Pe = __shfl_down_sync(kFull, P, 1, SEG), Xe = __shfl_down_sync(kFull, X, 1, SEG);
+    if (s == SEG - 1) {
+      Pe = 1.f;
+      Xe = 0.f;
+    }
+    float lamR = fmaf(Pe, carry, Xe);
+    carry = __shfl_sync(kFull, fmaf(P, carry, X), 0, SEG);  // leaving the super-chunk on the left
+    // Pass 2b, right to left: lam and every gradient of the column.
+    float vdu[CH], vdd[CH], vdz[CH], bc[2 * CH];
+#pragma unroll
+    for (int k = CH - 1; k >= 0; --k) {
+      const float uv = ru[k], bv = rB[k], cv = rC[k];
+      const float ah = a[k] * hin[k];  // the decayed carry
+      const float hv = ah + x[k];
+      const float lamH = fmaf(dy[k], cv, lamR);
+      lamR = a[k] * lamH;
       const float q = lamH * ah;
-      const float ddt = fmaf(q, An, lamH * bv * uv);
-      const float dBv = in ? lamH * dt[k] * uv : 0.f, dCv = in ? dy[k] * h : 0.f;
-      if (sb) {
-        sb[lane * CPL + k] = dBv;
-        sb[BW + lane * CPL + k] = dCv;
-      } else if (in) {
-        if (ga.dB.defined()) {
-          float* dst = &plane<float>(ga.dB, b, bc_c, 0).at(0, j);
-          if (kDet) *dst = dBv; else atomicAdd(dst, dBv);
-        }
-        if (ga.dC.defined()) {
-          float* dst = &plane<float>(ga.dC, b, bc_c, 0).at(0, j);
-          if (kDet) *dst = dCv; else atomicAdd(dst, dCv);
-        }
-      }
-      if (!in) continue;
+      const float lbu = lamH * bv;
+      const float ddt = fmaf(q, An, lbu * uv);
+      bc[k] = lamH * dt[k] * uv;
+      bc[CH + k] = dy[k] * hv;
       dA_acc = fmaf(q, dt[k], dA_acc);
-      const float ddelta = ddt * dsp[k];
-      dbias_acc += ddelta;
+      vdd[k] = ddt * dsp[k];
+      if (k < n) dbias_acc += vdd[k];
       dD_acc = fmaf(dy[k], uv, dD_acc);
-      if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, dy[k], lamH * bv * dt[k]));
-      if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(0, j) = from_f<T>(ddelta);
-      if (ga.dz.defined()) plane<T>(ga.dz, b, d, 0).at(0, j) = from_f<T>(fmaf(Dd, uv, cv * h) * gz[k]);
+      vdu[k] = fmaf(Dd, dy[k], lbu * dt[k]);
+      if (gated) {
+        const float go = k < n ? rg[k] : 0.f, zv = rz[k], sz = __fdividef(1.f, 1.f + __expf(-zv));
+        vdz[k] = fmaf(Dd, uv, cv * hv) * (go * sz * (1.f + zv * (1.f - sz)));
+      }
     }
-    if (group_sum) {
-      // One barrier per band: the parity buffers keep the next band's writes off this one's readers.
-      __syncthreads();
-      const int64_t jb = m * BW;
-      float* dBg = ga.dB.defined() ? &plane<float>(ga.dB, b, g, 0).at(0, 0) : nullptr;
-      float* dCg = ga.dC.defined() ? &plane<float>(ga.dC, b, g, 0).at(0, 0) : nullptr;
-      for (int c = threadIdx.x; c < 2 * BW; c += kRowBwdWarps * 32) {
-        const int q = c / BW, col = c % BW;
-        if (jb + col >= W) continue;
-        float v = 0.f;
+    if (valid && active) {
+      if (ga.du.defined()) store_chunk<T, kVec>(&plane<T>(ga.du, b, d, 0).at(0, 0), ga.du.sj, j0, n, vdu);
+      if (ga.ddelta.defined()) store_chunk<T, kVec>(&plane<T>(ga.ddelta, b, d, 0).at(0, 0), ga.ddelta.sj, j0, n, vdd);
+      if (ga.dz.defined()) store_chunk<T, kVec>(&plane<T>(ga.dz, b, d, 0).at(0, 0), ga.dz.sj, j0, n, vdz);
+    }
+    if (warp_sum_bc) {
+      // Lanes of one segment (same chunk) differ in the channel bits of the lane index (bits 2-4):
+      // three rounds leave lane (cw, s) the channel sums of values 2*cw, 2*cw + 1 (dB below CH,
+      // else dC).
+      static_assert(SEG == 4 && CH == 8, "the rounds below take the channel bits of 8 channels x 4 lanes");
+      reduce_scatter_round<8, 16>(bc, lane);
+      reduce_scatter_round<4, 8>(bc, lane);
+      reduce_scatter_round<2, 4>(bc, lane);
 #pragma unroll
-        for (int w = 0; w < kRowBwdWarps; ++w) v += sred[m & 1][w][q][col];
-        float* dst = q == 0 ? dBg : dCg;
-        if (dst) atomicAdd(dst + (jb + col) * (q == 0 ? ga.dB.sj : ga.dC.sj), v);
+      for (int i = 0; i < 2; ++i) {
+        const int idx = 2 * cw + i, k = idx & (CH - 1);
+        float* dst = idx < CH ? dBrow : dCrow;
+        if (dst && k < n) atomicAdd(dst + (j0 + k) * (idx < CH ? dBsj : dCsj), bc[i]);
+      }
+    } else if (valid) {
+#pragma unroll
+      for (int k = 0; k < CH; ++k) {
+        if (k >= n) continue;
+        if (dBrow) {
+          float* dst = dBrow + (j0 + k) * dBsj;
+          if (kDet) *dst = bc[k]; else atomicAdd(dst, bc[k]);
+        }
+        if (dCrow) {
+          float* dst = dCrow + (j0 + k) * dCsj;
+          if (kDet) *dst = bc[CH + k]; else atomicAdd(dst, bc[CH + k]);
+        }
       }
     }
   }
-  dA_acc = warp_sum(dA_acc);
-  dD_acc = warp_sum(dD_acc);
-  dbias_acc = warp_sum(dbias_acc);
-  if (lane == 0) {
+  // The channel's sums over its SEG lanes, in a fixed order.
+#pragma unroll
+  for (int off = 1; off < SEG; off <<= 1) {
+    dA_acc += __shfl_xor_sync(kFull, dA_acc, off, SEG);
+    dD_acc += __shfl_xor_sync(kFull, dD_acc, off, SEG);
+    dbias_acc += __shfl_xor_sync(kFull, dbias_acc, off, SEG);
+  }
+  if (valid && s == 0) {
     if (ga.dA_part) static_cast<float*>(ga.dA_part)[b * p.dim + d] = dA_acc;
     if (ga.dD_part) static_cast<float*>(ga.dD_part)[b * p.dim + d] = dD_acc;
     if (ga.ddelta_bias_part) static_cast<float*>(ga.ddelta_bias_part)[b * p.dim + d] = dbias_acc;
@@ -1233,16 +1418,30 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
   SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_reduce_kernel");
 }
 
-template <typename T, int CPL, bool Det>
+// Whether every row operand of the 1D backward can be read and written as 16-byte vectors: column
+// stride +1 or -1, and every (batch, channel) row aligned where a chunk's vector starts (for stride
+// -1, one element past the row's last address).
+bool row_vectors_fit(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
+  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2;
+  auto fits = [&](const Grid& g, int64_t channels) {
+    if (!g.defined()) return true;
+    if (g.sj != 1 && g.sj != -1) return false;
+    const auto addr = reinterpret_cast<uintptr_t>(g.data) + (g.sj < 0 ? es : 0);
+    return addr % 16 == 0 && (p.batch == 1 || (g.sb * es) % 16 == 0) && (channels == 1 || (g.sc * es) % 16 == 0);
+  };
+  return fits(p.delta, p.dim) && fits(p.u, p.dim) && fits(p.z, p.dim) && fits(p.B, p.groups) &&
+         fits(p.C, p.groups) && fits(a.dout, p.dim) && fits(a.du, p.dim) && fits(a.ddelta, p.dim) && fits(a.dz, p.dim);
+}
+
+template <typename T, bool Det>
 void backward_row(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan& L, cudaStream_t stream) {
   const int64_t channels = L.d_end - L.d_begin;
-  // Channel sums of dB, dC in the block need its 8 channels in one group (and no per-channel partials).
-  const bool group_sum = !Det && (p.dim / p.groups) % kRowBwdWarps == 0 && L.d_begin % kRowBwdWarps == 0 &&
-                         channels % kRowBwdWarps == 0;
+  const bool vec = row_vectors_fit(p, a);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
-    dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps)),
+    dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps * kRowChans)),
               static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    scan2d_bwd_row_kernel<T, CPL, Det><<<grid, kRowBwdWarps * 32, 0, stream>>>(p, a, L, group_sum, b0);
+    auto kernel = vec ? scan2d_bwd_row_kernel<T, Det, true> : scan2d_bwd_row_kernel<T, Det, false>;
+    kernel<<<grid, kRowBwdWarps * 32, 0, stream>>>(p, a, L, b0);
     SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_row_kernel");
   }
 }
@@ -1252,7 +1451,7 @@ void backward_cpl(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStrea
   Plan L = band_plan(p, CPL, a.workspace, true);
   L.d_begin = a.d_begin;
   L.d_end = a.d_end;
-  if (p.dstate == 1 && p.height == 1) return backward_row<T, CPL, Det>(p, a, L, stream);
+  if (p.dstate == 1 && p.height == 1) return backward_row<T, Det>(p, a, L, stream);
   if (L.nb > 1) launch_summaries<T, CPL>(p, L, stream);
   const int64_t items = p.batch * (a.d_end - a.d_begin) * L.nb;
   switch (states_per_warp(items, p.dstate)) {

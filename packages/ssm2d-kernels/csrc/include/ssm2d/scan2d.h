@@ -34,6 +34,9 @@ inline int scan2d_bwd_cols_per_lane(int64_t width, int64_t dstate) {
 constexpr int64_t kScan2dStatesPerPass = 16;
 // Rows between the h rows the forward saves for the backward.
 constexpr int64_t kScan2dSegment = 16;
+// Columns between the h values the forward saves on a 1-row grid with N == 1 (the backward walks
+// each row in super-chunks of this many columns, 4 lanes per channel).
+constexpr int64_t kScan2dRowChunk = 32;
 
 inline int64_t scan2d_bands(int64_t width, int cols_per_lane) {
   return (width + 32 * cols_per_lane - 1) / (32 * cols_per_lane);
@@ -108,7 +111,8 @@ inline int64_t scan2d_chan_carry_floats(int64_t batch, int64_t dim, int64_t heig
 
 // Floats the CUDA forward saves for the backward. Band kernels: h every kScan2dSegment rows,
 // batch*dim*N*(ceil(H/kScan2dSegment) - 1)*W (N/16 of u's element count; none when H <= 16); a
-// 1-row grid with N == 1 instead keeps the G entering each band, batch*dim*bands; with N == 1 and
+// 1-row grid with N == 1 instead keeps the G entering every kScan2dRowChunk-th column,
+// batch*dim*ceil(W/kScan2dRowChunk); with N == 1 and
 // both sides of at most 64 cells, the larger of that and the chan kernels' layout (scan2d_chan_carry_floats).
 // Tiled kernels: the G and h carries of every 32x32 tile, batch*dim*N*tiles*64.
 // Lanes kernels (8 <= N <= 16): the larger of their layout and the tiled one (which of the two runs
@@ -121,7 +125,7 @@ inline int64_t scan2d_carry_floats(int64_t batch, int64_t dim, int64_t dstate, i
     const int64_t lanes = scan2d_lanes_carry_floats(batch, dim, height, width);
     return tiled > lanes ? tiled : lanes;
   }
-  if (height == 1 && dstate == 1) return batch * dim * scan2d_bands(width, scan2d_cols_per_lane(width));
+  if (height == 1 && dstate == 1) return batch * dim * ((width + kScan2dRowChunk - 1) / kScan2dRowChunk);
   const int64_t band = batch * dim * dstate * ((height + kScan2dSegment - 1) / kScan2dSegment - 1) * width;
   const int64_t chan = dstate == 1 ? scan2d_chan_carry_floats(batch, dim, height, width) : 0;
   return band > chan ? band : chan;
