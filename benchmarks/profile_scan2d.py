@@ -3,6 +3,7 @@
     python benchmarks/profile_scan2d.py            # the benchmark's cases
     ncu --kernel-name regex:scan2d --launch-count 2 python benchmarks/profile_scan2d.py --once
     python benchmarks/profile_scan2d.py --inference  # the forward alone, nothing saved (no_grad)
+    python benchmarks/profile_scan2d.py --dtype bfloat16 --cases 5
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ def main():
     ap.add_argument("--once", action="store_true", help="one call per case (for ncu)")
     ap.add_argument("--cases", default="0,3")
     ap.add_argument("--inference", action="store_true", help="the forward under no_grad instead of fwd+bwd")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="u, delta, z, B, C (A, D, delta_bias stay float32)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
     what = "forward (no_grad)" if args.inference else "fwd+bwd"
     for idx in map(int, args.cases.split(",")):
         name, shape, *_ = CASES[idx]
-        t = make(shape)
+        t = make(shape, dtype)
         gout = torch.randn_like(t["u"])
         if args.inference:
             def step():
@@ -51,7 +55,7 @@ def main():
             for _ in range(10):
                 step()
             torch.cuda.synchronize()
-        print(f"== {name} {shape}: wall {wall:.3f} ms per {what}")
+        print(f"== {name} {shape} {args.dtype}: wall {wall:.3f} ms per {what}")
         for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
             print(f"   {ev.device_time_total / 10 / 1e3:8.3f} ms/step  {ev.count // 10:3d}x  {ev.key[:90]}")
 
