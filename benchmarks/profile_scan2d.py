@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scan2d import CASES, make  # noqa: E402
+from bench_scan2d import CASES, DTYPES, make  # noqa: E402
 
 from ssm2d_nn.ops import scan2d  # noqa: E402
 
@@ -26,10 +26,10 @@ def main():
     ap.add_argument("--once", action="store_true", help="one call per case (for ncu)")
     ap.add_argument("--cases", default="0,3")
     ap.add_argument("--inference", action="store_true", help="the forward under no_grad instead of fwd+bwd")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="u, delta, z, B, C (A, D, delta_bias stay float32)")
     args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
+    dtype = DTYPES[args.dtype]
     what = "forward (no_grad)" if args.inference else "fwd+bwd"
     for idx in map(int, args.cases.split(",")):
         name, shape, *_ = CASES[idx]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Same machine, same call: the scan2d kernels of two A/B trees (`tools/dev.py ab-tree REV`, both
+# carried), OLD then NEW per run so that the GPU's state cancels out of the comparison: the scan2d GPU
+# tests on NEW's kernels, bench_scan2d.py's VMamba 1D routes (case 5) per dtype and its MIL cases
+# (0-2, fwd and fwd+bwd), and an Nsight Compute summary of NEW's backwards (benchmarks/ncu_summary.py).
+#
+#   bash tools/gpu_scan_ab.sh OLD_TREE NEW_TREE    env: ROUNDS=2  ROW_DTYPES="bfloat16 float32"
+#                                                       MIL_CASES=0,1,2  PHASES="tests row mil ncu"
+# Each phase writes into $OUT (default benchmarks/results/latest) as it finishes, so a call cut short
+# by its time limit still returns the phases it completed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 2 ] && [ -f "$1/COMMIT" ] && [ -f "$2/COMMIT" ] ||
+  { echo "usage: tools/gpu_scan_ab.sh OLD_TREE NEW_TREE (each made by tools/dev.py ab-tree)" >&2; exit 2; }
+OUT=${OUT:-benchmarks/results/latest}
+mkdir -p "$OUT"
+declare -A TREE=([old]=$1 [new]=$2)
+for t in old new; do
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "/tmp/scan-ab-$t" \
+    "${TREE[$t]}"/wheel/ssm2d_kernels-*.whl || exit 1
+done
+# The tables name the commit measured: NEW's (the lent machines' copy has no usable git HEAD).
+export PYTHONUNBUFFERED=1 SSM2D_COMMIT=$(cat "$2/COMMIT")
+path() { echo "/tmp/scan-ab-$1:${TREE[$1]}/packages/ssm2d-nn/src:${TREE[$1]}/packages/ssm2d-vision/src:${TREE[$1]}/packages/ssm2d-path/src"; }
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u; echo "old $(cat "$1/COMMIT"), new $SSM2D_COMMIT"; } |
+  tee "$OUT/device.txt"
+status=0
+for phase in ${PHASES:-tests row mil ncu}; do
+  case $phase in
+    tests)
+      PYTHONPATH=$(path new) timeout "${TEST_S:-200}" python3 -m pytest -q -m gpu -p no:cacheprovider -rs \
+        packages/ssm2d-nn/tests/test_scan2d_gpu.py packages/ssm2d-nn/tests/test_scan2d_routes_gpu.py \
+        > "$OUT/gpu_tests.log" 2>&1 || status=1
+      tail -n 2 "$OUT/gpu_tests.log" ;;
+    row|mil)
+      for r in $(seq 1 "${ROUNDS:-2}"); do
+        for dt in $([ "$phase" = row ] && echo "${ROW_DTYPES:-bfloat16 float32}" || echo float32); do
+          for t in old new; do
+            cases=$([ "$phase" = row ] && echo 5 || echo "${MIL_CASES:-0,1,2}")
+            echo "== $phase $t $dt r$r"
+            PYTHONPATH=$(path $t) timeout 120 python3 benchmarks/bench_scan2d.py --cases "$cases" --dtype "$dt" \
+              --no-reference --out "$OUT/${phase}_${t}_${dt}_r$r" 2>&1 | grep "^| [MV]"
+          done
+        done
+      done ;;
+    ncu)
+      PYTHONPATH=$(path new) timeout 150 python3 benchmarks/ncu_summary.py --kernels regex:bwd_row --count 1 \
+        --label "1D routes bf16" -- python3 benchmarks/profile_scan2d.py --once --cases 5 --dtype bfloat16 \
+        2>&1 | tee "$OUT/ncu_new.md"
+      PYTHONPATH=$(path new) timeout 150 python3 benchmarks/ncu_summary.py --kernels regex:lanes_bwd --count 1 \
+        --label "MIL 128x128" -- python3 benchmarks/profile_scan2d.py --once --cases 0 2>&1 | tee -a "$OUT/ncu_new.md" ;;
+    *) echo "unknown phase: $phase" >&2; exit 2 ;;
+  esac
+done
+exit $status
