@@ -2,7 +2,8 @@
 # Same machine, same call: the scan2d kernels of two A/B trees (`tools/dev.py ab-tree REV`, both
 # carried), OLD then NEW per run so that the GPU's state cancels out of the comparison: the scan2d GPU
 # tests on NEW's kernels, bench_scan2d.py's VMamba 1D routes (case 5) per dtype and its MIL cases
-# (0-2, fwd and fwd+bwd), and an Nsight Compute summary of NEW's backwards (benchmarks/ncu_summary.py).
+# (0-2, fwd and fwd+bwd), and an Nsight Compute summary of NEW's backwards and MIL training forward
+# (benchmarks/ncu_summary.py).
 #
 #   bash tools/gpu_scan_ab.sh OLD_TREE NEW_TREE    env: ROUNDS=2  ROW_DTYPES="bfloat16 float32"
 #                                                       MIL_CASES=0,1,2  PHASES="tests row mil ncu"
@@ -47,7 +48,7 @@ for phase in ${PHASES:-tests row mil ncu}; do
       PYTHONPATH=$(path new) timeout 150 python3 benchmarks/ncu_summary.py --kernels regex:bwd_row --count 1 \
         --label "1D routes bf16" -- python3 benchmarks/profile_scan2d.py --once --cases 5 --dtype bfloat16 \
         2>&1 | tee "$OUT/ncu_new.md"
-      PYTHONPATH=$(path new) timeout 150 python3 benchmarks/ncu_summary.py --kernels regex:lanes_bwd --count 1 \
+      PYTHONPATH=$(path new) timeout 150 python3 benchmarks/ncu_summary.py --kernels "regex:lanes_(fwd|bwd)_kernel" --count 3 \
         --label "MIL 128x128" -- python3 benchmarks/profile_scan2d.py --once --cases 0 2>&1 | tee -a "$OUT/ncu_new.md" ;;
     *) echo "unknown phase: $phase" >&2; exit 2 ;;
   esac
