@@ -7,6 +7,7 @@
 #
 #   bash tools/gpu_scan_ab.sh OLD_TREE NEW_TREE    env: ROUNDS=2  ROW_DTYPES="bfloat16 float32"
 #                                                       MIL_CASES=0,1,2  PHASES="tests row mil ncu"
+#   (PHASES may add "src": NEW's per-instruction stall samples as CSV, read offline)
 # Each phase writes into $OUT (default benchmarks/results/latest) as it finishes, so a call cut short
 # by its time limit still returns the phases it completed.
 set -uo pipefail
@@ -50,6 +51,15 @@ for phase in ${PHASES:-tests row mil ncu}; do
         2>&1 | tee "$OUT/ncu_new.md"
       PYTHONPATH=$(path new) timeout 150 python3 benchmarks/ncu_summary.py --kernels "regex:lanes_(fwd|bwd)_kernel" --count 3 \
         --label "MIL 128x128" -- python3 benchmarks/profile_scan2d.py --once --cases 0 2>&1 | tee -a "$OUT/ncu_new.md" ;;
+    src)  # per-instruction stall samples (the source page as CSV, SASS) of NEW's MIL lanes forward and
+          # backward and its bf16 row backward, for reading offline; not in the default phases
+      for k in "lanes_fwd_kernel 0 float32" "lanes_bwd_kernel 0 float32" "bwd_row 5 bfloat16"; do
+        read -r kern case dt <<< "$k"
+        PYTHONPATH=$(path new) timeout 150 ncu --set full -k "regex:$kern" -c 1 -f -o "/tmp/src_$kern" \
+          python3 benchmarks/profile_scan2d.py --once --cases "$case" --dtype "$dt" > /dev/null 2>&1 &&
+          ncu -i "/tmp/src_$kern.ncu-rep" --page source --csv --print-source sass > "$OUT/src_$kern.csv" 2>&1
+        echo "src $kern: $(wc -l < "$OUT/src_$kern.csv" 2>/dev/null || echo none) lines"
+      done ;;
     *) echo "unknown phase: $phase" >&2; exit 2 ;;
   esac
 done
