@@ -54,9 +54,9 @@ for phase in ${PHASES:-tests row mil ncu}; do
     src)  # per-instruction stall samples (the source page as CSV, SASS) of NEW's MIL lanes forward and
           # backward and its bf16 row backward, for reading offline; not in the default phases
       for k in "lanes_fwd_kernel 0 float32" "lanes_bwd_kernel 0 float32" "bwd_row 5 bfloat16"; do
-        read -r kern case dt <<< "$k"
+        read -r kern cs dt <<< "$k"
         PYTHONPATH=$(path new) timeout 150 ncu --set full -k "regex:$kern" -c 1 -f -o "/tmp/src_$kern" \
-          python3 benchmarks/profile_scan2d.py --once --cases "$case" --dtype "$dt" > /dev/null 2>&1 &&
+          python3 benchmarks/profile_scan2d.py --once --cases "$cs" --dtype "$dt" > /dev/null 2>&1 &&
           ncu -i "/tmp/src_$kern.ncu-rep" --page source --csv --print-source sass > "$OUT/src_$kern.csv" 2>&1
         echo "src $kern: $(wc -l < "$OUT/src_$kern.csv" 2>/dev/null || echo none) lines"
       done ;;
