@@ -57,7 +57,7 @@ for phase in ${PHASES:-tests row mil ncu}; do
         read -r kern cs dt <<< "$k"
         PYTHONPATH=$(path new) timeout 150 ncu --set full -k "regex:$kern" -c 1 -f -o "/tmp/src_$kern" \
           python3 benchmarks/profile_scan2d.py --once --cases "$cs" --dtype "$dt" > /dev/null 2>&1 &&
-          ncu -i "/tmp/src_$kern.ncu-rep" --page source --csv --print-source sass > "$OUT/src_$kern.csv" 2>&1
+          ncu -i "/tmp/src_$kern.ncu-rep" --page source --csv --print-source sass > "$OUT/src_$kern.csv" 2> "$OUT/src_$kern.err"
         echo "src $kern: $(wc -l < "$OUT/src_$kern.csv" 2>/dev/null || echo none) lines"
       done ;;
     *) echo "unknown phase: $phase" >&2; exit 2 ;;
