@@ -214,14 +214,16 @@ def build_gpu_wheel(target_python: str, package: Path, out: Path) -> None:
         run([target_python, "-m", "venv", builder])
         run([bpy, "-m", "pip", "install", "-q", "scikit-build-core>=0.10", "pybind11>=2.13", "ninja"])
     env = dict(os.environ, SSM2D_WITH_CUDA="ON")
-    env.setdefault("SSM2D_CUDA_ARCHITECTURES", "90")
+    # SASS only (no PTX): the lent GPUs are sm_90, and without the PTX a wheel is a third smaller, so
+    # that three A/B trees fit one device call's carry.
+    env.setdefault("SSM2D_CUDA_ARCHITECTURES", "90-real")
     run([bpy, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w", out, package], env=env)
 
 
 def cmd_ab_tree(args: list[str]) -> int:
     """A tree of commit REV for same-machine comparisons on the GPU (tools/gpu_ab.sh): the Python
     sources, the benchmarks and a kernel wheel built from REV's own kernel sources, in build/ab/SHORT/
-    (about 22 MB: carry it to the device machine). ARGS: REV [python3.12]."""
+    (about 17 MB: carry it to the device machine). ARGS: REV [python3.12]."""
     if not args:
         log("usage: tools/dev.py ab-tree REV [/path/to/python3.12]")
         return 2
