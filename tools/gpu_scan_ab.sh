@@ -35,10 +35,11 @@ for phase in ${PHASES:-tests row mil ncu}; do
         > "$OUT/gpu_tests.log" 2>&1 || status=1
       tail -n 2 "$OUT/gpu_tests.log" ;;
     row|mil)
+      if [ "$phase" = row ]; then cases=5 dtypes=${ROW_DTYPES:-bfloat16 float32}
+      else cases=${MIL_CASES:-0,1,2} dtypes=float32; fi
       for r in $(seq 1 "${ROUNDS:-2}"); do
-        for dt in $([ "$phase" = row ] && echo "${ROW_DTYPES:-bfloat16 float32}" || echo float32); do
+        for dt in $dtypes; do
           for t in old new; do
-            cases=$([ "$phase" = row ] && echo 5 || echo "${MIL_CASES:-0,1,2}")
             echo "== $phase $t $dt r$r"
             PYTHONPATH=$(path $t) timeout 120 python3 benchmarks/bench_scan2d.py --cases "$cases" --dtype "$dt" \
               --no-reference --out "$OUT/${phase}_${t}_${dt}_r$r" 2>&1 | grep "^| [MV]"
