@@ -369,9 +369,9 @@ def test_softplus_relative_accuracy(n, shape):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_one_row_routes_backward(deterministic):
     # N = 1 on a 1-row scanned grid (VMamba's 1D routes; an H x 1 grid in order "vh" scans as 1 x H) runs
-    # the row backward (4 lanes per channel, 32-column super-chunks): rows of one chunk, of a partial
-    # last super-chunk and of many (vector accesses where rows are aligned: widths a multiple of 8);
-    # warps whose 8 channels share a group (dB, dC summed across the lanes), warps across two groups
+    # the row backward (8 lanes per channel, 32-column super-chunks): rows of one chunk, of a partial
+    # last super-chunk and of many (vector accesses where rows are aligned: widths a multiple of 4);
+    # warps whose 4 channels share a group (dB, dC summed across the lanes), warps across two groups
     # and warps with idle lanes; with and without z, softplus, D, delta_bias; deterministic mode
     # stores per-channel partials.
     seed = random.randrange(2**31)

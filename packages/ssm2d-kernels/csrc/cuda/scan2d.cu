@@ -945,24 +945,34 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
   }
 }
 
-// N == 1 and H == 1 (VMamba's 1D routes), backward: 4 lanes per channel, a warp per 8 channels of
+// N == 1 and H == 1 (VMamba's 1D routes), backward: 8 lanes per channel, a warp per 4 channels of
 // one batch. The channel's lanes walk its row right to left a super-chunk of kScan2dRowChunk = 32
-// columns at a time, 8 columns per lane, each lane's columns in sequence: no block barrier and
-// only 4-lane scans. Per super-chunk: the h entering it is the carry the forward saved there; each
-// lane's map of h over its columns, a 4-lane scan, then the lane's h rebuilt in registers (pass 1);
-// each lane's adjoint map, a 4-lane scan from the carry entering on the right, then lam and every
-// gradient of its columns (pass 2). When the warp's 8 channels share a group, their dB and dC meet
-// in a reduce-scatter over the lanes (3 rounds), then one atomic per column per 8 channels. A lane
-// reads whole 16-byte pieces of its row (vectors where every operand's row has stride +1 or -1
-// and is aligned: kVec), and the L2 is asked for the super-chunk two ahead.
-constexpr int kRowChunk = 8;  // columns per lane
-constexpr int kRowSeg = static_cast<int>(kScan2dRowChunk) / kRowChunk;  // lanes per channel (4)
+// columns at a time, 4 columns per lane, each lane's columns in sequence: no block barrier and
+// only 8-lane scans. Per super-chunk: the h entering it is the carry the forward saved there; each
+// lane's map of h over its columns, an 8-lane scan, then the lane's h rebuilt in registers (pass 1);
+// each lane's adjoint map, an 8-lane scan from the carry entering on the right, then lam and every
+// gradient of its columns (pass 2). When the warp's 4 channels share a group, their dB and dC meet
+// in a reduce-scatter over the lanes (2 rounds), then one atomic per column per 4 channels. A lane
+// reads its 4 columns of a row as one vector (16 bytes of float32, 8 of 16-bit types) where every
+// operand's row has stride +1 or -1 and is aligned (kVec), and the L2 is asked for the super-chunk
+// two ahead.
+//
+// Why 4 columns a lane: with 8 (4 lanes per channel) the kernel needed 168 registers, 3 blocks of 4
+// warps per SM, and measured latency-bound on an H100 (Nsight Compute: 35% of issue slots busy,
+// 0.45 eligible warps per scheduler); 4 columns fit 128 registers without spills in the vector
+// instances: 4 blocks, 16 warps per SM, and twice the warps in the launch.
+constexpr int kRowChunk = 4;  // columns per lane
+constexpr int kRowSeg = static_cast<int>(kScan2dRowChunk) / kRowChunk;  // lanes per channel (8)
 constexpr int kRowChans = 32 / kRowSeg;    // channels per warp
 constexpr int kRowBwdWarps = 4;
 
-// Bits of a 16-byte vector's elements: element e of 4 words (16-bit types two to a word).
+// 32-bit words of one lane's chunk of a row as one vector: 16 bytes of float32, 8 of 16-bit types.
 template <typename T>
-__device__ __forceinline__ float vec_elem(const uint32_t (&w)[4], int e) {
+constexpr int kRowWords = kRowChunk * static_cast<int>(sizeof(T)) / 4;
+
+// Bits of a vector's elements: element e of its 32-bit words (16-bit types two to a word).
+template <typename T, int NW>
+__device__ __forceinline__ float vec_elem(const uint32_t (&w)[NW], int e) {
   if constexpr (sizeof(T) == 4) {
     return __uint_as_float(w[e]);
   } else {
@@ -988,20 +998,21 @@ __device__ __forceinline__ uint32_t vec_word(const float* v) {  // v[0] (and v[1
 // last valid one. kVec: sj is +1 or -1 and the chunk's 16-byte vectors are aligned (host-checked).
 template <typename T, bool kVec>
 __device__ __forceinline__ void load_chunk(float (&v)[kRowChunk], const T* row, int64_t sj, int64_t j0, int n) {
-  constexpr int kPer = 16 / sizeof(T);  // elements per 16-byte vector
   if (kVec && n == kRowChunk) {
     const bool fwd = sj > 0;
-    const uint4* src = reinterpret_cast<const uint4*>(fwd ? row + j0 : row - j0 - (kRowChunk - 1));
+    const T* first = fwd ? row + j0 : row - j0 - (kRowChunk - 1);
+    uint32_t w[kRowWords<T>];
+    if constexpr (kRowWords<T> == 4) {
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(first));
+      w[0] = q.x, w[1] = q.y, w[2] = q.z, w[3] = q.w;
+    } else {
+      const uint2 q = __ldg(reinterpret_cast<const uint2*>(first));
+      w[0] = q.x, w[1] = q.y;
+    }
 #pragma unroll
-    for (int t = 0; t < kRowChunk / kPer; ++t) {
-      const uint4 q = __ldg(src + t);
-      const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int e = 0; e < kPer; ++e) {  // memory element t*kPer + e is column k (reversed for sj < 0)
-        const float x = vec_elem<T>(w, e);
-        const int k = t * kPer + e;
-        if (fwd) v[k] = x; else v[kRowChunk - 1 - k] = x;
-      }
+    for (int k = 0; k < kRowChunk; ++k) {  // memory element k is column k (reversed for sj < 0)
+      const float x = vec_elem<T>(w, k);
+      if (fwd) v[k] = x; else v[kRowChunk - 1 - k] = x;
     }
     return;
   }
@@ -1012,33 +1023,24 @@ __device__ __forceinline__ void load_chunk(float (&v)[kRowChunk], const T* row, 
 // Columns j0 .. j0 + n - 1 of a row from v (float32, rounded to T).
 template <typename T, bool kVec>
 __device__ __forceinline__ void store_chunk(T* row, int64_t sj, int64_t j0, int n, const float (&v)[kRowChunk]) {
-  constexpr int kPer = 16 / sizeof(T);
   if (kVec && n == kRowChunk) {
     const bool fwd = sj > 0;
     float m[kRowChunk];  // memory order
 #pragma unroll
     for (int k = 0; k < kRowChunk; ++k) m[k] = fwd ? v[k] : v[kRowChunk - 1 - k];
-    uint4* dst = reinterpret_cast<uint4*>(fwd ? row + j0 : row - j0 - (kRowChunk - 1));
+    T* first = fwd ? row + j0 : row - j0 - (kRowChunk - 1);
     constexpr int kWordElems = sizeof(T) == 4 ? 1 : 2;
-#pragma unroll
-    for (int t = 0; t < kRowChunk / kPer; ++t) {
-      const float* q = m + t * kPer;
-      dst[t] = make_uint4(vec_word<T>(q), vec_word<T>(q + kWordElems), vec_word<T>(q + 2 * kWordElems),
-                          vec_word<T>(q + 3 * kWordElems));
+    if constexpr (kRowWords<T> == 4) {
+      *reinterpret_cast<uint4*>(first) = make_uint4(vec_word<T>(m), vec_word<T>(m + kWordElems),
+                                                    vec_word<T>(m + 2 * kWordElems), vec_word<T>(m + 3 * kWordElems));
+    } else {
+      *reinterpret_cast<uint2*>(first) = make_uint2(vec_word<T>(m), vec_word<T>(m + kWordElems));
     }
     return;
   }
 #pragma unroll
   for (int k = 0; k < kRowChunk; ++k)
     if (k < n) row[(j0 + k) * sj] = from_f<T>(v[k]);
-}
-
-// Asks L2 for the lines of columns j0 .. j0 + kRowChunk - 1 of a row (both ends: they span at most
-// two 128-byte lines).
-template <typename T>
-__device__ __forceinline__ void prefetch_chunk(const T* row, int64_t sj, int64_t j0, int n) {
-  prefetch_l2(row + j0 * sj);
-  prefetch_l2(row + (j0 + n - 1) * sj);
 }
 
 // One round of a reduce-scatter over the warp: lanes differing in lane bit LB exchange half of their
@@ -1057,7 +1059,7 @@ __device__ __forceinline__ void reduce_scatter_round(float (&v)[NV], int lane) {
 }
 
 template <typename T, bool kDet, bool kVec>
-__global__ void __launch_bounds__(kRowBwdWarps * 32, 3) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+__global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                           Plan L, int64_t b0) {
   constexpr int CH = kRowChunk, SEG = kRowSeg;
   const int lane = threadIdx.x & 31, s = lane % SEG, cw = lane / SEG;
@@ -1087,19 +1089,23 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 3) scan2d_bwd_row_kernel(Sc
   float* dCrow = ga.dC.defined() ? &plane<float>(ga.dC, b, bc_c, 0).at(0, 0) : nullptr;
   const int64_t dBsj = ga.dB.sj, dCsj = ga.dC.sj;
 
-  auto prefetch = [&](int64_t c) {
-    if (c >= nc) return;
-    const int64_t j0 = c * CH;
-    const int n = static_cast<int>(W - j0 < CH ? W - j0 : CH);
-    prefetch_chunk(pd.base, pd.sj, j0, n);
-    prefetch_chunk(pu.base, pu.sj, j0, n);
-    if (gated) prefetch_chunk(pz.base, pz.sj, j0, n);
-    prefetch_chunk(pB.base, pB.sj, j0, n);
-    prefetch_chunk(pC.base, pC.sj, j0, n);
-    prefetch_chunk(pg.base, pg.sj, j0, n);
+  // A super-chunk's columns of one operand span at most two 128-byte lines (32 columns of at most
+  // 4 bytes): the channel's first lane asks L2 for the line of its first column, its last lane for
+  // that of its last column; the lanes between ask for nothing (their columns lie in those lines).
+  auto prefetch = [&](int64_t sc) {
+    const int64_t first = sc * kScan2dRowChunk;
+    if ((s != 0 && s != SEG - 1) || first >= W) return;
+    const int64_t j = s == 0 ? first : (first + kScan2dRowChunk < W ? first + kScan2dRowChunk : W) - 1;
+    prefetch_l2(pd.base + j * pd.sj);
+    prefetch_l2(pu.base + j * pu.sj);
+    if (gated) prefetch_l2(pz.base + j * pz.sj);
+    prefetch_l2(pB.base + j * pB.sj);
+    prefetch_l2(pC.base + j * pC.sj);
+    prefetch_l2(pg.base + j * pg.sj);
   };
-  prefetch((nsc - 1) * SEG + s);
-  if (nsc >= 2) prefetch((nsc - 2) * SEG + s);
+
+  prefetch(nsc - 1);
+  if (nsc >= 2) prefetch(nsc - 2);
 
   float carry = 0.f;  // a * lamH entering the super-chunk from its right (same on the channel's lanes)
   float dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
@@ -1118,11 +1124,11 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 3) scan2d_bwd_row_kernel(Sc
     load_chunk<T, kVec>(rC, pC.base, pC.sj, j0, nl);
     load_chunk<T, kVec>(rg, pg.base, pg.sj, j0, nl);
     if (gated) load_chunk<T, kVec>(rz, pz.base, pz.sj, j0, nl);
-    if (sc >= 2) prefetch((sc - 2) * SEG + s);
+    if (sc >= 2) prefetch(sc - 2);
     // Pass 1a, left to right: dt, the softplus slope, the decay and input of each column, and the
     // chunk's map h -> Pf*h + Xf. Columns past the row's end get dt = 0 (decay 1, no input) and
     // dout = 0: they add nothing.
-    float dt[CH], dsp[CH], a[CH], x[CH], dy[CH];
+    float dt[CH], dsp[CH], a[CH], x[CH], dy[CH], gz[CH];  // gz: d out / d z per unit of y (gated)
     float Pf = 1.f, Xf = 0.f;
 #pragma unroll
     for (int k = 0; k < CH; ++k) {
@@ -1135,7 +1141,14 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 3) scan2d_bwd_row_kernel(Sc
       Xf = fmaf(a[k], Xf, x[k]);
       Pf *= a[k];
       const float go = k < n ? rg[k] : 0.f;
-      dy[k] = gated ? go * rz[k] * __fdividef(1.f, 1.f + __expf(-rz[k])) : go;
+      if (gated) {  // the gate's sigmoid once per column: dy and dz's factor (dout, z die here)
+        const float zv = rz[k], sz = __fdividef(1.f, 1.f + __expf(-zv));
+        dy[k] = go * zv * sz;
+        gz[k] = go * sz * (1.f + zv * (1.f - sz));
+      } else {
+        dy[k] = go;
+        gz[k] = 0.f;
+      }
     }
     // The h entering each chunk: a scan over the channel's SEG lanes from the h the forward saved
     // at the super-chunk's first column.
@@ -1204,10 +1217,7 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 3) scan2d_bwd_row_kernel(Sc
       if (k < n) dbias_acc += vdd[k];
       dD_acc = fmaf(dy[k], uv, dD_acc);
       vdu[k] = fmaf(Dd, dy[k], lbu * dt[k]);
-      if (gated) {
-        const float go = k < n ? rg[k] : 0.f, zv = rz[k], sz = __fdividef(1.f, 1.f + __expf(-zv));
-        vdz[k] = fmaf(Dd, uv, cv * hv) * (go * sz * (1.f + zv * (1.f - sz)));
-      }
+      if (gated) vdz[k] = fmaf(Dd, uv, cv * hv) * gz[k];
     }
     if (valid && active) {
       if (ga.du.defined()) store_chunk<T, kVec>(&plane<T>(ga.du, b, d, 0).at(0, 0), ga.du.sj, j0, n, vdu);
@@ -1215,13 +1225,12 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 3) scan2d_bwd_row_kernel(Sc
       if (ga.dz.defined()) store_chunk<T, kVec>(&plane<T>(ga.dz, b, d, 0).at(0, 0), ga.dz.sj, j0, n, vdz);
     }
     if (warp_sum_bc) {
-      // Lanes of one segment (same chunk) differ in the channel bits of the lane index (bits 2-4):
-      // three rounds leave lane (cw, s) the channel sums of values 2*cw, 2*cw + 1 (dB below CH,
+      // Lanes of one segment (same chunk) differ in the channel bits of the lane index (bits 3-4):
+      // two rounds leave lane (cw, s) the channel sums of values 2*cw, 2*cw + 1 (dB below CH,
       // else dC).
-      static_assert(SEG == 4 && CH == 8, "the rounds below take the channel bits of 8 channels x 4 lanes");
-      reduce_scatter_round<8, 16>(bc, lane);
-      reduce_scatter_round<4, 8>(bc, lane);
-      reduce_scatter_round<2, 4>(bc, lane);
+      static_assert(SEG == 8 && CH == 4, "the rounds below take the channel bits of 4 channels x 8 lanes");
+      reduce_scatter_round<4, 16>(bc, lane);
+      reduce_scatter_round<2, 8>(bc, lane);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int idx = 2 * cw + i, k = idx & (CH - 1);
@@ -1418,16 +1427,17 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
   SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_reduce_kernel");
 }
 
-// Whether every row operand of the 1D backward can be read and written as 16-byte vectors: column
-// stride +1 or -1, and every (batch, channel) row aligned where a chunk's vector starts (for stride
-// -1, one element past the row's last address).
+// Whether every row operand of the 1D backward can be read and written as one vector per lane's
+// chunk (kRowChunk elements: 16 bytes of float32, 8 of 16-bit types): column stride +1 or -1, and
+// every (batch, channel) row aligned where a chunk's vector starts (for stride -1, one element past
+// the row's last address).
 bool row_vectors_fit(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
-  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2, vb = kRowChunk * es;
   auto fits = [&](const Grid& g, int64_t channels) {
     if (!g.defined()) return true;
     if (g.sj != 1 && g.sj != -1) return false;
     const auto addr = reinterpret_cast<uintptr_t>(g.data) + (g.sj < 0 ? es : 0);
-    return addr % 16 == 0 && (p.batch == 1 || (g.sb * es) % 16 == 0) && (channels == 1 || (g.sc * es) % 16 == 0);
+    return addr % vb == 0 && (p.batch == 1 || (g.sb * es) % vb == 0) && (channels == 1 || (g.sc * es) % vb == 0);
   };
   return fits(p.delta, p.dim) && fits(p.u, p.dim) && fits(p.z, p.dim) && fits(p.B, p.groups) &&
          fits(p.C, p.groups) && fits(a.dout, p.dim) && fits(a.du, p.dim) && fits(a.ddelta, p.dim) && fits(a.dz, p.dim);
