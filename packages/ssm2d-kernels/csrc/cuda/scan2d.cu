@@ -857,7 +857,10 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
           const float lamH = lamV[s][k] + e[k];
           const float h = hbuf[hidx(i - r0 + 1, s, k)];
           const float ah = a[k] * hbuf[hidx(i - r0, s, k)];  // a * h[i-1]
-          const float x = dt[k] * uv[k] * bv;  // rounded as step 1 rounds it: G - x is exact where 0
+          // x rounded as step 1 rounds it, so that G - x is exact where it is 0 (a 1 x 1 grid: dA = 0).
+          // __fmul_rn: a plain product here is contracted into the subtraction below (an FMA keeps
+          // the product unrounded and leaves its rounding error, ~1e-8 of x, in q).
+          const float x = __fmul_rn(dt[k] * uv[k], bv);
           const float q = fmaf(lamV[s][k], ah, lamH * (h - ah - x));
           dA_acc[s] = fmaf(q, dt[k], dA_acc[s]);
           ddt_p[k] = fmaf(q, An[s], fmaf(lamH * bv, uv[k], ddt_p[k]));
