@@ -419,18 +419,23 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
   const float bias = (p.delta_bias && has_d) ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
   const float Dd = (p.D && has_d) ? static_cast<const float*>(p.D)[d] : 0.f;
 
-  // Registers of the next row's operands, and the finished cell's own values.
-  float r_u = 0.f, r_dl = 0.f, r_z = 0.f, r_do = 0.f, r_b[kBC], r_c[kBC];
+  // A row's operands of this thread in registers (loaded a row or two ahead), and the finished
+  // cell's own values.
+  struct RowOps {
+    float u = 0.f, dl = 0.f, z = 0.f, dout = 0.f, b[kBC], c[kBC];
+    float gc = 0.f;  // the G carry entering the row (the recompute's; the adjoint loads its own)
+  };
+  RowOps ra, rb;  // ra: the next row's operands; rb: the one after (the recompute's second row ahead)
   float cu = 0.f, cdt = 0.f, cdy = 0.f, cdo = 0.f, cz = 0.f;
-  auto load_row = [&](int64_t i) {
-    r_u = ld_early(pu + i * p.u.si);
-    r_dl = ld_early(pdl + i * p.delta.si);
-    r_do = ld_early(pdo + i * ga.dout.si);
-    if (gated) r_z = ld_early(pz + i * p.z.si);
+  auto load_ops = [&](RowOps& r, int64_t i) {
+    r.u = ld_early(pu + i * p.u.si);
+    r.dl = ld_early(pdl + i * p.delta.si);
+    r.dout = ld_early(pdo + i * ga.dout.si);
+    if (gated) r.z = ld_early(pz + i * p.z.si);
 #pragma unroll
-    for (int r = 0; r < kBC; ++r) {
-      r_b[r] = ld_early(pB[r] + i * p.B.si);
-      r_c[r] = ld_early(pC[r] + i * p.C.si);
+    for (int k = 0; k < kBC; ++k) {
+      r.b[k] = ld_early(pB[k] + i * p.B.si);
+      r.c[k] = ld_early(pC[k] + i * p.C.si);
     }
   };
   // Asks L2 for row i's operands of this thread (the segment above, while this one is recomputed: its
@@ -447,14 +452,14 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
     }
   };
   // Stages the loaded row (cells outside the grid: dt = 0, u = dy = 0) and keeps the cell's values.
-  auto store_row = [&](float* buf) {
+  auto store_row = [&](const RowOps& ops, float* buf) {
     float dt = 0.f, dy = 0.f;
     if (cell) {
-      const float v = r_dl + bias;
+      const float v = ops.dl + bias;
       dt = p.softplus ? softplus_f(v) : v;
-      dy = gated ? r_do * r_z / (1.f + __expf(-r_z)) : r_do;
+      dy = gated ? ops.dout * ops.z / (1.f + __expf(-ops.z)) : ops.dout;
     }
-    const float u = cell ? r_u : 0.f;
+    const float u = cell ? ops.u : 0.f;
     buf[c * kPitch + n] = dt;
     buf[(CB + c) * kPitch + n] = dt * u;
     buf[(2 * CB + c) * kPitch + n] = u;
@@ -462,14 +467,14 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
 #pragma unroll
     for (int r = 0; r < kBC; ++r) {
       const int x = tid + r * kThreads, s = x >> 4, j = x & 15;
-      buf[(4 * CB + s) * kPitch + j] = okBC[r] ? r_b[r] : 0.f;
-      buf[(4 * CB + kStates + s) * kPitch + j] = okBC[r] ? r_c[r] : 0.f;
+      buf[(4 * CB + s) * kPitch + j] = okBC[r] ? ops.b[r] : 0.f;
+      buf[(4 * CB + kStates + s) * kPitch + j] = okBC[r] ? ops.c[r] : 0.f;
     }
     cu = u;
     cdt = dt;
     cdy = dy;
-    cdo = cell ? r_do : 0.f;
-    cz = r_z;
+    cdo = cell ? ops.dout : 0.f;
+    cz = ops.z;
   };
 
   float w[kCols];  // a[i+1,j] lamV[i+1,j]: what lamV of the row above receives from below
@@ -499,17 +504,26 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
 #pragma unroll
         for (int j = 0; j < kCols; ++j) h[j] = 0.f;
       }
-      load_row(r0);
-      store_row(smem);
+      // A row's operands and its G carry (the strip on the left's, saved by the forward).
+      auto load_rec = [&](RowOps& r, int64_t i) {
+        load_ops(r, i);
+        if (gin) r.gc = ld_early(gin + i * row_stride);
+      };
+      load_rec(ra, r0);
+      store_row(ra, smem);
+      float G_row = ra.gc;  // the G carry entering the row being recomputed
+      // Rows r0 + 1 and r0 + 2 in flight: a recompute row is too short to hide the latency of the
+      // loads it issues for the next one (or of its G carry), so each row's loads are issued two
+      // rows before their use.
+      if (r0 + 1 < h1) load_rec(ra, r0 + 1);
+      if (r0 + 2 < h1) load_rec(rb, r0 + 2);
       __syncthreads();
-      // The G carry entering each row, a row ahead (an L2 round trip otherwise waited for per row).
-      float G_next = gin ? __ldcg(gin + r0 * row_stride) : 0.f;
-      for (int64_t i = r0; i < h1; ++i) {
+      // Row i, its successor's operands in `nxt` (staged at the end, then refilled with row i + 3).
+      // Called with ra and rb in turn, so that no register copy waits on a load in flight.
+      auto recompute_row = [&](int64_t i, RowOps& nxt) {
         const float* buf = smem + ((i - r0) & 1) * BUF;
-        if (i + 1 < h1) load_row(i + 1);
         if (i >= kSeg) prefetch_row(i - kSeg);
-        float G = G_next;
-        if (gin && i + 1 < h1) G_next = __ldcg(gin + (i + 1) * row_stride);
+        float G = G_row;
 #pragma unroll
         for (int q = 0; q < kCols; q += 4) {
           const float4 dt4 = *reinterpret_cast<const float4*>(buf + c * kPitch + q);
@@ -530,13 +544,21 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
           for (int j = 0; j < kCols; j += 4)
             __stcg(reinterpret_cast<float4*>(dst + j), make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]));
         }
-        if (i + 1 < h1) store_row(smem + ((i + 1 - r0) & 1) * BUF);
+        if (i + 1 < h1) {
+          store_row(nxt, smem + ((i + 1 - r0) & 1) * BUF);
+          G_row = nxt.gc;
+          if (i + 3 < h1) load_rec(nxt, i + 3);
+        }
         __syncthreads();
+      };
+      for (int64_t i = r0; i < h1; i += 2) {
+        recompute_row(i, ra);
+        if (i + 1 < h1) recompute_row(i + 1, rb);
       }
     }
     // 2. Bottom-up: the adjoint of rows h1-1 .. h0.
-    load_row(h1 - 1);
-    store_row(smem);
+    load_ops(ra, h1 - 1);
+    store_row(ra, smem);
     __syncthreads();
     // This block's h row and the G carry, a row ahead (both L2 reads).
     auto load_h = [&](int64_t i, float4 (&v)[kCols / 4]) {
@@ -549,7 +571,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
     float G_next = gin ? __ldcg(gin + (h1 - 1) * row_stride) : 0.f;
     for (int64_t i = h1 - 1; i >= h0; --i) {
       const float* buf = smem + ((h1 - 1 - i) & 1) * BUF;
-      if (i > h0) load_row(i - 1);
+      if (i > h0) load_ops(ra, i - 1);
       const int64_t m = H - 1 - i;  // rows finished below this one
       if (has_right && avail <= static_cast<unsigned>(m)) {
         const unsigned need = static_cast<unsigned>(min(m + kLag, H));
@@ -653,7 +675,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
           if (ga.dC.defined()) atomicAdd(&plane<float>(ga.dC, b, g, s).at(i, jb + j), sc);
         }
       }
-      if (i > h0) store_row(smem + ((h1 - i) & 1) * BUF);
+      if (i > h0) store_row(ra, smem + ((h1 - i) & 1) * BUF);
       __syncthreads();  // also: every thread's handover store of row i precedes the release below
       const int64_t done = H - i;
       if (strip > 0 && tid == 0 && (done % kLag == 0 || i == 0)) st_release(flag_self, static_cast<unsigned>(done));
