@@ -999,24 +999,34 @@ __device__ __forceinline__ uint32_t vec_word(const float* v) {  // v[0] (and v[1
 
 // v[k] = column j0 + k of a row (element j at row[j * sj]) as float32; columns past n repeat the
 // last valid one. kVec: sj is +1 or -1 and the chunk's 16-byte vectors are aligned (host-checked).
+// The raw words of a lane's full chunk of a row (columns j0 .. j0 + kRowChunk - 1; kVec rows only).
+template <typename T>
+__device__ __forceinline__ void load_words(uint32_t (&w)[kRowWords<T>], const T* row, int64_t sj, int64_t j0) {
+  const T* first = sj > 0 ? row + j0 : row - j0 - (kRowChunk - 1);
+  if constexpr (kRowWords<T> == 4) {
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(first));
+    w[0] = q.x, w[1] = q.y, w[2] = q.z, w[3] = q.w;
+  } else {
+    const uint2 q = __ldg(reinterpret_cast<const uint2*>(first));
+    w[0] = q.x, w[1] = q.y;
+  }
+}
+// v[k] = column k of the chunk whose words load_words read.
+template <typename T>
+__device__ __forceinline__ void decode_words(float (&v)[kRowChunk], const uint32_t (&w)[kRowWords<T>], int64_t sj) {
+#pragma unroll
+  for (int k = 0; k < kRowChunk; ++k) {  // memory element k is column k (reversed for sj < 0)
+    const float x = vec_elem<T>(w, k);
+    if (sj > 0) v[k] = x; else v[kRowChunk - 1 - k] = x;
+  }
+}
+
 template <typename T, bool kVec>
 __device__ __forceinline__ void load_chunk(float (&v)[kRowChunk], const T* row, int64_t sj, int64_t j0, int n) {
   if (kVec && n == kRowChunk) {
-    const bool fwd = sj > 0;
-    const T* first = fwd ? row + j0 : row - j0 - (kRowChunk - 1);
     uint32_t w[kRowWords<T>];
-    if constexpr (kRowWords<T> == 4) {
-      const uint4 q = __ldg(reinterpret_cast<const uint4*>(first));
-      w[0] = q.x, w[1] = q.y, w[2] = q.z, w[3] = q.w;
-    } else {
-      const uint2 q = __ldg(reinterpret_cast<const uint2*>(first));
-      w[0] = q.x, w[1] = q.y;
-    }
-#pragma unroll
-    for (int k = 0; k < kRowChunk; ++k) {  // memory element k is column k (reversed for sj < 0)
-      const float x = vec_elem<T>(w, k);
-      if (fwd) v[k] = x; else v[kRowChunk - 1 - k] = x;
-    }
+    load_words<T>(w, row, sj, j0);
+    decode_words<T>(v, w, sj);
     return;
   }
 #pragma unroll
@@ -1110,6 +1120,13 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
   prefetch(nsc - 1);
   if (nsc >= 2) prefetch(nsc - 2);
 
+  // 16-bit rows read a super-chunk ahead into registers (12 words a lane; float32's 24 would not fit
+  // the 128 registers of 4 blocks per SM): the loads of the next super-chunk are in flight during
+  // this one's arithmetic instead of being waited for at its start.
+  constexpr bool kAhead = kVec && sizeof(T) == 2;
+  struct {
+    uint32_t d[kRowWords<T>], u[kRowWords<T>], B[kRowWords<T>], C[kRowWords<T>], g[kRowWords<T>], z[kRowWords<T>];
+  } ahead;
   float carry = 0.f;  // a * lamH entering the super-chunk from its right (same on the channel's lanes)
   float dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
   for (int64_t sc = nsc - 1; sc >= 0; --sc) {
@@ -1121,12 +1138,30 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
     const int n = active ? static_cast<int>(W - j0 < CH ? W - j0 : CH) : 0;
     const int nl = n > 0 ? n : 1;
     float rd[CH], ru[CH], rB[CH], rC[CH], rg[CH], rz[CH];
-    load_chunk<T, kVec>(rd, pd.base, pd.sj, j0, nl);
-    load_chunk<T, kVec>(ru, pu.base, pu.sj, j0, nl);
-    load_chunk<T, kVec>(rB, pB.base, pB.sj, j0, nl);
-    load_chunk<T, kVec>(rC, pC.base, pC.sj, j0, nl);
-    load_chunk<T, kVec>(rg, pg.base, pg.sj, j0, nl);
-    if (gated) load_chunk<T, kVec>(rz, pz.base, pz.sj, j0, nl);
+    if (kAhead && sc + 1 < nsc) {  // loaded during the super-chunk on the right (full chunks only)
+      decode_words<T>(rd, ahead.d, pd.sj);
+      decode_words<T>(ru, ahead.u, pu.sj);
+      decode_words<T>(rB, ahead.B, pB.sj);
+      decode_words<T>(rC, ahead.C, pC.sj);
+      decode_words<T>(rg, ahead.g, pg.sj);
+      if (gated) decode_words<T>(rz, ahead.z, pz.sj);
+    } else {
+      load_chunk<T, kVec>(rd, pd.base, pd.sj, j0, nl);
+      load_chunk<T, kVec>(ru, pu.base, pu.sj, j0, nl);
+      load_chunk<T, kVec>(rB, pB.base, pB.sj, j0, nl);
+      load_chunk<T, kVec>(rC, pC.base, pC.sj, j0, nl);
+      load_chunk<T, kVec>(rg, pg.base, pg.sj, j0, nl);
+      if (gated) load_chunk<T, kVec>(rz, pz.base, pz.sj, j0, nl);
+    }
+    if (kAhead && sc >= 1) {  // the next super-chunk's words: in flight while this one is computed
+      const int64_t jn = ((sc - 1) * SEG + s) * CH;  // a full chunk: only the last super-chunk has partial ones
+      load_words<T>(ahead.d, pd.base, pd.sj, jn);
+      load_words<T>(ahead.u, pu.base, pu.sj, jn);
+      load_words<T>(ahead.B, pB.base, pB.sj, jn);
+      load_words<T>(ahead.C, pC.base, pC.sj, jn);
+      load_words<T>(ahead.g, pg.base, pg.sj, jn);
+      if (gated) load_words<T>(ahead.z, pz.base, pz.sj, jn);
+    }
     if (sc >= 2) prefetch(sc - 2);
     // Pass 1a, left to right: dt, the softplus slope, the decay and input of each column, and the
     // chunk's map h -> Pf*h + Xf. Columns past the row's end get dt = 0 (decay 1, no input) and
