@@ -415,7 +415,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dPr
             }
           }
           y = fmaf(Dd, uv[k], y);
-          if (gated) y *= zv[k] / (1.f + __expf(-zv[k]));
+          if (gated) y *= __fdividef(zv[k], 1.f + __expf(-zv[k]));
           plane<T>(o.out, b, d, 0).at(i, j) = from_f<T>(y);
         }
       }
@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_solo_kernel(Scan2dProblem p, S
         float y = fmaf(Dd, to_f(cur[r].u[k]), to_f(cur[r].C[k]) * h[k]);
         if (gated) {
           const float zv = to_f(cur[r].z[k]);
-          y *= zv / (1.f + __expf(-zv));
+          y *= __fdividef(zv, 1.f + __expf(-zv));
         }
         out.at(i, j0 + k) = from_f<T>(y);
       }
@@ -585,7 +585,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
       float y = fmaf(Dd, to_f(cur.u[k]), to_f(cur.C[k]) * fmaf(a[k], e[k], x[k]));
       if (gated) {
         const float zv = to_f(cur.z[k]);
-        y *= zv / (1.f + __expf(-zv));
+        y *= __fdividef(zv, 1.f + __expf(-zv));
       }
       out.at(0, j0 + k) = from_f<T>(y);
     }
@@ -1171,9 +1171,11 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
 #pragma unroll
     for (int k = 0; k < CH; ++k) {
       const float v = rd[k] + bias;
-      dt[k] = k < n ? (p.softplus ? softplus_f(v) : v) : 0.f;
-      // d softplus(v)/dv = sigmoid(v), from v itself: no cancellation.
-      dsp[k] = p.softplus ? __fdividef(1.f, 1.f + __expf(-v)) : 1.f;
+      // d softplus(v)/dv = sigmoid(v), from softplus's own exp(-|v|): no cancellation.
+      float t;
+      const float sp = softplus_t(v, t);
+      dt[k] = k < n ? (p.softplus ? sp : v) : 0.f;
+      dsp[k] = p.softplus ? softplus_slope(v, t) : 1.f;
       a[k] = exp2f(dt[k] * A2);
       x[k] = dt[k] * ru[k] * rB[k];
       Xf = fmaf(a[k], Xf, x[k]);

@@ -426,7 +426,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
     float gc = 0.f;  // the G carry entering the row (the recompute's; the adjoint loads its own)
   };
   RowOps ra, rb;  // ra: the next row's operands; rb: the one after (the recompute's second row ahead)
-  float cu = 0.f, cdt = 0.f, cdy = 0.f, cdo = 0.f, cz = 0.f;
+  float cu = 0.f, cdt = 0.f, csl = 1.f, cdy = 0.f, cdo = 0.f, cz = 0.f;  // csl: d dt / d delta
   auto load_ops = [&](RowOps& r, int64_t i) {
     r.u = ld_early(pu + i * p.u.si);
     r.dl = ld_early(pdl + i * p.delta.si);
@@ -453,11 +453,14 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
   };
   // Stages the loaded row (cells outside the grid: dt = 0, u = dy = 0) and keeps the cell's values.
   auto store_row = [&](const RowOps& ops, float* buf) {
-    float dt = 0.f, dy = 0.f;
+    float dt = 0.f, dy = 0.f, sl = 1.f;
     if (cell) {
       const float v = ops.dl + bias;
-      dt = p.softplus ? softplus_f(v) : v;
-      dy = gated ? ops.dout * ops.z / (1.f + __expf(-ops.z)) : ops.dout;
+      float t;
+      const float sp = softplus_t(v, t);
+      dt = p.softplus ? sp : v;
+      if (p.softplus) sl = softplus_slope(v, t);
+      dy = gated ? ops.dout * __fdividef(ops.z, 1.f + __expf(-ops.z)) : ops.dout;
     }
     const float u = cell ? ops.u : 0.f;
     buf[c * kPitch + n] = dt;
@@ -472,6 +475,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
     }
     cu = u;
     cdt = dt;
+    csl = sl;
     cdy = dy;
     cdo = cell ? ops.dout : 0.f;
     cz = ops.z;
@@ -649,14 +653,13 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         }
         const float ddt = fmaf(cu, sw, sq);
         const float du = fmaf(cdt, sw, Dd * cdy);
-        // d softplus(v)/dv = sigmoid(v) = -expm1(-softplus(v)); ~1 in the identity branch (v > 20).
-        const float ddelta = p.softplus ? ddt * -expm1f(-cdt) : ddt;
+        const float ddelta = ddt * csl;
         dbias_acc += ddelta;
         dD_acc = fmaf(cdy, cu, dD_acc);
         if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(i, jb + n) = from_f<T>(du);
         if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(i, jb + n) = from_f<T>(ddelta);
         if (gated && ga.dz.defined()) {
-          const float y = fmaf(Dd, cu, yp), sg = 1.f / (1.f + __expf(-cz));
+          const float y = fmaf(Dd, cu, yp), sg = __fdividef(1.f, 1.f + __expf(-cz));
           plane<T>(ga.dz, b, d, 0).at(i, jb + n) = from_f<T>(cdo * y * sg * (1.f + cz * (1.f - sg)));
         }
       }
