@@ -35,7 +35,7 @@ constexpr int64_t kScan2dStatesPerPass = 16;
 // Rows between the h rows the forward saves for the backward.
 constexpr int64_t kScan2dSegment = 16;
 // Columns between the h values the forward saves on a 1-row grid with N == 1 (the backward walks
-// each row in super-chunks of this many columns, 4 lanes per channel).
+// each row in super-chunks of this many columns, 8 lanes per channel).
 constexpr int64_t kScan2dRowChunk = 32;
 
 inline int64_t scan2d_bands(int64_t width, int cols_per_lane) {
