@@ -523,75 +523,6 @@ __global__ void __launch_bounds__(128) scan2d_fwd_solo_kernel(Scan2dProblem p, S
   }
 }
 
-// The operands of a lane's CPL columns of band m of a 1-row grid (N == 1); columns past the end read
-// the last one (in range; their results are not used).
-template <typename T, int CPL>
-__device__ __forceinline__ void load_row_band(SoloRow<T, CPL>& r, const Plane<const T>& pd, const Plane<const T>& pu,
-                                              const Plane<const T>& pz, const Plane<const T>& pB,
-                                              const Plane<const T>& pC, int64_t m, int lane, int64_t W) {
-#pragma unroll
-  for (int k = 0; k < CPL; ++k) {
-    const int64_t j = min(m * 32 * CPL + lane * CPL + k, W - 1);
-    r.d[k] = pd.at(0, j);
-    r.u[k] = pu.at(0, j);
-    r.z[k] = pz.at(0, j);
-    r.B[k] = pB.at(0, j);
-    r.C[k] = pC.at(0, j);
-  }
-}
-
-// N == 1 and H == 1 (VMamba's 1D routes): a warp walks its whole row band after band, the carry
-// handed from band to band in a register: no band summaries, and every (batch, channel) in flight.
-template <typename T, int CPL>
-__global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Scan2dForwardOutputs o, Plan L,
-                                                            int64_t b0) {
-  constexpr int BW = 32 * CPL;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * 4 + warp, b = blockIdx.y + b0;
-  if (d >= p.dim) return;
-  const int64_t W = p.width, g = d / (p.dim / p.groups);
-  const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
-  const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
-  const float A2 = static_cast<const float*>(p.A)[d * p.A_sd] * kLog2e;
-  const bool gated = p.z.defined();
-  const Plane<const T> pd = plane<const T>(p.delta, b, d, 0), pu = plane<const T>(p.u, b, d, 0);
-  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
-  const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
-  const Plane<T> out = plane<T>(o.out, b, d, 0);
-  SoloRow<T, CPL> cur, nxt;
-  auto load_band = [&](int64_t m) { load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W); };
-  load_band(0);
-  float carry = 0.f;
-  // G entering every kScan2dRowChunk-th column (the backward's chunks), from the lanes whose first
-  // column starts a chunk.
-  float* saved = o.carries ? o.carries + (b * p.dim + d) * ceil_div(W, kScan2dRowChunk) : nullptr;
-  for (int64_t m = 0; m < L.nb; ++m) {
-    cur = nxt;
-    if (m + 1 < L.nb) load_band(m + 1);
-    const int64_t j0 = m * BW + lane * CPL;
-    float a[CPL], x[CPL], e[CPL];
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      const float v = to_f(cur.d[k]) + bias;
-      const float dt = j0 + k < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
-      a[k] = exp2f(dt * A2);
-      x[k] = dt * to_f(cur.u[k]) * to_f(cur.B[k]);
-    }
-    carry = band_scan<CPL, false>(a, x, carry, e, lane);
-    if (saved && (lane * CPL) % kScan2dRowChunk == 0 && j0 < W) saved[j0 / kScan2dRowChunk] = e[0];
-#pragma unroll
-    for (int k = 0; k < CPL; ++k) {
-      if (j0 + k >= W) continue;
-      float y = fmaf(Dd, to_f(cur.u[k]), to_f(cur.C[k]) * fmaf(a[k], e[k], x[k]));
-      if (gated) {
-        const float zv = to_f(cur.z[k]);
-        y *= __fdividef(zv, 1.f + __expf(-zv));
-      }
-      out.at(0, j0 + k) = from_f<T>(y);
-    }
-  }
-}
-
 // ---- Backward -------------------------------------------------------------------------------------
 
 // dy of a cell: dout, times silu(z) when gated.
@@ -1071,6 +1002,135 @@ __device__ __forceinline__ void reduce_scatter_round(float (&v)[NV], int lane) {
   }
 }
 
+// The operands of a lane's CPL columns of band m of a 1-row grid (N == 1); columns past the end read
+// the last one (in range; their results are not used).
+template <typename T, int CPL>
+__device__ __forceinline__ void load_row_band(SoloRow<T, CPL>& r, const Plane<const T>& pd, const Plane<const T>& pu,
+                                              const Plane<const T>& pz, const Plane<const T>& pB,
+                                              const Plane<const T>& pC, int64_t m, int lane, int64_t W) {
+#pragma unroll
+  for (int k = 0; k < CPL; ++k) {
+    const int64_t j = min(m * 32 * CPL + lane * CPL + k, W - 1);
+    r.d[k] = pd.at(0, j);
+    r.u[k] = pu.at(0, j);
+    r.z[k] = pz.at(0, j);
+    r.B[k] = pB.at(0, j);
+    r.C[k] = pC.at(0, j);
+  }
+}
+
+// N == 1 and H == 1 (VMamba's 1D routes): a warp walks its whole row band after band, the carry
+// handed from band to band in a register: no band summaries, and every (batch, channel) in flight.
+// kVec (CPL == kRowChunk, every row operand and the output with stride +1 or -1 and aligned, as the
+// backward's): a lane reads each operand of its 4 columns as one vector (8 bytes of 16-bit types, 16
+// of float32) a band ahead, and writes its 4 outputs as one; the last band's partial chunks are read
+// and written element by element.
+template <typename T, int CPL, bool kVec>
+__global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Scan2dForwardOutputs o, Plan L,
+                                                            int64_t b0) {
+  static_assert(!kVec || CPL == kRowChunk, "vector rows are the backward's chunks");
+  constexpr int BW = 32 * CPL;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t d = static_cast<int64_t>(blockIdx.x) * 4 + warp, b = blockIdx.y + b0;
+  if (d >= p.dim) return;
+  const int64_t W = p.width, g = d / (p.dim / p.groups);
+  const float bias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[d] : 0.f;
+  const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
+  const float A2 = static_cast<const float*>(p.A)[d * p.A_sd] * kLog2e;
+  const bool gated = p.z.defined();
+  const Plane<const T> pd = plane<const T>(p.delta, b, d, 0), pu = plane<const T>(p.u, b, d, 0);
+  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
+  const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
+  const Plane<T> out = plane<T>(o.out, b, d, 0);
+  struct Words {  // a full chunk's raw vectors (kVec)
+    uint32_t d[kRowWords<T>], u[kRowWords<T>], z[kRowWords<T>], B[kRowWords<T>], C[kRowWords<T>];
+  };
+  SoloRow<T, CPL> cur, nxt;  // !kVec: the band's elements, a band ahead
+  Words wcur, wnxt;          // kVec: its raw vectors, a band ahead
+  bool full_cur = false, full_nxt = false;
+  auto load_band = [&](int64_t m) {
+    if constexpr (kVec) {
+      const int64_t j0 = m * BW + lane * CPL;
+      full_nxt = j0 + CPL <= W;
+      if (full_nxt) {
+        load_words<T>(wnxt.d, pd.base, pd.sj, j0);
+        load_words<T>(wnxt.u, pu.base, pu.sj, j0);
+        if (gated) load_words<T>(wnxt.z, pz.base, pz.sj, j0);
+        load_words<T>(wnxt.B, pB.base, pB.sj, j0);
+        load_words<T>(wnxt.C, pC.base, pC.sj, j0);
+        return;
+      }
+    }
+    if constexpr (!kVec) load_row_band<T, CPL>(nxt, pd, pu, pz, pB, pC, m, lane, W);
+  };
+  load_band(0);
+  float carry = 0.f;
+  // G entering every kScan2dRowChunk-th column (the backward's chunks), from the lanes whose first
+  // column starts a chunk.
+  float* saved = o.carries ? o.carries + (b * p.dim + d) * ceil_div(W, kScan2dRowChunk) : nullptr;
+  for (int64_t m = 0; m < L.nb; ++m) {
+    if constexpr (kVec) {
+      wcur = wnxt;
+      full_cur = full_nxt;
+    } else {
+      cur = nxt;
+    }
+    if (m + 1 < L.nb) load_band(m + 1);
+    const int64_t j0 = m * BW + lane * CPL;
+    float vd[CPL], vu[CPL], vz[CPL], vB[CPL], vC[CPL];
+    if constexpr (kVec) {
+      if (full_cur) {
+        decode_words<T>(vd, wcur.d, pd.sj);
+        decode_words<T>(vu, wcur.u, pu.sj);
+        if (gated) decode_words<T>(vz, wcur.z, pz.sj);
+        decode_words<T>(vB, wcur.B, pB.sj);
+        decode_words<T>(vC, wcur.C, pC.sj);
+      } else {  // the last band's partial chunk (or none: columns past the end repeat a valid one)
+        const int64_t jl = j0 < W ? j0 : W - 1;
+        const int nl = static_cast<int>(W - jl < CPL ? W - jl : CPL);
+        load_chunk<T, false>(vd, pd.base, pd.sj, jl, nl);
+        load_chunk<T, false>(vu, pu.base, pu.sj, jl, nl);
+        load_chunk<T, false>(vz, pz.base, pz.sj, jl, nl);
+        load_chunk<T, false>(vB, pB.base, pB.sj, jl, nl);
+        load_chunk<T, false>(vC, pC.base, pC.sj, jl, nl);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        vd[k] = to_f(cur.d[k]);
+        vu[k] = to_f(cur.u[k]);
+        vz[k] = to_f(cur.z[k]);
+        vB[k] = to_f(cur.B[k]);
+        vC[k] = to_f(cur.C[k]);
+      }
+    }
+    float a[CPL], x[CPL], e[CPL];
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const float v = vd[k] + bias;
+      const float dt = j0 + k < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
+      a[k] = exp2f(dt * A2);
+      x[k] = dt * vu[k] * vB[k];
+    }
+    carry = band_scan<CPL, false>(a, x, carry, e, lane);
+    if (saved && (lane * CPL) % kScan2dRowChunk == 0 && j0 < W) saved[j0 / kScan2dRowChunk] = e[0];
+    float y[CPL];
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      y[k] = fmaf(Dd, vu[k], vC[k] * fmaf(a[k], e[k], x[k]));
+      if (gated) y[k] *= __fdividef(vz[k], 1.f + __expf(-vz[k]));
+    }
+    const int64_t nv = W - j0 < CPL ? W - j0 : CPL;
+    if constexpr (kVec) {
+      if (nv > 0) store_chunk<T, true>(&out.at(0, 0), out.sj, j0, static_cast<int>(nv), y);
+    } else {
+#pragma unroll
+      for (int k = 0; k < CPL; ++k)
+        if (k < nv) out.at(0, j0 + k) = from_f<T>(y[k]);
+    }
+  }
+}
+
 template <typename T, bool kDet, bool kVec>
 __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                           Plan L, int64_t b0) {
@@ -1372,12 +1432,39 @@ void forward_ns(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Pla
   });
 }
 
+// Whether a row operand of the 1D kernels can be read and written as one vector per lane's chunk
+// (kRowChunk elements: 16 bytes of float32, 8 of 16-bit types): column stride +1 or -1, and every
+// (batch, channel) row aligned where a chunk's vector starts (for stride -1, one element past the
+// row's last address). Absent operands fit.
+bool row_grid_fits(const Scan2dProblem& p, const Grid& g, int64_t channels) {
+  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2, vb = kRowChunk * es;
+  if (!g.defined()) return true;
+  if (g.sj != 1 && g.sj != -1) return false;
+  const auto addr = reinterpret_cast<uintptr_t>(g.data) + (g.sj < 0 ? es : 0);
+  return addr % vb == 0 && (p.batch == 1 || (g.sb * es) % vb == 0) && (channels == 1 || (g.sc * es) % vb == 0);
+}
+bool row_vectors_fit(const Scan2dProblem& p) {
+  return row_grid_fits(p, p.delta, p.dim) && row_grid_fits(p, p.u, p.dim) && row_grid_fits(p, p.z, p.dim) &&
+         row_grid_fits(p, p.B, p.groups) && row_grid_fits(p, p.C, p.groups);
+}
+bool row_vectors_fit(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
+  return row_vectors_fit(p) && row_grid_fits(p, o.out, p.dim);
+}
+bool row_vectors_fit(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
+  return row_vectors_fit(p) && row_grid_fits(p, a.dout, p.dim) && row_grid_fits(p, a.du, p.dim) &&
+         row_grid_fits(p, a.ddelta, p.dim) && row_grid_fits(p, a.dz, p.dim);
+}
+
 template <typename T, int CPL>
 void forward_solo(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Plan& L, cudaStream_t stream) {
   if (p.height == 1) {
+    auto kernel = scan2d_fwd_row_kernel<T, CPL, false>;
+    if constexpr (CPL == kRowChunk) {
+      if (row_vectors_fit(p, o)) kernel = scan2d_fwd_row_kernel<T, CPL, true>;
+    }
     for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
       dim3 grid(static_cast<unsigned>(ceil_div(p.dim, 4)), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-      scan2d_fwd_row_kernel<T, CPL><<<grid, 128, 0, stream>>>(p, o, L, b0);
+      kernel<<<grid, 128, 0, stream>>>(p, o, L, b0);
       SSM2D_CUDA_CHECK_LAUNCH("scan2d_fwd_row_kernel");
     }
     return;
@@ -1465,22 +1552,6 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
   const int64_t threads = p.batch * channels * (p.dstate + 2);
   scan2d_bwd_reduce_kernel<<<static_cast<unsigned>(ceil_div(threads, 256)), 256, 0, stream>>>(p, a, L0);
   SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_reduce_kernel");
-}
-
-// Whether every row operand of the 1D backward can be read and written as one vector per lane's
-// chunk (kRowChunk elements: 16 bytes of float32, 8 of 16-bit types): column stride +1 or -1, and
-// every (batch, channel) row aligned where a chunk's vector starts (for stride -1, one element past
-// the row's last address).
-bool row_vectors_fit(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
-  const int64_t es = p.dtype == DType::kFloat32 ? 4 : 2, vb = kRowChunk * es;
-  auto fits = [&](const Grid& g, int64_t channels) {
-    if (!g.defined()) return true;
-    if (g.sj != 1 && g.sj != -1) return false;
-    const auto addr = reinterpret_cast<uintptr_t>(g.data) + (g.sj < 0 ? es : 0);
-    return addr % vb == 0 && (p.batch == 1 || (g.sb * es) % vb == 0) && (channels == 1 || (g.sc * es) % vb == 0);
-  };
-  return fits(p.delta, p.dim) && fits(p.u, p.dim) && fits(p.z, p.dim) && fits(p.B, p.groups) &&
-         fits(p.C, p.groups) && fits(a.dout, p.dim) && fits(a.du, p.dim) && fits(a.ddelta, p.dim) && fits(a.dz, p.dim);
 }
 
 template <typename T, bool Det>
