@@ -1232,9 +1232,9 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
     for (int k = 0; k < CH; ++k) {
       const float v = rd[k] + bias;
       // d softplus(v)/dv = sigmoid(v), from softplus's own exp(-|v|): no cancellation.
-      float t;
-      const float sp = softplus_t(v, t);
-      dt[k] = k < n ? (p.softplus ? sp : v) : 0.f;
+      float sp = v, t = 0.f;
+      if (p.softplus) sp = softplus_t(v, t);
+      dt[k] = k < n ? sp : 0.f;
       dsp[k] = p.softplus ? softplus_slope(v, t) : 1.f;
       a[k] = exp2f(dt[k] * A2);
       x[k] = dt[k] * ru[k] * rB[k];

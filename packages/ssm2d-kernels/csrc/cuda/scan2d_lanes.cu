@@ -75,6 +75,12 @@ template <> __device__ __forceinline__ float ld_early<__nv_bfloat16>(const __nv_
   return __bfloat162float(__ushort_as_bfloat16(v));
 }
 
+// Four consecutive staged floats (16-byte aligned) into registers: one shared-memory load.
+__device__ __forceinline__ void load4(float (&v)[4], const float* src) {
+  const float4 q = *reinterpret_cast<const float4*>(src);
+  v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+
 // The strips of one call and their synchronisation (strips == 1: none).
 struct LaneStrips {
   int64_t strips = 1;
@@ -226,12 +232,11 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
 #pragma unroll
         for (int rr = 0; rr < kRows; ++rr) {
           const float* rb = buf + rr * BUF;
-          const float4 dt4 = *reinterpret_cast<const float4*>(rb + c * kPitch + q);
-          const float4 du4 = *reinterpret_cast<const float4*>(rb + (CB + c) * kPitch + q);
-          const float4 b4 = *reinterpret_cast<const float4*>(rb + (2 * CB + n) * kPitch + q);
-          const float4 c4 = *reinterpret_cast<const float4*>(rb + (2 * CB + kStates + n) * kPitch + q);
-          const float dt[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, du[4] = {du4.x, du4.y, du4.z, du4.w};
-          const float bb[4] = {b4.x, b4.y, b4.z, b4.w}, cc[4] = {c4.x, c4.y, c4.z, c4.w};
+          float dt[4], du[4], bb[4], cc[4];
+          load4(dt, rb + c * kPitch + q);
+          load4(du, rb + (CB + c) * kPitch + q);
+          load4(bb, rb + (2 * CB + n) * kPitch + q);
+          load4(cc, rb + (2 * CB + kStates + n) * kPitch + q);
           float* yrow = s_y + (rr * CB + c) * kYPitch;
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
@@ -456,10 +461,12 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
     float dt = 0.f, dy = 0.f, sl = 1.f;
     if (cell) {
       const float v = ops.dl + bias;
-      float t;
-      const float sp = softplus_t(v, t);
-      dt = p.softplus ? sp : v;
-      if (p.softplus) sl = softplus_slope(v, t);
+      dt = v;
+      if (p.softplus) {
+        float t;
+        dt = softplus_t(v, t);
+        sl = softplus_slope(v, t);
+      }
       dy = gated ? ops.dout * __fdividef(ops.z, 1.f + __expf(-ops.z)) : ops.dout;
     }
     const float u = cell ? ops.u : 0.f;
@@ -530,11 +537,10 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         float G = G_row;
 #pragma unroll
         for (int q = 0; q < kCols; q += 4) {
-          const float4 dt4 = *reinterpret_cast<const float4*>(buf + c * kPitch + q);
-          const float4 du4 = *reinterpret_cast<const float4*>(buf + (CB + c) * kPitch + q);
-          const float4 b4 = *reinterpret_cast<const float4*>(buf + (4 * CB + n) * kPitch + q);
-          const float dt[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, du[4] = {du4.x, du4.y, du4.z, du4.w};
-          const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
+          float dt[4], du[4], bb[4];
+          load4(dt, buf + c * kPitch + q);
+          load4(du, buf + (CB + c) * kPitch + q);
+          load4(bb, buf + (4 * CB + n) * kPitch + q);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             const float a = fast_exp2(dt[k] * A2);
@@ -607,11 +613,10 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
       // shared-memory instructions of scalar reads, and no bank conflicts between states n and n+8).
 #pragma unroll
       for (int q = 0; q < kCols; q += 4) {  // G of the row, left to right, from the saved carry
-        const float4 dt4 = *reinterpret_cast<const float4*>(bdt + q);
-        const float4 du4 = *reinterpret_cast<const float4*>(bdu + q);
-        const float4 b4 = *reinterpret_cast<const float4*>(bB + q);
-        const float dt[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, du[4] = {du4.x, du4.y, du4.z, du4.w};
-        const float bb[4] = {b4.x, b4.y, b4.z, b4.w};
+        float dt[4], du[4], bb[4];
+        load4(dt, bdt + q);
+        load4(du, bdu + q);
+        load4(bb, bB + q);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           av[q + k] = fast_exp2(dt[k] * A2);
@@ -626,14 +631,12 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
       float* sdc = sdb + CB * kStates * kPitch;
 #pragma unroll
       for (int q = kCols - 4; q >= 0; q -= 4) {
-        const float4 dt4 = *reinterpret_cast<const float4*>(bdt + q);
-        const float4 du4 = *reinterpret_cast<const float4*>(bdu + q);
-        const float4 dy4 = *reinterpret_cast<const float4*>(bdy + q);
-        const float4 b4 = *reinterpret_cast<const float4*>(bB + q);
-        const float4 c4 = *reinterpret_cast<const float4*>(bC + q);
-        const float dt[4] = {dt4.x, dt4.y, dt4.z, dt4.w}, du[4] = {du4.x, du4.y, du4.z, du4.w};
-        const float dy[4] = {dy4.x, dy4.y, dy4.z, dy4.w}, bb[4] = {b4.x, b4.y, b4.z, b4.w};
-        const float cc[4] = {c4.x, c4.y, c4.z, c4.w};
+        float dt[4], du[4], dy[4], bb[4], cc[4];
+        load4(dt, bdt + q);
+        load4(du, bdu + q);
+        load4(dy, bdy + q);
+        load4(bb, bB + q);
+        load4(cc, bC + q);
         float dbv[4], dcv[4];
 #pragma unroll
         for (int k = 3; k >= 0; --k) {
