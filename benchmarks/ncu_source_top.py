@@ -2,7 +2,7 @@
 
     ncu --set full -k regex:KERNEL -c 1 -o rep python3 ...        (on the GPU machine)
     ncu -i rep.ncu-rep --page source --csv --print-source sass > src.csv
-    python3 benchmarks/ncu_source_top.py src.csv [--top 25] [--context 2]
+    python3 benchmarks/ncu_source_top.py src.csv[.gz] [--top 25] [--context 2]
 
 Prints the total of the warp-state samples, the sample columns summed over the kernel (the stall
 reasons, largest first), and the instructions holding the most samples with the instructions just
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def number(text: str) -> float | None:
 
 def read_page(path: Path) -> tuple[list[str], list[list[str]]]:
     """The header and rows of the source page's CSV (lines before the header are dropped)."""
-    lines = path.read_text(errors="replace").splitlines()
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    lines = raw.decode(errors="replace").splitlines()
     start = next((i for i, line in enumerate(lines) if "Source" in line and "," in line), None)
     if start is None:
         raise SystemExit(f"{path}: no header with a 'Source' column; is it `--page source --csv` output?")
@@ -54,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cols:
         raise SystemExit(f"{args.csv}: no sampling columns among {header}")
     total_col = next((i for i in cols if "All Samples" in header[i]), cols[0])
+    # The stall reasons (all samples), where the page names them; else every other sample column.
+    reasons = [i for i in cols if header[i].startswith("stall_") and "Not Issued" not in header[i]]
+    cols = reasons or [i for i in cols if i != total_col]
     samples = [number(r[total_col]) or 0.0 for r in rows]
     total = sum(samples)
     print(f"{args.csv.name}: {len(rows)} instructions, {total:.0f} samples in '{header[total_col]}'")
