@@ -33,6 +33,7 @@
 // dB/dC sum over the channels of a group with float32 atomics or, deterministically, as per-channel
 // partials the caller sums in order.
 #include <algorithm>
+#include <initializer_list>
 #include <type_traits>
 
 #include "common.cuh"
@@ -928,9 +929,20 @@ __device__ __forceinline__ uint32_t vec_word(const float* v) {  // v[0] (and v[1
   }
 }
 
-// v[k] = column j0 + k of a row (element j at row[j * sj]) as float32; columns past n repeat the
-// last valid one. kVec: sj is +1 or -1 and the chunk's 16-byte vectors are aligned (host-checked).
-// The raw words of a lane's full chunk of a row (columns j0 .. j0 + kRowChunk - 1; kVec rows only).
+// The 1D row kernels' instances take the direction of their rows' columns in memory as kDir: +1 or
+// -1 when every row operand (and output) has that column stride and aligned chunks (the vector
+// instances: a chunk is one 16- or 8-byte vector), 0 for any strides (element by element). A
+// compile-time stride leaves a chunk's first address and its element order without per-chunk
+// selects: the 16-bit row backward is issue-bound, and those selects were 7% of its instructions.
+template <typename T, int kDir>
+__device__ __forceinline__ Plane<T> row_plane(const Grid& g, int64_t b, int64_t c) {
+  Plane<T> r = plane<T>(g, b, c, 0);
+  if constexpr (kDir != 0) r.sj = kDir;  // the host checked that g.sj == kDir
+  return r;
+}
+
+// The raw words of a lane's full chunk of a row (columns j0 .. j0 + kRowChunk - 1; vector rows, sj
+// +1 or -1, a compile-time constant there).
 template <typename T>
 __device__ __forceinline__ void load_words(uint32_t (&w)[kRowWords<T>], const T* row, int64_t sj, int64_t j0) {
   const T* first = sj > 0 ? row + j0 : row - j0 - (kRowChunk - 1);
@@ -952,6 +964,8 @@ __device__ __forceinline__ void decode_words(float (&v)[kRowChunk], const uint32
   }
 }
 
+// v[k] = column j0 + k of a row (element j at row[j * sj]) as float32; columns past n repeat the
+// last valid one. kVec: sj is +1 or -1 and the chunk's vectors are aligned (host-checked).
 template <typename T, bool kVec>
 __device__ __forceinline__ void load_chunk(float (&v)[kRowChunk], const T* row, int64_t sj, int64_t j0, int n) {
   if (kVec && n == kRowChunk) {
@@ -1021,13 +1035,14 @@ __device__ __forceinline__ void load_row_band(SoloRow<T, CPL>& r, const Plane<co
 
 // N == 1 and H == 1 (VMamba's 1D routes): a warp walks its whole row band after band, the carry
 // handed from band to band in a register: no band summaries, and every (batch, channel) in flight.
-// kVec (CPL == kRowChunk, every row operand and the output with stride +1 or -1 and aligned, as the
-// backward's): a lane reads each operand of its 4 columns as one vector (8 bytes of 16-bit types, 16
+// kDir != 0 (CPL == kRowChunk, every row operand and the output with column stride kDir and aligned,
+// as the backward's): a lane reads each operand of its 4 columns as one vector (8 bytes of 16-bit types, 16
 // of float32) a band ahead, and writes its 4 outputs as one; the last band's partial chunks are read
 // and written element by element.
-template <typename T, int CPL, bool kVec>
+template <typename T, int CPL, int kDir>
 __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Scan2dForwardOutputs o, Plan L,
                                                             int64_t b0) {
+  constexpr bool kVec = kDir != 0;
   static_assert(!kVec || CPL == kRowChunk, "vector rows are the backward's chunks");
   constexpr int BW = 32 * CPL;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -1038,10 +1053,10 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
   const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
   const float A2 = static_cast<const float*>(p.A)[d * p.A_sd] * kLog2e;
   const bool gated = p.z.defined();
-  const Plane<const T> pd = plane<const T>(p.delta, b, d, 0), pu = plane<const T>(p.u, b, d, 0);
-  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
-  const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
-  const Plane<T> out = plane<T>(o.out, b, d, 0);
+  const Plane<const T> pd = row_plane<const T, kDir>(p.delta, b, d), pu = row_plane<const T, kDir>(p.u, b, d);
+  const Plane<const T> pz = gated ? row_plane<const T, kDir>(p.z, b, d) : pu;
+  const Plane<const T> pB = row_plane<const T, kDir>(p.B, b, g), pC = row_plane<const T, kDir>(p.C, b, g);
+  const Plane<T> out = row_plane<T, kDir>(o.out, b, d);
   struct Words {  // a full chunk's raw vectors (kVec)
     uint32_t d[kRowWords<T>], u[kRowWords<T>], z[kRowWords<T>], B[kRowWords<T>], C[kRowWords<T>];
   };
@@ -1131,9 +1146,10 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
   }
 }
 
-template <typename T, bool kDet, bool kVec>
+template <typename T, bool kDet, int kDir>
 __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                           Plan L, int64_t b0) {
+  constexpr bool kVec = kDir != 0;
   constexpr int CH = kRowChunk, SEG = kRowSeg;
   const int lane = threadIdx.x & 31, s = lane % SEG, cw = lane / SEG;
   const int64_t dw =
@@ -1151,10 +1167,10 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
   const float Dd = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
   const float An = static_cast<const float*>(p.A)[d * p.A_sd], A2 = An * kLog2e;
   const bool gated = p.z.defined();
-  const Plane<const T> pd = plane<const T>(p.delta, b, d, 0), pu = plane<const T>(p.u, b, d, 0);
-  const Plane<const T> pz = gated ? plane<const T>(p.z, b, d, 0) : pu;
-  const Plane<const T> pB = plane<const T>(p.B, b, g, 0), pC = plane<const T>(p.C, b, g, 0);
-  const Plane<const T> pg = plane<const T>(ga.dout, b, d, 0);
+  const Plane<const T> pd = row_plane<const T, kDir>(p.delta, b, d), pu = row_plane<const T, kDir>(p.u, b, d);
+  const Plane<const T> pz = gated ? row_plane<const T, kDir>(p.z, b, d) : pu;
+  const Plane<const T> pB = row_plane<const T, kDir>(p.B, b, g), pC = row_plane<const T, kDir>(p.C, b, g);
+  const Plane<const T> pg = row_plane<const T, kDir>(ga.dout, b, d);
   // h entering each super-chunk of SEG chunks (kScan2dRowChunk columns), saved by the forward.
   const float* car = ga.carries + (b * p.dim + d) * nsc;
   const int64_t bc_c = kDet ? dl : g;
@@ -1320,9 +1336,18 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
       if (gated) vdz[k] = fmaf(Dd, uv, cv * hv) * gz[k];
     }
     if (valid && active) {
-      if (ga.du.defined()) store_chunk<T, kVec>(&plane<T>(ga.du, b, d, 0).at(0, 0), ga.du.sj, j0, n, vdu);
-      if (ga.ddelta.defined()) store_chunk<T, kVec>(&plane<T>(ga.ddelta, b, d, 0).at(0, 0), ga.ddelta.sj, j0, n, vdd);
-      if (ga.dz.defined()) store_chunk<T, kVec>(&plane<T>(ga.dz, b, d, 0).at(0, 0), ga.dz.sj, j0, n, vdz);
+      if (ga.du.defined()) {
+        const Plane<T> r = row_plane<T, kDir>(ga.du, b, d);
+        store_chunk<T, kVec>(r.base, r.sj, j0, n, vdu);
+      }
+      if (ga.ddelta.defined()) {
+        const Plane<T> r = row_plane<T, kDir>(ga.ddelta, b, d);
+        store_chunk<T, kVec>(r.base, r.sj, j0, n, vdd);
+      }
+      if (ga.dz.defined()) {
+        const Plane<T> r = row_plane<T, kDir>(ga.dz, b, d);
+        store_chunk<T, kVec>(r.base, r.sj, j0, n, vdz);
+      }
     }
     if (warp_sum_bc) {
       // Lanes of one segment (same chunk) differ in the channel bits of the lane index (bits 3-4):
@@ -1447,20 +1472,37 @@ bool row_vectors_fit(const Scan2dProblem& p) {
   return row_grid_fits(p, p.delta, p.dim) && row_grid_fits(p, p.u, p.dim) && row_grid_fits(p, p.z, p.dim) &&
          row_grid_fits(p, p.B, p.groups) && row_grid_fits(p, p.C, p.groups);
 }
-bool row_vectors_fit(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
-  return row_vectors_fit(p) && row_grid_fits(p, o.out, p.dim);
+// The column stride shared by every defined grid of `grids` (+1 or -1), or 0 where two differ.
+int common_sj(std::initializer_list<const Grid*> grids) {
+  int64_t sj = 0;
+  for (const Grid* g : grids) {
+    if (!g->defined()) continue;
+    if (sj != 0 && g->sj != sj) return 0;
+    sj = g->sj;
+  }
+  return static_cast<int>(sj);
 }
-bool row_vectors_fit(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
-  return row_vectors_fit(p) && row_grid_fits(p, a.dout, p.dim) && row_grid_fits(p, a.du, p.dim) &&
-         row_grid_fits(p, a.ddelta, p.dim) && row_grid_fits(p, a.dz, p.dim);
+// The kDir of the 1D row kernels' instance for a call: the rows' common direction where every row
+// operand and output fits a vector chunk, else 0 (element by element). SS2D's routes read every
+// operand of a route in one frame, so mixed directions are a caller's own strides.
+int row_vector_dir(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
+  if (!row_vectors_fit(p) || !row_grid_fits(p, o.out, p.dim)) return 0;
+  return common_sj({&p.delta, &p.u, &p.z, &p.B, &p.C, &o.out});
+}
+int row_vector_dir(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
+  if (!row_vectors_fit(p) || !row_grid_fits(p, a.dout, p.dim) || !row_grid_fits(p, a.du, p.dim) ||
+      !row_grid_fits(p, a.ddelta, p.dim) || !row_grid_fits(p, a.dz, p.dim))
+    return 0;
+  return common_sj({&p.delta, &p.u, &p.z, &p.B, &p.C, &a.dout, &a.du, &a.ddelta, &a.dz});
 }
 
 template <typename T, int CPL>
 void forward_solo(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const Plan& L, cudaStream_t stream) {
   if (p.height == 1) {
-    auto kernel = scan2d_fwd_row_kernel<T, CPL, false>;
+    auto kernel = scan2d_fwd_row_kernel<T, CPL, 0>;
     if constexpr (CPL == kRowChunk) {
-      if (row_vectors_fit(p, o)) kernel = scan2d_fwd_row_kernel<T, CPL, true>;
+      const int dir = row_vector_dir(p, o);
+      if (dir != 0) kernel = dir > 0 ? scan2d_fwd_row_kernel<T, CPL, 1> : scan2d_fwd_row_kernel<T, CPL, -1>;
     }
     for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
       dim3 grid(static_cast<unsigned>(ceil_div(p.dim, 4)), static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
@@ -1557,11 +1599,13 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
 template <typename T, bool Det>
 void backward_row(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan& L, cudaStream_t stream) {
   const int64_t channels = L.d_end - L.d_begin;
-  const bool vec = row_vectors_fit(p, a);
+  const int dir = row_vector_dir(p, a);
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps * kRowChans)),
               static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
-    auto kernel = vec ? scan2d_bwd_row_kernel<T, Det, true> : scan2d_bwd_row_kernel<T, Det, false>;
+    auto kernel = dir > 0   ? scan2d_bwd_row_kernel<T, Det, 1>
+                  : dir < 0 ? scan2d_bwd_row_kernel<T, Det, -1>
+                            : scan2d_bwd_row_kernel<T, Det, 0>;
     kernel<<<grid, kRowBwdWarps * 32, 0, stream>>>(p, a, L, b0);
     SSM2D_CUDA_CHECK_LAUNCH("scan2d_bwd_row_kernel");
   }
