@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(128) scan2d_summary_kernel(Scan2dProblem p, Pl
       float a[CPL], x[CPL];
 #pragma unroll
       for (int k = 0; k < CPL; ++k) {
-        a[k] = exp2f(dt[k] * A2);
+        a[k] = fast_exp2(dt[k] * A2);
         x[k] = dtu[k] * to_f(Bn.at(i, j0 + k));
       }
       const float leave = band_total<CPL, false>(a, x, lane);
@@ -133,7 +133,7 @@ void launch_summaries(const Scan2dProblem& p, const Plan& L, cudaStream_t stream
 __device__ __forceinline__ float fold_left(const Plan& L, const float* sdt_row, const float* S_row, int64_t band,
                                            float A2) {
   float c = 0.f;
-  for (int64_t m = 0; m < band; ++m) c = fmaf(exp2f(A2 * sdt_row[m]), c, S_row[m]);
+  for (int64_t m = 0; m < band; ++m) c = fmaf(fast_exp2(A2 * sdt_row[m]), c, S_row[m]);
   return c;
 }
 
@@ -141,7 +141,7 @@ __device__ __forceinline__ float fold_left(const Plan& L, const float* sdt_row, 
 __device__ __forceinline__ float fold_right(const Plan& L, const float* sdt_row, const float* Sr_row, int64_t band,
                                             float A2) {
   float c = 0.f;
-  for (int64_t m = L.nb - 1; m > band; --m) c = fmaf(exp2f(A2 * sdt_row[m]), c, Sr_row[m - 1]);
+  for (int64_t m = L.nb - 1; m > band; --m) c = fmaf(fast_exp2(A2 * sdt_row[m]), c, Sr_row[m - 1]);
   return c;
 }
 
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dPr
         float a[CPL], x[CPL], e[CPL];
 #pragma unroll
         for (int k = 0; k < CPL; ++k) {
-          a[k] = exp2f(dt[k] * A2[s]);
+          a[k] = fast_exp2(dt[k] * A2[s]);
           x[k] = dtu[k] * to_f(cur[r].B[s][k]);
         }
         band_scan<CPL, false>(a, x, cin, e, lane);
@@ -503,7 +503,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_solo_kernel(Scan2dProblem p, S
       for (int k = 0; k < CPL; ++k) {
         const float v = to_f(cur[r].d[k]) + bias;
         dt[k] = in[k] ? (p.softplus ? softplus_f(v) : v) : 0.f;
-        a[k] = exp2f(dt[k] * A2);
+        a[k] = fast_exp2(dt[k] * A2);
         x[k] = dt[k] * to_f(cur[r].u[k]) * to_f(cur[r].B[k]);
       }
       band_scan<CPL, false>(a, x, cin, e, lane);
@@ -582,7 +582,7 @@ __global__ void __launch_bounds__(128) scan2d_rev_summary_kernel(Scan2dProblem p
         const int64_t j = min(j0 + k, W - 1);
         const float cv = to_f(Cb[s * p.C.sn + i * p.C.si + j * p.C.sj]);
         lamV[s][k] = fmaf(a_below[s][k], lamV[s][k], dy[k] * cv);
-        a[k] = exp2f(dt[k] * A2[s]);
+        a[k] = fast_exp2(dt[k] * A2[s]);
         a_below[s][k] = a[k];
         x[k] = a[k] * lamV[s][k];
       }
@@ -724,7 +724,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
           float a[CPL], x[CPL], e[CPL];
 #pragma unroll
           for (int k = 0; k < CPL; ++k) {
-            a[k] = exp2f(dt[k] * A2[s]);
+            a[k] = fast_exp2(dt[k] * A2[s]);
             x[k] = dtu[k] * to_f(cur.B[s][k]);
           }
           band_scan<CPL, false>(a, x, cin, e, lane);
@@ -778,7 +778,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
 #pragma unroll
         for (int k = 0; k < CPL; ++k) {
           lamV[s][k] = fmaf(a_below[s][k], lamV[s][k], dy[k] * to_f(cur.C[s][k]));
-          a[k] = exp2f(dt[k] * A2[s]);
+          a[k] = fast_exp2(dt[k] * A2[s]);
           a_below[s][k] = a[k];
           xr[k] = a[k] * lamV[s][k];
         }
@@ -1124,7 +1124,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
     for (int k = 0; k < CPL; ++k) {
       const float v = vd[k] + bias;
       const float dt = j0 + k < W ? (p.softplus ? softplus_f(v) : v) : 0.f;
-      a[k] = exp2f(dt * A2);
+      a[k] = fast_exp2(dt * A2);
       x[k] = dt * vu[k] * vB[k];
     }
     carry = band_scan<CPL, false>(a, x, carry, e, lane);
@@ -1252,7 +1252,7 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
       if (p.softplus) sp = softplus_t(v, t);
       dt[k] = k < n ? sp : 0.f;
       dsp[k] = p.softplus ? softplus_slope(v, t) : 1.f;
-      a[k] = exp2f(dt[k] * A2);
+      a[k] = fast_exp2(dt[k] * A2);
       x[k] = dt[k] * ru[k] * rB[k];
       Xf = fmaf(a[k], Xf, x[k]);
       Pf *= a[k];

@@ -70,7 +70,7 @@ __device__ __forceinline__ float scan_tile_row(float G, const float* dt_row, con
     float av[kChunk], xv[kChunk];
 #pragma unroll
     for (int k = 0; k < kChunk; ++k) {
-      av[k] = exp2f(dt_row[c0 + k] * A2);
+      av[k] = fast_exp2(dt_row[c0 + k] * A2);
       xv[k] = dtu_row[c0 + k] * b_row[c0 + k];
     }
 #pragma unroll
@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, kMulti>)) scan2d_fwd_
           float av[kChunk], gv[kChunk], cv[kChunk];
 #pragma unroll
           for (int k = 0; k < kChunk; ++k) {
-            av[k] = exp2f(s_dt[r0 + k][lane] * A2);
+            av[k] = fast_exp2(s_dt[r0 + k][lane] * A2);
             gv[k] = s_w[r0 + k][lane];
             cv[k] = (col_in && i0 + r0 + k < geo.H) ? to_f(Cn.at(i0 + r0 + k, j0 + lane)) : 0.f;
           }
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, true>)) scan2d_bwd_ke
             float av[kChunk], gv[kChunk];
 #pragma unroll
             for (int k = 0; k < kChunk; ++k) {
-              av[k] = exp2f(s_dt[r0 + k][lane] * A2);
+              av[k] = fast_exp2(s_dt[r0 + k][lane] * A2);
               gv[k] = bufB[r0 + k][lane];
             }
 #pragma unroll
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, true>)) scan2d_bwd_ke
             for (int k = 0; k < kChunk; ++k) {
               const int r = r1 - k;
               const float cv = (col_in && i0 + r < geo.H) ? to_f(Cn.at(i0 + r, j0 + lane)) : 0.f;
-              av[k] = exp2f(s_dt[r][lane] * A2);
+              av[k] = fast_exp2(s_dt[r][lane] * A2);
               lv[k] = s_dy[r][lane] * cv;
             }
 #pragma unroll
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, true>)) scan2d_bwd_ke
             float av[kChunk], lv[kChunk];
 #pragma unroll
             for (int k = 0; k < kChunk; ++k) {
-              av[k] = exp2f(s_dt[lane][c1 - k] * A2);
+              av[k] = fast_exp2(s_dt[lane][c1 - k] * A2);
               lv[k] = bufA[lane][c1 - k];
             }
 #pragma unroll
