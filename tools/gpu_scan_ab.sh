@@ -42,7 +42,7 @@ for phase in ${PHASES:-tests row mil ncu}; do
           for t in old new; do
             echo "== $phase $t $dt r$r"
             PYTHONPATH=$(path $t) timeout 120 python3 benchmarks/bench_scan2d.py --cases "$cases" --dtype "$dt" \
-              --no-reference --out "$OUT/${phase}_${t}_${dt}_r$r" 2>&1 | grep "^| [MV]"
+              --no-reference --out "$OUT/${phase}_${t}_${dt}_r$r" 2>&1 | grep "^| [MV2]"
           done
         done
       done ;;
