@@ -1205,13 +1205,17 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
   } ahead;
   float carry = 0.f;  // a * lamH entering the super-chunk from its right (same on the channel's lanes)
   float dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
-  for (int64_t sc = nsc - 1; sc >= 0; --sc) {
+  // One super-chunk. Every one but the row's last (walked first) has SEG full chunks: kWhole instances
+  // of the body fold the per-column range tests and selects away (the 16-bit backward is
+  // issue-bound).
+  auto super_chunk = [&](auto whole, const int64_t sc) {
+    constexpr bool kWhole = decltype(whole)::value;
     // This lane's chunk; chunks past the row's end (the last super-chunk's) are identities: no
     // columns, decay 1 (their loads read column 0, in range).
     const int64_t c = sc * SEG + s;
-    const bool active = c < nc;
+    const bool active = kWhole || c < nc;
     const int64_t j0 = active ? c * CH : 0;
-    const int n = active ? static_cast<int>(W - j0 < CH ? W - j0 : CH) : 0;
+    const int n = kWhole ? CH : active ? static_cast<int>(W - j0 < CH ? W - j0 : CH) : 0;
     const int nl = n > 0 ? n : 1;
     float rd[CH], ru[CH], rB[CH], rC[CH], rg[CH], rz[CH];
     if (kAhead && sc + 1 < nsc) {  // loaded during the super-chunk on the right (full chunks only)
@@ -1376,7 +1380,10 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
         }
       }
     }
-  }
+  };
+  int64_t sc = nsc - 1;
+  if (W % kScan2dRowChunk != 0) super_chunk(std::false_type{}, sc--);
+  for (; sc >= 0; --sc) super_chunk(std::true_type{}, sc);
   // The channel's sums over its SEG lanes, in a fixed order.
 #pragma unroll
   for (int off = 1; off < SEG; off <<= 1) {
