@@ -53,8 +53,10 @@ for phase in ${PHASES:-tests row mil ncu}; do
       PYTHONPATH=$(path new) timeout 150 python3 benchmarks/ncu_summary.py --kernels "regex:lanes_(fwd|bwd)_kernel" --count 3 \
         --label "MIL 128x128" -- python3 benchmarks/profile_scan2d.py --once --cases 0 2>&1 | tee -a "$OUT/ncu_new.md" ;;
     src)  # per-instruction stall samples (the source page as CSV, SASS) of NEW's MIL lanes forward and
-          # backward and its bf16 row backward, for reading offline; not in the default phases
-      for k in "lanes_fwd_kernel 0 float32" "lanes_bwd_kernel 0 float32" "bwd_row 5 bfloat16"; do
+          # backward and its bf16 row backward (or SRC_SET's), for reading offline; not in the default phases
+      # SRC_SET: "kernel-regex case dtype" entries separated by ';'
+      IFS=';' read -ra set <<< "${SRC_SET:-lanes_fwd_kernel 0 float32;lanes_bwd_kernel 0 float32;bwd_row 5 bfloat16}"
+      for k in "${set[@]}"; do
         read -r kern cs dt <<< "$k"
         PYTHONPATH=$(path new) timeout 150 ncu --set full -k "regex:$kern" -c 1 -f -o "/tmp/src_$kern" \
           python3 benchmarks/profile_scan2d.py --once --cases "$cs" --dtype "$dt" > /dev/null 2>&1 &&
