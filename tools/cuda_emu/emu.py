@@ -37,6 +37,7 @@ OUT = ROOT / "build" / "cuda_emu"
 PTX = [
     ("ex2.approx", "{0} = exp2f({1});"),
     ("lg2.approx", "{0} = log2f({1});"),
+    ("rcp.approx", "{0} = 1.0f / ({1});"),
     ("ld.acquire.gpu.global.u32", "{0} = ::cuda_emu::ld_acquire(reinterpret_cast<const void*>({1}));"),
     ("st.release.gpu.global.u32", "::cuda_emu::st_release(reinterpret_cast<void*>({0}), {1});"),
     ("prefetch.", "(void)0;"),

@@ -51,6 +51,15 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 1/x with the MUFU unit alone (rcp.approx.ftz, ~1 ulp). __fdividef and 1.f / x add a range check
+// (a compare and two predicated FMULs, or a division subroutine) for |x| > 2^126, where this gives 0
+// as __fdividef does.
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // The hand-over flags between blocks of a pipelined kernel: a consumer's acquire load sees every
 // store the producer made before its release store (GPU scope).
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {

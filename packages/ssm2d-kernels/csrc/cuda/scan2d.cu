@@ -416,7 +416,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_fwd_kernel(Scan2dPr
             }
           }
           y = fmaf(Dd, uv[k], y);
-          if (gated) y *= __fdividef(zv[k], 1.f + __expf(-zv[k]));
+          if (gated) y *= zv[k] * sigmoid_f(zv[k]);
           plane<T>(o.out, b, d, 0).at(i, j) = from_f<T>(y);
         }
       }
@@ -516,7 +516,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_solo_kernel(Scan2dProblem p, S
         float y = fmaf(Dd, to_f(cur[r].u[k]), to_f(cur[r].C[k]) * h[k]);
         if (gated) {
           const float zv = to_f(cur[r].z[k]);
-          y *= __fdividef(zv, 1.f + __expf(-zv));
+          y *= zv * sigmoid_f(zv);
         }
         out.at(i, j0 + k) = from_f<T>(y);
       }
@@ -532,7 +532,7 @@ __device__ __forceinline__ float grad_y(const Scan2dProblem& p, const Scan2dBack
                                         int64_t i, int64_t j, float go) {
   if (!p.z.defined()) return go;
   const float z = to_f(plane<const T>(p.z, b, d, 0).at(i, j));
-  const float s = 1.f / (1.f + __expf(-z));
+  const float s = sigmoid_f(z);
   return go * z * s;
 }
 
@@ -680,7 +680,7 @@ __global__ void __launch_bounds__(kMaxWarps<NS> * 32) scan2d_bwd_kernel(Scan2dPr
       const float go = to_f(sgd.raw[r][1]);
       float dy = go, gz = 0.f;
       if (gated) {
-        const float zv = to_f(sgd.raw[r][2]), sz = 1.f / (1.f + __expf(-zv));
+        const float zv = to_f(sgd.raw[r][2]), sz = sigmoid_f(zv);
         dy = go * zv * sz;
         gz = go * sz * (1.f + zv * (1.f - sz));
       }
@@ -1133,7 +1133,7 @@ __global__ void __launch_bounds__(128) scan2d_fwd_row_kernel(Scan2dProblem p, Sc
 #pragma unroll
     for (int k = 0; k < CPL; ++k) {
       y[k] = fmaf(Dd, vu[k], vC[k] * fmaf(a[k], e[k], x[k]));
-      if (gated) y[k] *= __fdividef(vz[k], 1.f + __expf(-vz[k]));
+      if (gated) y[k] *= vz[k] * sigmoid_f(vz[k]);
     }
     const int64_t nv = W - j0 < CPL ? W - j0 : CPL;
     if constexpr (kVec) {
@@ -1262,7 +1262,7 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
       Pf *= a[k];
       const float go = k < n ? rg[k] : 0.f;
       if (gated) {  // the gate's sigmoid once per column: dy and dz's factor (dout, z die here)
-        const float zv = rz[k], sz = __fdividef(1.f, 1.f + __expf(-zv));
+        const float zv = rz[k], sz = sigmoid_f(zv);
         dy[k] = go * zv * sz;
         gz[k] = go * sz * (1.f + zv * (1.f - sz));
       } else {

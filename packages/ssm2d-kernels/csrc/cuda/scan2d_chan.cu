@@ -241,7 +241,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ float softplus_fast(float v) {
   return v > 20.f ? v : kLn2 * lg2_fast(1.f + fast_exp2(v * kLog2e));
 }
-__device__ __forceinline__ float sigmoid_fast(float v) { return __fdividef(1.f, 1.f + fast_exp2(-v * kLog2e)); }
+__device__ __forceinline__ float sigmoid_fast(float v) { return sigmoid_f(v); }
 
 __device__ __forceinline__ float dt_of(const Scan2dProblem& p, float delta, float bias) {
   const float v = delta + bias;

@@ -64,7 +64,7 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("pre
 // 1e-6 relative at v = -20, within 7 ulp for |v| < 5). t is returned for the slope below.
 __device__ __forceinline__ float softplus_t(float v, float& t) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(-fabsf(v) * kLog2e));
-  const float s = __fdividef(t, 2.f + t), z = s * s, s2 = s + s;
+  const float s = t * fast_rcp(2.f + t), z = s * s, s2 = s + s;
   float q = 1.f / 13.f;
   q = fmaf(q, z, 1.f / 11.f);
   q = fmaf(q, z, 1.f / 9.f);
@@ -78,7 +78,11 @@ __device__ __forceinline__ float softplus_f(float v) {
   return softplus_t(v, t);
 }
 // d softplus(v) / dv = sigmoid(v), from softplus_t's t (no cancellation on either side).
-__device__ __forceinline__ float softplus_slope(float v, float t) { return __fdividef(v >= 0.f ? 1.f : t, 1.f + t); }
+__device__ __forceinline__ float softplus_slope(float v, float t) { return (v >= 0.f ? 1.f : t) * fast_rcp(1.f + t); }
+
+// The gate's sigmoid(z) = 1 / (1 + 2^(-z log2 e)), one EX2 and one RCP with no range handling: for
+// z < -88 the exponential is inf and the result 0, as the library's __expf / __fdividef give.
+__device__ __forceinline__ float sigmoid_f(float z) { return fast_rcp(1.f + fast_exp2(-z * kLog2e)); }
 
 // Scan of affine maps c -> a*c + x over one band of 32*CPL columns held by a warp, lane l owning the
 // CPL consecutive columns l*CPL .. l*CPL+CPL-1 (kRev: the scan runs from the right, as the reverse

@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
         const int64_t row = i + rr;
         if (gated) {
           const float zz = cur_z[rr];
-          pout[row * o.out.si] = from_f<T>(__fdividef(y * zz, 1.f + __expf(-zz)));
+          pout[row * o.out.si] = from_f<T>(y * zz * sigmoid_f(zz));
           if (py) py[row * o.y.si] = from_f<T>(y);
         } else {
           pout[row * o.out.si] = from_f<T>(y);
@@ -480,7 +480,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         dt = softplus_t(v, t);
         sl = softplus_slope(v, t);
       }
-      dy = gated ? ops.dout * __fdividef(ops.z, 1.f + __expf(-ops.z)) : ops.dout;
+      dy = gated ? ops.dout * (ops.z * sigmoid_f(ops.z)) : ops.dout;
     }
     const float u = cell ? ops.u : 0.f;
     buf[c * kPitch + n] = dt;
@@ -700,7 +700,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         if (ga.du.defined()) plane<T>(ga.du, b, d, 0).at(i, jb + n) = from_f<T>(du);
         if (ga.ddelta.defined()) plane<T>(ga.ddelta, b, d, 0).at(i, jb + n) = from_f<T>(ddelta);
         if (gated && ga.dz.defined()) {
-          const float y = fmaf(Dd, cu, yp), sg = __fdividef(1.f, 1.f + __expf(-cz));
+          const float y = fmaf(Dd, cu, yp), sg = sigmoid_f(cz);
           plane<T>(ga.dz, b, d, 0).at(i, jb + n) = from_f<T>(cdo * y * sg * (1.f + cz * (1.f - sg)));
         }
       }

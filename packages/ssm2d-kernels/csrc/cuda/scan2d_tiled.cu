@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, kMulti>)) scan2d_fwd_
         y = fmaf(Dd, s_u[r][c], y);
         if (gated) {
           const float z = to_f(plane<const T>(p.z, b, d, 0).at(i0 + r, j0 + c));
-          out.at(i0 + r, j0 + c) = from_f<T>(y * z / (1.f + __expf(-z)));
+          out.at(i0 + r, j0 + c) = from_f<T>(y * z * sigmoid_f(z));
           if (o.y.defined()) plane<T>(o.y, b, d, 0).at(i0 + r, j0 + c) = from_f<T>(y);
         } else {
           out.at(i0 + r, j0 + c) = from_f<T>(y);
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(NW * 32, (kMinBlocks<NW, true>)) scan2d_bwd_ke
           const float go = to_f(dout.at(i, j));
           if (gated) {
             const float z = to_f(plane<const T>(p.z, b, d, 0).at(i, j));
-            const float s = 1.f / (1.f + __expf(-z));
+            const float s = sigmoid_f(z);
             dy = go * z * s;
             if (ga.dz.defined()) {
               const float y = to_f(plane<const T>(ga.y, b, d, 0).at(i, j));
