@@ -1340,18 +1340,14 @@ __global__ void __launch_bounds__(kRowBwdWarps * 32, 4) scan2d_bwd_row_kernel(Sc
       if (gated) vdz[k] = fmaf(Dd, uv, cv * hv) * gz[k];
     }
     if (valid && active) {
-      if (ga.du.defined()) {
-        const Plane<T> r = row_plane<T, kDir>(ga.du, b, d);
-        store_chunk<T, kVec>(r.base, r.sj, j0, n, vdu);
-      }
-      if (ga.ddelta.defined()) {
-        const Plane<T> r = row_plane<T, kDir>(ga.ddelta, b, d);
-        store_chunk<T, kVec>(r.base, r.sj, j0, n, vdd);
-      }
-      if (ga.dz.defined()) {
-        const Plane<T> r = row_plane<T, kDir>(ga.dz, b, d);
-        store_chunk<T, kVec>(r.base, r.sj, j0, n, vdz);
-      }
+      auto store = [&](const Grid& g, const float (&v)[CH]) {
+        if (!g.defined()) return;
+        const Plane<T> r = row_plane<T, kDir>(g, b, d);
+        store_chunk<T, kVec>(r.base, r.sj, j0, n, v);
+      };
+      store(ga.du, vdu);
+      store(ga.ddelta, vdd);
+      store(ga.dz, vdz);
     }
     if (warp_sum_bc) {
       // Lanes of one segment (same chunk) differ in the channel bits of the lane index (bits 3-4):
@@ -1475,32 +1471,22 @@ bool row_grid_fits(const Scan2dProblem& p, const Grid& g, int64_t channels) {
   const auto addr = reinterpret_cast<uintptr_t>(g.data) + (g.sj < 0 ? es : 0);
   return addr % vb == 0 && (p.batch == 1 || (g.sb * es) % vb == 0) && (channels == 1 || (g.sc * es) % vb == 0);
 }
-bool row_vectors_fit(const Scan2dProblem& p) {
-  return row_grid_fits(p, p.delta, p.dim) && row_grid_fits(p, p.u, p.dim) && row_grid_fits(p, p.z, p.dim) &&
-         row_grid_fits(p, p.B, p.groups) && row_grid_fits(p, p.C, p.groups);
-}
-// The column stride shared by every defined grid of `grids` (+1 or -1), or 0 where two differ.
-int common_sj(std::initializer_list<const Grid*> grids) {
+// The kDir of the 1D row kernels' instance for a call: the column stride (+1 or -1) that every
+// defined row operand and the per-channel grids `cells` (outputs; dout) share, each fitting a vector
+// chunk; else 0 (element by element). SS2D's routes read every operand of a route in one frame, so
+// mixed directions are a caller's own strides.
+int row_vector_dir(const Scan2dProblem& p, std::initializer_list<const Grid*> cells) {
   int64_t sj = 0;
-  for (const Grid* g : grids) {
-    if (!g->defined()) continue;
-    if (sj != 0 && g->sj != sj) return 0;
-    sj = g->sj;
-  }
-  return static_cast<int>(sj);
-}
-// The kDir of the 1D row kernels' instance for a call: the rows' common direction where every row
-// operand and output fits a vector chunk, else 0 (element by element). SS2D's routes read every
-// operand of a route in one frame, so mixed directions are a caller's own strides.
-int row_vector_dir(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
-  if (!row_vectors_fit(p) || !row_grid_fits(p, o.out, p.dim)) return 0;
-  return common_sj({&p.delta, &p.u, &p.z, &p.B, &p.C, &o.out});
-}
-int row_vector_dir(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
-  if (!row_vectors_fit(p) || !row_grid_fits(p, a.dout, p.dim) || !row_grid_fits(p, a.du, p.dim) ||
-      !row_grid_fits(p, a.ddelta, p.dim) || !row_grid_fits(p, a.dz, p.dim))
-    return 0;
-  return common_sj({&p.delta, &p.u, &p.z, &p.B, &p.C, &a.dout, &a.du, &a.ddelta, &a.dz});
+  auto agrees = [&](const Grid& g, int64_t channels) {
+    if (!g.defined()) return true;
+    if (!row_grid_fits(p, g, channels) || (sj != 0 && g.sj != sj)) return false;
+    sj = g.sj;
+    return true;
+  };
+  bool ok = agrees(p.delta, p.dim) && agrees(p.u, p.dim) && agrees(p.z, p.dim) && agrees(p.B, p.groups) &&
+            agrees(p.C, p.groups);
+  for (const Grid* g : cells) ok = ok && agrees(*g, p.dim);
+  return ok ? static_cast<int>(sj) : 0;
 }
 
 template <typename T, int CPL>
@@ -1508,7 +1494,7 @@ void forward_solo(const Scan2dProblem& p, const Scan2dForwardOutputs& o, const P
   if (p.height == 1) {
     auto kernel = scan2d_fwd_row_kernel<T, CPL, 0>;
     if constexpr (CPL == kRowChunk) {
-      const int dir = row_vector_dir(p, o);
+      const int dir = row_vector_dir(p, {&o.out});
       if (dir != 0) kernel = dir > 0 ? scan2d_fwd_row_kernel<T, CPL, 1> : scan2d_fwd_row_kernel<T, CPL, -1>;
     }
     for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
@@ -1606,7 +1592,7 @@ void backward_ns(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan
 template <typename T, bool Det>
 void backward_row(const Scan2dProblem& p, const Scan2dBackwardArgs& a, const Plan& L, cudaStream_t stream) {
   const int64_t channels = L.d_end - L.d_begin;
-  const int dir = row_vector_dir(p, a);
+  const int dir = row_vector_dir(p, {&a.dout, &a.du, &a.ddelta, &a.dz});
   for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
     dim3 grid(static_cast<unsigned>(ceil_div(channels, kRowBwdWarps * kRowChans)),
               static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));

@@ -241,7 +241,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 __device__ __forceinline__ float softplus_fast(float v) {
   return v > 20.f ? v : kLn2 * lg2_fast(1.f + fast_exp2(v * kLog2e));
 }
-__device__ __forceinline__ float sigmoid_fast(float v) { return sigmoid_f(v); }
 
 __device__ __forceinline__ float dt_of(const Scan2dProblem& p, float delta, float bias) {
   const float v = delta + bias;
@@ -344,7 +343,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dP
       float y = fmaf(cc.Dd, su[lane * SW + kk], bc.C(kk, pi) * h);
       if (gated) {
         const float zv = sz[lane * SW + kk];
-        y *= zv * sigmoid_fast(zv);
+        y *= zv * sigmoid_f(zv);
       }
       su[lane * SW + kk] = y;
     });
@@ -466,7 +465,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
         ci.sig = 0.f;
         if (gated) {
           const float zv = sz[lane * SW + kk];
-          ci.sig = sigmoid_fast(zv);
+          ci.sig = sigmoid_f(zv);
           ci.dy = go * zv * ci.sig;
         }
         const float dyC = ci.dy * bc.C(kk, pi);
@@ -503,7 +502,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) scan2d_chan_bwd_kernel(Scan2dP
         dA = fmaf(q, dt, dA);
         dD = fmaf(dy, u, dD);
         float dd = ddt;
-        if (p.softplus) dd = v > 20.f ? ddt : ddt * sigmoid_fast(v);
+        if (p.softplus) dd = v > 20.f ? ddt : ddt * sigmoid_f(v);
         if (cell < K) dbias += dd;
         su[lane * SW + kk] = du;
         sd[lane * SW + kk] = dd;
