@@ -84,6 +84,34 @@ def test_conv1x1_autocast_bf16_cpu(fmt, bias):
     torch.testing.assert_close(gw, gwc, rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv1x1_channels_last_is_one_node_with_conv2d_double_backward(bias):
+    # The channels-last route runs as one autograd node; its backward is differentiable, so
+    # gradients of gradients equal nn.Conv2d's (float64).
+    torch.manual_seed(3)
+    mod = Conv1x1(5, 4, bias=bias, dtype=torch.float64)
+    ref = nn.Conv2d(5, 4, 1, bias=bias, dtype=torch.float64)
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = mod(x)
+    assert type(y.grad_fn).__name__ == "_ChannelsLinearBackward"
+    gout = torch.randn(y.shape, dtype=torch.float64)
+    params = [mod.weight] + ([mod.bias] if bias else [])
+    ref_params = [ref.weight] + ([ref.bias] if bias else [])
+    g = torch.autograd.grad(y, [x] + params, gout, create_graph=True)
+    g_ref = torch.autograd.grad(ref(x), [x] + ref_params, gout, create_graph=True)
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    # second order: d/d(x, weight) of <gx, v> + <gw, u>
+    v, u = torch.randn_like(x), torch.randn_like(mod.weight)
+    s, s_ref = (g[0] * v).sum() + (g[1] * u).sum(), (g_ref[0] * v).sum() + (g_ref[1] * u).sum()
+    gg = torch.autograd.grad(s, [x, mod.weight])
+    gg_ref = torch.autograd.grad(s_ref, [x, ref.weight])
+    for a, r in zip(gg, gg_ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
 def test_conv1x1_state_dict_round_trip_with_conv2d():
     conv = nn.Conv2d(7, 9, 1, bias=True)
     mod = Conv1x1(7, 9)

@@ -58,6 +58,7 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         contiguous (with H = W = 1 both). Under autocast the product runs in the autocast dtype, as
         the convolution would.
     """
+    full = weight  # (C_out, C_in, 1, 1) or (C_out, C_in): the one-node route takes it as given
     if weight.dim() == 4:
         if weight.shape[2:] != (1, 1):
             raise ValueError(f"conv1x1: weight must have shape (C_out, C_in, 1, 1), got {tuple(weight.shape)}")
@@ -71,10 +72,78 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"conv1x1: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if _rows_are_channels(x):
-        # (B, H, W, C) is a free view; linear's result (B, H, W, C_out) is contiguous, i.e. the
-        # permuted-back output is channels-last.
-        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+        dt = _one_node_dtype(x, full, bias)
+        if dt is None:
+            # (B, H, W, C) is a free view; linear's result (B, H, W, C_out) is contiguous, i.e. the
+            # permuted-back output is channels-last.
+            return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+        return _ChannelsLinear.apply(x, full, bias, dt)
     return batched_gemm(weight, x.reshape(b, c, h * w), bias).view(b, weight.shape[0], h, w)
+
+
+_LOWP_OK = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _one_node_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The product's dtype when the channels-last route runs as one autograd node (``_ChannelsLinear``),
+    else None (F.linear on the views): only where autograd records a graph (eagerly, plain tensors),
+    and only for the dtypes F.linear would take (under autocast: x already in autocast's dtype, the
+    parameters float32 / float16 / bfloat16, cast as autocast would; without: x, weight and bias of
+    one dtype, else F.linear's error). An x that autocast would cast takes F.linear, whose node keeps
+    only the cast copy."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                         or (bias is not None and bias.requires_grad))):
+        return None
+    if torch.compiler.is_compiling() or not all(t is None or type(t) in (Tensor, nn.Parameter) for t in (x, weight, bias)):
+        return None
+    dt = _autocast_dtype(x.device.type)
+    if dt is not None:
+        return dt if x.dtype == dt and all(t is None or t.dtype in _LOWP_OK for t in (weight, bias)) else None
+    return x.dtype if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) else None
+
+
+class _ChannelsLinear(torch.autograd.Function):
+    """conv1x1's channels-last route as one autograd node: x (B, C_in, H, W) channels-last (or 1x1) in
+    ``dtype`` (the product's: autocast's, else x's), weight (C_out, C_in, 1, 1) or (C_out, C_in),
+    bias (C_out,) or None. Saves x (a view of it) and the weight cast to ``dtype``: what F.linear's
+    node saves.
+
+    The same products as ``F.linear`` on the (B, H, W, C_in) view, with the casts, views, transposes
+    and permutes that autograd would record as eight nodes (each a host-side call in the backward)
+    done inside one node. The backward is made of differentiable ops on the saved (uncast) inputs
+    when a graph of it is asked for (create_graph), so higher-order gradients still hold.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        # x is in ``dtype`` (_one_node_dtype); each Python-level op call here is host time, so the
+        # product is F.linear on the (B, H, W, C_in) view (its reshapes happen inside it).
+        wd = weight.view(weight.shape[0], x.shape[1])
+        wd = wd if wd.dtype == dtype else wd.to(dtype)
+        bd = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+        ctx.save_for_backward(x, weight, bias, wd)
+        ctx.dtype = dtype
+        return F.linear(x.permute(0, 2, 3, 1), wd, bd).permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, wd = ctx.saved_tensors
+        dtype = ctx.dtype
+        if torch.is_grad_enabled():  # a graph of the backward: products of the differentiable inputs
+            wd = weight.view(wd.shape).to(dtype)
+        b, c, h, w = x.shape
+        g2 = gy.permute(0, 2, 3, 1).reshape(b * h * w, gy.shape[1])  # a copy unless gy is channels-last
+        if g2.dtype != dtype:
+            g2 = g2.to(dtype)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.mm(g2, wd).view(b, h, w, c).permute(0, 3, 1, 2)
+        if ctx.needs_input_grad[1]:
+            gw = torch.mm(g2.t(), x.permute(0, 2, 3, 1).reshape(b * h * w, c))
+            gw = (gw if gw.dtype == weight.dtype else gw.to(weight.dtype)).view(weight.shape)
+        if bias is not None and ctx.needs_input_grad[2]:
+            gb = g2.sum(0, dtype=bias.dtype)
+        return gx, gw, gb, None
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
