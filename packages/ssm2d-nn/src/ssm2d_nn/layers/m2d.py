@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..backends import BACKENDS
 from ..ops import star_relu, wavefront2d
+from .conv1x1 import Linear, linear
 from .norms import LayerNorm
 
 __all__ = ["M2DMixer", "RoPEAttention2d", "SepConvLocal", "StarReLU", "axial_rope_cos_sin", "apply_rope"]
@@ -57,11 +58,11 @@ class SepConvLocal(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         med = int(expansion_ratio * dim)
-        self.pwconv1 = nn.Linear(dim, med, bias=False, **dd)
+        self.pwconv1 = Linear(dim, med, bias=False, **dd)
         self.act1 = StarReLU(**dd)
         self.dwconv = nn.Conv2d(med, med, kernel_size, padding=kernel_size // 2, groups=med, bias=False, **dd)
         self.act2 = StarReLU(**dd)
-        self.pwconv2 = nn.Linear(med, dim, bias=False, **dd)
+        self.pwconv2 = Linear(med, dim, bias=False, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act1(self.pwconv1(x))
@@ -115,16 +116,16 @@ class M2DMixer(nn.Module):
 
         self.local_norm = LayerNorm(dim, **dd) if local_path else None
         self.local_path = SepConvLocal(dim, 2, 3, **dd) if local_path else None
-        self.in_proj = nn.Linear(dim, e, **dd)
-        self.x_proj = nn.Linear(e, 2 * r + 3 * n, bias=False, **dd)
-        self.dt_projT = nn.Linear(r, e, **dd)
-        self.dt_projL = nn.Linear(r, e, **dd)
+        self.in_proj = Linear(dim, e, **dd)
+        self.x_proj = Linear(e, 2 * r + 3 * n, bias=False, **dd)
+        self.dt_projT = Linear(r, e, **dd)
+        self.dt_projL = Linear(r, e, **dd)
         self.AT_log = nn.Parameter(torch.empty(e, n, **dd))
         self.AL_log = nn.Parameter(torch.empty(e, n, **dd))
         self.D = nn.Parameter(torch.empty(e, **dd))
         for p in (self.AT_log, self.AL_log, self.D):
             p._no_weight_decay = True
-        self.out_proj = nn.Linear(e, dim, **dd)
+        self.out_proj = Linear(e, dim, **dd)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -158,7 +159,7 @@ class M2DMixer(nn.Module):
         # dt_projT and dt_projL as one block-diagonal GEMM + one softplus (half the small kernels).
         w = torch.block_diag(self.dt_projT.weight, self.dt_projL.weight)
         bias = torch.cat([self.dt_projT.bias, self.dt_projL.bias])
-        dt = F.softplus(F.linear(xdbl[..., : 2 * r], w.to(xdbl.dtype), bias.to(xdbl.dtype))).to(u.dtype)
+        dt = F.softplus(linear(xdbl[..., : 2 * r], w, bias)).to(u.dtype)
         bt, bl, c = xdbl[..., 2 * r:].to(u.dtype).split(n, dim=-1)
         return dt[..., :e], dt[..., e:], bt, bl, c
 
@@ -233,10 +234,10 @@ class RoPEAttention2d(nn.Module):
         self.attn_drop = attn_drop
         if head_dim % 4:
             raise ValueError(f"head_dim must be a multiple of 4 for 2D axial RoPE, got {head_dim}")
-        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
+        self.qkv = Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
         self.q_norm = LayerNorm(head_dim, **dd)
         self.k_norm = LayerNorm(head_dim, **dd)
-        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, **dd)
+        self.proj = Linear(self.attn_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 
