@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from _support import ROOT, nvcc_available, run_checked
+from _support import ROOT, run_checked
 
 pytestmark = pytest.mark.slow
 CONSTRAINTS = ROOT / "tools" / "constraints.txt"
@@ -78,9 +78,12 @@ def test_wheel_metadata_names_version_and_dependencies(wheelhouse, dist):
 
 def test_kernel_wheel_alone_from_source_without_torch(tmp_path):
     py = _fresh_venv(tmp_path / "venv")
+    # CPU kernels only: what this test shows is that the package builds and installs from source on its
+    # own, without torch. Compiling the CUDA kernels a second time would add ~9 minutes on a 2-core CI
+    # machine; the development build compiles them (SSM2D_WITH_CUDA=ON wherever nvcc is, so a kernel that
+    # does not compile fails the setup) and test_kernels_in_env.py checks that it did.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSM2D_")}
-    if nvcc_available():
-        env["SSM2D_CUDA_ARCHITECTURES"] = "90"  # one architecture keeps this quick; AUTO finds nvcc
+    env["SSM2D_WITH_CUDA"] = "OFF"
     _pip(py, "install", "-q", _copy_source("ssm2d-kernels", tmp_path), env=env)
     code = (
         "import importlib.util, json, ssm2d_kernels as k\n"
@@ -92,7 +95,7 @@ def test_kernel_wheel_alone_from_source_without_torch(tmp_path):
 
     info = json.loads(run_checked([py, "-c", code]).stdout)
     assert info["cpu"] is True
-    assert info["cuda"] is nvcc_available()
+    assert info["cuda"] is False
     assert info["devices"] >= 0
     listed = run_checked([py, "-m", "pip", "list", "--format=freeze"]).stdout.lower()
     assert "ssm2d-kernels==" in listed and "torch" not in listed
