@@ -84,34 +84,6 @@ def test_conv1x1_autocast_bf16_cpu(fmt, bias):
     torch.testing.assert_close(gw, gwc, rtol=2e-2, atol=5e-2)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_conv1x1_channels_last_is_one_node_with_conv2d_double_backward(bias):
-    # The channels-last route runs as one autograd node; its backward is differentiable, so
-    # gradients of gradients equal nn.Conv2d's (float64).
-    torch.manual_seed(3)
-    mod = Conv1x1(5, 4, bias=bias, dtype=torch.float64)
-    ref = nn.Conv2d(5, 4, 1, bias=bias, dtype=torch.float64)
-    ref.load_state_dict(mod.state_dict())
-    x = torch.randn(2, 5, 3, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    y = mod(x)
-    assert type(y.grad_fn).__name__ == "_ChannelsLinearBackward"
-    gout = torch.randn(y.shape, dtype=torch.float64)
-    params = [mod.weight] + ([mod.bias] if bias else [])
-    ref_params = [ref.weight] + ([ref.bias] if bias else [])
-    g = torch.autograd.grad(y, [x] + params, gout, create_graph=True)
-    g_ref = torch.autograd.grad(ref(x), [x] + ref_params, gout, create_graph=True)
-    for a, r in zip(g, g_ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
-    # second order: d/d(x, weight) of <gx, v> + <gw, u>
-    v, u = torch.randn_like(x), torch.randn_like(mod.weight)
-    s, s_ref = (g[0] * v).sum() + (g[1] * u).sum(), (g_ref[0] * v).sum() + (g_ref[1] * u).sum()
-    gg = torch.autograd.grad(s, [x, mod.weight])
-    gg_ref = torch.autograd.grad(s_ref, [x, ref.weight])
-    for a, r in zip(gg, gg_ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
-
-
 def test_conv1x1_state_dict_round_trip_with_conv2d():
     conv = nn.Conv2d(7, 9, 1, bias=True)
     mod = Conv1x1(7, 9)
@@ -303,53 +275,3 @@ def test_wavefront2d_backward_shared_buffers(dstate, with_d):
     outs = torch.ops.ssm2d.wavefront2d_bwd(gout, *args.values(), "tl", False)
     ptrs = [o.untyped_storage().data_ptr() for o in outs if o.numel()]
     assert len(ptrs) == len(set(ptrs))
-
-
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("sliced", [False, True])
-def test_linear_one_node_equals_nn_linear_with_double_backward(bias, sliced):
-    from ssm2d_nn.layers.conv1x1 import Linear
-
-    torch.manual_seed(4)
-    mod = Linear(6, 5, bias=bias, dtype=torch.float64)
-    ref = nn.Linear(6, 5, bias=bias, dtype=torch.float64)
-    ref.load_state_dict(mod.state_dict())
-    base = torch.randn(2, 3, 4, 9, dtype=torch.float64)
-    x = (base[..., 1:7] if sliced else base[..., :6].contiguous()).requires_grad_(True)
-    y = mod(x)
-    assert type(y.grad_fn).__name__ == "_LinearBackward"
-    torch.testing.assert_close(y, ref(x), rtol=1e-12, atol=1e-12)
-    gout = torch.randn(y.shape, dtype=torch.float64)
-    params, ref_params = list(mod.parameters()), list(ref.parameters())
-    g = torch.autograd.grad(y, [x] + params, gout, create_graph=True)
-    g_ref = torch.autograd.grad(ref(x), [x] + ref_params, gout, create_graph=True)
-    for a, r in zip(g, g_ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
-    v, u = torch.randn_like(x), torch.randn_like(mod.weight)
-    gg = torch.autograd.grad((g[0] * v).sum() + (g[1] * u).sum(), [x, mod.weight])
-    gg_ref = torch.autograd.grad((g_ref[0] * v).sum() + (g_ref[1] * u).sum(), [x, ref.weight])
-    for a, r in zip(gg, gg_ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
-
-
-def test_linear_under_autocast_bf16_cpu_close_to_float64():
-    from ssm2d_nn.layers.conv1x1 import Linear
-
-    torch.manual_seed(5)
-    mod = Linear(16, 24)
-    x = torch.randn(3, 7, 16).bfloat16().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = mod(x)
-    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ == "_LinearBackward"
-    w64, b64 = mod.weight.detach().bfloat16().double(), mod.bias.detach().bfloat16().double()
-    x64 = x.detach().double().requires_grad_(True)
-    w64.requires_grad_(True)
-    b64.requires_grad_(True)
-    y64 = F.linear(x64, w64, b64)
-    torch.testing.assert_close(y.double(), y64, rtol=1e-2, atol=2e-2)
-    gout = torch.randn(y.shape).bfloat16()
-    gx, gw, gb = torch.autograd.grad(y, [x, mod.weight, mod.bias], gout)
-    rx, rw, rb = torch.autograd.grad(y64, [x64, w64, b64], gout.double())
-    assert gx.dtype == torch.bfloat16 and gw.dtype == gb.dtype == torch.float32
-    for a, r in ((gx, rx), (gw, rw), (gb, rb)):
-        torch.testing.assert_close(a.double(), r, rtol=2e-2, atol=5e-2)

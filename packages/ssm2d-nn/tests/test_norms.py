@@ -56,7 +56,7 @@ def test_layer_norm_traces_with_fx_and_checks_autocast_when_run(cls, shape):
     traced = torch.fx.symbolic_trace(norm)
     # one leaf call for the norm itself, its parameters passed in, nothing evaluated while tracing
     calls = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"]
-    assert ("_layer_norm_2d_lowp" if cls is LayerNorm2d else "_layer_norm_lowp") in calls
+    assert "_layer_norm_lowp" in calls
     x = torch.randn(*shape) * 3 + 1
     with torch.no_grad():
         assert torch.equal(traced(x), norm(x))
@@ -131,14 +131,3 @@ def test_ops_layer_norm_compiles_with_symbolic_row_lengths():
         assert torch.allclose(y.double(), y64, atol=1e-5)
         for g, r in zip(got, ref):
             assert torch.allclose(g.double(), r, atol=1e-4)
-
-
-def test_layer_norm_2d_on_the_cpu_is_the_permuted_layer_norm():
-    from ssm2d_nn.ops import layer_norm_2d
-
-    x = torch.randn(2, 24, 5, 7, dtype=torch.float64)
-    w, b = torch.randn(24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
-    expected = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (24,), w, b, 1e-6).permute(0, 3, 1, 2)
-    assert torch.equal(layer_norm_2d(x, w, b, 1e-6), expected)
-    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
-        layer_norm_2d(x[0], w, b)

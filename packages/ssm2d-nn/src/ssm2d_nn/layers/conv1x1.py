@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .norms import _as_dtype, _autocast_dtype
 
-__all__ = ["Conv1x1", "Linear", "Mlp1x1", "MlpLinear", "batched_gemm", "block_diagonal", "conv1x1", "grouped_1x1", "linear"]
+__all__ = ["Conv1x1", "Mlp1x1", "batched_gemm", "block_diagonal", "conv1x1", "grouped_1x1"]
 
 
 def _rows_are_channels(x: Tensor) -> bool:
@@ -58,7 +58,6 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         contiguous (with H = W = 1 both). Under autocast the product runs in the autocast dtype, as
         the convolution would.
     """
-    full = weight  # (C_out, C_in, 1, 1) or (C_out, C_in): the one-node route takes it as given
     if weight.dim() == 4:
         if weight.shape[2:] != (1, 1):
             raise ValueError(f"conv1x1: weight must have shape (C_out, C_in, 1, 1), got {tuple(weight.shape)}")
@@ -72,138 +71,10 @@ def conv1x1(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"conv1x1: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if _rows_are_channels(x):
-        dt = _one_node_dtype(x, full, bias)
-        if dt is None:
-            # (B, H, W, C) is a free view; linear's result (B, H, W, C_out) is contiguous, i.e. the
-            # permuted-back output is channels-last.
-            return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
-        return _ChannelsLinear.apply(x, full, bias, dt)
+        # (B, H, W, C) is a free view; linear's result (B, H, W, C_out) is contiguous, i.e. the
+        # permuted-back output is channels-last.
+        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
     return batched_gemm(weight, x.reshape(b, c, h * w), bias).view(b, weight.shape[0], h, w)
-
-
-_LOWP_OK = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _one_node_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[torch.dtype]:
-    """The product's dtype when the channels-last route runs as one autograd node (``_ChannelsLinear``),
-    else None (F.linear on the views): only where autograd records a graph (eagerly, plain tensors),
-    and only for the dtypes F.linear would take (under autocast: x already in autocast's dtype, the
-    parameters float32 / float16 / bfloat16, cast as autocast would; without: x, weight and bias of
-    one dtype, else F.linear's error). An x that autocast would cast takes F.linear, whose node keeps
-    only the cast copy."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                         or (bias is not None and bias.requires_grad))):
-        return None
-    if torch.compiler.is_compiling() or not all(t is None or type(t) in (Tensor, nn.Parameter) for t in (x, weight, bias)):
-        return None
-    dt = _autocast_dtype(x.device.type)
-    if dt is not None:
-        return dt if x.dtype == dt and all(t is None or t.dtype in _LOWP_OK for t in (weight, bias)) else None
-    return x.dtype if weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype) else None
-
-
-def _linear_grads(ctx, g2: Tensor, x2: Tensor, wd: Tensor, weight: Tensor, bias: Optional[Tensor]) -> tuple:
-    """The gradients of y2 = x2 @ wd^T (+ bias) for ``ctx.needs_input_grad``'s first three inputs:
-    (gx2 (M, K) or None, gweight in weight's shape and dtype or None, gbias in bias's dtype or None),
-    from g2 (M, N) in the product's dtype. The bias gradient is summed in float32 (or the bias's
-    dtype), not in the product's."""
-    gx2 = torch.mm(g2, wd) if ctx.needs_input_grad[0] else None
-    gw = None
-    if ctx.needs_input_grad[1]:
-        gw = torch.mm(g2.t(), x2)
-        gw = (gw if gw.dtype == weight.dtype else gw.to(weight.dtype)).view(weight.shape)
-    gb = g2.sum(0, dtype=bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-    return gx2, gw, gb
-
-
-class _ChannelsLinear(torch.autograd.Function):
-    """conv1x1's channels-last route as one autograd node: x (B, C_in, H, W) channels-last (or 1x1) in
-    ``dtype`` (the product's: autocast's, else x's), weight (C_out, C_in, 1, 1) or (C_out, C_in),
-    bias (C_out,) or None. Saves x (a view of it) and the weight cast to ``dtype``: what F.linear's
-    node saves.
-
-    The same products as ``F.linear`` on the (B, H, W, C_in) view, with the casts, views, transposes
-    and permutes that autograd would record as eight nodes (each a host-side call in the backward)
-    done inside one node. The backward is made of differentiable ops on the saved (uncast) inputs
-    when a graph of it is asked for (create_graph), so higher-order gradients still hold.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, dtype):
-        # x is in ``dtype`` (_one_node_dtype); each Python-level op call here is host time, so the
-        # product is F.linear on the (B, H, W, C_in) view (its reshapes happen inside it).
-        wd = weight.view(weight.shape[0], x.shape[1])
-        wd = wd if wd.dtype == dtype else wd.to(dtype)
-        bd = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
-        ctx.save_for_backward(x, weight, bias, wd)
-        ctx.dtype = dtype
-        return F.linear(x.permute(0, 2, 3, 1), wd, bd).permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, bias, wd = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a graph of the backward: products of the differentiable inputs
-            wd = weight.view(wd.shape).to(ctx.dtype)
-        b, c, h, w = x.shape
-        g2 = gy.permute(0, 2, 3, 1).reshape(b * h * w, gy.shape[1])  # a copy unless gy is channels-last
-        g2 = g2 if g2.dtype == ctx.dtype else g2.to(ctx.dtype)
-        x2 = x.permute(0, 2, 3, 1).reshape(b * h * w, c) if ctx.needs_input_grad[1] else None
-        gx2, gw, gb = _linear_grads(ctx, g2, x2, wd, weight, bias)
-        gx = None if gx2 is None else gx2.view(b, h, w, c).permute(0, 3, 1, 2)
-        return gx, gw, gb, None
-
-
-@torch.fx.wrap
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; where autograd records it (training), as one autograd node.
-    One leaf call of torch.fx traces (``torch.fx.wrap``), like :func:`conv1x1`.
-
-    F.linear under autocast on a (..., K) input records about six nodes (the weight's and the bias's
-    casts, the transpose, the product, the input's and the output's reshapes), each a host-side call
-    in the backward; here they are one (``_Linear``), with the same products, the bias gradient summed
-    in float32. Elsewhere (inference, torch.compile, tensor subclasses, dtypes F.linear would refuse)
-    it is F.linear itself.
-
-    Shapes: x (..., K), weight (N, K), bias (N,) or None -> (..., N) in the product's dtype
-    (autocast's, else x's). Saves x and the weight in the product's dtype for the backward, as
-    F.linear's nodes do.
-    """
-    dt = _one_node_dtype(x, weight, bias) if x.dim() >= 2 else None
-    if dt is None:
-        return F.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias, dt)
-
-
-class _Linear(torch.autograd.Function):
-    """``linear``'s one autograd node; its backward is differentiable (see _ChannelsLinear)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, dtype):
-        wd = weight if weight.dtype == dtype else weight.to(dtype)
-        bd = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
-        ctx.save_for_backward(x, weight, bias, wd)
-        ctx.dtype = dtype
-        return F.linear(x, wd, bd)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, bias, wd = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            wd = weight.to(ctx.dtype)
-        k = x.shape[-1]
-        g2 = gy.reshape(-1, gy.shape[-1])
-        g2 = g2 if g2.dtype == ctx.dtype else g2.to(ctx.dtype)
-        x2 = x.reshape(-1, k) if ctx.needs_input_grad[1] else None
-        gx2, gw, gb = _linear_grads(ctx, g2, x2, wd, weight, bias)
-        return (None if gx2 is None else gx2.view(x.shape)), gw, gb, None
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same arguments, parameters and state-dict keys) whose training forward is one
-    autograd node (:func:`linear`)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -317,8 +188,6 @@ class Mlp1x1(nn.Module):
     Shapes: (B, in_features, H, W) -> (B, out_features, H, W), in the input's memory format.
     """
 
-    _layer = Conv1x1
-
     def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
                  act_layer=nn.GELU, bias: bool = True, drop: float = 0.0, device=None, dtype=None):
         super().__init__()
@@ -326,23 +195,13 @@ class Mlp1x1(nn.Module):
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
         drops = tuple(drop) if isinstance(drop, (tuple, list)) else (drop, drop)
-        self.fc1 = self._layer(in_features, hidden_features, bias=bias, **dd)
+        self.fc1 = Conv1x1(in_features, hidden_features, bias=bias, **dd)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drops[0]) if drops[0] > 0 else nn.Identity()
         self.norm = nn.Identity()
-        self.fc2 = self._layer(hidden_features, out_features, bias=bias, **dd)
+        self.fc2 = Conv1x1(hidden_features, out_features, bias=bias, **dd)
         self.drop2 = nn.Dropout(drops[1]) if drops[1] > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.drop1(self.act(self.fc1(x)))
         return self.drop2(self.fc2(self.norm(x)))
-
-
-class MlpLinear(Mlp1x1):
-    """timm's ``Mlp`` (nn.Linear layers on (..., C) inputs) with :class:`Linear` layers: the same module
-    names, parameters, state-dict keys and creation order; each layer one autograd node in training.
-
-    Shapes: (..., in_features) -> (..., out_features).
-    """
-
-    _layer = Linear

@@ -18,12 +18,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from ..backends import BACKENDS
 from ..ops import star_relu, wavefront2d
-from .conv1x1 import Linear, linear
-from .norms import LayerNorm, _autocast_dtype
+from .norms import LayerNorm
 
 __all__ = ["M2DMixer", "RoPEAttention2d", "SepConvLocal", "StarReLU", "axial_rope_cos_sin", "apply_rope"]
 
@@ -59,11 +57,11 @@ class SepConvLocal(nn.Module):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         med = int(expansion_ratio * dim)
-        self.pwconv1 = Linear(dim, med, bias=False, **dd)
+        self.pwconv1 = nn.Linear(dim, med, bias=False, **dd)
         self.act1 = StarReLU(**dd)
         self.dwconv = nn.Conv2d(med, med, kernel_size, padding=kernel_size // 2, groups=med, bias=False, **dd)
         self.act2 = StarReLU(**dd)
-        self.pwconv2 = Linear(med, dim, bias=False, **dd)
+        self.pwconv2 = nn.Linear(med, dim, bias=False, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act1(self.pwconv1(x))
@@ -117,16 +115,16 @@ class M2DMixer(nn.Module):
 
         self.local_norm = LayerNorm(dim, **dd) if local_path else None
         self.local_path = SepConvLocal(dim, 2, 3, **dd) if local_path else None
-        self.in_proj = Linear(dim, e, **dd)
-        self.x_proj = Linear(e, 2 * r + 3 * n, bias=False, **dd)
-        self.dt_projT = Linear(r, e, **dd)
-        self.dt_projL = Linear(r, e, **dd)
+        self.in_proj = nn.Linear(dim, e, **dd)
+        self.x_proj = nn.Linear(e, 2 * r + 3 * n, bias=False, **dd)
+        self.dt_projT = nn.Linear(r, e, **dd)
+        self.dt_projL = nn.Linear(r, e, **dd)
         self.AT_log = nn.Parameter(torch.empty(e, n, **dd))
         self.AL_log = nn.Parameter(torch.empty(e, n, **dd))
         self.D = nn.Parameter(torch.empty(e, **dd))
         for p in (self.AT_log, self.AL_log, self.D):
             p._no_weight_decay = True
-        self.out_proj = Linear(e, dim, **dd)
+        self.out_proj = nn.Linear(e, dim, **dd)
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -160,23 +158,17 @@ class M2DMixer(nn.Module):
         # dt_projT and dt_projL as one block-diagonal GEMM + one softplus (half the small kernels).
         w = torch.block_diag(self.dt_projT.weight, self.dt_projL.weight)
         bias = torch.cat([self.dt_projT.bias, self.dt_projL.bias])
-        dt = F.softplus(linear(xdbl[..., : 2 * r], w, bias)).to(u.dtype)
+        dt = F.softplus(F.linear(xdbl[..., : 2 * r], w.to(xdbl.dtype), bias.to(xdbl.dtype))).to(u.dtype)
         bt, bl, c = xdbl[..., 2 * r:].to(u.dtype).split(n, dim=-1)
         return dt[..., :e], dt[..., e:], bt, bl, c
 
     def ssm(self, u: Tensor) -> Tensor:
         """The scan of u (batch, H, W, d_inner) -> (batch, H, W, d_inner)."""
+        dT, dL, bt, bl, c = self.scan_inputs(u)
         # A in float32 whatever the autocast dtype (float64 kept for the float64 reference path).
         pdt = torch.float64 if self.AT_log.dtype == torch.float64 else torch.float32
-        params = (self.x_proj.weight, self.dt_projT.weight, self.dt_projT.bias, self.dt_projL.weight,
-                  self.dt_projL.bias, self.AT_log, self.AL_log)
-        dt = _product_dtype(u, params)
-        if dt is not None and self.backend != "reference" and type(self.x_proj) is Linear and self.x_proj.bias is None:
-            dT, dL, bt, bl, c, AT, AL = _M2DScanInputs.apply(u, *params, self.dt_rank, self.d_state, dt, pdt)
-        else:
-            dT, dL, bt, bl, c = self.scan_inputs(u)
-            AT = -torch.exp(self.AT_log.to(pdt))
-            AL = -torch.exp(self.AL_log.to(pdt))
+        AT = -torch.exp(self.AT_log.to(pdt))
+        AL = -torch.exp(self.AL_log.to(pdt))
         return wavefront2d(u, dT, dL, AT, AL, bt, bl, c, self.D, origin=self.origin, backend=self.backend)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -186,77 +178,6 @@ class M2DMixer(nn.Module):
         if self.local_path is not None:
             y = y + self.local_path(self.local_norm(x))
         return y
-
-
-def _product_dtype(u: Tensor, params: tuple) -> Optional[torch.dtype]:
-    """The dtype of the scan-input products when they run as one node (``_M2DScanInputs``), else None:
-    eager training calls on plain tensors (the products' dtype: autocast's when u is already in it,
-    else u's when every parameter is too)."""
-    if not (torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params))):
-        return None
-    if torch.compiler.is_compiling() or not all(type(t) in (Tensor, nn.Parameter) for t in (u,) + params):
-        return None
-    dt = _autocast_dtype(u.device.type)
-    if dt is not None:
-        return dt if u.dtype == dt and all(p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                                           for p in params) else None
-    return u.dtype if all(p.dtype == u.dtype for p in params) else None
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-class _M2DScanInputs(torch.autograd.Function):
-    """M2DMixer's scan inputs as one autograd node: from u (batch, H, W, E) in ``dtype`` and the
-    parameters (x_proj.weight (2R + 3N, E), dt_projT/L weight (E, R) and bias (E,), AT_log / AL_log
-    (E, N)) to (dT, dL, BT, BL, C) as ``scan_inputs`` returns them (dT / dL: softplus of the two
-    direction's dt projections in float32, rounded to ``dtype``; BT, BL, C views of x_proj's output)
-    and AT, AL = -exp(A_log) in ``pdt``. The casts, the block-diagonal dt projection, the slices and
-    the negated exponentials that autograd would record as about fifteen nodes are one. Saves u, the
-    dt projections' input and pre-activation and the cast weights. Not differentiable again."""
-
-    @staticmethod
-    def forward(ctx, u, wx, wT, bT, wL, bL, AT_log, AL_log, r, n, dtype, pdt):
-        e = u.shape[-1]
-        wxd = wx if wx.dtype == dtype else wx.to(dtype)
-        xdbl = F.linear(u, wxd)  # (b, H, W, 2R + 3N)
-        dt_in = xdbl[..., : 2 * r]
-        w = torch.block_diag(wT, wL)
-        w = w if w.dtype == dtype else w.to(dtype)
-        bias = torch.cat([bT, bL])
-        pre = F.linear(dt_in, w, bias if bias.dtype == dtype else bias.to(dtype))
-        dt = F.softplus(pre.to(_acc(dtype))).to(dtype)
-        AT = torch.exp(AT_log if AT_log.dtype == pdt else AT_log.to(pdt)).neg_()
-        AL = torch.exp(AL_log if AL_log.dtype == pdt else AL_log.to(pdt)).neg_()
-        ctx.save_for_backward(u, dt_in, pre, wxd, w, AT, AL)
-        ctx.meta = (r, n, e, wx.dtype, wT.dtype, bT.dtype, AT_log.dtype)
-        bt, bl, c = xdbl[..., 2 * r:].split(n, dim=-1)
-        return dt[..., :e], dt[..., e:], bt, bl, c, AT, AL
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gdT, gdL, gbt, gbl, gc, gAT, gAL):
-        u, dt_in, pre, wxd, w, AT, AL = ctx.saved_tensors
-        r, n, e, wx_dt, w_dt, b_dt, a_dt = ctx.meta
-        lead = pre.shape[:-1]
-
-        def grad(g, size):
-            return torch.zeros(lead + (size,), dtype=pre.dtype, device=pre.device) if g is None else g
-
-        # softplus' derivative is the logistic function of its input (in float32, as the forward)
-        g_pre = (torch.cat([grad(gdT, e), grad(gdL, e)], dim=-1) * torch.sigmoid(pre.to(_acc(pre.dtype)))).to(pre.dtype)
-        g2 = g_pre.reshape(-1, 2 * e)
-        g_dt_in = torch.mm(g2, w)
-        g_w = torch.mm(g2.t(), dt_in.reshape(-1, 2 * r)).to(w_dt)
-        g_b = g2.sum(0, dtype=b_dt)
-        g_xdbl = torch.cat([g_dt_in.view(lead + (2 * r,)), grad(gbt, n), grad(gbl, n), grad(gc, n)], dim=-1)
-        gx2 = g_xdbl.reshape(-1, g_xdbl.shape[-1])
-        gu = torch.mm(gx2, wxd).view(u.shape) if ctx.needs_input_grad[0] else None
-        gwx = torch.mm(gx2.t(), u.reshape(-1, e)).to(wx_dt)
-        g_AT = None if gAT is None else (gAT * AT).to(a_dt)  # d(-exp(x))/dx = -exp(x) = A
-        g_AL = None if gAL is None else (gAL * AL).to(a_dt)
-        return (gu, gwx, g_w[:e, :r], g_b[:e], g_w[e:, r:], g_b[e:], g_AT, g_AL, None, None, None, None)
 
 
 def axial_rope_cos_sin(height: int, width: int, head_dim: int, base: float = 10000.0, *,
@@ -312,10 +233,10 @@ class RoPEAttention2d(nn.Module):
         self.attn_drop = attn_drop
         if head_dim % 4:
             raise ValueError(f"head_dim must be a multiple of 4 for 2D axial RoPE, got {head_dim}")
-        self.qkv = Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias, **dd)
         self.q_norm = LayerNorm(head_dim, **dd)
         self.k_norm = LayerNorm(head_dim, **dd)
-        self.proj = Linear(self.attn_dim, dim, bias=proj_bias, **dd)
+        self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.layer_norm import layer_norm, layer_norm_2d
+from ..ops.layer_norm import layer_norm
 
 __all__ = ["LayerNorm", "LayerNorm2d", "layer_norm_lowp"]
 
@@ -48,21 +48,10 @@ def _layer_norm_lowp(x: Tensor, normalized_shape: Tuple[int, ...], weight: Optio
     dt = _autocast_dtype(dev)
     if dev == "meta":  # shapes only
         return F.layer_norm(x, normalized_shape, weight, bias, eps)
-    # layer_norm returns x's dtype on either backend (its PyTorch path shields itself from autocast),
-    # so no autocast-disabled region here: entering one costs more host time than the kernel launch.
-    return layer_norm(x if dt is None else _as_dtype(x, dt), normalized_shape, weight, bias, eps)
-
-
-@torch.fx.wrap
-def _layer_norm_2d_lowp(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    # _layer_norm_lowp over the channels of (B, C, H, W); a leaf of torch.fx traces like it.
-    dev = x.device.type
-    if dev == "meta":  # shapes only
-        if x.dim() != 4:
-            raise ValueError(f"LayerNorm2d: x must have shape (B, C, H, W), got {tuple(x.shape)}")
-        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
-    dt = _autocast_dtype(dev)
-    return layer_norm_2d(x if dt is None else _as_dtype(x, dt), weight, bias, eps)
+    if dt is None:
+        return layer_norm(x, normalized_shape, weight, bias, eps)
+    with torch.autocast(dev, enabled=False):
+        return layer_norm(_as_dtype(x, dt), normalized_shape, weight, bias, eps)
 
 
 def layer_norm_lowp(x: Tensor, norm: nn.LayerNorm) -> Tensor:
@@ -81,10 +70,8 @@ class LayerNorm(nn.LayerNorm):
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of a (B, C, H, W) tensor, in the autocast dtype under autocast.
 
-    The result is channels-last. A channels-last input is read in place; a channels-first one is
-    copied once. The kernel reads the channels through x's strides (``ops.layer_norm_2d``): no
-    permuted views, and no autograd nodes for them.
+    On a channels-last tensor the permute is free; on a channels-first one F.layer_norm copies it once.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        return _layer_norm_2d_lowp(x, self.weight, self.bias, self.eps)  # checks x's shape
+        return layer_norm_lowp(x.permute(0, 2, 3, 1), self).permute(0, 3, 1, 2)

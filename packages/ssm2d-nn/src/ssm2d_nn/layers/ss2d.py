@@ -20,14 +20,13 @@ layout serves both.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .conv1x1 import Conv1x1, _compute_dtype, batched_gemm, block_diagonal, grouped_1x1
+from .conv1x1 import Conv1x1, batched_gemm, block_diagonal, conv1x1, grouped_1x1
 from .norms import LayerNorm2d, _as_dtype
 
 from ..ops import scan2d_reference, scan2d_routes
@@ -154,7 +153,7 @@ class SS2D(nn.Module):
             # The scan kernel walks each (batch, channel) plane: unit-stride rows keep its loads
             # coalesced, so SiLU writes u contiguous (NCHW) whatever the model's layout, and its
             # gradient comes back in the convolution's layout.
-            y = self._scan_2d(_silu_contiguous(c, plain), fmt, plain)
+            y = self._scan_2d(_silu_contiguous(c, plain), fmt)
         return self.dropout(self.out_proj(self.out_norm(y)))
 
     def _ssm_params(self, like: Tensor, routes: int):
@@ -162,13 +161,9 @@ class SS2D(nn.Module):
         float32 (float64 for float64 inputs) as the scans use them; a route's channels are one
         contiguous block of the released (K * d_inner) layouts."""
         pdt = torch.float64 if like.dtype == torch.float64 else torch.float32
-        params = (self.A_logs, self.Ds, self.dt_projs_bias)
-        if self.backend == "reference" or torch.compiler.is_compiling() or not all(
-                type(t) is nn.Parameter for t in params):
-            A = -torch.exp(_as_dtype(self.A_logs, pdt))
-            return (A.view(routes, -1, self.d_state), _as_dtype(self.Ds, pdt).view(routes, -1),
-                    _as_dtype(self.dt_projs_bias, pdt).view(routes, -1))
-        return _SsmParams.apply(*params, routes, pdt)
+        A = -torch.exp(_as_dtype(self.A_logs, pdt))
+        return (A.view(routes, -1, self.d_state), _as_dtype(self.Ds, pdt).view(routes, -1),
+                _as_dtype(self.dt_projs_bias, pdt).view(routes, -1))
 
     def _scan_cross1d(self, u: Tensor, memory_format=torch.contiguous_format, plain: bool = False) -> Tensor:
         """The four 1D routes as two scan directions on a 1 x (H*W) grid, in one scan2d_routes call.
@@ -185,17 +180,22 @@ class SS2D(nn.Module):
         xs = _cross_layouts(u, plain)  # (b, 2, d, L): row-major x and its transpose, one copy each
         # x_proj of route (s, j) reads layout j: one GEMM with the (s, j, c) x (j', d) weight that is
         # zero where j != j', so its output rows come out in route order k = 2*s + j: (b, k, c, L).
+        w_x = block_diagonal(self.x_proj_weight.to(u.dtype).view(2, 2, c, d))  # (s, (j, c), (j', d))
+        x_dbl = batched_gemm(w_x.view(4 * c, 2 * d), xs.view(b, 2 * d, L)).view(b, 4, c, L)
+        # Pieces by split rather than indexing: its backward is one cat of the pieces' gradients,
+        # where each indexed view's backward fills a zeroed copy of the whole.
+        dt_in, B_all, C_all = x_dbl.split([r, n, n], dim=2)
         # dt_proj grouped by route k, so delta comes out as (b, s, j, d, L): each direction's (j, d)
         # channels are one contiguous block of its route.
-        delta, B_all, C_all = _route_projections(xs.view(b, 2 * d, L), self.x_proj_weight, self.dt_projs_weight,
-                                                 True, r, n, ((b, 2, 2 * d, 1, L), (b, 2, 2, n, 1, L)), plain)
+        delta = grouped_1x1(dt_in, self.dt_projs_weight.to(u.dtype)).view(b, 2, 2 * d, 1, L)
         A, D, bias = self._ssm_params(u, 2)
         # B_all, C_all: (b, (s, j), N, L) strided views of x_dbl -> (b, s, G = j, N, 1, L)
-        y = scan2d_routes(xs.view(b, 2 * d, 1, L), delta, A, B_all, C_all, D, bias, True,
-                          routes=(("tl", "hv"), ("tr", "hv")), backend=self.backend)
+        y = scan2d_routes(xs.view(b, 2 * d, 1, L), delta, A, B_all.view(b, 2, 2, n, 1, L),
+                          C_all.view(b, 2, 2, n, 1, L), D, bias, True, routes=(("tl", "hv"), ("tr", "hv")),
+                          backend=self.backend)
         return _row_column_sum(y, h, w, memory_format, plain)
 
-    def _scan_2d(self, u: Tensor, memory_format=torch.contiguous_format, plain: bool = False) -> Tensor:
+    def _scan_2d(self, u: Tensor, memory_format=torch.contiguous_format) -> Tensor:
         """The four 2D routes in one scan2d_routes call, all reading u (contiguous) in place.
 
         The routes differ in origin and order, which the kernels take per route; stacking them as
@@ -205,131 +205,14 @@ class SS2D(nn.Module):
         b, d, h, w = u.shape
         n, r = self.d_state, self.dt_rank
         c = r + 2 * n
-        delta, B_all, C_all = _route_projections(u.view(b, d, h * w), self.x_proj_weight, self.dt_projs_weight,
-                                                 False, r, n, ((b, 4, d, h, w), (b, 4, 1, n, h, w)), plain)
+        x_dbl = conv1x1(u, self.x_proj_weight.to(u.dtype).view(4 * c, d)).view(b, 4, c, h * w)
+        # Pieces by split rather than indexing (its backward is one cat, where an indexed view's
+        # backward fills a zeroed copy of the whole tensor per piece).
+        dt_part, B_all, C_all = x_dbl.split([r, n, n], dim=2)
+        delta = grouped_1x1(dt_part, self.dt_projs_weight.to(u.dtype)).view(b, 4, d, h, w)
         A, D, bias = self._ssm_params(u, 4)
-        return scan2d_routes(u, delta, A, B_all, C_all, D, bias, True, routes=ROUTES_2D, backend=self.backend,
-                             memory_format=memory_format)
-
-
-def _route_projections(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, cross: bool, r: int, n: int,
-                       shapes: tuple, plain: bool = False):
-    """The K = 4 routes' projections of SS2D: x_dbl = W_x x, then delta = W_dt dt_in per route.
-
-    Args:
-        x: (b, J * d, L) contiguous; J = 2 (cross1d: the row-major and the column-major layout, route
-            k = 2 s + j reading layout j) or J = 1 (2d: every route reads the one layout).
-        x_proj_weight: (4, R + 2N, d); dt_projs_weight: (4, d, R), both in the parameters' dtype.
-        cross: J = 2; r, n: R and N.
-        shapes: the shapes delta and B / C are returned in (views of the ones below).
-
-    Returns:
-        delta ((b, 4 d, L) contiguous), and B, C ((b, 4, N, L) views of x_dbl (b, 4, R + 2N, L)) viewed as
-        ``shapes``, in the products' dtype (autocast's, else x's). The products are one GEMM each (x_proj's weight made
-        block-diagonal over the layouts for cross1d, dt_proj's over the routes), their weights
-        broadcast over the batch.
-
-    On the eager path (not ``plain``) this is one autograd node: the casts, block-diagonal weights,
-    splits and views that autograd would record as ~20 nodes per call (each a host-side call in the
-    backward) happen inside it; its backward is not differentiable again (like the scans'). ``plain``
-    (reference backend, torch.compile): the same products as plain ops.
-    """
-    if plain or not all(type(t) in (Tensor, nn.Parameter) for t in (x, x_proj_weight, dt_projs_weight)):
-        dt = _compute_dtype(x)
-        k, c, d = x_proj_weight.shape
-        wx = x_proj_weight.to(dt)
-        wx = block_diagonal(wx.view(2, 2, c, d)).view(4 * c, 2 * d) if cross else wx.view(4 * c, d)
-        b, L = x.shape[0], x.shape[-1]
-        x_dbl = batched_gemm(wx, x).view(b, 4, c, L)
-        # Pieces by split rather than indexing: its backward is one cat of the pieces' gradients,
-        # where each indexed view's backward fills a zeroed copy of the whole.
-        dt_in, B_all, C_all = x_dbl.split([r, n, n], dim=2)
-        delta = grouped_1x1(dt_in, dt_projs_weight.to(dt))
-        return delta.view(shapes[0]), B_all.view(shapes[1]), C_all.view(shapes[1])
-    return _RouteProjections.apply(x, x_proj_weight, dt_projs_weight, cross, r, n, shapes, _compute_dtype(x))
-
-
-class _SsmParams(torch.autograd.Function):
-    """SS2D._ssm_params as one autograd node (the exp, negation, casts and views would be five):
-    (A_logs (K d, N), Ds (K d,), dt bias (K, d)) -> A = -exp(A_logs) (routes, K d / routes, N), D and the
-    bias (routes, K d / routes), in ``pdt``. Not differentiable again (the scans that read them are not)."""
-
-    @staticmethod
-    def forward(ctx, A_logs, Ds, bias, routes, pdt):
-        A = torch.exp(A_logs if A_logs.dtype == pdt else A_logs.to(pdt)).neg_()
-        ctx.save_for_backward(A)
-        ctx.dtypes = (A_logs.dtype, Ds.dtype, bias.dtype, tuple(Ds.shape), tuple(bias.shape))
-        return (A.view(routes, -1, A.shape[-1]), (Ds if Ds.dtype == pdt else Ds.to(pdt)).view(routes, -1),
-                (bias if bias.dtype == pdt else bias.to(pdt)).view(routes, -1))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gA, gD, gbias):
-        (A,) = ctx.saved_tensors
-        a_dt, d_dt, b_dt, d_shape, b_shape = ctx.dtypes
-        g_logs = None if gA is None else (gA.reshape(A.shape) * A).to(a_dt)  # d(-exp(x))/dx = -exp(x) = A
-        gD = None if gD is None else gD.reshape(d_shape).to(d_dt)
-        gbias = None if gbias is None else gbias.reshape(b_shape).to(b_dt)
-        return g_logs, gD, gbias, None, None
-
-
-def _diagonal_blocks(full: Tensor, g: int) -> Tensor:
-    """(g*M, g*K) -> (g, M, K): the diagonal blocks (the gradient of a block-diagonal weight)."""
-    m, k = full.shape[0] // g, full.shape[1] // g
-    return torch.diagonal(full.view(g, m, g, k), dim1=0, dim2=2).permute(2, 0, 1).contiguous()
-
-
-class _RouteProjections(torch.autograd.Function):
-    """``_route_projections``' eager path as one autograd node (see there)."""
-
-    @staticmethod
-    def forward(ctx, x, x_proj_weight, dt_projs_weight, cross, r, n, shapes, dtype):
-        k, c, d = x_proj_weight.shape
-        b, L = x.shape[0], x.shape[-1]
-        xd = x if x.dtype == dtype else x.to(dtype)
-        wx = x_proj_weight if x_proj_weight.dtype == dtype else x_proj_weight.to(dtype)
-        wx = block_diagonal(wx.view(2, 2, c, d)).view(4 * c, 2 * d) if cross else wx.view(4 * c, d)
-        x_dbl = torch.bmm(wx.expand(b, -1, -1), xd).view(b, 4, c, L)
-        dt_in = x_dbl[:, :, :r].reshape(b, 4 * r, L)  # a copy: the GEMM's operand and its weight gradient's
-        wdt = dt_projs_weight if dt_projs_weight.dtype == dtype else dt_projs_weight.to(dtype)
-        wdt = block_diagonal(wdt)
-        delta = torch.bmm(wdt.expand(b, -1, -1), dt_in)
-        ctx.save_for_backward(xd, dt_in, wx, wdt)
-        ctx.shapes = (cross, r, n, c, x.dtype, x_proj_weight.dtype, dt_projs_weight.dtype)
-        return (delta.view(shapes[0]), x_dbl[:, :, r:r + n].view(shapes[1]), x_dbl[:, :, r + n:].view(shapes[1]))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_delta, g_B, g_C):
-        xd, dt_in, wx, wdt = ctx.saved_tensors
-        cross, r, n, c, x_dtype, wx_dtype, wdt_dtype = ctx.shapes
-        b, L = xd.shape[0], xd.shape[-1]
-        dtype = wx.dtype
-        pieces = []
-        g_delta = _zeros_or(g_delta, (b, wdt.shape[0], L), xd).reshape(b, -1, L).to(dtype)
-        pieces.append(torch.bmm(wdt.t().expand(b, -1, -1), g_delta).view(b, 4, r, L))
-        for g in (g_B, g_C):
-            pieces.append(_zeros_or(g, (b, 4, n, L), xd).reshape(b, 4, n, L).to(dtype))
-        g_xdbl = torch.cat(pieces, dim=2).view(b, 4 * c, L)
-        gx = gwx = gwdt = None
-        if ctx.needs_input_grad[0]:
-            gx = torch.bmm(wx.t().expand(b, -1, -1), g_xdbl)
-            gx = gx if gx.dtype == x_dtype else gx.to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            full = torch.bmm(g_xdbl, xd.transpose(1, 2)).sum(0, dtype=wx_dtype)  # (4c, J d)
-            if cross:  # rows (s, j, c), columns (j', d): the blocks j == j' of each s
-                d = full.shape[1] // 2
-                gwx = torch.diagonal(full.view(2, 2, c, 2, d), dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(4, c, d)
-            else:
-                gwx = full.view(4, c, -1)
-        if ctx.needs_input_grad[2]:
-            gwdt = _diagonal_blocks(torch.bmm(g_delta, dt_in.transpose(1, 2)).sum(0, dtype=wdt_dtype), 4)
-        return gx, gwx, gwdt, None, None, None, None, None
-
-
-def _zeros_or(g: Optional[Tensor], shape: tuple, like: Tensor) -> Tensor:
-    """An output's gradient, zeros when autograd passes None (the output did not reach the loss)."""
-    return torch.zeros(shape, dtype=like.dtype, device=like.device) if g is None else g
+        return scan2d_routes(u, delta, A, B_all.view(b, 4, 1, n, h, w), C_all.view(b, 4, 1, n, h, w), D, bias,
+                             True, routes=ROUTES_2D, backend=self.backend, memory_format=memory_format)
 
 
 def _is_channels_last(t: Tensor) -> bool:

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..backends import check_backend_name, kernel_unavailable_reason, resolve_fused
 from ._common import CUDA_DTYPE_CODES, compiled, nothing_intercepts, plain_tensors, raw_stream, refuse_double_backward
 
-__all__ = ["layer_norm", "layer_norm_2d", "layer_norm_kernel_refusal", "row_layout"]
+__all__ = ["layer_norm", "layer_norm_kernel_refusal", "row_layout"]
 
 
 def layer_norm_kernel_refusal(x: Tensor, normalized_shape: Sequence[int]) -> Optional[str]:
@@ -109,86 +109,35 @@ def layer_norm(x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tens
     """
     normalized_shape = tuple(normalized_shape)
     if _choose(backend, x, normalized_shape) == "reference":
-        return _reference(x, normalized_shape, weight, bias, eps)
+        # PyTorch's kernel wants the parameters in x's dtype (float32 ones under autocast are cast).
+        w = None if weight is None or weight.dtype == x.dtype else weight.to(x.dtype)
+        b = None if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+        return F.layer_norm(x, normalized_shape, weight if w is None else w, bias if b is None else b, eps)
     if weight is not None and weight.shape != normalized_shape:
         raise ValueError(f"layer_norm: weight must have shape {normalized_shape}, got {tuple(weight.shape)}")
     if bias is not None and bias.shape != normalized_shape:
         raise ValueError(f"layer_norm: bias must have shape {normalized_shape}, got {tuple(bias.shape)}")
-    w, b = _f32(weight), _f32(bias)
+    w = None if weight is None else weight.to(torch.float32)
+    b = None if bias is None else bias.to(torch.float32)
     if torch.compiler.is_compiling() or not nothing_intercepts() or not plain_tensors(x, w, b):
         return torch.ops.ssm2d.layer_norm_fwd(x, w, b, float(eps))[0]
-    w = w if w is None or w.is_contiguous() else w.contiguous()
-    b = b if b is None or b.is_contiguous() else b.contiguous()
+    w = None if w is None else w.contiguous()
+    b = None if b is None else b.contiguous()
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
         return _forward(x, w, b, float(eps), save=False)[0]
-    return _LayerNormFunction.apply(x, w, b, float(eps), False)
+    return _LayerNormFunction.apply(x, w, b, float(eps))
 
 
-def layer_norm_2d(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5, *,
-                  backend: str = "auto") -> Tensor:
-    """LayerNorm over the channels (dim 1) of a (B, C, H, W) tensor: ``layer_norm(x.permute(0, 2, 3, 1),
-    (C,), ...).permute(0, 3, 1, 2)``, and the same kernel, without the permuted views (on the eager
-    kernel path the rows are read through x's strides; no view and no autograd node per permute).
-
-    Returns:
-        (B, C, H, W) in x's dtype, channels-last (the rows of the (B, H, W, C) view contiguous), as the
-        permuted form returns it. Memory as :func:`layer_norm`: x is read in place when it is
-        channels-last (or its (B, H, W, C) view's leading dims collapse to two strided ones), else
-        copied once to channels-last.
-    """
-    if x.dim() != 4:
-        raise ValueError(f"layer_norm_2d: x must have shape (B, C, H, W), got {tuple(x.shape)}")
-    c = int(x.shape[1])
-    eager = not torch.compiler.is_compiling() and nothing_intercepts()
-    if not eager or _decide(backend, x.device.type, -1 if x.device.index is None else x.device.index, x.dtype, c, 1,
-                            (c,)) == "reference":
-        return layer_norm(x.permute(0, 2, 3, 1), (c,), weight, bias, eps, backend=backend).permute(0, 3, 1, 2)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.shape != (c,):
-            raise ValueError(f"layer_norm_2d: {name} must have shape ({c},), got {tuple(t.shape)}")
-    w, b = _f32(weight), _f32(bias)
-    if not plain_tensors(x, w, b):
-        return layer_norm(x.permute(0, 2, 3, 1), (c,), weight, bias, eps, backend=backend).permute(0, 3, 1, 2)
-    w = w if w is None or w.is_contiguous() else w.contiguous()
-    b = b if b is None or b.is_contiguous() else b.contiguous()
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
-        return _forward(x, w, b, float(eps), save=False, channels=True)[0]
-    return _LayerNormFunction.apply(x, w, b, float(eps), True)
-
-
-def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
-    """t in float32, t itself when it already is (a same-dtype ``.to`` is still an operator call)."""
-    return t if t is None or t.dtype == torch.float32 else t.to(torch.float32)
-
-
-def _reference(x: Tensor, normalized_shape: tuple, weight: Optional[Tensor], bias: Optional[Tensor],
-               eps: float) -> Tensor:
-    """PyTorch's LayerNorm in x's dtype. Its kernel wants the parameters in x's dtype (float32 ones
-    under autocast are cast); autocast would run it in float32 and return float32, so it runs with
-    autocast off (only then: entering the region is itself host time)."""
-    w = weight if weight is None or weight.dtype == x.dtype else weight.to(x.dtype)
-    b = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
-    dev = x.device.type
-    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
-        with torch.autocast(dev, enabled=False):
-            return F.layer_norm(x, normalized_shape, w, b, eps)
-    return F.layer_norm(x, normalized_shape, w, b, eps)
-
-
-def row_layout(x: Tensor, channels: bool = False) -> Optional[tuple]:
-    """(x_inner, x_rs, x_gs) placing the rows of x's last dim (``channels``: of dim 1 of a
-    (B, C, H, W) x, i.e. the last dim of its (B, H, W, C) view) as the kernel reads them (row r at
+def row_layout(x: Tensor) -> Optional[tuple]:
+    """(x_inner, x_rs, x_gs) placing the rows of x's last dim as the kernel reads them (row r at
     (r // x_inner) * x_gs + (r % x_inner) * x_rs elements), or None when x's leading dims do not
     collapse to two strided ones or its rows are not on 16-byte boundaries (then x is copied)."""
-    key = (x.shape, x.stride(), x.element_size(), channels)
+    key = (x.shape, x.stride(), x.element_size())
     layout = _LAYOUTS.get(key, False)
     if layout is False:  # derived once per shape and strides (a call's Python time matters: 70+ norms a step)
         if len(_LAYOUTS) > 4096:
             _LAYOUTS.clear()
-        shape, strides = x.shape, x.stride()
-        if channels:  # the (B, H, W, C) view's, without making it
-            shape, strides = (shape[0], shape[2], shape[3], shape[1]), (strides[0], strides[2], strides[3], strides[1])
-        layout = _LAYOUTS[key] = _strided_rows(shape, strides, 16 // x.element_size())
+        layout = _LAYOUTS[key] = _strided_rows(x.shape, x.stride(), 16 // x.element_size())
     if layout is None or x.data_ptr() % 16:
         return None
     return layout
@@ -221,114 +170,80 @@ def _strided_rows(shape, strides, vec: int) -> Optional[tuple]:
     return layout
 
 
-def _rows_format(channels: bool) -> torch.memory_format:
-    """The layout whose memory holds the rows one after another: a (B, C, H, W) tensor normalized over
-    the channels has its rows so when it is channels-last."""
-    return torch.channels_last if channels else torch.contiguous_format
-
-
-def _as_rows(x: Tensor, channels: bool = False) -> tuple:
-    """x (or its copy with contiguous rows) and its row layout for the kernel."""
-    layout = row_layout(x, channels)
+def _as_rows(x: Tensor) -> tuple:
+    """x (or its contiguous copy) and its row layout for the kernel."""
+    layout = row_layout(x)
     if layout is None:
-        fmt = _rows_format(channels)
-        x = x.contiguous(memory_format=fmt)
+        x = x.contiguous()
         if x.data_ptr() % 16:  # an offset view: realigned by a copy
-            x = x.clone(memory_format=fmt)
-        layout = row_layout(x, channels)
+            x = x.clone()
+        layout = row_layout(x)
     return x, layout
 
 
-def _forward(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float, save: bool, channels: bool = False):
-    """y and the rows' statistics of x: (2 * rows,) float32, the means then the 1/std (None unless
-    save). y is contiguous (``channels``: a channels-last (B, C, H, W) tensor); x is read in place
-    where its rows allow (row_layout), else copied once."""
-    cols = x.shape[1 if channels else -1]
+def _forward(x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float, save: bool):
+    """y (contiguous), mean, rstd of x (mean / rstd None unless save). x is read in place where its
+    rows allow (row_layout), else copied once."""
+    cols = x.shape[-1]
     rows = x.numel() // cols if cols else 0
-    y = torch.empty_like(x, memory_format=_rows_format(channels))
-    # mean then rstd in one buffer (one allocation): the backward takes them as its two halves.
-    stats = torch.empty(2 * rows, dtype=torch.float32, device=x.device) if save else None
-    x, (inner, rs, gs) = _as_rows(x, channels)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device) if save else None
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device) if save else None
+    x, (inner, rs, gs) = _as_rows(x)
     dev = x.device.index
-    s0 = 0 if stats is None else stats.data_ptr()
     compiled().layer_norm_forward(
         x.data_ptr(), inner, rs, gs, y.data_ptr(), cols, 0 if w is None else w.data_ptr(),
-        0 if b is None else b.data_ptr(), s0, 0 if stats is None else s0 + 4 * rows, rows, cols,
-        CUDA_DTYPE_CODES[x.dtype], eps, dev, raw_stream(dev))
-    return y, stats
+        0 if b is None else b.data_ptr(), 0 if mean is None else mean.data_ptr(),
+        0 if rstd is None else rstd.data_ptr(), rows, cols, CUDA_DTYPE_CODES[x.dtype], eps, dev, raw_stream(dev))
+    return y, mean, rstd
 
 
-def _backward(dy: Tensor, x: Tensor, w: Optional[Tensor], stats: Tensor, need_w: bool, need_b: bool,
-              channels: bool = False):
-    """dx (x's dtype, contiguous; ``channels``: channels-last), dweight, dbias (float32, None unless
-    asked for); ``stats`` as ``_forward`` saved them."""
-    cols = x.shape[1 if channels else -1]
+def _backward(dy: Tensor, x: Tensor, w: Optional[Tensor], mean: Tensor, rstd: Tensor, need_w: bool, need_b: bool):
+    """dx (x's dtype, contiguous), dweight, dbias (float32, None unless asked for)."""
+    cols = x.shape[-1]
     rows = x.numel() // cols if cols else 0
-    fmt = _rows_format(channels)
-    if dy.dtype != x.dtype:
-        dy = dy.to(x.dtype)
-    if not dy.is_contiguous(memory_format=fmt):
-        dy = dy.contiguous(memory_format=fmt)
+    dy = dy.to(x.dtype).contiguous()
     if dy.data_ptr() % 16:
-        dy = dy.clone(memory_format=fmt)
-    x, (inner, rs, gs) = _as_rows(x, channels)
-    dx = torch.empty_like(x, memory_format=fmt)
+        dy = dy.clone()
+    x, (inner, rs, gs) = _as_rows(x)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw = torch.empty(cols, dtype=torch.float32, device=x.device) if need_w else None
+    db = torch.empty(cols, dtype=torch.float32, device=x.device) if need_b else None
     C = compiled()
     code = CUDA_DTYPE_CODES[x.dtype]
-    # dweight, dbias and the kernel's workspace in one allocation (dweight and dbias are views of it).
-    dw = db = None
-    w0 = ws0 = 0
+    ws = None
     if need_w or need_b:
-        ws_floats = _backward_workspace_floats(rows, cols, code)
-        buf = torch.empty(2 * cols + ws_floats, dtype=torch.float32, device=x.device)
-        dw = buf[:cols] if need_w else None
-        db = buf[cols:2 * cols] if need_b else None
-        w0 = buf.data_ptr()
-        ws0 = w0 + 8 * cols if ws_floats else 0
-    dev, s0 = x.device.index, stats.data_ptr()
+        ws = torch.empty(C.layer_norm_backward_workspace_floats(rows, cols, code), dtype=torch.float32, device=x.device)
+    dev = x.device.index
     C.layer_norm_backward(
-        dy.data_ptr(), cols, x.data_ptr(), inner, rs, gs, 0 if w is None else w.data_ptr(), s0, s0 + 4 * rows,
-        dx.data_ptr(), cols, w0 if need_w else 0, w0 + 4 * cols if need_b else 0, ws0, rows, cols, code, dev,
-        raw_stream(dev))
+        dy.data_ptr(), cols, x.data_ptr(), inner, rs, gs, 0 if w is None else w.data_ptr(), mean.data_ptr(),
+        rstd.data_ptr(),
+        dx.data_ptr(), cols, 0 if dw is None else dw.data_ptr(), 0 if db is None else db.data_ptr(),
+        0 if ws is None else ws.data_ptr(), rows, cols, code, dev, raw_stream(dev))
     return dx, dw, db
 
 
-_WORKSPACE: dict = {}
-
-
-def _backward_workspace_floats(rows: int, cols: int, code: int) -> int:
-    key = (rows, cols, code)
-    n = _WORKSPACE.get(key)
-    if n is None:
-        if len(_WORKSPACE) > 4096:
-            _WORKSPACE.clear()
-        n = _WORKSPACE[key] = int(compiled().layer_norm_backward_workspace_floats(rows, cols, code))
-    return n
-
-
 class _LayerNormFunction(torch.autograd.Function):
-    """The eager kernel path's autograd (the custom ops' forward and backward without the dispatcher);
-    ``channels``: over dim 1 of a (B, C, H, W) x."""
+    """The eager kernel path's autograd (the custom ops' forward and backward without the dispatcher)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, eps, channels):
-        y, stats = _forward(x, w, b, eps, save=True, channels=channels)
-        ctx.save_for_backward(x, w, stats)
-        ctx.has_b, ctx.channels = b is not None, channels
+    def forward(ctx, x, w, b, eps):
+        y, mean, rstd = _forward(x, w, b, eps, save=True)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.has_b = b is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, stats = ctx.saved_tensors
+        x, w, mean, rstd = ctx.saved_tensors
         refuse_double_backward("layer_norm", dy, x, w)
         need_w = w is not None and ctx.needs_input_grad[1]
         need_b = ctx.has_b and ctx.needs_input_grad[2]
-        return _backward(dy, x, w, stats, need_w, need_b, ctx.channels) + (None, None)
+        return _backward(dy, x, w, mean, rstd, need_w, need_b) + (None,)
 
 
 @torch.library.custom_op("ssm2d::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor]:
-    """(y, the rows' statistics: means then 1/std, (2 * rows,) float32)."""
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
     # Reached with backend="kernel" under torch.compile, whose trace could not check the row: the
     # cached decision raises, saying why, where the kernel cannot take it.
     _choose("kernel", x, (x.shape[-1],) if x.dim() else ())
@@ -339,20 +254,21 @@ def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(2 * rows, dtype=torch.float32)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32))
 
 
 @torch.library.custom_op("ssm2d::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], stats: Tensor, need_w: bool,
+def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, need_w: bool,
                    need_b: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _backward(dy, x, None if weight is None else weight.contiguous(), stats, need_w, need_b)
+    dx, dw, db = _backward(dy, x, None if weight is None else weight.contiguous(), mean, rstd,
+                           need_w, need_b)
     empty = x.new_empty(0, dtype=torch.float32)  # a custom op returns tensors: empty for "not asked for"
-    # dweight and dbias are views of one buffer; a custom op's outputs may not share storage.
-    return dx, empty if dw is None else dw, empty if db is None else (db.clone() if dw is not None else db)
+    return dx, empty if dw is None else dw, empty if db is None else db
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, weight, stats, need_w, need_b):
+def _(dy, x, weight, mean, rstd, need_w, need_b):
     cols = x.shape[-1]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty(cols if need_w else 0, dtype=torch.float32), x.new_empty(cols if need_b else 0, dtype=torch.float32))
@@ -360,18 +276,18 @@ def _(dy, x, weight, stats, need_w, need_b):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, eps = inputs
-    _, stats = output
-    ctx.save_for_backward(x, weight, stats)
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_b = bias is not None
-    ctx.mark_non_differentiable(stats)
+    ctx.mark_non_differentiable(mean, rstd)
 
 
-def _autograd_backward(ctx, dy, _dstats):
-    x, w, stats = ctx.saved_tensors
+def _autograd_backward(ctx, dy, _dmean, _drstd):
+    x, w, mean, rstd = ctx.saved_tensors
     refuse_double_backward("layer_norm", dy, x, w)
     need_w = w is not None and ctx.needs_input_grad[1]
     need_b = ctx.has_b and ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.ssm2d.layer_norm_bwd(dy, x, w, stats, need_w, need_b)
+    dx, dw, db = torch.ops.ssm2d.layer_norm_bwd(dy, x, w, mean, rstd, need_w, need_b)
     return dx, (dw if need_w else None), (db if need_b else None), None
 
 

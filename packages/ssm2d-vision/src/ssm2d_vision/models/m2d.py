@@ -23,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timm.layers import DropPath, get_device_dtype
+from timm.layers import DropPath, Mlp, get_device_dtype
 from timm.models import (build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model,
                          register_notrace_module)
 from timm.models._features import feature_take_indices
 
 from ssm2d_nn.layers import M2DMixer, RoPEAttention2d
-from ssm2d_nn.layers.conv1x1 import Linear, MlpLinear
 from ssm2d_nn.layers.norms import LayerNorm
 
 from ._common import check_in_chans, check_num_classes, check_out_indices, not_scriptable
@@ -76,7 +75,7 @@ class M2DBlock(nn.Module):
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.res_scale1 = Scale(dim, res_scale_init_value, **dd) if res_scale_init_value else nn.Identity()
         self.norm2 = LayerNorm(dim, **dd)
-        self.mlp = MlpLinear(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
+        self.mlp = Mlp(dim, int(mlp_ratio * dim), act_layer=nn.GELU, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.res_scale2 = Scale(dim, res_scale_init_value, **dd) if res_scale_init_value else nn.Identity()
 
@@ -144,11 +143,11 @@ class MlpHead(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         hidden = int(mlp_ratio * dim)
-        self.fc1 = Linear(dim, hidden, device=device, dtype=dtype)
+        self.fc1 = nn.Linear(dim, hidden, device=device, dtype=dtype)
         self.act = nn.GELU()
         self.norm = LayerNorm(hidden, device=device, dtype=dtype)
         self.head_drop = nn.Dropout(drop_rate)
-        self.fc2 = Linear(hidden, num_classes, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, num_classes, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.head_drop(self.norm(self.act(self.fc1(x)))))
