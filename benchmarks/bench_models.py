@@ -47,9 +47,17 @@ def peak_gib(fn, inputs, device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
-def make_inputs(batch: int, device: str, channels_last: bool, n: int = 3):
+def make_inputs(batch: int, device: str, channels_last: bool, n: int = 3, image: int = IMG):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [torch.randn(batch, 3, IMG, IMG, device=device).contiguous(memory_format=fmt) for _ in range(n)]
+    return [torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=fmt) for _ in range(n)]
+
+
+def set_backends(device: str) -> None:
+    """The cuDNN / TF32 settings every timed run uses (cudnn.benchmark on)."""
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def inference(model, batch: int, device: str, channels_last: bool, args) -> tuple[float, float | None]:
@@ -63,8 +71,10 @@ def inference(model, batch: int, device: str, channels_last: bool, args) -> tupl
     return batch / (ms * 1e-3), peak_gib(run, inputs[0], device)
 
 
-def training(model, batch: int, device: str, channels_last: bool, args) -> tuple[float, float | None]:
-    inputs = make_inputs(batch, device, channels_last)
+def training_step(model, batch: int, device: str, channels_last: bool, image: int = IMG):
+    """(step, inputs): one AdamW training step of ``model`` (put in train mode) on an input batch
+    (bf16 autocast forward, cross-entropy, backward, step), and 3 fresh random input batches."""
+    inputs = make_inputs(batch, device, channels_last, image=image)
     labels = torch.randint(0, 1000, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     model.train()
@@ -76,6 +86,11 @@ def training(model, batch: int, device: str, channels_last: bool, args) -> tuple
         loss.backward()
         opt.step()
 
+    return step, inputs
+
+
+def training(model, batch: int, device: str, channels_last: bool, args) -> tuple[float, float | None]:
+    step, inputs = training_step(model, batch, device, channels_last)
     ms = time_ms(step, inputs, device, args.warmup, args.steps)
     peak = peak_gib(step, inputs[0], device)
     model.eval()
@@ -167,10 +182,7 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device (use --device cpu for a smoke run)")
     if min(args.batch + [args.train_batch, args.steps]) < 1 or args.warmup < 0:
         parser.error("--batch, --train-batch and --steps must be >= 1, --warmup >= 0")
-    if args.device == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_backends(args.device)
     known = set(timm.list_models())
     names = [n for n in args.models if n in known]
     skipped = [n for n in args.models if n not in known]

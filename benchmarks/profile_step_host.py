@@ -25,27 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import set_backends, training_step  # noqa: E402
 from harness import header, time_ms, write_report  # noqa: E402
 
 import ssm2d_vision  # noqa: E402,F401  (registers the project's models; before timm)
 import timm  # noqa: E402
-
-
-def make_step(name: str, batch: int, image: int, channels_last: bool, device: str):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = timm.create_model(name, num_classes=1000).to(device).to(memory_format=fmt).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-    inputs = [torch.randn(batch, 3, image, image, device=device).contiguous(memory_format=fmt) for _ in range(3)]
-    labels = torch.randint(0, 1000, (batch,), device=device)
-
-    def step(x):
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), labels)
-        loss.backward()
-        opt.step()
-
-    return step, inputs
 
 
 def _where(func: tuple) -> str:
@@ -69,7 +53,10 @@ def host_table(stats: pstats.Stats, steps: int, top: int, key: str) -> list[str]
 
 
 def profile_model(name: str, args) -> list[str]:
-    step, inputs = make_step(name, args.batch, args.image, args.layout == "cl", args.device)
+    cl = args.layout == "cl"
+    model = timm.create_model(name, num_classes=1000).to(args.device)
+    model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    step, inputs = training_step(model, args.batch, args.device, cl, args.image)
     wall = time_ms(step, inputs, args.device, warmup=3, reps=args.reps)
     prof = cProfile.Profile()
     if args.device == "cuda":
@@ -130,10 +117,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.reps < 1 or args.batch < 1:
         ap.error("--steps, --reps and --batch must be >= 1")
-    if args.device == "cuda":  # as bench_models.py
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    set_backends(args.device)
     lines = ["# Host time of a training step (cProfile)", "", header(args.device), "",
              f"{args.image}x{args.image}, bf16 autocast, AdamW; {args.steps} profiled steps.", ""]
     for name in [m for m in args.models.split(",") if m]:
