@@ -31,7 +31,6 @@
 
 #include <algorithm>
 #include <string>
-#include <type_traits>
 
 #include "common.cuh"
 #include "scan2d_common.cuh"
@@ -343,7 +342,7 @@ void forward_launch(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaS
 // G of a row is rebuilt from the G carry the forward saved at the strip's left edge; h going upwards
 // from the forward's h after every 16th row: each half of a 16-row segment (the lower one first) is
 // recomputed top-down from the segment's saved row into a per-block scratch (8 rows x 16 columns per
-// lane, read back from L2; two rows a step and one barrier), then walked bottom-up. Sums
+// lane, read back from L2), then walked bottom-up. Sums
 // over the states (ddt, du and the pre-gate y for dz) go through shared memory as in the forward;
 // dB, dC sum the block's channels (one group) in shared memory before one atomic per (cell, state),
 // or, deterministically, are written per channel. Strips are chained right to left, with tickets in
@@ -380,7 +379,6 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
   constexpr int BUF = kBwdBufFloats<CB>;
   extern __shared__ __align__(16) float smem[];
   float* s_red = smem + 2 * BUF;               // [3][CB][column][state]: q*A, lamH*B, C*h
-  static_assert(2 * BUF <= 3 * CB * kYPitch, "the recompute's second pair buffer lies in s_red");
   float* s_bc = s_red + 3 * CB * kYPitch;      // [2][CB][state][column]: dB, dC of each channel
   const int tid = threadIdx.x, n = tid & 15, c = tid >> 4;
   const int64_t D = p.dim, N = p.dstate, H = p.height, W = p.width, S = lb.strips;
@@ -523,72 +521,50 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         load_ops(r, i);
         if (gin) r.gc = ld_early(gin + i * row_stride);
       };
-      // Two rows a step, one barrier: their G chains are independent and interleaved column by
-      // column (h takes row i's, then row i + 1's). A step's rows are staged in a pair buffer,
-      // smem + parity * 2 * BUF (the second overlaps s_red, which this pass does not use); the next
-      // pair's operands are in ra, rb a step ahead.
-      float gc0 = 0.f, gc1 = 0.f;  // the G carries entering the step's rows
-      auto load_pair = [&](int64_t i) {
-        if (i < h1) load_rec(ra, i);
-        if (i + 1 < h1) load_rec(rb, i + 1);
-      };
-      auto stage_pair = [&](float* pb, int64_t i) {
-        store_row(ra, pb);
-        gc0 = ra.gc;
-        if (i + 1 < h1) {
-          store_row(rb, pb + BUF);
-          gc1 = rb.gc;
-        }
-      };
-      load_pair(r0);
-      stage_pair(smem, r0);
-      load_pair(r0 + 2);
+      load_rec(ra, r0);
+      store_row(ra, smem);
+      float G_row = ra.gc;  // the G carry entering the row being recomputed
+      // Rows r0 + 1 and r0 + 2 in flight: a recompute row is too short to hide the latency of the
+      // loads it issues for the next one (or of its G carry), so each row's loads are issued two
+      // rows before their use.
+      if (r0 + 1 < h1) load_rec(ra, r0 + 1);
+      if (r0 + 2 < h1) load_rec(rb, r0 + 2);
       __syncthreads();
-      // Rows i and (kTwo) i + 1; a lone last row runs the one-row instance.
-      auto recompute_step = [&](auto two, int64_t i) {
-        constexpr bool kTwo = decltype(two)::value;
-        const float* buf = smem + (((i - r0) >> 1) & 1) * 2 * BUF;
+      // Row i, its successor's operands in `nxt` (staged at the end, then refilled with row i + 3).
+      // Called with ra and rb in turn, so that no register copy waits on a load in flight.
+      auto recompute_row = [&](int64_t i, RowOps& nxt) {
+        const float* buf = smem + ((i - r0) & 1) * BUF;
         if (i >= kSeg) prefetch_row(i - kSeg);
-        if (kTwo && i + 1 >= kSeg) prefetch_row(i + 1 - kSeg);
-        float G0 = gc0, G1 = gc1;
-        float* dst0 = seg + (i - h0) * kThreads * 16;
-        float* dst1 = dst0 + kThreads * 16;
+        float G = G_row;
 #pragma unroll
         for (int q = 0; q < kCols; q += 4) {
-          float dt0[4], du0[4], bb0[4], dt1[4], du1[4], bb1[4], h_i[4];
-          load4(dt0, buf + c * kPitch + q);
-          load4(du0, buf + (CB + c) * kPitch + q);
-          load4(bb0, buf + (4 * CB + n) * kPitch + q);
-          if constexpr (kTwo) {
-            load4(dt1, buf + BUF + c * kPitch + q);
-            load4(du1, buf + BUF + (CB + c) * kPitch + q);
-            load4(bb1, buf + BUF + (4 * CB + n) * kPitch + q);
-          }
+          float dt[4], du[4], bb[4];
+          load4(dt, buf + c * kPitch + q);
+          load4(du, buf + (CB + c) * kPitch + q);
+          load4(bb, buf + (4 * CB + n) * kPitch + q);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            const float a0 = fast_exp2(dt0[k] * A2);
-            G0 = fmaf(a0, G0, du0[k] * bb0[k]);
-            h[q + k] = fmaf(a0, h[q + k], G0);
-            h_i[k] = h[q + k];
-            if constexpr (kTwo) {
-              const float a1 = fast_exp2(dt1[k] * A2);
-              G1 = fmaf(a1, G1, du1[k] * bb1[k]);
-              h[q + k] = fmaf(a1, h[q + k], G1);
-            }
+            const float a = fast_exp2(dt[k] * A2);
+            G = fmaf(a, G, du[k] * bb[k]);
+            h[q + k] = fmaf(a, h[q + k], G);
           }
-          if (i >= h0) __stcg(reinterpret_cast<float4*>(dst0 + q), make_float4(h_i[0], h_i[1], h_i[2], h_i[3]));
-          if (kTwo && i + 1 >= h0)
-            __stcg(reinterpret_cast<float4*>(dst1 + q), make_float4(h[q], h[q + 1], h[q + 2], h[q + 3]));
         }
-        if (i + 2 < h1) {
-          stage_pair(smem + ((((i - r0) >> 1) + 1) & 1) * 2 * BUF, i + 2);
-          load_pair(i + 4);
+        if (i >= h0) {
+          float* dst = seg + (i - h0) * kThreads * 16;
+#pragma unroll
+          for (int j = 0; j < kCols; j += 4)
+            __stcg(reinterpret_cast<float4*>(dst + j), make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]));
+        }
+        if (i + 1 < h1) {
+          store_row(nxt, smem + ((i + 1 - r0) & 1) * BUF);
+          G_row = nxt.gc;
+          if (i + 3 < h1) load_rec(nxt, i + 3);
         }
         __syncthreads();
       };
       for (int64_t i = r0; i < h1; i += 2) {
-        if (i + 1 < h1) recompute_step(std::true_type{}, i);
-        else recompute_step(std::false_type{}, i);
+        recompute_row(i, ra);
+        if (i + 1 < h1) recompute_row(i + 1, rb);
       }
     }
     // 2. Bottom-up: the adjoint of rows h1-1 .. h0.
