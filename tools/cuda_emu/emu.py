@@ -40,8 +40,6 @@ PTX = [
     ("rcp.approx", "{0} = 1.0f / ({1});"),
     ("ld.acquire.gpu.global.u32", "{0} = ::cuda_emu::ld_acquire(reinterpret_cast<const void*>({1}));"),
     ("st.release.gpu.global.u32", "::cuda_emu::st_release(reinterpret_cast<void*>({0}), {1});"),
-    ("ld.relaxed.gpu.global.b32", "{0} = ::cuda_emu::ld_relaxed(reinterpret_cast<const void*>({1}));"),
-    ("st.relaxed.gpu.global.b32", "::cuda_emu::st_relaxed(reinterpret_cast<void*>({0}), {1});"),
     ("prefetch.", "(void)0;"),
     ("ld.global.nc.f32", "{0} = *reinterpret_cast<const float*>({1});"),
     ("ld.global.nc.b16", "{0} = *reinterpret_cast<const unsigned short*>({1});"),

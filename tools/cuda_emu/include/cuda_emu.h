@@ -161,12 +161,6 @@ inline unsigned ld_acquire(const void* p) {
   return v;
 }
 inline void st_release(void* p, unsigned v) { __atomic_store_n(static_cast<unsigned*>(p), v, __ATOMIC_RELEASE); }
-inline unsigned ld_relaxed(const void* p) {
-  const unsigned v = __atomic_load_n(static_cast<const unsigned*>(p), __ATOMIC_RELAXED);
-  std::this_thread::yield();
-  return v;
-}
-inline void st_relaxed(void* p, unsigned v) { __atomic_store_n(static_cast<unsigned*>(p), v, __ATOMIC_RELAXED); }
 
 // ---- launch -----------------------------------------------------------------------------------
 

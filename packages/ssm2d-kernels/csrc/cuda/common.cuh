@@ -71,29 +71,4 @@ __device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-// Hand-over values polled in place: the launcher fills the buffer with kEmptyBits (cudaMemsetAsync
-// of 0xFF bytes), the producer stores each value once, and the consumer reads it until it is no
-// longer kEmptyBits. The value is the message: no flag, no fence, no batching of rows per release.
-// A NaN that happens to have the sentinel's bits is stored as another NaN.
-constexpr unsigned kEmptyBits = 0xffffffffu;
-__device__ __forceinline__ float ld_relaxed(const float* p) {
-  unsigned v;
-  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p));
-  return __uint_as_float(v);
-}
-__device__ __forceinline__ void st_relaxed(float* p, float v) {
-  unsigned u = __float_as_uint(v);
-  if (u == kEmptyBits) u = 0x7fffffffu;
-  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(u));
-}
-// v: the value already read from p (the read is issued early, the wait comes at the use).
-__device__ __forceinline__ float await_value(const float* p, float v) {
-  for (int64_t spin = 0; __float_as_uint(v) == kEmptyBits; ++spin) {
-    if (spin > (int64_t{1} << 32)) __trap();  // a lost producer: fail, never hang
-    __nanosleep(32);
-    v = ld_relaxed(p);
-  }
-  return v;
-}
-
 }  // namespace ssm2d::cuda

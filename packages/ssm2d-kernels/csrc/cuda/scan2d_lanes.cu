@@ -15,11 +15,10 @@
 // a step (kRows rows, interleaved) ahead: one barrier per step.
 //
 // Strips. Row i of strip k needs the G leaving strip k-1 at row i, and nothing else from other
-// strips: strip k-1 never waits on strip k, so after a fill of one step per strip every strip runs
-// at full speed. The carries are the hand-over: the launcher fills them with a sentinel, the block
-// of strip k-1 stores its G of each row there, and the block of strip k reads that value (a step
-// ahead) and waits, where it uses it, only while it still reads the sentinel (await_value). No
-// flags and no fences: a strip trails its left neighbour by one step and an L2 round trip.
+// strips: strip k-1 never waits on strip k, so after a fill of one row per strip every strip runs
+// at full speed. The block of strip k-1 writes its G carries of row i to the carries and
+// publishes the count of finished rows (a release store every kLag rows, after the row's barrier); the
+// block of strip k waits for kLag rows at a time.
 // Blocks take their strip from a ticket counter in strip order, so a block only ever waits on
 // blocks that started before it: no deadlock, however many blocks are resident.
 //
@@ -46,8 +45,12 @@ constexpr int kStates = 16;           // lanes of a half-warp: the states of one
 constexpr int kPitch = kCols + 4;     // shared row pitch: 16-byte aligned rows, banks shifted per row
 constexpr int kYPitch = kCols * kPitch + 16;  // per channel: [column][state], the next channel's banks shifted by 16
 constexpr int kTile = kScan2dTile;
+// A strip trails the one on its left by kLag rows or more: it waits for (and reads the carries of)
+// kLag rows at once, and the left strip publishes once per kLag rows, so the round trips through L2
+// are paid once per kLag rows instead of per row, for a fill of kLag rows per strip.
+constexpr int kLag = 4;
 // Rows per step (one barrier each): their horizontal recurrences are independent, so the step
-// interleaves them; divides kScan2dLanesSegment (a step ends where a checkpoint is due). Two rows at two blocks per SM (at most 128 registers) when
+// interleaves them; divides kLag and 32. Two rows at two blocks per SM (at most 128 registers) when
 // there are more blocks than SMs; four rows and one block per SM when every block has an SM of its
 // own (more independent work per warp is then the only way to hide latency).
 
@@ -114,6 +117,8 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
   const int64_t Ws = min(static_cast<int64_t>(kCols), W - jb);
   const bool has_d = d < D, active = has_d && n < N;
   const bool has_left = strip > 0, has_right = strip + 1 < ls.strips;
+  const unsigned* flag_left = has_left ? ls.flags + 1 + item * ls.strips + strip - 1 : nullptr;
+  unsigned* flag_self = ls.flags + 1 + item * ls.strips + strip;
   // Carries in the lanes layout: thread (c, n) of a block is (channel d, state n), so a block's row of
   // G carries is 256 (128) consecutive floats.
   const int64_t gin_row = D * kStates, S = ls.strips;
@@ -198,102 +203,110 @@ __global__ void __launch_bounds__(CB * kStates, kMinBlocks * 16 / CB) scan2d_lan
     cur_z[rr] = r_z[rr];
   }
   __syncthreads();
-  // G entering the strip at the step's rows: read at the end of the step before, waited for where it
-  // is used.
-  float g_in[kRows];
-  auto read_g_in = [&](int64_t i) {
+  float g_in[kLag];  // G entering the strip at rows i0 .. i0 + kLag - 1
+  for (int64_t i0 = 0; i0 < H; i0 += kLag) {
+    if (has_left) {  // one wait and one batch of loads per kLag rows
+      const unsigned need = static_cast<unsigned>(min(i0 + kLag, H));
+      for (int64_t spin = 0; ld_acquire(flag_left) < need; ++spin) {
+        if (spin > (int64_t{1} << 32)) __trap();  // a lost predecessor: fail, never hang
+        __nanosleep(64);
+      }
 #pragma unroll
-    for (int rr = 0; rr < kRows; ++rr) g_in[rr] = (hand_left && i + rr < H) ? ld_relaxed(hand_left + (i + rr) * gin_row) : 0.f;
-  };
-  read_g_in(0);
-  for (int64_t i = 0; i < H; i += kRows) {  // i: the step's first row
-    const float* buf = smem + ((i / kRows) & 1) * kRows * BUF;
-    load_rows(i + kRows);
-    float G[kRows];
+      for (int r = 0; r < kLag; ++r) g_in[r] = (hand_left && i0 + r < H) ? __ldcg(hand_left + (i0 + r) * gin_row) : 0.f;
+    } else {
 #pragma unroll
-    for (int rr = 0; rr < kRows; ++rr)
-      G[rr] = (hand_left && i + rr < H) ? await_value(hand_left + (i + rr) * gin_row, g_in[rr]) : 0.f;
-    // Column by column, the step's rows interleaved: their G chains are independent. The staged
-    // operands of kGroup rows are read before any of their products is written: the compiler
-    // keeps shared reads behind earlier shared writes (s_y and the stage are one array to it),
-    // and an FMUL then waits for a read issued just before it (9% of the one-block forward's
-    // stall samples, H100). All of a step's rows where one block has the SM and its registers;
-    // one at a time at two blocks per SM (128 registers).
-    constexpr int kGroup = kMinBlocks == 1 ? kRows : 1;
+      for (int r = 0; r < kLag; ++r) g_in[r] = 0.f;
+    }
 #pragma unroll
-    for (int q = 0; q < kCols; q += 4) {
+    for (int r0 = 0; r0 < kLag; r0 += kRows) {
+      const int64_t i = i0 + r0;  // the step's first row
+      if (i >= H) break;
+      const float* buf = smem + ((i / kRows) & 1) * kRows * BUF;
+      load_rows(i + kRows);
+      float G[kRows];
 #pragma unroll
-      for (int r1 = 0; r1 < kRows; r1 += kGroup) {
-        float dt[kGroup][4], du[kGroup][4], bb[kGroup][4], cc[kGroup][4];
+      for (int rr = 0; rr < kRows; ++rr) G[rr] = g_in[r0 + rr];
+      // Column by column, the step's rows interleaved: their G chains are independent. The staged
+      // operands of kGroup rows are read before any of their products is written: the compiler
+      // keeps shared reads behind earlier shared writes (s_y and the stage are one array to it),
+      // and an FMUL then waits for a read issued just before it (9% of the one-block forward's
+      // stall samples, H100). All of a step's rows where one block has the SM and its registers;
+      // one at a time at two blocks per SM (128 registers).
+      constexpr int kGroup = kMinBlocks == 1 ? kRows : 1;
 #pragma unroll
-        for (int k1 = 0; k1 < kGroup; ++k1) {
-          const float* rb = buf + (r1 + k1) * BUF;
-          load4(dt[k1], rb + c * kPitch + q);
-          load4(du[k1], rb + (CB + c) * kPitch + q);
-          load4(bb[k1], rb + (2 * CB + n) * kPitch + q);
-          load4(cc[k1], rb + (2 * CB + kStates + n) * kPitch + q);
-        }
+      for (int q = 0; q < kCols; q += 4) {
 #pragma unroll
-        for (int k1 = 0; k1 < kGroup; ++k1) {
-          const int rr = r1 + k1;
-          float* yrow = s_y + (rr * CB + c) * kYPitch;
+        for (int r1 = 0; r1 < kRows; r1 += kGroup) {
+          float dt[kGroup][4], du[kGroup][4], bb[kGroup][4], cc[kGroup][4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const float a = fast_exp2(dt[k1][k] * A2);
-            G[rr] = fmaf(a, G[rr], du[k1][k] * bb[k1][k]);
-            h[q + k] = fmaf(a, h[q + k], G[rr]);
-            yrow[(q + k) * kPitch + n] = cc[k1][k] * h[q + k];
+          for (int k1 = 0; k1 < kGroup; ++k1) {
+            const float* rb = buf + (r1 + k1) * BUF;
+            load4(dt[k1], rb + c * kPitch + q);
+            load4(du[k1], rb + (CB + c) * kPitch + q);
+            load4(bb[k1], rb + (2 * CB + n) * kPitch + q);
+            load4(cc[k1], rb + (2 * CB + kStates + n) * kPitch + q);
+          }
+#pragma unroll
+          for (int k1 = 0; k1 < kGroup; ++k1) {
+            const int rr = r1 + k1;
+            float* yrow = s_y + (rr * CB + c) * kYPitch;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+              const float a = fast_exp2(dt[k1][k] * A2);
+              G[rr] = fmaf(a, G[rr], du[k1][k] * bb[k1][k]);
+              h[q + k] = fmaf(a, h[q + k], G[rr]);
+              yrow[(q + k) * kPitch + n] = cc[k1][k] * h[q + k];
+            }
           }
         }
       }
-    }
-    if (hand_self) {
+      if (hand_self) {
 #pragma unroll
-      for (int rr = 0; rr < kRows; ++rr)
-        if (i + rr < H) st_relaxed(hand_self + (i + rr) * gin_row, G[rr]);
-    }
-    // Issued here, not earlier: the strip on the left is about a step ahead, so the next step's
-    // values are stored by now (an earlier read would see the sentinel and wait at the use).
-    read_g_in(i + kRows);
-    // h after a segment's last row (a step's last row: kRows divides the segment) for the backward.
-    const int64_t last = i + kRows - 1;
-    if (ckpt && (last + 1) % kScan2dLanesSegment == 0 && last + 1 < H) {
-      float* dst = ckpt + ((last + 1) / kScan2dLanesSegment - 1) * D * 256;
-#pragma unroll
-      for (int j = 0; j < kCols; j += 4)
-        *reinterpret_cast<float4*>(dst + j) = make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]);
-    }
-    __syncwarp();
-#pragma unroll
-    for (int rr = 0; rr < kRows; ++rr) {
-      if (!cell || i + rr >= H) continue;
-      // Column n of channel c: the sum over the states, in a fixed order.
-      const float* ys = s_y + (rr * CB + c) * kYPitch + n * kPitch;
-      float part[4];
-#pragma unroll
-      for (int s4 = 0; s4 < 4; ++s4) {
-        const float4 v = *reinterpret_cast<const float4*>(ys + 4 * s4);
-        part[s4] = (v.x + v.y) + (v.z + v.w);
+        for (int rr = 0; rr < kRows; ++rr)
+          if (i + rr < H) __stcg(hand_self + (i + rr) * gin_row, G[rr]);
       }
-      const float y = fmaf(Dd, cur_u[rr], (part[0] + part[1]) + (part[2] + part[3]));
-      const int64_t row = i + rr;
-      if (gated) {
-        const float zz = cur_z[rr];
-        pout[row * o.out.si] = from_f<T>(y * zz * sigmoid_f(zz));
-        if (py) py[row * o.y.si] = from_f<T>(y);
-      } else {
-        pout[row * o.out.si] = from_f<T>(y);
+      // h after a segment's last row (a step's last row: kRows divides the segment) for the backward.
+      const int64_t last = i + kRows - 1;
+      if (ckpt && (last + 1) % kScan2dLanesSegment == 0 && last + 1 < H) {
+        float* dst = ckpt + ((last + 1) / kScan2dLanesSegment - 1) * D * 256;
+#pragma unroll
+        for (int j = 0; j < kCols; j += 4)
+          *reinterpret_cast<float4*>(dst + j) = make_float4(h[j], h[j + 1], h[j + 2], h[j + 3]);
       }
-    }
-    if (i + kRows < H) {
-      store_rows(smem + (((i / kRows) + 1) & 1) * kRows * BUF, i + kRows);
+      __syncwarp();
 #pragma unroll
       for (int rr = 0; rr < kRows; ++rr) {
-        cur_u[rr] = r_u[rr];
-        cur_z[rr] = r_z[rr];
+        if (!cell || i + rr >= H) continue;
+        // Column n of channel c: the sum over the states, in a fixed order.
+        const float* ys = s_y + (rr * CB + c) * kYPitch + n * kPitch;
+        float part[4];
+#pragma unroll
+        for (int s4 = 0; s4 < 4; ++s4) {
+          const float4 v = *reinterpret_cast<const float4*>(ys + 4 * s4);
+          part[s4] = (v.x + v.y) + (v.z + v.w);
+        }
+        const float y = fmaf(Dd, cur_u[rr], (part[0] + part[1]) + (part[2] + part[3]));
+        const int64_t row = i + rr;
+        if (gated) {
+          const float zz = cur_z[rr];
+          pout[row * o.out.si] = from_f<T>(y * zz * sigmoid_f(zz));
+          if (py) py[row * o.y.si] = from_f<T>(y);
+        } else {
+          pout[row * o.out.si] = from_f<T>(y);
+        }
       }
+      if (i + kRows < H) {
+        store_rows(smem + (((i / kRows) + 1) & 1) * kRows * BUF, i + kRows);
+#pragma unroll
+        for (int rr = 0; rr < kRows; ++rr) {
+          cur_u[rr] = r_u[rr];
+          cur_z[rr] = r_z[rr];
+        }
+      }
+      __syncthreads();  // also: every thread's handover stores of the step precede the release below
+      const int64_t done = min(i + kRows, H);
+      if (has_right && tid == 0 && (done % kLag == 0 || done == H)) st_release(flag_self, static_cast<unsigned>(done));
     }
-    __syncthreads();
   }
 }
 
@@ -317,9 +330,7 @@ void forward_launch(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaS
     ls.flags = reinterpret_cast<unsigned*>(o.workspace);
     // Saving: the G carries go straight into the carries (the backward reads them); else scratch.
     ls.gin = o.carries ? o.carries : o.workspace + 1 + items * strips;
-    SSM2D_CUDA_CHECK(cudaMemsetAsync(ls.flags, 0, sizeof(unsigned), stream));  // the ticket counter
-    // The hand-over values, empty until their producer stores them (await_value).
-    SSM2D_CUDA_CHECK(cudaMemsetAsync(ls.gin, 0xFF, scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width) * sizeof(float), stream));
+    SSM2D_CUDA_CHECK(cudaMemsetAsync(ls.flags, 0, (1 + items * strips) * sizeof(unsigned), stream));
   }
   if (o.carries) ls.ckpt = o.carries + scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width);
   const size_t smem = (2 * static_cast<size_t>(kBufFloats<CB>) + CB * kYPitch) * kRows * sizeof(float);
@@ -345,18 +356,16 @@ void forward_launch(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaS
 // lane, read back from L2), then walked bottom-up. Sums
 // over the states (ddt, du and the pre-gate y for dz) go through shared memory as in the forward;
 // dB, dC sum the block's channels (one group) in shared memory before one atomic per (cell, state),
-// or, deterministically, are written per channel. Strips are chained right to left, with tickets in
-// reverse strip order as the forward's; the a*lamH carries themselves are the hand-over (the
-// buffer is filled with a sentinel first, and a block waits on each row's value in place), so a
-// strip trails the one on its right by one row and an L2 round trip.
+// or, deterministically, are written per channel. Strips are chained right to left exactly as the
+// forward chains them left to right (tickets in reverse strip order, a release per kLag rows).
 // dA, dD, ddelta_bias leave as per-(batch, strip) sums, added over the strips in order by a small
 // kernel.
 struct LaneBwd {
   int64_t strips = 1;
-  unsigned* flags = nullptr;   // [0]: tickets (the rest of the forward's flag layout is unused here)
+  unsigned* flags = nullptr;   // [0]: tickets; [1 + item*strips + k]: rows (from the bottom) strip k has finished
   const float* gin = nullptr;  // the forward's G carries (lanes layout)
   const float* ckpt = nullptr; // the forward's h after every 16th row
-  float* hand = nullptr;       // [b][strip k >= 1][row][channel][16]: a*lamH leaving strip k on the left (kEmptyBits until stored)
+  float* hand = nullptr;       // [b][strip k >= 1][row][channel][16]: a*lamH leaving strip k on the left
   float* seg = nullptr;        // [item*strips + strip][8 rows][thread][16]: h of the half segment being walked
   float* part = nullptr;       // [b][strip][channel][18]: dA of the 16 states, dD, ddelta_bias
 };
@@ -395,6 +404,8 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
   const int64_t jb = strip * kCols, Ws = min(static_cast<int64_t>(kCols), W - jb);
   const bool has_d = d >= ga.d_begin && d < ga.d_end, active = has_d && n < N;
   const bool has_right = strip + 1 < S;
+  const unsigned* flag_right = has_right ? lb.flags + 1 + item * S + strip + 1 : nullptr;
+  unsigned* flag_self = lb.flags + 1 + item * S + strip;
   const int64_t row_stride = D * kStates;
   const int64_t lane_off = (has_d ? d : 0) * kStates + n;
   const float* gin = (strip > 0 && has_d) ? lb.gin + (b * (S - 1) + strip - 1) * H * row_stride + lane_off : nullptr;
@@ -494,6 +505,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
 #pragma unroll
   for (int j = 0; j < kCols; ++j) w[j] = 0.f;
   float dA_acc = 0.f, dD_acc = 0.f, dbias_acc = 0.f;
+  unsigned avail = 0;  // rows (from the bottom) the strip on the right is known to have finished
 
   for (int64_t part_idx = 2 * nseg - 1; part_idx >= 0; --part_idx) {
     const int64_t sidx = part_idx / 2, r0 = sidx * kSeg, h0 = r0 + (part_idx % 2) * kHalf;
@@ -583,9 +595,15 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
     for (int64_t i = h1 - 1; i >= h0; --i) {
       const float* buf = smem + ((h1 - 1 - i) & 1) * BUF;
       if (i > h0) load_ops(ra, i - 1);
-      // a*lamH entering from the strip on the right: read now, waited for (if it is not there yet)
-      // after this row's G, which does not need it.
-      float cH = hand_right ? ld_relaxed(hand_right + i * row_stride) : 0.f;
+      const int64_t m = H - 1 - i;  // rows finished below this one
+      if (has_right && avail <= static_cast<unsigned>(m)) {
+        const unsigned need = static_cast<unsigned>(min(m + kLag, H));
+        for (int64_t spin = 0; (avail = ld_acquire(flag_right)) < need; ++spin) {
+          if (spin > (int64_t{1} << 32)) __trap();  // a lost predecessor: fail, never hang
+          __nanosleep(64);
+        }
+      }
+      float cH = hand_right ? __ldcg(hand_right + i * row_stride) : 0.f;
       float G = G_next;
       float hr[kCols], av[kCols], Gc[kCols];
 #pragma unroll
@@ -619,7 +637,6 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
           Gc[q + k] = G;
         }
       }
-      if (hand_right) cH = await_value(hand_right + i * row_stride, cH);
       float* red0 = s_red + c * kYPitch + n;
       float* red1 = red0 + CB * kYPitch;
       float* red2 = red1 + CB * kYPitch;
@@ -661,7 +678,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
           *reinterpret_cast<float4*>(sdc + q) = make_float4(dcv[0], dcv[1], dcv[2], dcv[3]);
         }
       }
-      if (hand_self) st_relaxed(hand_self + i * row_stride, cH);
+      if (hand_self) __stcg(hand_self + i * row_stride, cH);
       __syncthreads();
       if (cell) {  // column n of channel c: sums over the states, in a fixed order
         const float* r0p = s_red + c * kYPitch + n * kPitch;
@@ -703,7 +720,9 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         }
       }
       if (i > h0) store_row(ra, smem + ((h1 - i) & 1) * BUF);
-      __syncthreads();
+      __syncthreads();  // also: every thread's handover store of row i precedes the release below
+      const int64_t done = H - i;
+      if (strip > 0 && tid == 0 && (done % kLag == 0 || i == 0)) st_release(flag_self, static_cast<unsigned>(done));
     }
   }
   float* part = lb.part + ((b * S + strip) * D + (has_d ? d : 0)) * kPart;
@@ -756,9 +775,7 @@ void backward_launch(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaSt
   lb.flags = reinterpret_cast<unsigned*>(ws);
   lb.gin = a.carries;
   lb.ckpt = a.carries + scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width);
-  SSM2D_CUDA_CHECK(cudaMemsetAsync(lb.flags, 0, sizeof(unsigned), stream));  // the ticket counter
-  if (S > 1)  // the hand-over values, empty until their producer stores them (await_value)
-    SSM2D_CUDA_CHECK(cudaMemsetAsync(lb.hand, 0xFF, scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width) * sizeof(float), stream));
+  SSM2D_CUDA_CHECK(cudaMemsetAsync(lb.flags, 0, (1 + items * S) * sizeof(unsigned), stream));
   const size_t smem = kBwdSmemFloats<CB> * sizeof(float);
   auto kernel = scan2d_lanes_bwd_kernel<T, CB, kDet>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
