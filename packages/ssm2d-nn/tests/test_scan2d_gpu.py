@@ -108,8 +108,7 @@ def test_lanes_backward_deterministic_chunks_of_one_channel(monkeypatch):
 @pytest.mark.parametrize("groups", [1, 32])
 def test_lanes_forward_many_blocks(groups):
     # More (batch, channel block, strip) blocks than SMs: two-row steps at two blocks per SM (the
-    # small cases above run four-row steps), and the backward's 8-channel blocks at three per SM;
-    # groups=32 gives 8-channel blocks forward too.
+    # small cases above run four-row steps); groups=32 gives 8-channel blocks.
     seed = random.randrange(2**31)
     rng = random.Random(seed)
     inputs = make_inputs(rng, batch=2, dim=256, dstate=16, groups=groups, height=9, width=150)
