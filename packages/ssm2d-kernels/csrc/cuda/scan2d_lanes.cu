@@ -381,10 +381,8 @@ constexpr int kBwdBufFloats = (4 * CB + 2 * kStates) * kPitch;  // dt, dt*u, u, 
 template <int CB>
 constexpr size_t kBwdSmemFloats = 2 * kBwdBufFloats<CB> + 3 * CB * kYPitch + 2 * CB * kStates * kPitch;
 
-// kMinBlocks: blocks resident per SM (the register budget follows: 8-channel blocks at 3 per SM get
-// 168 registers and spill some of the per-block constants; see backward_blocks).
-template <typename T, int CB, bool kDet, int kMinBlocks>
-__global__ void __launch_bounds__(CB * kStates, kMinBlocks) scan2d_lanes_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+template <typename T, int CB, bool kDet>
+__global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                            LaneBwd lb) {
   constexpr int kThreads = CB * kStates, kBC = kStates * kCols / kThreads;
   constexpr int BUF = kBwdBufFloats<CB>;
@@ -759,7 +757,7 @@ __global__ void scan2d_lanes_bwd_reduce_kernel(Scan2dProblem p, Scan2dBackwardAr
   }
 }
 
-template <typename T, int CB, bool kDet, int kMinBlocks>
+template <typename T, int CB, bool kDet>
 void backward_launch(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStream_t stream) {
   const int64_t cb0 = a.d_begin / CB, nCb = (a.d_end + CB - 1) / CB - cb0, items = p.batch * nCb;
   const int64_t S = (p.width + kCols - 1) / kCols;
@@ -779,7 +777,7 @@ void backward_launch(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaSt
   lb.ckpt = a.carries + scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width);
   SSM2D_CUDA_CHECK(cudaMemsetAsync(lb.flags, 0, (1 + items * S) * sizeof(unsigned), stream));
   const size_t smem = kBwdSmemFloats<CB> * sizeof(float);
-  auto kernel = scan2d_lanes_bwd_kernel<T, CB, kDet, kMinBlocks>;
+  auto kernel = scan2d_lanes_bwd_kernel<T, CB, kDet>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(items * S), CB * kStates, smem, stream>>>(p, a, lb);
   SSM2D_CUDA_CHECK_LAUNCH("scan2d_lanes_bwd_kernel");
@@ -799,17 +797,10 @@ void scan2d_lanes_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a) 
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   const int cb = lanes_channels(p);
-  // More (batch, 16 channels, strip) blocks than SMs: every SM gets work whatever the block size, so
-  // blocks of 8 channels at three per SM (12 warps, 168 registers) hide more latency than one
-  // 16-channel block (8 warps, 230 registers, 118 KB of shared memory: one per SM). At most one wave
-  // of 16-channel blocks: the 8-warp blocks, one per SM (halving them leaves SMs idle).
-  const int64_t chans = a.d_end - a.d_begin;
-  const bool many = p.batch * ((chans + 15) / 16) * ((p.width + kCols - 1) / kCols) > kOneWave;
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (a.deterministic) cb == 16 ? backward_launch<T, 16, true, 1>(p, a, stream) : backward_launch<T, 8, true, 1>(p, a, stream);
-    else if (many) backward_launch<T, 8, false, 3>(p, a, stream);
-    else cb == 16 ? backward_launch<T, 16, false, 1>(p, a, stream) : backward_launch<T, 8, false, 1>(p, a, stream);
+    if (a.deterministic) cb == 16 ? backward_launch<T, 16, true>(p, a, stream) : backward_launch<T, 8, true>(p, a, stream);
+    else cb == 16 ? backward_launch<T, 16, false>(p, a, stream) : backward_launch<T, 8, false>(p, a, stream);
   });
 }
 
