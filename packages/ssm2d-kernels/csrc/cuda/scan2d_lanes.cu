@@ -381,9 +381,14 @@ constexpr int kBwdBufFloats = (4 * CB + 2 * kStates) * kPitch;  // dt, dt*u, u, 
 template <int CB>
 constexpr size_t kBwdSmemFloats = 2 * kBwdBufFloats<CB> + 3 * CB * kYPitch + 2 * CB * kStates * kPitch;
 
-template <typename T, int CB, bool kDet>
-__global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
-                                                                           LaneBwd lb) {
+// kLean: 8-channel blocks at three per SM (168 registers, 16 bytes spilled; grids with more 16-channel
+// blocks than SMs): the row's decays are recomputed where the adjoint uses them instead of kept from
+// the G pass, and the h row is read at the row's start instead of a row ahead (the 12 warps are
+// to hide that read).
+template <typename T, int CB, bool kDet, bool kLean>
+__global__ void __launch_bounds__(CB * kStates, kLean ? 3 : 1) scan2d_lanes_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+                                                                                       LaneBwd lb) {
+  static_assert(!kLean || (CB == 8 && !kDet), "the lean instance: 8-channel blocks, atomic dB / dC");
   constexpr int kThreads = CB * kStates, kBC = kStates * kCols / kThreads;
   constexpr int BUF = kBwdBufFloats<CB>;
   extern __shared__ __align__(16) float smem[];
@@ -590,7 +595,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
       for (int q = 0; q < kCols / 4; ++q) v[q] = __ldcg(reinterpret_cast<const float4*>(src + 4 * q));
     };
     float4 h_next[kCols / 4];
-    load_h(h1 - 1, h_next);
+    if constexpr (!kLean) load_h(h1 - 1, h_next);
     float G_next = gin ? __ldcg(gin + (h1 - 1) * row_stride) : 0.f;
     for (int64_t i = h1 - 1; i >= h0; --i) {
       const float* buf = smem + ((h1 - 1 - i) & 1) * BUF;
@@ -606,6 +611,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
       float cH = hand_right ? __ldcg(hand_right + i * row_stride) : 0.f;
       float G = G_next;
       float hr[kCols], av[kCols], Gc[kCols];
+      if constexpr (kLean) load_h(i, h_next);
 #pragma unroll
       for (int q = 0; q < kCols / 4; ++q) {
         hr[4 * q] = h_next[q].x;
@@ -614,7 +620,7 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         hr[4 * q + 3] = h_next[q].w;
       }
       if (i > h0) {
-        load_h(i - 1, h_next);
+        if constexpr (!kLean) load_h(i - 1, h_next);
         if (gin) G_next = __ldcg(gin + (i - 1) * row_stride);
       }
       const float* bdt = buf + c * kPitch;
@@ -632,8 +638,9 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
         load4(bb, bB + q);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-          av[q + k] = fast_exp2(dt[k] * A2);
-          G = fmaf(av[q + k], G, du[k] * bb[k]);
+          const float a = fast_exp2(dt[k] * A2);
+          if constexpr (!kLean) av[q + k] = a;
+          G = fmaf(a, G, du[k] * bb[k]);
           Gc[q + k] = G;
         }
       }
@@ -670,8 +677,9 @@ __global__ void __launch_bounds__(CB * kStates, 1) scan2d_lanes_bwd_kernel(Scan2
               if (ga.dC.defined()) plane<float>(ga.dC, b, bc_c, n).at(i, jb + j) = dcv[k];
             }
           }
-          w[j] = av[j] * lamV;
-          cH = av[j] * lamH;
+          const float aj = kLean ? fast_exp2(dtj * A2) : av[j];
+          w[j] = aj * lamV;
+          cH = aj * lamH;
         }
         if constexpr (!kDet) {
           *reinterpret_cast<float4*>(sdb + q) = make_float4(dbv[0], dbv[1], dbv[2], dbv[3]);
@@ -757,7 +765,7 @@ __global__ void scan2d_lanes_bwd_reduce_kernel(Scan2dProblem p, Scan2dBackwardAr
   }
 }
 
-template <typename T, int CB, bool kDet>
+template <typename T, int CB, bool kDet, bool kLean>
 void backward_launch(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStream_t stream) {
   const int64_t cb0 = a.d_begin / CB, nCb = (a.d_end + CB - 1) / CB - cb0, items = p.batch * nCb;
   const int64_t S = (p.width + kCols - 1) / kCols;
@@ -777,7 +785,7 @@ void backward_launch(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaSt
   lb.ckpt = a.carries + scan2d_lanes_gin_floats(p.batch, p.dim, p.height, p.width);
   SSM2D_CUDA_CHECK(cudaMemsetAsync(lb.flags, 0, (1 + items * S) * sizeof(unsigned), stream));
   const size_t smem = kBwdSmemFloats<CB> * sizeof(float);
-  auto kernel = scan2d_lanes_bwd_kernel<T, CB, kDet>;
+  auto kernel = scan2d_lanes_bwd_kernel<T, CB, kDet, kLean>;
   SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<static_cast<unsigned>(items * S), CB * kStates, smem, stream>>>(p, a, lb);
   SSM2D_CUDA_CHECK_LAUNCH("scan2d_lanes_bwd_kernel");
@@ -797,10 +805,16 @@ void scan2d_lanes_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a) 
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   const int cb = lanes_channels(p);
+  // More (batch, 16 channels, strip) blocks than SMs: every SM gets work whatever the block size, so
+  // the lean 8-channel blocks at three per SM (12 warps) instead of one 16-channel block (8 warps,
+  // 230 registers and 118 KB of shared memory). At most one wave: 16-channel blocks, one per SM.
+  const int64_t chans = a.d_end - a.d_begin;
+  const bool many = p.batch * ((chans + 15) / 16) * ((p.width + kCols - 1) / kCols) > kOneWave;
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (a.deterministic) cb == 16 ? backward_launch<T, 16, true>(p, a, stream) : backward_launch<T, 8, true>(p, a, stream);
-    else cb == 16 ? backward_launch<T, 16, false>(p, a, stream) : backward_launch<T, 8, false>(p, a, stream);
+    if (a.deterministic) cb == 16 ? backward_launch<T, 16, true, false>(p, a, stream) : backward_launch<T, 8, true, false>(p, a, stream);
+    else if (many) backward_launch<T, 8, false, true>(p, a, stream);
+    else cb == 16 ? backward_launch<T, 16, false, false>(p, a, stream) : backward_launch<T, 8, false, false>(p, a, stream);
   });
 }
 
