@@ -805,11 +805,12 @@ void scan2d_lanes_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a) 
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   const int cb = lanes_channels(p);
-  // More (batch, 16 channels, strip) blocks than SMs: every SM gets work whatever the block size, so
-  // the lean 8-channel blocks at three per SM (12 warps) instead of one 16-channel block (8 warps,
-  // 230 registers and 118 KB of shared memory). At most one wave: 16-channel blocks, one per SM.
+  // Two full waves or more of lean 8-channel blocks at three per SM (12 warps): those, instead of one
+  // 16-channel block per SM (8 warps, 230 registers, 118 KB of shared memory). H100, bf16, the lean
+  // backward: 428 x 553 (2.8 waves) 9.88 -> 7.72 ms, 489x415 (2.1 waves) 10.09 -> 8.64 ms; with a
+  // lone short second wave (200x200: 416 blocks for 396 places) it was slower, 1.70 -> 2.03 ms.
   const int64_t chans = a.d_end - a.d_begin;
-  const bool many = p.batch * ((chans + 15) / 16) * ((p.width + kCols - 1) / kCols) > kOneWave;
+  const bool many = p.batch * ((chans + 7) / 8) * ((p.width + kCols - 1) / kCols) >= 6 * kOneWave;
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.deterministic) cb == 16 ? backward_launch<T, 16, true, false>(p, a, stream) : backward_launch<T, 8, true, false>(p, a, stream);
