@@ -381,12 +381,12 @@ constexpr int kBwdBufFloats = (4 * CB + 2 * kStates) * kPitch;  // dt, dt*u, u, 
 template <int CB>
 constexpr size_t kBwdSmemFloats = 2 * kBwdBufFloats<CB> + 3 * CB * kYPitch + 2 * CB * kStates * kPitch;
 
-// kLean: 8-channel blocks at three per SM (168 registers, 16 bytes spilled; grids with more 16-channel
-// blocks than SMs): the row's decays are recomputed where the adjoint uses them instead of kept from
-// the G pass, and the h row is read at the row's start instead of a row ahead (the 12 warps are
-// to hide that read).
+// kLean: 8-channel blocks at kLeanBlocks per SM (168 registers, 16 bytes spilled; see lanes_lean):
+// the row's decays are recomputed where the adjoint uses them instead of kept from the G pass, and
+// the h row is read at the row's start instead of a row ahead (the 12 warps are to hide that read).
+constexpr int kLeanBlocks = 3;
 template <typename T, int CB, bool kDet, bool kLean>
-__global__ void __launch_bounds__(CB * kStates, kLean ? 3 : 1) scan2d_lanes_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+__global__ void __launch_bounds__(CB * kStates, kLean ? kLeanBlocks : 1) scan2d_lanes_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
                                                                                        LaneBwd lb) {
   static_assert(!kLean || (CB == 8 && !kDet), "the lean instance: 8-channel blocks, atomic dB / dC");
   constexpr int kThreads = CB * kStates, kBC = kStates * kCols / kThreads;
@@ -765,6 +765,16 @@ __global__ void scan2d_lanes_bwd_reduce_kernel(Scan2dProblem p, Scan2dBackwardAr
   }
 }
 
+// Whether the (non-deterministic) backward runs the lean 8-channel instance: from two full waves of
+// its blocks at kLeanBlocks per SM (12 warps), instead of one 16-channel block per SM (8 warps, 230
+// registers, 118 KB of shared memory). H100, bf16: 428 x 553 (2.8 waves) 9.88 -> 7.72 ms, 489x415
+// (2.1 waves) 10.09 -> 8.64 ms; with a lone short second wave (200x200: 416 blocks for 396 places)
+// it was slower, 1.70 -> 2.03 ms.
+bool lanes_lean(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
+  const int64_t blocks = p.batch * ((a.d_end - a.d_begin + 7) / 8) * ((p.width + kCols - 1) / kCols);
+  return blocks >= 2 * kLeanBlocks * kOneWave;
+}
+
 template <typename T, int CB, bool kDet, bool kLean>
 void backward_launch(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStream_t stream) {
   const int64_t cb0 = a.d_begin / CB, nCb = (a.d_end + CB - 1) / CB - cb0, items = p.batch * nCb;
@@ -805,16 +815,11 @@ void scan2d_lanes_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a) 
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
   const int cb = lanes_channels(p);
-  // Two full waves or more of lean 8-channel blocks at three per SM (12 warps): those, instead of one
-  // 16-channel block per SM (8 warps, 230 registers, 118 KB of shared memory). H100, bf16, the lean
-  // backward: 428 x 553 (2.8 waves) 9.88 -> 7.72 ms, 489x415 (2.1 waves) 10.09 -> 8.64 ms; with a
-  // lone short second wave (200x200: 416 blocks for 396 places) it was slower, 1.70 -> 2.03 ms.
-  const int64_t chans = a.d_end - a.d_begin;
-  const bool many = p.batch * ((chans + 7) / 8) * ((p.width + kCols - 1) / kCols) >= 6 * kOneWave;
+  const bool lean = lanes_lean(p, a);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (a.deterministic) cb == 16 ? backward_launch<T, 16, true, false>(p, a, stream) : backward_launch<T, 8, true, false>(p, a, stream);
-    else if (many) backward_launch<T, 8, false, true>(p, a, stream);
+    else if (lean) backward_launch<T, 8, false, true>(p, a, stream);
     else cb == 16 ? backward_launch<T, 16, false, false>(p, a, stream) : backward_launch<T, 8, false, false>(p, a, stream);
   });
 }
