@@ -6,7 +6,9 @@
 # (benchmarks/ncu_summary.py).
 #
 #   bash tools/gpu_scan_ab.sh OLD_TREE NEW_TREE    env: ROUNDS=2  ROW_DTYPES="bfloat16 float32"
-#                                                       MIL_CASES=0,1,2  PHASES="tests row mil ncu"
+#                                                       MIL_CASES=0,1,2  MIL_DTYPES=float32
+#                                                       PHASES="tests row mil ncu"
+#   (PHASES may add "chan": Nsight Compute of both trees' chan kernels at 2DVMamba-T stage 3)
 #   (PHASES may add "src": NEW's per-instruction stall samples as CSV, read offline)
 # Each phase writes into $OUT (default benchmarks/results/latest) as it finishes, so a call cut short
 # by its time limit still returns the phases it completed.
@@ -36,7 +38,7 @@ for phase in ${PHASES:-tests row mil ncu}; do
       tail -n 2 "$OUT/gpu_tests.log" ;;
     row|mil)
       if [ "$phase" = row ]; then cases=5 dtypes=${ROW_DTYPES:-bfloat16 float32}
-      else cases=${MIL_CASES:-0,1,2} dtypes=float32; fi
+      else cases=${MIL_CASES:-0,1,2} dtypes=${MIL_DTYPES:-float32}; fi
       for r in $(seq 1 "${ROUNDS:-2}"); do
         for dt in $dtypes; do
           for t in old new; do
@@ -52,6 +54,11 @@ for phase in ${PHASES:-tests row mil ncu}; do
         2>&1 | tee "$OUT/ncu_new.md"
       PYTHONPATH=$(path new) timeout 150 python3 benchmarks/ncu_summary.py --kernels "regex:lanes_(fwd|bwd)_kernel" --count 3 \
         --label "MIL 128x128" -- python3 benchmarks/profile_scan2d.py --once --cases 0 2>&1 | tee -a "$OUT/ncu_new.md" ;;
+    chan)  # Nsight Compute of OLD's and NEW's chan kernels (N = 1, small grids) at 2DVMamba-T stage 3
+      for t in old new; do
+        PYTHONPATH=$(path $t) timeout 150 python3 benchmarks/ncu_summary.py --kernels "regex:scan2d_chan" --count 2 \
+          --label "stage 3 $t" -- python3 benchmarks/profile_scan2d.py --once --cases 4 2>&1 | tee -a "$OUT/ncu_chan.md"
+      done ;;
     src)  # per-instruction stall samples (the source page as CSV, SASS) of NEW's MIL lanes forward and
           # backward and its bf16 row backward (or SRC_SET's), for reading offline; not in the default phases
       # SRC_SET: "kernel-regex case dtype" entries separated by ';'
