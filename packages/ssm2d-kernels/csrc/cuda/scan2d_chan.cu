@@ -358,6 +358,393 @@ __global__ void __launch_bounds__(kWarps * 32, 4) scan2d_chan_fwd_kernel(Scan2dP
   }
 }
 
+// ---- Forward of small grids: whole channels in shared memory ---------------------------------------
+//
+// Why. On grids with both sides of at most 16 cells (2DVMamba's stages 3 and 4: 14x14, 7x7) a
+// channel is at most 256 cells, and the walk above spends most of its instructions on moving the
+// short side between layouts step by step (a transpose through shared memory per operand and step,
+// shuffles for B and C) with one step of loads in flight. Here a block of 128 threads takes CB
+// consecutive channels of one batch item (one group) whole:
+//   1. every operand of the block (u, delta, z of CB channels, B and C of the group) is loaded at once,
+//      consecutive threads on consecutive cells of a channel (coalesced in the (b, d, i, j) layout),
+//      into shared memory: all of the block's loads in flight together;
+//   2. thread (c, i) runs row i of channel c: dt, a, x and the horizontal chain G along j, leaving a
+//      and G in shared memory;
+//   3. thread (c, j) runs column j: h along i, y = C h + D u, the gate; y over G;
+//   4. the block's outputs leave as the operands came (coalesced).
+// L = 8 or 16 threads per channel (the longer side, rounded up), CB = 128 / L channels per block.
+// Nothing is saved for the backward: it recomputes the block's channels whole (below).
+constexpr int kTileThreads = 128;
+constexpr int64_t kTileMaxSide = kScan2dChanTileSide;
+
+// Shared-memory pitches: odd row and channel pitches, so that the threads of a warp walking rows
+// (stride Wp) or the channels of a warp (stride CP) fall on different banks.
+struct TilePitch {
+  int Wp, HP, CP;
+};
+__host__ __device__ inline TilePitch tile_pitch(int H, int W) {
+  TilePitch t;
+  t.Wp = W | 1;
+  t.HP = H * t.Wp;
+  t.CP = t.HP | 1;
+  return t;
+}
+template <int CB>
+__host__ __device__ inline int tile_smem_floats(int H, int W) {
+  const TilePitch t = tile_pitch(H, W);
+  return 4 * CB * t.CP + 2 * t.HP;  // u, delta then G then y, a, z per channel; B, C
+}
+
+// The cells a thread loads and stores in the tile kernels: r = tid (and tid + 128 when L = 16) of
+// each channel (HW <= L * L), their shared offsets within a channel and their grid coordinates.
+template <int L>
+struct TileCells {
+  static constexpr int kCells = L * L / kTileThreads > 1 ? L * L / kTileThreads : 1;
+  bool ok[kCells];
+  int rr[kCells], i[kCells], j[kCells];
+  __device__ TileCells(int tid, int H, int W, const TilePitch& tp) {
+#pragma unroll
+    for (int m = 0; m < kCells; ++m) {
+      const int r = tid + m * kTileThreads;
+      ok[m] = r < H * W;
+      i[m] = ok[m] ? r / W : 0;
+      j[m] = ok[m] ? r - i[m] * W : 0;
+      rr[m] = i[m] * tp.Wp + j[m];
+    }
+  }
+  __device__ int64_t off(const Grid& g, int m) const { return i[m] * g.si + j[m] * g.sj; }
+};
+
+// Row k of one channel (row pointers into the shared arrays): a and the horizontal chain G along j
+// from u and delta (gr may be dr: G over delta). The first pass of both tile kernels.
+__device__ __forceinline__ void tile_row_forward(const Scan2dProblem& p, const ChanConst& cc, int W, const float* ur,
+                                                 const float* dr, float* gr, float* ar, const float* br) {
+  float G = 0.f;
+#pragma unroll
+  for (int j = 0; j < kTileMaxSide; ++j) {
+    if (j >= W) break;
+    const float dt = dt_of(p, dr[j], cc.bias);
+    const float a = fast_exp2(dt * cc.A2);
+    G = fmaf(a, G, dt * br[j] * ur[j]);
+    ar[j] = a;
+    gr[j] = G;
+  }
+}
+
+template <typename T, int L>
+__global__ void __launch_bounds__(kTileThreads) scan2d_chan_tile_fwd_kernel(Scan2dProblem p, Scan2dForwardOutputs o,
+                                                                           int64_t b0) {
+  constexpr int CB = kTileThreads / L;
+  extern __shared__ float tile[];
+  const int tid = threadIdx.x;
+  const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+  const TilePitch tp = tile_pitch(H, W);
+  float* s_u = tile;
+  float* s_g = s_u + CB * tp.CP;  // delta, then G, then y
+  float* s_a = s_g + CB * tp.CP;
+  float* s_z = s_a + CB * tp.CP;
+  float* s_B = s_z + CB * tp.CP;
+  float* s_C = s_B + tp.HP;
+  const int64_t D = p.dim, d0 = static_cast<int64_t>(blockIdx.x) * CB, b = blockIdx.y + b0;
+  const int64_t g = d0 / (D / p.groups);
+  const int nc = static_cast<int>(min(static_cast<int64_t>(CB), D - d0));  // channels in range
+  const bool gated = p.z.defined();
+
+  // 1. Loads.
+  const TileCells<L> tc(tid, H, W, tp);
+  {
+    const T* bu = static_cast<const T*>(p.u.data) + b * p.u.sb + d0 * p.u.sc;
+    const T* bd = static_cast<const T*>(p.delta.data) + b * p.delta.sb + d0 * p.delta.sc;
+    const T* bz = gated ? static_cast<const T*>(p.z.data) + b * p.z.sb + d0 * p.z.sc : nullptr;
+    const T* bB = static_cast<const T*>(p.B.data) + b * p.B.sb + g * p.B.sc;
+    const T* bC = static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc;
+    // One cell of every channel at a time: CB loads per operand in flight per thread, their
+    // registers reused for the second cell.
+#pragma unroll
+    for (int m = 0; m < TileCells<L>::kCells; ++m) {
+      if (!tc.ok[m]) continue;
+      const int64_t ou = tc.off(p.u, m), od = tc.off(p.delta, m), oz = gated ? tc.off(p.z, m) : 0;
+      T vu[CB], vd[CB], vz[CB];
+#pragma unroll
+      for (int c = 0; c < CB; ++c) {
+        if (c >= nc) continue;
+        vu[c] = bu[c * p.u.sc + ou];
+        vd[c] = bd[c * p.delta.sc + od];
+        if (gated) vz[c] = bz[c * p.z.sc + oz];
+      }
+      const T vb = bB[tc.off(p.B, m)], vc = bC[tc.off(p.C, m)];
+      const int rr = tc.rr[m];
+#pragma unroll
+      for (int c = 0; c < CB; ++c) {
+        if (c >= nc) continue;
+        s_u[c * tp.CP + rr] = to_f(vu[c]);
+        s_g[c * tp.CP + rr] = to_f(vd[c]);
+        if (gated) s_z[c * tp.CP + rr] = to_f(vz[c]);
+      }
+      s_B[rr] = to_f(vb);
+      s_C[rr] = to_f(vc);
+    }
+  }
+  __syncthreads();
+
+  const int c = tid / L, k = tid % L;
+  const int64_t d = d0 + c;
+  const bool live = c < nc;
+  const ChanConst cc = chan_const(p, live ? d : d0);
+  // 2. Row k of channel c: G along j (and a).
+  if (live && k < H) {
+    const int r0 = c * tp.CP + k * tp.Wp;
+    tile_row_forward(p, cc, W, s_u + r0, s_g + r0, s_g + r0, s_a + r0, s_B + k * tp.Wp);
+  }
+  __syncthreads();
+  // 3. Column k of channel c: h along i, y over G.
+  if (live && k < W) {
+    float* gc = s_g + c * tp.CP + k;
+    const float* uc = s_u + c * tp.CP + k;
+    const float* ac = s_a + c * tp.CP + k;
+    const float* zc = s_z + c * tp.CP + k;
+    const float* cb = s_C + k;
+    float h = 0.f;
+#pragma unroll
+    for (int i = 0; i < kTileMaxSide; ++i) {
+      if (i >= H) break;
+      const int off = i * tp.Wp;
+      h = fmaf(ac[off], h, gc[off]);
+      float y = fmaf(cc.Dd, uc[off], cb[off] * h);
+      if (gated) {
+        const float zv = zc[off];
+        y *= zv * sigmoid_f(zv);
+      }
+      gc[off] = y;
+    }
+  }
+  __syncthreads();
+  // 4. Stores.
+  T* bo = static_cast<T*>(o.out.data) + b * o.out.sb + d0 * o.out.sc;
+#pragma unroll
+  for (int m = 0; m < TileCells<L>::kCells; ++m) {
+    if (!tc.ok[m]) continue;
+    T* out = bo + tc.off(o.out, m);
+#pragma unroll
+    for (int c2 = 0; c2 < CB; ++c2)
+      if (c2 < nc) out[c2 * o.out.sc] = from_f<T>(s_g[c2 * tp.CP + tc.rr[m]]);
+  }
+}
+
+// Backward of small grids, the tile forward's layout: the block recomputes its channels' forward
+// whole (no carries), then runs the adjoint of SCANS.md section 1 backwards through the same passes:
+//   1. loads: u, delta, z, dout of CB channels, B and C of the group;
+//   2. rows (c, i): a and G along j;
+//   3. columns (c, j): down, hp = a h[i-1,j] (= h - G); up, dy, lamV = dy C + a[i+1,j] lamV[i+1,j]
+//      and dz (from y = C (hp + G) + D u);
+//   4. rows (c, i), right to left: lamH = lamV + a[i,j+1] lamH[i,j+1], q = lamV hp + lamH a G[i,j-1],
+//      du, ddelta, and each channel's dB, dC of the cell; dA, dD, ddelta_bias summed per channel;
+//   5. dB and dC summed over the block's channels in channel order, one atomic per cell (or, in the
+//      deterministic mode, per-channel partials); du, ddelta stored as the operands came.
+// Shared memory: seven arrays per channel (u then du, delta then ddelta, z then lamV, dout then dy, a,
+// G then dB, hp then dC) and B, C: at most 63 KB (16 x 16 cells, 8 channels).
+template <int CB>
+__host__ __device__ inline int tile_bwd_smem_floats(int H, int W) {
+  const TilePitch t = tile_pitch(H, W);
+  return 7 * CB * t.CP + 2 * t.HP;
+}
+
+template <typename T, int L, bool kDet>
+__global__ void __launch_bounds__(kTileThreads) scan2d_chan_tile_bwd_kernel(Scan2dProblem p, Scan2dBackwardArgs ga,
+                                                                           int64_t b0) {
+  constexpr int CB = kTileThreads / L;
+  extern __shared__ float tile[];
+  const int tid = threadIdx.x;
+  const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+  const TilePitch tp = tile_pitch(H, W);
+  float* s_u = tile;               // u, then du
+  float* s_d = s_u + CB * tp.CP;   // delta, then ddelta
+  float* s_z = s_d + CB * tp.CP;   // z, then lamV
+  float* s_o = s_z + CB * tp.CP;   // dout, then dy
+  float* s_a = s_o + CB * tp.CP;   // a
+  float* s_G = s_a + CB * tp.CP;   // G, then the channel's dB
+  float* s_hp = s_G + CB * tp.CP;  // a h[i-1,j], then the channel's dC
+  float* s_B = s_hp + CB * tp.CP;
+  float* s_C = s_B + tp.HP;
+  const int64_t D = p.dim, lo = ga.d_begin, hi = ga.d_end;
+  // Blocks of CB channels aligned to CB (never across a group), clipped to this call's range.
+  const int64_t d0 = (lo / CB + static_cast<int64_t>(blockIdx.x)) * CB, b = blockIdx.y + b0;
+  const int64_t g = d0 / (D / p.groups);
+  const bool gated = p.z.defined();
+  auto in_range = [&](int c) { return d0 + c >= lo && d0 + c < hi; };
+
+  const TileCells<L> tc(tid, H, W, tp);
+  // 1. Loads.
+  {
+    const T* bu = static_cast<const T*>(p.u.data) + b * p.u.sb + d0 * p.u.sc;
+    const T* bd = static_cast<const T*>(p.delta.data) + b * p.delta.sb + d0 * p.delta.sc;
+    const T* bz = gated ? static_cast<const T*>(p.z.data) + b * p.z.sb + d0 * p.z.sc : nullptr;
+    const T* bo = static_cast<const T*>(ga.dout.data) + b * ga.dout.sb + d0 * ga.dout.sc;
+    const T* bB = static_cast<const T*>(p.B.data) + b * p.B.sb + g * p.B.sc;
+    const T* bC = static_cast<const T*>(p.C.data) + b * p.C.sb + g * p.C.sc;
+#pragma unroll
+    for (int m = 0; m < TileCells<L>::kCells; ++m) {
+      if (!tc.ok[m]) continue;
+      const int64_t ou = tc.off(p.u, m), od = tc.off(p.delta, m), oz = gated ? tc.off(p.z, m) : 0,
+                    oo = tc.off(ga.dout, m);
+      const int rr = tc.rr[m];
+      T vu[CB], vd[CB], vz[CB], vo[CB];
+#pragma unroll
+      for (int c = 0; c < CB; ++c) {
+        if (!in_range(c)) continue;
+        vu[c] = bu[c * p.u.sc + ou];
+        vd[c] = bd[c * p.delta.sc + od];
+        if (gated) vz[c] = bz[c * p.z.sc + oz];
+        vo[c] = bo[c * ga.dout.sc + oo];
+      }
+      const T vb = bB[tc.off(p.B, m)], vc = bC[tc.off(p.C, m)];
+#pragma unroll
+      for (int c = 0; c < CB; ++c) {
+        if (!in_range(c)) continue;
+        s_u[c * tp.CP + rr] = to_f(vu[c]);
+        s_d[c * tp.CP + rr] = to_f(vd[c]);
+        s_z[c * tp.CP + rr] = gated ? to_f(vz[c]) : 0.f;
+        s_o[c * tp.CP + rr] = to_f(vo[c]);
+      }
+      s_B[rr] = to_f(vb);
+      s_C[rr] = to_f(vc);
+    }
+  }
+  __syncthreads();
+
+  const int c = tid / L, k = tid % L;
+  const int64_t d = d0 + c;
+  const bool live = in_range(c);
+  const ChanConst cc = chan_const(p, live ? d : lo);
+  const int ch = c * tp.CP;
+  // 2. Row k: a and G (delta kept: step 4 reads it again).
+  if (live && k < H) {
+    const int r0 = ch + k * tp.Wp;
+    tile_row_forward(p, cc, W, s_u + r0, s_d + r0, s_G + r0, s_a + r0, s_B + k * tp.Wp);
+  }
+  __syncthreads();
+  // 3. Column k: hp down, then lamV, dy and dz up.
+  if (live && k < W) {
+    float h = 0.f;
+#pragma unroll
+    for (int i = 0; i < kTileMaxSide; ++i) {
+      if (i >= H) break;
+      const int x = ch + i * tp.Wp + k;
+      const float hp = s_a[x] * h;
+      h = hp + s_G[x];
+      s_hp[x] = hp;
+    }
+    T* pdz = gated && ga.dz.defined() ? static_cast<T*>(ga.dz.data) + b * ga.dz.sb + d * ga.dz.sc + k * ga.dz.sj : nullptr;
+    float lamV = 0.f, a_next = 0.f;
+#pragma unroll
+    for (int i = kTileMaxSide - 1; i >= 0; --i) {
+      if (i >= H) continue;
+      const int x = ch + i * tp.Wp + k;
+      const float go = s_o[x], Cv = s_C[i * tp.Wp + k];
+      float dy = go;
+      if (gated) {
+        const float zv = s_z[x], sig = sigmoid_f(zv);
+        dy = go * zv * sig;
+        if (pdz) {
+          const float y = fmaf(cc.Dd, s_u[x], Cv * (s_hp[x] + s_G[x]));
+          pdz[i * ga.dz.si] = from_f<T>(go * y * sig * (1.f + zv * (1.f - sig)));
+        }
+      }
+      lamV = fmaf(a_next, lamV, dy * Cv);
+      a_next = s_a[x];
+      s_z[x] = lamV;
+      s_o[x] = dy;
+    }
+  }
+  __syncthreads();
+  // 4. Row k, right to left.
+  float dA = 0.f, dD = 0.f, dbias = 0.f;
+  if (live && k < H) {
+    const int r0 = ch + k * tp.Wp;
+    float lamH = 0.f, a_next = 0.f;
+#pragma unroll
+    for (int j = kTileMaxSide - 1; j >= 0; --j) {
+      if (j >= W) continue;
+      const int x = r0 + j;
+      const float a = s_a[x], lamV = s_z[x];
+      lamH = fmaf(a_next, lamH, lamV);
+      a_next = a;
+      const float u = s_u[x], v = s_d[x] + cc.bias, Bv = s_B[k * tp.Wp + j];
+      const float dt = p.softplus ? softplus_fast(v) : v;
+      const float G = s_G[x], hp = s_hp[x], dy = s_o[x];
+      const float gmx = j > 0 ? a * s_G[x - 1] : 0.f;  // G - x = a G[i,j-1], as hp = h - G
+      const float q = fmaf(lamV, hp, lamH * gmx);
+      const float ddt = fmaf(q, cc.A, lamH * Bv * u);
+      s_u[x] = fmaf(lamH * Bv, dt, cc.Dd * dy);
+      float dd = ddt;
+      if (p.softplus) dd = v > 20.f ? ddt : ddt * sigmoid_f(v);
+      s_d[x] = dd;
+      s_G[x] = lamH * dt * u;  // G[i,j] was read above and (as G[i,j-1]) at j + 1
+      s_hp[x] = dy * (hp + G);
+      dA = fmaf(q, dt, dA);
+      dD = fmaf(dy, u, dD);
+      dbias += dd;
+    }
+  }
+  // A channel's sums are spread over its L threads (consecutive lanes).
+#pragma unroll
+  for (int off = L / 2; off > 0; off >>= 1) {
+    dA += __shfl_xor_sync(kFull, dA, off);
+    dD += __shfl_xor_sync(kFull, dD, off);
+    dbias += __shfl_xor_sync(kFull, dbias, off);
+  }
+  if (live && k == 0) {
+    if (ga.dA_part) static_cast<float*>(ga.dA_part)[b * D + d] = dA;
+    if (ga.dD_part) static_cast<float*>(ga.dD_part)[b * D + d] = dD;
+    if (ga.ddelta_bias_part) static_cast<float*>(ga.ddelta_bias_part)[b * D + d] = dbias;
+  }
+  __syncthreads();
+  // 5. Stores.
+#pragma unroll
+  for (int m = 0; m < TileCells<L>::kCells; ++m) {
+    if (!tc.ok[m]) continue;
+    const int rr = tc.rr[m];
+    if (ga.du.defined()) {
+      T* base = static_cast<T*>(ga.du.data) + b * ga.du.sb + d0 * ga.du.sc + tc.off(ga.du, m);
+#pragma unroll
+      for (int c2 = 0; c2 < CB; ++c2)
+        if (in_range(c2)) base[c2 * ga.du.sc] = from_f<T>(s_u[c2 * tp.CP + rr]);
+    }
+    if (ga.ddelta.defined()) {
+      T* base = static_cast<T*>(ga.ddelta.data) + b * ga.ddelta.sb + d0 * ga.ddelta.sc + tc.off(ga.ddelta, m);
+#pragma unroll
+      for (int c2 = 0; c2 < CB; ++c2)
+        if (in_range(c2)) base[c2 * ga.ddelta.sc] = from_f<T>(s_d[c2 * tp.CP + rr]);
+    }
+    if (kDet) {
+      // Per-channel partials (b, d - d_begin, 0, i, j), float32.
+#pragma unroll
+      for (int w = 0; w < 2; ++w) {
+        const Grid& gg = w ? ga.dC : ga.dB;
+        if (!gg.defined()) continue;
+        const float* src = w ? s_hp : s_G;
+        float* base = static_cast<float*>(gg.data) + b * gg.sb + (d0 - lo) * gg.sc + tc.off(gg, m);
+#pragma unroll
+        for (int c2 = 0; c2 < CB; ++c2)
+          if (in_range(c2)) base[c2 * gg.sc] = src[c2 * tp.CP + rr];
+      }
+    } else {
+      // The block's channels in channel order, one atomic per cell.
+      float sB = 0.f, sC = 0.f;
+#pragma unroll
+      for (int c2 = 0; c2 < CB; ++c2) {
+        if (!in_range(c2)) continue;
+        sB += s_G[c2 * tp.CP + rr];
+        sC += s_hp[c2 * tp.CP + rr];
+      }
+      if (ga.dB.defined())
+        atomicAdd(static_cast<float*>(ga.dB.data) + b * ga.dB.sb + g * ga.dB.sc + tc.off(ga.dB, m), sB);
+      if (ga.dC.defined())
+        atomicAdd(static_cast<float*>(ga.dC.data) + b * ga.dC.sb + g * ga.dC.sc + tc.off(ga.dC, m), sC);
+    }
+  }
+}
+
 // Backward: the lanes of a channel as in the forward; segments of kSeg steps from the last.
 // Per segment the carries entering its steps are recomputed into shared memory (cs) from the saved
 // one, then the steps are walked in reverse:
@@ -614,6 +1001,51 @@ void with_shape(const Scan2dProblem& p, F&& f) {
   else go(integral_constant<int, 8>{}, integral_constant<int, 8>{});
 }
 
+// Both sides of at most 16 cells: the whole-channel kernels (tile_fwd, tile_bwd) instead of the walk.
+bool chan_tile(const Scan2dProblem& p) { return scan2d_chan_tile(p.height, p.width); }
+
+template <typename F>
+void with_tile_lanes(const Scan2dProblem& p, F&& f) {
+  if (std::max(p.height, p.width) <= 8) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, 16>{});
+}
+
+void tile_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o, cudaStream_t stream) {
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    with_tile_lanes(p, [&](auto lanes) {
+      constexpr int L = decltype(lanes)::value, CB = kTileThreads / L;
+      const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+      const size_t smem = static_cast<size_t>(tile_smem_floats<CB>(H, W)) * sizeof(float);  // <= 37 KB
+      const unsigned blocks = static_cast<unsigned>((p.dim + CB - 1) / CB);
+      for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+        dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+        scan2d_chan_tile_fwd_kernel<T, L><<<grid, kTileThreads, smem, stream>>>(p, o, b0);
+        SSM2D_CUDA_CHECK_LAUNCH("scan2d_chan_tile_fwd_kernel");
+      }
+    });
+  });
+}
+
+void tile_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a, cudaStream_t stream) {
+  with_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    with_tile_lanes(p, [&](auto lanes) {
+      constexpr int L = decltype(lanes)::value, CB = kTileThreads / L;
+      const int H = static_cast<int>(p.height), W = static_cast<int>(p.width);
+      const int smem = tile_bwd_smem_floats<CB>(H, W) * static_cast<int>(sizeof(float));  // <= 63 KB
+      auto kernel = a.deterministic ? scan2d_chan_tile_bwd_kernel<T, L, true> : scan2d_chan_tile_bwd_kernel<T, L, false>;
+      SSM2D_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+      const unsigned blocks = static_cast<unsigned>((a.d_end + CB - 1) / CB - a.d_begin / CB);
+      for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridY) {
+        dim3 grid(blocks, static_cast<unsigned>(std::min(kMaxGridY, p.batch - b0)));
+        kernel<<<grid, kTileThreads, smem, stream>>>(p, a, b0);
+        SSM2D_CUDA_CHECK_LAUNCH("scan2d_chan_tile_bwd_kernel");
+      }
+    });
+  });
+}
+
 }  // namespace
 
 bool scan2d_chan_fit(const Scan2dProblem& p) {
@@ -623,6 +1055,7 @@ bool scan2d_chan_fit(const Scan2dProblem& p) {
 void scan2d_chan_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o) {
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  if (chan_tile(p)) return tile_forward(p, o, stream);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     with_shape(p, [&](auto wp, auto lanes, auto cols) {
@@ -644,6 +1077,7 @@ void scan2d_chan_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a) {
     throw ArgumentError("scan2d_backward: carries are required on CUDA");
   DeviceGuard guard(p.device.index);
   auto stream = reinterpret_cast<cudaStream_t>(p.stream);
+  if (chan_tile(p)) return tile_backward(p, a, stream);
   with_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     with_shape(p, [&](auto wp, auto lanes, auto cols) {

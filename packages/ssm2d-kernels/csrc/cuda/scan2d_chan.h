@@ -7,6 +7,7 @@
 namespace ssm2d::cuda {
 bool scan2d_chan_fit(const Scan2dProblem& p);
 void scan2d_chan_forward(const Scan2dProblem& p, const Scan2dForwardOutputs& o);
-// Needs the chan forward's carries (scan2d_chan_carry_floats); a.d_end set. No workspace.
+// Needs the chan forward's carries (scan2d_chan_carry_floats: none when both sides are at most 16
+// cells, scan2d_chan_tile); a.d_end set. No workspace.
 void scan2d_chan_backward(const Scan2dProblem& p, const Scan2dBackwardArgs& a);
 }  // namespace ssm2d::cuda

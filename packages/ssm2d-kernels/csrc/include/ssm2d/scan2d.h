@@ -85,6 +85,12 @@ constexpr int64_t kScan2dChanMinWarps = 264;
 inline bool scan2d_chan_shape(int64_t steps, int64_t inner) {
   return inner <= kScan2dChanMaxInner && steps <= kScan2dChanMaxSteps;
 }
+// Grids with both sides of at most 16 cells run whole-channel kernels instead (a block of 8 or 16
+// channels in shared memory; the backward recomputes the forward and needs no carries).
+constexpr int64_t kScan2dChanTileSide = 16;
+inline bool scan2d_chan_tile(int64_t height, int64_t width) {
+  return height <= kScan2dChanTileSide && width <= kScan2dChanTileSide;
+}
 // Lanes per channel for a short side of `inner` cells (the chan kernels' register widths).
 inline int64_t scan2d_chan_lanes(int64_t inner) { return inner <= 8 ? 1 : inner <= 16 ? 2 : inner <= 32 ? 4 : 8; }
 inline bool scan2d_chan_fit(int64_t batch, int64_t dim, int64_t groups, int64_t dstate, int64_t height,
@@ -101,7 +107,9 @@ inline bool scan2d_chan_fit(int64_t batch, int64_t dim, int64_t groups, int64_t 
 // The chan kernels' carries: the carry entering every kScan2dChanSegment-th step of the walk along
 // the long side, per (batch, segment >= 1, cell of the short side, channel): at most u's element
 // count / kScan2dChanSegment. The larger of the two walks (which one runs depends on the strides).
+// None for the whole-channel kernels (scan2d_chan_tile).
 inline int64_t scan2d_chan_carry_floats(int64_t batch, int64_t dim, int64_t height, int64_t width) {
+  if (scan2d_chan_tile(height, width)) return 0;
   auto walk = [&](int64_t steps, int64_t inner) {
     return scan2d_chan_shape(steps, inner) ? batch * dim * inner * ((steps + kScan2dChanSegment - 1) / kScan2dChanSegment - 1) : 0;
   };

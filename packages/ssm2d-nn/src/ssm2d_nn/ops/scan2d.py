@@ -51,7 +51,8 @@ def scan2d(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optiona
 
     Memory (kernel backend): the output, plus for the backward, on CUDA: with N == 1 on a grid of at
     most 64 x 64 cells (chan kernels: the short side in a channel's lanes) a quarter of u's element count in
-    float32 (the buffer holds the larger of this and the band kernels' layout); with N < 8 (band kernels)
+    float32 (the buffer holds the larger of this and the band kernels' layout), none when both sides are
+    at most 16 cells (the backward recomputes whole channels); with N < 8 (band kernels)
     the state of every 16th row (N/16 times u's element count in float32, none when the scanned
     H <= 16) and, transiently, for grids wider than one band (up to 128 columns), band summaries of
     about (2N+1)/32 of u's element count per band boundary; with 8 <= N <= 16 and groups of a
